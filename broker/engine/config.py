@@ -1,0 +1,42 @@
+"""Engine settings: storage, writer batching and the domain limits.
+
+Every number here is a named default that the daemon configuration can
+override; nothing below this package reads the environment.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+
+
+class Limits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Domain limits enforced by the commands."""
+
+    max_text_bytes: Annotated[int, msgspec.Meta(ge=1)] = 32 * 1024
+    max_data_bytes: Annotated[int, msgspec.Meta(ge=2)] = 64 * 1024
+    max_emoji_chars: Annotated[int, msgspec.Meta(ge=1)] = 64
+    max_agent_name_chars: Annotated[int, msgspec.Meta(ge=1)] = 64
+    mailbox_depth: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    delivery_ttl_seconds: Annotated[int, msgspec.Meta(ge=1)] = 24 * 3600
+    token_grace_seconds: Annotated[int, msgspec.Meta(ge=0)] = 5 * 60
+    idempotency_ttl_seconds: Annotated[int, msgspec.Meta(ge=1)] = 24 * 3600
+    max_page: Annotated[int, msgspec.Meta(ge=1)] = 100
+    default_page: Annotated[int, msgspec.Meta(ge=1)] = 50
+
+
+class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where the database lives and how the writer and readers run."""
+
+    # `synchronous=FULL` in WAL mode: an acknowledged commit survives power loss.
+    synchronous: Synchronous = "FULL"
+    # Commands taken into one transaction at most (group commit bound).
+    max_batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 256
+    # Commands waiting for the writer before submitters are held back.
+    queue_size: Annotated[int, msgspec.Meta(ge=1)] = 4096
+    readers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    busy_timeout_ms: Annotated[int, msgspec.Meta(ge=0)] = 5_000
+    limits: Limits = msgspec.field(default_factory=Limits)

@@ -1,0 +1,113 @@
+"""Recording a durable event: one message-log row plus one delivery per recipient.
+
+Every send path (channel, DM, group DM, thread reply) and every notice
+(reaction, read) ends here, inside its command's transaction, so an event
+can never exist without its deliveries or the other way round.
+
+Sequence numbers come from `agents.last_seq`, incremented in the same
+statement that picks the recipients that still have room in their mailbox:
+gap-free per agent, strictly increasing, and never reused, because the
+high-water mark lives on the agent row, not in the (prunable) deliveries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, cast
+
+import msgspec
+
+from broker.engine.facts import Delivery, Fact
+from broker.engine.writer import Tx
+
+_encoder = msgspec.json.Encoder()
+
+
+class Recorded(msgspec.Struct, frozen=True):
+    """What `record_event` wrote: the log row, the deliveries, who was skipped."""
+
+    log_id: int
+    payload: bytes
+    deliveries: tuple[Delivery, ...]
+    mailbox_full: tuple[int, ...]
+
+
+def encode_payload(event_type: str, data: Any) -> bytes:
+    """The one encoding of an event, `{"type": ..., "data": ...}`, shared by all recipients."""
+    return _encoder.encode({"type": event_type, "data": data})
+
+
+def record_event(
+    tx: Tx,
+    *,
+    workspace_id: int,
+    event_type: str,
+    data: Any,
+    recipients: Iterable[int],
+    message_id: int | None = None,
+    channel_id: int | None = None,
+    conversation_id: int | None = None,
+    agent_id: int | None = None,
+) -> Recorded:
+    """Append the event to message_log and give each recipient a delivery; emit the fact.
+
+    A recipient whose mailbox already holds `limits.mailbox_depth` unacked
+    deliveries gets none and is listed in `mailbox_full`.
+    """
+    conn, now = tx.conn, tx.now_ms
+    log_id = tx.new_id()
+    payload = encode_payload(event_type, data)
+    conn.execute(
+        "INSERT INTO message_log(id, workspace_id, type, message_id, channel_id,"
+        " conversation_id, agent_id, payload, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+        (log_id, workspace_id, event_type, message_id, channel_id, conversation_id,
+         agent_id, payload, now),
+    )
+    wanted = sorted(set(recipients))
+    deliveries: tuple[Delivery, ...] = ()
+    full: tuple[int, ...] = ()
+    if wanted:
+        allocated = conn.execute(
+            "UPDATE agents SET last_seq = last_seq + 1, pending_count = pending_count + 1"
+            " WHERE id IN (SELECT value FROM json_each(?)) AND pending_count < ?"
+            " RETURNING id, last_seq",
+            (_encoder.encode(wanted).decode(), tx.limits.mailbox_depth),
+        ).fetchall()
+        deliveries = tuple(Delivery(cast(int, a), cast(int, s)) for a, s in allocated)
+        expires = now + tx.limits.delivery_ttl_seconds * 1000
+        conn.executemany(
+            "INSERT INTO deliveries(agent_id, seq, log_id, message_id, expires_at, created_at)"
+            " VALUES (?,?,?,?,?,?)",
+            [(d.agent_id, d.seq, log_id, message_id, expires, now) for d in deliveries],
+        )
+        if len(deliveries) < len(wanted):
+            got = {d.agent_id for d in deliveries}
+            full = tuple(a for a in wanted if a not in got)
+    tx.emit(
+        Fact(
+            type=event_type,
+            workspace_id=workspace_id,
+            payload=payload,
+            log_id=log_id,
+            channel_id=channel_id,
+            conversation_id=conversation_id,
+            deliveries=deliveries,
+        )
+    )
+    return Recorded(log_id, payload, deliveries, full)
+
+
+def emit_ephemeral(
+    tx: Tx, *, workspace_id: int, event_type: str, data: Any, audience: Iterable[int] = (),
+    channel_id: int | None = None,
+) -> None:
+    """An event with no delivery rows (presence, membership, channel changes)."""
+    tx.emit(
+        Fact(
+            type=event_type,
+            workspace_id=workspace_id,
+            payload=encode_payload(event_type, data),
+            channel_id=channel_id,
+            audience=tuple(audience),
+        )
+    )

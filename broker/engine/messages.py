@@ -1,0 +1,177 @@
+"""Channel messages: the send path and the pieces every send path shares.
+
+A send is one command: the message, its attachment links, one delivery per
+recipient, the message-log row and (with a key) the idempotency record
+commit together or not at all. Recipients are read inside the transaction,
+so membership is as it is at commit time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import apsw
+import msgspec
+
+from broker.engine import validation
+from broker.engine.errors import BrokerError
+from broker.engine.events import record_event
+from broker.engine.idempotency import once
+from broker.engine.lookups import AgentRow, require_agent, require_channel
+from broker.engine.writer import Tx
+from protocol.objects import Attachment, Message, Mode, iso
+
+_encoder = msgspec.json.Encoder()
+
+
+def resolve_attachments(
+    conn: apsw.Connection, workspace_id: int, file_ids: list[str]
+) -> list[tuple[int, Attachment]]:
+    """The complete files of this workspace named by `file_ids`, in the order given."""
+    resolved: list[tuple[int, Attachment]] = []
+    seen: set[int] = set()
+    for raw in file_ids:
+        file_id = validation.parse_id(raw, "file_not_found", "file")
+        if file_id in seen:
+            continue
+        seen.add(file_id)
+        row = conn.execute(
+            "SELECT filename, content_type, size_bytes, state FROM files"
+            " WHERE id = ? AND workspace_id = ?",
+            (file_id, workspace_id),
+        ).fetchone()
+        if row is None or row[3] == "deleted":
+            raise BrokerError("file_not_found", f"file {raw!r} not found")
+        if row[3] != "complete":
+            raise BrokerError("file_not_complete", f"file {raw!r} has not finished uploading")
+        resolved.append(
+            (file_id, Attachment(file_id=str(file_id), filename=row[0], content_type=row[1],
+                                 size_bytes=int(row[2])))
+        )
+    return resolved
+
+
+def resolve_mentions(conn: apsw.Connection, workspace_id: int, text: str) -> list[str]:
+    """Names of this workspace's active agents that `text` mentions as `@name`."""
+    candidates = validation.mention_candidates(text)
+    if not candidates:
+        return []
+    rows = conn.execute(
+        "SELECT name FROM agents WHERE workspace_id = ? AND deactivated_at IS NULL"
+        " AND name IN (SELECT value FROM json_each(?))",
+        (workspace_id, _encoder.encode(candidates).decode()),
+    ).fetchall()
+    found = {r[0] for r in rows}
+    ordered: list[str] = []
+    for name in candidates:
+        if name in found and name not in ordered:
+            ordered.append(name)
+    return ordered
+
+
+def insert_message(
+    tx: Tx,
+    *,
+    workspace_id: int,
+    author: AgentRow,
+    text: str,
+    mode: str,
+    data: str | None,
+    mentions: list[str],
+    attachments: list[tuple[int, Attachment]],
+    channel_id: int | None = None,
+    conversation_id: int | None = None,
+    thread_id: int | None = None,
+) -> int:
+    """Insert the message row and its attachment links; returns the new message id."""
+    conn = tx.conn
+    message_id = tx.new_id()
+    conn.execute(
+        "INSERT INTO messages(id, workspace_id, channel_id, conversation_id, agent_id, thread_id,"
+        " text, data, mode, mentions, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        (message_id, workspace_id, channel_id, conversation_id, author.id, thread_id, text,
+         data, mode, _encoder.encode(mentions).decode() if mentions else None, tx.now_ms),
+    )
+    if attachments:
+        conn.executemany(
+            "INSERT INTO message_attachments(message_id, file_id, position) VALUES (?,?,?)",
+            [(message_id, file_id, i) for i, (file_id, _) in enumerate(attachments)],
+        )
+    return message_id
+
+
+def names_of(conn: apsw.Connection, agent_ids: tuple[int, ...]) -> list[str]:
+    if not agent_ids:
+        return []
+    rows = conn.execute(
+        "SELECT name FROM agents WHERE id IN (SELECT value FROM json_each(?)) ORDER BY name",
+        (_encoder.encode(list(agent_ids)).decode(),),
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+class SendChannelMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """Post `text` to a channel the agent is a member of.
+
+    Recipients: every member except the sender; a muted member only when the
+    text mentions it. A recipient whose mailbox is full gets no delivery and
+    is named in the result's `mailbox_full`.
+    """
+
+    workspace_id: int
+    agent_id: int
+    channel: str
+    text: str
+    mode: Mode = "wait"
+    data: dict[str, Any] | None = None
+    attachments: list[str] = msgspec.field(default_factory=list)
+    idempotency_key: str | None = None
+
+    def apply(self, tx: Tx) -> Message:
+        limits, conn = tx.limits, tx.conn
+        text = validation.text(self.text, limits)
+        mode = validation.mode(self.mode)
+        data = validation.data(self.data, limits)
+        author = require_agent(conn, self.workspace_id, self.agent_id)
+        channel = require_channel(conn, self.workspace_id, self.channel, self.agent_id)
+        if channel.archived:
+            raise BrokerError("channel_archived", f"channel {channel.name!r} is archived")
+        if not channel.is_member:
+            raise BrokerError("not_a_member", f"you are not a member of channel {channel.name!r}")
+
+        def send() -> Message:
+            attachments = resolve_attachments(conn, self.workspace_id, self.attachments)
+            mentions = resolve_mentions(conn, self.workspace_id, text)
+            message_id = insert_message(
+                tx, workspace_id=self.workspace_id, author=author, text=text, mode=mode,
+                data=data, mentions=mentions, attachments=attachments, channel_id=channel.id,
+            )
+            recipients = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT m.agent_id FROM channel_members m JOIN agents a ON a.id = m.agent_id"
+                    " WHERE m.channel_id = ? AND m.agent_id <> ? AND a.deactivated_at IS NULL"
+                    " AND (m.muted = 0 OR a.name IN (SELECT value FROM json_each(?)))",
+                    (channel.id, author.id, _encoder.encode(mentions).decode()),
+                )
+            ]
+            message = Message(
+                id=str(message_id), channel_id=str(channel.id), channel_name=channel.name,
+                agent_id=str(author.id), agent_name=author.name, text=text,
+                data=self.data, attachments=[a for _, a in attachments],
+                has_attachments=bool(attachments), mentions=mentions,
+                injection_mode=mode,  # type: ignore[arg-type]
+                created_at=iso(tx.now_ms) or "",
+            )
+            recorded = record_event(
+                tx, workspace_id=self.workspace_id, event_type="message.created", data=message,
+                recipients=recipients, message_id=message_id, channel_id=channel.id,
+                agent_id=author.id,
+            )
+            message.mailbox_full = names_of(conn, recorded.mailbox_full)
+            return message
+
+        return once(
+            tx, agent_id=author.id, key=self.idempotency_key, operation="message.send",
+            request=self, result_type=Message, run=send,
+        )

@@ -1,0 +1,319 @@
+"""The SQLite schema, migrated step by step through `pragma user_version`.
+
+Each step runs in its own transaction together with the version bump, so a
+crash mid-migration leaves the file at the previous version, never between.
+A file with a newer version than this code knows is refused, untouched.
+
+Times are integer milliseconds since the Unix epoch. Ids are 64-bit integers
+from `broker.engine.ids` (decimal strings on the wire). Secrets (workspace
+keys, agent tokens) are stored only as SHA-256 digests.
+
+Hot paths and their keys:
+- the mailbox of an agent is a range scan of `deliveries` by (agent_id, seq);
+- mark read finds a delivery by (message_id, agent_id);
+- a channel send reads `channel_members` by channel, a join reads it by agent;
+- a history page is a range scan of messages by (channel_id | conversation_id
+  | thread_id, id).
+"""
+
+from __future__ import annotations
+
+import apsw
+
+from broker.engine.errors import StartupError
+
+_V1 = """
+CREATE TABLE workspaces (
+    id            INTEGER PRIMARY KEY,
+    name          TEXT NOT NULL UNIQUE,
+    key_hash      BLOB NOT NULL UNIQUE,
+    system_prompt TEXT,
+    metadata      TEXT NOT NULL DEFAULT '{}',
+    created_at    INTEGER NOT NULL,
+    updated_at    INTEGER
+);
+
+CREATE TABLE agents (
+    id                  INTEGER PRIMARY KEY,
+    workspace_id        INTEGER NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    name                TEXT NOT NULL,
+    type                TEXT NOT NULL DEFAULT 'agent',
+    persona             TEXT,
+    metadata            TEXT NOT NULL DEFAULT '{}',
+    token_hash          BLOB NOT NULL UNIQUE,
+    -- after a rotation the old token keeps working until prev_token_expires_at
+    prev_token_hash     BLOB,
+    prev_token_expires_at INTEGER,
+    status              TEXT NOT NULL DEFAULT 'offline',
+    last_seen           INTEGER,
+    deactivated_at      INTEGER,
+    -- delivery sequence: last allocated seq (high-water mark, never reused,
+    -- survives pruning), cumulative ack, and count of unacked deliveries
+    last_seq            INTEGER NOT NULL DEFAULT 0,
+    acked_seq           INTEGER NOT NULL DEFAULT 0,
+    pending_count       INTEGER NOT NULL DEFAULT 0,
+    created_at          INTEGER NOT NULL,
+    UNIQUE (workspace_id, name)
+);
+CREATE INDEX agents_prev_token ON agents(prev_token_hash) WHERE prev_token_hash IS NOT NULL;
+
+CREATE TABLE channels (
+    id           INTEGER PRIMARY KEY,
+    workspace_id INTEGER NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    name         TEXT NOT NULL,
+    topic        TEXT,
+    metadata     TEXT NOT NULL DEFAULT '{}',
+    created_by   INTEGER REFERENCES agents(id) ON DELETE SET NULL,
+    archived_at  INTEGER,
+    created_at   INTEGER NOT NULL,
+    UNIQUE (workspace_id, name)
+);
+
+CREATE TABLE channel_members (
+    channel_id   INTEGER NOT NULL REFERENCES channels(id) ON DELETE CASCADE,
+    agent_id     INTEGER NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+    role         TEXT NOT NULL DEFAULT 'member',
+    muted        INTEGER NOT NULL DEFAULT 0,
+    last_read_id INTEGER,
+    last_read_at INTEGER,
+    joined_at    INTEGER NOT NULL,
+    PRIMARY KEY (channel_id, agent_id)
+) WITHOUT ROWID;
+CREATE INDEX channel_members_agent ON channel_members(agent_id, channel_id);
+
+-- 1:1 DMs (kind 'dm', the pair stored sorted and unique) and group DMs
+CREATE TABLE conversations (
+    id           INTEGER PRIMARY KEY,
+    workspace_id INTEGER NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    kind         TEXT NOT NULL CHECK (kind IN ('dm', 'group')),
+    name         TEXT,
+    agent_lo     INTEGER,
+    agent_hi     INTEGER,
+    created_by   INTEGER REFERENCES agents(id) ON DELETE SET NULL,
+    created_at   INTEGER NOT NULL,
+    CHECK (kind = 'group' OR (agent_lo IS NOT NULL AND agent_lo < agent_hi))
+);
+CREATE UNIQUE INDEX conversations_pair ON conversations(workspace_id, agent_lo, agent_hi)
+    WHERE kind = 'dm';
+
+CREATE TABLE conversation_participants (
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    agent_id        INTEGER NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+    joined_at       INTEGER NOT NULL,
+    left_at         INTEGER,
+    last_read_id    INTEGER,
+    last_read_at    INTEGER,
+    PRIMARY KEY (conversation_id, agent_id)
+) WITHOUT ROWID;
+CREATE INDEX conversation_participants_agent
+    ON conversation_participants(agent_id, conversation_id);
+
+-- A message lives in exactly one channel or one conversation; a thread reply
+-- has thread_id = the id of its root message.
+CREATE TABLE messages (
+    id              INTEGER PRIMARY KEY,
+    workspace_id    INTEGER NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    channel_id      INTEGER REFERENCES channels(id) ON DELETE CASCADE,
+    conversation_id INTEGER REFERENCES conversations(id) ON DELETE CASCADE,
+    agent_id        INTEGER REFERENCES agents(id) ON DELETE SET NULL,
+    thread_id       INTEGER,
+    text            TEXT NOT NULL,
+    data            TEXT,
+    mode            TEXT NOT NULL DEFAULT 'wait',
+    mentions        TEXT,
+    reply_count     INTEGER NOT NULL DEFAULT 0,
+    last_reply_at   INTEGER,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER,
+    CHECK ((channel_id IS NULL) <> (conversation_id IS NULL))
+);
+CREATE INDEX messages_channel ON messages(channel_id, id)
+    WHERE channel_id IS NOT NULL AND thread_id IS NULL;
+CREATE INDEX messages_conversation ON messages(conversation_id, id)
+    WHERE conversation_id IS NOT NULL AND thread_id IS NULL;
+CREATE INDEX messages_thread ON messages(thread_id, id) WHERE thread_id IS NOT NULL;
+CREATE INDEX messages_workspace ON messages(workspace_id, id);
+
+-- Full-text index over message text, kept in sync by triggers.
+CREATE VIRTUAL TABLE messages_fts USING fts5(
+    text, content='messages', content_rowid='id', tokenize='unicode61'
+);
+CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
+    INSERT INTO messages_fts(rowid, text) VALUES (new.id, new.text);
+END;
+CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN
+    INSERT INTO messages_fts(messages_fts, rowid, text) VALUES ('delete', old.id, old.text);
+END;
+CREATE TRIGGER messages_fts_update AFTER UPDATE OF text ON messages BEGIN
+    INSERT INTO messages_fts(messages_fts, rowid, text) VALUES ('delete', old.id, old.text);
+    INSERT INTO messages_fts(rowid, text) VALUES (new.id, new.text);
+END;
+
+CREATE TABLE files (
+    id           INTEGER PRIMARY KEY,
+    workspace_id INTEGER NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    uploader_id  INTEGER REFERENCES agents(id) ON DELETE SET NULL,
+    filename     TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    size_bytes   INTEGER NOT NULL,
+    state        TEXT NOT NULL DEFAULT 'pending'
+                 CHECK (state IN ('pending', 'complete', 'deleted')),
+    storage_key  TEXT,
+    expires_at   INTEGER,
+    created_at   INTEGER NOT NULL,
+    completed_at INTEGER,
+    deleted_at   INTEGER
+);
+CREATE INDEX files_workspace ON files(workspace_id, id);
+
+CREATE TABLE message_attachments (
+    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    file_id    INTEGER NOT NULL REFERENCES files(id),
+    position   INTEGER NOT NULL,
+    PRIMARY KEY (message_id, file_id)
+) WITHOUT ROWID;
+CREATE INDEX message_attachments_file ON message_attachments(file_id);
+
+-- The event log: one row per durable event (message.created, thread.reply,
+-- dm.received, group_dm.received, message.reacted, message.read, ...). The
+-- payload is encoded once; every delivery of the event points at it.
+CREATE TABLE message_log (
+    id           INTEGER PRIMARY KEY,
+    workspace_id INTEGER NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    type         TEXT NOT NULL,
+    message_id   INTEGER,
+    channel_id   INTEGER,
+    conversation_id INTEGER,
+    agent_id     INTEGER,
+    payload      BLOB NOT NULL,
+    created_at   INTEGER NOT NULL
+);
+CREATE INDEX message_log_workspace ON message_log(workspace_id, id);
+CREATE INDEX message_log_created ON message_log(created_at);
+
+-- One row per (recipient, event). seq is per agent, allocated from
+-- agents.last_seq inside the writing transaction: gap-free, strictly
+-- increasing, never reused.
+CREATE TABLE deliveries (
+    agent_id     INTEGER NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+    seq          INTEGER NOT NULL,
+    log_id       INTEGER NOT NULL REFERENCES message_log(id) ON DELETE CASCADE,
+    message_id   INTEGER,
+    state        TEXT NOT NULL DEFAULT 'queued'
+                 CHECK (state IN ('queued', 'delivered', 'acked', 'failed', 'dead_lettered')),
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    error        TEXT,
+    retryable    INTEGER,
+    available_at INTEGER,
+    expires_at   INTEGER NOT NULL,
+    created_at   INTEGER NOT NULL,
+    delivered_at INTEGER,
+    acked_at     INTEGER,
+    updated_at   INTEGER,
+    PRIMARY KEY (agent_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX deliveries_message ON deliveries(message_id, agent_id) WHERE message_id IS NOT NULL;
+CREATE INDEX deliveries_expiry ON deliveries(expires_at)
+    WHERE state IN ('queued', 'delivered', 'failed');
+
+CREATE TABLE read_receipts (
+    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    agent_id   INTEGER NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+    read_at    INTEGER NOT NULL,
+    PRIMARY KEY (message_id, agent_id)
+) WITHOUT ROWID;
+
+CREATE TABLE reactions (
+    id         INTEGER PRIMARY KEY,
+    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    agent_id   INTEGER NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+    emoji      TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    UNIQUE (message_id, agent_id, emoji)
+);
+CREATE INDEX reactions_agent ON reactions(agent_id);
+
+-- An idempotency key is scoped to the agent that sent it; request_hash is a
+-- digest of the normalized request so that a reused key with another
+-- payload can be told apart from a replay.
+CREATE TABLE idempotency_keys (
+    agent_id     INTEGER NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+    key          TEXT NOT NULL,
+    operation    TEXT NOT NULL,
+    request_hash BLOB NOT NULL,
+    response     BLOB NOT NULL,
+    created_at   INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, key)
+) WITHOUT ROWID;
+CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at);
+
+CREATE TABLE webhook_subscriptions (
+    id           INTEGER PRIMARY KEY,
+    workspace_id INTEGER NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    url          TEXT NOT NULL,
+    events       TEXT NOT NULL,
+    filters      TEXT NOT NULL DEFAULT '{}',
+    headers      TEXT NOT NULL DEFAULT '{}',
+    secret       TEXT,
+    active       INTEGER NOT NULL DEFAULT 1,
+    created_at   INTEGER NOT NULL
+);
+CREATE INDEX webhook_subscriptions_workspace ON webhook_subscriptions(workspace_id) WHERE active;
+
+-- Transactional outbox: an event waiting for webhook dispatch, written in
+-- the same transaction as the fact it reports.
+CREATE TABLE outbox (
+    id              INTEGER PRIMARY KEY,
+    workspace_id    INTEGER NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    subscription_id INTEGER NOT NULL REFERENCES webhook_subscriptions(id) ON DELETE CASCADE,
+    log_id          INTEGER,
+    type            TEXT NOT NULL,
+    payload         BLOB NOT NULL,
+    state           TEXT NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'delivered', 'dead')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    last_error      TEXT,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER
+);
+CREATE INDEX outbox_due ON outbox(next_attempt_at) WHERE state = 'pending';
+"""
+
+# Each entry migrates from version i to i + 1.
+MIGRATIONS: tuple[str, ...] = (_V1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_version(conn: apsw.Connection) -> int:
+    """The file's `pragma user_version`; raises StartupError for a file that is not SQLite."""
+    try:
+        row = conn.execute("pragma user_version").fetchone()
+        # user_version lives in the header and reads as 0 on an empty file
+        # or on garbage shorter than a page; reading the schema proves the
+        # file really is a database.
+        conn.execute("select count(*) from sqlite_schema").fetchone()
+    except (apsw.NotADBError, apsw.CorruptError) as exc:
+        raise StartupError(f"{conn.filename}: not a SQLite database ({exc})") from exc
+    assert row is not None
+    version = int(row[0])
+    return version
+
+
+def migrate(conn: apsw.Connection) -> int:
+    """Bring the schema to SCHEMA_VERSION, one transaction per step; returns the version.
+
+    Raises StartupError for a file written by a newer broker.
+    """
+    version = schema_version(conn)
+    if version > SCHEMA_VERSION:
+        raise StartupError(
+            f"{conn.filename}: schema version {version} is newer than this broker "
+            f"understands ({SCHEMA_VERSION}); upgrade the broker or use another data directory"
+        )
+    while version < SCHEMA_VERSION:
+        with conn:
+            conn.execute(MIGRATIONS[version])
+            version += 1
+            conn.execute(f"pragma user_version = {version}")
+    return version

@@ -1,0 +1,112 @@
+"""Input rules shared by the commands; each failure is a BrokerError with a stable code."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+
+from broker.engine.config import Limits
+from broker.engine.errors import BrokerError
+
+CHANNEL_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,79}")
+AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+WORKSPACE_NAME_MAX = 128
+# `@name` not preceded by a word character or another @ (so e-mail addresses
+# do not count as mentions).
+MENTION = re.compile(r"(?<![\w@])@([A-Za-z0-9][A-Za-z0-9_.-]*)")
+
+_json_encoder = msgspec.json.Encoder()
+
+
+def channel_name(name: str) -> str:
+    if not CHANNEL_NAME.fullmatch(name):
+        raise BrokerError(
+            "invalid_channel_name",
+            "a channel name is 1-80 characters: lowercase letters, digits and '-', "
+            "starting with a letter or digit",
+        )
+    return name
+
+
+def agent_name(name: str, limits: Limits) -> str:
+    if not (1 <= len(name) <= limits.max_agent_name_chars) or not AGENT_NAME.fullmatch(name):
+        raise BrokerError(
+            "invalid_agent_name",
+            f"an agent name is 1-{limits.max_agent_name_chars} characters: letters, digits, "
+            "'_', '.' and '-', starting with a letter or digit",
+        )
+    return name
+
+
+def workspace_name(name: str) -> str:
+    if not name.strip() or len(name) > WORKSPACE_NAME_MAX:
+        raise BrokerError(
+            "invalid_workspace_name",
+            f"a workspace name is 1-{WORKSPACE_NAME_MAX} characters and not blank",
+        )
+    return name
+
+
+def text(value: str, limits: Limits) -> str:
+    size = len(value.encode("utf-8", errors="surrogatepass"))
+    if size == 0:
+        raise BrokerError("invalid_text", "text must not be empty")
+    if size > limits.max_text_bytes:
+        raise BrokerError(
+            "text_too_long",
+            f"text is {size} bytes of UTF-8; the limit is {limits.max_text_bytes}",
+        )
+    return value
+
+
+def data(value: Any, limits: Limits) -> str | None:
+    """Structured message data: a JSON object of at most max_data_bytes, returned encoded."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise BrokerError("invalid_data", "data must be a JSON object")
+    encoded = _json_encoder.encode(value)
+    if len(encoded) > limits.max_data_bytes:
+        raise BrokerError(
+            "data_too_large",
+            f"data is {len(encoded)} bytes as JSON; the limit is {limits.max_data_bytes}",
+        )
+    return encoded.decode()
+
+
+def mode(value: str) -> str:
+    if value not in ("wait", "steer"):
+        raise BrokerError("invalid_mode", "mode must be 'wait' or 'steer'")
+    return value
+
+
+def emoji(value: str, limits: Limits) -> str:
+    if not value or len(value) > limits.max_emoji_chars or value.strip() != value:
+        raise BrokerError(
+            "invalid_emoji",
+            f"an emoji is 1-{limits.max_emoji_chars} characters without surrounding spaces",
+        )
+    return value
+
+
+def mention_candidates(body: str) -> list[str]:
+    """Names that `@name` tokens in body may refer to (trailing '.', '-', '_' also tried)."""
+    names: list[str] = []
+    for match in MENTION.finditer(body):
+        raw = match.group(1)
+        names.append(raw)
+        stripped = raw.rstrip("._-")
+        if stripped and stripped != raw:
+            names.append(stripped)
+    return names
+
+
+def parse_id(value: str | int, code: str, what: str) -> int:
+    """A wire id (decimal string) as an int; a malformed id is simply not found."""
+    if isinstance(value, int):
+        return value
+    if value.isascii() and value.isdigit() and len(value) <= 19:
+        return int(value)
+    raise BrokerError(code, f"{what} {value!r} not found")

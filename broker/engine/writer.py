@@ -1,0 +1,352 @@
+"""The writer actor: the only connection that writes, with group commit.
+
+One task drains a bounded trio memory channel of commands. It takes the first
+waiting command, then every command already queued (up to `max_batch`), and
+applies the batch in one `BEGIN IMMEDIATE ... COMMIT` in a worker thread, so
+the event loop never blocks on fsync. Batches form while the previous commit
+runs; there is no artificial wait.
+
+Failure isolation without a SAVEPOINT per command (which cost about 40% of
+throughput in a prototype): a command validates by reading before it writes,
+so a domain error usually leaves nothing to undo, and the writer can tell
+from `total_changes()` whether the failing command changed any row. If it
+did, the whole transaction is rolled back and replayed without the failed
+command(s); the failed command is not retried and its caller gets its error.
+Either way a failing command's writes are undone and the others commit.
+
+If COMMIT fails, every command of the batch fails and nothing is
+acknowledged. `submit` returns only after the COMMIT holding the command
+returned (ack after durability). Facts produced by committed commands are
+then published, in commit order, on the facts channel for the fanout.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+import apsw
+import trio
+
+from broker.engine.config import EngineConfig, Limits
+from broker.engine.database import WriterLock, open_writer
+from broker.engine.errors import BrokerError
+from broker.engine.facts import Fact
+from broker.engine.ids import IdAllocator
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+# Upper bounds of the batch-size histogram buckets (the last bucket is open).
+BATCH_SIZE_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Upper bounds, in seconds, of the commit-latency histogram buckets.
+COMMIT_LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)
+# Tables whose largest id seeds the id allocator at start.
+_ID_TABLES = (
+    "workspaces", "agents", "channels", "conversations", "messages", "files",
+    "message_log", "reactions", "webhook_subscriptions", "outbox",
+)
+
+
+class Tx:
+    """What a command sees while it runs inside the writer's transaction.
+
+    conn: the write connection (inside BEGIN IMMEDIATE).
+    now_ms: the batch's wall-clock time, milliseconds since the epoch.
+    """
+
+    def __init__(self, conn: apsw.Connection, ids: IdAllocator, limits: Limits) -> None:
+        self.conn = conn
+        self.ids = ids
+        self.limits = limits
+        self.now_ms = 0
+        self.facts: list[Fact] = []
+
+    def new_id(self) -> int:
+        return self.ids.next()
+
+    def emit(self, fact: Fact) -> None:
+        """Publish `fact` after COMMIT, if this command's writes are committed."""
+        self.facts.append(fact)
+
+
+class Command(Protocol[T_co]):
+    """A write: everything it does in `apply` commits or rolls back as one."""
+
+    def apply(self, tx: Tx) -> T_co: ...
+
+
+class _Pending(Generic[T]):
+    __slots__ = ("command", "done", "result", "error", "facts")
+
+    def __init__(self, command: Command[T]) -> None:
+        self.command = command
+        self.done = trio.Event()
+        self.result: T | None = None
+        self.error: BaseException | None = None
+        self.facts: list[Fact] = []
+
+
+class Histogram:
+    """Cumulative-friendly bucket counts, with the sum and count of observations."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    @property
+    def mean(self) -> float:
+        return self.sum / self.count if self.count else 0.0
+
+
+class WriterStatistics:
+    """What `WriterActor.statistics()` returns."""
+
+    def __init__(self, **fields: Any) -> None:
+        self.__dict__.update(fields)
+
+    def __repr__(self) -> str:
+        return f"WriterStatistics({self.__dict__!r})"
+
+
+class WriterActor:
+    """The single writing connection and the task that owns it.
+
+    Start it with `await nursery.start(writer.run)`; stop it with `aclose()`,
+    which lets every queued command commit first.
+    """
+
+    def __init__(
+        self,
+        db_path: Path,
+        config: EngineConfig | None = None,
+        *,
+        facts: trio.MemorySendChannel[list[Fact]] | None = None,
+    ) -> None:
+        self.db_path = db_path
+        self.config = config or EngineConfig()
+        self._facts = facts
+        self._send, self._receive = trio.open_memory_channel[_Pending[Any]](
+            self.config.queue_size
+        )
+        self._conn: apsw.Connection | None = None
+        self._lock: WriterLock | None = None
+        self._tx: Tx | None = None
+        self._running = False
+        self.batches = 0
+        self.commands = 0
+        self.failed_commands = 0
+        self.failed_commits = 0
+        self.replays = 0
+        self.batch_sizes = Histogram(BATCH_SIZE_BUCKETS)
+        self.commit_latency = Histogram(COMMIT_LATENCY_BUCKETS)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def open(self) -> None:
+        """Open, lock and migrate the file (done by `run` if not done before)."""
+        if self._conn is not None:
+            return
+        conn, lock = open_writer(self.db_path, self.config)
+        ids = IdAllocator(floor=_largest_id(conn))
+        self._conn, self._lock = conn, lock
+        self._tx = Tx(conn, ids, self.config.limits)
+
+    @property
+    def connection(self) -> apsw.Connection:
+        """The write connection, for diagnostics and fault-injection tests only."""
+        if self._conn is None:
+            raise RuntimeError("writer is not open")
+        return self._conn
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Apply batches until `aclose()` and the queue is drained; then close the file."""
+        self.open()
+        try:
+            async with self._receive:
+                self._running = True
+                task_status.started()
+                log.info("writer %s: running", self.db_path)
+                while True:
+                    try:
+                        first = await self._receive.receive()
+                    except trio.EndOfChannel:
+                        break
+                    batch = [first]
+                    while len(batch) < self.config.max_batch:
+                        try:
+                            batch.append(self._receive.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    await self._run_batch(batch)
+        finally:
+            self._running = False
+            self._close()
+
+    async def aclose(self) -> None:
+        """Stop taking commands; `run` returns once the queued ones have committed."""
+        await self._send.aclose()
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.execute("pragma wal_checkpoint(TRUNCATE)")
+            except apsw.Error:
+                log.warning("writer %s: checkpoint at close failed", self.db_path, exc_info=True)
+            self._conn.close()
+            self._conn = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    # -- submitting ----------------------------------------------------------
+
+    async def submit(self, command: Command[T]) -> T:
+        """Run `command` in the next transaction; return its result once it is durable.
+
+        Raises the command's own exception (a BrokerError for refused input),
+        or BrokerError("commit_failed") when the batch could not be committed,
+        or BrokerError("shutting_down") once the writer is closing.
+        """
+        pending: _Pending[T] = _Pending(command)
+        try:
+            await self._send.send(pending)
+        except trio.ClosedResourceError:
+            raise BrokerError("shutting_down", "the broker is shutting down") from None
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.result  # type: ignore[return-value]
+
+    # -- applying --------------------------------------------------------------
+
+    async def _run_batch(self, batch: list[_Pending[Any]]) -> None:
+        started = time.perf_counter()
+        try:
+            await trio.to_thread.run_sync(self._apply_batch, batch)
+        except BaseException as exc:
+            # The writer is dying (the daemon exits and systemd restarts it);
+            # nobody in this batch may wait forever or believe it committed.
+            for pending in batch:
+                pending.error = BrokerError("writer_failed", f"the writer stopped: {exc!r}")
+                pending.done.set()
+            raise
+        self.commit_latency.observe(time.perf_counter() - started)
+        self.batches += 1
+        self.commands += len(batch)
+        self.batch_sizes.observe(len(batch))
+        facts: list[Fact] = []
+        for pending in batch:
+            if pending.error is None:
+                facts.extend(pending.facts)
+            else:
+                self.failed_commands += 1
+            pending.done.set()
+        if facts and self._facts is not None:
+            await self._facts.send(facts)
+
+    def _apply_batch(self, batch: list[_Pending[Any]]) -> None:
+        """In the worker thread: one transaction for the whole batch."""
+        conn, tx = self.connection, self._tx
+        assert tx is not None
+        tx.now_ms = int(time.time() * 1000)
+        excluded: set[int] = set()
+        while True:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if self._apply_all(conn, tx, batch, excluded):
+                    break
+            except BaseException:
+                if not conn.get_autocommit():
+                    conn.execute("ROLLBACK")
+                raise
+            # A failed command had written rows: undo everything, replay the rest.
+            conn.execute("ROLLBACK")
+            self.replays += 1
+        try:
+            conn.execute("COMMIT")
+        except apsw.Error as exc:
+            self.failed_commits += 1
+            log.error("writer %s: COMMIT failed, batch of %d refused: %s",
+                      self.db_path, len(batch), exc)
+            if not conn.get_autocommit():
+                conn.execute("ROLLBACK")
+            for pending in batch:
+                pending.result, pending.facts = None, []
+                pending.error = BrokerError(
+                    "commit_failed", f"the transaction could not be committed: {exc}"
+                )
+
+    @staticmethod
+    def _apply_all(
+        conn: apsw.Connection, tx: Tx, batch: list[_Pending[Any]], excluded: set[int]
+    ) -> bool:
+        """Apply every command not excluded; False if a failure left writes to undo."""
+        for index, pending in enumerate(batch):
+            if index in excluded:
+                continue
+            before = conn.total_changes()
+            tx.facts = []
+            try:
+                pending.result = pending.command.apply(tx)
+            except Exception as exc:
+                pending.result, pending.facts, pending.error = None, [], exc
+                excluded.add(index)
+                if conn.total_changes() != before or not _in_transaction(conn):
+                    return False
+                continue
+            pending.error = None
+            pending.facts = tx.facts
+        return True
+
+    # -- reporting -------------------------------------------------------------
+
+    def statistics(self) -> WriterStatistics:
+        """Queue depth, batches, commands, batch sizes and commit latency so far."""
+        stats = self._send.statistics()
+        return WriterStatistics(
+            running=self._running,
+            queue_depth=stats.current_buffer_used,
+            queue_size=stats.max_buffer_size,
+            tasks_waiting_send=stats.tasks_waiting_send,
+            batches=self.batches,
+            commands=self.commands,
+            failed_commands=self.failed_commands,
+            failed_commits=self.failed_commits,
+            replays=self.replays,
+            mean_batch_size=self.batch_sizes.mean,
+            batch_sizes=self.batch_sizes,
+            commit_latency=self.commit_latency,
+        )
+
+
+def _in_transaction(conn: apsw.Connection) -> bool:
+    return not conn.get_autocommit()
+
+
+def _largest_id(conn: apsw.Connection) -> int:
+    largest = 0
+    for table in _ID_TABLES:
+        row = conn.execute(f"SELECT max(id) FROM {table}").fetchone()
+        if row is not None and row[0] is not None:
+            largest = max(largest, int(row[0]))
+    return largest

@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from broker.engine.engine import Engine
+from broker.engine.messages import SendChannelMessage
+from tests.conftest import World
+
+
+async def test_send_in_general_reaches_every_other_member(engine: Engine, world: World) -> None:
+    msg = await engine.submit(SendChannelMessage(
+        workspace_id=world.workspace_id, agent_id=world.agents["alice"], channel="general",
+        text="hello"))
+    rows = await engine.read(lambda c: c.execute(
+        "SELECT agent_id, seq FROM deliveries WHERE message_id = ? ORDER BY agent_id",
+        (int(msg.id),)).fetchall())
+    expected = sorted((world.agents[n], 1) for n in ("bob", "carol", "dave"))
+    assert rows == expected

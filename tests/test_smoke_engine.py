@@ -14,3 +14,17 @@ async def test_send_in_general_reaches_every_other_member(engine: Engine, world:
         (int(msg.id),)).fetchall())
     expected = sorted((world.agents[n], 1) for n in ("bob", "carol", "dave"))
     assert rows == expected
+
+
+async def test_load_messages_returns_what_was_sent(engine: Engine, world: World) -> None:
+    from broker.engine.history import load_messages
+
+    sent = await engine.submit(SendChannelMessage(
+        workspace_id=world.workspace_id, agent_id=world.agents["alice"], channel="general",
+        text="hi @bob", data={"k": 1}))
+    (loaded,) = await engine.read(load_messages, [int(sent.id)])
+    assert loaded.text == "hi @bob"
+    assert loaded.mentions == ["bob"]
+    assert loaded.data == {"k": 1}
+    assert loaded.channel_name == "general"
+    assert loaded.id == sent.id

@@ -17,7 +17,7 @@ import apsw
 
 from broker.engine.config import EngineConfig
 from broker.engine.errors import StartupError
-from broker.engine.schema import migrate, schema_version
+from broker.engine.schema import check_version, migrate
 
 
 class WriterLock:
@@ -63,7 +63,7 @@ def open_writer(path: Path, config: EngineConfig) -> tuple[apsw.Connection, Writ
         )
         try:
             conn.set_busy_timeout(config.busy_timeout_ms)
-            schema_version(conn)  # refuses a foreign file before anything writes
+            check_version(conn)  # refuses foreign or newer files before anything writes
             mode = conn.execute("pragma journal_mode = WAL").fetchone()
             if mode is None or str(mode[0]).lower() != "wal":
                 raise StartupError(f"{path}: could not switch to WAL mode (got {mode!r})")

@@ -300,17 +300,23 @@ def schema_version(conn: apsw.Connection) -> int:
     return version
 
 
-def migrate(conn: apsw.Connection) -> int:
-    """Bring the schema to SCHEMA_VERSION, one transaction per step; returns the version.
-
-    Raises StartupError for a file written by a newer broker.
-    """
+def check_version(conn: apsw.Connection) -> int:
+    """The file's schema version; StartupError if it is not SQLite or newer than this code."""
     version = schema_version(conn)
     if version > SCHEMA_VERSION:
         raise StartupError(
             f"{conn.filename}: schema version {version} is newer than this broker "
             f"understands ({SCHEMA_VERSION}); upgrade the broker or use another data directory"
         )
+    return version
+
+
+def migrate(conn: apsw.Connection) -> int:
+    """Bring the schema to SCHEMA_VERSION, one transaction per step; returns the version.
+
+    Raises StartupError for a foreign file or one written by a newer broker.
+    """
+    version = check_version(conn)
     while version < SCHEMA_VERSION:
         with conn:
             conn.execute(MIGRATIONS[version])

@@ -67,19 +67,19 @@ def record_event(
     deliveries: tuple[Delivery, ...] = ()
     full: tuple[int, ...] = ()
     if wanted:
-        allocated = conn.execute(
+        allocated = cast(list[tuple[int, int]], conn.execute(
             "UPDATE agents SET last_seq = last_seq + 1, pending_count = pending_count + 1"
             " WHERE id IN (SELECT value FROM json_each(?)) AND pending_count < ?"
             " RETURNING id, last_seq",
             (_encoder.encode(wanted).decode(), tx.limits.mailbox_depth),
-        ).fetchall()
-        deliveries = tuple(Delivery(cast(int, a), cast(int, s)) for a, s in allocated)
+        ).fetchall())
         expires = now + tx.limits.delivery_ttl_seconds * 1000
         conn.executemany(
             "INSERT INTO deliveries(agent_id, seq, log_id, message_id, expires_at, created_at)"
             " VALUES (?,?,?,?,?,?)",
-            [(d.agent_id, d.seq, log_id, message_id, expires, now) for d in deliveries],
+            [(a, s, log_id, message_id, expires, now) for a, s in allocated],
         )
+        deliveries = tuple([Delivery(a, s) for a, s in allocated])
         if len(deliveries) < len(wanted):
             got = {d.agent_id for d in deliveries}
             full = tuple(a for a in wanted if a not in got)

@@ -19,7 +19,7 @@ from broker.engine.events import record_event
 from broker.engine.idempotency import once
 from broker.engine.lookups import AgentRow, require_agent, require_channel
 from broker.engine.writer import Tx
-from protocol.objects import Attachment, Message, Mode, iso
+from protocol.objects import Attachment, Message, Mode
 
 _encoder = msgspec.json.Encoder()
 
@@ -161,7 +161,7 @@ class SendChannelMessage(msgspec.Struct, frozen=True, kw_only=True):
                 data=self.data, attachments=[a for _, a in attachments],
                 has_attachments=bool(attachments), mentions=mentions,
                 injection_mode=mode,  # type: ignore[arg-type]
-                created_at=iso(tx.now_ms) or "",
+                created_at=tx.now_iso,
             )
             recorded = record_event(
                 tx, workspace_id=self.workspace_id, event_type="message.created", data=message,

@@ -26,6 +26,7 @@ import bisect
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -37,6 +38,7 @@ from broker.engine.database import WriterLock, open_writer
 from broker.engine.errors import BrokerError
 from broker.engine.facts import Fact
 from broker.engine.ids import IdAllocator
+from protocol.objects import iso
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,15 @@ class Tx:
         self.limits = limits
         self.now_ms = 0
         self.facts: list[Fact] = []
+        self._iso_ms = -1
+        self._iso = ""
+
+    @property
+    def now_iso(self) -> str:
+        """now_ms as an ISO 8601 string, formatted once per batch."""
+        if self._iso_ms != self.now_ms:
+            self._iso_ms, self._iso = self.now_ms, iso(self.now_ms) or ""
+        return self._iso
 
     def new_id(self) -> int:
         return self.ids.next()
@@ -114,14 +125,22 @@ class Histogram:
         return self.sum / self.count if self.count else 0.0
 
 
+@dataclass(frozen=True)
 class WriterStatistics:
     """What `WriterActor.statistics()` returns."""
 
-    def __init__(self, **fields: Any) -> None:
-        self.__dict__.update(fields)
-
-    def __repr__(self) -> str:
-        return f"WriterStatistics({self.__dict__!r})"
+    running: bool
+    queue_depth: int
+    queue_size: float
+    tasks_waiting_send: int
+    batches: int
+    commands: int
+    failed_commands: int
+    failed_commits: int
+    replays: int
+    mean_batch_size: float
+    batch_sizes: Histogram
+    commit_latency: Histogram
 
 
 class WriterActor:

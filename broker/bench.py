@@ -1,0 +1,246 @@
+"""Benchmarks: `python -m broker.bench writer`.
+
+writer: committed channel sends per second through the writer actor, and, in
+the same run, raw apsw executing the very same SQL statements in a plain
+loop with the same batch size and pragmas. The last line is
+`ratio: <actor / raw>`. The raw loop's statements are checked against a
+trace of the actor's command, so the comparison cannot silently drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import apsw
+import msgspec
+import trio
+
+from broker.engine.channels import CreateChannel, JoinChannel
+from broker.engine.config import EngineConfig
+from broker.engine.database import open_writer
+from broker.engine.engine import DATABASE_FILE, Engine
+from broker.engine.ids import IdAllocator
+from broker.engine.messages import SendChannelMessage
+from broker.engine.workspaces import CreateWorkspace, RegisterAgent
+from broker.engine.writer import Command, Tx
+from protocol.objects import Message, iso
+
+_encoder = msgspec.json.Encoder()
+CHANNEL = "bench"
+TEXT = "benchmark message with a little text in it"
+
+
+class Topology(msgspec.Struct):
+    workspace_id: int
+    agent_ids: list[int]
+
+
+
+async def _setup_actor(engine: Engine, members: int) -> Topology:
+    ws = await engine.submit(CreateWorkspace("bench"))
+    wid = int(ws.workspace_id)
+    ids = [int((await engine.submit(RegisterAgent(workspace_id=wid, name=f"m{i}"))).id)
+           for i in range(members)]
+    await engine.submit(CreateChannel(workspace_id=wid, agent_id=ids[0], name=CHANNEL))
+    for agent_id in ids[1:]:
+        await engine.submit(JoinChannel(workspace_id=wid, agent_id=agent_id, channel=CHANNEL))
+    return Topology(wid, ids)
+
+
+def _send(topology: Topology, i: int) -> SendChannelMessage:
+    sender = topology.agent_ids[i % len(topology.agent_ids)]
+    return SendChannelMessage(workspace_id=topology.workspace_id, agent_id=sender,
+                              channel=CHANNEL, text=f"{TEXT} {i}")
+
+
+async def bench_actor(
+    data_dir: Path, config: EngineConfig, sends: int, members: int, concurrency: int
+) -> tuple[float, float, int, list[str]]:
+    """Sends/s through the actor, the mean batch size, batches, and one send's statements."""
+    async with Engine.open(data_dir, config) as engine:
+        topology = await _setup_actor(engine, members)
+        statements: list[str] = []
+
+        def trace(cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
+            if sql not in ("BEGIN IMMEDIATE", "COMMIT"):
+                statements.append(sql)
+            return True
+
+        engine.writer.connection.exec_trace = trace
+        await engine.submit(_send(topology, 0))
+        engine.writer.connection.exec_trace = None
+
+        before = engine.writer.statistics()
+        next_index = 1
+
+        async def worker() -> None:
+            nonlocal next_index
+            while next_index <= sends:
+                i = next_index
+                next_index += 1
+                await engine.submit(_send(topology, i))
+
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(worker)
+        elapsed = time.perf_counter() - started
+        after = engine.writer.statistics()
+    batches = after.batches - before.batches
+    commands = after.commands - before.commands
+    return sends / elapsed, commands / batches, batches, statements
+
+
+def raw_send(conn: apsw.Connection, ids: IdAllocator, topology: Topology, i: int,
+             ttl_ms: int, depth: int, trace: list[str] | None = None) -> None:
+    """One channel send as plain apsw statements: the SQL that SendChannelMessage runs."""
+    now = int(time.time() * 1000)
+    wid = topology.workspace_id
+    sender = topology.agent_ids[i % len(topology.agent_ids)]
+    text = f"{TEXT} {i}"
+    agent = conn.execute(
+        "SELECT id, name, type, workspace_id FROM agents"
+        " WHERE id = ? AND workspace_id = ? AND deactivated_at IS NULL", (sender, wid),
+    ).fetchone()
+    channel = conn.execute(
+        "SELECT c.id, c.name, c.archived_at IS NOT NULL, m.agent_id IS NOT NULL,"
+        " coalesce(m.muted, 0) FROM channels c"
+        " LEFT JOIN channel_members m ON m.channel_id = c.id AND m.agent_id = ?"
+        " WHERE c.workspace_id = ? AND c.name = ?", (sender, wid, CHANNEL),
+    ).fetchone()
+    assert agent is not None and channel is not None
+    channel_id = channel[0]
+    message_id = ids.next()
+    conn.execute(
+        "INSERT INTO messages(id, workspace_id, channel_id, conversation_id, agent_id, thread_id,"
+        " text, data, mode, mentions, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        (message_id, wid, channel_id, None, sender, None, text, None, "wait", None, now),
+    )
+    recipients = [r[0] for r in conn.execute(
+        "SELECT m.agent_id FROM channel_members m JOIN agents a ON a.id = m.agent_id"
+        " WHERE m.channel_id = ? AND m.agent_id <> ? AND a.deactivated_at IS NULL"
+        " AND (m.muted = 0 OR a.name IN (SELECT value FROM json_each(?)))",
+        (channel_id, sender, "[]"),
+    )]
+    log_id = ids.next()
+    # the same event bytes as the command writes, so both loops store equal data
+    payload = _encoder.encode({"type": "message.created", "data": Message(
+        id=str(message_id), channel_id=str(channel_id), channel_name=CHANNEL,
+        agent_id=str(sender), agent_name=agent[1], text=text, created_at=iso(now) or "")})
+    conn.execute(
+        "INSERT INTO message_log(id, workspace_id, type, message_id, channel_id,"
+        " conversation_id, agent_id, payload, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+        (log_id, wid, "message.created", message_id, channel_id, None, sender, payload, now),
+    )
+    allocated = conn.execute(
+        "UPDATE agents SET last_seq = last_seq + 1, pending_count = pending_count + 1"
+        " WHERE id IN (SELECT value FROM json_each(?)) AND pending_count < ?"
+        " RETURNING id, last_seq",
+        (_encoder.encode(sorted(recipients)).decode(), depth),
+    ).fetchall()
+    conn.executemany(
+        "INSERT INTO deliveries(agent_id, seq, log_id, message_id, expires_at, created_at)"
+        " VALUES (?,?,?,?,?,?)",
+        [(a, s, log_id, message_id, now + ttl_ms, now) for a, s in allocated],
+    )
+
+
+def bench_raw(data_dir: Path, config: EngineConfig, sends: int, members: int,
+              batch: int) -> tuple[float, list[str]]:
+    """Sends/s for raw apsw in batches of `batch`, and one send's statements."""
+    path = data_dir / DATABASE_FILE
+    conn, lock = open_writer(path, config)
+    try:
+        tx = Tx(conn, IdAllocator(), config.limits)
+
+        def run(command: Command[Any]) -> Any:
+            tx.now_ms = int(time.time() * 1000)
+            with conn:
+                return command.apply(tx)
+
+        ws = run(CreateWorkspace("bench"))
+        wid = int(ws.workspace_id)
+        ids = [int(run(RegisterAgent(workspace_id=wid, name=f"m{i}")).id) for i in range(members)]
+        run(CreateChannel(workspace_id=wid, agent_id=ids[0], name=CHANNEL))
+        for agent_id in ids[1:]:
+            run(JoinChannel(workspace_id=wid, agent_id=agent_id, channel=CHANNEL))
+        topology = Topology(wid, ids)
+        ttl, depth = config.limits.delivery_ttl_seconds * 1000, config.limits.mailbox_depth
+
+        statements: list[str] = []
+
+        def trace(cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
+            if sql not in ("BEGIN IMMEDIATE", "COMMIT"):
+                statements.append(sql)
+            return True
+
+        conn.exec_trace = trace
+        conn.execute("BEGIN IMMEDIATE")
+        raw_send(conn, tx.ids, topology, 0, ttl, depth)
+        conn.execute("COMMIT")
+        conn.exec_trace = None
+
+        started = time.perf_counter()
+        i = 1
+        while i <= sends:
+            conn.execute("BEGIN IMMEDIATE")
+            for _ in range(min(batch, sends - i + 1)):
+                raw_send(conn, tx.ids, topology, i, ttl, depth)
+                i += 1
+            conn.execute("COMMIT")
+        elapsed = time.perf_counter() - started
+    finally:
+        conn.close()
+        lock.release()
+    return sends / elapsed, statements
+
+
+def writer_benchmark(args: argparse.Namespace) -> int:
+    config = EngineConfig(synchronous=args.synchronous, max_batch=args.max_batch)
+    print(f"writer benchmark: {args.sends} channel sends, {args.members} members each "
+          f"({args.members - 1} deliveries per send), {args.concurrency} concurrent submitters, "
+          f"synchronous={args.synchronous}, max_batch={args.max_batch}")
+    with tempfile.TemporaryDirectory(prefix="broker-bench-") as tmp:
+        actor_dir, raw_dir = Path(tmp, "actor"), Path(tmp, "raw")
+        actor_rate, mean_batch, batches, actor_sql = trio.run(
+            bench_actor, actor_dir, config, args.sends, args.members, args.concurrency)
+        batch = max(1, round(mean_batch))
+        print(f"actor:    {actor_rate:10.0f} sends/s  "
+              f"({batches} batches, mean batch {mean_batch:.1f})")
+        raw_rate, raw_sql = bench_raw(raw_dir, config, args.sends, args.members, batch)
+        print(f"raw apsw: {raw_rate:10.0f} sends/s  (batches of {batch})")
+    if actor_sql != raw_sql:
+        print("error: the raw loop no longer runs the same statements as SendChannelMessage:",
+              file=sys.stderr)
+        for a, r in zip(actor_sql, raw_sql, strict=False):
+            if a != r:
+                print(f"  actor: {a}\n  raw:   {r}", file=sys.stderr)
+        return 1
+    print(f"statements per send: {len(actor_sql)} (identical in both)")
+    print(f"ratio: {actor_rate / raw_rate:.2f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m broker.bench")
+    sub = parser.add_subparsers(dest="benchmark", required=True)
+    writer = sub.add_parser("writer", help="writer actor vs raw apsw, channel sends")
+    writer.add_argument("--sends", type=int, default=20_000)
+    writer.add_argument("--members", type=int, default=10)
+    writer.add_argument("--concurrency", type=int, default=256,
+                        help="tasks submitting at once (bounds the batch size)")
+    writer.add_argument("--max-batch", type=int, default=EngineConfig().max_batch)
+    writer.add_argument("--synchronous", default="FULL", choices=["OFF", "NORMAL", "FULL", "EXTRA"])
+    writer.set_defaults(run=writer_benchmark)
+    args = parser.parse_args(argv)
+    code: int = args.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,13 +5,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import msgspec
 import pytest
 import trio
 
+from broker.config import HttpSettings, Settings
 from broker.engine.config import EngineConfig
 from broker.engine.engine import Engine
 from broker.engine.workspaces import CreateWorkspace, RegisterAgent
+from broker.server import BrokerServer
 
 # Every test that touches the engine or a socket runs under this absolute bound.
 TEST_DEADLINE_S = 60
@@ -56,3 +59,27 @@ async def make_world(engine: Engine, name: str = "acme", agents: tuple[str, ...]
 @pytest.fixture
 async def world(engine: Engine) -> World:
     return await make_world(engine)
+
+
+# -- a live server on 127.0.0.1, port 0, and an HTTP client for it -----------------
+
+
+@pytest.fixture
+async def server(tmp_path: Path, engine_config: EngineConfig) -> AsyncIterator[BrokerServer]:
+    settings = Settings(
+        data_dir=str(tmp_path / "data"), engine=engine_config,
+        http=HttpSettings(host="127.0.0.1", port=0, shutdown_grace_seconds=1.0),
+    )
+    srv = BrokerServer(settings)
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(srv.run)
+            yield srv
+            srv.stop()
+
+
+@pytest.fixture
+async def client(server: BrokerServer) -> AsyncIterator[httpx.AsyncClient]:
+    assert server.url is not None
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+        yield http

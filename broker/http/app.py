@@ -1,0 +1,241 @@
+"""The ASGI application: REST routes bound to the operation table, plus health and metrics.
+
+Each REST route is a thin adapter: authenticate the bearer token, read the
+body under the size limit while it streams in, merge query parameters, the
+JSON body and path parameters (path last, so a body cannot redirect a call
+to another resource) into one dict, and hand it to the operation. Errors
+leave as the envelope `{"ok": false, "error": {"code", "message"}}` with the
+status from `broker.http.errors`. The request handler is the per-request
+failure boundary: an unexpected exception becomes a 500 and is logged; the
+daemon keeps serving.
+
+`create_app(..., extra_routes=...)` is the seam where the WebSocket gateway
+mounts `/v1/ws` and `/v1/node/ws` on the same port.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import aclosing
+from typing import Any
+
+import msgspec
+import trio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from broker.auth import authorize, bearer_token, resolve_token
+from broker.config import Settings
+from broker.engine.engine import Engine
+from broker.engine.errors import BrokerError
+from broker.engine.health import Probe
+from broker.http.errors import encode_error, encode_success, status_for
+from broker.http.metrics import CONTENT_TYPE, BrokerMetrics
+from broker.http.routes import ROUTES, RestRoute
+from broker.operations import OPERATIONS, Call, Operation, invoke
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+IDEMPOTENCY_HEADERS = ("idempotency-key", "x-idempotency-key")
+# Methods whose body is never read (the SDK sends none).
+BODYLESS = frozenset({"GET", "HEAD"})
+
+_json_decoder = msgspec.json.Decoder()
+
+
+def error_response(code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        encode_error(code, message), status_code=status_for(code), media_type=JSON,
+        headers=headers,
+    )
+
+
+def success_response(data: Any, status: int = 200) -> Response:
+    if status == 204:
+        return Response(status_code=204)
+    return Response(encode_success(data), status_code=status, media_type=JSON)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with `payload_too_large` as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BrokerError("payload_too_large", f"the body is over the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async with aclosing(request.stream()) as stream:
+        async for chunk in stream:
+            size += len(chunk)
+            if size > limit:
+                raise BrokerError(
+                    "payload_too_large", f"the body is over the limit of {limit} bytes"
+                )
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """A JSON object body as a dict (an empty body is `{}`)."""
+    if not body.strip():
+        return {}
+    try:
+        value = _json_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise BrokerError("invalid_json", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BrokerError("invalid_request", "the body must be a JSON object")
+    return value
+
+
+def idempotency_key(request: Request) -> str | None:
+    for header in IDEMPOTENCY_HEADERS:
+        value = request.headers.get(header)
+        if value is not None:
+            return value.strip()
+    return None
+
+
+def operation_endpoint(
+    engine: Engine, route: RestRoute, op: Operation[Any], max_body_bytes: int
+) -> Callable[[Request], Awaitable[Response]]:
+    """The request handler that binds `route` to `op`."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            principal = None
+            if op.auth != "none":
+                principal = await resolve_token(
+                    engine, bearer_token(request.headers.get("authorization"))
+                )
+                authorize(op.auth, principal)
+            fields: dict[str, Any] = dict(request.query_params)
+            if request.method not in BODYLESS:
+                fields.update(parse_body(await read_body(request, max_body_bytes)))
+            fields.update(request.path_params)
+            call = Call(principal, idempotency_key(request))
+            result = await invoke(engine, op.name, call, fields)
+        except BrokerError as exc:
+            return error_response(exc.code, exc.message)
+        except Exception:
+            log.exception("request %s %s (%s) failed", request.method, route.path, op.name)
+            return error_response("internal_error", "the broker failed to handle this request")
+        return success_response(result, route.status)
+
+    endpoint.__name__ = f"rest_{op.name.replace('.', '_')}"
+    return endpoint
+
+
+def rest_routes(engine: Engine, settings: Settings) -> list[BaseRoute]:
+    routes: list[BaseRoute] = []
+    for route in ROUTES:
+        op = OPERATIONS[route.operation]
+        routes.append(Route(
+            route.path,
+            operation_endpoint(engine, route, op, settings.http.max_body_bytes),
+            methods=[route.method],
+            name=f"{route.method} {route.path}",
+        ))
+    return routes
+
+
+def service_routes(engine: Engine, settings: Settings, metrics: BrokerMetrics) -> list[BaseRoute]:
+    """/healthz, /readyz and /metrics."""
+
+    async def healthz(request: Request) -> Response:
+        return success_response({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if not engine.writer.running:
+            return error_response("not_ready", "the writer is not running")
+        with trio.move_on_after(settings.http.ready_timeout_seconds) as scope:
+            try:
+                await engine.submit(Probe())
+            except BrokerError as exc:
+                return error_response("not_ready", f"the database is not writable: {exc.message}")
+        if scope.cancelled_caught:
+            return error_response("not_ready", "the writer did not commit in time")
+        return success_response({"status": "ready"})
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(await metrics.render(), media_type=CONTENT_TYPE)
+
+    return [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return error_response("not_found", f"no route for {request.method} {request.url.path}")
+    if exc.status_code == 405:
+        return error_response(
+            "method_not_allowed", f"{request.method} is not allowed on {request.url.path}",
+            headers=dict(exc.headers or {}),
+        )
+    return Response(
+        encode_error("http_error", str(exc.detail)), status_code=exc.status_code, media_type=JSON
+    )
+
+
+class RequestMetrics:
+    """ASGI middleware: count every HTTP response by method, route template and status."""
+
+    def __init__(self, app: ASGIApp, metrics: BrokerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.observe_request(
+                scope["method"], template, status, time.perf_counter() - started
+            )
+
+
+def create_app(
+    engine: Engine,
+    settings: Settings,
+    metrics: BrokerMetrics | None = None,
+    extra_routes: Sequence[BaseRoute] = (),
+) -> Starlette:
+    """The broker's ASGI app: REST under /v1, health, readiness, metrics, and `extra_routes`.
+
+    metrics: the registry to report into (one is made when None); it is kept
+    on `app.state.metrics`.
+    """
+    metrics = metrics or BrokerMetrics(engine)
+    app = Starlette(
+        routes=[*service_routes(engine, settings, metrics), *rest_routes(engine, settings),
+                *extra_routes],
+        exception_handlers={HTTPException: _http_exception},
+    )
+    # An unknown path is a 404, never a redirect to a near miss.
+    app.router.redirect_slashes = False
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.state.metrics = metrics
+    return app

@@ -1,0 +1,129 @@
+"""Prometheus metrics in text format, from a registry owned by the server (no global state).
+
+Request counts and latencies come from the HTTP middleware; the writer's
+queue depth, batch sizes and commit latency are read from
+`writer.statistics()` at scrape time by a custom collector; pending
+deliveries are summed by a reader query just before each scrape; open
+sessions is a gauge the WebSocket gateway moves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from broker.engine.engine import Engine
+from broker.engine.health import pending_deliveries_total
+from broker.engine.writer import Histogram as WriterHistogram
+from broker.engine.writer import WriterActor
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Upper bounds, in seconds, of the HTTP request latency histogram.
+REQUEST_SECONDS_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+)
+
+
+def _cumulative(hist: WriterHistogram) -> list[tuple[str, float]]:
+    buckets: list[tuple[str, float]] = []
+    running = 0
+    for bound, count in zip(hist.bounds, hist.counts, strict=False):
+        running += count
+        buckets.append((_bound_label(bound), float(running)))
+    buckets.append(("+Inf", float(hist.count)))
+    return buckets
+
+
+def _bound_label(bound: float) -> str:
+    return repr(float(bound))
+
+
+class WriterCollector:
+    """Reports the writer actor's statistics at scrape time."""
+
+    def __init__(self, writer: WriterActor) -> None:
+        self.writer = writer
+
+    def describe(self) -> Sequence[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        # WriterStatistics carries its fields as attributes set at run time.
+        stats: Any = self.writer.statistics()
+        yield GaugeMetricFamily(
+            "broker_writer_running", "1 while the writer actor is running", value=int(stats.running)
+        )
+        yield GaugeMetricFamily(
+            "broker_writer_queue_depth", "Commands waiting for the writer",
+            value=stats.queue_depth,
+        )
+        yield CounterMetricFamily(
+            "broker_writer_batches", "Transactions committed (or attempted) by the writer",
+            value=stats.batches,
+        )
+        yield CounterMetricFamily(
+            "broker_writer_commands", "Commands applied by the writer", value=stats.commands
+        )
+        yield CounterMetricFamily(
+            "broker_writer_failed_commands", "Commands that raised and were rolled back",
+            value=stats.failed_commands,
+        )
+        yield CounterMetricFamily(
+            "broker_writer_failed_commits", "Batches whose COMMIT failed",
+            value=stats.failed_commits,
+        )
+        batch: WriterHistogram = stats.batch_sizes
+        sizes = HistogramMetricFamily(
+            "broker_writer_batch_size", "Commands per committed transaction"
+        )
+        sizes.add_metric([], _cumulative(batch), batch.sum)
+        yield sizes
+        latency: WriterHistogram = stats.commit_latency
+        commits = HistogramMetricFamily(
+            "broker_writer_commit_seconds", "Time to apply and commit one batch", unit=""
+        )
+        commits.add_metric([], _cumulative(latency), latency.sum)
+        yield commits
+
+
+class BrokerMetrics:
+    """The server's metrics registry and the instruments other layers update."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.requests = Counter(
+            "broker_http_requests", "HTTP requests answered, by route template and status",
+            ["method", "route", "status"], registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "broker_http_request_seconds", "HTTP request latency by route template",
+            ["route"], buckets=REQUEST_SECONDS_BUCKETS, registry=self.registry,
+        )
+        # Moved by the WebSocket gateway as sessions open and close.
+        self.open_sessions = Gauge(
+            "broker_open_sessions", "WebSocket sessions open now", registry=self.registry
+        )
+        self.pending_deliveries = Gauge(
+            "broker_pending_deliveries", "Deliveries not yet acknowledged, over every agent",
+            registry=self.registry,
+        )
+        self.registry.register(WriterCollector(engine.writer))
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.request_seconds.labels(route).observe(seconds)
+
+    async def render(self) -> bytes:
+        """Refresh the values that need a query, then the whole registry as Prometheus text."""
+        self.pending_deliveries.set(await self.engine.read(pending_deliveries_total))
+        data: bytes = generate_latest(self.registry)
+        return data

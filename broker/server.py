@@ -1,0 +1,142 @@
+"""BrokerServer: the engine and the ASGI app served by hypercorn's trio worker on one port.
+
+Lifetimes nest like this, outermost first:
+
+    services nursery   -- background services (facts consumer, ...); they end
+      Engine.open      -- writer + readers; on exit the writer drains its queue
+        HTTP nursery   -- hypercorn: accepts until stop(), then lets requests
+                          in flight finish within the grace period
+
+so a stop first stops accepting, then lets queued commands commit, then
+closes the database, and only then ends the services that consume the
+writer's committed facts (the writer never blocks on a missing consumer).
+
+The gateway seam: `compose()` returns the extra routes to mount (`/v1/ws`,
+`/v1/node/ws`) and the services to run beside the server. Until the
+gateway lands, the only service drains `engine.facts`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from starlette.routing import BaseRoute
+
+from broker.config import Settings
+from broker.engine.engine import Engine
+from broker.http.app import create_app
+from broker.http.metrics import BrokerMetrics
+
+log = logging.getLogger(__name__)
+
+# A service runs for the server's lifetime: `await nursery.start(service)`;
+# it calls task_status.started() once ready and returns when its input ends
+# (for a facts consumer: when the engine closes `engine.facts`).
+Service = Callable[..., Awaitable[None]]
+
+
+async def drain_facts(engine: Engine, *, task_status: trio.TaskStatus[None]) -> None:
+    """Consume committed facts and drop them (stand-in until the fanout hub consumes them)."""
+    task_status.started()
+    if engine.facts is None:
+        return
+    async with engine.facts:
+        async for _batch in engine.facts:
+            pass
+
+
+class BrokerServer:
+    """The daemon's network face. Start with `await nursery.start(server.run)`.
+
+    After start, `server.port` and `server.url` name the real listening
+    address (useful with port 0), `server.engine` and `server.metrics` are set.
+    `stop()` asks for a graceful stop; `run` returns when it is complete.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port: int | None = None
+        self.url: str | None = None
+        self._engine: Engine | None = None
+        self._metrics: BrokerMetrics | None = None
+        self._stop = trio.Event()
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("the server is not running")
+        return self._engine
+
+    @property
+    def metrics(self) -> BrokerMetrics:
+        if self._metrics is None:
+            raise RuntimeError("the server is not running")
+        return self._metrics
+
+    def compose(
+        self, engine: Engine, metrics: BrokerMetrics
+    ) -> tuple[Sequence[BaseRoute], Sequence[Service]]:
+        """Extra routes and services (the WebSocket gateway plugs in here).
+
+        Each service is started as `nursery.start(service)` before the port opens.
+        """
+
+        async def facts(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            await drain_facts(engine, task_status=task_status)
+
+        return (), (facts,)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def stop(self) -> None:
+        """Stop accepting connections; in-flight requests get the grace period."""
+        self._stop.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the engine, serve until `stop()`, then shut down in order."""
+        settings = self.settings
+        async with trio.open_nursery() as services:
+            async with Engine.open(
+                Path(settings.data_dir), settings.engine, with_facts=True
+            ) as engine:
+                self._engine = engine
+                self._metrics = metrics = BrokerMetrics(engine)
+                extra_routes, background = self.compose(engine, metrics)
+                for service in background:
+                    await services.start(service)
+                app = create_app(engine, settings, metrics, extra_routes)
+                config = self._hypercorn_config()
+                async with trio.open_nursery() as http:
+                    binds: list[str] = await http.start(
+                        lambda task_status: serve(
+                            cast(Any, app), config, shutdown_trigger=self._stop.wait,
+                            task_status=task_status,
+                        )
+                    )
+                    self.url = binds[0]
+                    self.port = int(self.url.rsplit(":", 1)[1])
+                    log.info("broker listening on %s (data in %s)", self.url, settings.data_dir)
+                    task_status.started()
+                log.info("broker %s: stopped accepting; closing the engine", self.url)
+            self._engine = None
+        log.info("broker %s: stopped", self.url)
+
+    def _hypercorn_config(self) -> HypercornConfig:
+        http = self.settings.http
+        config = HypercornConfig()
+        host = f"[{http.host}]" if ":" in http.host else http.host
+        config.bind = [f"{host}:{http.port}"]
+        config.graceful_timeout = http.shutdown_grace_seconds
+        config.accesslog = None
+        # hypercorn logs through this logger only (not its own stderr handler);
+        # the entry point configures handlers.
+        config.errorlog = logging.getLogger("hypercorn.error")
+        return config

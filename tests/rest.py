@@ -1,0 +1,67 @@
+"""Helpers for HTTP tests: calls with a bearer token and a workspace built over REST."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import msgspec
+
+
+class Reply(msgspec.Struct):
+    """A decoded response: status, the envelope's data or error, the raw JSON."""
+
+    status: int
+    body: Any
+
+    @property
+    def data(self) -> Any:
+        assert self.body["ok"] is True, self.body
+        return self.body["data"]
+
+    @property
+    def code(self) -> str:
+        assert self.body["ok"] is False, self.body
+        return str(self.body["error"]["code"])
+
+
+async def call(
+    client: httpx.AsyncClient, method: str, path: str, token: str | None = None,
+    json: Any = None, params: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None, content: bytes | None = None,
+) -> Reply:
+    all_headers = dict(headers or {})
+    if token is not None:
+        all_headers["Authorization"] = f"Bearer {token}"
+    response = await client.request(
+        method, path, json=json, params=params, headers=all_headers, content=content
+    )
+    if response.status_code == 204:
+        return Reply(204, None)
+    return Reply(response.status_code, response.json())
+
+
+class RestWorld(msgspec.Struct):
+    """A workspace made over REST: its key, and its agents' ids and tokens by name."""
+
+    workspace_id: str
+    key: str
+    agents: dict[str, str]
+    tokens: dict[str, str]
+
+
+async def make_rest_world(
+    client: httpx.AsyncClient, name: str = "acme",
+    agents: tuple[str, ...] = ("alice", "bob", "carol"),
+) -> RestWorld:
+    created = await call(client, "POST", "/v1/workspaces", json={"name": name})
+    assert created.status == 201, created.body
+    key = created.data["api_key"]
+    ids: dict[str, str] = {}
+    tokens: dict[str, str] = {}
+    for agent in agents:
+        reply = await call(client, "POST", "/v1/agents", key, json={"name": agent})
+        assert reply.status == 201, reply.body
+        ids[agent] = reply.data["id"]
+        tokens[agent] = reply.data["token"]
+    return RestWorld(created.data["workspace_id"], key, ids, tokens)

@@ -1,0 +1,236 @@
+"""The HTTP server itself: health, readiness, metrics, envelopes for bad requests, limits."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import trio
+
+from broker.server import BrokerServer
+from tests.rest import call, make_rest_world
+
+
+async def test_healthz_answers(client: httpx.AsyncClient) -> None:
+    reply = await call(client, "GET", "/healthz")
+    assert reply.status == 200
+    assert reply.data == {"status": "ok"}
+
+
+async def test_readyz_is_ready_while_the_writer_runs(client: httpx.AsyncClient) -> None:
+    reply = await call(client, "GET", "/readyz")
+    assert reply.status == 200
+    assert reply.data == {"status": "ready"}
+
+
+async def test_readyz_is_503_when_the_writer_has_stopped(
+    server: BrokerServer, client: httpx.AsyncClient
+) -> None:
+    # Closed for commands: readiness fails whether or not the task has ended yet.
+    await server.engine.writer.aclose()
+    reply = await call(client, "GET", "/readyz")
+    assert reply.status == 503
+    assert reply.code == "not_ready"
+
+
+async def test_readyz_is_503_when_the_database_is_not_writable(
+    server: BrokerServer, client: httpx.AsyncClient
+) -> None:
+    # Another connection holds the write lock: the writer cannot begin a
+    # write transaction within the readiness timeout.
+    import apsw
+
+    engine = server.engine
+    path = engine.writer.db_path
+    other = apsw.Connection(str(path))
+    other.set_busy_timeout(0)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        reply = await call(client, "GET", "/readyz")
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert reply.status == 503
+    assert reply.code == "not_ready"
+    assert (await call(client, "GET", "/readyz")).status == 200
+
+
+async def test_unknown_route_is_404_in_the_envelope(client: httpx.AsyncClient) -> None:
+    reply = await call(client, "GET", "/v1/nothing-here")
+    assert reply.status == 404
+    assert reply.code == "not_found"
+    trailing = await call(client, "POST", "/v1/workspaces/")
+    assert trailing.status == 404
+
+
+async def test_wrong_method_is_405_in_the_envelope(client: httpx.AsyncClient) -> None:
+    response = await client.request("PUT", "/v1/workspaces")
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == "method_not_allowed"
+    assert "POST" in response.headers["allow"]
+
+
+async def test_malformed_json_is_400_invalid_json(client: httpx.AsyncClient) -> None:
+    reply = await call(client, "POST", "/v1/workspaces", content=b'{"name": ')
+    assert reply.status == 400
+    assert reply.code == "invalid_json"
+
+
+async def test_a_body_that_is_not_an_object_is_invalid_request(
+    client: httpx.AsyncClient,
+) -> None:
+    reply = await call(client, "POST", "/v1/workspaces", json=["acme"])
+    assert reply.status == 400
+    assert reply.code == "invalid_request"
+
+
+async def test_missing_field_is_invalid_request_naming_it(client: httpx.AsyncClient) -> None:
+    reply = await call(client, "POST", "/v1/workspaces", json={})
+    assert reply.status == 400
+    assert reply.code == "invalid_request"
+    assert "name" in reply.body["error"]["message"]
+
+
+async def test_wrong_type_is_invalid_request_naming_the_field(
+    client: httpx.AsyncClient,
+) -> None:
+    world = await make_rest_world(client, agents=("alice",))
+    reply = await call(
+        client, "POST", "/v1/channels/general/messages", world.tokens["alice"], json={"text": 5}
+    )
+    assert reply.status == 400
+    assert reply.code == "invalid_request"
+    assert "$.text" in reply.body["error"]["message"]
+
+
+async def raw_post(port: int, path: str, token: str, head: bytes, body_chunks: list[bytes],
+                   chunked: bool) -> tuple[int, dict[str, Any]]:
+    """POST over a raw socket, reading the response while the body is still being sent.
+
+    (httpx stops reading when its write fails, and the server closes the
+    connection as soon as it refused the body, so a raw socket shows what a
+    client that reads concurrently, like curl, sees.)
+    """
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    framing = b"Transfer-Encoding: chunked" if chunked else (
+        b"Content-Length: %d" % sum(len(c) for c in body_chunks))
+    await stream.send_all(
+        b"POST " + path.encode() + b" HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer "
+        + token.encode() + b"\r\n" + framing + b"\r\n\r\n" + head
+    )
+    received = bytearray()
+
+    async def send_body() -> None:
+        try:
+            for chunk in body_chunks:
+                await stream.send_all(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_body)
+        try:
+            while data := await stream.receive_some(65536):
+                received += data
+        except trio.BrokenResourceError:
+            pass
+        nursery.cancel_scope.cancel()
+    await stream.aclose()
+    header, _, payload = bytes(received).partition(b"\r\n\r\n")
+    status = int(header.split(b" ")[1])
+    return status, json.loads(payload)
+
+
+async def test_body_over_the_limit_is_413_and_writes_nothing(
+    server: BrokerServer, client: httpx.AsyncClient
+) -> None:
+    world = await make_rest_world(client, agents=("alice",))
+    limit = server.settings.http.max_body_bytes
+    assert server.port is not None
+    status, body = await raw_post(
+        server.port, "/v1/channels/general/messages", world.tokens["alice"],
+        b"", [b'{"text": "', b"x" * limit, b'"}'], chunked=False,
+    )
+    assert status == 413
+    assert body["error"]["code"] == "payload_too_large"
+    count = await server.engine.read(
+        lambda c: c.execute("SELECT count(*) FROM messages").fetchone()[0]
+    )
+    assert count == 0
+    # The daemon keeps serving.
+    assert (await call(client, "GET", "/healthz")).status == 200
+
+
+async def test_body_over_the_limit_is_refused_while_streaming(
+    server: BrokerServer, client: httpx.AsyncClient
+) -> None:
+    # Chunked, no Content-Length: the limit is enforced as the bytes arrive,
+    # before the body ends (the sender would go on for 4x the limit).
+    world = await make_rest_world(client, agents=("alice",))
+    limit = server.settings.http.max_body_bytes
+    assert server.port is not None
+    chunks = [b'{"text": "'] + [b"y" * 65536] * (4 * limit // 65536) + [b'"}']
+    status, body = await raw_post(
+        server.port, "/v1/channels/general/messages", world.tokens["alice"],
+        b"", chunks, chunked=True,
+    )
+    assert status == 413
+    assert body["error"]["code"] == "payload_too_large"
+    assert (await call(client, "GET", "/healthz")).status == 200
+
+
+async def test_a_body_just_under_the_limit_is_read(
+    server: BrokerServer, client: httpx.AsyncClient
+) -> None:
+    # At the limit the body is read and judged by the domain rules instead.
+    world = await make_rest_world(client, agents=("alice",))
+    limit = server.settings.http.max_body_bytes
+    text = "z" * (limit - len('{"text": ""}'))
+    reply = await call(
+        client, "POST", "/v1/channels/general/messages", world.tokens["alice"],
+        content=('{"text": "' + text + '"}').encode(),
+    )
+    assert reply.status == 400
+    assert reply.code == "text_too_long"
+
+
+async def test_metrics_report_requests_writer_and_deliveries(
+    client: httpx.AsyncClient,
+) -> None:
+    world = await make_rest_world(client, agents=("alice", "bob"))
+    sent = await call(
+        client, "POST", "/v1/channels/general/messages", world.tokens["alice"],
+        json={"text": "hello"},
+    )
+    assert sent.status == 201
+    await call(client, "GET", "/v1/nothing-here")
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert (
+        'broker_http_requests_total{method="POST",route="/v1/channels/{channel}/messages",'
+        'status="201"} 1.0' in text
+    )
+    assert 'broker_http_requests_total{method="GET",route="unmatched",status="404"} 1.0' in text
+    assert "broker_writer_queue_depth 0.0" in text
+    assert 'broker_writer_batch_size_bucket{le="+Inf"}' in text
+    assert "broker_writer_commit_seconds_count" in text
+    assert "broker_open_sessions 0.0" in text
+    # bob got one delivery of alice's message and has not acknowledged it.
+    assert "broker_pending_deliveries 1.0" in text
+
+
+async def test_open_sessions_gauge_is_settable(
+    server: BrokerServer, client: httpx.AsyncClient
+) -> None:
+    server.metrics.open_sessions.inc()
+    server.metrics.open_sessions.inc()
+    text = (await client.get("/metrics")).text
+    assert "broker_open_sessions 2.0" in text
+
+
+async def test_server_reports_its_real_port(server: BrokerServer) -> None:
+    assert server.port is not None and server.port > 0
+    assert server.url == f"http://127.0.0.1:{server.port}"

@@ -197,7 +197,9 @@ CREATE INDEX message_log_created ON message_log(created_at);
 CREATE TABLE deliveries (
     agent_id     INTEGER NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
     seq          INTEGER NOT NULL,
-    log_id       INTEGER NOT NULL REFERENCES message_log(id) ON DELETE CASCADE,
+    -- no foreign key on purpose: enforcing one would scan deliveries for
+    -- every pruned log row; retention prunes deliveries before their log rows
+    log_id       INTEGER NOT NULL,
     message_id   INTEGER,
     state        TEXT NOT NULL DEFAULT 'queued'
                  CHECK (state IN ('queued', 'delivered', 'acked', 'failed', 'dead_lettered')),

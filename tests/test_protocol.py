@@ -1,0 +1,242 @@
+"""The sans-IO protocol: frames and codec, with no socket and no trio."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from protocol import frames as fr
+from protocol import requests as rq
+from protocol.codec import (
+    JSON_SUBPROTOCOL,
+    MSGPACK_SUBPROTOCOL,
+    CloseCode,
+    Codec,
+    FrameError,
+    json_to_msgpack,
+    negotiate,
+)
+
+SEND = fr.request_frame("message.send", rq.SendMessage)
+JOIN = fr.request_frame("channel.join", rq.JoinChannel)
+INBOUND = (*fr.NATIVE_CONTROL_FRAMES, SEND, JOIN)
+
+
+@pytest.fixture
+def codec() -> Codec:
+    return Codec(INBOUND)
+
+
+@pytest.fixture
+def packed() -> Codec:
+    return Codec(INBOUND, msgpack=True)
+
+
+def refusal(codec: Codec, data: str | bytes) -> FrameError:
+    with pytest.raises(FrameError) as caught:
+        codec.decode(data)
+    return caught.value
+
+
+# -- decoding the native frames ------------------------------------------------------------
+
+
+def test_a_request_decodes_to_its_operation_input(codec: Codec) -> None:
+    frame = codec.decode('{"v":1,"id":"c1","type":"message.send","channel":"ops","text":"hi"}')
+    assert isinstance(frame, rq.SendMessage)
+    assert (frame.id, frame.channel, frame.text, frame.mode) == ("c1", "ops", "hi", "wait")
+    assert frame.idempotency_key is None
+
+
+def test_a_request_may_carry_an_idempotency_key_and_unknown_fields(codec: Codec) -> None:
+    frame = codec.decode(
+        '{"id":"c2","type":"message.send","channel":"ops","text":"x",'
+        '"idempotency_key":"k-1","extra":[1,2]}'
+    )
+    assert frame.idempotency_key == "k-1"
+
+
+def test_control_frames_decode(codec: Codec) -> None:
+    ack = codec.decode('{"v":1,"type":"delivery.ack","up_to_seq":17}')
+    assert isinstance(ack, fr.DeliveryAck) and ack.up_to_seq == 17 and ack.id is None
+    ping = codec.decode('{"v":1,"type":"ping","id":"p"}')
+    assert isinstance(ping, fr.Ping) and ping.id == "p"
+    assert isinstance(codec.decode('{"v":1,"type":"pong"}'), fr.Pong)
+
+
+def test_msgpack_binary_frames_decode_and_text_frames_still_work(packed: Codec) -> None:
+    data = msgspec.msgpack.encode({"v": 1, "id": "m", "type": "channel.join", "channel": "ops"})
+    frame = packed.decode(data)
+    assert isinstance(frame, rq.JoinChannel) and frame.channel == "ops"
+    assert isinstance(packed.decode('{"type":"ping"}'), fr.Ping)
+
+
+# -- bad input: answered when the id can be read, otherwise a close code -------------------------
+
+
+def test_not_json_closes_with_1007(codec: Codec) -> None:
+    err = refusal(codec, "{not json")
+    assert (err.code, err.request_id, err.close_code) == (
+        "invalid_json", None, CloseCode.INVALID_PAYLOAD)
+
+
+def test_not_msgpack_closes_with_1007(packed: Codec) -> None:
+    err = refusal(packed, b"\xc1")
+    assert (err.code, err.close_code) == ("invalid_msgpack", CloseCode.INVALID_PAYLOAD)
+
+
+def test_binary_frame_without_the_subprotocol_closes_with_1003(codec: Codec) -> None:
+    err = refusal(codec, msgspec.msgpack.encode({"type": "ping"}))
+    assert (err.code, err.close_code) == ("binary_not_negotiated", CloseCode.UNSUPPORTED_DATA)
+
+
+@pytest.mark.parametrize("data", ["[1,2]", '"text"', "3", "{}", '{"type":5,"x":1}'])
+def test_a_document_that_is_not_a_frame_closes_with_4400(codec: Codec, data: str) -> None:
+    err = refusal(codec, data)
+    assert err.code == "invalid_frame" and err.request_id is None
+    assert err.close_code == CloseCode.BAD_FRAME
+
+
+def test_unknown_type_with_an_id_is_answered(codec: Codec) -> None:
+    err = refusal(codec, '{"v":1,"id":"c9","type":"nope"}')
+    assert (err.code, err.request_id) == ("unknown_type", "c9")
+
+
+def test_unknown_type_without_an_id_closes(codec: Codec) -> None:
+    err = refusal(codec, '{"v":1,"type":"nope"}')
+    assert (err.code, err.request_id, err.close_code) == ("unknown_type", None, CloseCode.BAD_FRAME)
+
+
+def test_request_without_id_closes_with_4400(codec: Codec) -> None:
+    err = refusal(codec, '{"v":1,"type":"message.send","channel":"ops","text":"hi"}')
+    assert (err.code, err.request_id, err.close_code) == (
+        "invalid_request", None, CloseCode.BAD_FRAME)
+    assert "id" in err.message
+
+
+@pytest.mark.parametrize("bad_id", ["5", '""', "null", '["a"]', '"' + "x" * 129 + '"'])
+def test_an_id_that_is_not_a_short_string_cannot_be_answered(codec: Codec, bad_id: str) -> None:
+    err = refusal(codec, '{"id":' + bad_id + ',"type":"channel.join","channel":"ops"}')
+    assert err.request_id is None
+
+
+def test_wrong_field_type_is_answered_and_names_the_field(codec: Codec) -> None:
+    err = refusal(codec, '{"v":1,"id":"c3","type":"message.send","channel":7,"text":"hi"}')
+    assert (err.code, err.request_id) == ("invalid_request", "c3")
+    assert "$.channel" in err.message
+
+
+def test_missing_field_is_answered(codec: Codec) -> None:
+    err = refusal(codec, '{"id":"c4","type":"message.send","channel":"ops"}')
+    assert (err.code, err.request_id) == ("invalid_request", "c4")
+    assert "text" in err.message
+
+
+def test_negative_ack_is_refused(codec: Codec) -> None:
+    err = refusal(codec, '{"id":"a","type":"delivery.ack","up_to_seq":-1}')
+    assert (err.code, err.request_id) == ("invalid_request", "a")
+
+
+def test_other_protocol_versions_are_refused(codec: Codec) -> None:
+    err = refusal(codec, '{"v":2,"id":"c5","type":"ping"}')
+    assert (err.code, err.request_id) == ("unsupported_version", "c5")
+    err = refusal(codec, '{"v":2,"id":"c6","type":"message.send"}')
+    assert (err.code, err.request_id) == ("unsupported_version", "c6")
+
+
+def test_oversized_frames_close_with_1009() -> None:
+    small = Codec(INBOUND, max_frame_bytes=64)
+    err = refusal(small, '{"id":"c","type":"message.send","text":"' + "x" * 64 + '"}')
+    assert (err.code, err.close_code) == ("frame_too_large", CloseCode.MESSAGE_TOO_BIG)
+    # The limit is in bytes of UTF-8, not characters.
+    text = '{"type":"ping","pad":"' + "é" * 30 + '"}'
+    assert len(text) <= 64 < len(text.encode())
+    assert refusal(small, text).code == "frame_too_large"
+    packed_small = Codec(INBOUND, msgpack=True, max_frame_bytes=64)
+    assert refusal(packed_small, b"\x90" * 65).close_code == CloseCode.MESSAGE_TOO_BIG
+
+
+@given(st.binary(max_size=200) | st.text(max_size=200))
+def test_decode_never_raises_anything_but_frame_error(data: bytes | str) -> None:
+    for codec in (Codec(INBOUND), Codec(INBOUND, msgpack=True)):
+        try:
+            codec.decode(data)
+        except FrameError as err:
+            assert err.request_id is not None or err.close_code >= 1000
+
+
+# -- encoding ------------------------------------------------------------------------------
+
+
+def test_frames_encode_in_the_documented_shape(codec: Codec) -> None:
+    deliver = fr.Deliver(seq=17, delivery_id="5:17",
+                         payload=codec.payload(b'{"type":"message.created","data":{}}'))
+    assert codec.encode(deliver) == (
+        '{"v":1,"type":"deliver","seq":17,"delivery_id":"5:17",'
+        '"payload":{"type":"message.created","data":{}}}'
+    )
+    assert codec.encode(fr.Reply(re="c1", ok=True, data={"id": "1"})) == (
+        '{"v":1,"type":"reply","re":"c1","ok":true,"data":{"id":"1"}}'
+    )
+    assert codec.encode(fr.Reply(re="c1", ok=False, error=fr.ErrorBody("not_found", "no"))) == (
+        '{"v":1,"type":"reply","re":"c1","ok":false,'
+        '"error":{"code":"not_found","message":"no"}}'
+    )
+    assert codec.encode(fr.ServerPong()) == '{"v":1,"type":"pong"}'
+    assert codec.encode(fr.ServerPong(re="p")) == '{"v":1,"type":"pong","re":"p"}'
+    assert codec.encode(fr.ServerPing()) == '{"v":1,"type":"ping"}'
+
+
+def test_msgpack_frames_embed_the_payload_as_msgpack(packed: Codec) -> None:
+    payload = b'{"type":"message.created","data":{"text":"hi","n":[1,2]}}'
+    data = packed.encode(fr.Deliver(seq=1, delivery_id="1:1", payload=packed.payload(payload)))
+    assert isinstance(data, bytes)
+    assert msgspec.msgpack.decode(data) == {
+        "v": 1, "type": "deliver", "seq": 1, "delivery_id": "1:1",
+        "payload": {"type": "message.created", "data": {"text": "hi", "n": [1, 2]}},
+    }
+    assert msgspec.msgpack.decode(json_to_msgpack(b'{"a":[true,null]}')) == {"a": [True, None]}
+
+
+def test_subprotocol_negotiation() -> None:
+    assert negotiate([JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL]) == MSGPACK_SUBPROTOCOL
+    assert negotiate([JSON_SUBPROTOCOL]) == JSON_SUBPROTOCOL
+    assert negotiate(["graphql-ws"]) is None
+    assert negotiate([]) is None
+
+
+def test_a_request_input_may_not_use_envelope_names() -> None:
+    class Clashing(rq.Request):
+        id: str
+
+    with pytest.raises(ValueError, match="reserved"):
+        fr.request_frame("x.get", Clashing)
+
+
+def test_codec_refuses_duplicate_tags() -> None:
+    with pytest.raises(ValueError):
+        Codec((fr.Ping, fr.Ping))
+
+
+def test_observer_frames_have_no_version() -> None:
+    codec = Codec(fr.OBSERVER_INBOUND_FRAMES, version=None)
+    frame = codec.decode('{"type":"subscribe","channels":["general"]}')
+    assert isinstance(frame, fr.Subscribe) and frame.channels == ["general"]
+    resync = codec.decode('{"type":"resync","last_seen_seq":3,"since":"2024-01-01T00:00:00Z"}')
+    assert isinstance(resync, fr.Resync) and resync.last_seen_seq == 3
+
+
+def test_node_frames_take_the_sdk_shapes() -> None:
+    codec = Codec(fr.NODE_INBOUND_FRAMES)
+    register = codec.decode(
+        '{"v":1,"id":"sdk-direct-1","type":"node.register","node_id":"n1","name":"a-direct",'
+        '"capabilities":[],"max_agents":1,"tags":["implicit"],"version":"sdk-typescript/6.0.2"}'
+    )
+    assert isinstance(register, fr.NodeRegister) and register.node_id == "n1"
+    ack = codec.decode('{"v":1,"type":"delivery.ack","agent":"alice","up_to_seq":4}')
+    assert isinstance(ack, fr.DeliveryAck) and (ack.agent, ack.up_to_seq) == ("alice", 4)
+    beat = codec.decode('{"v":1,"type":"node.heartbeat","load":0,"active_agents":1,'
+                        '"handlers_live":false}')
+    assert isinstance(beat, fr.NodeHeartbeat)

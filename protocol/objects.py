@@ -132,3 +132,90 @@ class Message(msgspec.Struct, kw_only=True):
     created_at: str
     # Recipients whose mailbox was over the limit and who got no delivery.
     mailbox_full: list[str] = msgspec.field(default_factory=list)
+
+# -- channel membership, threads, reactions and read receipts ------------------------
+
+
+class InviteResult(msgspec.Struct, kw_only=True):
+    """Relaycast `InviteChannelResponse`, plus whether the agent was already a member."""
+
+    channel: str
+    agent: str
+    already_member: bool
+
+
+class LeaveResult(msgspec.Struct, kw_only=True):
+    channel: str
+    agent_id: str
+
+
+class MuteResult(msgspec.Struct, kw_only=True):
+    """Relaycast `MuteChannelResponse`, plus whether the setting changed."""
+
+    channel: str
+    agent_id: str
+    muted: bool
+    changed: bool
+
+
+class Thread(msgspec.Struct, kw_only=True):
+    """A thread root and a page of its replies, oldest first."""
+
+    parent: Message
+    replies: list[Message]
+
+
+class AddedReaction(msgspec.Struct, kw_only=True):
+    """Relaycast `AddedReaction`, plus whether this call created it (False: already there)."""
+
+    id: str
+    message_id: str
+    agent_name: str
+    emoji: str
+    created_at: str
+    created: bool
+
+
+class ReactionNotice(msgspec.Struct, kw_only=True):
+    """The data of a `message.reacted` event (Relaycast `MessageReactedEvent` fields)."""
+
+    message_id: str
+    emoji: str
+    agent_id: str
+    agent_name: str
+    action: Literal["added", "removed"]
+    channel: str | None
+    conversation_id: str | None
+
+
+class ReadReceipt(msgspec.Struct, kw_only=True):
+    """Relaycast `ReadReceipt`; read_at is the first read; already_read tells a repeat."""
+
+    message_id: str
+    agent_id: str
+    read_at: str
+    already_read: bool
+
+
+class ReadNotice(msgspec.Struct, kw_only=True):
+    """The data of a `message.read` event (Relaycast `MessageReadEvent` fields)."""
+
+    message_id: str
+    agent_id: str
+    agent_name: str
+    read_at: str
+    channel: str | None
+    conversation_id: str | None
+
+
+class ReaderInfo(msgspec.Struct, kw_only=True):
+    agent_id: str
+    agent_name: str
+    read_at: str
+
+
+class ChannelReadStatus(msgspec.Struct, kw_only=True):
+    agent_name: str
+    last_read_id: str | None
+    last_read_at: str | None
+

@@ -28,6 +28,21 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     default_page: Annotated[int, msgspec.Meta(ge=1)] = 50
 
 
+class Retention(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How long settled rows are kept, and how the sweeps pace themselves."""
+
+    # Acked and dead-lettered deliveries older than this are pruned.
+    settled_delivery_days: Annotated[float, msgspec.Meta(gt=0)] = 7
+    # Message-log rows older than this are pruned once no delivery can point at
+    # them any more; must exceed settled_delivery_days plus the delivery TTL.
+    message_log_days: Annotated[float, msgspec.Meta(gt=0)] = 30
+    # Rows changed per sweep command: bounds how long one transaction holds the writer.
+    sweep_batch: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 500
+    sweep_interval_seconds: Annotated[float, msgspec.Meta(gt=0)] = 60
+    checkpoint_interval_seconds: Annotated[float, msgspec.Meta(gt=0)] = 300
+    optimize_interval_seconds: Annotated[float, msgspec.Meta(gt=0)] = 3600
+
+
 class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Where the database lives and how the writer and readers run."""
 
@@ -40,3 +55,12 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     readers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
     busy_timeout_ms: Annotated[int, msgspec.Meta(ge=0)] = 5_000
     limits: Limits = msgspec.field(default_factory=Limits)
+    retention: Retention = msgspec.field(default_factory=Retention)
+
+    def __post_init__(self) -> None:
+        ttl_days = self.limits.delivery_ttl_seconds / 86400
+        if self.retention.message_log_days <= self.retention.settled_delivery_days + ttl_days:
+            raise ValueError(
+                "retention.message_log_days must exceed retention.settled_delivery_days plus "
+                "limits.delivery_ttl_seconds, so that no delivery outlives its log row"
+            )

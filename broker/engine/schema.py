@@ -217,6 +217,10 @@ CREATE TABLE deliveries (
 CREATE INDEX deliveries_message ON deliveries(message_id, agent_id) WHERE message_id IS NOT NULL;
 CREATE INDEX deliveries_expiry ON deliveries(expires_at)
     WHERE state IN ('queued', 'delivered', 'failed');
+-- a row enters this index when it settles (on ack, not on send), so the
+-- retention sweep finds old settled rows without scanning the table
+CREATE INDEX deliveries_settled ON deliveries(created_at)
+    WHERE state IN ('acked', 'dead_lettered');
 
 CREATE TABLE read_receipts (
     message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,

@@ -95,6 +95,21 @@ class Command(Protocol[T_co]):
     def apply(self, tx: Tx) -> T_co: ...
 
 
+class Maintenance(Generic[T]):
+    """A writer job that must run alone, outside any transaction.
+
+    `PRAGMA wal_checkpoint` and `PRAGMA optimize` cannot run inside
+    BEGIN ... COMMIT; subclasses implement `run(conn)`, and the writer runs
+    them between batches on its own connection.
+    """
+
+    def run(self, conn: apsw.Connection) -> T:
+        raise NotImplementedError
+
+    def apply(self, tx: Tx) -> T:
+        return self.run(tx.conn)
+
+
 class _Pending(Generic[T]):
     __slots__ = ("command", "done", "result", "error", "facts")
 
@@ -205,17 +220,28 @@ class WriterActor:
                 self._running = True
                 task_status.started()
                 log.info("writer %s: running", self.db_path)
+                held: _Pending[Any] | None = None
                 while True:
-                    try:
-                        first = await self._receive.receive()
-                    except trio.EndOfChannel:
-                        break
+                    if held is not None:
+                        first, held = held, None
+                    else:
+                        try:
+                            first = await self._receive.receive()
+                        except trio.EndOfChannel:
+                            break
+                    if isinstance(first.command, Maintenance):
+                        await self._run_alone(first)
+                        continue
                     batch = [first]
                     while len(batch) < self.config.max_batch:
                         try:
-                            batch.append(self._receive.receive_nowait())
+                            pending = self._receive.receive_nowait()
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
+                        if isinstance(pending.command, Maintenance):
+                            held = pending  # runs alone, right after this batch
+                            break
+                        batch.append(pending)
                     await self._run_batch(batch)
         finally:
             self._running = False
@@ -282,6 +308,16 @@ class WriterActor:
             pending.done.set()
         if facts and self._facts is not None:
             await self._facts.send(facts)
+
+    async def _run_alone(self, pending: _Pending[Any]) -> None:
+        job = pending.command
+        assert isinstance(job, Maintenance)
+        try:
+            pending.result = await trio.to_thread.run_sync(job.run, self.connection)
+        except Exception as exc:
+            pending.error = exc
+        finally:
+            pending.done.set()
 
     def _apply_batch(self, batch: list[_Pending[Any]]) -> None:
         """In the worker thread: one transaction for the whole batch."""

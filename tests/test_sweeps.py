@@ -1,0 +1,135 @@
+"""Sweeps: TTL expiry with notices, retention that never reuses a seq, bounded steps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import apsw
+import msgspec
+import pytest
+
+from broker.engine import maintenance as m
+from broker.engine.config import EngineConfig, Retention
+from broker.engine.engine import Engine
+from broker.engine.messages import SendChannelMessage
+from broker.engine.writer import Tx
+from broker.sweeps import Sweeper
+from tests.conftest import World
+
+DAY = m.DAY_MS
+
+
+@pytest.fixture
+def engine_config() -> EngineConfig:
+    return EngineConfig(synchronous="NORMAL", retention=Retention(sweep_batch=2))
+
+
+class SettleAll(msgspec.Struct, frozen=True):
+    """Test command: mark every delivery of an agent acked, as a cumulative ack would."""
+
+    agent_id: int
+
+    def apply(self, tx: Tx) -> None:
+        tx.conn.execute("UPDATE deliveries SET state = 'acked' WHERE agent_id = ?",
+                        (self.agent_id,))
+        tx.conn.execute("UPDATE agents SET pending_count = 0, acked_seq = last_seq WHERE id = ?",
+                        (self.agent_id,))
+
+
+def rows(conn: apsw.Connection, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in conn.execute(sql, args).fetchall()]
+
+
+async def send(engine: Engine, world: World, text: str) -> int:
+    msg = await engine.submit(SendChannelMessage(
+        workspace_id=world.workspace_id, agent_id=world.agents["alice"], channel="general",
+        text=text))
+    return int(msg.id)
+
+
+async def test_expiry_dead_letters_and_tells_the_sender_once(engine: Engine, world: World) -> None:
+    message_id = await send(engine, world, "will expire")
+    sweeper = Sweeper(engine)
+    later = int((await engine.read(lambda c: c.execute(
+        "SELECT max(expires_at) FROM deliveries").fetchone()))[0]) + 1
+
+    await sweeper.sweep_once(now_ms=later)
+    conn = engine.writer.connection
+    states = rows(conn, "SELECT agent_id, state, error FROM deliveries WHERE message_id = ?",
+                  message_id)
+    assert sorted(states) == sorted(
+        (world.agents[n], "dead_lettered", "expired") for n in ("bob", "carol", "dave"))
+    assert sweeper.stats.expired == 3  # in steps of 2: the sweep repeated a full step
+    pending = rows(conn, "SELECT name, pending_count FROM agents WHERE name <> 'alice'")
+    assert all(count == 0 for _, count in pending)
+    notices = rows(conn, "SELECT l.type, l.payload, d.seq FROM deliveries d"
+                   " JOIN message_log l ON l.id = d.log_id WHERE d.agent_id = ? ORDER BY d.seq",
+                   world.agents["alice"])
+    assert [n[0] for n in notices] == ["delivery.failed"] * 3
+    assert [n[2] for n in notices] == [1, 2, 3]
+    data = msgspec.json.decode(notices[0][1])["data"]
+    assert data["message_id"] == str(message_id) and data["reason"] == "expired"
+
+    # expiring the notices themselves produces no notice about a notice
+    much_later = later + 2 * DAY
+    await sweeper.sweep_once(now_ms=much_later)
+    assert rows(conn, "SELECT count(*), max(state) FROM deliveries WHERE agent_id = ?",
+                world.agents["alice"]) == [(3, "dead_lettered")]
+    assert rows(conn, "SELECT count(*) FROM message_log WHERE type = 'delivery.failed'") == [(3,)]
+
+
+async def test_retention_prunes_settled_rows_and_never_reuses_a_seq(
+    engine: Engine, world: World
+) -> None:
+    bob = world.agents["bob"]
+    for i in range(5):
+        await send(engine, world, f"m{i}")
+    await engine.submit(SettleAll(bob))
+    sweeper = Sweeper(engine)
+    await sweeper.sweep_once(now_ms=int(8 * DAY + 10**13))  # far beyond every retention
+    conn = engine.writer.connection
+    assert rows(conn, "SELECT count(*) FROM deliveries WHERE agent_id = ?", bob) == [(0,)]
+    # carol never acked: her deliveries were expired, and are settled now
+    assert rows(conn, "SELECT last_seq FROM agents WHERE id = ?", bob) == [(5,)]
+    await send(engine, world, "after pruning")
+    assert rows(conn, "SELECT seq FROM deliveries WHERE agent_id = ?", bob) == [(6,)]
+
+
+async def test_message_log_prune_keeps_recent_rows(engine: Engine, world: World) -> None:
+    await send(engine, world, "old")
+    conn = engine.writer.connection
+    (created,) = rows(conn, "SELECT created_at FROM message_log")[0]
+    await engine.submit(m.PruneMessageLog(created, 10))  # strictly older only
+    assert rows(conn, "SELECT count(*) FROM message_log") == [(1,)]
+    assert await engine.submit(m.PruneMessageLog(created + 1, 10)) == 1
+    assert rows(conn, "SELECT count(*) FROM message_log") == [(0,)]
+
+
+async def test_prune_uses_the_settled_index(engine: Engine) -> None:
+    plan = await engine.read(lambda c: c.execute(
+        "EXPLAIN QUERY PLAN SELECT agent_id, seq FROM deliveries"
+        " WHERE state IN ('acked', 'dead_lettered') AND created_at < ? LIMIT ?", (0, 1)
+    ).fetchall())
+    assert any("deliveries_settled" in str(step) for step in plan), plan
+    plan = await engine.read(lambda c: c.execute(
+        "EXPLAIN QUERY PLAN SELECT agent_id, seq FROM deliveries"
+        " WHERE expires_at <= ? AND state IN ('queued', 'delivered', 'failed')"
+        " ORDER BY expires_at LIMIT ?", (0, 1)
+    ).fetchall())
+    assert any("deliveries_expiry" in str(step) for step in plan), plan
+
+
+async def test_checkpoint_and_optimize_run_outside_a_transaction(
+    engine: Engine, world: World
+) -> None:
+    await send(engine, world, "fill the wal")
+    busy, frames, done = await Sweeper(engine).checkpoint("TRUNCATE")
+    assert busy == 0 and frames == done == 0  # TRUNCATE leaves an empty WAL
+    assert await engine.submit(m.Optimize()) is None
+    assert engine.writer.connection.get_autocommit()
+
+
+def test_config_refuses_a_log_retention_shorter_than_deliveries() -> None:
+    with pytest.raises(msgspec.ValidationError, match="message_log_days"):
+        msgspec.convert({"retention": {"message_log_days": 2, "settled_delivery_days": 7}},
+                        EngineConfig)

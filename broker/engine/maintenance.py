@@ -5,7 +5,7 @@ for a bounded time; the sweeper repeats a step while it reports a full batch.
 
 Expiry: a delivery still unsettled at its `expires_at` becomes dead_lettered,
 and the agent that sent the message gets a durable `delivery.failed` notice
-(never for a notice itself, so notices cannot cascade).
+(only for events that carry a message, so notices never cascade).
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ import apsw
 import msgspec
 
 from broker.engine.events import record_event
+from broker.engine.reads import MESSAGE_EVENTS
 from broker.engine.writer import Maintenance, Tx
 
 DAY_MS = 86_400_000
-# Events whose undelivered copies are reported back to their sender.
-REPORTED_EVENTS = frozenset({"message.created", "thread.reply", "dm.received", "group_dm.received"})
 
 
 class DeliveryFailed(msgspec.Struct, frozen=True):
@@ -66,7 +65,7 @@ class ExpireDeliveries(msgspec.Struct, frozen=True):
             [(n, agent_id) for agent_id, n in per_agent.items()],
         )
         for agent_id, seq, message_id, event_type, sender, workspace_id, name in rows:
-            if event_type not in REPORTED_EVENTS or sender is None or sender == agent_id:
+            if event_type not in MESSAGE_EVENTS or sender is None or sender == agent_id:
                 continue
             record_event(
                 tx, workspace_id=workspace_id, event_type="delivery.failed",

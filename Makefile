@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8787
 DATA_DIR ?= ./data
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test lint typecheck unit bench clean interop-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,21 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+# The real @relaycast/sdk for tests/test_interop_sdk.py, from the committed lock
+# file; without npm the step is skipped (the test skips when node is missing).
+INTEROP := tests/interop
+INTEROP_STAMP := $(INTEROP)/node_modules/.package-lock.json
+
+$(INTEROP_STAMP): $(INTEROP)/package.json $(INTEROP)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		cd $(INTEROP) && npm ci --no-audit --no-fund --loglevel=error; \
+	else \
+		echo "npm not found: skipping the Relaycast SDK interop dependencies"; \
+	fi
+
+interop-deps: $(INTEROP_STAMP)
+
+unit: $(STAMP) interop-deps
 	$(BIN)/python -m pytest
 
 test: lint typecheck unit
@@ -34,4 +48,4 @@ bench: $(STAMP)
 	$(BIN)/python -m broker.bench writer
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache $(INTEROP)/node_modules

@@ -133,6 +133,14 @@ CREATE INDEX messages_conversation ON messages(conversation_id, id)
     WHERE conversation_id IS NOT NULL AND thread_id IS NULL;
 CREATE INDEX messages_thread ON messages(thread_id, id) WHERE thread_id IS NOT NULL;
 CREATE INDEX messages_workspace ON messages(workspace_id, id);
+-- Every message of a channel or conversation, replies included, and every
+-- message of an author: unread counts (inbox) are range scans of the first
+-- two, and deleting a channel, conversation or agent (workspace deletion)
+-- finds the rows its foreign keys cascade to without scanning the table.
+CREATE INDEX messages_channel_all ON messages(channel_id, id) WHERE channel_id IS NOT NULL;
+CREATE INDEX messages_conversation_all ON messages(conversation_id, id)
+    WHERE conversation_id IS NOT NULL;
+CREATE INDEX messages_agent ON messages(agent_id, id) WHERE agent_id IS NOT NULL;
 
 -- Full-text index over message text, kept in sync by triggers.
 CREATE VIRTUAL TABLE messages_fts USING fts5(

@@ -219,3 +219,165 @@ class ChannelReadStatus(msgspec.Struct, kw_only=True):
     last_read_id: str | None
     last_read_at: str | None
 
+
+# -- agents, DMs and group DMs, the delivery mailbox, inbox, search ------------------
+
+
+class TokenRotated(msgspec.Struct, kw_only=True):
+    """Relaycast `TokenRotateResponse`: the new token, returned once, and when the old one dies."""
+
+    name: str
+    token: str
+    previous_token_expires_at: str | None
+
+
+class AgentStatusChanged(msgspec.Struct, kw_only=True):
+    """What setting an agent's presence did; changed is False when the status was already so."""
+
+    agent_id: str
+    name: str
+    status: str
+    last_seen: str | None
+    changed: bool
+
+
+class AgentDeactivated(msgspec.Struct, kw_only=True):
+    agent_id: str
+    name: str
+    deactivated_at: str
+    # Unacked deliveries moved to dead_lettered (nobody can consume them any more).
+    dead_lettered: int
+
+
+class WorkspaceDeleted(msgspec.Struct, kw_only=True):
+    workspace_id: str
+    name: str
+
+
+class ConversationParticipant(msgspec.Struct, kw_only=True):
+    """Relaycast `DmConversationParticipant`."""
+
+    agent_id: str
+    agent_name: str
+
+
+class DmLastMessage(msgspec.Struct, kw_only=True):
+    """Relaycast `DmLastMessage`, plus the author's name."""
+
+    id: str
+    text: str
+    agent_id: str | None
+    agent_name: str | None
+    created_at: str
+
+
+class DmConversationSummary(msgspec.Struct, kw_only=True):
+    """Relaycast `DmConversationSummary`: one 1:1 or group conversation of the caller."""
+
+    id: str
+    type: Literal["1:1", "group"]
+    name: str | None
+    participants: list[ConversationParticipant]
+    last_message: DmLastMessage | None
+    unread_count: int
+    created_at: str
+
+
+class GroupDm(msgspec.Struct, kw_only=True):
+    """Relaycast `CreateGroupDmResponse` (conversations are not channels here: no channel_id)."""
+
+    id: str
+    dm_type: Literal["group"] = "group"
+    name: str | None
+    participants: list[ConversationParticipant]
+    created_by: str | None
+    created_at: str
+
+
+class ParticipantAdded(msgspec.Struct, kw_only=True):
+    """Relaycast `GroupDmParticipantResponse`."""
+
+    conversation_id: str
+    agent: str
+    already_member: bool
+
+
+class ParticipantRemoved(msgspec.Struct, kw_only=True):
+    conversation_id: str
+    agent: str
+    # False when the agent was not an active participant (nothing changed).
+    removed: bool
+
+
+class AckResult(msgspec.Struct, kw_only=True):
+    """A cumulative ack: rows moved to acked, the agent's ack mark after it, whether it moved."""
+
+    acked: int
+    acked_seq: int
+    changed: bool
+
+
+class DeliveryTransition(msgspec.Struct, kw_only=True):
+    """One delivery's state after an ack, fail or defer; changed is False for a no-op."""
+
+    delivery_id: str
+    seq: int
+    state: Literal["queued", "delivered", "acked", "failed", "dead_lettered"]
+    changed: bool
+
+
+class DeliveriesMarked(msgspec.Struct, kw_only=True):
+    """The seqs for which a delivery attempt was recorded (acked and dead ones are skipped)."""
+
+    seqs: list[int]
+
+
+class UnreadChannel(msgspec.Struct, kw_only=True):
+    channel_id: str
+    channel_name: str
+    unread_count: int
+
+
+class InboxMention(msgspec.Struct, kw_only=True):
+    id: str
+    channel_name: str
+    agent_name: str | None
+    text: str
+    created_at: str
+
+
+class UnreadDm(msgspec.Struct, kw_only=True):
+    conversation_id: str
+    type: Literal["1:1", "group"]
+    name: str | None
+    # The author of the newest unread message (in a 1:1, the other agent).
+    from_: str | None = msgspec.field(name="from")
+    unread_count: int
+    last_message: DmLastMessage | None
+
+
+class InboxReaction(msgspec.Struct, kw_only=True):
+    message_id: str
+    channel_name: str | None
+    conversation_id: str | None
+    emoji: str
+    agent_name: str
+    created_at: str
+
+
+class Inbox(msgspec.Struct, kw_only=True):
+    """Relaycast `InboxResponse`."""
+
+    unread_channels: list[UnreadChannel]
+    mentions: list[InboxMention]
+    unread_dms: list[UnreadDm]
+    recent_reactions: list[InboxReaction]
+
+
+class SearchResult(Message, kw_only=True):
+    """A message found by search (Relaycast `SearchMessageResult` is a subset of it).
+
+    relevance_score: the negated bm25 rank; higher is a better match.
+    """
+
+    relevance_score: float

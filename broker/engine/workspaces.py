@@ -2,22 +2,38 @@
 
 A workspace key and an agent token are returned once, at creation (or
 rotation); only their SHA-256 digests are stored.
+
+Deleting a workspace is one statement: every table that holds workspace
+data reaches `workspaces` through an ON DELETE CASCADE chain (foreign keys
+are on for the writer), and the FTS index follows its content table through
+the delete trigger, so no row of the workspace can be forgotten by a list of
+tables here going stale. The commands that change agents after registration
+are in `broker.engine.agents`.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Any, cast
 
 import apsw
 import msgspec
 
 from broker.engine import secrets, validation
 from broker.engine.errors import BrokerError
+from broker.engine.events import emit_ephemeral
 from broker.engine.lookups import require_workspace
 from broker.engine.writer import Tx
-from protocol.objects import AgentCreated, WorkspaceCreated, iso
+from protocol.objects import AgentCreated, Workspace, WorkspaceCreated, WorkspaceDeleted, iso
 
 GENERAL = "general"
+# Every workspace is on the one plan a self-hosted broker has.
+PLAN = "free"
+# Longest system prompt accepted, in bytes of UTF-8: it is handed to every
+# agent of the workspace, so it is bounded like a message text.
+SYSTEM_PROMPT_MAX_BYTES = 32 * 1024
+
+_metadata_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
 class CreateWorkspace(msgspec.Struct, frozen=True):
@@ -83,6 +99,108 @@ class RegisterAgent(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
+class UpdateWorkspace(msgspec.Struct, frozen=True, kw_only=True):
+    """Rename a workspace and/or set its system prompt (None clears it); unset fields stay.
+
+    Raises workspace_not_found, invalid_workspace_name, workspace_already_exists
+    (another workspace has the name), invalid_system_prompt (over
+    SYSTEM_PROMPT_MAX_BYTES).
+    """
+
+    workspace_id: int
+    name: str | msgspec.UnsetType = msgspec.UNSET
+    system_prompt: str | None | msgspec.UnsetType = msgspec.UNSET
+
+    def apply(self, tx: Tx) -> Workspace:
+        conn = tx.conn
+        require_workspace(conn, self.workspace_id)
+        assignments: list[str] = []
+        values: list[object] = []
+        if not isinstance(self.name, msgspec.UnsetType):
+            name = validation.workspace_name(self.name)
+            if conn.execute(
+                "SELECT 1 FROM workspaces WHERE name = ? AND id <> ?", (name, self.workspace_id)
+            ).fetchone():
+                raise BrokerError("workspace_already_exists", f"workspace {name!r} already exists")
+            assignments.append("name = ?")
+            values.append(name)
+        if not isinstance(self.system_prompt, msgspec.UnsetType):
+            prompt = self.system_prompt
+            if prompt is not None and len(prompt.encode("utf-8", "surrogatepass")) > (
+                SYSTEM_PROMPT_MAX_BYTES
+            ):
+                raise BrokerError(
+                    "invalid_system_prompt",
+                    f"a system prompt is at most {SYSTEM_PROMPT_MAX_BYTES} bytes of UTF-8",
+                )
+            assignments.append("system_prompt = ?")
+            values.append(prompt)
+        if assignments:
+            conn.execute(
+                f"UPDATE workspaces SET {', '.join(assignments)}, updated_at = ? WHERE id = ?",
+                (*values, tx.now_ms, self.workspace_id),
+            )
+        workspace = get_workspace(conn, self.workspace_id)
+        if assignments:
+            emit_ephemeral(tx, workspace_id=self.workspace_id, event_type="workspace.updated",
+                           data=workspace)
+        return workspace
+
+
+class DeleteWorkspace(msgspec.Struct, frozen=True, kw_only=True):
+    """Delete a workspace and everything in it (agents, channels, messages, deliveries, ...).
+
+    The key and every agent token of the workspace stop working at once.
+    Raises workspace_not_found.
+    """
+
+    workspace_id: int
+
+    def apply(self, tx: Tx) -> WorkspaceDeleted:
+        conn = tx.conn
+        row = conn.execute(
+            "SELECT name FROM workspaces WHERE id = ?", (self.workspace_id,)
+        ).fetchone()
+        if row is None:
+            raise BrokerError("workspace_not_found", f"workspace {self.workspace_id} not found")
+        conn.execute("DELETE FROM workspaces WHERE id = ?", (self.workspace_id,))
+        deleted = WorkspaceDeleted(workspace_id=str(self.workspace_id), name=cast(str, row[0]))
+        # The gateway closes the workspace's sessions on this event.
+        emit_ephemeral(tx, workspace_id=self.workspace_id, event_type="workspace.deleted",
+                       data=deleted)
+        return deleted
+
+
+# -- queries (run on the reader pool) ---------------------------------------------
+
+_WORKSPACE_COLUMNS = "SELECT id, name, system_prompt, metadata, created_at FROM workspaces"
+
+
+def _workspace(row: apsw.SQLiteValues) -> Workspace:
+    workspace_id, name, prompt, metadata, created_at = row
+    return Workspace(
+        id=str(workspace_id), name=cast(str, name), system_prompt=cast("str | None", prompt),
+        plan=PLAN, created_at=iso(cast(int, created_at)) or "",
+        metadata=_metadata_decoder.decode(cast(str, metadata)),
+    )
+
+
+def get_workspace(conn: apsw.Connection, workspace_id: int) -> Workspace:
+    """The workspace `workspace_id`. Raises workspace_not_found."""
+    row = conn.execute(_WORKSPACE_COLUMNS + " WHERE id = ?", (workspace_id,)).fetchone()
+    if row is None:
+        raise BrokerError("workspace_not_found", f"workspace {workspace_id} not found")
+    return _workspace(row)
+
+
+def workspace_by_name(conn: apsw.Connection, name: str) -> Workspace:
+    """The workspace called `name` (names are unique). Raises workspace_not_found."""
+    row = conn.execute(_WORKSPACE_COLUMNS + " WHERE name = ?", (name,)).fetchone()
+    if row is None:
+        raise BrokerError("workspace_not_found", f"workspace {name!r} not found")
+    return _workspace(row)
+
+
 # -- authentication (queries, run on the reader pool) ----------------------------
 
 
@@ -95,6 +213,7 @@ class Principal(msgspec.Struct, frozen=True):
 
 
 def workspace_by_key(conn: apsw.Connection, key: str) -> Principal | None:
+    """The workspace whose key is `key`, or None."""
     row = conn.execute(
         "SELECT id FROM workspaces WHERE key_hash = ?", (secrets.digest(key),)
     ).fetchone()

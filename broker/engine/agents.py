@@ -1,0 +1,270 @@
+"""Agents after registration: listing, reading, token rotation, presence, profile, deactivation.
+
+Registration lives with the workspace (`broker.engine.workspaces`), because
+it mints the token that authenticates everything else.
+
+Commands name their target by id (`agent_id`): the caller's own id from its
+token, or an id the HTTP layer resolved from a name for a workspace-key
+caller. The lookup is scoped to the workspace, so an id of another workspace
+is `agent_not_found`. Reads by name (`get_agent`) are what the REST routes
+and the SDK use.
+
+Deactivation is soft: the row stays, so messages keep their author and the
+name stays taken (`agent_already_exists` on a new registration), but the
+token stops working, every lookup of an active agent (`require_agent`,
+`agent_by_name`) misses it, recipient queries skip it, and its unacked
+deliveries are dead-lettered, since nobody can consume them any more.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, cast
+
+import apsw
+import msgspec
+
+from broker.engine import secrets
+from broker.engine.errors import BrokerError
+from broker.engine.events import emit_ephemeral
+from broker.engine.lookups import require_agent
+from broker.engine.writer import Tx
+from protocol.objects import (
+    Agent,
+    AgentChannel,
+    AgentDeactivated,
+    AgentStatusChanged,
+    TokenRotated,
+    iso,
+)
+
+Status = Literal["online", "away", "offline"]
+STATUSES: tuple[str, ...] = ("online", "away", "offline")
+# Longest persona accepted, in bytes of UTF-8 (it is a prompt, bounded like a message).
+PERSONA_MAX_BYTES = 32 * 1024
+# Largest metadata object, in bytes of JSON (the same bound as message data).
+METADATA_MAX_BYTES = 64 * 1024
+
+_metadata_decoder = msgspec.json.Decoder(dict[str, Any])
+_encoder = msgspec.json.Encoder()
+
+_AGENT_COLUMNS = (
+    "SELECT id, name, type, status, persona, metadata, last_seen, created_at FROM agents"
+)
+
+
+def _agent(row: apsw.SQLiteValues) -> Agent:
+    agent_id, name, type_, status, persona, metadata, last_seen, created_at = row
+    return Agent(
+        id=str(agent_id), name=cast(str, name), type=cast(str, type_),
+        status=cast(str, status), persona=cast("str | None", persona),
+        metadata=_metadata_decoder.decode(cast(str, metadata)),
+        last_seen=iso(cast("int | None", last_seen)), created_at=iso(cast(int, created_at)) or "",
+    )
+
+
+def _channels_of(conn: apsw.Connection, agent_id: int) -> list[AgentChannel]:
+    rows = conn.execute(
+        "SELECT c.id, c.name, m.role, m.joined_at FROM channel_members m"
+        " JOIN channels c ON c.id = m.channel_id"
+        " WHERE m.agent_id = ? AND c.archived_at IS NULL ORDER BY c.name",
+        (agent_id,),
+    ).fetchall()
+    return [
+        AgentChannel(id=str(r[0]), name=cast(str, r[1]), role=cast(str, r[2]),
+                     joined_at=iso(cast(int, r[3])) or "")
+        for r in rows
+    ]
+
+
+# -- queries (run on the reader pool) ---------------------------------------------
+
+
+def list_agents(
+    conn: apsw.Connection, workspace_id: int, status: str | None = None
+) -> list[Agent]:
+    """The workspace's active agents by name, optionally only those with `status`.
+
+    status: "online", "away", "offline", or None / "all" for every one.
+    Raises invalid_status.
+    """
+    if status is not None and status != "all" and status not in STATUSES:
+        raise BrokerError("invalid_status", "status must be 'online', 'away', 'offline' or 'all'")
+    wanted = None if status == "all" else status
+    rows = conn.execute(
+        _AGENT_COLUMNS + " WHERE workspace_id = ? AND deactivated_at IS NULL"
+        " AND (? IS NULL OR status = ?) ORDER BY name",
+        (workspace_id, wanted, wanted),
+    ).fetchall()
+    return [_agent(r) for r in rows]
+
+
+def get_agent(conn: apsw.Connection, workspace_id: int, name: str) -> Agent:
+    """The active agent called `name`, with the (unarchived) channels it is in.
+
+    Raises agent_not_found.
+    """
+    row = conn.execute(
+        _AGENT_COLUMNS + " WHERE workspace_id = ? AND name = ? AND deactivated_at IS NULL",
+        (workspace_id, name),
+    ).fetchone()
+    if row is None:
+        raise BrokerError("agent_not_found", f"agent {name!r} not found")
+    agent = _agent(row)
+    agent.channels = _channels_of(conn, int(agent.id))
+    return agent
+
+
+def get_self(conn: apsw.Connection, workspace_id: int, agent_id: int) -> Agent:
+    """The calling agent itself, with its channels. Raises agent_not_found."""
+    row = conn.execute(
+        _AGENT_COLUMNS + " WHERE id = ? AND workspace_id = ? AND deactivated_at IS NULL",
+        (agent_id, workspace_id),
+    ).fetchone()
+    if row is None:
+        raise BrokerError("agent_not_found", f"agent {agent_id} not found")
+    agent = _agent(row)
+    agent.channels = _channels_of(conn, agent_id)
+    return agent
+
+
+# -- commands ----------------------------------------------------------------------
+
+
+class RotateToken(msgspec.Struct, frozen=True, kw_only=True):
+    """Give the agent a new token, returned once; the old one works for the grace period.
+
+    The grace is `limits.token_grace_seconds` (0: the old token dies at once).
+    Only the token just replaced is kept for the grace: rotating twice in a
+    row ends the grace of the token before it, which is what a caller that
+    rotates because a token leaked wants.
+    Raises agent_not_found.
+    """
+
+    workspace_id: int
+    agent_id: int
+
+    def apply(self, tx: Tx) -> TokenRotated:
+        conn, now = tx.conn, tx.now_ms
+        agent = require_agent(conn, self.workspace_id, self.agent_id)
+        token = secrets.mint(secrets.AGENT_TOKEN_PREFIX)
+        expires = now + tx.limits.token_grace_seconds * 1000
+        conn.execute(
+            "UPDATE agents SET prev_token_hash = token_hash, prev_token_expires_at = ?,"
+            " token_hash = ? WHERE id = ?",
+            (expires, secrets.digest(token), agent.id),
+        )
+        return TokenRotated(name=agent.name, token=token, previous_token_expires_at=iso(expires))
+
+
+class SetAgentStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """Set the agent's presence (the gateway calls it on connect, idle and disconnect).
+
+    last_seen moves to now on every call, so a heartbeat is this command with
+    the same status; the ephemeral `agent.status.<status>` event is emitted
+    only when the status changes. Raises agent_not_found, invalid_status.
+    """
+
+    workspace_id: int
+    agent_id: int
+    status: str
+
+    def apply(self, tx: Tx) -> AgentStatusChanged:
+        conn, now = tx.conn, tx.now_ms
+        if self.status not in STATUSES:
+            raise BrokerError("invalid_status", "status must be 'online', 'away' or 'offline'")
+        agent = require_agent(conn, self.workspace_id, self.agent_id)
+        row = conn.execute("SELECT status FROM agents WHERE id = ?", (agent.id,)).fetchone()
+        changed = row is not None and row[0] != self.status
+        conn.execute(
+            "UPDATE agents SET status = ?, last_seen = ? WHERE id = ?",
+            (self.status, now, agent.id),
+        )
+        if changed:
+            emit_ephemeral(
+                tx, workspace_id=self.workspace_id, event_type=f"agent.status.{self.status}",
+                data={"agent": {"name": agent.name}, "status": self.status},
+            )
+        return AgentStatusChanged(agent_id=str(agent.id), name=agent.name, status=self.status,
+                                  last_seen=iso(now), changed=changed)
+
+
+class UpdateAgent(msgspec.Struct, frozen=True, kw_only=True):
+    """Set the agent's persona (None clears it) and/or replace its metadata; unset fields stay.
+
+    Raises agent_not_found, invalid_persona (over PERSONA_MAX_BYTES),
+    invalid_metadata (not an object, or over METADATA_MAX_BYTES as JSON).
+    """
+
+    workspace_id: int
+    agent_id: int
+    persona: str | None | msgspec.UnsetType = msgspec.UNSET
+    metadata: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+
+    def apply(self, tx: Tx) -> Agent:
+        conn = tx.conn
+        assignments: list[str] = []
+        values: list[object] = []
+        if not isinstance(self.persona, msgspec.UnsetType):
+            persona = self.persona
+            if persona is not None and len(persona.encode("utf-8", "surrogatepass")) > (
+                PERSONA_MAX_BYTES
+            ):
+                raise BrokerError(
+                    "invalid_persona", f"a persona is at most {PERSONA_MAX_BYTES} bytes of UTF-8"
+                )
+            assignments.append("persona = ?")
+            values.append(persona)
+        if not isinstance(self.metadata, msgspec.UnsetType):
+            if not isinstance(self.metadata, dict):
+                raise BrokerError("invalid_metadata", "metadata must be a JSON object")
+            encoded = _encoder.encode(self.metadata)
+            if len(encoded) > METADATA_MAX_BYTES:
+                raise BrokerError(
+                    "invalid_metadata",
+                    f"metadata is {len(encoded)} bytes as JSON; the limit is {METADATA_MAX_BYTES}",
+                )
+            assignments.append("metadata = ?")
+            values.append(encoded.decode())
+        agent = require_agent(conn, self.workspace_id, self.agent_id)
+        if assignments:
+            conn.execute(
+                f"UPDATE agents SET {', '.join(assignments)} WHERE id = ?", (*values, agent.id)
+            )
+        updated = get_self(conn, self.workspace_id, agent.id)
+        if assignments:
+            emit_ephemeral(tx, workspace_id=self.workspace_id, event_type="agent.updated",
+                           data=updated)
+        return updated
+
+
+class DeactivateAgent(msgspec.Struct, frozen=True, kw_only=True):
+    """Deactivate an agent: its token stops working and it receives nothing more.
+
+    Its unacked deliveries are dead-lettered (error "agent deactivated") and
+    its pending count drops to zero. Deactivating twice is agent_not_found,
+    as for any inactive agent. Raises agent_not_found.
+    """
+
+    workspace_id: int
+    agent_id: int
+
+    def apply(self, tx: Tx) -> AgentDeactivated:
+        conn, now = tx.conn, tx.now_ms
+        agent = require_agent(conn, self.workspace_id, self.agent_id)
+        conn.execute(
+            "UPDATE deliveries SET state = 'dead_lettered', error = 'agent deactivated',"
+            " retryable = 0, updated_at = ?"
+            " WHERE agent_id = ? AND state IN ('queued', 'delivered', 'failed')",
+            (now, agent.id),
+        )
+        dead_count = conn.changes()
+        conn.execute(
+            "UPDATE agents SET deactivated_at = ?, status = 'offline', pending_count = 0,"
+            " prev_token_hash = NULL, prev_token_expires_at = NULL WHERE id = ?",
+            (now, agent.id),
+        )
+        result = AgentDeactivated(agent_id=str(agent.id), name=agent.name,
+                                  deactivated_at=iso(now) or "", dead_lettered=dead_count)
+        emit_ephemeral(tx, workspace_id=self.workspace_id, event_type="agent.deactivated",
+                       data=result)
+        return result

@@ -1,0 +1,106 @@
+"""Idempotency keys on the DM and group DM send paths: replay, reuse, concurrency."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import trio
+import trio.testing
+
+from broker.engine.conversations import CreateGroupDm, SendDm, SendGroupDm
+from broker.engine.engine import Engine
+from broker.engine.messages import SendChannelMessage
+from protocol.objects import Message
+from tests.conftest import World
+from tests.test_conversations import Gate
+from tests.test_workspaces import refused, snapshot
+
+
+async def _group(engine: Engine, world: World) -> str:
+    created = await engine.submit(CreateGroupDm(
+        workspace_id=world.workspace_id, agent_id=world.agents["alice"],
+        participants=["bob", "carol"]))
+    return created.id
+
+
+def _senders(world: World, group_id: str) -> dict[str, Any]:
+    wid, alice = world.workspace_id, world.agents["alice"]
+    return {
+        "dm": lambda text, key: SendDm(workspace_id=wid, agent_id=alice, to="bob", text=text,
+                                       idempotency_key=key),
+        "group": lambda text, key: SendGroupDm(workspace_id=wid, agent_id=alice,
+                                               conversation_id=group_id, text=text,
+                                               idempotency_key=key),
+    }
+
+
+async def test_replay_returns_the_first_result_and_writes_nothing(
+    engine: Engine, world: World
+) -> None:
+    senders = _senders(world, await _group(engine, world))
+    for kind, make in senders.items():
+        first = await engine.submit(make("hello", f"{kind}-1"))
+        before = await snapshot(engine)
+        replay = await engine.submit(make("hello", f"{kind}-1"))
+        assert replay.id == first.id and replay == first, kind
+        assert await snapshot(engine) == before, f"{kind} replay wrote rows"
+        # Another payload under the same key is refused, and writes nothing.
+        await refused(engine, make("something else", f"{kind}-1"), "idempotency_key_reused")
+        # A new key is a new message.
+        other = await engine.submit(make("hello", f"{kind}-2"))
+        assert other.id != first.id
+
+
+async def test_a_key_belongs_to_one_operation_and_one_agent(engine: Engine, world: World) -> None:
+    wid, a = world.workspace_id, world.agents
+    await engine.submit(SendDm(workspace_id=wid, agent_id=a["alice"], to="bob", text="x",
+                               idempotency_key="k"))
+    # The same key for a channel send by the same agent is another request.
+    await refused(engine, SendChannelMessage(workspace_id=wid, agent_id=a["alice"],
+                                             channel="general", text="x", idempotency_key="k"),
+                  "idempotency_key_reused")
+    # Another agent's "k" is its own.
+    theirs = await engine.submit(SendDm(workspace_id=wid, agent_id=a["carol"], to="bob",
+                                        text="x", idempotency_key="k"))
+    assert theirs.agent_name == "carol"
+    await refused(engine, SendDm(workspace_id=wid, agent_id=a["alice"], to="bob", text="x",
+                                 idempotency_key="x" * 256), "invalid_idempotency_key")
+
+
+async def race(engine: Engine, command: Any) -> list[Message]:
+    """Submit `command` from two tasks at once, both in one batch (one transaction)."""
+    results: list[Message] = []
+
+    async def send() -> None:
+        results.append(await engine.submit(command))
+
+    # Hold the writer so that both land in the same batch: the second must
+    # see the first's still uncommitted idempotency record.
+    entered, release = threading.Event(), threading.Event()
+    batches = engine.writer.statistics().batches
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(engine.submit, Gate(entered, release))
+        await trio.to_thread.run_sync(entered.wait, 30)
+        for _ in range(2):
+            nursery.start_soon(send)
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+    assert engine.writer.statistics().batches == batches + 2  # the gate, then both sends
+    return results
+
+
+async def test_concurrent_sends_with_one_key_make_one_message(
+    engine: Engine, world: World
+) -> None:
+    senders = _senders(world, await _group(engine, world))
+    for kind, make in senders.items():
+        first, second = await race(engine, make("race", f"{kind}-race"))
+        assert first.id == second.id, kind
+        rows = await engine.read(lambda c, cid=int(first.conversation_id or 0): c.execute(
+            "SELECT count(*) FROM messages WHERE text = 'race' AND conversation_id = ?",
+            (cid,)).fetchone())
+        assert rows == (1,), kind
+        deliveries = await engine.read(lambda c, mid=int(first.id): c.execute(
+            "SELECT count(*) FROM deliveries WHERE message_id = ?", (mid,)).fetchone())
+        assert deliveries == ((1,) if kind == "dm" else (2,))

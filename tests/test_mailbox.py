@@ -1,0 +1,261 @@
+"""The delivery mailbox: pending list, cumulative and single acks, fail, defer, mailbox limit."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import msgspec
+import pytest
+
+from broker.engine.config import EngineConfig, Limits
+from broker.engine.conversations import SendDm
+from broker.engine.engine import Engine
+from broker.engine.mailbox import (
+    MAX_MARK,
+    AckDelivery,
+    AckUpTo,
+    DeferDelivery,
+    FailDelivery,
+    MarkDelivered,
+    delivery_id,
+    list_pending,
+)
+from broker.engine.messages import SendChannelMessage
+from tests.conftest import World
+from tests.test_workspaces import query_refused, refused
+
+
+async def send_to_bob(engine: Engine, world: World, n: int) -> list[str]:
+    ids = []
+    for i in range(n):
+        sent = await engine.submit(SendDm(workspace_id=world.workspace_id,
+                                          agent_id=world.agents["alice"], to="bob",
+                                          text=f"m{i}"))
+        ids.append(sent.id)
+    return ids
+
+
+async def states(engine: Engine, agent_id: int) -> list[tuple[Any, ...]]:
+    return await engine.read(lambda c: c.execute(
+        "SELECT seq, state FROM deliveries WHERE agent_id = ? ORDER BY seq",
+        (agent_id,)).fetchall())
+
+
+async def marks(engine: Engine, agent_id: int) -> tuple[Any, ...]:
+    row = await engine.read(lambda c: c.execute(
+        "SELECT last_seq, acked_seq, pending_count FROM agents WHERE id = ?",
+        (agent_id,)).fetchone())
+    assert row is not None
+    return tuple(row)
+
+
+async def test_list_pending_in_seq_order_with_payload(engine: Engine, world: World) -> None:
+    wid, bob = world.workspace_id, world.agents["bob"]
+    ids = await send_to_bob(engine, world, 3)
+    await engine.submit(SendChannelMessage(workspace_id=wid, agent_id=world.agents["alice"],
+                                           channel="general", text="channel"))
+    pending = await engine.read(list_pending, wid, bob)
+    assert [p.seq for p in pending] == [1, 2, 3, 4]
+    assert [p.delivery_id for p in pending] == [delivery_id(bob, s) for s in (1, 2, 3, 4)]
+    assert [p.type for p in pending] == ["dm.received"] * 3 + ["message.created"]
+    assert [str(p.message_id) for p in pending[:3]] == ids
+    event = msgspec.json.decode(pending[0].payload)
+    assert event["type"] == "dm.received" and event["data"]["text"] == "m0"
+    assert [p.seq for p in await engine.read(list_pending, wid, bob, 2)] == [3, 4]
+    assert [p.seq for p in await engine.read(list_pending, wid, bob, 0, 2)] == [1, 2]
+    await query_refused(engine, "invalid_limit", list_pending, wid, bob, None, 0)
+    await query_refused(engine, "invalid_limit", list_pending, wid, bob, None, 1001)
+    await query_refused(engine, "invalid_seq", list_pending, wid, bob, -1)
+
+
+async def test_cumulative_ack(engine: Engine, world: World) -> None:
+    wid, bob = world.workspace_id, world.agents["bob"]
+    await send_to_bob(engine, world, 5)
+    result = await engine.submit(AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=3))
+    assert (result.acked, result.acked_seq, result.changed) == (3, 3, True)
+    assert await states(engine, bob) == [(1, "acked"), (2, "acked"), (3, "acked"),
+                                          (4, "queued"), (5, "queued")]
+    assert await marks(engine, bob) == (5, 3, 2)
+    assert [p.seq for p in await engine.read(list_pending, wid, bob)] == [4, 5]
+
+    # A duplicate (or older) ack changes nothing and says so.
+    before = await marks(engine, bob)
+    for up_to in (3, 2, 0):
+        dup = await engine.submit(AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=up_to))
+        assert (dup.acked, dup.acked_seq, dup.changed) == (0, 3, False)
+    assert await marks(engine, bob) == before
+
+    # Above the highest seq: clamped to it, so a later delivery is not born acked.
+    high = await engine.submit(AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=10**9))
+    assert (high.acked, high.acked_seq) == (2, 5)
+    assert await marks(engine, bob) == (5, 5, 0)
+    await send_to_bob(engine, world, 1)
+    assert await states(engine, bob) == [(s, "acked") for s in range(1, 6)] + [(6, "queued")]
+    assert await marks(engine, bob) == (6, 5, 1)
+    await refused(engine, AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=-1), "invalid_seq")
+
+
+async def test_ack_fail_defer_one_delivery(engine: Engine, world: World) -> None:
+    wid, bob = world.workspace_id, world.agents["bob"]
+    await send_to_bob(engine, world, 4)
+    d1, d2, d3, d4 = (delivery_id(bob, s) for s in (1, 2, 3, 4))
+
+    acked = await engine.submit(AckDelivery(workspace_id=wid, agent_id=bob, delivery_id=d2))
+    assert (acked.seq, acked.state, acked.changed) == (2, "acked", True)
+    dup = await engine.submit(AckDelivery(workspace_id=wid, agent_id=bob, delivery_id=d2))
+    assert (dup.state, dup.changed) == ("acked", False)
+    # Acked is final: failing or deferring it changes nothing.
+    before = await engine.read(lambda c: c.execute(
+        "SELECT * FROM deliveries WHERE agent_id = ? AND seq = 2", (bob,)).fetchall())
+    late = await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=d2,
+                                            error="boom", retryable=False))
+    assert (late.state, late.changed) == ("acked", False)
+    deferred = await engine.submit(DeferDelivery(workspace_id=wid, agent_id=bob, delivery_id=d2,
+                                                 until_ms=1))
+    assert (deferred.state, deferred.changed) == ("acked", False)
+    after = await engine.read(lambda c: c.execute(
+        "SELECT * FROM deliveries WHERE agent_id = ? AND seq = 2", (bob,)).fetchall())
+    assert after == before
+
+    failed = await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=d1,
+                                              error="busy"))
+    assert (failed.state, failed.changed) == ("failed", True)
+    same = await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=d1,
+                                            error="busy"))
+    assert same.changed is False
+    dead = await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=d3,
+                                            error="bad payload", retryable=False))
+    assert (dead.state, dead.changed) == ("dead_lettered", True)
+    row = await engine.read(lambda c: c.execute(
+        "SELECT error, retryable FROM deliveries WHERE agent_id = ? AND seq = 3",
+        (bob,)).fetchone())
+    assert row == ("bad payload", 0)
+
+    pending = await engine.read(list_pending, wid, bob)
+    assert [(p.seq, p.state) for p in pending] == [(1, "failed"), (4, "queued")]
+    assert await marks(engine, bob) == (4, 0, 2)
+
+    # Defer: back to queued, hidden from a replay that honours the time.
+    expires = pending[0].expires_at
+    moved = await engine.submit(DeferDelivery(workspace_id=wid, agent_id=bob, delivery_id=d1,
+                                              until_ms=expires - 1))
+    assert (moved.state, moved.changed) == ("queued", True)
+    still = await engine.submit(DeferDelivery(workspace_id=wid, agent_id=bob, delivery_id=d1,
+                                              until_ms=expires - 1))
+    assert still.changed is False
+    now = pending[1].created_at
+    assert [p.seq for p in await engine.read(list_pending, wid, bob, None, None, now)] == [4]
+    assert [p.seq for p in await engine.read(list_pending, wid, bob)] == [1, 4]
+    await refused(engine, DeferDelivery(workspace_id=wid, agent_id=bob, delivery_id=d4,
+                                        until_ms=pending[1].expires_at + 1), "invalid_until")
+    await refused(engine, DeferDelivery(workspace_id=wid, agent_id=bob, delivery_id=d4,
+                                        until_ms=-1), "invalid_until")
+    await refused(engine, FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=d4,
+                                       error="e" * 4097), "invalid_error")
+
+    # The cumulative ack skips the dead-lettered row and settles the rest.
+    done = await engine.submit(AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=4))
+    assert done.acked == 2
+    assert await states(engine, bob) == [(1, "acked"), (2, "acked"), (3, "dead_lettered"),
+                                          (4, "acked")]
+    assert await marks(engine, bob) == (4, 4, 0)
+
+
+async def test_delivery_ids_name_only_the_callers_deliveries(
+    engine: Engine, world: World
+) -> None:
+    wid, bob, carol = world.workspace_id, world.agents["bob"], world.agents["carol"]
+    await send_to_bob(engine, world, 1)
+    for bad in (delivery_id(bob, 1), delivery_id(carol, 9), f"{carol}:x", "1", ":", "x:1",
+                f"{carol}:1:2"):
+        await refused(engine, AckDelivery(workspace_id=wid, agent_id=carol, delivery_id=bad),
+                      "delivery_not_found")
+    await refused(engine, AckDelivery(workspace_id=wid, agent_id=bob,
+                                      delivery_id=delivery_id(bob, 2)), "delivery_not_found")
+
+
+async def test_mark_delivered_counts_attempts(engine: Engine, world: World) -> None:
+    wid, bob = world.workspace_id, world.agents["bob"]
+    await send_to_bob(engine, world, 3)
+    await engine.submit(AckDelivery(workspace_id=wid, agent_id=bob,
+                                    delivery_id=delivery_id(bob, 3)))
+    marked = await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob,
+                                               seqs=[1, 2, 3, 99]))
+    assert marked.seqs == [1, 2]
+    await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob, seqs=[1]))
+    rows = await engine.read(lambda c: c.execute(
+        "SELECT seq, state, attempts, delivered_at IS NOT NULL FROM deliveries"
+        " WHERE agent_id = ? ORDER BY seq", (bob,)).fetchall())
+    assert rows == [(1, "delivered", 2, 1), (2, "delivered", 1, 1), (3, "acked", 0, 0)]
+    assert (await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob, seqs=[]))).seqs == []
+    await refused(engine, MarkDelivered(workspace_id=wid, agent_id=bob,
+                                        seqs=list(range(MAX_MARK + 1))), "too_many_seqs")
+
+
+async def test_pending_count_matches_rows_through_random_transitions(
+    engine: Engine, world: World
+) -> None:
+    wid, bob = world.workspace_id, world.agents["bob"]
+    await send_to_bob(engine, world, 30)
+    rng = random.Random(7)
+    for _ in range(60):
+        seq = rng.randint(1, 32)
+        did = delivery_id(bob, seq)
+        choice = rng.randrange(5)
+        try:
+            if choice == 0:
+                await engine.submit(AckDelivery(workspace_id=wid, agent_id=bob, delivery_id=did))
+            elif choice == 1:
+                await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=did,
+                                                 retryable=rng.random() < 0.5))
+            elif choice == 2:
+                await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob, seqs=[seq]))
+            elif choice == 3:
+                await engine.submit(DeferDelivery(workspace_id=wid, agent_id=bob,
+                                                  delivery_id=did, until_ms=0))
+            else:
+                await engine.submit(AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=seq))
+        except Exception as exc:  # unknown seqs 31, 32
+            assert getattr(exc, "code", None) == "delivery_not_found"
+        last_seq, acked_seq, pending = await marks(engine, bob)
+        rows = await states(engine, bob)
+        assert pending == sum(s in ("queued", "delivered", "failed") for _, s in rows)
+        # The module's invariant: everything at or below the ack mark is final.
+        assert all(s in ("acked", "dead_lettered") for q, s in rows if q <= acked_seq)
+
+
+class TestMailboxFull:
+    @pytest.fixture
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(synchronous="NORMAL", limits=Limits(mailbox_depth=2))
+
+    async def test_full_mailbox_gets_no_delivery_and_is_named(
+        self, engine: Engine, world: World
+    ) -> None:
+        wid, bob = world.workspace_id, world.agents["bob"]
+        await send_to_bob(engine, world, 2)
+        third = await engine.submit(SendDm(workspace_id=wid, agent_id=world.agents["alice"],
+                                           to="bob", text="too many"))
+        assert third.mailbox_full == ["bob"]
+        assert await engine.read(lambda c: c.execute(
+            "SELECT count(*) FROM deliveries WHERE message_id = ?",
+            (int(third.id),)).fetchone()) == (0,)
+        # The message itself exists (the sender's write succeeded), seqs have no gap.
+        assert await engine.read(lambda c: c.execute(
+            "SELECT count(*) FROM messages WHERE id = ?", (int(third.id),)).fetchone()) == (1,)
+        assert await marks(engine, bob) == (2, 0, 2)
+        # Once bob acks, the next send gets seq 3: no gap, nothing reused.
+        await engine.submit(AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=1))
+        fourth = await engine.submit(SendDm(workspace_id=wid, agent_id=world.agents["alice"],
+                                            to="bob", text="room again"))
+        assert fourth.mailbox_full == []
+        assert [s for s, _ in await states(engine, bob)] == [1, 2, 3]
+        # In a channel send, only the full recipient is skipped.
+        sent = await engine.submit(SendChannelMessage(
+            workspace_id=wid, agent_id=world.agents["carol"], channel="general", text="all"))
+        assert sent.mailbox_full == ["bob"]
+        got = await engine.read(lambda c: c.execute(
+            "SELECT agent_id FROM deliveries WHERE message_id = ? ORDER BY agent_id",
+            (int(sent.id),)).fetchall())
+        assert got == sorted([(world.agents["alice"],), (world.agents["dave"],)])

@@ -65,11 +65,16 @@ async def world(engine: Engine) -> World:
 
 
 @pytest.fixture
-async def server(tmp_path: Path, engine_config: EngineConfig) -> AsyncIterator[BrokerServer]:
-    settings = Settings(
+def settings(tmp_path: Path, engine_config: EngineConfig) -> Settings:
+    """The `server` fixture's settings; a test module may override this fixture."""
+    return Settings(
         data_dir=str(tmp_path / "data"), engine=engine_config,
         http=HttpSettings(host="127.0.0.1", port=0, shutdown_grace_seconds=1.0),
     )
+
+
+@pytest.fixture
+async def server(settings: Settings) -> AsyncIterator[BrokerServer]:
     srv = BrokerServer(settings)
     with trio.fail_after(TEST_DEADLINE_S):
         async with trio.open_nursery() as nursery:

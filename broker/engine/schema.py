@@ -292,6 +292,17 @@ CREATE TABLE outbox (
     updated_at      INTEGER
 );
 CREATE INDEX outbox_due ON outbox(next_attempt_at) WHERE state = 'pending';
+
+-- Relaycast node tokens (nt_live_...): the credential an agent's SDK
+-- fetches before it opens /v1/node/ws; stored hashed, short-lived.
+CREATE TABLE node_tokens (
+    token_hash   BLOB PRIMARY KEY,
+    workspace_id INTEGER NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    agent_id     INTEGER NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+    expires_at   INTEGER NOT NULL,
+    created_at   INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX node_tokens_agent ON node_tokens(agent_id, expires_at);
 """
 
 # Each entry migrates from version i to i + 1.

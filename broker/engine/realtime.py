@@ -1,0 +1,117 @@
+"""What the WebSocket gateway needs from the database besides the mailbox.
+
+- An agent's delivery marks (`last_seq`, `acked_seq`): the highest seq
+  allocated is where a (re)connecting session's replay from the database
+  stops and live push takes over.
+- Relaycast node tokens: `POST /v1/agent/node-token` mints one for the
+  calling agent; `/v1/node/ws?token=nt_live_...` resolves it. The SDK asks
+  for a fresh token before every (re)connect, so tokens are short-lived and
+  an agent's expired ones are deleted whenever it gets a new one. Only the
+  SHA-256 digest is stored. A node is the agent's "direct" node: its id and
+  name are derived from the agent, so every token of an agent names the
+  same node.
+"""
+
+from __future__ import annotations
+
+import apsw
+import msgspec
+
+from broker.engine import secrets
+from broker.engine.errors import BrokerError
+from broker.engine.lookups import require_agent
+from broker.engine.writer import Tx
+
+# How long a node token opens sockets after it was minted.
+DEFAULT_NODE_TOKEN_TTL_S = 24 * 3600
+
+
+class SeqMarks(msgspec.Struct, frozen=True):
+    """last_seq: the highest seq allocated; acked_seq: the cumulative ack mark."""
+
+    last_seq: int
+    acked_seq: int
+
+
+def seq_marks(conn: apsw.Connection, workspace_id: int, agent_id: int) -> SeqMarks:
+    """The active agent's delivery marks. Raises agent_not_found."""
+    row = conn.execute(
+        "SELECT last_seq, acked_seq FROM agents"
+        " WHERE id = ? AND workspace_id = ? AND deactivated_at IS NULL",
+        (agent_id, workspace_id),
+    ).fetchone()
+    if row is None:
+        raise BrokerError("agent_not_found", f"agent {agent_id} not found")
+    return SeqMarks(int(row[0]), int(row[1]))
+
+
+def node_id(agent_id: int) -> str:
+    """The id of an agent's direct node."""
+    return f"node_{agent_id}"
+
+
+def node_name(agent_name: str) -> str:
+    """The name of an agent's direct node."""
+    return f"{agent_name}-direct"
+
+
+class IssuedNodeToken(msgspec.Struct, frozen=True, kw_only=True):
+    node_id: str
+    node_name: str
+    token: str
+    expires_at: int
+
+
+class IssueNodeToken(msgspec.Struct, frozen=True, kw_only=True):
+    """Mint a node token for the agent; its expired tokens are deleted.
+
+    Raises agent_not_found.
+    """
+
+    workspace_id: int
+    agent_id: int
+    ttl_seconds: int = DEFAULT_NODE_TOKEN_TTL_S
+
+    def apply(self, tx: Tx) -> IssuedNodeToken:
+        conn, now = tx.conn, tx.now_ms
+        agent = require_agent(conn, self.workspace_id, self.agent_id)
+        conn.execute(
+            "DELETE FROM node_tokens WHERE agent_id = ? AND expires_at <= ?", (agent.id, now)
+        )
+        token = secrets.mint(secrets.NODE_TOKEN_PREFIX)
+        expires = now + self.ttl_seconds * 1000
+        conn.execute(
+            "INSERT INTO node_tokens(token_hash, workspace_id, agent_id, expires_at, created_at)"
+            " VALUES (?,?,?,?,?)",
+            (secrets.digest(token), self.workspace_id, agent.id, expires, now),
+        )
+        return IssuedNodeToken(
+            node_id=node_id(agent.id), node_name=node_name(agent.name), token=token,
+            expires_at=expires,
+        )
+
+
+class NodeIdentity(msgspec.Struct, frozen=True, kw_only=True):
+    """Who a node token belongs to."""
+
+    workspace_id: int
+    agent_id: int
+    agent_name: str
+    node_id: str
+    node_name: str
+
+
+def agent_by_node_token(conn: apsw.Connection, token: str, now_ms: int) -> NodeIdentity | None:
+    """The active agent whose unexpired node token this is, or None."""
+    row = conn.execute(
+        "SELECT a.workspace_id, a.id, a.name FROM node_tokens t JOIN agents a ON a.id = t.agent_id"
+        " WHERE t.token_hash = ? AND t.expires_at > ? AND a.deactivated_at IS NULL",
+        (secrets.digest(token), now_ms),
+    ).fetchone()
+    if row is None:
+        return None
+    workspace_id, agent_id, name = int(row[0]), int(row[1]), str(row[2])
+    return NodeIdentity(
+        workspace_id=workspace_id, agent_id=agent_id, agent_name=name,
+        node_id=node_id(agent_id), node_name=node_name(name),
+    )

@@ -15,6 +15,7 @@ from typing import Annotated
 import msgspec
 
 from broker.engine.config import EngineConfig
+from broker.gateway.settings import GatewaySettings
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8787
@@ -43,6 +44,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     data_dir: str = DEFAULT_DATA_DIR
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     http: HttpSettings = msgspec.field(default_factory=HttpSettings)
+    gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
 
 
 class ConfigError(Exception):

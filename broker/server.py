@@ -12,8 +12,9 @@ closes the database, and only then ends the services that consume the
 writer's committed facts (the writer never blocks on a missing consumer).
 
 The gateway seam: `compose()` returns the extra routes to mount (`/v1/ws`,
-`/v1/node/ws`) and the services to run beside the server. Until the
-gateway lands, the only service drains `engine.facts`.
+`/v1/node/ws`, `/v1/agent/node-token`) and the services to run beside the
+server: the WebSocket gateway (`broker.gateway`), whose fanout hub consumes
+`engine.facts` and which closes its sessions with 1001 when a stop begins.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from starlette.routing import BaseRoute
 
 from broker.config import Settings
 from broker.engine.engine import Engine
+from broker.gateway import Gateway
 from broker.http.app import create_app
 from broker.http.metrics import BrokerMetrics
 
@@ -66,6 +68,7 @@ class BrokerServer:
         self._engine: Engine | None = None
         self._metrics: BrokerMetrics | None = None
         self._stop = trio.Event()
+        self.gateway: Gateway | None = None
 
     @property
     def engine(self) -> Engine:
@@ -87,10 +90,14 @@ class BrokerServer:
         Each service is started as `nursery.start(service)` before the port opens.
         """
 
-        async def facts(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            await drain_facts(engine, task_status=task_status)
+        gateway = self.gateway = Gateway(engine, self.settings.gateway)
 
-        return (), (facts,)
+        async def realtime(
+            *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        ) -> None:
+            await gateway.run(stopping=self._stop, task_status=task_status)
+
+        return gateway.routes(), (realtime,)
 
     @property
     def stopping(self) -> bool:
@@ -136,6 +143,8 @@ class BrokerServer:
         config.bind = [f"{host}:{http.port}"]
         config.graceful_timeout = http.shutdown_grace_seconds
         config.accesslog = None
+        # Larger WebSocket frames are refused (1009) before they are buffered whole.
+        config.websocket_max_message_size = self.settings.gateway.max_frame_bytes
         # hypercorn logs through this logger only (not its own stderr handler);
         # the entry point configures handlers.
         config.errorlog = logging.getLogger("hypercorn.error")

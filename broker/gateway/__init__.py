@@ -1,0 +1,265 @@
+"""The WebSocket gateway: `/v1/ws` (native agent sessions and Relaycast observers),
+`/v1/node/ws` (Relaycast node sockets) and `POST /v1/agent/node-token`.
+
+`Gateway` owns what every session shares: the fanout hub fed by the
+engine's committed facts, the recorder that turns acks and pushes into few
+writer commands, the presence reporter, and the codecs (built once from
+the operation table). The HTTP server mounts `gateway.routes()` and runs
+`gateway.run` as a service beside it.
+
+The token decides the role of a socket at the handshake: an agent token on
+`/v1/ws` opens a native session (`broker.gateway.native`), a workspace key
+opens an observer (`broker.gateway.observer`), a node token on
+`/v1/node/ws` opens a node socket (`broker.gateway.node`). A missing or
+refused token gets HTTP 401 with the REST error body, before any upgrade.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import trio
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
+
+from broker.auth import authorize, bearer_token, resolve_token
+from broker.engine import secrets
+from broker.engine.engine import Engine
+from broker.engine.errors import BrokerError
+from broker.engine.realtime import IssueNodeToken, agent_by_node_token
+from broker.fanout import FanoutHub, HubStatistics
+from broker.gateway.native import AgentSession
+from broker.gateway.node import NodeSession
+from broker.gateway.observer import ObserverSession
+from broker.gateway.presence import ACTIVE, OFFLINE, PresenceReporter
+from broker.gateway.recorder import DeliveryRecorder, RecorderStatistics
+from broker.gateway.session import Session, SessionStatistics
+from broker.gateway.settings import GatewaySettings
+from broker.gateway.websocket import AsgiWebSocket, ConnectionClosed
+from broker.http.errors import encode_error, encode_success, status_for
+from broker.operations import OPERATIONS, Operation
+from protocol import frames as fr
+from protocol.codec import MSGPACK_SUBPROTOCOL, CloseCode, Codec, negotiate
+
+__all__ = ["Gateway", "GatewaySettings"]
+
+log = logging.getLogger(__name__)
+
+# Request types answered by the session itself, never by an operation of that name.
+SESSION_FRAME_TYPES = frozenset({"delivery.ack", "ping", "pong"})
+# Operations a socket may call: those an agent token may call.
+SOCKET_AUTH = frozenset({"agent", "any"})
+
+
+class GatewayStatistics(msgspec.Struct, kw_only=True):
+    hub: HubStatistics
+    recorder: RecorderStatistics
+    sessions: int
+    slow_closes: int
+    presence_commands: int
+
+
+class _Endpoint:
+    """A raw ASGI endpoint (starlette wraps plain functions and methods otherwise)."""
+
+    def __init__(self, serve: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.serve = serve
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.serve(scope, receive, send)
+
+
+class Gateway:
+    """Start its services with `await nursery.start(gateway.run)`; mount `gateway.routes()`."""
+
+    def __init__(self, engine: Engine, settings: GatewaySettings | None = None) -> None:
+        self.engine = engine
+        self.settings = settings or GatewaySettings()
+        self.hub = FanoutHub()
+        self.recorder = DeliveryRecorder(engine)
+        self.presence = PresenceReporter(engine)
+        self.sessions: set[Session] = set()
+        self.slow_closes = 0
+        self.request_operations: dict[type, Operation[Any]] = {}
+        request_frames: list[type[msgspec.Struct]] = []
+        for name, op in sorted(OPERATIONS.items()):
+            if op.auth not in SOCKET_AUTH or name in SESSION_FRAME_TYPES:
+                continue
+            try:
+                frame = fr.request_frame(name, op.input)
+            except ValueError as exc:
+                log.error("gateway: operation %s is not available on sockets: %s", name, exc)
+                continue
+            request_frames.append(frame)
+            self.request_operations[frame] = op
+        native = (*fr.NATIVE_CONTROL_FRAMES, *request_frames)
+        limit = self.settings.max_frame_bytes
+        self.native_json = Codec(native, max_frame_bytes=limit)
+        self.native_msgpack = Codec(native, msgpack=True, max_frame_bytes=limit)
+        self.node_codec = Codec(fr.NODE_INBOUND_FRAMES, max_frame_bytes=limit)
+        self.observer_codec = Codec(fr.OBSERVER_INBOUND_FRAMES, max_frame_bytes=limit,
+                                    version=None)
+
+    @property
+    def request_types(self) -> frozenset[str]:
+        """The request types a native session answers besides its own frames."""
+        return frozenset(op.name for op in self.request_operations.values())
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def attach(self, session: Session) -> None:
+        self.sessions.add(session)
+        if self.hub.attach(session) and session.agent_id is not None:
+            self.presence.report(session.workspace_id, session.agent_id, ACTIVE)
+
+    def detach(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if self.hub.detach(session) and session.agent_id is not None:
+            self.presence.report(session.workspace_id, session.agent_id, OFFLINE)
+
+    async def close_all(self, code: int = CloseCode.GOING_AWAY, reason: str = "") -> None:
+        """Close every session with `code` and wait (at most the close grace) until they end."""
+        sessions = list(self.sessions)
+        for session in sessions:
+            session.close(code, reason or "the broker is stopping")
+        with trio.move_on_after(self.settings.close_grace_seconds + 1):
+            for session in sessions:
+                await session.finished.wait()
+
+    # -- services ------------------------------------------------------------------------
+
+    async def run(
+        self, *, stopping: trio.Event | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Route committed facts until the engine closes them; close sessions on `stopping`."""
+        if self.engine.facts is None:
+            raise RuntimeError("the gateway needs an engine opened with_facts=True")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.recorder.run)
+            await nursery.start(self.presence.run)
+            if stopping is not None:
+                nursery.start_soon(self._stop_on, stopping)
+            await nursery.start(self._route, nursery.cancel_scope)
+            task_status.started()
+
+    async def _route(
+        self, done: trio.CancelScope, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        assert self.engine.facts is not None
+        await self.hub.run(self.engine.facts, task_status=task_status)
+        done.cancel()
+
+    async def _stop_on(self, stopping: trio.Event) -> None:
+        await stopping.wait()
+        await self.close_all(CloseCode.GOING_AWAY)
+        # Commit what the closed sessions acked while the writer still runs.
+        with trio.move_on_after(self.settings.close_grace_seconds):
+            await self.recorder.flush()
+            await self.presence.flush()
+
+    # -- routes ----------------------------------------------------------------------------
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            WebSocketRoute("/v1/ws", _Endpoint(self._serve_ws), name="ws"),
+            WebSocketRoute("/v1/node/ws", _Endpoint(self._serve_node), name="node_ws"),
+            Route("/v1/agent/node-token", self._node_token, methods=["POST"],
+                  name="POST /v1/agent/node-token"),
+        ]
+
+    async def _serve_ws(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ws = AsgiWebSocket(scope, receive, send)
+        try:
+            await ws.wait_connect()
+        except ConnectionClosed:
+            return
+        try:
+            token = ws.query("token") or bearer_token(ws.header("authorization"))
+            principal = await resolve_token(self.engine, token)
+        except BrokerError as exc:
+            await ws.deny(status_for(exc.code), encode_error(exc.code, exc.message))
+            return
+        session: Session
+        if principal.agent_id is None:
+            await ws.accept(negotiate(ws.subprotocols))
+            session = ObserverSession(self, ws, self.observer_codec,
+                                      workspace_id=principal.workspace_id)
+        else:
+            subprotocol = negotiate(ws.subprotocols)
+            codec = self.native_msgpack if subprotocol == MSGPACK_SUBPROTOCOL else self.native_json
+            await ws.accept(subprotocol)
+            session = AgentSession(self, ws, codec, workspace_id=principal.workspace_id,
+                                   agent_id=principal.agent_id, agent_name=principal.agent_name)
+        await self._run(session)
+
+    async def _serve_node(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ws = AsgiWebSocket(scope, receive, send)
+        try:
+            await ws.wait_connect()
+        except ConnectionClosed:
+            return
+        token = ws.query("token")
+        identity = None
+        if token and token.startswith(secrets.NODE_TOKEN_PREFIX) and len(token) < 512:
+            identity = await self.engine.read(agent_by_node_token, token, int(time.time() * 1000))
+        if identity is None:
+            code = "unauthorized" if not token else "invalid_token"
+            await ws.deny(401, encode_error(code, "/v1/node/ws needs ?token=<node token>"))
+            return
+        await ws.accept(negotiate(ws.subprotocols))
+        session = NodeSession(
+            self, ws, self.node_codec, workspace_id=identity.workspace_id,
+            agent_id=identity.agent_id, agent_name=identity.agent_name,
+            node_id=identity.node_id, node_name=identity.node_name,
+        )
+        await self._run(session)
+
+    async def _run(self, session: Session) -> None:
+        """The per-connection failure boundary: a session's bug never takes the daemon down."""
+        try:
+            await session.serve()
+        except Exception:
+            log.exception("session %d (%s, agent %s) failed", session.id, session.kind,
+                          session.agent_id)
+            self.detach(session)
+            try:
+                with trio.move_on_after(self.settings.close_grace_seconds):
+                    await session.ws.close(CloseCode.INTERNAL_ERROR, "internal error")
+            except ConnectionClosed:
+                pass
+
+    async def _node_token(self, request: Request) -> Response:
+        """POST /v1/agent/node-token: `{node_id, node_name, token}` for the calling agent."""
+        try:
+            principal = await resolve_token(
+                self.engine, bearer_token(request.headers.get("authorization")))
+            authorize("agent", principal)
+            assert principal.agent_id is not None
+            issued = await self.engine.submit(IssueNodeToken(
+                workspace_id=principal.workspace_id, agent_id=principal.agent_id,
+                ttl_seconds=self.settings.node_token_ttl_seconds))
+        except BrokerError as exc:
+            return Response(encode_error(exc.code, exc.message), status_code=status_for(exc.code),
+                            media_type="application/json")
+        data = fr.NodeToken(node_id=issued.node_id, node_name=issued.node_name,
+                            token=issued.token)
+        return Response(encode_success(data), status_code=201, media_type="application/json")
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def session_statistics(self) -> list[SessionStatistics]:
+        return [s.statistics() for s in self.sessions]
+
+    def statistics(self) -> GatewayStatistics:
+        return GatewayStatistics(
+            hub=self.hub.statistics(), recorder=self.recorder.statistics(),
+            sessions=len(self.sessions), slow_closes=self.slow_closes,
+            presence_commands=self.presence.commands,
+        )

@@ -1,0 +1,147 @@
+"""The Relaycast node socket, `/v1/node/ws?token=nt_live_...`, as @relaycast/sdk 6.0.2 uses it.
+
+The SDK's AgentClient (agent.js) gets a node token from
+`POST /v1/agent/node-token`, opens this socket, sends `node.register`, and
+then receives `deliver` frames (fleet-wire `FleetDeliverMessage`), each of
+which it acks with `{"v":1,"type":"delivery.ack","agent":NAME,"up_to_seq":N}`.
+It sends `node.heartbeat` every 30 s and never answers a server ping, so
+this socket is not pinged: it is closed (4408) after `idle_timeout` with
+no frame at all.
+
+The node is the agent's own "direct" node: the socket carries exactly that
+agent's durable stream, with the same replay-then-live seam as the native
+session. Ephemeral events go out as `context.update` frames, which the SDK
+turns into the same events as on the observer socket. Relaycast replies
+carry the request's `id` (not `re`); errors are `type: "error"` frames.
+Actions (capabilities) are not supported: a registration lists each
+capability as not accepted, with the reason.
+
+Frames of the fleet protocol that this broker does not implement
+(`action.result`, `inventory.sync`, ...) are ignored, or refused with
+`unknown_type` when they carry an `id`; the socket stays open.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import msgspec
+
+from broker.engine.errors import BrokerError
+from broker.fanout import FactView
+from broker.gateway.session import DeliverySession
+from protocol import frames as fr
+from protocol.codec import FrameError
+
+log = logging.getLogger(__name__)
+
+Topic = Literal["agent", "channel", "presence", "thread"]
+
+
+class ContextUpdate(msgspec.Struct, kw_only=True):
+    """`FleetContextUpdateMessage`: an ephemeral event pushed to a node."""
+
+    v: int = fr.PROTOCOL_VERSION
+    type: Literal["context.update"] = "context.update"
+    topic: Topic
+    event: str
+    data: Any
+
+
+def _topic(event_type: str) -> Topic:
+    if event_type.startswith("agent.status."):
+        return "presence"
+    if event_type.startswith(("channel.", "member.")):
+        return "channel"
+    return "agent"
+
+
+class NodeSession(DeliverySession):
+    kind = "node"
+    pings = False
+
+    def __init__(self, *args: Any, node_id: str, node_name: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.node_id = node_id
+        self.node_name = node_name
+        self.registered = False
+
+    def delivery_frame(self, seq: int, view: FactView) -> Any:
+        assert self.agent_name is not None
+        return fr.NodeDeliver(
+            delivery_id=fr.delivery_id(self.agent_id, seq), agent_id=str(self.agent_id),
+            agent=self.agent_name, msg_id=view.message_id, seq=seq,
+            mode="steer" if view.mode == "steer" else "wait", payload=view.node_payload(),
+        )
+
+    def event_frame(self, view: FactView) -> Any:
+        return ContextUpdate(topic=_topic(view.type), event=view.type, data=view.data)
+
+    async def handle(self, frame: Any) -> None:
+        if isinstance(frame, fr.DeliveryAck):
+            await self._ack(frame)
+        elif isinstance(frame, fr.NodeRegister):
+            self.registered = True
+            if frame.id is not None:
+                self.outbox.put(fr.NodeReply(id=frame.id, data=self._registration(frame)))
+        elif isinstance(frame, fr.NodeHeartbeat | fr.NodeDeregister):
+            if frame.id is not None:
+                self.outbox.put(fr.NodeReply(id=frame.id, data={"node_id": self.node_id}))
+        elif isinstance(frame, fr.Ping):
+            self.outbox.put(fr.ServerPong())
+
+    def _registration(self, frame: fr.NodeRegister) -> fr.NodeRegistered:
+        provider = frame.provider or {}
+        accepted = [
+            fr.CapabilityAcceptance(
+                name=str(cap.get("name", "")),
+                kind="capacity" if str(cap.get("name", "")).startswith("spawn:")
+                or cap.get("name") == "release" else "action",
+                accepted=False, reason="this broker does not run node capabilities",
+            )
+            for cap in frame.capabilities
+        ]
+        assert self.agent_name is not None
+        return fr.NodeRegistered(
+            node_id=self.node_id, name=self.node_name, agent_id=str(self.agent_id),
+            agent=self.agent_name,
+            provider=fr.ProviderIdentity(
+                name=str(provider.get("name") or self.node_name),
+                instance_id=str(provider.get("instance_id") or self.id)),
+            accepted_capabilities=accepted,
+        )
+
+    async def _ack(self, frame: fr.DeliveryAck) -> None:
+        if frame.agent is not None and frame.agent != self.agent_name:
+            if frame.id is not None:
+                self.refuse(frame.id, "agent_not_found",
+                            f"this node carries agent {self.agent_name!r}, not {frame.agent!r}")
+            return
+        if frame.id is None:
+            self.gateway.recorder.ack_nowait(self.workspace_id, self.agent_id, frame.up_to_seq)
+            return
+        await self.spawn_request(self._ack_and_reply, frame)
+
+    async def _ack_and_reply(self, frame: fr.DeliveryAck) -> None:
+        assert frame.id is not None
+        try:
+            result = await self.gateway.recorder.ack(
+                self.workspace_id, self.agent_id, frame.up_to_seq)
+        except BrokerError as exc:
+            self.refuse(frame.id, exc.code, exc.message)
+        else:
+            self.outbox.put(fr.NodeReply(id=frame.id, data=result))
+
+    def frame_error(self, err: FrameError) -> bool:
+        if err.code == "unknown_type" and err.request_id is None:
+            return True
+        return super().frame_error(err)
+
+    def refuse(self, request_id: str | None, code: str, message: str) -> None:
+        if request_id is None:
+            return
+        self.outbox.put(fr.NodeError(id=request_id, code=code, message=message))
+
+    def final_error(self, code: str, message: str) -> Any:
+        return None

@@ -1,0 +1,73 @@
+"""The Relaycast workspace observer: `/v1/ws` opened with a workspace key.
+
+It receives every event of the workspace as a flat Relaycast ServerEvent
+(`{"type":"message.created","id":...,"channel":...,"message":{...}}`, see
+`FactView.flat_event`), durable ones and ephemeral ones alike, with no seq
+and no ack: an observer watches, it is not a recipient. Best effort: when
+its outbox is full, events are dropped (and counted).
+
+Client frames (@relaycast/types `ClientEvent`): `subscribe` and
+`unsubscribe` with channel names (a leading `#` is ignored), `ping`
+(answered by `pong`), `resync` (answered by `resync_ack`; nothing is
+replayed, since the observer stream has no seq to resume from). Filter
+rule: with no subscription the observer sees everything; once it has
+subscribed to channels, events that concern another channel are left out,
+and events that concern no channel (DMs, presence) still pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from broker.fanout import FactView, Mode
+from broker.gateway.session import Session
+from protocol import frames as fr
+from protocol.codec import FrameError
+
+
+class ObserverSession(Session):
+    kind = "observer"
+    pings = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.outbox.mode = Mode.LIVE  # no delivery stream to replay
+        self.channels: set[str] = set()
+
+    def offer_fact(self, view: FactView) -> None:
+        if self.channels:
+            _, channel = view.flat_event()
+            if channel is not None and channel not in self.channels:
+                return
+        self.outbox.offer_event(view)
+
+    def event_frame(self, view: FactView) -> Any:
+        return msgspec.Raw(view.flat_event()[0])
+
+    async def handle(self, frame: Any) -> None:
+        if isinstance(frame, fr.Subscribe):
+            self.channels.update(_names(frame.channels))
+        elif isinstance(frame, fr.Unsubscribe):
+            self.channels.difference_update(_names(frame.channels))
+        elif isinstance(frame, fr.ObserverPing):
+            self.outbox.put(fr.FlatPong())
+        elif isinstance(frame, fr.Resync):
+            self.outbox.put(fr.ResyncAck(last_seen_seq=frame.last_seen_seq, current_seq=0,
+                                         replayed=0, gap_detected=False))
+
+    def frame_error(self, err: FrameError) -> bool:
+        if err.code == "unknown_type":
+            return True  # a newer SDK's frame: nothing to do with it
+        return super().frame_error(err)
+
+    def refuse(self, request_id: str | None, code: str, message: str) -> None:
+        self.outbox.put(fr.FlatError(code=code, message=message))
+
+    def final_error(self, code: str, message: str) -> Any:
+        return fr.FlatError(code=code, message=message)
+
+
+def _names(channels: list[str]) -> set[str]:
+    return {name.strip().removeprefix("#") for name in channels if name.strip()}

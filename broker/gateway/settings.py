@@ -1,0 +1,40 @@
+"""Gateway settings: every limit and timeout of the WebSocket sessions, named and configurable."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from broker.engine.realtime import DEFAULT_NODE_TOKEN_TTL_S
+from broker.fanout import DEFAULT_OUTBOX_FRAMES
+from protocol.codec import DEFAULT_MAX_FRAME_BYTES
+
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Limits and timeouts of `/v1/ws` and `/v1/node/ws` sessions."""
+
+    # Frames a session holds for a slow socket before it stops taking live
+    # deliveries (it catches up from the database once the client drains).
+    outbox_frames: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_OUTBOX_FRAMES
+    # A client whose socket accepts nothing for this long is closed with 4008.
+    slow_client_timeout_seconds: Seconds = 60.0
+    # Inbound frames above this close the socket with 1009.
+    max_frame_bytes: Annotated[int, msgspec.Meta(ge=64)] = DEFAULT_MAX_FRAME_BYTES
+    # Native sessions: the server pings this often and closes with 4408 when
+    # nothing (a pong or any frame) arrives within pong_timeout of a ping.
+    ping_interval_seconds: Seconds = 25.0
+    pong_timeout_seconds: Seconds = 20.0
+    # Relaycast sockets are not pinged (the SDK does not answer server pings;
+    # it sends its own ping or node.heartbeat every 30 s): they are closed
+    # with 4408 after this long without any frame.
+    idle_timeout_seconds: Seconds = 90.0
+    # How long a close frame may take before the connection is reset.
+    close_grace_seconds: Seconds = 5.0
+    # Deliveries read per page while replaying from the database.
+    replay_page: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 500
+    # Requests of one session running at once; more wait (the socket is not read).
+    max_requests_in_flight: Annotated[int, msgspec.Meta(ge=1)] = 64
+    node_token_ttl_seconds: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_NODE_TOKEN_TTL_S

@@ -1,0 +1,182 @@
+"""A thin adapter from an ASGI WebSocket connection to what a session needs.
+
+Sessions talk to `WebSocket` (receive, send, close, abort), never to ASGI
+messages, so they can be driven in tests by an in-memory fake.
+
+Why `abort` exists: hypercorn's trio worker writes to the TCP stream inside
+a shielded cancel scope (hypercorn/trio/tcp_server.py, `protocol_send`), so
+a `websocket.send` to a client that reads nothing blocks, uncancellably,
+once the kernel buffers are full, and so does any close frame queued
+behind it. The only way out is to close the transport under it: the
+blocked write then fails with ClosedResourceError, which hypercorn handles
+as a closed connection. ASGI gives no handle on the transport, so `abort`
+finds hypercorn's stream by following the `send` callable back to the
+connection that owns it (bound methods and closures, a few steps). If it
+cannot (another server), `abort` does nothing and the connection stays
+until TCP gives up on it; the session has already let go of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import trio
+from starlette.types import Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
+
+class ConnectionClosed(Exception):
+    """The peer went away, or the session is closing; `code` is the close code if known."""
+
+    def __init__(self, code: int | None = None) -> None:
+        super().__init__(f"connection closed ({code})")
+        self.code = code
+
+
+class WebSocket(Protocol):
+    """What a session needs from its connection."""
+
+    subprotocols: Sequence[str]
+    closing: bool
+
+    async def receive(self) -> str | bytes: ...
+
+    async def send(self, data: str | bytes) -> None: ...
+
+    async def close(self, code: int, reason: str = "") -> None: ...
+
+    def abort(self) -> bool: ...
+
+
+class AsgiWebSocket:
+    """An accepted (or about to be accepted) ASGI WebSocket connection."""
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        self.subprotocols: Sequence[str] = list(scope.get("subprotocols") or ())
+        self.closing = False
+        self.accepted = False
+        self._disconnected = False
+
+    # -- the handshake -------------------------------------------------------------------
+
+    def query(self, name: str) -> str | None:
+        from urllib.parse import parse_qs
+
+        values = parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get(name)
+        return values[0] if values else None
+
+    def header(self, name: str) -> str | None:
+        wanted = name.lower().encode("latin-1")
+        for key, value in self.scope.get("headers", ()):
+            if key.lower() == wanted:
+                return bytes(value).decode("latin-1")
+        return None
+
+    async def wait_connect(self) -> None:
+        message = await self._receive()
+        if message["type"] != "websocket.connect":
+            raise ConnectionClosed(message.get("code"))
+
+    async def accept(self, subprotocol: str | None) -> None:
+        await self._send({"type": "websocket.accept", "subprotocol": subprotocol})
+        self.accepted = True
+
+    async def deny(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        """Refuse the handshake with an HTTP response (or close 4401 if the server cannot)."""
+        if "websocket.http.response" in self.scope.get("extensions", {}):
+            await self._send({
+                "type": "websocket.http.response.start", "status": status,
+                "headers": [(b"content-type", content_type.encode()),
+                            (b"content-length", str(len(body)).encode())],
+            })
+            await self._send({"type": "websocket.http.response.body", "body": body})
+        else:
+            await self.accept(None)
+            await self.close(4401, "unauthorized")
+
+    # -- an open connection -------------------------------------------------------------
+
+    async def receive(self) -> str | bytes:
+        """The next message; raises ConnectionClosed when the peer is gone."""
+        if self._disconnected:
+            raise ConnectionClosed()
+        message = await self._receive()
+        kind = message["type"]
+        if kind == "websocket.receive":
+            text = message.get("text")
+            if text is not None:
+                return str(text)
+            return bytes(message.get("bytes") or b"")
+        self._disconnected = True
+        raise ConnectionClosed(message.get("code"))
+
+    async def send(self, data: str | bytes) -> None:
+        """Send one frame; raises ConnectionClosed once the session is closing."""
+        if self.closing:
+            raise ConnectionClosed()
+        if isinstance(data, str):
+            await self._send({"type": "websocket.send", "text": data})
+        else:
+            await self._send({"type": "websocket.send", "bytes": data})
+
+    async def close(self, code: int, reason: str = "") -> None:
+        """Send a close frame (once); later sends raise ConnectionClosed."""
+        if self.closing:
+            return
+        self.closing = True
+        if self._disconnected:
+            return
+        await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+    def abort(self) -> bool:
+        """Close the transport now, with a reset; True if the transport was found."""
+        self.closing = True
+        stream = _find_stream(self._send)
+        if stream is None:
+            return False
+        sock = stream.socket
+        try:
+            # Linger 0: reset the connection, dropping what the client never read.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        sock.close()
+        return True
+
+
+def _find_stream(send: Any, depth: int = 8) -> trio.SocketStream | None:
+    """hypercorn's SocketStream behind an ASGI `send` callable, if it can be found."""
+    seen: set[int] = set()
+    frontier: list[Any] = [send]
+    for _ in range(depth):
+        following: list[Any] = []
+        for obj in frontier:
+            if obj is None or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            stream = getattr(obj, "stream", None)
+            if isinstance(stream, trio.SocketStream):
+                return stream
+            owner = getattr(obj, "__self__", None)
+            if owner is not None:
+                following.append(owner)
+            following.append(getattr(obj, "send", None))
+            for cell in getattr(obj, "__closure__", None) or ():
+                try:
+                    content = cell.cell_contents
+                except ValueError:
+                    continue
+                if callable(content):
+                    following.append(content)
+        frontier = following
+        if not frontier:
+            break
+    return None

@@ -27,6 +27,7 @@ from broker.engine.database import open_writer
 from broker.engine.engine import DATABASE_FILE, Engine
 from broker.engine.ids import IdAllocator
 from broker.engine.messages import SendChannelMessage
+from broker.engine.webhooks import ENQUEUE_SQL
 from broker.engine.workspaces import CreateWorkspace, RegisterAgent
 from broker.engine.writer import Command, Tx
 from protocol.objects import Message, iso
@@ -149,6 +150,9 @@ def raw_send(conn: apsw.Connection, ids: IdAllocator, topology: Topology, i: int
         " VALUES (?,?,?,?,?,?)",
         [(a, s, log_id, message_id, now + ttl_ms, now) for a, s in allocated],
     )
+    # the webhook outbox enqueue of record_event (no subscription here: it writes no row)
+    conn.execute(ENQUEUE_SQL, (ids.next(), wid, log_id, "message.created", payload, now,
+                               channel_id))
 
 
 def bench_raw(data_dir: Path, config: EngineConfig, sends: int, members: int,

@@ -18,6 +18,7 @@ from typing import Any, cast
 import msgspec
 
 from broker.engine.facts import Delivery, Fact
+from broker.engine.webhooks import enqueue_webhooks
 from broker.engine.writer import Tx
 
 _encoder = msgspec.json.Encoder()
@@ -83,6 +84,9 @@ def record_event(
         if len(deliveries) < len(wanted):
             got = {d.agent_id for d in deliveries}
             full = tuple(a for a in wanted if a not in got)
+    # Webhook outbox rows, in this transaction (invariant 9).
+    enqueue_webhooks(tx, workspace_id=workspace_id, event_type=event_type, payload=payload,
+                     channel_id=channel_id, log_id=log_id)
     tx.emit(
         Fact(
             type=event_type,
@@ -102,11 +106,15 @@ def emit_ephemeral(
     channel_id: int | None = None,
 ) -> None:
     """An event with no delivery rows (presence, membership, channel changes)."""
+    payload = encode_payload(event_type, data)
+    # Webhook outbox rows, in this transaction (invariant 9).
+    enqueue_webhooks(tx, workspace_id=workspace_id, event_type=event_type, payload=payload,
+                     channel_id=channel_id)
     tx.emit(
         Fact(
             type=event_type,
             workspace_id=workspace_id,
-            payload=encode_payload(event_type, data),
+            payload=payload,
             channel_id=channel_id,
             audience=tuple(audience),
         )

@@ -268,6 +268,7 @@ CREATE TABLE webhook_subscriptions (
     events       TEXT NOT NULL,
     filters      TEXT NOT NULL DEFAULT '{}',
     headers      TEXT NOT NULL DEFAULT '{}',
+    -- the signing key, kept as given (an HMAC needs it); never returned after creation
     secret       TEXT,
     active       INTEGER NOT NULL DEFAULT 1,
     created_at   INTEGER NOT NULL
@@ -288,10 +289,30 @@ CREATE TABLE outbox (
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at INTEGER NOT NULL,
     last_error      TEXT,
+    -- HTTP status of the last attempt (NULL: no answer, e.g. a timeout)
+    last_status     INTEGER,
     created_at      INTEGER NOT NULL,
     updated_at      INTEGER
 );
 CREATE INDEX outbox_due ON outbox(next_attempt_at) WHERE state = 'pending';
+-- dead letters and counts by subscription; also what ON DELETE CASCADE needs
+CREATE INDEX outbox_subscription ON outbox(subscription_id, state, id);
+-- pruning delivered rows by age
+CREATE INDEX outbox_delivered ON outbox(updated_at) WHERE state = 'delivered';
+
+-- Inbound hooks: POST /v1/hooks/{id} with the token posts into the channel
+-- as the hook's own system agent (not a channel member, so it receives no
+-- deliveries). The wh_live_ token is stored only as its SHA-256 digest.
+CREATE TABLE inbound_webhooks (
+    id           INTEGER PRIMARY KEY,
+    workspace_id INTEGER NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    channel_id   INTEGER NOT NULL REFERENCES channels(id) ON DELETE CASCADE,
+    agent_id     INTEGER NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+    name         TEXT NOT NULL,
+    token_hash   BLOB NOT NULL UNIQUE,
+    created_at   INTEGER NOT NULL
+);
+CREATE INDEX inbound_webhooks_workspace ON inbound_webhooks(workspace_id, id);
 
 -- Relaycast node tokens (nt_live_...): the credential an agent's SDK
 -- fetches before it opens /v1/node/ws; stored hashed, short-lived.

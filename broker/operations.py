@@ -15,10 +15,11 @@ from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
 
-from broker.engine import channels, messages, workspaces
+from broker.engine import channels, files, messages, workspaces
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
 from broker.engine.workspaces import Principal
+from protocol import files as pf
 from protocol import requests as rq
 
 I = TypeVar("I", bound=rq.Request)  # noqa: E741
@@ -32,6 +33,9 @@ class Call:
 
     principal: Principal | None
     idempotency_key: str | None = None
+    # Where the caller reached this daemon (scheme://host[:port]), for the
+    # URLs that operations hand out (file upload and download URLs).
+    base_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -130,3 +134,40 @@ async def send_message(engine: Engine, call: Call, req: rq.SendMessage) -> Any:
         workspace_id=workspace_id, agent_id=agent_id, channel=req.channel, text=req.text,
         mode=req.mode, data=req.data, attachments=req.attachments,
         idempotency_key=call.idempotency_key))
+
+# -- files -------------------------------------------------------------------------------
+
+
+@operation("file.upload", pf.UploadFile, auth="agent")
+async def upload_file(engine: Engine, call: Call, req: pf.UploadFile) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.submit(files.CreateUpload(
+        workspace_id=workspace_id, agent_id=agent_id, filename=req.filename,
+        content_type=req.content_type, size_bytes=req.size_bytes, base_url=call.base_url))
+
+
+@operation("file.complete", pf.FileRef, auth="agent")
+async def complete_file(engine: Engine, call: Call, req: pf.FileRef) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.submit(files.CompleteUpload(
+        workspace_id=workspace_id, agent_id=agent_id, file_id=req.file_id,
+        base_url=call.base_url))
+
+
+@operation("file.get", pf.FileRef, auth="any")
+async def get_file(engine: Engine, call: Call, req: pf.FileRef) -> Any:
+    return await engine.read(files.get_file, _workspace(call), req.file_id, call.base_url,
+                             engine.limits.file_url_ttl_seconds * 1000)
+
+
+@operation("file.list", pf.ListFiles, auth="any")
+async def list_files(engine: Engine, call: Call, req: pf.ListFiles) -> Any:
+    return await engine.read(files.list_files, _workspace(call), req.uploaded_by, req.limit,
+                             req.before, call.base_url, engine.limits.file_url_ttl_seconds * 1000)
+
+
+@operation("file.delete", pf.FileRef, auth="agent")
+async def delete_file(engine: Engine, call: Call, req: pf.FileRef) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.submit(files.DeleteFile(
+        workspace_id=workspace_id, agent_id=agent_id, file_id=req.file_id))

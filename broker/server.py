@@ -31,8 +31,10 @@ from starlette.routing import BaseRoute
 
 from broker.config import Settings
 from broker.engine.engine import Engine
+from broker.filestore import FILE_SWEEP_INTERVAL_S, FileStore, run_file_sweep
 from broker.gateway import Gateway
 from broker.http.app import create_app
+from broker.http.files import file_routes
 from broker.http.metrics import BrokerMetrics
 
 log = logging.getLogger(__name__)
@@ -97,7 +99,20 @@ class BrokerServer:
         ) -> None:
             await gateway.run(stopping=self._stop, task_status=task_status)
 
-        return gateway.routes(), (realtime,)
+        store = FileStore(Path(self.settings.data_dir))
+
+        async def file_sweep(
+            *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        ) -> None:
+            # Starts before the port opens (it cleans up unfinished uploads);
+            # ends when a stop begins, while the engine still takes commands.
+            async with trio.open_nursery() as nursery:
+                await nursery.start(run_file_sweep, engine, store, FILE_SWEEP_INTERVAL_S)
+                task_status.started()
+                await self._stop.wait()
+                nursery.cancel_scope.cancel()
+
+        return (*gateway.routes(), *file_routes(engine, store)), (realtime, file_sweep)
 
     @property
     def stopping(self) -> bool:

@@ -26,6 +26,12 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     idempotency_ttl_seconds: Annotated[int, msgspec.Meta(ge=1)] = 24 * 3600
     max_page: Annotated[int, msgspec.Meta(ge=1)] = 100
     default_page: Annotated[int, msgspec.Meta(ge=1)] = 50
+    # Files: the largest upload, how long a signed upload or download URL
+    # works, and how long a deleted file's bytes stay on disk (a backup that
+    # copies the database first, then the files, within this time is whole).
+    max_file_bytes: Annotated[int, msgspec.Meta(ge=0)] = 25 * 1024 * 1024
+    file_url_ttl_seconds: Annotated[int, msgspec.Meta(ge=1)] = 3600
+    deleted_file_retention_seconds: Annotated[int, msgspec.Meta(ge=0)] = 3600
 
 
 class Retention(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

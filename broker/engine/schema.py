@@ -173,6 +173,21 @@ CREATE TABLE files (
     deleted_at   INTEGER
 );
 CREATE INDEX files_workspace ON files(workspace_id, id);
+-- storage_key is set only once the bytes are durably in place, and cleared
+-- when the sweep releases them (broker.engine.files); the sweep visits
+-- pending uploads by expiry and deleted files that still hold bytes.
+CREATE UNIQUE INDEX files_storage_key ON files(storage_key) WHERE storage_key IS NOT NULL;
+CREATE INDEX files_pending_expiry ON files(expires_at) WHERE state = 'pending';
+CREATE INDEX files_deleted_bytes ON files(deleted_at)
+    WHERE state = 'deleted' AND storage_key IS NOT NULL;
+
+-- Secrets the server generates for itself on first use (the key that signs
+-- file upload and download URLs); never sent to clients.
+CREATE TABLE server_secrets (
+    name       TEXT PRIMARY KEY,
+    value      BLOB NOT NULL,
+    created_at INTEGER NOT NULL
+) WITHOUT ROWID;
 
 CREATE TABLE message_attachments (
     message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,

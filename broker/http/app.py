@@ -119,7 +119,8 @@ def operation_endpoint(
             if request.method not in BODYLESS:
                 fields.update(parse_body(await read_body(request, max_body_bytes)))
             fields.update(request.path_params)
-            call = Call(principal, idempotency_key(request))
+            call = Call(principal, idempotency_key(request),
+                        base_url=str(request.base_url).rstrip("/"))
             result = await invoke(engine, op.name, call, fields)
         except BrokerError as exc:
             return error_response(exc.code, exc.message)

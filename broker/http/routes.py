@@ -32,4 +32,10 @@ ROUTES: tuple[RestRoute, ...] = (
     RestRoute("POST", "/v1/channels/{channel}/join", "channel.join"),
     # messages
     RestRoute("POST", "/v1/channels/{channel}/messages", "message.send", 201),
+    # files (the bytes move on /v1/files/{file_id}/content: broker.http.files)
+    RestRoute("POST", "/v1/files/upload", "file.upload", 201),
+    RestRoute("GET", "/v1/files", "file.list"),
+    RestRoute("GET", "/v1/files/{file_id}", "file.get"),
+    RestRoute("POST", "/v1/files/{file_id}/complete", "file.complete"),
+    RestRoute("DELETE", "/v1/files/{file_id}", "file.delete"),
 )

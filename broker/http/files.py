@@ -1,0 +1,161 @@
+"""The byte-streaming file routes: `PUT` and `GET` on `/v1/files/{file_id}/content`.
+
+These two cannot be JSON operations: the body of the PUT is the file, and
+the answer to the GET is the file. The JSON routes (upload, complete, get,
+list, delete) go through the operation table like every other route.
+
+Both routes take the signed, expiring `token` of the URL that the upload
+and get operations hand out, so a client can use the URL as it is, without
+an Authorization header (like a presigned object-store URL). A download
+also accepts a bearer token of the file's workspace instead. Tokens are
+checked before a byte is read; the upload is written to disk while it
+streams in (never held in memory) and is recorded on the row only once it
+is durably in place (see broker.filestore).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from urllib.parse import quote
+
+import trio
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from broker.auth import bearer_token, resolve_token
+from broker.engine import files
+from broker.engine.engine import Engine
+from broker.engine.errors import BrokerError
+from broker.filestore import READ_CHUNK, FileStore
+from broker.http.app import error_response, success_response
+from protocol.files import CONTENT_PATH, UploadReceived
+
+log = logging.getLogger(__name__)
+
+
+def file_routes(engine: Engine, store: FileStore) -> list[BaseRoute]:
+    """The upload (PUT) and download (GET) routes of file bytes."""
+
+    async def put_content(request: Request) -> Response:
+        try:
+            return await _upload(engine, store, request)
+        except BrokerError as exc:
+            return error_response(exc.code, exc.message)
+        except ClientDisconnect:
+            return error_response("invalid_request", "the client went away during the upload")
+        except Exception:
+            log.exception("upload to %s failed", request.url.path)
+            return error_response("internal_error", "the broker failed to store this upload")
+
+    async def get_content(request: Request) -> Response:
+        try:
+            return await _download(engine, store, request)
+        except BrokerError as exc:
+            return error_response(exc.code, exc.message)
+        except Exception:
+            log.exception("download of %s failed", request.url.path)
+            return error_response("internal_error", "the broker failed to read this file")
+
+    return [
+        Route(CONTENT_PATH, put_content, methods=["PUT"], name="PUT file content"),
+        Route(CONTENT_PATH, get_content, methods=["GET"], name="GET file content"),
+    ]
+
+
+async def _upload(engine: Engine, store: FileStore, request: Request) -> Response:
+    file_id = _file_id(request)
+    token = request.query_params.get("token")
+    if not token:
+        raise BrokerError("url_token_invalid", "the upload URL carries no token")
+    files.verify(await engine.read(files.url_secret), "upload", file_id, token, _now_ms())
+    row = await engine.read(files.file_row, file_id)
+    if row is None:
+        raise BrokerError("file_not_found", f"file {file_id} not found")
+    if row.state == "deleted":
+        raise BrokerError("file_deleted", f"file {file_id} was deleted by its uploader")
+    if row.state != "pending" or row.storage_key is not None:
+        raise BrokerError("file_already_uploaded", f"the bytes of file {file_id} were uploaded")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip() != str(row.size_bytes):
+        raise BrokerError(
+            "file_size_mismatch",
+            f"Content-Length is {declared.strip()}; size_bytes declared {row.size_bytes}",
+        )
+    async with aclosing(request.stream()) as body:
+        key = await store.receive(row.workspace_id, row.id, body, row.size_bytes)
+    # Shielded: once the command is submitted its outcome must be known, or
+    # bytes could be removed under a row that recorded them.
+    with trio.CancelScope(shield=True):
+        try:
+            await engine.submit(files.RecordUpload(file_id=row.id, storage_key=key))
+        except BaseException:
+            await store.remove([key])
+            raise
+    return success_response(UploadReceived(id=str(row.id), size_bytes=row.size_bytes,
+                                           status="pending"))
+
+
+async def _download(engine: Engine, store: FileStore, request: Request) -> Response:
+    file_id = _file_id(request)
+    token = request.query_params.get("token")
+    if token:
+        files.verify(await engine.read(files.url_secret), "download", file_id, token, _now_ms())
+        row = await engine.read(files.file_row, file_id)
+        if row is None:
+            raise BrokerError("file_not_found", f"file {file_id} not found")
+    else:
+        principal = await resolve_token(
+            engine, bearer_token(request.headers.get("authorization"))
+        )
+        row = await engine.read(files.require_file, principal.workspace_id, file_id)
+    if row.state == "deleted":
+        raise BrokerError("file_deleted", f"file {file_id} was deleted by its uploader")
+    if row.state != "complete" or row.storage_key is None:
+        raise BrokerError("file_not_complete", f"file {file_id} has not finished uploading")
+    try:
+        fd = await store.open_object(row.storage_key)
+    except FileNotFoundError:
+        log.error("file %d is complete but its bytes %s are missing", row.id, row.storage_key)
+        raise BrokerError("file_missing", f"the bytes of file {file_id} are missing") from None
+    return StreamingResponse(
+        _read(fd),
+        headers={
+            "content-type": row.content_type,
+            "content-length": str(row.size_bytes),
+            "content-disposition": _attachment(row.filename),
+            # never let a browser render an uploaded file as something else
+            "x-content-type-options": "nosniff",
+            # a deleted file must stop being served at once, from caches too
+            "cache-control": "private, no-store",
+        },
+    )
+
+
+async def _read(fd: int) -> AsyncIterator[bytes]:
+    try:
+        while chunk := await trio.to_thread.run_sync(os.read, fd, READ_CHUNK):
+            yield chunk
+    finally:
+        os.close(fd)
+
+
+def _file_id(request: Request) -> int:
+    raw = str(request.path_params["file_id"])
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19):
+        raise BrokerError("file_not_found", f"file {raw!r} not found")
+    return int(raw)
+
+
+def _attachment(filename: str) -> str:
+    """`Content-Disposition` with an ASCII fallback and the exact UTF-8 name (RFC 6266)."""
+    fallback = "".join(c if 0x20 <= ord(c) < 0x7F and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -187,6 +187,11 @@ class FileStore:
         self.stats.removed += removed
         return removed
 
+    def discard(self, key: str) -> None:
+        """Unlink one object now, from the event loop: for error paths, where awaiting
+        could be cancelled before the bytes are gone (an unlink is quick)."""
+        self.path_of(key).unlink(missing_ok=True)
+
     def _remove(self, keys: list[str]) -> int:
         removed = 0
         for key in keys:

@@ -153,8 +153,8 @@ def sign(secret: bytes, purpose: Purpose, file_id: int, expires_ms: int) -> str:
 
 def verify(
     secret: bytes | None, purpose: Purpose, file_id: int, token: str, now_ms: int
-) -> None:
-    """Check an upload or download token for this file.
+) -> int:
+    """Check an upload or download token for this file; returns its expiry (ms).
 
     Raises `url_token_invalid` (not signed by us, for another file or purpose)
     or `url_token_expired`; the signature is checked first, so a forged token
@@ -168,6 +168,7 @@ def verify(
         raise BrokerError("url_token_invalid", f"the {purpose} token is not valid for this file")
     if now_ms > int(expires):
         raise BrokerError("url_token_expired", f"the {purpose} URL has expired")
+    return int(expires)
 
 
 def url_secret(conn: apsw.Connection) -> bytes | None:

@@ -72,7 +72,8 @@ async def _upload(engine: Engine, store: FileStore, request: Request) -> Respons
     token = request.query_params.get("token")
     if not token:
         raise BrokerError("url_token_invalid", "the upload URL carries no token")
-    files.verify(await engine.read(files.url_secret), "upload", file_id, token, _now_ms())
+    now = _now_ms()
+    expires = files.verify(await engine.read(files.url_secret), "upload", file_id, token, now)
     row = await engine.read(files.file_row, file_id)
     if row is None:
         raise BrokerError("file_not_found", f"file {file_id} not found")
@@ -86,16 +87,25 @@ async def _upload(engine: Engine, store: FileStore, request: Request) -> Respons
             "file_size_mismatch",
             f"Content-Length is {declared.strip()}; size_bytes declared {row.size_bytes}",
         )
-    async with aclosing(request.stream()) as body:
-        key = await store.receive(row.workspace_id, row.id, body, row.size_bytes)
-    # Shielded: once the command is submitted its outcome must be known, or
-    # bytes could be removed under a row that recorded them.
-    with trio.CancelScope(shield=True):
-        try:
+    key: str | None = None
+    recorded = False
+    try:
+        # An upload that started in time may finish until the sweep could
+        # drop its row; a trickle cannot hold a temporary file any longer.
+        with trio.move_on_after((expires + files.UPLOAD_SWEEP_GRACE_MS - now) / 1000) as window:
+            async with aclosing(request.stream()) as body:
+                key = await store.receive(row.workspace_id, row.id, body, row.size_bytes)
+        if window.cancelled_caught:
+            raise BrokerError("url_token_expired", "the upload did not finish in time")
+        assert key is not None
+        # Shielded: once the command is submitted its outcome must be known,
+        # or bytes could be removed under a row that recorded them.
+        with trio.CancelScope(shield=True):
             await engine.submit(files.RecordUpload(file_id=row.id, storage_key=key))
-        except BaseException:
-            await store.remove([key])
-            raise
+        recorded = True
+    finally:
+        if key is not None and not recorded:
+            store.discard(key)
     return success_response(UploadReceived(id=str(row.id), size_bytes=row.size_bytes,
                                            status="pending"))
 

@@ -16,6 +16,7 @@ import msgspec
 
 from broker.engine.config import EngineConfig
 from broker.gateway.settings import GatewaySettings
+from broker.webhooks.settings import ALLOW_HOSTS_ENV, WebhookSettings, with_environment
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8787
@@ -45,6 +46,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     http: HttpSettings = msgspec.field(default_factory=HttpSettings)
     gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
+    webhooks: WebhookSettings = msgspec.field(default_factory=WebhookSettings)
 
 
 class ConfigError(Exception):
@@ -57,14 +59,23 @@ def load_settings(path: Path | None) -> Settings:
     Raises ConfigError for an unreadable file, invalid TOML, an unknown key or a bad value.
     """
     if path is None:
-        return Settings()
+        return with_webhook_environment(Settings())
     try:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return settings_from_dict(raw, source=str(path))
+    return with_webhook_environment(settings_from_dict(raw, source=str(path)))
+
+
+def with_webhook_environment(settings: Settings) -> Settings:
+    """`settings` plus the webhook allow list's BROKER_WEBHOOKS_ALLOW_HOSTS entries."""
+    try:
+        webhooks = with_environment(settings.webhooks)
+    except ValueError as exc:
+        raise ConfigError(f"{ALLOW_HOSTS_ENV}: {exc}") from None
+    return msgspec.structs.replace(settings, webhooks=webhooks)
 
 
 def settings_from_dict(raw: dict[str, object], source: str = "configuration") -> Settings:

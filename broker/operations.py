@@ -171,3 +171,8 @@ async def delete_file(engine: Engine, call: Call, req: pf.FileRef) -> Any:
     workspace_id, agent_id = _agent(call)
     return await engine.submit(files.DeleteFile(
         workspace_id=workspace_id, agent_id=agent_id, file_id=req.file_id))
+
+
+# The webhook operations live with the webhook code; importing registers them
+# (at the end: that module imports `operation` from this one).
+from broker.webhooks import operations as _webhook_operations  # noqa: E402,F401

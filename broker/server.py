@@ -36,6 +36,8 @@ from broker.gateway import Gateway
 from broker.http.app import create_app
 from broker.http.files import file_routes
 from broker.http.metrics import BrokerMetrics
+from broker.webhooks.dispatcher import WebhookDispatcher, attach
+from broker.webhooks.inbound import inbound_routes
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ class BrokerServer:
         self._metrics: BrokerMetrics | None = None
         self._stop = trio.Event()
         self.gateway: Gateway | None = None
+        self.webhooks: WebhookDispatcher | None = None
 
     @property
     def engine(self) -> Engine:
@@ -112,7 +115,28 @@ class BrokerServer:
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()
 
-        return (*gateway.routes(), *file_routes(engine, store)), (realtime, file_sweep)
+        # Webhooks: the dispatcher delivers the outbox (when enabled) and holds
+        # the SSRF allow list the subscription operations consult.
+        dispatcher = self.webhooks = WebhookDispatcher(
+            engine, self.settings.webhooks,
+            stop_grace_seconds=self.settings.http.shutdown_grace_seconds,
+        )
+        attach(engine, dispatcher)
+
+        async def webhooks(
+            *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        ) -> None:
+            # Ends when a stop begins; deliveries in flight get the grace.
+            await dispatcher.run(self._stop.wait, task_status=task_status)
+
+        services: tuple[Service, ...] = (realtime, file_sweep)
+        if self.settings.webhooks.enabled:
+            services = (*services, webhooks)
+        return (
+            (*gateway.routes(), *file_routes(engine, store),
+             *inbound_routes(engine, self.settings)),
+            services,
+        )
 
     @property
     def stopping(self) -> bool:

@@ -194,11 +194,12 @@ async def test_an_inbound_hook_posts_into_its_channel(
     bare = await call(client, "POST", hook["url"], params={"token": hook["token"]},
                       json={"action": "opened", "number": 7})
     assert bare.status == 201 and bare.data["text"].startswith("Webhook CI: {")
-    history = await call(client, "GET", "/v1/channels/general/messages", world.tokens["bob"])
-    texts = [m["text"] for m in history.data]
-    assert "deploy finished @bob" in texts
-    author = next(m for m in history.data if m["text"] == "deploy finished @bob")
-    assert author["agent_name"] == "hook.CI" and author["mentions"] == ["bob"]
+    rows = server.engine.writer.connection.execute(
+        "SELECT m.text, a.name, m.mentions FROM messages m JOIN agents a ON a.id = m.agent_id"
+        " JOIN channels c ON c.id = m.channel_id WHERE c.name = 'general' ORDER BY m.id"
+    ).fetchall()
+    assert [tuple(r) for r in rows] == [
+        ("deploy finished @bob", "hook.CI", '["bob"]'), (bare.data["text"], "hook.CI", None)]
 
 
 async def test_a_wrong_hook_token_is_401_and_posts_nothing(

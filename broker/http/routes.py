@@ -38,4 +38,17 @@ ROUTES: tuple[RestRoute, ...] = (
     RestRoute("GET", "/v1/files/{file_id}", "file.get"),
     RestRoute("POST", "/v1/files/{file_id}/complete", "file.complete"),
     RestRoute("DELETE", "/v1/files/{file_id}", "file.delete", 204),
+    # webhooks: outbound subscriptions, their dead letters, inbound hooks
+    # (POST /v1/hooks/{webhook_id} carries its own token: broker.webhooks.inbound)
+    RestRoute("POST", "/v1/subscriptions", "subscription.create", 201),
+    RestRoute("GET", "/v1/subscriptions", "subscription.list"),
+    RestRoute("GET", "/v1/subscriptions/{subscription_id}", "subscription.get"),
+    RestRoute("DELETE", "/v1/subscriptions/{subscription_id}", "subscription.delete", 204),
+    RestRoute("GET", "/v1/subscriptions/{subscription_id}/dead-letters",
+              "subscription.dead_letters"),
+    RestRoute("POST", "/v1/subscriptions/{subscription_id}/dead-letters/replay",
+              "subscription.replay"),
+    RestRoute("POST", "/v1/webhooks", "webhook.create", 201),
+    RestRoute("GET", "/v1/webhooks", "webhook.list"),
+    RestRoute("DELETE", "/v1/webhooks/{webhook_id}", "webhook.delete", 204),
 )

@@ -5,22 +5,55 @@ An `Operation` names its input Struct (protocol.requests), who may call it
 handler, an async function of the engine, the caller and the input. The HTTP
 layer maps a route to an operation name; the gateway maps a request `type`
 to the same name. A third binding (an MCP tool surface, say) is another map.
+
+Handlers are transport-neutral: they translate the input into one engine
+command (`engine.submit`) or one query (`engine.read`) and return a wire
+object; the bindings encode it. A handler that returns None has nothing to
+say (REST answers 204). Reads of messages, threads, reactions, receipts,
+DMs, the inbox, search and the mailbox are per agent (what an agent may see
+is decided by its memberships), so they take an agent token; a workspace
+key may read the workspace's channels and agents.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
 
-from broker.engine import channels, files, messages, workspaces
+from broker.engine import (
+    agents,
+    channel_queries,
+    channels,
+    conversations,
+    files,
+    inbox,
+    mailbox,
+    messages,
+    reactions,
+    reads,
+    search,
+    threads,
+    workspaces,
+)
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
+from broker.engine.lookups import agent_by_name
 from broker.engine.workspaces import Principal
 from protocol import files as pf
 from protocol import requests as rq
+from protocol.objects import Message, iso
+from protocol.responses import (
+    DeliveredMessage,
+    DeliveryItem,
+    DmSent,
+    PresenceInfo,
+    WorkspaceFound,
+    WorkspaceLookup,
+)
 
 I = TypeVar("I", bound=rq.Request)  # noqa: E741
 
@@ -47,6 +80,20 @@ class Operation(Generic[I]):
 
 
 OPERATIONS: dict[str, Operation[Any]] = {}
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Existing(Generic[T]):
+    """What a create operation returns when it found what it would have made.
+
+    Nothing was written; REST answers 200 instead of the route's 201. Only
+    operations that sockets do not expose return it (the gateway replies
+    with handler results as they are).
+    """
+
+    value: T
 
 Handler = Callable[[Engine, Call, I], Awaitable[Any]]
 
@@ -90,12 +137,66 @@ def _workspace(call: Call) -> int:
     return call.principal.workspace_id
 
 
-# -- workspaces and agents -----------------------------------------------------------
+def _caller(call: Call) -> tuple[int, int | None]:
+    """(workspace, agent or None for the workspace key)."""
+    principal = call.principal
+    if principal is None:
+        raise BrokerError("unauthorized", "this operation needs a token")
+    return principal.workspace_id, principal.agent_id
+
+
+async def _agent_id(engine: Engine, workspace_id: int, name: str) -> int:
+    """The id of the active agent called `name`. Raises agent_not_found."""
+    return (await engine.read(agent_by_name, workspace_id, name)).id
+
+
+# -- workspaces ------------------------------------------------------------------------
 
 
 @operation("workspace.create", rq.CreateWorkspace, auth="none")
 async def create_workspace(engine: Engine, call: Call, req: rq.CreateWorkspace) -> Any:
-    return await engine.submit(workspaces.CreateWorkspace(req.name))
+    """Create a workspace; with that workspace's own key, an existing one is found instead.
+
+    The second form is what the SDK's `ensureWorkspace` relies on (200, no key
+    in the answer, instead of 201 with the new key).
+    """
+    try:
+        return await engine.submit(workspaces.CreateWorkspace(req.name))
+    except BrokerError as exc:
+        principal = call.principal
+        if (exc.code != "workspace_already_exists" or principal is None
+                or principal.agent_id is not None):
+            raise
+        found = await engine.read(workspaces.get_workspace, principal.workspace_id)
+        if found.name != req.name:
+            raise
+        return Existing(WorkspaceFound(
+            workspace_id=found.id, name=found.name, created_at=found.created_at))
+
+
+@operation("workspace.lookup", rq.WorkspaceByName, auth="none")
+async def lookup_workspace(engine: Engine, call: Call, req: rq.WorkspaceByName) -> Any:
+    found = await engine.read(workspaces.workspace_by_name, req.name)
+    return WorkspaceLookup(id=found.id, name=found.name, created_at=found.created_at)
+
+
+@operation("workspace.get", rq.Empty, auth="any")
+async def get_workspace(engine: Engine, call: Call, req: rq.Empty) -> Any:
+    return await engine.read(workspaces.get_workspace, _workspace(call))
+
+
+@operation("workspace.update", rq.UpdateWorkspace, auth="workspace")
+async def update_workspace(engine: Engine, call: Call, req: rq.UpdateWorkspace) -> Any:
+    return await engine.submit(workspaces.UpdateWorkspace(
+        workspace_id=_workspace(call), name=req.name, system_prompt=req.system_prompt))
+
+
+@operation("workspace.delete", rq.Empty, auth="workspace")
+async def delete_workspace(engine: Engine, call: Call, req: rq.Empty) -> Any:
+    return await engine.submit(workspaces.DeleteWorkspace(workspace_id=_workspace(call)))
+
+
+# -- agents ----------------------------------------------------------------------------
 
 
 @operation("agent.register", rq.RegisterAgent, auth="workspace")
@@ -105,16 +206,89 @@ async def register_agent(engine: Engine, call: Call, req: rq.RegisterAgent) -> A
         metadata=req.metadata))
 
 
-# -- channels --------------------------------------------------------------------
+@operation("agent.list", rq.ListAgents, auth="any")
+async def list_agents(engine: Engine, call: Call, req: rq.ListAgents) -> Any:
+    return await engine.read(agents.list_agents, _workspace(call), req.status)
+
+
+@operation("agent.get", rq.AgentByName, auth="any")
+async def get_agent(engine: Engine, call: Call, req: rq.AgentByName) -> Any:
+    return await engine.read(agents.get_agent, _workspace(call), req.name)
+
+
+@operation("agent.me", rq.Empty, auth="agent")
+async def agent_me(engine: Engine, call: Call, req: rq.Empty) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.read(agents.get_self, workspace_id, agent_id)
+
+
+@operation("agent.presence", rq.Empty, auth="any")
+async def agent_presence(engine: Engine, call: Call, req: rq.Empty) -> Any:
+    listed = await engine.read(agents.list_agents, _workspace(call), None)
+    return [PresenceInfo(agent_id=a.id, agent_name=a.name, status=a.status,
+                         last_seen=a.last_seen) for a in listed]
+
+
+@operation("agent.update", rq.UpdateAgent, auth="workspace")
+async def update_agent(engine: Engine, call: Call, req: rq.UpdateAgent) -> Any:
+    workspace_id = _workspace(call)
+    return await engine.submit(agents.UpdateAgent(
+        workspace_id=workspace_id, agent_id=await _agent_id(engine, workspace_id, req.name),
+        persona=req.persona, metadata=req.metadata))
+
+
+@operation("agent.rotate_token", rq.AgentByName, auth="workspace")
+async def rotate_token(engine: Engine, call: Call, req: rq.AgentByName) -> Any:
+    workspace_id = _workspace(call)
+    return await engine.submit(agents.RotateToken(
+        workspace_id=workspace_id, agent_id=await _agent_id(engine, workspace_id, req.name)))
+
+
+@operation("agent.deactivate", rq.AgentByName, auth="workspace")
+async def deactivate_agent(engine: Engine, call: Call, req: rq.AgentByName) -> Any:
+    workspace_id = _workspace(call)
+    return await engine.submit(agents.DeactivateAgent(
+        workspace_id=workspace_id, agent_id=await _agent_id(engine, workspace_id, req.name)))
+
+
+@operation("agent.heartbeat", rq.Empty, auth="agent")
+async def heartbeat(engine: Engine, call: Call, req: rq.Empty) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.submit(agents.SetAgentStatus(
+        workspace_id=workspace_id, agent_id=agent_id, status="online"))
+
+
+@operation("agent.disconnect", rq.Empty, auth="agent")
+async def disconnect(engine: Engine, call: Call, req: rq.Empty) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.submit(agents.SetAgentStatus(
+        workspace_id=workspace_id, agent_id=agent_id, status="offline"))
+
+
+# -- channels --------------------------------------------------------------------------
 
 
 @operation("channel.create", rq.CreateChannel, auth="any")
 async def create_channel(engine: Engine, call: Call, req: rq.CreateChannel) -> Any:
-    principal = call.principal
-    assert principal is not None
+    workspace_id, agent_id = _caller(call)
     return await engine.submit(channels.CreateChannel(
-        workspace_id=principal.workspace_id, agent_id=principal.agent_id, name=req.name,
+        workspace_id=workspace_id, agent_id=agent_id, name=req.name,
         topic=req.topic, metadata=req.metadata))
+
+
+@operation("channel.list", rq.ListChannels, auth="any")
+async def list_channels(engine: Engine, call: Call, req: rq.ListChannels) -> Any:
+    return await engine.read(channel_queries.list_channels, _workspace(call), req.include_archived)
+
+
+@operation("channel.get", rq.ChannelRef, auth="any")
+async def get_channel(engine: Engine, call: Call, req: rq.ChannelRef) -> Any:
+    return await engine.read(channel_queries.get_channel, _workspace(call), req.channel)
+
+
+@operation("channel.members", rq.ChannelRef, auth="any")
+async def channel_members(engine: Engine, call: Call, req: rq.ChannelRef) -> Any:
+    return await engine.read(channel_queries.channel_members, _workspace(call), req.channel)
 
 
 @operation("channel.join", rq.JoinChannel, auth="agent")
@@ -124,7 +298,64 @@ async def join_channel(engine: Engine, call: Call, req: rq.JoinChannel) -> Any:
         workspace_id=workspace_id, agent_id=agent_id, channel=req.channel))
 
 
-# -- messages --------------------------------------------------------------------
+@operation("channel.leave", rq.ChannelRef, auth="agent")
+async def leave_channel(engine: Engine, call: Call, req: rq.ChannelRef) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.submit(channels.LeaveChannel(
+        workspace_id=workspace_id, agent_id=agent_id, channel=req.channel))
+
+
+@operation("channel.invite", rq.InviteToChannel, auth="any")
+async def invite_to_channel(engine: Engine, call: Call, req: rq.InviteToChannel) -> Any:
+    workspace_id, agent_id = _caller(call)
+    return await engine.submit(channels.InviteToChannel(
+        workspace_id=workspace_id, agent_id=agent_id, channel=req.channel,
+        agent_name=req.agent_name))
+
+
+@operation("channel.update", rq.UpdateChannel, auth="any")
+async def update_channel(engine: Engine, call: Call, req: rq.UpdateChannel) -> Any:
+    workspace_id, agent_id = _caller(call)
+    return await engine.submit(channels.UpdateChannel(
+        workspace_id=workspace_id, agent_id=agent_id, channel=req.channel, topic=req.topic,
+        metadata=req.metadata))
+
+
+@operation("channel.set_topic", rq.SetTopic, auth="any")
+async def set_topic(engine: Engine, call: Call, req: rq.SetTopic) -> Any:
+    workspace_id, agent_id = _caller(call)
+    return await engine.submit(channels.UpdateChannel(
+        workspace_id=workspace_id, agent_id=agent_id, channel=req.channel, topic=req.topic))
+
+
+@operation("channel.archive", rq.ChannelRef, auth="any")
+async def archive_channel(engine: Engine, call: Call, req: rq.ChannelRef) -> Any:
+    workspace_id, agent_id = _caller(call)
+    return await engine.submit(channels.ArchiveChannel(
+        workspace_id=workspace_id, agent_id=agent_id, channel=req.channel))
+
+
+@operation("channel.mute", rq.ChannelRef, auth="agent")
+async def mute_channel(engine: Engine, call: Call, req: rq.ChannelRef) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.submit(channels.MuteChannel(
+        workspace_id=workspace_id, agent_id=agent_id, channel=req.channel))
+
+
+@operation("channel.unmute", rq.ChannelRef, auth="agent")
+async def unmute_channel(engine: Engine, call: Call, req: rq.ChannelRef) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.submit(channels.UnmuteChannel(
+        workspace_id=workspace_id, agent_id=agent_id, channel=req.channel))
+
+
+@operation("channel.read_status", rq.ChannelRef, auth="agent")
+async def channel_read_status(engine: Engine, call: Call, req: rq.ChannelRef) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.read(reads.channel_read_status, workspace_id, agent_id, req.channel)
+
+
+# -- messages and threads ----------------------------------------------------------------
 
 
 @operation("message.send", rq.SendMessage, auth="agent")
@@ -134,6 +365,234 @@ async def send_message(engine: Engine, call: Call, req: rq.SendMessage) -> Any:
         workspace_id=workspace_id, agent_id=agent_id, channel=req.channel, text=req.text,
         mode=req.mode, data=req.data, attachments=req.attachments,
         idempotency_key=call.idempotency_key))
+
+
+@operation("message.list", rq.ListMessages, auth="agent")
+async def list_messages(engine: Engine, call: Call, req: rq.ListMessages) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.read(channel_queries.channel_messages, workspace_id, agent_id,
+                             req.channel, req.before, req.after, req.limit)
+
+
+@operation("message.get", rq.MessageRef, auth="agent")
+async def get_message(engine: Engine, call: Call, req: rq.MessageRef) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.read(channel_queries.get_message, workspace_id, agent_id, req.message_id)
+
+
+@operation("thread.reply", rq.ReplyToThread, auth="agent")
+async def reply_to_thread(engine: Engine, call: Call, req: rq.ReplyToThread) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.submit(threads.ReplyToThread(
+        workspace_id=workspace_id, agent_id=agent_id, message_id=req.message_id, text=req.text,
+        mode=req.mode, data=req.data, attachments=req.attachments,
+        idempotency_key=call.idempotency_key))
+
+
+@operation("thread.get", rq.GetThread, auth="agent")
+async def get_thread(engine: Engine, call: Call, req: rq.GetThread) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.read(channel_queries.get_thread, workspace_id, agent_id, req.message_id,
+                             req.before, req.after, req.limit)
+
+
+@operation("message.read", rq.MessageRef, auth="agent")
+async def mark_read(engine: Engine, call: Call, req: rq.MessageRef) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.submit(reads.MarkRead(
+        workspace_id=workspace_id, agent_id=agent_id, message_id=req.message_id))
+
+
+@operation("message.readers", rq.MessageRef, auth="agent")
+async def message_readers(engine: Engine, call: Call, req: rq.MessageRef) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.read(reads.readers, workspace_id, agent_id, req.message_id)
+
+
+# -- reactions ---------------------------------------------------------------------------
+
+
+@operation("reaction.add", rq.Reaction, auth="agent")
+async def add_reaction(engine: Engine, call: Call, req: rq.Reaction) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.submit(reactions.AddReaction(
+        workspace_id=workspace_id, agent_id=agent_id, message_id=req.message_id,
+        emoji=req.emoji))
+
+
+@operation("reaction.remove", rq.Reaction, auth="agent")
+async def remove_reaction(engine: Engine, call: Call, req: rq.Reaction) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.submit(reactions.RemoveReaction(
+        workspace_id=workspace_id, agent_id=agent_id, message_id=req.message_id,
+        emoji=req.emoji))
+
+
+@operation("reaction.list", rq.MessageRef, auth="agent")
+async def list_reactions(engine: Engine, call: Call, req: rq.MessageRef) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.read(reactions.list_reactions, workspace_id, agent_id, req.message_id)
+
+
+# -- DMs and group DMs ---------------------------------------------------------------------
+
+
+def _dm_sent(message: Message) -> DmSent:
+    assert message.conversation_id is not None
+    return DmSent(conversation_id=message.conversation_id, message=message,
+                  created_at=message.created_at)
+
+
+@operation("dm.send", rq.SendDm, auth="agent")
+async def send_dm(engine: Engine, call: Call, req: rq.SendDm) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return _dm_sent(await engine.submit(conversations.SendDm(
+        workspace_id=workspace_id, agent_id=agent_id, to=req.to, text=req.text, mode=req.mode,
+        data=req.data, attachments=req.attachments, idempotency_key=call.idempotency_key)))
+
+
+@operation("dm.conversations", rq.Empty, auth="agent")
+async def dm_conversations(engine: Engine, call: Call, req: rq.Empty) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.read(conversations.dm_conversations, workspace_id, agent_id)
+
+
+@operation("dm.messages", rq.DmMessages, auth="agent")
+async def dm_messages(engine: Engine, call: Call, req: rq.DmMessages) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.read(conversations.dm_messages, workspace_id, agent_id,
+                             req.conversation_id, req.before, req.after, req.limit)
+
+
+@operation("group_dm.create", rq.CreateGroupDm, auth="agent")
+async def create_group_dm(engine: Engine, call: Call, req: rq.CreateGroupDm) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.submit(conversations.CreateGroupDm(
+        workspace_id=workspace_id, agent_id=agent_id, participants=req.participants,
+        name=req.name))
+
+
+@operation("group_dm.send", rq.SendGroupDm, auth="agent")
+async def send_group_dm(engine: Engine, call: Call, req: rq.SendGroupDm) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return _dm_sent(await engine.submit(conversations.SendGroupDm(
+        workspace_id=workspace_id, agent_id=agent_id, conversation_id=req.conversation_id,
+        text=req.text, mode=req.mode, data=req.data, attachments=req.attachments,
+        idempotency_key=call.idempotency_key)))
+
+
+@operation("group_dm.add_participant", rq.Participant, auth="agent")
+async def add_participant(engine: Engine, call: Call, req: rq.Participant) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.submit(conversations.AddParticipant(
+        workspace_id=workspace_id, agent_id=agent_id, conversation_id=req.conversation_id,
+        agent=req.agent_name))
+
+
+@operation("group_dm.remove_participant", rq.Participant, auth="agent")
+async def remove_participant(engine: Engine, call: Call, req: rq.Participant) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.submit(conversations.RemoveParticipant(
+        workspace_id=workspace_id, agent_id=agent_id, conversation_id=req.conversation_id,
+        agent=req.agent_name))
+
+
+# -- inbox and search ------------------------------------------------------------------------
+
+
+@operation("inbox.get", rq.Inbox, auth="agent")
+async def get_inbox(engine: Engine, call: Call, req: rq.Inbox) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.read(inbox.inbox, workspace_id, agent_id, req.limit)
+
+
+@operation("search", rq.Search, auth="agent")
+async def search_messages(engine: Engine, call: Call, req: rq.Search) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.read(search.search_messages, workspace_id, agent_id, req.q,
+                             req.channel, req.from_, req.limit)
+
+
+# -- the delivery mailbox -------------------------------------------------------------------
+
+_payload_decoder = msgspec.json.Decoder(dict[str, Any])
+# Event types whose data is the message itself (the others are notices about one).
+_MESSAGE_EVENTS = frozenset(reads.MESSAGE_EVENTS)
+
+
+def _delivery_item(pending: mailbox.PendingDelivery) -> DeliveryItem:
+    message = None
+    if pending.type in _MESSAGE_EVENTS:
+        data = _payload_decoder.decode(pending.payload).get("data") or {}
+        message = msgspec.convert(data, DeliveredMessage, strict=False)
+    return DeliveryItem(
+        id=pending.delivery_id, seq=pending.seq, agent_id=str(pending.agent_id),
+        status=pending.state,  # type: ignore[arg-type]  # list_pending returns only these
+        type=pending.type,
+        message_id=None if pending.message_id is None else str(pending.message_id),
+        dispatch_attempts=pending.attempts, available_at=iso(pending.available_at),
+        expires_at=iso(pending.expires_at) or "", created_at=iso(pending.created_at) or "",
+        message=message, payload=pending.payload,
+    )
+
+
+@operation("delivery.list", rq.ListDeliveries, auth="agent")
+async def list_deliveries(engine: Engine, call: Call, req: rq.ListDeliveries) -> Any:
+    """Unacked deliveries in seq order, optionally only those in one state (paged through)."""
+    workspace_id, agent_id = _agent(call)
+    size = req.limit if req.limit is not None else mailbox.DEFAULT_PAGE
+    items: list[DeliveryItem] = []
+    after = req.after_seq
+    while len(items) < size:
+        page = await engine.read(mailbox.list_pending, workspace_id, agent_id, after, size)
+        items.extend(_delivery_item(p) for p in page
+                     if req.status is None or p.state == req.status)
+        if len(page) < size or req.status is None:
+            break
+        after = page[-1].seq
+    return items[:size]
+
+
+@operation("delivery.ack_one", rq.DeliveryRef, auth="agent")
+async def ack_delivery(engine: Engine, call: Call, req: rq.DeliveryRef) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.submit(mailbox.AckDelivery(
+        workspace_id=workspace_id, agent_id=agent_id, delivery_id=req.delivery_id))
+
+
+@operation("delivery.ack_up_to", rq.AckUpTo, auth="agent")
+async def ack_up_to(engine: Engine, call: Call, req: rq.AckUpTo) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.submit(mailbox.AckUpTo(
+        workspace_id=workspace_id, agent_id=agent_id, up_to_seq=req.up_to_seq))
+
+
+@operation("delivery.fail", rq.FailDelivery, auth="agent")
+async def fail_delivery(engine: Engine, call: Call, req: rq.FailDelivery) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.submit(mailbox.FailDelivery(
+        workspace_id=workspace_id, agent_id=agent_id, delivery_id=req.delivery_id,
+        error=req.error, retryable=req.retryable))
+
+
+def _epoch_ms(value: str, field: str) -> int:
+    """An ISO 8601 time as milliseconds since the epoch (UTC when no offset is given)."""
+    try:
+        when = dt.datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise BrokerError(f"invalid_{field}", f"{field} must be an ISO 8601 time") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1000)
+
+
+@operation("delivery.defer", rq.DeferDelivery, auth="agent")
+async def defer_delivery(engine: Engine, call: Call, req: rq.DeferDelivery) -> Any:
+    workspace_id, agent_id = _agent(call)
+    return await engine.submit(mailbox.DeferDelivery(
+        workspace_id=workspace_id, agent_id=agent_id, delivery_id=req.delivery_id,
+        until_ms=_epoch_ms(req.available_at, "available_at")))
+
 
 # -- files -------------------------------------------------------------------------------
 

@@ -4,6 +4,17 @@ One Struct per operation; the REST binding merges path parameters, query
 parameters and the JSON body into one object and converts it to this type,
 and the WebSocket binding converts the request frame's fields the same way,
 so both bindings share names, shapes and validation messages.
+
+Names follow the Relaycast REST bodies and queries (`@relaycast/sdk@6.0.2`
+sends snake_case): `text`, `to`, `agent_name`, `emoji`, `include_archived`,
+`limit` / `before` / `after`. A path parameter has the name of the field it
+fills (`channel`, `message_id`, `conversation_id`, `delivery_id`, `name`).
+No input may use `v`, `type`, `id` or `idempotency_key` as a field of a
+request that the WebSocket binding exposes: those belong to the frame
+envelope (`RegisterAgent.type` is REST-only).
+
+A field that may be left out to mean "keep as it is" is `UNSET` by default,
+so `null` (clear it) and absent (keep it) stay distinct.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 Mode = Literal["wait", "steer"]
 
@@ -19,8 +31,35 @@ class Request(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     """Base of every operation input (unknown fields are ignored, as the SDK sends extras)."""
 
 
+class Empty(Request):
+    """An operation that takes nothing but its caller."""
+
+
+class Page(Request):
+    """History cursors: message ids (exclusive), and a page size."""
+
+    before: str | None = None
+    after: str | None = None
+    limit: int | None = None
+
+
+# -- workspaces --------------------------------------------------------------------------
+
+
 class CreateWorkspace(Request):
     name: str
+
+
+class WorkspaceByName(Request):
+    name: str
+
+
+class UpdateWorkspace(Request):
+    name: str | UnsetType = UNSET
+    system_prompt: str | None | UnsetType = UNSET
+
+
+# -- agents ------------------------------------------------------------------------------
 
 
 class RegisterAgent(Request):
@@ -30,14 +69,58 @@ class RegisterAgent(Request):
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+class ListAgents(Request):
+    status: str | None = None
+
+
+class AgentByName(Request):
+    name: str
+
+
+class UpdateAgent(Request):
+    name: str
+    status: Literal["online", "away", "offline"] | UnsetType = UNSET
+    persona: str | None | UnsetType = UNSET
+    metadata: dict[str, Any] | UnsetType = UNSET
+
+
+# -- channels ----------------------------------------------------------------------------
+
+
 class CreateChannel(Request):
     name: str
     topic: str | None = None
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-class JoinChannel(Request):
+class ListChannels(Request):
+    include_archived: bool = False
+
+
+class ChannelRef(Request):
+    """An operation on one channel, named by `channel`."""
+
     channel: str
+
+
+class JoinChannel(ChannelRef):
+    pass
+
+
+class UpdateChannel(ChannelRef):
+    topic: str | None | UnsetType = UNSET
+    metadata: dict[str, Any] | UnsetType = UNSET
+
+
+class SetTopic(ChannelRef):
+    topic: str | None
+
+
+class InviteToChannel(ChannelRef):
+    agent_name: str
+
+
+# -- messages and threads -----------------------------------------------------------------
 
 
 class SendMessage(Request):
@@ -46,3 +129,109 @@ class SendMessage(Request):
     mode: Mode = "wait"
     data: dict[str, Any] | None = None
     attachments: list[str] = msgspec.field(default_factory=list)
+
+
+class ListMessages(Page, kw_only=True):
+    channel: str
+
+
+class MessageRef(Request):
+    """An operation on one message, named by `message_id`."""
+
+    message_id: str
+
+
+class ReplyToThread(Request):
+    message_id: str
+    text: str
+    mode: Mode = "wait"
+    data: dict[str, Any] | None = None
+    attachments: list[str] = msgspec.field(default_factory=list)
+
+
+class GetThread(Page, kw_only=True):
+    message_id: str
+
+
+class Reaction(Request):
+    message_id: str
+    emoji: str
+
+
+# -- DMs and group DMs ----------------------------------------------------------------------
+
+
+class SendDm(Request):
+    to: str
+    text: str
+    mode: Mode = "wait"
+    data: dict[str, Any] | None = None
+    attachments: list[str] = msgspec.field(default_factory=list)
+
+
+class DmMessages(Page, kw_only=True):
+    conversation_id: str
+
+
+class CreateGroupDm(Request):
+    participants: list[str]
+    name: str | None = None
+
+
+class SendGroupDm(Request):
+    conversation_id: str
+    text: str
+    mode: Mode = "wait"
+    data: dict[str, Any] | None = None
+    attachments: list[str] = msgspec.field(default_factory=list)
+
+
+class Participant(Request):
+    conversation_id: str
+    agent_name: str
+
+
+# -- inbox and search ------------------------------------------------------------------------
+
+
+class Inbox(Request):
+    limit: int | None = None
+
+
+class Search(Request):
+    q: str
+    channel: str | None = None
+    # The author's name; `from` on the wire.
+    from_: str | None = msgspec.field(name="from", default=None)
+    limit: int | None = None
+
+
+# -- the delivery mailbox ----------------------------------------------------------------------
+
+
+class ListDeliveries(Request):
+    # Narrow to one unacked state; the list holds only queued, delivered and failed rows.
+    status: Literal["queued", "delivered", "failed"] | None = None
+    limit: int | None = None
+    after_seq: int | None = None
+
+
+class DeliveryRef(Request):
+    delivery_id: str
+
+
+class AckUpTo(Request):
+    up_to_seq: int
+
+
+class FailDelivery(Request):
+    delivery_id: str
+    error: str | None = None
+    retryable: bool = True
+
+
+class DeferDelivery(Request):
+    delivery_id: str
+    # ISO 8601 time (Relaycast `DeferDeliveryRequest`), e.g. "2025-01-01T12:00:00Z".
+    available_at: str
+    reason: str | None = None

@@ -35,10 +35,11 @@ from broker.config import Settings
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
 from broker.engine.health import Probe
+from broker.engine.workspaces import Principal
 from broker.http.errors import encode_error, encode_success, status_for
 from broker.http.metrics import CONTENT_TYPE, BrokerMetrics
 from broker.http.routes import ROUTES, RestRoute
-from broker.operations import OPERATIONS, Call, Operation, invoke
+from broker.operations import OPERATIONS, Call, Existing, Operation, invoke
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ def error_response(code: str, message: str, headers: dict[str, str] | None = Non
 
 
 def success_response(data: Any, status: int = 200) -> Response:
-    if status == 204:
+    """The success envelope; an operation that returned nothing is 204 No Content."""
+    if data is None:
         return Response(status_code=204)
     return Response(encode_success(data), status_code=status, media_type=JSON)
 
@@ -102,6 +104,20 @@ def idempotency_key(request: Request) -> str | None:
     return None
 
 
+async def _principal(engine: Engine, op: Operation[Any], request: Request) -> Principal | None:
+    """Who calls: required and checked for `op.auth`; for open operations, only if valid."""
+    header = request.headers.get("authorization")
+    if op.auth != "none":
+        principal = await resolve_token(engine, bearer_token(header))
+        authorize(op.auth, principal)
+        return principal
+    try:
+        return await resolve_token(engine, bearer_token(header))
+    except BrokerError:
+        # An open operation ignores a missing or unknown token.
+        return None
+
+
 def operation_endpoint(
     engine: Engine, route: RestRoute, op: Operation[Any], max_body_bytes: int
 ) -> Callable[[Request], Awaitable[Response]]:
@@ -109,12 +125,7 @@ def operation_endpoint(
 
     async def endpoint(request: Request) -> Response:
         try:
-            principal = None
-            if op.auth != "none":
-                principal = await resolve_token(
-                    engine, bearer_token(request.headers.get("authorization"))
-                )
-                authorize(op.auth, principal)
+            principal = await _principal(engine, op, request)
             fields: dict[str, Any] = dict(request.query_params)
             if request.method not in BODYLESS:
                 fields.update(parse_body(await read_body(request, max_body_bytes)))
@@ -122,12 +133,15 @@ def operation_endpoint(
             call = Call(principal, idempotency_key(request),
                         base_url=str(request.base_url).rstrip("/"))
             result = await invoke(engine, op.name, call, fields)
+            status = route.status
+            if isinstance(result, Existing):
+                status, result = 200, result.value
+            return success_response(result, status)
         except BrokerError as exc:
             return error_response(exc.code, exc.message)
         except Exception:
             log.exception("request %s %s (%s) failed", request.method, route.path, op.name)
             return error_response("internal_error", "the broker failed to handle this request")
-        return success_response(result, route.status)
 
     endpoint.__name__ = f"rest_{op.name.replace('.', '_')}"
     return endpoint

@@ -37,6 +37,8 @@ const created = await step('createWorkspace', () =>
   RelayCast.createWorkspace('interop', { baseUrl }));
 await step('lookupWorkspace', () => RelayCast.lookupWorkspace('interop', { baseUrl }));
 await step('lookupMissing', () => RelayCast.lookupWorkspace('nobody-here', { baseUrl }));
+await step('ensureWorkspace', () =>
+  RelayCast.ensureWorkspace('interop', { baseUrl, apiKey: created.apiKey }));
 
 const relay = new RelayCast({ apiKey: created.apiKey, baseUrl });
 await step('workspaceInfo', () => relay.workspace.info());

@@ -1,11 +1,22 @@
 """The `broker` command (also `python -m broker`).
 
-`broker serve` runs the daemon in the foreground: the engine and the HTTP
-server on one port. Logging is configured here and nowhere else; under
-systemd, stdout goes to the journal, which adds the time.
+    broker serve             run the daemon in the foreground
+    broker config show       print the effective configuration (secrets masked)
+    broker backup PATH       consistent online copy of the database (daemon may run)
+    broker check             integrity check and schema version
+    broker stats             counts and sizes, read-only (daemon may run)
+    broker workspace create NAME           (daemon stopped; prints the key)
+    broker agent register --workspace W N  (daemon stopped; prints the token)
 
-Exit status: 0 after a clean stop (SIGINT or SIGTERM), 2 for a bad
-configuration or a data directory the broker refuses to open.
+Logging is configured here and nowhere else; under systemd, stdout goes to
+the journal, which adds the time. `serve` speaks the systemd notify
+protocol when $NOTIFY_SOCKET is set: READY=1 once the port listens and the
+writer runs, STOPPING=1 when a stop begins, WATCHDOG=1 from the event loop.
+
+Exit status: 0 on success and after a clean stop (SIGINT or SIGTERM; a
+second signal stops at once), 1 when `check` finds a problem, 2 for a bad
+configuration, an unusable data directory, or a database the broker
+refuses to open (each reported as one line on stderr).
 """
 
 from __future__ import annotations
@@ -14,69 +25,180 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import trio
 
-from broker.config import ConfigError, Settings, load_settings
-from broker.engine.errors import StartupError
+from broker.config import ConfigError, Settings, load_settings, masked
+from broker.engine.backup import backup, check
+from broker.engine.engine import DATABASE_FILE, Engine
+from broker.engine.errors import BrokerError, StartupError
+from broker.engine.stats import database_stats
+from broker.engine.workspaces import CreateWorkspace, RegisterAgent, workspace_by_name
 from broker.server import BrokerServer
+from broker.systemd import SystemdNotifier, run_watchdog, watchdog_interval
 
 log = logging.getLogger("broker")
 
+EXIT_PROBLEM = 1
 EXIT_USAGE = 2
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+_json = msgspec.json.Encoder()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="broker", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="TOML configuration file")
+    common.add_argument("--data-dir", type=Path, help="data directory (default ./data)")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the broker in the foreground")
-    serve.add_argument("--config", type=Path, help="TOML configuration file")
+
+    serve = commands.add_parser("serve", parents=[common], help="run the broker in the foreground")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8787; 0 = any)")
-    serve.add_argument("--data-dir", type=Path, help="directory of the database (default ./data)")
-    serve.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log level (default INFO)",
-    )
+    serve.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default INFO)")
+
+    config = commands.add_parser("config", help="configuration")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    show = config_commands.add_parser("show", parents=[common],
+                                      help="print the effective configuration")
+    show.add_argument("--host")
+    show.add_argument("--port", type=int)
+    show.add_argument("--log-level", choices=LOG_LEVELS)
+
+    copy = commands.add_parser("backup", parents=[common],
+                               help="online copy of the database to PATH")
+    copy.add_argument("path", type=Path)
+    commands.add_parser("check", parents=[common], help="integrity check and schema version")
+    commands.add_parser("stats", parents=[common], help="counts and sizes")
+
+    workspace = commands.add_parser("workspace", help="workspaces")
+    ws_commands = workspace.add_subparsers(dest="workspace_command", required=True)
+    create = ws_commands.add_parser("create", parents=[common], help="create a workspace")
+    create.add_argument("name")
+
+    agent = commands.add_parser("agent", help="agents")
+    agent_commands = agent.add_subparsers(dest="agent_command", required=True)
+    register = agent_commands.add_parser("register", parents=[common], help="register an agent")
+    register.add_argument("--workspace", required=True, help="workspace name")
+    register.add_argument("--type", default="agent", choices=["agent", "human", "system"])
+    register.add_argument("name")
     return parser
 
 
 def settings_for(args: argparse.Namespace) -> Settings:
-    """The file's settings with the command-line options applied over them."""
+    """The settings from file and environment with the command-line options applied over them."""
     settings = load_settings(args.config)
     http = settings.http
-    if args.host is not None:
+    if getattr(args, "host", None) is not None:
         http = msgspec.structs.replace(http, host=args.host)
-    if args.port is not None:
-        if not 0 <= args.port <= 65535:
-            raise ConfigError(f"--port {args.port}: must be between 0 and 65535")
-        http = msgspec.structs.replace(http, port=args.port)
+    port = getattr(args, "port", None)
+    if port is not None:
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"--port {port}: must be between 0 and 65535")
+        http = msgspec.structs.replace(http, port=port)
     data_dir = settings.data_dir if args.data_dir is None else str(args.data_dir)
-    return msgspec.structs.replace(settings, http=http, data_dir=data_dir)
+    level = getattr(args, "log_level", None) or settings.log_level
+    return msgspec.structs.replace(settings, http=http, data_dir=data_dir, log_level=level)
 
 
-async def serve(settings: Settings) -> None:
+def usable_data_dir(settings: Settings) -> Path:
+    """The data directory, created if missing; ConfigError if it cannot be written."""
+    path = Path(settings.data_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"data_dir {path}: cannot be written ({exc.strerror or exc})"
+        ) from None
+    return path
+
+
+def database_path(settings: Settings) -> Path:
+    path = Path(settings.data_dir) / DATABASE_FILE
+    if not path.exists():
+        raise ConfigError(f"{path}: no database here (wrong --data-dir?)")
+    return path
+
+
+async def serve(settings: Settings, notifier: SystemdNotifier | None = None) -> None:
     """Run the server until SIGINT or SIGTERM, then stop gracefully; a second signal cancels."""
+    notifier = notifier or SystemdNotifier()
     server = BrokerServer(settings)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
+            interval = watchdog_interval()
+            if interval is not None:
+                nursery.start_soon(run_watchdog, notifier, interval)
 
             async def watch_signals() -> None:
                 async for signum in signals:
                     name = signal.Signals(signum).name
                     if not server.stopping:
                         log.info("received %s; stopping gracefully", name)
+                        await notifier.stopping()
                         server.stop()
                     else:
                         log.warning("received %s again; stopping now", name)
                         nursery.cancel_scope.cancel()
 
+            async def run_server(*, task_status: trio.TaskStatus[None]) -> None:
+                await server.run(task_status=task_status)
+                nursery.cancel_scope.cancel()  # ends the signal watcher and the watchdog
+
             nursery.start_soon(watch_signals)
-            await server.run()
-            nursery.cancel_scope.cancel()
+            await nursery.start(run_server)
+            await notifier.ready(f"serving on {server.url}")
+    notifier.close()
+
+
+async def with_engine(settings: Settings, job: Callable[[Engine], Awaitable[Any]]) -> Any:
+    """Run `job` against a writer of our own (the daemon must not be running)."""
+    async with Engine.open(usable_data_dir(settings), settings.engine) as engine:
+        return await job(engine)
+
+
+async def create_workspace(settings: Settings, name: str) -> Any:
+    return await with_engine(settings, lambda engine: engine.submit(CreateWorkspace(name)))
+
+
+async def register_agent(settings: Settings, workspace: str, name: str, kind: str) -> Any:
+    async def job(engine: Engine) -> Any:
+        found = await engine.read(workspace_by_name, workspace)
+        return await engine.submit(RegisterAgent(
+            workspace_id=int(found.id), name=name, type=kind))
+
+    return await with_engine(settings, job)
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(msgspec.json.format(_json.encode(value)).decode() + "\n")
+
+
+def run_backup(settings: Settings, target: Path) -> None:
+    source = database_path(settings)
+    tty = sys.stderr.isatty()
+
+    def progress(remaining: int, total: int) -> None:
+        if tty and total:
+            done = total - remaining
+            sys.stderr.write(f"\rbackup: {done}/{total} pages ({100 * done // total}%)")
+            sys.stderr.flush()
+
+    pages = backup(source, target, progress)
+    if tty:
+        sys.stderr.write("\n")
+    print(f"backup: {pages} pages of {source} copied to {target}")
+    files = Path(settings.data_dir) / "files"
+    if files.is_dir():
+        print(f"note: uploaded files live in {files}; copy that directory too (see README)")
 
 
 def configure_logging(level: str) -> None:
@@ -86,22 +208,59 @@ def configure_logging(level: str) -> None:
     )
 
 
+def dispatch(args: argparse.Namespace) -> int:
+    settings = settings_for(args)
+    if args.command == "serve":
+        usable_data_dir(settings)
+        configure_logging(settings.log_level)
+        trio.run(serve, settings)
+    elif args.command == "config":
+        print_json(masked(settings))
+    elif args.command == "backup":
+        run_backup(settings, args.path)
+    elif args.command == "check":
+        report = check(database_path(settings))
+        print_json({"path": report.path, "ok": report.ok,
+                    "schema_version": report.schema_version,
+                    "expected_version": report.expected_version,
+                    "integrity": report.integrity,
+                    "foreign_key_violations": report.foreign_key_violations})
+        return 0 if report.ok else EXIT_PROBLEM
+    elif args.command == "stats":
+        print_json(database_stats(database_path(settings)))
+    elif args.command == "workspace":
+        print_json(trio.run(create_workspace, settings, args.name))
+    elif args.command == "agent":
+        print_json(trio.run(register_agent, settings, args.workspace, args.name, args.type))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        try:
-            settings = settings_for(args)
-        except ConfigError as exc:
-            print(f"broker: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        configure_logging(args.log_level)
-        try:
-            trio.run(serve, settings)
-        except StartupError as exc:
-            print(f"broker: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        return 0
-    return EXIT_USAGE
+    try:
+        return dispatch(args)
+    except (ConfigError, StartupError, BrokerError, FileExistsError) as exc:
+        print(f"broker: {one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except BaseExceptionGroup as group:
+        # a startup failure inside the server's nurseries arrives wrapped
+        refused = group.subgroup((StartupError, ConfigError, BrokerError))
+        if refused is None:
+            raise
+        print(f"broker: {one_line(first_leaf(refused))}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def one_line(exc: BaseException) -> str:
+    if isinstance(exc, BrokerError):
+        return f"{exc.code}: {exc.message}"
+    return " ".join(str(exc).split())
+
+
+def first_leaf(group: BaseException) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
 
 
 if __name__ == "__main__":

@@ -1,22 +1,32 @@
-"""Daemon settings: one msgspec Struct tree, read from a TOML file.
+"""Daemon settings: one msgspec Struct tree from a TOML file, the environment and flags.
 
 The engine's own settings (`EngineConfig`) nest under `[engine]`, the HTTP
-server's under `[http]`. Unknown keys and bad values are refused with a
-message that names them, so a typo never silently falls back to a default.
-Command-line options override the file (the CLI applies them).
+server's under `[http]`, and so on. Precedence, lowest first: the defaults,
+the TOML file (`--config`), environment variables, command-line options
+(the CLI applies those). An environment variable is `BROKER_` followed by
+the setting's path in upper case with `_` between the parts, matched
+against the Struct tree: `BROKER_HTTP_PORT=9000`,
+`BROKER_ENGINE_LIMITS_MAILBOX_DEPTH=500`, `BROKER_WEBHOOKS_ALLOW_HOSTS=a,b`
+(a list is comma-separated). Unknown keys, unknown `BROKER_` variables and
+bad values are refused with a message that names them, so a typo never
+silently falls back to a default.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import tomllib
+import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from broker.engine.config import EngineConfig
 from broker.gateway.settings import GatewaySettings
-from broker.webhooks.settings import ALLOW_HOSTS_ENV, WebhookSettings, with_environment
+from broker.webhooks.settings import WebhookSettings
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8787
@@ -43,6 +53,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Everything the daemon needs to run."""
 
     data_dir: str = DEFAULT_DATA_DIR
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     http: HttpSettings = msgspec.field(default_factory=HttpSettings)
     gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
@@ -53,29 +64,87 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names the file and the key."""
 
 
-def load_settings(path: Path | None) -> Settings:
-    """Settings from a TOML file (defaults when `path` is None).
+ENV_PREFIX = "BROKER_"
+# Setting names whose values `broker config show` masks.
+SECRET_NAME = re.compile(r"secret|password|token|(^|_)key$")
 
-    Raises ConfigError for an unreadable file, invalid TOML, an unknown key or a bad value.
+
+def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the defaults, a TOML file (if `path`) and BROKER_* environment variables.
+
+    Raises ConfigError for an unreadable file, invalid TOML, an unknown key or
+    variable, or a bad value; the message names the file or the variable.
     """
-    if path is None:
-        return with_webhook_environment(Settings())
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    overrides = environment_overrides(os.environ if environ is None else environ)
+    for keys, (_, value) in overrides.items():
+        section = raw
+        for key in keys[:-1]:
+            inner = section.setdefault(key, {})
+            if not isinstance(inner, dict):
+                raise ConfigError(f"{source}: {'.'.join(keys[:-1])} is not a table")
+            section = inner
+        section[keys[-1]] = value
     try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return with_webhook_environment(settings_from_dict(raw, source=str(path)))
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        # Name the variables the failing path covers (`$.http.port`, or
+        # `$.webhooks` when a whole section's check failed).
+        at = re.search(r"at `\$\.([^`]*)`$", message)
+        where = tuple(at.group(1).split(".")) if at else ()
+        blamed = [variable for keys, (variable, _) in overrides.items()
+                  if where and keys[:len(where)] == where]
+        raise ConfigError(f"{', '.join(blamed) or source}: {message}") from None
 
 
-def with_webhook_environment(settings: Settings) -> Settings:
-    """`settings` plus the webhook allow list's BROKER_WEBHOOKS_ALLOW_HOSTS entries."""
-    try:
-        webhooks = with_environment(settings.webhooks)
-    except ValueError as exc:
-        raise ConfigError(f"{ALLOW_HOSTS_ENV}: {exc}") from None
-    return msgspec.structs.replace(settings, webhooks=webhooks)
+def environment_overrides(
+    environ: Mapping[str, str],
+) -> dict[tuple[str, ...], tuple[str, str | list[str]]]:
+    """The settings named by BROKER_* variables: {path: (variable, value)}.
+
+    Raises ConfigError for a BROKER_* variable that names no setting.
+    """
+    found: dict[tuple[str, ...], tuple[str, str | list[str]]] = {}
+    for variable, value in environ.items():
+        if not variable.startswith(ENV_PREFIX):
+            continue
+        match = _setting_path(Settings, variable[len(ENV_PREFIX):].lower())
+        if match is None:
+            raise ConfigError(f"{variable}: no such setting (see `broker config show`)")
+        keys, is_list = match
+        found[keys] = (variable, [v.strip() for v in value.split(",") if v.strip()]
+                       if is_list else value)
+    return found
+
+
+def _setting_path(struct: type, name: str) -> tuple[tuple[str, ...], bool] | None:
+    """Match `name` (e.g. "engine_limits_mailbox_depth") to a leaf field of `struct`."""
+    for field in msgspec.structs.fields(struct):
+        kind = _unwrap(field.type)
+        nested = isinstance(kind, type) and issubclass(kind, msgspec.Struct)
+        if name == field.name and not nested:
+            return (field.name,), typing.get_origin(kind) in (list, tuple)
+        if nested and name.startswith(field.name + "_"):
+            inner = _setting_path(kind, name[len(field.name) + 1:])
+            if inner is not None:
+                return (field.name, *inner[0]), inner[1]
+    return None
+
+
+def _unwrap(kind: Any) -> Any:
+    while typing.get_origin(kind) is Annotated:
+        kind = typing.get_args(kind)[0]
+    return kind
 
 
 def settings_from_dict(raw: dict[str, object], source: str = "configuration") -> Settings:
@@ -84,3 +153,17 @@ def settings_from_dict(raw: dict[str, object], source: str = "configuration") ->
         return msgspec.convert(raw, Settings)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The settings as plain data, with the values of secret-looking names replaced by ***."""
+
+    def mask(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: "***" if SECRET_NAME.search(k) and v else mask(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [mask(v) for v in value]
+        return value
+
+    result: dict[str, Any] = mask(msgspec.to_builtins(settings))
+    return result

@@ -36,6 +36,7 @@ from broker.gateway import Gateway
 from broker.http.app import create_app
 from broker.http.files import file_routes
 from broker.http.metrics import BrokerMetrics
+from broker.sweeps import Sweeper
 from broker.webhooks.dispatcher import WebhookDispatcher, attach
 from broker.webhooks.inbound import inbound_routes
 
@@ -129,7 +130,18 @@ class BrokerServer:
             # Ends when a stop begins; deliveries in flight get the grace.
             await dispatcher.run(self._stop.wait, task_status=task_status)
 
-        services: tuple[Service, ...] = (realtime, file_sweep)
+        sweeper = self.sweeper = Sweeper(engine)
+
+        async def sweeps(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            # Expiry and retention write through the writer: they end when a
+            # stop begins, while the engine still takes commands.
+            async with trio.open_nursery() as nursery:
+                await nursery.start(sweeper.run)
+                task_status.started()
+                await self._stop.wait()
+                nursery.cancel_scope.cancel()
+
+        services: tuple[Service, ...] = (realtime, file_sweep, sweeps)
         if self.settings.webhooks.enabled:
             services = (*services, webhooks)
         return (

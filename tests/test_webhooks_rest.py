@@ -237,9 +237,11 @@ def test_allow_hosts_come_from_the_file_and_the_environment(
 ) -> None:
     config = tmp_path / "broker.toml"
     config.write_text('[webhooks]\nallow_hosts = ["10.0.0.0/8"]\nmax_attempts = 4\n')
+    assert load_settings(config).webhooks.allow_hosts == ("10.0.0.0/8",)
+    # the environment takes precedence over the file (broker.config)
     monkeypatch.setenv("BROKER_WEBHOOKS_ALLOW_HOSTS", "127.0.0.1, hooks.internal")
     settings = load_settings(config)
-    assert settings.webhooks.allow_hosts == ("10.0.0.0/8", "127.0.0.1", "hooks.internal")
+    assert settings.webhooks.allow_hosts == ("127.0.0.1", "hooks.internal")
     assert settings.webhooks.max_attempts == 4
     monkeypatch.setenv("BROKER_WEBHOOKS_ALLOW_HOSTS", "10.0.0.0/99")
     with pytest.raises(ConfigError, match="BROKER_WEBHOOKS_ALLOW_HOSTS"):

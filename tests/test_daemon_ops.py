@@ -1,0 +1,170 @@
+"""Daemon operations: configuration layering, systemd notify, graceful stop, admin commands."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from broker.cli import build_parser, main, settings_for
+from broker.client import connect
+from broker.config import SECRET_NAME, load_settings
+from tests.daemon import run_daemon
+
+DEADLINE_S = 60
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "broker", *args], capture_output=True,
+                          text=True, timeout=DEADLINE_S, env=dict(os.environ, **(env or {})))
+
+
+def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "broker.toml"
+    config.write_text("[http]\nport = 9000\nmax_body_bytes = 2048\n"
+                      "[engine.limits]\nmailbox_depth = 7\n")
+    monkeypatch.setenv("BROKER_HTTP_PORT", "9100")
+    monkeypatch.setenv("BROKER_ENGINE_LIMITS_MAILBOX_DEPTH", "8")
+    monkeypatch.setenv("BROKER_LOG_LEVEL", "WARNING")
+    from_env = load_settings(config)
+    assert (from_env.http.port, from_env.http.max_body_bytes) == (9100, 2048)
+    assert from_env.engine.limits.mailbox_depth == 8 and from_env.log_level == "WARNING"
+    args = build_parser().parse_args(
+        ["serve", "--config", str(config), "--port", "9200", "--log-level", "DEBUG"])
+    flags = settings_for(args)
+    assert (flags.http.port, flags.log_level) == (9200, "DEBUG")
+    assert flags.engine.limits.mailbox_depth == 8
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "fragment"),
+    [
+        ("[http]\nprot = 1\n", {}, "prot"),
+        ("", {"BROKER_HTTP_PORT": "70000"}, "BROKER_HTTP_PORT"),
+        ("", {"BROKER_HTTP_PROT": "1"}, "BROKER_HTTP_PROT: no such setting"),
+        ("", {"BROKER_ENGINE_SYNCHRONOUS": "SOMETIMES"}, "BROKER_ENGINE_SYNCHRONOUS"),
+        ("[engine]\nreaders = 0\n", {}, "$.engine.readers"),
+    ],
+)
+def test_bad_configuration_exits_2_with_one_line(
+    tmp_path: Path, toml: str, env: dict[str, str], fragment: str
+) -> None:
+    config = tmp_path / "broker.toml"
+    config.write_text(toml)
+    done = run_cli("serve", "--config", str(config), "--data-dir", str(tmp_path / "d"), env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and fragment in done.stderr, done.stderr
+    assert not (tmp_path / "d" / "broker.db").exists()
+
+
+def test_unwritable_data_dir_exits_2(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    done = run_cli("serve", "--data-dir", str(blocker / "data"))
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "cannot be written" in done.stderr
+
+
+@pytest.mark.parametrize("content", [b"SQLite format 3\x00" + b"\xff" * 5000, b"hello" * 2000])
+def test_foreign_or_corrupt_database_is_refused_untouched(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "broker.db").write_bytes(content)
+    done = run_cli("serve", "--port", "0", "--data-dir", str(tmp_path))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1 and "broker.db" in done.stderr
+    assert (tmp_path / "broker.db").read_bytes() == content
+
+
+def test_secret_names_are_masked() -> None:
+    for name in ("secret", "signing_secret", "api_key", "token", "password"):
+        assert SECRET_NAME.search(name), name
+    for name in ("max_body_bytes", "keys_per_page", "host"):
+        assert not SECRET_NAME.search(name), name
+
+
+def test_config_show_prints_the_effective_settings(tmp_path: Path) -> None:
+    done = run_cli("config", "show", "--port", "1234", env={"BROKER_ENGINE_READERS": "3"})
+    assert done.returncode == 0, done.stderr
+    assert '"port": 1234' in done.stdout and '"readers": 3' in done.stdout
+
+
+async def test_notify_graceful_stop_and_quiet_logs(tmp_path: Path) -> None:
+    notify = str(tmp_path / "notify.sock")
+    data = tmp_path / "data"
+    with trio.fail_after(DEADLINE_S):
+        with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            await sock.bind(notify)
+            env = {"NOTIFY_SOCKET": notify, "WATCHDOG_USEC": "200000"}
+            async with run_daemon(data, env=env) as daemon:
+                ready = b""
+                while not ready.startswith(b"READY=1"):  # watchdog pings may come first
+                    ready = await sock.recv(4096)
+                assert daemon.url.encode() in ready  # sent once the port listens
+                async with httpx.AsyncClient(base_url=daemon.url) as http:
+                    created = (await http.post("/v1/workspaces", json={"name": "ops"})).json()
+                    key = created["data"]["api_key"]
+                    agent = (await http.post("/v1/agents", json={"name": "a"},
+                             headers={"Authorization": f"Bearer {key}"})).json()["data"]
+                pings = 0
+                while pings < 2:
+                    pings += (await sock.recv(4096)) == b"WATCHDOG=1"
+                closed: list[int | None] = []
+                async with trio.open_nursery() as nursery:
+                    async def hold() -> None:
+                        async with connect(daemon.ws_url, agent["token"],
+                                           reconnect=False) as client:
+                            await client.request("message.send", channel="general",
+                                                 text="a very private body")
+                            async for _ in client.deliveries():
+                                pass  # ends when the server closes the socket
+                            closed.append(client.close_code)
+
+                    nursery.start_soon(hold)
+                    await trio.sleep(0.3)
+                    daemon.process.send_signal(signal.SIGTERM)
+                    assert await daemon.process.wait() == 0
+                stopping = b""
+                while b"STOPPING=1" not in stopping:
+                    stopping = await sock.recv(4096)
+    assert closed == [1001]
+    log = daemon.output.decode()
+    assert "stopped" in log
+    assert key not in log and agent["token"] not in log and "a very private body" not in log
+
+
+async def test_second_daemon_on_the_same_directory_is_refused(tmp_path: Path) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with run_daemon(tmp_path) as daemon:
+            second = await trio.run_process(
+                [sys.executable, "-m", "broker", "serve", "--port", "0",
+                 "--data-dir", str(tmp_path)], capture_stdout=True, capture_stderr=True,
+                check=False)
+            daemon.kill()
+    assert second.returncode == 2
+    err = second.stderr.decode()
+    assert err.count("\n") == 1 and "already opened for writing" in err
+
+
+def test_admin_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = ["--data-dir", str(tmp_path)]
+    assert main(["workspace", "create", "acme", *data]) == 0
+    assert '"api_key": "rk_live_' in capsys.readouterr().out
+    assert main(["agent", "register", "--workspace", "acme", "bob", *data]) == 0
+    assert '"token": "at_live_' in capsys.readouterr().out
+    assert main(["agent", "register", "--workspace", "nope", "bob", *data]) == 2
+    assert "workspace_not_found" in capsys.readouterr().err
+    assert main(["stats", *data]) == 0
+    out = capsys.readouterr().out
+    assert '"workspaces": 1' in out and '"agents": 1' in out
+    assert main(["check", *data]) == 0
+    assert '"ok": true' in capsys.readouterr().out
+    assert main(["backup", str(tmp_path / "copy.db"), *data]) == 0
+    assert (tmp_path / "copy.db").stat().st_size > 0
+    assert main(["backup", str(tmp_path / "copy.db"), *data]) == 2  # never overwrites
+    assert main(["check", "--data-dir", str(tmp_path / "empty")]) == 2

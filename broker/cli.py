@@ -2,7 +2,7 @@
 
     broker serve             run the daemon in the foreground
     broker config show       print the effective configuration (secrets masked)
-    broker backup PATH       consistent online copy of the database (daemon may run)
+    broker backup DIR        online copy of the database and files into a new data dir
     broker check             integrity check and schema version
     broker stats             counts and sizes, read-only (daemon may run)
     broker workspace create NAME           (daemon stopped; prints the key)
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,6 +39,7 @@ from broker.engine.engine import DATABASE_FILE, Engine
 from broker.engine.errors import BrokerError, StartupError
 from broker.engine.stats import database_stats
 from broker.engine.workspaces import CreateWorkspace, RegisterAgent, workspace_by_name
+from broker.filestore import OBJECTS_DIR
 from broker.server import BrokerServer
 from broker.systemd import SystemdNotifier, run_watchdog, watchdog_interval
 
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--log-level", choices=LOG_LEVELS)
 
     copy = commands.add_parser("backup", parents=[common],
-                               help="online copy of the database to PATH")
+                               help="online copy of the database and files into DIR")
     copy.add_argument("path", type=Path)
     commands.add_parser("check", parents=[common], help="integrity check and schema version")
     commands.add_parser("stats", parents=[common], help="counts and sizes")
@@ -183,7 +185,16 @@ def print_json(value: Any) -> None:
 
 
 def run_backup(settings: Settings, target: Path) -> None:
+    """Write a restorable data directory at `target`: the database, then the file objects.
+
+    In that order every file the copied database calls complete already has
+    its bytes in place (bytes are written before their row, never rewritten);
+    see the README's backup section for the deletion-retention caveat.
+    """
     source = database_path(settings)
+    if target.exists() and any(target.iterdir()):
+        raise ConfigError(f"{target}: exists and is not empty; refusing to overwrite it")
+    target.mkdir(parents=True, exist_ok=True)
     tty = sys.stderr.isatty()
 
     def progress(remaining: int, total: int) -> None:
@@ -192,13 +203,16 @@ def run_backup(settings: Settings, target: Path) -> None:
             sys.stderr.write(f"\rbackup: {done}/{total} pages ({100 * done // total}%)")
             sys.stderr.flush()
 
-    pages = backup(source, target, progress)
+    pages = backup(source, target / DATABASE_FILE, progress)
     if tty:
         sys.stderr.write("\n")
-    print(f"backup: {pages} pages of {source} copied to {target}")
-    files = Path(settings.data_dir) / "files"
-    if files.is_dir():
-        print(f"note: uploaded files live in {files}; copy that directory too (see README)")
+    objects = Path(settings.data_dir) / "files" / OBJECTS_DIR
+    copied = 0
+    if objects.is_dir():
+        shutil.copytree(objects, target / "files" / OBJECTS_DIR)
+        copied = sum(1 for p in (target / "files" / OBJECTS_DIR).rglob("*") if p.is_file())
+    print(f"backup: {pages} database pages and {copied} file objects copied to {target}; "
+          f"restore with --data-dir {target}")
 
 
 def configure_logging(level: str) -> None:

@@ -164,7 +164,15 @@ def test_admin_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert '"workspaces": 1' in out and '"agents": 1' in out
     assert main(["check", *data]) == 0
     assert '"ok": true' in capsys.readouterr().out
-    assert main(["backup", str(tmp_path / "copy.db"), *data]) == 0
-    assert (tmp_path / "copy.db").stat().st_size > 0
-    assert main(["backup", str(tmp_path / "copy.db"), *data]) == 2  # never overwrites
+    objects = tmp_path / "files" / "objects" / "1"
+    objects.mkdir(parents=True)
+    (objects / "42.abc").write_bytes(b"file bytes")
+    backup_dir = tmp_path / "backup"
+    assert main(["backup", str(backup_dir), *data]) == 0
+    assert (backup_dir / "files" / "objects" / "1" / "42.abc").read_bytes() == b"file bytes"
+    assert main(["check", "--data-dir", str(backup_dir)]) == 0  # a restorable data dir
+    assert '"ok": true' in capsys.readouterr().out
+    assert main(["stats", "--data-dir", str(backup_dir)]) == 0
+    assert '"agents": 1' in capsys.readouterr().out
+    assert main(["backup", str(backup_dir), *data]) == 2  # never overwrites
     assert main(["check", "--data-dir", str(tmp_path / "empty")]) == 2

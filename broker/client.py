@@ -16,8 +16,8 @@
 - `deliveries()` yields each durable delivery once, in seq order, across
   reconnects (the client drops what the server replays a second time). With
   `auto_ack` (the default) a delivery is acked once the consumer asks for
-  the next one, i.e. after it was processed; acks are cumulative and sent
-  coalesced. Without it, call `ack(seq)`.
+  the next one, i.e. after it was processed; acks are cumulative, and one
+  goes out per ACK_INTERVAL at most. Without it, call `ack(seq)`.
 - `events()` yields ephemeral events (presence, membership, channels);
   when the consumer falls behind by `event_buffer`, newer events are dropped
   (they have no seq to resume from), and counted in `events_dropped`.
@@ -56,8 +56,8 @@ RECONNECT_MAX_DELAY = 10.0
 # Deliveries received but not yet consumed; when full, the client stops reading the socket.
 DEFAULT_DELIVERY_BUFFER = 256
 DEFAULT_EVENT_BUFFER = 256
-# Auto-ack sends an ack at least every this many deliveries, even while more are waiting.
-ACK_EVERY = 100
+# Auto-ack sends at most one (cumulative) ack per this many seconds.
+ACK_INTERVAL = 0.05
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 
 # Closes after which reconnecting cannot help.
@@ -130,13 +130,15 @@ class BrokerClient:
             delivery_buffer)
         self._events_send, self._events = trio.open_memory_channel[dict[str, Any]](event_buffer)
         self._ws: trio_websocket.WebSocketConnection | None = None
+        self._stream: trio.SocketStream | None = None
         self._connected = trio.Event()
         self._closing = False
         self._json = msgspec.json.Encoder()
         self._msgpack = msgspec.msgpack.Encoder()
         self.last_seq = 0  # highest seq received (duplicates at or below it are dropped)
         self._acked = 0  # highest seq acked by this client
-        self._consumed = 0  # highest seq handed to the consumer
+        self._consumed = 0  # highest seq the consumer has processed
+        self._ack_wanted = trio.Event()
         self.connections = 0
         self.duplicates = 0
         self.events_dropped = 0
@@ -180,6 +182,11 @@ class BrokerClient:
                         raise
                     log.info("client: connecting to %s failed: %r", self.url, exc)
                 finally:
+                    # trio-websocket leaves the stream open when the handshake
+                    # is refused or its reader is cancelled early.
+                    if self._stream is not None:
+                        await trio.aclose_forcefully(self._stream)
+                        self._stream = None
                     self._ws = None
                     self._connected = trio.Event()
                     self._fail_pending()
@@ -201,18 +208,13 @@ class BrokerClient:
         if parts.query:
             resource += "?" + parts.query
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
-        stream = await open_stream(host, port, self.receive_buffer)
-        try:
-            return await trio_websocket.wrap_client_stream(
-                nursery, stream, f"{host}:{port}", resource,
-                subprotocols=[MSGPACK_SUBPROTOCOL if self.msgpack else JSON_SUBPROTOCOL],
-                extra_headers=[(b"authorization", f"Bearer {self.token}".encode())],
-                max_message_size=MAX_MESSAGE_SIZE,
-            )
-        except BaseException:
-            # trio-websocket leaves the stream open when the handshake is refused.
-            await trio.aclose_forcefully(stream)
-            raise
+        stream = self._stream = await open_stream(host, port, self.receive_buffer)
+        return await trio_websocket.wrap_client_stream(
+            nursery, stream, f"{host}:{port}", resource,
+            subprotocols=[MSGPACK_SUBPROTOCOL if self.msgpack else JSON_SUBPROTOCOL],
+            extra_headers=[(b"authorization", f"Bearer {self.token}".encode())],
+            max_message_size=MAX_MESSAGE_SIZE,
+        )
 
     async def _read(self, ws: trio_websocket.WebSocketConnection) -> None:
         while True:
@@ -337,11 +339,22 @@ class BrokerClient:
         """Every delivery once, in seq order; ends when the client stops for good."""
         return Deliveries(self)
 
-    async def _try_ack(self, seq: int) -> None:
-        try:
-            await self.ack(seq)
-        except ConnectionLost:
-            pass  # the next connection replays from the last durable ack; we drop duplicates
+    def _processed(self, seq: int) -> None:
+        self._consumed = seq
+        if self.auto_ack:
+            self._ack_wanted.set()
+
+    async def _auto_ack(self) -> None:
+        """Send the cumulative ack of what was processed, at most once per ACK_INTERVAL."""
+        while True:
+            await self._ack_wanted.wait()
+            self._ack_wanted = trio.Event()
+            if self._consumed > self._acked:
+                try:
+                    await self.ack(self._consumed)
+                except ConnectionLost:
+                    pass  # the next connection replays from the last durable ack
+            await trio.sleep(ACK_INTERVAL)
 
     def events(self) -> trio.MemoryReceiveChannel[dict[str, Any]]:
         """Ephemeral events (`{"type": ..., "data": ...}`) as they arrive (iterate it)."""
@@ -352,13 +365,12 @@ class Deliveries:
     """The async iterator of `BrokerClient.deliveries()` (a plain object: no aclosing needed).
 
     With auto_ack, a delivery counts as processed when the next one is
-    asked for; acks go out when the consumer has caught up with what
-    arrived, or every ACK_EVERY deliveries.
+    asked for; the client's ack task then sends one cumulative ack per
+    ACK_INTERVAL at most, however many deliveries were processed.
     """
 
     def __init__(self, client: BrokerClient) -> None:
         self.client = client
-        self._since_ack = 0
         self._last: int | None = None
 
     def __aiter__(self) -> Deliveries:
@@ -367,22 +379,9 @@ class Deliveries:
     async def __anext__(self) -> Delivery:
         client = self.client
         if self._last is not None:
-            client._consumed = self._last
-            self._since_ack += 1
-            if client.auto_ack and self._since_ack >= ACK_EVERY:
-                await client._try_ack(client._consumed)
-                self._since_ack = 0
+            client._processed(self._last)
         try:
-            delivery = client._deliveries.receive_nowait()
-        except trio.WouldBlock:
-            # Caught up with what arrived: a good moment to ack what was processed.
-            if client.auto_ack and client._consumed > client._acked:
-                await client._try_ack(client._consumed)
-                self._since_ack = 0
-            try:
-                delivery = await client._deliveries.receive()
-            except trio.EndOfChannel:
-                raise StopAsyncIteration from None
+            delivery = await client._deliveries.receive()
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
         self._last = delivery.seq
@@ -433,6 +432,7 @@ async def connect(url: str, token: str, **options: Any) -> AsyncIterator[BrokerC
     client = BrokerClient(url, token, **options)
     async with trio.open_nursery() as nursery:
         await nursery.start(client.run)
+        nursery.start_soon(client._auto_ack)
         try:
             yield client
         finally:

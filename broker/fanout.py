@@ -385,6 +385,7 @@ class Outbox:
                 return False
             self._append(item)
             self.cursor = item.seq
+            self.live_deliveries += 1
         self.mode = Mode.LIVE
         return True
 

@@ -1,0 +1,149 @@
+"""Helpers for WebSocket tests: a live server with chosen gateway settings, raw sockets, sends."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+import trio_websocket
+
+from broker.client import open_stream
+from broker.config import HttpSettings, Settings
+from broker.engine.config import EngineConfig
+from broker.engine.engine import Engine
+from broker.engine.messages import SendChannelMessage
+from broker.gateway import Gateway
+from broker.gateway.settings import GatewaySettings
+from broker.server import BrokerServer
+from protocol.codec import JSON_SUBPROTOCOL
+
+FAST_ENGINE = EngineConfig(synchronous="NORMAL")
+# Longest wait for state that another task moves (acks committed, ...).
+POLL_LIMIT_S = 10.0
+
+
+@asynccontextmanager
+async def serve(
+    data_dir: Path, gateway: GatewaySettings | None = None, engine: EngineConfig = FAST_ENGINE,
+) -> AsyncIterator[BrokerServer]:
+    """A BrokerServer on 127.0.0.1, port 0, until the block ends (then a graceful stop)."""
+    settings = Settings(
+        data_dir=str(data_dir), engine=engine,
+        http=HttpSettings(host="127.0.0.1", port=0, shutdown_grace_seconds=2.0),
+        gateway=gateway or GatewaySettings(),
+    )
+    server = BrokerServer(settings)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def gateway_of(server: BrokerServer) -> Gateway:
+    assert server.gateway is not None
+    return server.gateway
+
+
+def ws_url(server: BrokerServer, path: str = "/v1/ws", token: str | None = None) -> str:
+    url = f"ws://127.0.0.1:{server.port}{path}"
+    return url if token is None else f"{url}?token={token}"
+
+
+@asynccontextmanager
+async def raw_socket(
+    server: BrokerServer, token: str | None, *, path: str = "/v1/ws",
+    subprotocols: list[str] | None = None, queue: int = 10_000,
+    receive_buffer: int | None = None, headers: list[tuple[bytes, bytes]] | None = None,
+) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """A plain trio-websocket connection (token in the query), for frame-level tests.
+
+    queue: messages trio-websocket reads ahead; receive_buffer: SO_RCVBUF.
+    """
+    assert server.port is not None
+    resource = path if token is None else f"{path}?token={token}"
+    try:
+        async with _raw(server.port, resource, subprotocols, queue, receive_buffer,
+                        headers) as ws:
+            yield ws
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+@asynccontextmanager
+async def _raw(
+    port: int, resource: str, subprotocols: list[str] | None, queue: int,
+    receive_buffer: int | None, headers: list[tuple[bytes, bytes]] | None,
+) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    stream = await open_stream("127.0.0.1", port, receive_buffer)
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await trio_websocket.wrap_client_stream(
+                nursery, stream, f"127.0.0.1:{port}", resource,
+                subprotocols=[JSON_SUBPROTOCOL] if subprotocols is None else subprotocols,
+                message_queue_size=queue, extra_headers=headers,
+            )
+            try:
+                yield ws
+            finally:
+                with trio.move_on_after(5):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        # trio-websocket leaves the stream open when the handshake is refused
+        # or the reader is cancelled before the server's TCP close.
+        await trio.aclose_forcefully(stream)
+
+
+async def next_frame(ws: trio_websocket.WebSocketConnection, *types: str) -> dict[str, Any]:
+    """The next frame (of one of `types`, skipping others such as events and pings)."""
+    while True:
+        message = await ws.get_message()
+        frame = (msgspec.msgpack.decode(message) if isinstance(message, bytes)
+                 else msgspec.json.decode(message))
+        assert isinstance(frame, dict)
+        if not types or frame.get("type") in types:
+            return frame
+
+
+async def send_json(ws: trio_websocket.WebSocketConnection, frame: Any) -> None:
+    await ws.send_message(msgspec.json.encode(frame).decode())
+
+
+async def closed_with(ws: trio_websocket.WebSocketConnection) -> int | None:
+    """Read until the server closes; its close code."""
+    try:
+        while True:
+            await ws.get_message()
+    except trio_websocket.ConnectionClosed as closed:
+        return closed.reason.code if closed.reason is not None else None
+
+
+async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
+    """Poll `check` until it is true (for state another task moves), at most POLL_LIMIT_S."""
+    with trio.fail_after(POLL_LIMIT_S):
+        while True:
+            if await check():
+                return
+            await trio.sleep(0.01)
+
+
+async def post(engine: Engine, workspace_id: int, agent_id: int, channel: str, text: str) -> int:
+    """Send a channel message through the writer; its message id."""
+    message = await engine.submit(SendChannelMessage(
+        workspace_id=workspace_id, agent_id=agent_id, channel=channel, text=text))
+    return int(message.id)

@@ -1,0 +1,308 @@
+"""The native agent session on /v1/ws over real sockets: handshake, requests, deliveries."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+import trio
+import trio_websocket
+
+from broker.client import RequestError, connect
+from broker.engine.realtime import seq_marks
+from broker.gateway.presence import ACTIVE
+from broker.server import BrokerServer
+from protocol.codec import MSGPACK_SUBPROTOCOL
+from tests.conftest import TEST_DEADLINE_S, World, make_world
+from tests.realtime import (
+    eventually,
+    gateway_of,
+    next_frame,
+    post,
+    raw_socket,
+    send_json,
+    serve,
+    ws_url,
+)
+
+
+class Live(msgspec.Struct):
+    server: BrokerServer
+    world: World
+
+    @property
+    def url(self) -> str:
+        return ws_url(self.server)
+
+    def token(self, name: str) -> str:
+        return self.world.tokens[name]
+
+    async def post(self, author: str, text: str, channel: str = "general") -> int:
+        return await post(self.server.engine, self.world.workspace_id, self.world.agents[author],
+                          channel, text)
+
+    async def marks(self, name: str) -> tuple[int, int]:
+        marks = await self.server.engine.read(seq_marks, self.world.workspace_id,
+                                              self.world.agents[name])
+        return marks.last_seq, marks.acked_seq
+
+
+@pytest.fixture
+async def live(tmp_path: Path) -> AsyncIterator[Live]:
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with serve(tmp_path) as server:
+            yield Live(server, await make_world(server.engine))
+
+
+async def acked_at_least(live: Live, name: str, seq: int) -> bool:
+    return (await live.marks(name))[1] >= seq
+
+
+async def count(server: BrokerServer, table: str) -> int:
+    row = await server.engine.read(
+        lambda c: c.execute(f"SELECT count(*) FROM {table}").fetchone())
+    return int(row[0])
+
+
+# -- the handshake -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("token", [None, "at_live_nope", "rk_live_nope", "garbage"])
+async def test_a_bad_or_missing_token_is_refused_at_the_handshake(
+    live: Live, token: str | None
+) -> None:
+    with pytest.raises(trio_websocket.ConnectionRejected) as refused:
+        async with raw_socket(live.server, token):
+            pass
+    assert refused.value.status_code == 401
+    body = msgspec.json.decode(refused.value.body or b"{}")
+    assert body["ok"] is False
+    assert body["error"]["code"] in ("unauthorized", "invalid_token")
+
+
+async def test_the_token_may_come_in_the_authorization_header(live: Live) -> None:
+    async with connect(live.url, live.token("bob")) as bob:  # the client uses the header
+        me = await bob.request("agent.me")
+    assert me["name"] == "bob"
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+
+async def test_requests_take_the_rest_fields_and_reply_with_the_rest_data(live: Live) -> None:
+    assert live.server.url is not None
+    async with httpx.AsyncClient(base_url=live.server.url) as http:
+        response = await http.post(
+            "/v1/channels/general/messages", json={"text": "over rest"},
+            headers={"Authorization": f"Bearer {live.token('alice')}"})
+    rest = response.json()["data"]
+    async with connect(live.url, live.token("alice")) as alice:
+        ws = await alice.request("message.send", channel="general", text="over ws")
+        assert set(ws) == set(rest)
+        assert ws["text"] == "over ws" and ws["agent_name"] == "alice"
+        got = await alice.request("message.get", message_id=ws["id"])
+        assert got["id"] == ws["id"]
+        listed = await alice.request("message.list", channel="general")
+        assert [m["text"] for m in listed][:2] == ["over ws", "over rest"]
+
+
+async def test_refusals_carry_the_rest_error_codes(live: Live) -> None:
+    async with connect(live.url, live.token("alice")) as alice:
+        with pytest.raises(RequestError) as refused:
+            await alice.request("message.send", channel="nowhere", text="hi")
+        assert refused.value.code == "channel_not_found"
+        with pytest.raises(RequestError) as refused:
+            await alice.request("message.send", channel="general", text="")
+        assert refused.value.code.startswith("invalid_")
+        with pytest.raises(RequestError) as refused:
+            await alice.request("message.send", channel="general", text=5)
+        assert refused.value.code == "invalid_request"
+        with pytest.raises(RequestError) as refused:
+            await alice.request("agent.register", name="eve")  # needs the workspace key
+        assert refused.value.code == "unknown_type"
+        await alice.ping()
+
+
+async def test_idempotency_key_on_a_socket_send(live: Live) -> None:
+    async with connect(live.url, live.token("alice")) as alice:
+        first = await alice.request("message.send", channel="general", text="once",
+                                    idempotency_key="k1")
+        again = await alice.request("message.send", channel="general", text="once",
+                                    idempotency_key="k1")
+        assert again["id"] == first["id"]
+        with pytest.raises(RequestError) as refused:
+            await alice.request("message.send", channel="general", text="other",
+                                idempotency_key="k1")
+        assert refused.value.code == "idempotency_key_reused"
+    assert await count(live.server, "messages") == 1
+
+
+async def test_the_issue_request_types_are_all_available(live: Live) -> None:
+    wanted = {
+        "message.send", "message.list", "message.get", "thread.reply", "thread.get", "dm.send",
+        "dm.conversations", "dm.messages", "group_dm.create", "group_dm.send", "message.read",
+        "reaction.add", "reaction.remove", "channel.create", "channel.join", "channel.leave",
+        "channel.invite", "channel.list", "inbox.get", "search", "agent.me", "agent.list",
+    }
+    assert wanted <= gateway_of(live.server).request_types
+
+
+# -- deliveries and acks -----------------------------------------------------------------------
+
+
+async def test_a_delivery_frame_has_the_documented_shape(live: Live) -> None:
+    async with raw_socket(live.server, live.token("bob")) as bob:
+        message_id = await live.post("alice", "hello")
+        frame = await next_frame(bob, "deliver")
+    bob_id = live.world.agents["bob"]
+    assert frame["v"] == 1 and frame["seq"] == 1
+    assert frame["delivery_id"] == f"{bob_id}:1"
+    assert frame["payload"]["type"] == "message.created"
+    assert frame["payload"]["data"]["id"] == str(message_id)
+    assert frame["payload"]["data"]["text"] == "hello"
+
+
+async def test_msgpack_subprotocol_sends_binary_frames(live: Live) -> None:
+    async with raw_socket(live.server, live.token("bob"),
+                          subprotocols=[MSGPACK_SUBPROTOCOL]) as bob:
+        assert bob.subprotocol == MSGPACK_SUBPROTOCOL
+        await live.post("alice", "packed")
+        message = await bob.get_message()
+        while isinstance(message, bytes) and msgspec.msgpack.decode(message)["type"] != "deliver":
+            message = await bob.get_message()
+        assert isinstance(message, bytes)
+        frame = msgspec.msgpack.decode(message)
+        assert frame["payload"]["data"]["text"] == "packed"
+        await bob.send_message(msgspec.msgpack.encode(
+            {"v": 1, "id": "m1", "type": "message.send", "channel": "general", "text": "back"}))
+        reply = await next_frame(bob, "reply")
+        assert reply["re"] == "m1" and reply["ok"] is True
+        assert reply["data"]["text"] == "back"
+
+
+async def test_every_socket_of_an_agent_gets_every_delivery_and_any_ack_counts(live: Live) -> None:
+    async with raw_socket(live.server, live.token("bob")) as one, \
+            raw_socket(live.server, live.token("bob")) as two:
+        for i in range(3):
+            await live.post("alice", f"m{i}")
+        for ws in (one, two):
+            seqs = [(await next_frame(ws, "deliver"))["seq"] for _ in range(3)]
+            assert seqs == [1, 2, 3]
+        await send_json(two, {"v": 1, "id": "a1", "type": "delivery.ack", "up_to_seq": 2})
+        reply = await next_frame(two, "reply")
+        assert reply["data"] == {"acked": 2, "acked_seq": 2, "changed": True}
+    assert await live.marks("bob") == (3, 2)
+    # A new socket replays only what is not acked.
+    async with raw_socket(live.server, live.token("bob")) as three:
+        frame = await next_frame(three, "deliver")
+        assert frame["seq"] == 3
+
+
+async def test_duplicate_acks_change_nothing_and_acks_above_the_highest_seq_are_clamped(
+    live: Live,
+) -> None:
+    async with raw_socket(live.server, live.token("bob")) as bob:
+        await live.post("alice", "one")
+        await live.post("alice", "two")
+        await next_frame(bob, "deliver")
+        await next_frame(bob, "deliver")
+        await send_json(bob, {"v": 1, "id": "a", "type": "delivery.ack", "up_to_seq": 1})
+        assert (await next_frame(bob, "reply"))["data"] == {
+            "acked": 1, "acked_seq": 1, "changed": True}
+        await send_json(bob, {"v": 1, "id": "b", "type": "delivery.ack", "up_to_seq": 1})
+        assert (await next_frame(bob, "reply"))["data"] == {
+            "acked": 0, "acked_seq": 1, "changed": False}
+        # Above the highest seq allocated (2): clamped to 2, never pre-acks seq 3.
+        await send_json(bob, {"v": 1, "id": "c", "type": "delivery.ack", "up_to_seq": 1000})
+        assert (await next_frame(bob, "reply"))["data"] == {
+            "acked": 1, "acked_seq": 2, "changed": True}
+        await live.post("alice", "three")
+        frame = await next_frame(bob, "deliver")
+        assert frame["seq"] == 3
+    assert await live.marks("bob") == (3, 2)
+    async with raw_socket(live.server, live.token("bob")) as again:
+        assert (await next_frame(again, "deliver"))["seq"] == 3
+
+
+async def test_acks_without_id_are_coalesced_into_few_commands(live: Live) -> None:
+    gateway = gateway_of(live.server)
+    async with raw_socket(live.server, live.token("bob")) as bob:
+        for i in range(20):
+            await live.post("alice", f"m{i}")
+        for _ in range(20):
+            frame = await next_frame(bob, "deliver")
+            await send_json(bob, {"v": 1, "type": "delivery.ack", "up_to_seq": frame["seq"]})
+        await eventually(lambda: acked_at_least(live, "bob", 20))
+    stats = gateway.recorder.statistics()
+    assert stats.acks_received >= 20
+    assert stats.ack_commands < stats.acks_received
+
+
+async def test_delivered_deliveries_are_marked_in_batches(live: Live) -> None:
+    async with raw_socket(live.server, live.token("bob")) as bob:
+        for i in range(10):
+            await live.post("alice", f"m{i}")
+        for _ in range(10):
+            await next_frame(bob, "deliver")
+        await gateway_of(live.server).recorder.flush()
+    states = await live.server.engine.read(lambda c: c.execute(
+        "SELECT state, attempts FROM deliveries WHERE agent_id = ? ORDER BY seq",
+        (live.world.agents["bob"],)).fetchall())
+    assert states == [("delivered", 1)] * 10
+
+
+async def test_the_python_client_acks_automatically(live: Live) -> None:
+    async with connect(live.url, live.token("bob")) as bob:
+        for i in range(5):
+            await live.post("alice", f"m{i}")
+        got = []
+        async for delivery in bob.deliveries():
+            got.append(delivery.data["text"])
+            if len(got) == 5:
+                break
+    assert got == [f"m{i}" for i in range(5)]
+    await eventually(lambda: acked_at_least(live, "bob", 4))
+
+
+# -- ephemeral events --------------------------------------------------------------------------
+
+
+async def next_event(ws: trio_websocket.WebSocketConnection, event_type: str) -> Any:
+    """The data of the next ephemeral event of `event_type`."""
+    while True:
+        frame = await next_frame(ws, "event")
+        if frame["payload"]["type"] == event_type:
+            return frame["payload"]["data"]
+
+
+async def test_presence_and_channel_events_reach_the_workspace(live: Live) -> None:
+    async with raw_socket(live.server, live.token("alice")) as alice:
+        async with connect(live.url, live.token("bob")) as bob:
+            data = await next_event(alice, f"agent.status.{ACTIVE}")
+            while data["agent"]["name"] != "bob":
+                data = await next_event(alice, f"agent.status.{ACTIVE}")
+            await bob.request("channel.create", name="ops")
+            created = await next_event(alice, "channel.created")
+            assert created["name"] == "ops"
+            await bob.request("channel.leave", channel="ops")
+            left = await next_event(alice, "member.left")
+            assert left["agent_name"] == "bob"
+        offline = await next_event(alice, "agent.status.offline")
+        assert offline["agent"]["name"] == "bob"
+
+
+async def test_a_sender_gets_no_delivery_of_its_own_message(live: Live) -> None:
+    async with raw_socket(live.server, live.token("alice")) as alice:
+        await send_json(alice, {"v": 1, "id": "s", "type": "message.send", "channel": "general",
+                                "text": "mine"})
+        assert (await next_frame(alice, "reply"))["ok"] is True
+        await send_json(alice, {"v": 1, "id": "p", "type": "ping"})
+        pong = await next_frame(alice, "pong", "deliver")
+        assert pong == {"v": 1, "type": "pong", "re": "p"}
+    assert (await live.marks("alice"))[0] == 0
+
+

@@ -66,7 +66,7 @@ class ConfigError(Exception):
 
 ENV_PREFIX = "BROKER_"
 # Setting names whose values `broker config show` masks.
-SECRET_NAME = re.compile(r"secret|password|token|(^|_)key$")
+SECRET_NAME = re.compile(r"secret|password|(^|_)(token|key)$")
 
 
 def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -160,7 +160,8 @@ def masked(settings: Settings) -> dict[str, Any]:
 
     def mask(value: Any) -> Any:
         if isinstance(value, dict):
-            return {k: "***" if SECRET_NAME.search(k) and v else mask(v) for k, v in value.items()}
+            return {k: "***" if SECRET_NAME.search(k) and isinstance(v, str) and v else mask(v)
+                    for k, v in value.items()}
         if isinstance(value, list):
             return [mask(v) for v in value]
         return value

@@ -84,7 +84,7 @@ def test_foreign_or_corrupt_database_is_refused_untouched(tmp_path: Path, conten
 def test_secret_names_are_masked() -> None:
     for name in ("secret", "signing_secret", "api_key", "token", "password"):
         assert SECRET_NAME.search(name), name
-    for name in ("max_body_bytes", "keys_per_page", "host"):
+    for name in ("max_body_bytes", "keys_per_page", "host", "token_grace_seconds"):
         assert not SECRET_NAME.search(name), name
 
 
@@ -133,6 +133,8 @@ async def test_notify_graceful_stop_and_quiet_logs(tmp_path: Path) -> None:
                 while b"STOPPING=1" not in stopping:
                     stopping = await sock.recv(4096)
     assert closed == [1001]
+    wal = data / "broker.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0  # checkpointed on the way out
     log = daemon.output.decode()
     assert "stopped" in log
     assert key not in log and agent["token"] not in log and "a very private body" not in log
@@ -176,3 +178,10 @@ def test_admin_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert '"agents": 1' in capsys.readouterr().out
     assert main(["backup", str(backup_dir), *data]) == 2  # never overwrites
     assert main(["check", "--data-dir", str(tmp_path / "empty")]) == 2
+
+
+def test_the_example_configuration_loads() -> None:
+    example = Path(__file__).resolve().parent.parent / "deploy" / "broker.toml"
+    settings = load_settings(example, environ={})
+    assert settings.data_dir == "/var/lib/agent-broker"
+    assert settings.engine.limits.mailbox_depth == 10000

@@ -40,6 +40,8 @@ from broker.engine.errors import BrokerError, StartupError
 from broker.engine.stats import database_stats
 from broker.engine.workspaces import CreateWorkspace, RegisterAgent, workspace_by_name
 from broker.filestore import OBJECTS_DIR
+from broker.loadtest.command import add_arguments as add_loadtest_arguments
+from broker.loadtest.command import run as run_loadtest
 from broker.server import BrokerServer
 from broker.systemd import SystemdNotifier, run_watchdog, watchdog_interval
 
@@ -89,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--workspace", required=True, help="workspace name")
     register.add_argument("--type", default="agent", choices=["agent", "human", "system"])
     register.add_argument("name")
+
+    loadtest = commands.add_parser("loadtest", help="load generator and benchmarks "
+                                   "(BENCHMARKS.md)")
+    add_loadtest_arguments(loadtest)
     return parser
 
 
@@ -251,6 +257,8 @@ def dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "loadtest":
+        return run_loadtest(args)
     try:
         return dispatch(args)
     except (ConfigError, StartupError, BrokerError, FileExistsError) as exc:

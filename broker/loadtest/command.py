@@ -1,0 +1,183 @@
+"""`broker loadtest`: the traffic run with its echo ceiling, and the idle and history scenarios.
+
+    broker loadtest --agents 100 --channel-size 10 --senders 20 --window 8 \\
+        --duration 10 --procs 2 --json result.json
+    broker loadtest --idle 1000,5000
+    broker loadtest --history 10000,1000000
+
+A traffic run starts a daemon of its own (`broker serve` on a temporary
+data directory, port 0) unless `--url` names one, builds the topology over
+REST, runs the echo phase (the same clients against a bare trio-websocket
+echo server in its own process), then the broker phase, and prints the
+summary table. Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from broker.loadtest.processes import ServerProcess, raise_fd_limit, start_daemon, start_echo
+from broker.loadtest.report import build_report, format_table
+from broker.loadtest.runner import BROKER, ECHO, ShardResult, run_local, run_processes
+from broker.loadtest.scenarios import history_latency, idle_memory, parse_counts
+from broker.loadtest.topology import LoadSpec, Topology, build_topology
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `broker loadtest` (also `python -m broker.loadtest`)."""
+    shape = parser.add_argument_group("topology and load")
+    shape.add_argument("--agents", type=int, default=100, help="connected agents (default 100)")
+    shape.add_argument("--channel-size", type=int, default=10,
+                       help="members per channel (default 10)")
+    shape.add_argument("--senders", type=int, default=10, help="agents that send (default 10)")
+    shape.add_argument("--window", type=int, default=8,
+                       help="requests in flight per sender (default 8)")
+    stop = shape.add_mutually_exclusive_group()
+    stop.add_argument("--duration", type=float, help="seconds of sending (default 10)")
+    stop.add_argument("--messages", type=int, help="total messages to send instead")
+    shape.add_argument("--rate", type=float,
+                       help="open loop: total sends per second on a fixed schedule "
+                            "(window is then the cap of requests in flight per sender)")
+    shape.add_argument("--dm-share", type=float, default=0.0,
+                       help="fraction of sends that are DMs to the sender's partner (default 0)")
+    shape.add_argument("--text-bytes", type=int, default=32, help="message text length")
+    shape.add_argument("--msgpack", action="store_true", help="MessagePack frames, not JSON")
+    shape.add_argument("--procs", type=int, default=2,
+                       help="generator processes (default 2; 0 = in this process)")
+    target = parser.add_argument_group("target")
+    target.add_argument("--url", help="an already running broker (http://host:port); "
+                                      "default: start one on a temporary data directory")
+    target.add_argument("--config", type=Path,
+                        help="TOML configuration for the daemon the run starts")
+    target.add_argument("--no-echo", action="store_true", help="skip the echo ceiling")
+    other = parser.add_argument_group("other scenarios")
+    other.add_argument("--idle", metavar="COUNTS",
+                       help="memory per idle connection at these cumulative counts, e.g. "
+                            "1000,5000")
+    other.add_argument("--history", metavar="SIZES",
+                       help="history-page latency with these numbers of stored messages, e.g. "
+                            "10000,1000000 (bulk-loaded through the writer)")
+    other.add_argument("--history-dir", type=Path,
+                       help="keep the bulk-loaded history databases here")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
+
+
+def spec_from(args: argparse.Namespace) -> LoadSpec:
+    duration = args.duration if args.messages is None and args.duration is not None else None
+    if args.messages is None and duration is None:
+        duration = 10.0
+    return LoadSpec(
+        agents=args.agents, channel_size=args.channel_size, senders=args.senders,
+        window=args.window, duration=duration, messages=args.messages, rate=args.rate,
+        dm_share=args.dm_share, text_bytes=args.text_bytes, msgpack=args.msgpack,
+    )
+
+
+class Progress:
+    """Prints the counters the shards report, at most once a second, on stderr."""
+
+    def __init__(self, phase: str) -> None:
+        self.phase = phase
+        self.started = time.monotonic()
+        self.by_shard: dict[int, tuple[int, int]] = {}
+        self.printed = 0.0
+        self.last = (0, 0, self.started)
+
+    def __call__(self, shard: int, sends: int, deliveries: int) -> None:
+        self.by_shard[shard] = (sends, deliveries)
+        now = time.monotonic()
+        if now - self.printed < 1.0:
+            return
+        self.printed = now
+        total_sends = sum(s for s, _ in self.by_shard.values())
+        total_deliveries = sum(d for _, d in self.by_shard.values())
+        last_sends, last_deliveries, last_time = self.last
+        span = max(now - last_time, 1e-9)
+        self.last = (total_sends, total_deliveries, now)
+        print(f"[{self.phase} {now - self.started:5.1f} s] sends {total_sends:,} "
+              f"({(total_sends - last_sends) / span:,.0f}/s)  deliveries {total_deliveries:,} "
+              f"({(total_deliveries - last_deliveries) / span:,.0f}/s)", file=sys.stderr)
+
+
+async def run_phase(topology: Topology, url: str, mode: str, procs: int) -> list[ShardResult]:
+    progress = Progress(mode)
+    if procs == 0:
+        return await run_local(topology, url, mode, progress)
+    return await run_processes(topology, url, mode, procs, progress)
+
+
+async def run_traffic(spec: LoadSpec, *, procs: int, url: str | None = None,
+                      config: Path | None = None, echo: bool = True) -> dict[str, Any]:
+    """The traffic run: topology, echo phase, broker phase; the report (see broker.loadtest.report).
+
+    Raises RuntimeError when a server or a shard fails.
+    """
+    raise_fd_limit()
+    extra: dict[str, Any] = {"procs": procs}
+    with tempfile.TemporaryDirectory(prefix="broker-loadtest-") as tmp:
+        daemon: ServerProcess | None = None
+        if url is None:
+            options = ("--config", str(config)) if config is not None else ()
+            daemon = start_daemon(Path(tmp) / "data", *options)
+            url = daemon.address
+        try:
+            print(f"loadtest: building {spec.agents} agents in channels of {spec.channel_size} "
+                  f"on {url}", file=sys.stderr)
+            topology = await build_topology(url, spec)
+            echo_results: list[ShardResult] = []
+            if echo:
+                server = start_echo()
+                try:
+                    echo_url = f"ws://127.0.0.1:{server.address}/v1/ws"
+                    echo_results = await run_phase(topology, echo_url, ECHO, procs)
+                finally:
+                    server.stop()
+            cpu_before = daemon.cpu_seconds() if daemon is not None else 0.0
+            started = time.monotonic()
+            broker_results = await run_phase(topology, topology.ws_url, BROKER, procs)
+            if daemon is not None:
+                wall = time.monotonic() - started
+                extra["daemon_cpu_percent"] = round(
+                    100 * (daemon.cpu_seconds() - cpu_before) / wall, 1)
+                extra["daemon_rss_mib"] = round(daemon.rss_bytes() / 2**20, 1)
+        finally:
+            if daemon is not None:
+                daemon.stop()
+    return build_report(topology, broker_results, echo_results, extra)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run what the options ask for; 0, or 1 when a traffic run lost messages."""
+    try:
+        if args.idle:
+            report = trio.run(idle_memory, parse_counts(args.idle))
+        elif args.history:
+            report = trio.run(history_latency, parse_counts(args.history), 300,
+                              args.history_dir)
+        else:
+            spec = spec_from(args)
+            report = trio.run(lambda: run_traffic(
+                spec, procs=args.procs, url=args.url, config=args.config,
+                echo=not args.no_echo))
+            print(format_table(report))
+    except (ValueError, RuntimeError) as exc:
+        print(f"broker loadtest: {exc}", file=sys.stderr)
+        return 2
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 1 if report.get("lost") else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m broker.loadtest",
+                                     description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,134 @@
+"""The servers a load run starts for itself, each in its own process, and what /proc says of them.
+
+`ServerProcess.start` runs a command (`broker serve` on a temporary data
+directory, or the echo server), waits for the line that names its port,
+and keeps reading its output in a thread so that a chatty server never
+blocks on a full pipe. `rss_bytes` and `cpu_seconds` read /proc, so the
+memory and CPU figures are those of the server process alone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+
+# How long a server may take to print its listening line.
+START_TIMEOUT_S = 30.0
+# How long a server may take to exit after SIGTERM before it is killed.
+STOP_TIMEOUT_S = 15.0
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+DAEMON_LISTENING = re.compile(r"broker listening on (http://[^\s]+)")
+ECHO_LISTENING = re.compile(r"echo listening on (\d+)")
+
+
+class ServerProcess:
+    """A server subprocess; `address` is what its listening line named."""
+
+    def __init__(self, process: subprocess.Popen[str], address: str) -> None:
+        self.process = process
+        self.address = address
+        self.tail: deque[str] = deque(maxlen=50)
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @classmethod
+    def start(cls, argv: Sequence[str], listening: re.Pattern[str],
+              env: dict[str, str] | None = None) -> ServerProcess:
+        """Start `argv`, return once a line matches `listening` (group 1 is the address).
+
+        Raises RuntimeError (with the output so far) when it exits or stays silent first.
+        """
+        process = subprocess.Popen(
+            list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
+        assert process.stdout is not None
+        seen: list[str] = []
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            found = listening.search(line)
+            if found:
+                return cls(process, found.group(1))
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        raise RuntimeError(f"{argv[:4]} did not start:\n{''.join(seen[-30:])}")
+
+    def _drain(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.tail.append(line)
+
+    def stop(self) -> int:
+        """SIGTERM, wait (then SIGKILL); the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(timeout=1)
+        if self.process.stdout is not None and not self._reader.is_alive():
+            self.process.stdout.close()
+        return self.process.returncode
+
+    def rss_bytes(self) -> int:
+        return rss_bytes(self.pid)
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+
+def start_daemon(data_dir: Path, *extra: str) -> ServerProcess:
+    """`broker serve` on 127.0.0.1, port 0, with its database in `data_dir`."""
+    return ServerProcess.start(
+        [sys.executable, "-m", "broker", "serve", "--host", "127.0.0.1", "--port", "0",
+         "--data-dir", str(data_dir), *extra],
+        DAEMON_LISTENING)
+
+
+def start_echo() -> ServerProcess:
+    return ServerProcess.start([sys.executable, "-m", "broker.loadtest.echo"], ECHO_LISTENING)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of process `pid` (from /proc/PID/statm)."""
+    with open(f"/proc/{pid}/statm") as statm:
+        return int(statm.read().split()[1]) * _PAGE
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process `pid` so far (from /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        # The command name may hold spaces; the fields after its ')' are fixed.
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard one (children inherit it); the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard

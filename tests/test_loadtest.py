@@ -1,0 +1,109 @@
+"""The load generator checks correctness, not speed: every acknowledged message reached every
+intended recipient, once per seq, in order, and the report has every figure BENCHMARKS.md uses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import trio
+
+from broker.loadtest.command import run_traffic
+from broker.loadtest.report import count_loss
+from broker.loadtest.runner import ShardResult
+from broker.loadtest.stats import Bits, Histogram
+from broker.loadtest.topology import Agent, LoadSpec, Topology, dm_mask, is_dm
+from broker.server import BrokerServer
+
+REQUIRED_KEYS = {
+    "sends_per_s", "deliveries_per_s", "echo_per_s", "ratio", "send_reply_p99_ms",
+    "send_deliver_p99_ms", "lost", "errors",
+}
+# Spawning the daemon, the echo server and two shard processes on a busy machine.
+SUBPROCESS_DEADLINE_S = 120
+
+
+def _topology(spec: LoadSpec) -> Topology:
+    return Topology(spec=spec, http_url="http://127.0.0.1:1", workspace="w",
+                    agents=[Agent(f"a{i}", "t") for i in range(spec.agents)])
+
+
+async def test_short_run_delivers_every_acknowledged_message(server: BrokerServer) -> None:
+    assert server.url is not None
+    spec = LoadSpec(agents=12, channel_size=4, senders=6, window=4, duration=None,
+                    messages=300, dm_share=0.25)
+    with trio.fail_after(90):
+        report = await run_traffic(spec, procs=0, url=server.url)
+    assert REQUIRED_KEYS <= report.keys()
+    assert report["sends"] == report["sends_acked"] == 300
+    assert report["errors"] == 0, report["error_codes"]
+    # Each sender sends 50: its DMs reach one partner, its channel messages 3 other members.
+    dms = dm_mask(50, 0.25).bit_count()
+    assert report["expected_deliveries"] == 6 * (dms + (50 - dms) * 3)
+    assert report["deliveries"] == report["expected_deliveries"]
+    assert report["lost"] == 0
+    assert report["duplicates"] == 0
+    assert report["out_of_order"] == 0
+    assert report["echo_messages"] == 300
+    assert report["echo_per_s"] > 0 and report["ratio"] > 0
+
+
+async def test_cli_run_in_processes_against_its_own_daemon(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    with trio.fail_after(SUBPROCESS_DEADLINE_S):
+        done = await trio.run_process(
+            [sys.executable, "-m", "broker", "loadtest", "--agents", "8", "--channel-size", "4",
+             "--senders", "4", "--window", "4", "--messages", "200", "--procs", "2",
+             "--json", str(out)],
+            capture_stdout=True, stderr=subprocess.STDOUT, check=False)
+    output = done.stdout.decode()
+    assert done.returncode == 0, output
+    report = json.loads(out.read_text())
+    assert REQUIRED_KEYS <= report.keys()
+    assert report["sends_acked"] == 200
+    assert report["deliveries"] == report["expected_deliveries"] == 200 * 3
+    assert report["lost"] == 0 and report["errors"] == 0
+    assert "deliveries/s" in output and "ratio" in output
+
+
+def test_a_missing_delivery_counts_as_lost() -> None:
+    spec = LoadSpec(agents=4, channel_size=4, senders=1, duration=None, messages=3)
+    topology = _topology(spec)
+    acked = Bits()
+    for n in range(3):
+        acked.set(n)
+    full = Bits(acked.data)
+    partial = Bits()
+    partial.set(0)
+    partial.set(2)  # recipient a2 never got message 1
+    result = ShardResult(shard=0, mode="broker", sent_count={0: 3}, acked={0: bytes(acked.data)},
+                         received={1: {0: bytes(full.data)}, 2: {0: bytes(partial.data)},
+                                   3: {0: bytes(full.data)}})
+    loss = count_loss(topology, [result])
+    assert loss.lost == 1
+    assert loss.expected_deliveries == 9
+    # A recipient whose mailbox was full was not owed the message.
+    excused = msgspec.structs.replace(result, mailbox_full=[(0, 1, "a2")])
+    assert count_loss(topology, [excused]).lost == 0
+
+
+def test_dm_split_is_exact_and_recomputable() -> None:
+    assert sum(is_dm(n, 0.25) for n in range(100)) == 25
+    assert dm_mask(100, 0.25).bit_count() == 25
+    assert dm_mask(10, 0.0) == 0 and dm_mask(10, 1.0).bit_count() == 10
+
+
+def test_histogram_percentiles_within_two_percent() -> None:
+    histogram = Histogram()
+    for i in range(1, 1001):
+        histogram.add(i / 1000)  # 1 ms .. 1 s
+    other = Histogram()
+    other.add(2.0)
+    histogram.merge(other)
+    assert histogram.count == 1001
+    assert abs(histogram.percentile_ms(50) - 500) <= 500 * 0.021
+    assert abs(histogram.percentile_ms(99) - 990) <= 990 * 0.021
+    assert histogram.max_ms == 2000

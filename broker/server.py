@@ -97,6 +97,8 @@ class BrokerServer:
         """
 
         gateway = self.gateway = Gateway(engine, self.settings.gateway)
+        # Read at scrape time, so the gauge can never drift from the sessions.
+        metrics.open_sessions.set_function(lambda: len(gateway.sessions))
 
         async def realtime(
             *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

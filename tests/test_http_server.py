@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 import trio
+import trio_websocket
 
 from broker.server import BrokerServer
 from tests.rest import call, make_rest_world
@@ -222,13 +223,23 @@ async def test_metrics_report_requests_writer_and_deliveries(
     assert "broker_pending_deliveries 1.0" in text
 
 
-async def test_open_sessions_gauge_is_settable(
+async def shows(client: httpx.AsyncClient, line: str, attempts: int = 500) -> bool:
+    """Whether /metrics shows `line` within `attempts` scrapes, 10 ms apart."""
+    for _ in range(attempts):
+        if line in (await client.get("/metrics")).text:
+            return True
+        await trio.sleep(0.01)
+    return False
+
+
+async def test_open_sessions_counts_websocket_sessions(
     server: BrokerServer, client: httpx.AsyncClient
 ) -> None:
-    server.metrics.open_sessions.inc()
-    server.metrics.open_sessions.inc()
-    text = (await client.get("/metrics")).text
-    assert "broker_open_sessions 2.0" in text
+    world = await make_rest_world(client, agents=("alice",))
+    url = f"ws://127.0.0.1:{server.port}/v1/ws?token={world.tokens['alice']}"
+    async with trio_websocket.open_websocket_url(url):
+        assert await shows(client, "broker_open_sessions 1.0")
+    assert await shows(client, "broker_open_sessions 0.0")
 
 
 async def test_server_reports_its_real_port(server: BrokerServer) -> None:

@@ -1,0 +1,95 @@
+"""`broker serve` as a process: settings from TOML and flags, start, answer, stop on SIGTERM."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from broker.cli import build_parser, settings_for
+from broker.config import ConfigError, load_settings
+
+PROCESS_DEADLINE_S = 30
+
+
+def test_toml_settings_and_flags_override_them(tmp_path: Path) -> None:
+    config = tmp_path / "broker.toml"
+    config.write_text(
+        'data_dir = "/var/lib/broker"\n'
+        "[http]\nport = 9000\nmax_body_bytes = 2048\n"
+        '[engine]\nsynchronous = "NORMAL"\n'
+    )
+    settings = load_settings(config)
+    assert (settings.http.port, settings.http.max_body_bytes) == (9000, 2048)
+    assert settings.engine.synchronous == "NORMAL"
+    args = build_parser().parse_args(
+        ["serve", "--config", str(config), "--port", "0", "--data-dir", str(tmp_path)])
+    overridden = settings_for(args)
+    assert (overridden.http.port, overridden.data_dir) == (0, str(tmp_path))
+    assert overridden.http.max_body_bytes == 2048
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[http]\nprot = 1\n", "prot"),
+        ("[http]\nport = 70000\n", "$.http.port"),
+        ("[http]\nmax_body_bytes = 0\n", "$.http.max_body_bytes"),
+        ('[engine]\nsynchronous = "SOMETIMES"\n', "$.engine.synchronous"),
+        ("[http\n", "not valid TOML"),
+    ],
+)
+def test_bad_configuration_names_the_problem(tmp_path: Path, text: str, fragment: str) -> None:
+    config = tmp_path / "broker.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(config)
+    assert fragment in str(info.value)
+    assert str(config) in str(info.value)
+
+
+def test_bad_configuration_exits_2_with_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "broker.toml"
+    config.write_text("[http]\nport = -1\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "serve", "--config", str(config)],
+        capture_output=True, text=True, timeout=PROCESS_DEADLINE_S, check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "$.http.port" in done.stderr
+
+
+async def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    with trio.fail_after(PROCESS_DEADLINE_S):
+        async with trio.open_nursery() as nursery:
+            process = await nursery.start(partial(
+                trio.run_process,
+                [sys.executable, "-m", "broker", "serve", "--port", "0",
+                 "--data-dir", str(tmp_path / "data")],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False))
+            assert process.stdout is not None
+            output = b""
+            url = None
+            while url is None:
+                chunk = await process.stdout.receive_some(4096)
+                assert chunk, output.decode()
+                output += chunk
+                found = re.search(rb"broker listening on (http://127\.0\.0\.1:\d+)", output)
+                url = found.group(1).decode() if found else None
+            async with httpx.AsyncClient(base_url=url) as client:
+                created = await client.post("/v1/workspaces", json={"name": "cli"})
+                assert created.status_code == 201
+                assert (await client.get("/readyz")).status_code == 200
+            process.send_signal(signal.SIGTERM)
+            while chunk := await process.stdout.receive_some(4096):
+                output += chunk
+            assert await process.wait() == 0, output.decode()
+    assert b"stopped" in output
+    assert (tmp_path / "data" / "broker.db").exists()

@@ -48,16 +48,6 @@ log = logging.getLogger(__name__)
 Service = Callable[..., Awaitable[None]]
 
 
-async def drain_facts(engine: Engine, *, task_status: trio.TaskStatus[None]) -> None:
-    """Consume committed facts and drop them (stand-in until the fanout hub consumes them)."""
-    task_status.started()
-    if engine.facts is None:
-        return
-    async with engine.facts:
-        async for _batch in engine.facts:
-            pass
-
-
 class BrokerServer:
     """The daemon's network face. Start with `await nursery.start(server.run)`.
 

@@ -9,7 +9,9 @@ its outbox is full, events are dropped (and counted).
 Client frames (@relaycast/types `ClientEvent`): `subscribe` and
 `unsubscribe` with channel names (a leading `#` is ignored), `ping`
 (answered by `pong`), `resync` (answered by `resync_ack`; nothing is
-replayed, since the observer stream has no seq to resume from). Filter
+replayed, since the observer stream has no seq to resume from). A frame
+of a known type with wrong fields is answered with
+`{"type":"error","code":"invalid_request","message":...}`. Filter
 rule: with no subscription the observer sees everything; once it has
 subscribed to channels, events that concern another channel are left out,
 and events that concern no channel (DMs, presence) still pass.
@@ -58,8 +60,16 @@ class ObserverSession(Session):
                                          replayed=0, gap_detected=False))
 
     def frame_error(self, err: FrameError) -> bool:
+        """Observer frames carry no id: a readable but wrong frame gets an error frame.
+
+        Unknown types (a newer SDK's) are ignored; only bytes that are not a
+        document at all, or too large, close the socket.
+        """
         if err.code == "unknown_type":
-            return True  # a newer SDK's frame: nothing to do with it
+            return True
+        if err.code in ("invalid_request", "invalid_frame"):
+            self.refuse(None, err.code, err.message)
+            return True
         return super().frame_error(err)
 
     def refuse(self, request_id: str | None, code: str, message: str) -> None:

@@ -1,0 +1,237 @@
+"""Relaycast compatibility over real sockets: node tokens, /v1/node/ws, and the workspace observer.
+
+Frame shapes are those of @relaycast/types@6.0.2 (fleet-wire.d.ts, events.d.ts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+import trio
+import trio_websocket
+
+from broker.engine import secrets
+from broker.engine.channels import CreateChannel
+from broker.engine.conversations import SendDm
+from broker.engine.reactions import AddReaction
+from broker.engine.threads import ReplyToThread
+from broker.server import BrokerServer
+from tests.conftest import TEST_DEADLINE_S, World, make_world
+from tests.realtime import next_frame, post, raw_socket, send_json, serve
+
+
+class Live(msgspec.Struct):
+    server: BrokerServer
+    world: World
+
+    async def node_token(self, name: str) -> dict[str, Any]:
+        assert self.server.url is not None
+        async with httpx.AsyncClient(base_url=self.server.url) as http:
+            response = await http.post(
+                "/v1/agent/node-token", json={},
+                headers={"Authorization": f"Bearer {self.world.tokens[name]}"})
+        assert response.status_code == 201, response.text
+        body = response.json()
+        assert body["ok"] is True
+        data: dict[str, Any] = body["data"]
+        return data
+
+
+@pytest.fixture
+async def live(tmp_path: Path) -> AsyncIterator[Live]:
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with serve(tmp_path) as server:
+            yield Live(server, await make_world(server.engine))
+
+
+# -- node tokens ----------------------------------------------------------------------------
+
+
+async def test_an_agent_gets_a_node_token_stored_only_hashed(live: Live) -> None:
+    issued = await live.node_token("bob")
+    bob_id = live.world.agents["bob"]
+    assert issued == {"node_id": f"node_{bob_id}", "node_name": "bob-direct",
+                      "token": issued["token"]}
+    assert issued["token"].startswith("nt_live_")
+    stored = await live.server.engine.read(lambda c: c.execute(
+        "SELECT token_hash FROM node_tokens WHERE agent_id = ?", (bob_id,)).fetchall())
+    assert stored == [(secrets.digest(issued["token"]),)]
+
+
+@pytest.mark.parametrize(("token", "status", "code"), [
+    (None, 401, "unauthorized"),
+    ("at_live_nope", 401, "invalid_token"),
+    ("workspace-key", 403, "forbidden"),
+])
+async def test_node_tokens_need_an_agent_token(
+    live: Live, token: str | None, status: int, code: str
+) -> None:
+    if token == "workspace-key":
+        token = live.world.key
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    assert live.server.url is not None
+    async with httpx.AsyncClient(base_url=live.server.url) as http:
+        response = await http.post("/v1/agent/node-token", json={}, headers=headers)
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+
+
+@pytest.mark.parametrize("token", [None, "nt_live_nope", "at_live_nope"])
+async def test_the_node_socket_refuses_bad_tokens(live: Live, token: str | None) -> None:
+    with pytest.raises(trio_websocket.ConnectionRejected) as refused:
+        async with raw_socket(live.server, token, path="/v1/node/ws", subprotocols=[]):
+            pass
+    assert refused.value.status_code == 401
+
+
+# -- the node socket ------------------------------------------------------------------------
+
+
+async def test_node_register_deliver_and_ack_in_the_sdk_shapes(live: Live) -> None:
+    issued = await live.node_token("bob")
+    bob_id = str(live.world.agents["bob"])
+    async with raw_socket(live.server, issued["token"], path="/v1/node/ws",
+                          subprotocols=[]) as node:
+        await send_json(node, {
+            "v": 1, "id": "sdk-direct-1", "type": "node.register", "node_id": issued["node_id"],
+            "name": issued["node_name"], "capabilities": [{"name": "deploy"}], "max_agents": 1,
+            "tags": ["implicit", "direct", "sdk"], "version": "sdk-typescript/6.0.2"})
+        reply = await next_frame(node, "reply")
+        assert reply["id"] == "sdk-direct-1" and reply["ok"] is True and reply["v"] == 1
+        assert reply["data"]["node_id"] == issued["node_id"]
+        assert reply["data"]["accepted_capabilities"] == [{
+            "name": "deploy", "kind": "action", "accepted": False,
+            "reason": "this broker does not run node capabilities"}]
+
+        message_id = await post(live.server.engine, live.world.workspace_id,
+                                live.world.agents["alice"], "general", "for the node")
+        deliver = await next_frame(node, "deliver")
+        assert set(deliver) == {"v", "type", "delivery_id", "agent_id", "agent", "msg_id", "seq",
+                                "mode", "payload"}
+        assert deliver["delivery_id"] == f"{bob_id}:1"
+        assert (deliver["agent_id"], deliver["agent"]) == (bob_id, "bob")
+        assert (deliver["msg_id"], deliver["seq"], deliver["mode"]) == (str(message_id), 1, "wait")
+        payload = deliver["payload"]
+        assert payload["type"] == "message.created"
+        # What ws.js transformServerLikeEvent reads.
+        data = payload["data"]
+        assert (data["id"], data["from_name"], data["text"], data["channel_name"]) == (
+            str(message_id), "alice", "for the node", "general")
+
+        await send_json(node, {"v": 1, "type": "delivery.ack", "agent": "bob", "up_to_seq": 1})
+        await send_json(node, {"v": 1, "id": "hb", "type": "node.heartbeat", "load": 0,
+                               "active_agents": 1, "handlers_live": False})
+        assert (await next_frame(node, "reply"))["id"] == "hb"
+        await send_json(node, {"v": 1, "id": "wrong", "type": "delivery.ack", "agent": "carol",
+                               "up_to_seq": 1})
+        error = await next_frame(node, "error")
+        assert error == {"v": 1, "type": "error", "id": "wrong", "ok": False,
+                         "code": "agent_not_found", "message": error["message"]}
+        # Fleet frames this broker does not implement are ignored, the socket stays.
+        await send_json(node, {"v": 1, "type": "inventory.sync", "agents": []})
+        await send_json(node, {"v": 1, "id": "hb2", "type": "node.heartbeat", "load": 0,
+                               "active_agents": 1, "handlers_live": False})
+        assert (await next_frame(node, "reply"))["id"] == "hb2"
+
+    acked = await live.server.engine.read(lambda c: c.execute(
+        "SELECT acked_seq FROM agents WHERE id = ?", (int(bob_id),)).fetchone())
+    assert acked == (1,)
+
+
+async def test_a_node_gets_dms_threads_and_reactions_and_events_as_context_updates(
+    live: Live,
+) -> None:
+    engine, world = live.server.engine, live.world
+    issued = await live.node_token("bob")
+    async with raw_socket(live.server, issued["token"], path="/v1/node/ws",
+                          subprotocols=[]) as node:
+        root = await post(engine, world.workspace_id, world.agents["bob"], "general", "root")
+        await engine.submit(SendDm(workspace_id=world.workspace_id,
+                                   agent_id=world.agents["alice"], to="bob", text="psst"))
+        await engine.submit(ReplyToThread(workspace_id=world.workspace_id,
+                                          agent_id=world.agents["alice"],
+                                          message_id=str(root), text="in thread"))
+        await engine.submit(AddReaction(workspace_id=world.workspace_id,
+                                        agent_id=world.agents["alice"], message_id=str(root),
+                                        emoji="eyes"))
+        frames = [await next_frame(node, "deliver") for _ in range(3)]
+        kinds = [f["payload"]["type"] for f in frames]
+        assert kinds == ["dm.received", "thread.reply", "message.reacted"]
+        dm, reply, reaction = (f["payload"]["data"] for f in frames)
+        assert (dm["from_name"], dm["text"], dm["conversation_id"] is not None) == (
+            "alice", "psst", True)
+        assert (reply["thread_id"], reply["from_name"]) == (str(root), "alice")
+        assert (reaction["message_id"], reaction["emoji"], reaction["agent_name"]) == (
+            str(root), "eyes", "alice")
+        assert frames[2]["msg_id"] == str(root)
+
+        async with raw_socket(live.server, world.tokens["carol"]):
+            update = await next_frame(node, "context.update")
+            while update["data"]["agent"]["name"] != "carol":
+                update = await next_frame(node, "context.update")
+        assert update["topic"] == "presence" and update["event"].startswith("agent.status.")
+
+
+# -- the workspace observer --------------------------------------------------------------------
+
+
+async def test_the_observer_sees_flat_events_and_filters_by_subscription(live: Live) -> None:
+    engine, world = live.server.engine, live.world
+    async with raw_socket(live.server, world.key, subprotocols=[]) as observer:
+        message_id = await post(engine, world.workspace_id, world.agents["alice"], "general",
+                                "to everyone")
+        event = await next_frame(observer, "message.created")
+        assert event == {
+            "type": "message.created", "id": str(message_id), "channel": "general",
+            "message": {"id": str(message_id), "agent_id": str(world.agents["alice"]),
+                        "agent_name": "alice", "text": "to everyone", "attachments": [],
+                        "injection_mode": "wait"}}
+        await engine.submit(SendDm(workspace_id=world.workspace_id,
+                                   agent_id=world.agents["alice"], to="bob", text="psst"))
+        dm = await next_frame(observer, "dm.received")
+        assert dm["message"]["text"] == "psst" and dm["conversation_id"]
+
+        await send_json(observer, {"type": "ping"})
+        assert await next_frame(observer, "pong") == {"type": "pong"}
+        await send_json(observer, {"type": "resync", "last_seen_seq": 7})
+        assert await next_frame(observer, "resync_ack") == {
+            "type": "resync_ack", "last_seen_seq": 7, "current_seq": 0, "replayed": 0,
+            "gap_detected": False}
+
+        # Subscribed to another channel: general's messages are left out, DMs still pass.
+        await engine.submit(CreateChannel(workspace_id=world.workspace_id,
+                                          agent_id=world.agents["alice"], name="ops"))
+        created = await next_frame(observer, "channel.created")
+        assert created["channel"]["name"] == "ops"
+        await send_json(observer, {"type": "subscribe", "channels": ["#ops"]})
+        await send_json(observer, {"type": "ping"})
+        await next_frame(observer, "pong")  # the subscription is in place
+        await post(engine, world.workspace_id, world.agents["alice"], "general", "skipped")
+        await post(engine, world.workspace_id, world.agents["alice"], "ops", "kept")
+        await engine.submit(SendDm(workspace_id=world.workspace_id,
+                                   agent_id=world.agents["alice"], to="bob", text="also kept"))
+        assert (await next_frame(observer, "message.created"))["message"]["text"] == "kept"
+        assert (await next_frame(observer, "dm.received"))["message"]["text"] == "also kept"
+        await send_json(observer, {"type": "unsubscribe", "channels": ["ops"]})
+        await send_json(observer, {"type": "ping"})
+        await next_frame(observer, "pong")
+        await post(engine, world.workspace_id, world.agents["alice"], "general", "all again")
+        assert (await next_frame(observer, "message.created"))["message"]["text"] == "all again"
+
+
+async def test_the_observer_ignores_unknown_frames_and_closes_on_garbage(live: Live) -> None:
+    async with raw_socket(live.server, live.world.key, subprotocols=[]) as observer:
+        await send_json(observer, {"type": "something.new"})
+        await send_json(observer, {"type": "subscribe", "channels": "not-a-list"})
+        error = await next_frame(observer, "error")
+        assert error["code"] == "invalid_request"
+        await observer.send_message("{not json")
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            while True:
+                await next_frame(observer)
+        assert closed.value.reason is not None and closed.value.reason.code == 1007

@@ -29,11 +29,12 @@ POLL_LIMIT_S = 10.0
 @asynccontextmanager
 async def serve(
     data_dir: Path, gateway: GatewaySettings | None = None, engine: EngineConfig = FAST_ENGINE,
+    port: int = 0,
 ) -> AsyncIterator[BrokerServer]:
-    """A BrokerServer on 127.0.0.1, port 0, until the block ends (then a graceful stop)."""
+    """A BrokerServer on 127.0.0.1 (port 0 unless given) until the block ends (graceful stop)."""
     settings = Settings(
         data_dir=str(data_dir), engine=engine,
-        http=HttpSettings(host="127.0.0.1", port=0, shutdown_grace_seconds=2.0),
+        http=HttpSettings(host="127.0.0.1", port=port, shutdown_grace_seconds=2.0),
         gateway=gateway or GatewaySettings(),
     )
     server = BrokerServer(settings)

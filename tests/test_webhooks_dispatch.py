@@ -347,3 +347,20 @@ def test_answers_are_classified() -> None:
     assert classify(429, "30").retry_after == 30
     assert classify(500, "30").retry_after is None
     assert retry_after_seconds("soon") is None and retry_after_seconds("-1") is None
+
+
+async def test_delivered_rows_are_pruned_after_the_retention(
+    engine: Engine, world: World
+) -> None:
+    settings = msgspec.structs.replace(FAST, delivered_retention_seconds=0,
+                                       prune_interval_seconds=0.05)
+    async with serving(Receiver()) as receiver:
+        await subscribe(engine, world, ["message.created"], url=receiver.url)
+        async with dispatching(engine, settings):
+            await send(engine, world, "alice", "short-lived")
+            await receiver.wait_for(1)
+            while True:  # polled: the pruning task signals nothing
+                if not rows(engine):
+                    break
+                await trio.sleep(0.02)
+    assert len(receiver.requests) == 1

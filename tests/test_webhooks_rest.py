@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import apsw
 import httpx
 import pytest
 import trio
@@ -250,3 +251,30 @@ def test_allow_hosts_come_from_the_file_and_the_environment(
     monkeypatch.delenv("BROKER_WEBHOOKS_ALLOW_HOSTS")
     with pytest.raises(ConfigError):
         load_settings(config)
+
+
+# -- a graceful stop ------------------------------------------------------------------
+
+
+async def test_a_stop_does_not_wait_on_a_hanging_endpoint(settings: Settings) -> None:
+    # The request would take request_timeout (5 s); the stop takes the grace (0.5 s).
+    server = BrokerServer(settings)
+    async with serving(Receiver(hang=True)) as receiver:
+        with trio.fail_after(settings.webhooks.request_timeout_seconds):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.run)
+                assert server.url is not None
+                async with httpx.AsyncClient(base_url=server.url) as client:
+                    world = await make_rest_world(client)
+                    await call(client, "POST", "/v1/subscriptions", world.key, json={
+                        "events": ["message.created"], "url": receiver.url})
+                    await call(client, "POST", "/v1/channels/general/messages",
+                               world.tokens["alice"], json={"text": "in flight at stop"})
+                await receiver.wait_for(1)
+                server.stop()
+    # The attempt was cut short: the event is still pending, for the next start.
+    conn = apsw.Connection(str(Path(settings.data_dir) / "broker.db"))
+    try:
+        assert conn.execute("SELECT state, attempts FROM outbox").fetchall() == [("pending", 0)]
+    finally:
+        conn.close()

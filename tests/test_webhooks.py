@@ -424,3 +424,21 @@ async def test_a_wrong_hook_token_posts_nothing(engine: Engine, world: World) ->
     assert caught.value.code == "invalid_token"
     assert [h.name for h in await engine.read(wh.list_inbound_webhooks,
                                               world.workspace_id)] == ["other"]
+
+
+async def test_a_retried_trigger_with_an_idempotency_key_posts_once(
+    engine: Engine, world: World
+) -> None:
+    hook = await engine.submit(wh.CreateInboundWebhook(workspace_id=world.workspace_id,
+                                                       channel="general"))
+    first, second = [
+        await engine.submit(wh.TriggerInboundWebhook(
+            webhook_id=hook.webhook_id, token=hook.token, text="once", idempotency_key="k1"))
+        for _ in range(2)
+    ]
+    assert first == second
+    assert count(engine, "messages") == 1
+    with pytest.raises(BrokerError) as caught:
+        await engine.submit(wh.TriggerInboundWebhook(
+            webhook_id=hook.webhook_id, token=hook.token, text="other", idempotency_key="k1"))
+    assert caught.value.code == "idempotency_key_reused"

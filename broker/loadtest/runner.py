@@ -43,9 +43,10 @@ from broker.loadtest.topology import Topology, is_dm
 
 log = logging.getLogger(__name__)
 
-# Connections opened at once while a shard connects.
-CONNECT_CONCURRENCY = 64
-CONNECT_TIMEOUT_S = 30.0
+# Connections opened at once while a shard connects, and how long one may take
+# (a busy daemon accepting a thousand sessions replays each one's mailbox first).
+CONNECT_CONCURRENCY = 32
+CONNECT_TIMEOUT_S = 60.0
 # How long recipients may take to receive everything once sending stopped.
 DRAIN_TIMEOUT_S = 120.0
 DRAIN_POLL_S = 0.02
@@ -221,12 +222,12 @@ class Shard:
             client = BrokerClient(
                 self.url, self.topology.agents[index].token, msgpack=spec.msgpack,
                 request_timeout=spec.request_timeout, reconnect=False,
-                delivery_buffer=DELIVERY_BUFFER)
+                connect_timeout=CONNECT_TIMEOUT_S, delivery_buffer=DELIVERY_BUFFER)
             async with limiter:
                 await nursery.start(client.run)
             self.clients[index] = client
 
-        with trio.fail_after(CONNECT_TIMEOUT_S + len(self.agents) * 0.01):
+        with trio.fail_after(CONNECT_TIMEOUT_S + len(self.agents) * 0.05):
             async with trio.open_nursery() as connecting:
                 for index in self.agents:
                     connecting.start_soon(connect, index)

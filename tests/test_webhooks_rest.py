@@ -17,6 +17,7 @@ from broker.engine.config import EngineConfig
 from broker.server import BrokerServer
 from broker.webhooks.settings import WebhookSettings
 from broker.webhooks.signing import verify_relay, verify_standard
+from tests.daemon import run_daemon
 from tests.rest import RestWorld, call, make_rest_world
 from tests.test_webhooks import Receiver, serving
 
@@ -278,3 +279,46 @@ async def test_a_stop_does_not_wait_on_a_hanging_endpoint(settings: Settings) ->
         assert conn.execute("SELECT state, attempts FROM outbox").fetchall() == [("pending", 0)]
     finally:
         conn.close()
+
+
+# -- kill -9 between commit and dispatch ---------------------------------------------
+
+
+async def test_events_survive_kill_9_between_commit_and_dispatch(tmp_path: Path) -> None:
+    fast = "poll_interval_seconds = 0.05\nbackoff_base_seconds = 0.05\njitter = 0\n"
+    off, on = tmp_path / "off.toml", tmp_path / "on.toml"
+    off.write_text(f"[webhooks]\nenabled = false\n{fast}")
+    on.write_text(f"[webhooks]\n{fast}")
+    env = {"BROKER_WEBHOOKS_ALLOW_HOSTS": "127.0.0.1"}
+    data = tmp_path / "data"
+    with trio.fail_after(60):
+        async with serving(Receiver(hang=True)) as receiver:
+            # 1: committed with no dispatcher running, then SIGKILL.
+            async with run_daemon(data, "--config", str(off), env=env) as daemon, \
+                    httpx.AsyncClient(base_url=daemon.url) as client:
+                world = await make_rest_world(client)
+                sub = await call(client, "POST", "/v1/subscriptions", world.key, json={
+                    "events": ["message.created"], "url": receiver.url})
+                first = await call(client, "POST", "/v1/channels/general/messages",
+                                   world.tokens["alice"], json={"text": "before the kill"})
+                assert first.status == 201
+                daemon.kill()
+                await daemon.process.wait()
+            # 2: sent, never answered, SIGKILL before the outcome is recorded.
+            async with run_daemon(data, "--config", str(on), env=env) as daemon:
+                await receiver.wait_for(1)
+                daemon.kill()
+                await daemon.process.wait()
+            receiver.hang = False
+            # 3: delivered after the restart.
+            async with run_daemon(data, "--config", str(on), env=env) as daemon, \
+                    httpx.AsyncClient(base_url=daemon.url) as client:
+                await receiver.wait_for(2)
+                path = f"/v1/subscriptions/{sub.data['id']}"
+                while True:  # the daemon is another process: poll its counts
+                    if not (await call(client, "GET", path, world.key)).data["pending"]:
+                        break
+                    await trio.sleep(0.02)
+    hung, delivered = receiver.requests[:2]
+    assert delivered.json()["data"]["id"] == first.data["id"]
+    assert delivered.headers["x-relay-delivery"] == hung.headers["x-relay-delivery"]

@@ -430,11 +430,15 @@ async def connect(url: str, token: str, **options: Any) -> AsyncIterator[BrokerC
     (HTTP 401 for a bad token) or OSError when the first connection fails.
     """
     client = BrokerClient(url, token, **options)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(client.run)
-        nursery.start_soon(client._auto_ack)
-        try:
-            yield client
-        finally:
-            await client.close()
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            nursery.start_soon(client._auto_ack)
+            try:
+                yield client
+            finally:
+                await client.close()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # One failure (a refused handshake, the caller's own error) comes out as itself.
+        raise _only(group) from None

@@ -19,10 +19,11 @@ from broker.engine import secrets
 from broker.engine.channels import CreateChannel
 from broker.engine.conversations import SendDm
 from broker.engine.reactions import AddReaction
+from broker.engine.realtime import seq_marks
 from broker.engine.threads import ReplyToThread
 from broker.server import BrokerServer
 from tests.conftest import TEST_DEADLINE_S, World, make_world
-from tests.realtime import next_frame, post, raw_socket, send_json, serve
+from tests.realtime import eventually, next_frame, post, raw_socket, send_json, serve
 
 
 class Live(msgspec.Struct):
@@ -138,9 +139,11 @@ async def test_node_register_deliver_and_ack_in_the_sdk_shapes(live: Live) -> No
                                "active_agents": 1, "handlers_live": False})
         assert (await next_frame(node, "reply"))["id"] == "hb2"
 
-    acked = await live.server.engine.read(lambda c: c.execute(
-        "SELECT acked_seq FROM agents WHERE id = ?", (int(bob_id),)).fetchone())
-    assert acked == (1,)
+    async def acked() -> bool:
+        marks = await live.server.engine.read(seq_marks, live.world.workspace_id, int(bob_id))
+        return marks.acked_seq == 1
+
+    await eventually(acked)
 
 
 async def test_a_node_gets_dms_threads_and_reactions_and_events_as_context_updates(

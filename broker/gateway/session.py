@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 _session_ids = itertools.count(1)
 # A close reason is at most 123 bytes (RFC 6455, 5.5.1).
 MAX_REASON_BYTES = 123
+# Frames the pump writes with one socket write when it finds several queued.
+WRITE_BATCH = 64
 
 
 class SessionStatistics(msgspec.Struct, kw_only=True):
@@ -77,6 +79,8 @@ class Session:
         self.settings = gateway.settings
         self.engine = gateway.engine
         self.ws = ws
+        # A WebSocket without send_many (a test's fake) gets one write per frame.
+        self._batches = hasattr(ws, "send_many")
         self.codec = codec
         self.workspace_id = workspace_id
         self.agent_id = agent_id
@@ -93,6 +97,8 @@ class Session:
         self._requests = trio.Semaphore(self.settings.max_requests_in_flight)
         self._outer: trio.Nursery | None = None
         self._work: trio.Nursery | None = None
+        # Set when the session decides to end (a close, or the peer went away).
+        self.ending = trio.Event()
         self.finished = trio.Event()
 
     def __repr__(self) -> str:
@@ -134,6 +140,7 @@ class Session:
         if self.close_code is not None:
             return
         self.close_code = code
+        self.ending.set()
         log.info("session %d (%s, agent %s): closing with %d %s", self.id, self.kind,
                  self.agent_id, code, reason)
         self.gateway.detach(self)
@@ -146,6 +153,7 @@ class Session:
     def _peer_closed(self, code: int | None) -> None:
         if self.close_code is None:
             self.close_code = code if code is not None else CloseCode.NORMAL
+        self.ending.set()
         self.gateway.detach(self)
         self.outbox.close()
         if self._work is not None:
@@ -227,7 +235,10 @@ class Session:
             while not outbox.closed:
                 item = outbox.take_nowait()
                 if item is not None:
-                    await self._write(item)
+                    if len(outbox) and self._batches:
+                        await self._write_batch(item)
+                    else:
+                        await self._write(item)
                 elif outbox.needs_catch_up:
                     await self.catch_up()
                 else:
@@ -248,6 +259,32 @@ class Session:
         else:
             await self.send_frame(item)
 
+    async def _write_batch(self, first: Any) -> None:
+        """`first` and what else is queued (up to WRITE_BATCH) in one socket write."""
+        items = [first]
+        while len(items) < WRITE_BATCH and (item := self.outbox.take_nowait()) is not None:
+            items.append(item)
+        frames = [data for data in map(self._encode_item, items) if data is not None]
+        self._send_started = trio.current_time()
+        try:
+            await self.ws.send_many(frames)
+        finally:
+            self._send_started = None
+        self.frames_sent += len(frames)
+        for item in items:
+            if isinstance(item, DeliverItem):
+                self.delivered(item.seq)
+            elif isinstance(item, fr.ServerPing):
+                self._ping_written_at = trio.current_time()
+
+    def _encode_item(self, item: Any) -> str | bytes | None:
+        if isinstance(item, DeliverItem):
+            return self.codec.encode(self.delivery_frame(item.seq, item.view))
+        if isinstance(item, EventItem):
+            frame = self.event_frame(item.view)
+            return None if frame is None else self.codec.encode(frame)
+        return self.codec.encode(item)
+
     async def send_frame(self, frame: Any) -> None:
         await self.send_bytes(self.codec.encode(frame))
 
@@ -263,6 +300,13 @@ class Session:
     async def send_delivery(self, seq: int, view: FactView) -> None:
         """Push one durable delivery (sessions with a delivery stream)."""
         raise NotImplementedError
+
+    def delivery_frame(self, seq: int, view: FactView) -> Any:
+        """The frame of one durable delivery (sessions with a delivery stream)."""
+        raise NotImplementedError
+
+    def delivered(self, seq: int) -> None:
+        """Delivery `seq` was written to the socket (sessions with a delivery stream)."""
 
     def event_frame(self, view: FactView) -> Any:
         """The frame of an ephemeral event for this session (None: not sent)."""
@@ -349,7 +393,7 @@ class DeliverySession(Session):
 
     async def send_delivery(self, seq: int, view: FactView) -> None:
         await self.send_bytes(self.codec.encode(self.delivery_frame(seq, view)))
-        self.gateway.recorder.delivered(self.workspace_id, self.agent_id, seq)
+        self.delivered(seq)
 
-    def delivery_frame(self, seq: int, view: FactView) -> Any:
-        raise NotImplementedError
+    def delivered(self, seq: int) -> None:
+        self.gateway.recorder.delivered(self.workspace_id, self.agent_id, seq)

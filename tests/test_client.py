@@ -1,0 +1,210 @@
+"""The Python client (broker.client) against a live server, and fake servers for failures."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import pytest
+import trio
+import trio_websocket
+
+from broker.client import ConnectionLost, RequestError, connect
+from broker.engine.realtime import seq_marks
+from broker.server import BrokerServer
+from protocol.codec import CloseCode
+from tests.conftest import TEST_DEADLINE_S, World, make_world
+from tests.realtime import eventually, gateway_of, post, serve, ws_url
+
+
+class Live(msgspec.Struct):
+    server: BrokerServer
+    world: World
+
+    @property
+    def url(self) -> str:
+        return ws_url(self.server)
+
+    async def acked(self, name: str) -> int:
+        marks = await self.server.engine.read(seq_marks, self.world.workspace_id,
+                                              self.world.agents[name])
+        return marks.acked_seq
+
+
+@pytest.fixture
+async def live(tmp_path: Path) -> AsyncIterator[Live]:
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with serve(tmp_path) as server:
+            yield Live(server, await make_world(server.engine))
+
+
+async def test_reconnects_after_a_drop_and_yields_each_delivery_once(live: Live) -> None:
+    engine, world = live.server.engine, live.world
+    async with connect(live.url, world.tokens["bob"], auto_ack=False) as bob:
+        for i in range(3):
+            await post(engine, world.workspace_id, world.agents["alice"], "general", f"m{i}")
+        deliveries = bob.deliveries()
+        first = [await deliveries.__anext__() for _ in range(3)]
+        # The server drops every session (nothing was acked): the client reconnects,
+        # the server replays 1..3, the client drops them as duplicates.
+        await gateway_of(live.server).close_all(CloseCode.GOING_AWAY)
+        await eventually(lambda: _at_least(lambda: bob.connections, 2))
+        await post(engine, world.workspace_id, world.agents["alice"], "general", "m3")
+        fourth = await deliveries.__anext__()
+        assert [d.seq for d in first] + [fourth.seq] == [1, 2, 3, 4]
+        assert fourth.data["text"] == "m3"
+        await eventually(lambda: _at_least(lambda: bob.duplicates, 3))
+
+
+async def test_manual_ack_waits_until_durable(live: Live) -> None:
+    engine, world = live.server.engine, live.world
+    async with connect(live.url, world.tokens["bob"], auto_ack=False) as bob:
+        for i in range(3):
+            await post(engine, world.workspace_id, world.agents["alice"], "general", f"m{i}")
+        deliveries = bob.deliveries()
+        for _ in range(3):
+            await deliveries.__anext__()
+        result = await bob.ack(2, wait=True)
+        assert result == {"acked": 2, "acked_seq": 2, "changed": True}
+        assert await live.acked("bob") == 2
+
+
+async def test_auto_ack_acks_what_was_processed(live: Live) -> None:
+    engine, world = live.server.engine, live.world
+    async with connect(live.url, world.tokens["bob"]) as bob:
+        for i in range(10):
+            await post(engine, world.workspace_id, world.agents["alice"], "general", f"m{i}")
+        seen = 0
+        async for _ in bob.deliveries():
+            seen += 1
+            if seen == 10:
+                break
+    # The tenth was handed over but not processed (the loop broke out): 9 acked.
+    await eventually(lambda: _acked_exactly(live, 9))
+
+
+async def _acked_exactly(live: Live, seq: int) -> bool:
+    acked = await live.acked("bob")
+    assert acked <= seq
+    return acked == seq
+
+
+async def test_msgpack_client(live: Live) -> None:
+    engine, world = live.server.engine, live.world
+    async with connect(live.url, world.tokens["bob"], msgpack=True) as bob:
+        me = await bob.request("agent.me")
+        assert me["name"] == "bob"
+        await post(engine, world.workspace_id, world.agents["alice"], "general", "packed")
+        async for delivery in bob.deliveries():
+            assert delivery.data["text"] == "packed"
+            break
+
+
+async def test_events_arrive_on_their_own_iterator(live: Live) -> None:
+    async with connect(live.url, live.world.tokens["bob"]) as bob:
+        async with connect(live.url, live.world.tokens["carol"]):
+            async for event in bob.events():
+                if event["data"].get("agent", {}).get("name") == "carol":
+                    assert event["type"].startswith("agent.status.")
+                    break
+
+
+async def test_a_refused_token_raises_and_is_not_retried(live: Live) -> None:
+    with pytest.raises(trio_websocket.ConnectionRejected) as refused:
+        async with connect(live.url, "at_live_wrong"):
+            pass
+    assert refused.value.status_code == 401
+
+
+async def test_refusals_raise_request_error_with_the_code(live: Live) -> None:
+    async with connect(live.url, live.world.tokens["bob"]) as bob:
+        with pytest.raises(RequestError) as refused:
+            await bob.request("dm.send", to="nobody", text="hi")
+        assert refused.value.code == "agent_not_found"
+
+
+async def test_a_stopping_server_closes_with_1001(tmp_path: Path) -> None:
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with serve(tmp_path) as server:
+            world = await make_world(server.engine)
+            async with connect(ws_url(server), world.tokens["bob"], reconnect=False) as bob:
+                await bob.ping()
+                server.stop()
+                async for _ in bob.deliveries():
+                    pass  # ends when the connection ends for good
+                assert bob.close_code == CloseCode.GOING_AWAY
+
+
+# -- against fake servers -----------------------------------------------------------------
+
+
+async def _fake_server(
+    nursery: trio.Nursery, handler: object
+) -> int:
+    server = await nursery.start(trio_websocket.serve_websocket, handler, "127.0.0.1", 0, None)
+    return int(server.port)
+
+
+async def test_a_request_without_reply_times_out(nursery: trio.Nursery) -> None:
+    async def silent(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        try:
+            while True:
+                await ws.get_message()
+        except trio_websocket.ConnectionClosed:
+            pass
+
+    port = await _fake_server(nursery, silent)
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with connect(f"ws://127.0.0.1:{port}/v1/ws", "at_live_x",
+                           request_timeout=0.2) as client:
+            with pytest.raises(trio.TooSlowError):
+                await client.request("agent.me")
+
+
+async def test_a_request_in_flight_when_the_connection_drops_fails(nursery: trio.Nursery) -> None:
+    async def hang_up(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.get_message()
+        await ws.aclose(CloseCode.INTERNAL_ERROR)
+
+    port = await _fake_server(nursery, hang_up)
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with connect(f"ws://127.0.0.1:{port}/v1/ws", "at_live_x",
+                           reconnect=False) as client:
+            with pytest.raises(ConnectionLost) as lost:
+                await client.request("agent.me")
+            assert lost.value.code == CloseCode.INTERNAL_ERROR
+
+
+async def test_reconnects_with_backoff_until_the_server_is_back(nursery: trio.Nursery) -> None:
+    attempts = 0
+
+    async def flaky(request: trio_websocket.WebSocketRequest) -> None:
+        nonlocal attempts
+        attempts += 1
+        ws = await request.accept()
+        if attempts < 4:
+            await ws.aclose(CloseCode.GOING_AWAY)
+            return
+        try:
+            while True:
+                message = msgspec.json.decode(await ws.get_message())
+                await ws.send_message(msgspec.json.encode(
+                    {"v": 1, "type": "reply", "re": message["id"], "ok": True,
+                     "data": {"attempt": attempts}}).decode())
+        except trio_websocket.ConnectionClosed:
+            pass
+
+    port = await _fake_server(nursery, flaky)
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with connect(f"ws://127.0.0.1:{port}/v1/ws", "at_live_x") as client:
+            await eventually(lambda: _at_least(lambda: client.connections, 4))
+            reply = await client.request("agent.me")
+            assert reply == {"attempt": 4}
+
+
+async def _at_least(value: object, target: int) -> bool:
+    assert callable(value)
+    return int(value()) >= target

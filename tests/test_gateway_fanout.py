@@ -1,0 +1,261 @@
+"""The fanout hub, the per-session outbox and FactView, without sockets or a database."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from broker.engine.events import encode_payload
+from broker.engine.facts import Delivery, Fact
+from broker.fanout import DeliverItem, EventItem, FactView, FanoutHub, Mode, Outbox
+
+_MESSAGE = {"id": "42", "channel_name": "general", "conversation_id": None, "agent_id": "7",
+            "agent_name": "alice", "text": "hi", "thread_id": None, "attachments": [],
+            "injection_mode": "steer"}
+
+
+def view(seq_note: str = "x", event_type: str = "message.created", data: Any = None) -> FactView:
+    payload = encode_payload(event_type, data if data is not None else {**_MESSAGE,
+                                                                         "text": seq_note})
+    return FactView(event_type, 1, payload)
+
+
+def live_outbox(capacity: int = 4, cursor: int = 0) -> Outbox:
+    outbox = Outbox(capacity)
+    outbox.start_catch_up()
+    outbox.advance(cursor)
+    assert outbox.finish_catch_up()
+    return outbox
+
+
+def drain(outbox: Outbox) -> list[Any]:
+    items = []
+    while (item := outbox.take_nowait()) is not None:
+        items.append(item)
+    return items
+
+
+# -- the outbox ---------------------------------------------------------------------------
+
+
+def test_a_new_outbox_catches_up_from_the_database_first() -> None:
+    outbox = Outbox(4)
+    assert outbox.mode is Mode.LAGGING and outbox.needs_catch_up
+    outbox.offer_delivery(1, view())  # before catch-up starts: left to the database
+    assert len(outbox) == 0
+
+
+def test_live_deliveries_are_queued_in_order_and_duplicates_dropped() -> None:
+    outbox = live_outbox(cursor=3)
+    outbox.offer_delivery(3, view())  # already replayed
+    outbox.offer_delivery(4, view())
+    outbox.offer_delivery(4, view())
+    outbox.offer_delivery(5, view())
+    assert [i.seq for i in drain(outbox)] == [4, 5]
+    assert outbox.cursor == 5 and outbox.live_deliveries == 2
+
+
+def test_a_full_outbox_stops_taking_live_deliveries_and_lags() -> None:
+    outbox = live_outbox(capacity=2)
+    for seq in (1, 2, 3, 4):
+        outbox.offer_delivery(seq, view())
+    assert outbox.mode is Mode.LAGGING and outbox.overflows == 1
+    assert not outbox.needs_catch_up  # what is queued goes out first
+    assert [i.seq for i in drain(outbox)] == [1, 2]
+    assert outbox.needs_catch_up and outbox.cursor == 2  # resume after 2, from the database
+    assert outbox.max_depth == 2
+
+
+def test_the_seam_buffers_live_deliveries_and_hands_over_those_above_the_replay() -> None:
+    outbox = Outbox(8)
+    outbox.start_catch_up()
+    # Live deliveries arrive while the replay reads the database (hi = 3).
+    for seq in (3, 4, 5):
+        outbox.offer_delivery(seq, view())
+    for seq in (1, 2, 3):  # the replay
+        outbox.advance(seq)
+    assert outbox.finish_catch_up()
+    assert outbox.mode is Mode.LIVE
+    assert [i.seq for i in drain(outbox)] == [4, 5]  # 3 was replayed: dropped
+    outbox.offer_delivery(6, view())
+    assert [i.seq for i in drain(outbox)] == [6]
+
+
+def test_the_replay_may_run_past_hi_and_the_buffer_then_only_adds_what_is_above() -> None:
+    outbox = Outbox(8)
+    outbox.start_catch_up()
+    for seq in (4, 5, 6):
+        outbox.offer_delivery(seq, view())
+    outbox.advance(5)  # a later page already held 4 and 5
+    assert outbox.finish_catch_up()
+    assert [i.seq for i in drain(outbox)] == [6]
+
+
+def test_a_buffer_overflow_during_the_replay_makes_the_pump_go_round_again() -> None:
+    outbox = Outbox(2)
+    outbox.start_catch_up()
+    for seq in (1, 2, 3):
+        outbox.offer_delivery(seq, view())
+    assert outbox.buffer_overflows == 1
+    outbox.advance(3)
+    assert not outbox.finish_catch_up()  # buffering again, read a new hi
+    assert outbox.mode is Mode.CATCHING_UP and outbox.catch_ups == 2
+    outbox.offer_delivery(4, view())
+    outbox.advance(3)
+    assert outbox.finish_catch_up()
+    assert [i.seq for i in drain(outbox)] == [4]
+
+
+def test_a_gap_in_live_seqs_falls_back_to_the_database() -> None:
+    outbox = live_outbox(cursor=1)
+    outbox.offer_delivery(3, view())
+    assert outbox.mode is Mode.LAGGING and outbox.gaps == 1
+    assert outbox.needs_catch_up and outbox.cursor == 1
+
+
+def test_events_are_dropped_when_full_and_own_frames_never_are() -> None:
+    outbox = live_outbox(capacity=1)
+    assert outbox.offer_event(view())
+    assert not outbox.offer_event(view())
+    outbox.put("reply")
+    items = drain(outbox)
+    assert isinstance(items[0], EventItem) and items[1] == "reply"
+    assert outbox.events_dropped == 1
+
+
+def test_a_closed_outbox_takes_nothing() -> None:
+    outbox = live_outbox()
+    outbox.offer_delivery(1, view())
+    outbox.close()
+    outbox.offer_delivery(2, view())
+    outbox.put("reply")
+    assert drain(outbox) == [] and not outbox.needs_catch_up
+
+
+# -- the hub --------------------------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self, workspace_id: int, agent_id: int | None) -> None:
+        self.workspace_id = workspace_id
+        self.agent_id = agent_id
+        self.got: list[tuple[str, Any]] = []
+
+    def offer_delivery(self, seq: int, view: FactView) -> None:
+        self.got.append(("deliver", seq))
+
+    def offer_event(self, view: FactView) -> None:
+        self.got.append(("event", view.type))
+
+    def offer_fact(self, view: FactView) -> None:
+        self.got.append(("fact", view.type))
+
+
+def fact(event_type: str, *, workspace_id: int = 1, deliveries: tuple[Delivery, ...] = (),
+         audience: tuple[int, ...] = (), log_id: int | None = None) -> Fact:
+    return Fact(type=event_type, workspace_id=workspace_id,
+                payload=encode_payload(event_type, {"x": 1}), deliveries=deliveries,
+                audience=audience, log_id=log_id)
+
+
+def test_the_hub_routes_deliveries_to_every_session_of_the_agent() -> None:
+    hub = FanoutHub()
+    bob1, bob2, carol = Recorder(1, 20), Recorder(1, 20), Recorder(1, 30)
+    assert hub.attach(bob1) is True
+    assert hub.attach(bob2) is False
+    assert hub.attach(carol) is True
+    hub.publish([fact("message.created", log_id=9,
+                      deliveries=(Delivery(20, 5), Delivery(30, 1)))])
+    assert bob1.got == bob2.got == [("deliver", 5)]
+    assert carol.got == [("deliver", 1)]
+    assert hub.detach(bob1) is False
+    assert hub.detach(bob2) is True
+    assert hub.detach(bob2) is False  # idempotent
+
+
+def test_ephemeral_events_go_to_their_audience_or_the_whole_workspace() -> None:
+    hub = FanoutHub()
+    bob, carol, other = Recorder(1, 20), Recorder(1, 30), Recorder(2, 40)
+    for sub in (bob, carol, other):
+        hub.attach(sub)
+    hub.publish([fact("channel.created"), fact("message.reacted", audience=(30,)),
+                 fact("message.created", log_id=3)])  # durable with no recipient: no event
+    assert bob.got == [("event", "channel.created")]
+    assert carol.got == [("event", "channel.created"), ("event", "message.reacted")]
+    assert other.got == []
+
+
+def test_observers_see_every_fact_of_their_workspace_only() -> None:
+    hub = FanoutHub()
+    observer, elsewhere = Recorder(1, None), Recorder(2, None)
+    hub.attach(observer)
+    hub.attach(elsewhere)
+    hub.publish([fact("message.created", log_id=1, deliveries=(Delivery(20, 1),)),
+                 fact("agent.status.online")])
+    assert observer.got == [("fact", "message.created"), ("fact", "agent.status.online")]
+    assert elsewhere.got == []
+    assert hub.statistics().observers == 2
+
+
+# -- FactView: each derived form once, in the Relaycast shapes -------------------------------------
+
+
+def test_the_msgpack_payload_is_made_once_and_shared() -> None:
+    v = view()
+    first, second = v.raw(msgpack=True), v.raw(msgpack=True)
+    assert bytes(first) == bytes(second)
+    assert msgspec.msgpack.decode(bytes(first))["data"]["text"] == "x"
+    assert bytes(v.raw()) == v.payload  # the engine's JSON, passed through as is
+
+
+def test_node_payload_adds_from_name_for_the_sdk() -> None:
+    v = view("hello")
+    node = msgspec.json.decode(bytes(v.node_payload()))
+    assert node["data"]["from_name"] == "alice" and node["data"]["text"] == "hello"
+    assert v.node_payload() is not None and v.message_id == "42" and v.mode == "steer"
+    reacted = view(event_type="message.reacted",
+                   data={"message_id": "42", "emoji": "eyes", "agent_name": "bob"})
+    assert bytes(reacted.node_payload()) == reacted.payload
+    assert reacted.message_id == "42" and reacted.mode == "wait"
+
+
+@pytest.mark.parametrize(("event_type", "data", "flat", "channel"), [
+    ("message.created", _MESSAGE,
+     {"type": "message.created", "id": "42", "channel": "general",
+      "message": {"id": "42", "agent_id": "7", "agent_name": "alice", "text": "hi",
+                  "attachments": [], "injection_mode": "steer"}}, "general"),
+    ("thread.reply", {**_MESSAGE, "thread_id": "40"},
+     {"type": "thread.reply", "id": "42", "channel": "general", "parent_id": "40",
+      "message": {"id": "42", "agent_id": "7", "agent_name": "alice", "text": "hi",
+                  "attachments": [], "injection_mode": "steer"}}, "general"),
+    ("dm.received", {**_MESSAGE, "channel_name": None, "conversation_id": "9"},
+     {"type": "dm.received", "id": "42", "conversation_id": "9",
+      "message": {"id": "42", "agent_id": "7", "agent_name": "alice", "text": "hi",
+                  "attachments": [], "injection_mode": "steer"}}, None),
+    ("message.reacted", {"message_id": "42", "emoji": "eyes", "agent_name": "bob",
+                         "action": "added"},
+     {"type": "message.reacted", "message_id": "42", "emoji": "eyes", "agent_name": "bob",
+      "action": "added"}, None),
+    ("channel.created", {"id": "5", "name": "ops", "topic": None},
+     {"type": "channel.created", "channel": {"id": "5", "name": "ops", "topic": None}}, "ops"),
+    ("member.joined", {"channel": "ops", "agent_name": "bob"},
+     {"type": "member.joined", "channel": "ops", "agent_name": "bob"}, "ops"),
+    ("agent.status.online", {"agent": {"name": "bob"}, "status": "online"},
+     {"type": "agent.status.online", "agent": {"name": "bob"}, "status": "online"}, None),
+])
+def test_flat_observer_events_have_the_relaycast_shapes(
+    event_type: str, data: Any, flat: dict[str, Any], channel: str | None
+) -> None:
+    encoded, concerns = view(event_type=event_type, data=data).flat_event()
+    assert msgspec.json.decode(encoded) == flat
+    assert concerns == channel
+
+
+def test_deliver_items_keep_the_shared_view() -> None:
+    v = view()
+    outbox = live_outbox()
+    outbox.offer_delivery(1, v)
+    (item,) = drain(outbox)
+    assert isinstance(item, DeliverItem) and item.view is v

@@ -1,0 +1,209 @@
+"""Session liveness with the default timeouts, on trio's autojump clock and an in-memory socket.
+
+- a client whose socket accepts nothing for slow_client_timeout (60 s) is
+  closed with 4008, and the connection is reset when even the close frame
+  cannot get out (close_grace later);
+- the server pings native sessions; no pong (or any frame) within
+  pong_timeout closes with 4408; a client that answers stays;
+- Relaycast sockets are not pinged; they close with 4408 after
+  idle_timeout without any frame.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import msgspec
+import trio
+import trio.testing
+
+from broker.engine.engine import Engine
+from broker.engine.events import encode_payload
+from broker.fanout import FactView, Mode
+from broker.gateway import Gateway
+from broker.gateway.native import AgentSession
+from broker.gateway.node import NodeSession
+from broker.gateway.session import Session
+from broker.gateway.settings import GatewaySettings
+from broker.gateway.websocket import ConnectionClosed
+from protocol.codec import CloseCode
+
+DEFAULTS = GatewaySettings()
+
+
+class FakeWebSocket:
+    """A socket whose writes can block the way hypercorn's do: uncancellably."""
+
+    subprotocols: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.inbound_send, self.inbound = trio.open_memory_channel[str](100)
+        self.sent: list[Any] = []
+        self.closing = False
+        self.close_code: int | None = None
+        self.aborted = False
+        self.reads_nothing = False
+        self._unblocked = trio.Event()
+
+    async def receive(self) -> str | bytes:
+        try:
+            return await self.inbound.receive()
+        except trio.EndOfChannel:
+            raise ConnectionClosed(1000) from None
+
+    async def send(self, data: str | bytes) -> None:
+        if self.closing:
+            raise ConnectionClosed()
+        if self.reads_nothing:
+            with trio.CancelScope(shield=True):  # like hypercorn's shielded send_all
+                await self._unblocked.wait()
+        self.sent.append(msgspec.json.decode(data))
+
+    async def close(self, code: int, reason: str = "") -> None:
+        if self.closing:
+            return
+        self.closing = True
+        if self.reads_nothing:
+            await self._unblocked.wait()  # queued behind the stuck write
+        self.close_code = code
+
+    def abort(self) -> bool:
+        self.closing = True
+        self.aborted = True
+        self._unblocked.set()
+        return True
+
+
+class StubEngine:
+    """Sessions that never catch up from the database need no engine."""
+
+    facts = None
+
+
+def gateway() -> Gateway:
+    return Gateway(cast(Engine, StubEngine()), DEFAULTS)
+
+
+def live(session: Session) -> Session:
+    session.outbox.mode = Mode.LIVE  # as after the replay on connect: nothing to replay
+    return session
+
+
+def agent_session(gw: Gateway, ws: FakeWebSocket) -> Session:
+    return live(AgentSession(gw, ws, gw.native_json, workspace_id=1, agent_id=2,
+                             agent_name="bob"))
+
+
+def node_session(gw: Gateway, ws: FakeWebSocket) -> Session:
+    return live(NodeSession(gw, ws, gw.node_codec, workspace_id=1, agent_id=2,
+                            agent_name="bob", node_id="node_2", node_name="bob-direct"))
+
+
+def delivery() -> FactView:
+    return FactView("message.created", 1, encode_payload("message.created", {"text": "hi"}))
+
+
+async def test_a_client_that_reads_nothing_is_closed_with_4008_then_reset(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gw, ws = gateway(), FakeWebSocket()
+    session = agent_session(gw, ws)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.serve)
+        await trio.sleep(1)
+        ws.reads_nothing = True
+        session.offer_delivery(1, delivery())
+        await trio.sleep(DEFAULTS.slow_client_timeout_seconds - 2)
+        assert session.close_code is None  # not yet
+        await session.ending.wait()
+        assert session.close_code == CloseCode.SLOW_CLIENT
+        assert trio.current_time() <= 1 + DEFAULTS.slow_client_timeout_seconds * 1.25
+        assert gw.slow_closes == 1
+        assert gw.hub.sessions_of(2) == frozenset()  # let go of at once
+        assert not ws.aborted  # the close frame gets its grace
+        await session.finished.wait()
+    assert ws.aborted  # it could not get out: the connection was reset
+    assert trio.current_time() >= (DEFAULTS.slow_client_timeout_seconds
+                                   + DEFAULTS.close_grace_seconds)
+
+
+async def test_a_client_that_comes_back_within_the_grace_gets_the_close_frame(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gw, ws = gateway(), FakeWebSocket()
+    session = agent_session(gw, ws)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.serve)
+        ws.reads_nothing = True
+        session.offer_delivery(1, delivery())
+        await session.ending.wait()
+        assert session.close_code == CloseCode.SLOW_CLIENT
+        ws.reads_nothing = False
+        ws._unblocked.set()  # the client reads again
+        await session.finished.wait()
+    assert ws.close_code == CloseCode.SLOW_CLIENT and not ws.aborted
+    assert [f["seq"] for f in ws.sent if f["type"] == "deliver"] == [1]
+
+
+async def test_the_server_pings_and_closes_with_4408_without_a_pong(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gw, ws = gateway(), FakeWebSocket()
+    session = agent_session(gw, ws)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.serve)
+        await session.finished.wait()
+    assert {"v": 1, "type": "ping"} in ws.sent
+    assert ws.close_code == CloseCode.PONG_TIMEOUT
+    limit = DEFAULTS.ping_interval_seconds + DEFAULTS.pong_timeout_seconds
+    assert limit <= trio.current_time() <= limit + DEFAULTS.ping_interval_seconds
+
+
+async def test_a_client_that_answers_pings_stays(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gw, ws = gateway(), FakeWebSocket()
+    session = agent_session(gw, ws)
+
+    async def answer() -> None:
+        answered = 0
+        while True:
+            await trio.sleep(1)
+            pings = sum(1 for f in ws.sent if f["type"] == "ping")
+            for _ in range(pings - answered):
+                await ws.inbound_send.send('{"v":1,"type":"pong"}')
+            answered = pings
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.serve)
+        nursery.start_soon(answer)
+        await trio.sleep(10 * DEFAULTS.ping_interval_seconds)
+        assert session.close_code is None
+        assert sum(1 for f in ws.sent if f["type"] == "ping") >= 9
+        nursery.cancel_scope.cancel()
+
+
+async def test_relaycast_sockets_are_not_pinged_but_close_when_idle(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gw, quiet, chatty = gateway(), FakeWebSocket(), FakeWebSocket()
+    quiet_session, chatty_session = node_session(gw, quiet), node_session(gw, chatty)
+
+    async def heartbeat() -> None:  # what the SDK does every 30 s
+        while True:
+            await trio.sleep(30)
+            await chatty.inbound_send.send(
+                '{"v":1,"type":"node.heartbeat","load":0,"active_agents":1,'
+                '"handlers_live":false}')
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(quiet_session.serve)
+        nursery.start_soon(chatty_session.serve)
+        nursery.start_soon(heartbeat)
+        await quiet_session.finished.wait()
+        assert quiet.close_code == CloseCode.PONG_TIMEOUT
+        assert trio.current_time() >= DEFAULTS.idle_timeout_seconds
+        await trio.sleep(5 * DEFAULTS.idle_timeout_seconds)
+        assert chatty_session.close_code is None
+        nursery.cancel_scope.cancel()
+    assert quiet.sent == [] and chatty.sent == []  # no pings on Relaycast sockets

@@ -39,6 +39,9 @@ from protocol.objects import (
 
 Status = Literal["online", "away", "offline"]
 STATUSES: tuple[str, ...] = ("online", "away", "offline")
+# The realtime event of each status: @relaycast/types names presence events
+# agent.status.active / idle / offline, while REST statuses are online / away / offline.
+EVENT_STATUS: dict[str, str] = {"online": "active", "away": "idle", "offline": "offline"}
 # Longest persona accepted, in bytes of UTF-8 (it is a prompt, bounded like a message).
 PERSONA_MAX_BYTES = 32 * 1024
 # Largest metadata object, in bytes of JSON (the same bound as message data).
@@ -160,8 +163,10 @@ class SetAgentStatus(msgspec.Struct, frozen=True, kw_only=True):
     """Set the agent's presence (the gateway calls it on connect, idle and disconnect).
 
     last_seen moves to now on every call, so a heartbeat is this command with
-    the same status; the ephemeral `agent.status.<status>` event is emitted
-    only when the status changes. Raises agent_not_found, invalid_status.
+    the same status; the ephemeral `agent.status.<event status>` event is
+    emitted only when the status changes, under the Relaycast realtime names
+    (EVENT_STATUS: online -> active, away -> idle, offline -> offline).
+    Raises agent_not_found, invalid_status.
     """
 
     workspace_id: int
@@ -180,9 +185,10 @@ class SetAgentStatus(msgspec.Struct, frozen=True, kw_only=True):
             (self.status, now, agent.id),
         )
         if changed:
+            shown = EVENT_STATUS[self.status]
             emit_ephemeral(
-                tx, workspace_id=self.workspace_id, event_type=f"agent.status.{self.status}",
-                data={"agent": {"name": agent.name}, "status": self.status},
+                tx, workspace_id=self.workspace_id, event_type=f"agent.status.{shown}",
+                data={"agent": {"name": agent.name}, "status": shown},
             )
         return AgentStatusChanged(agent_id=str(agent.id), name=agent.name, status=self.status,
                                   last_seen=iso(now), changed=changed)

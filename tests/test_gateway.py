@@ -14,7 +14,6 @@ import trio_websocket
 
 from broker.client import RequestError, connect
 from broker.engine.realtime import seq_marks
-from broker.gateway.presence import ACTIVE
 from broker.server import BrokerServer
 from protocol.codec import MSGPACK_SUBPROTOCOL
 from tests.conftest import TEST_DEADLINE_S, World, make_world
@@ -282,9 +281,10 @@ async def next_event(ws: trio_websocket.WebSocketConnection, event_type: str) ->
 async def test_presence_and_channel_events_reach_the_workspace(live: Live) -> None:
     async with raw_socket(live.server, live.token("alice")) as alice:
         async with connect(live.url, live.token("bob")) as bob:
-            data = await next_event(alice, f"agent.status.{ACTIVE}")
+            data = await next_event(alice, "agent.status.active")
             while data["agent"]["name"] != "bob":
-                data = await next_event(alice, f"agent.status.{ACTIVE}")
+                data = await next_event(alice, "agent.status.active")
+            assert data["status"] == "active"
             await bob.request("channel.create", name="ops")
             created = await next_event(alice, "channel.created")
             assert created["name"] == "ops"

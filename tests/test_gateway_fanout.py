@@ -193,8 +193,8 @@ def test_observers_see_every_fact_of_their_workspace_only() -> None:
     hub.attach(observer)
     hub.attach(elsewhere)
     hub.publish([fact("message.created", log_id=1, deliveries=(Delivery(20, 1),)),
-                 fact("agent.status.online")])
-    assert observer.got == [("fact", "message.created"), ("fact", "agent.status.online")]
+                 fact("agent.status.active")])
+    assert observer.got == [("fact", "message.created"), ("fact", "agent.status.active")]
     assert elsewhere.got == []
     assert hub.statistics().observers == 2
 
@@ -242,8 +242,8 @@ def test_node_payload_adds_from_name_for_the_sdk() -> None:
      {"type": "channel.created", "channel": {"id": "5", "name": "ops", "topic": None}}, "ops"),
     ("member.joined", {"channel": "ops", "agent_name": "bob"},
      {"type": "member.joined", "channel": "ops", "agent_name": "bob"}, "ops"),
-    ("agent.status.online", {"agent": {"name": "bob"}, "status": "online"},
-     {"type": "agent.status.online", "agent": {"name": "bob"}, "status": "online"}, None),
+    ("agent.status.active", {"agent": {"name": "bob"}, "status": "active"},
+     {"type": "agent.status.active", "agent": {"name": "bob"}, "status": "active"}, None),
 ])
 def test_flat_observer_events_have_the_relaycast_shapes(
     event_type: str, data: Any, flat: dict[str, Any], channel: str | None

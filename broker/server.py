@@ -86,7 +86,8 @@ class BrokerServer:
         Each service is started as `nursery.start(service)` before the port opens.
         """
 
-        gateway = self.gateway = Gateway(engine, self.settings.gateway)
+        gateway = self.gateway = Gateway(engine, self.settings.gateway,
+                                         on_sessions=metrics.open_sessions.set)
         # Read at scrape time, so the gauge can never drift from the sessions.
         metrics.open_sessions.set_function(lambda: len(gateway.sessions))
 

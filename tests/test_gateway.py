@@ -306,3 +306,22 @@ async def test_a_sender_gets_no_delivery_of_its_own_message(live: Live) -> None:
     assert (await live.marks("alice"))[0] == 0
 
 
+
+
+async def test_open_sessions_are_counted_in_the_metrics(live: Live) -> None:
+    assert live.server.url is not None
+
+    async def gauge() -> str:
+        async with httpx.AsyncClient(base_url=live.server.url or "") as http:
+            text = (await http.get("/metrics")).text
+        return next(line for line in text.splitlines()
+                    if line.startswith("broker_open_sessions "))
+
+    async with raw_socket(live.server, live.token("bob")), \
+            raw_socket(live.server, live.token("carol")):
+        assert await gauge() == "broker_open_sessions 2.0"
+    await eventually(lambda: _gauge_is(gauge, "broker_open_sessions 0.0"))
+
+
+async def _gauge_is(read: Any, wanted: str) -> bool:
+    return bool(await read() == wanted)

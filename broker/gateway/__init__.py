@@ -78,9 +78,14 @@ class _Endpoint:
 class Gateway:
     """Start its services with `await nursery.start(gateway.run)`; mount `gateway.routes()`."""
 
-    def __init__(self, engine: Engine, settings: GatewaySettings | None = None) -> None:
+    def __init__(
+        self, engine: Engine, settings: GatewaySettings | None = None,
+        on_sessions: Callable[[int], object] | None = None,
+    ) -> None:
+        """on_sessions: told the number of open sessions whenever it changes (a gauge)."""
         self.engine = engine
         self.settings = settings or GatewaySettings()
+        self._on_sessions = on_sessions
         self.hub = FanoutHub()
         self.recorder = DeliveryRecorder(engine)
         self.presence = PresenceReporter(engine)
@@ -117,11 +122,18 @@ class Gateway:
         self.sessions.add(session)
         if self.hub.attach(session) and session.agent_id is not None:
             self.presence.report(session.workspace_id, session.agent_id, ACTIVE)
+        self._sessions_changed()
 
     def detach(self, session: Session) -> None:
-        self.sessions.discard(session)
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self._sessions_changed()
         if self.hub.detach(session) and session.agent_id is not None:
             self.presence.report(session.workspace_id, session.agent_id, OFFLINE)
+
+    def _sessions_changed(self) -> None:
+        if self._on_sessions is not None:
+            self._on_sessions(len(self.sessions))
 
     async def close_all(self, code: int = CloseCode.GOING_AWAY, reason: str = "") -> None:
         """Close every session with `code` and wait (at most the close grace) until they end."""

@@ -272,7 +272,7 @@ class Unsubscribe(msgspec.Struct, tag="unsubscribe", tag_field="type", kw_only=T
 
 
 class Resync(msgspec.Struct, tag="resync", tag_field="type", kw_only=True):
-    last_seen_seq: float = 0
+    last_seen_seq: int | float = 0
     since: str | None = None
 
 
@@ -295,7 +295,7 @@ class FlatPong(msgspec.Struct, kw_only=True):
 
 class ResyncAck(msgspec.Struct, kw_only=True):
     type: Literal["resync_ack"] = "resync_ack"
-    last_seen_seq: float
+    last_seen_seq: int | float
     current_seq: int
     replayed: int
     gap_detected: bool

@@ -493,24 +493,26 @@ class FanoutHub:
     def publish(self, batch: Iterable[Fact]) -> None:
         """Route one committed batch, in order (synchronous: nothing here awaits)."""
         self.batches += 1
+        # A subscriber may detach while it is offered something (a session
+        # closes when its credential is revoked), so each set is copied first.
         for fact in batch:
             self.facts += 1
             view = FactView.of(fact)
-            for sub in self._observers.get(fact.workspace_id, ()):
+            for sub in tuple(self._observers.get(fact.workspace_id, ())):
                 sub.offer_fact(view)
             if fact.deliveries:
                 for delivery in fact.deliveries:
-                    for sub in self._by_agent.get(delivery.agent_id, ()):
+                    for sub in tuple(self._by_agent.get(delivery.agent_id, ())):
                         self.deliveries_routed += 1
                         sub.offer_delivery(delivery.seq, view)
             elif fact.audience:
                 for agent_id in fact.audience:
-                    for sub in self._by_agent.get(agent_id, ()):
+                    for sub in tuple(self._by_agent.get(agent_id, ())):
                         if sub.workspace_id == fact.workspace_id:
                             self.events_routed += 1
                             sub.offer_event(view)
             elif not fact.log_id:
-                for sub in self._by_workspace.get(fact.workspace_id, ()):
+                for sub in tuple(self._by_workspace.get(fact.workspace_id, ())):
                     self.events_routed += 1
                     sub.offer_event(view)
 

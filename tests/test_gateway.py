@@ -13,11 +13,14 @@ import trio
 import trio_websocket
 
 from broker.client import RequestError, connect
+from broker.engine.agents import DeactivateAgent
 from broker.engine.realtime import seq_marks
+from broker.engine.workspaces import DeleteWorkspace
 from broker.server import BrokerServer
-from protocol.codec import MSGPACK_SUBPROTOCOL
+from protocol.codec import MSGPACK_SUBPROTOCOL, CloseCode
 from tests.conftest import TEST_DEADLINE_S, World, make_world
 from tests.realtime import (
+    closed_with,
     eventually,
     gateway_of,
     next_frame,
@@ -325,3 +328,20 @@ async def test_open_sessions_are_counted_in_the_metrics(live: Live) -> None:
 
 async def _gauge_is(read: Any, wanted: str) -> bool:
     return bool(await read() == wanted)
+
+
+async def test_a_deactivated_agent_and_a_deleted_workspace_lose_their_sockets(
+    live: Live,
+) -> None:
+    engine, world = live.server.engine, live.world
+    async with raw_socket(live.server, live.token("bob")) as bob, \
+            raw_socket(live.server, live.token("carol")) as carol, \
+            raw_socket(live.server, world.key, subprotocols=[]) as observer:
+        await engine.submit(DeactivateAgent(workspace_id=world.workspace_id,
+                                            agent_id=world.agents["bob"]))
+        assert await closed_with(bob) == CloseCode.UNAUTHORIZED
+        await send_json(carol, {"v": 1, "id": "still", "type": "agent.me"})
+        assert (await next_frame(carol, "reply"))["data"]["name"] == "carol"
+        await engine.submit(DeleteWorkspace(workspace_id=world.workspace_id))
+        assert await closed_with(carol) == CloseCode.UNAUTHORIZED
+        assert await closed_with(observer) == CloseCode.UNAUTHORIZED

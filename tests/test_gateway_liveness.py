@@ -59,6 +59,10 @@ class FakeWebSocket:
                 await self._unblocked.wait()
         self.sent.append(msgspec.json.decode(data))
 
+    async def send_many(self, frames: list[str | bytes]) -> None:
+        for data in frames:
+            await self.send(data)
+
     async def close(self, code: int, reason: str = "") -> None:
         if self.closing:
             return

@@ -39,6 +39,8 @@ class ObserverSession(Session):
         self.channels: set[str] = set()
 
     def offer_fact(self, view: FactView) -> None:
+        if self.revoked_by(view):
+            return
         if self.channels:
             _, channel = view.flat_event()
             if channel is not None and channel not in self.channels:

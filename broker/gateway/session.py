@@ -110,10 +110,28 @@ class Session:
         self.outbox.offer_delivery(seq, view)
 
     def offer_event(self, view: FactView) -> None:
-        self.outbox.offer_event(view)
+        if not self.revoked_by(view):
+            self.outbox.offer_event(view)
 
     def offer_fact(self, view: FactView) -> None:
         """Observers see every fact of their workspace; other sessions ignore this."""
+
+    def revoked_by(self, view: FactView) -> bool:
+        """Close (4401) when the event takes this session's credential away.
+
+        A deleted workspace ends all its sessions; a deactivated agent ends
+        its own. The frames already queued are dropped: nobody may read them.
+        """
+        if view.type == "workspace.deleted":
+            reason = "the workspace was deleted"
+        elif (view.type == "agent.deactivated" and self.agent_id is not None
+                and isinstance(view.data, dict)
+                and view.data.get("agent_id") == str(self.agent_id)):
+            reason = "the agent was deactivated"
+        else:
+            return False
+        self.close(CloseCode.UNAUTHORIZED, reason)
+        return True
 
     # -- lifetime ---------------------------------------------------------------------------
 

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--config", type=Path,
                         help="TOML configuration for the daemon the run starts")
     target.add_argument("--no-echo", action="store_true", help="skip the echo ceiling")
+    target.add_argument("--profile", type=Path, metavar="FILE",
+                        help="sample the daemon with py-spy during the broker phase (pip install "
+                             "'.[bench]'); FILE.txt: collapsed stacks, .json: speedscope, "
+                             "else an SVG flame graph")
     other = parser.add_argument_group("other scenarios")
     other.add_argument("--idle", metavar="COUNTS",
                        help="memory per idle connection at these cumulative counts, e.g. "
@@ -115,7 +122,8 @@ async def run_phase(topology: Topology, url: str, mode: str, procs: int) -> list
 
 
 async def run_traffic(spec: LoadSpec, *, procs: int, url: str | None = None,
-                      config: Path | None = None, echo: bool = True) -> dict[str, Any]:
+                      config: Path | None = None, echo: bool = True,
+                      profile: Path | None = None) -> dict[str, Any]:
     """The traffic run: topology, echo phase, broker phase; the report (see broker.loadtest.report).
 
     Raises RuntimeError when a server or a shard fails.
@@ -141,8 +149,13 @@ async def run_traffic(spec: LoadSpec, *, procs: int, url: str | None = None,
                 finally:
                     server.stop()
             cpu_before = daemon.cpu_seconds() if daemon is not None else 0.0
+            sampler = start_profiler(daemon.pid, profile) if profile and daemon else None
             started = time.monotonic()
-            broker_results = await run_phase(topology, topology.ws_url, BROKER, procs)
+            try:
+                broker_results = await run_phase(topology, topology.ws_url, BROKER, procs)
+            finally:
+                if sampler is not None:
+                    stop_profiler(sampler)
             if daemon is not None:
                 wall = time.monotonic() - started
                 extra["daemon_cpu_percent"] = round(
@@ -152,6 +165,26 @@ async def run_traffic(spec: LoadSpec, *, procs: int, url: str | None = None,
             if daemon is not None:
                 daemon.stop()
     return build_report(topology, broker_results, echo_results, extra)
+
+
+def start_profiler(pid: int, output: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling `pid` (without pausing it) until `stop_profiler`."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(py_spy).exists():
+        raise RuntimeError("--profile needs py-spy: pip install '.[bench]'")
+    kind = {".txt": "raw", ".json": "speedscope"}.get(output.suffix, "flamegraph")
+    return subprocess.Popen([py_spy, "record", "--nonblocking", "--pid", str(pid), "--format",
+                             kind, "--output", str(output)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_profiler(sampler: subprocess.Popen[bytes]) -> None:
+    sampler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+    try:
+        sampler.wait(30)
+    except subprocess.TimeoutExpired:
+        sampler.kill()
+        sampler.wait()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -166,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
             spec = spec_from(args)
             report = trio.run(lambda: run_traffic(
                 spec, procs=args.procs, url=args.url, config=args.config,
-                echo=not args.no_echo))
+                echo=not args.no_echo, profile=args.profile))
             print(format_table(report))
     except (ValueError, RuntimeError) as exc:
         print(f"broker loadtest: {exc}", file=sys.stderr)

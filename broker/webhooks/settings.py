@@ -1,4 +1,4 @@
-"""Webhook settings: `[webhooks]` in the TOML file, plus BROKER_WEBHOOKS_ALLOW_HOSTS.
+"""Webhook settings: `[webhooks]` in the TOML file (or BROKER_WEBHOOKS_* variables).
 
 Every number is a named default. The retry schedule: after failed attempt n
 (1-based) the next one waits `min(cap, base * multiplier ** (n - 1))`,
@@ -9,15 +9,11 @@ After `max_attempts` attempts the event is a dead letter.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from typing import Annotated
 
 import msgspec
 
 from broker.webhooks.destinations import parse_allow_entry
-
-ALLOW_HOSTS_ENV = "BROKER_WEBHOOKS_ALLOW_HOSTS"
 
 DEFAULT_MAX_ATTEMPTS = 10
 DEFAULT_BACKOFF_BASE_S = 2.0
@@ -73,19 +69,3 @@ class WebhookSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             raise ValueError("per_subscription_concurrency must not exceed concurrency")
         for entry in self.allow_hosts:
             parse_allow_entry(entry)
-
-
-def with_environment(settings: WebhookSettings, environ: Mapping[str, str] = os.environ
-                     ) -> WebhookSettings:
-    """`settings` with the hosts of BROKER_WEBHOOKS_ALLOW_HOSTS (comma-separated) added.
-
-    Raises ValueError for a malformed entry.
-    """
-    raw = environ.get(ALLOW_HOSTS_ENV, "")
-    extra = tuple(h.strip() for h in raw.split(",") if h.strip())
-    if not extra:
-        return settings
-    for entry in extra:
-        parse_allow_entry(entry)
-    merged = tuple(dict.fromkeys((*settings.allow_hosts, *extra)))
-    return msgspec.structs.replace(settings, allow_hosts=merged)

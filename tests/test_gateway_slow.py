@@ -196,3 +196,28 @@ async def _firehose_some(engine: Engine, world: World, count: int) -> None:
         await engine.submit(SendChannelMessage(
             workspace_id=world.workspace_id, agent_id=world.agents["hose"], channel="hose",
             text=f"{n}:{BIG_TEXT}"))
+
+
+async def test_a_client_that_never_reads_again_is_reset_and_its_session_ends(
+    tmp_path: Path,
+) -> None:
+    # hypercorn writes inside a shielded scope: without the reset, the stuck
+    # write would hold the session (and a graceful stop) forever.
+    settings = GatewaySettings(outbox_frames=16, slow_client_timeout_seconds=0.5,
+                               close_grace_seconds=0.5)
+    with trio.fail_after(SLOW_DEADLINE_S):
+        async with serve(tmp_path, settings) as server:
+            engine = server.engine
+            world = await make_world(engine, agents=("slow", "hose"))
+            await channel_of(engine, world, "hose", ["hose", "slow"])
+            gateway = gateway_of(server)
+            async with raw_socket(server, world.tokens["slow"], queue=1,
+                                  receive_buffer=4096):
+                await eventually(lambda: _has_session(server, world.agents["slow"]))
+                (session,) = gateway.sessions
+                while gateway.slow_closes == 0:
+                    await _firehose_some(engine, world, 50)
+                with trio.fail_after(10):
+                    await session.finished.wait()
+                assert session.close_code == CloseCode.SLOW_CLIENT
+                assert gateway.sessions == set()

@@ -54,7 +54,9 @@ class AgentChannel(msgspec.Struct, kw_only=True):
     joined_at: str
 
 
-class Agent(msgspec.Struct, kw_only=True):
+class Agent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """An agent; `channels` is present only where a read asks for it (omitted, not null)."""
+
     id: str
     name: str
     type: str
@@ -82,7 +84,9 @@ class ChannelMember(msgspec.Struct, kw_only=True):
     is_muted: bool
 
 
-class Channel(msgspec.Struct, kw_only=True):
+class Channel(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A channel; `members` is present only where a read asks for it (omitted, not null)."""
+
     id: str
     name: str
     topic: str | None

@@ -30,6 +30,7 @@ from hypercorn.trio import serve
 from starlette.routing import BaseRoute
 
 from broker.config import Settings
+from broker.engine.agents import ResetPresence
 from broker.engine.engine import Engine
 from broker.filestore import FILE_SWEEP_INTERVAL_S, FileStore, run_file_sweep
 from broker.gateway import Gateway
@@ -159,6 +160,9 @@ class BrokerServer:
                 Path(settings.data_dir), settings.engine, with_facts=True
             ) as engine:
                 self._engine = engine
+                stale = await engine.submit(ResetPresence())
+                if stale:
+                    log.info("presence: %d agents left online by the last run set offline", stale)
                 self._metrics = metrics = BrokerMetrics(engine)
                 extra_routes, background = self.compose(engine, metrics)
                 for service in background:

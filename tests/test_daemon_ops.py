@@ -16,6 +16,7 @@ import trio
 from broker.cli import build_parser, main, settings_for
 from broker.client import connect
 from broker.config import SECRET_NAME, load_settings
+from broker.server import BrokerServer
 from tests.daemon import run_daemon
 
 DEADLINE_S = 60
@@ -185,3 +186,25 @@ def test_the_example_configuration_loads() -> None:
     settings = load_settings(example, environ={})
     assert settings.data_dir == "/var/lib/agent-broker"
     assert settings.engine.limits.mailbox_depth == 10000
+
+
+async def test_presence_left_online_by_a_crash_is_reset_at_start(tmp_path: Path) -> None:
+    from broker.config import HttpSettings, Settings
+    from broker.engine.agents import SetAgentStatus
+    from broker.engine.engine import Engine
+    from tests.conftest import make_world
+
+    data = tmp_path / "data"
+    async with Engine.open(data) as engine:
+        world = await make_world(engine, agents=("alice", "bob"))
+        await engine.submit(SetAgentStatus(workspace_id=world.workspace_id,
+                                           agent_id=world.agents["alice"], status="online"))
+    settings = Settings(data_dir=str(data), http=HttpSettings(host="127.0.0.1", port=0))
+    server = BrokerServer(settings)
+    with trio.fail_after(DEADLINE_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            statuses = await server.engine.read(
+                lambda c: dict(c.execute("SELECT name, status FROM agents").fetchall()))
+            server.stop()
+    assert statuses == {"alice": "offline", "bob": "offline"}

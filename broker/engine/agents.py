@@ -194,6 +194,20 @@ class SetAgentStatus(msgspec.Struct, frozen=True, kw_only=True):
                                   last_seen=iso(now), changed=changed)
 
 
+class ResetPresence(msgspec.Struct, frozen=True):
+    """Mark every agent offline; returns how many were not.
+
+    Run when the daemon starts: no socket survives a restart, so a status
+    left online by a crash would otherwise stay until the agent's next
+    connect and disconnect. Agents that heartbeat over REST are online
+    again with their next heartbeat.
+    """
+
+    def apply(self, tx: Tx) -> int:
+        tx.conn.execute("UPDATE agents SET status = 'offline' WHERE status <> 'offline'")
+        return tx.conn.changes()
+
+
 class UpdateAgent(msgspec.Struct, frozen=True, kw_only=True):
     """Set the agent's persona (None clears it) and/or replace its metadata; unset fields stay.
 

@@ -320,3 +320,44 @@ async def test_writer_closes_after_draining_queue(tmp_path: Path) -> None:
     with pytest.raises(BrokerError) as info:
         await writer.submit(Note("late"))
     assert info.value.code == "shutting_down"
+
+
+class RollsBackItself(msgspec.Struct, frozen=True):
+    """A test command whose statement makes SQLite end the transaction on its own."""
+
+    def apply(self, tx: Tx) -> None:
+        tx.conn.execute(
+            "INSERT INTO workspaces(id, name, key_hash, created_at) VALUES (?, 'w', x'01', 0)",
+            (tx.new_id(),))
+        # a conflict with OR ROLLBACK aborts the whole transaction, as an I/O
+        # error or a full disk would
+        tx.conn.execute(
+            "INSERT OR ROLLBACK INTO workspaces(id, name, key_hash, created_at)"
+            " VALUES (?, 'w', x'02', 0)", (tx.new_id(),))
+
+
+async def test_a_transaction_sqlite_rolled_back_fails_only_its_command(engine: Engine) -> None:
+    results: dict[str, Any] = {}
+
+    async def submit(name: str, command: Any) -> None:
+        try:
+            results[name] = await engine.submit(command)
+        except Exception as exc:
+            results[name] = exc
+
+    async with trio.open_nursery() as nursery:
+        release = await hold_writer(engine, nursery)
+        nursery.start_soon(submit, "before", Note("kept-1"))
+        await wait_queued(engine, 1)
+        nursery.start_soon(submit, "bad", RollsBackItself())
+        await wait_queued(engine, 2)
+        nursery.start_soon(submit, "after", Note("kept-2"))
+        await wait_queued(engine, 3)
+        release.set()
+    assert isinstance(results["bad"], apsw.ConstraintError)
+    assert results["before"] == "kept-1" and results["after"] == "kept-2"
+    names = await engine.read(lambda c: sorted(r[0] for r in c.execute(
+        "SELECT name FROM workspaces")))
+    assert names == ["kept-1", "kept-2"]
+    assert engine.writer.running  # the writer survived
+    assert await engine.submit(Note("still-writing")) == "still-writing"

@@ -33,6 +33,9 @@ class ReaderPool:
         self._size = self.config.readers
         self._free: list[apsw.Connection] = []
         self._limiter = trio.CapacityLimiter(self._size)
+        # Worker threads of its own: never queued behind trio's default
+        # limiter (file I/O, the writer); at most `size` callers hold one.
+        self._threads = trio.CapacityLimiter(self._size)
         self.queries = 0
 
     def open(self) -> None:
@@ -63,7 +66,8 @@ class ReaderPool:
             conn = self._free.pop()
             try:
                 self.queries += 1
-                return await trio.to_thread.run_sync(_in_snapshot, conn, fn, args)
+                return await trio.to_thread.run_sync(
+                    _in_snapshot, conn, fn, args, limiter=self._threads)
             finally:
                 self._free.append(conn)
 

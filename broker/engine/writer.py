@@ -182,6 +182,9 @@ class WriterActor:
         self._lock: WriterLock | None = None
         self._tx: Tx | None = None
         self._running = False
+        # Its own thread token: a commit never waits for trio's default
+        # limiter, which readers' and file uploads' threads also draw from.
+        self._thread = trio.CapacityLimiter(1)
         self.batches = 0
         self.commands = 0
         self.failed_commands = 0
@@ -277,6 +280,9 @@ class WriterActor:
             await self._send.send(pending)
         except trio.ClosedResourceError:
             raise BrokerError("shutting_down", "the broker is shutting down") from None
+        except trio.BrokenResourceError:
+            # the writer task has died; the daemon is on its way out
+            raise BrokerError("writer_failed", "the writer has stopped") from None
         await pending.done.wait()
         if pending.error is not None:
             raise pending.error
@@ -287,7 +293,7 @@ class WriterActor:
     async def _run_batch(self, batch: list[_Pending[Any]]) -> None:
         started = time.perf_counter()
         try:
-            await trio.to_thread.run_sync(self._apply_batch, batch)
+            await trio.to_thread.run_sync(self._apply_batch, batch, limiter=self._thread)
         except BaseException as exc:
             # The writer is dying (the daemon exits and systemd restarts it);
             # nobody in this batch may wait forever or believe it committed.
@@ -313,7 +319,8 @@ class WriterActor:
         job = pending.command
         assert isinstance(job, Maintenance)
         try:
-            pending.result = await trio.to_thread.run_sync(job.run, self.connection)
+            pending.result = await trio.to_thread.run_sync(
+                job.run, self.connection, limiter=self._thread)
         except Exception as exc:
             pending.error = exc
         finally:
@@ -334,8 +341,11 @@ class WriterActor:
                 if not conn.get_autocommit():
                     conn.execute("ROLLBACK")
                 raise
-            # A failed command had written rows: undo everything, replay the rest.
-            conn.execute("ROLLBACK")
+            # A failed command had written rows, or SQLite itself ended the
+            # transaction (an I/O error, a full disk, OR ROLLBACK): undo
+            # what is left and replay the others.
+            if not conn.get_autocommit():
+                conn.execute("ROLLBACK")
             self.replays += 1
         try:
             conn.execute("COMMIT")
@@ -366,7 +376,7 @@ class WriterActor:
             except Exception as exc:
                 pending.result, pending.facts, pending.error = None, [], exc
                 excluded.add(index)
-                if conn.total_changes() != before or not _in_transaction(conn):
+                if conn.total_changes() != before or conn.get_autocommit():
                     return False
                 continue
             pending.error = None
@@ -392,10 +402,6 @@ class WriterActor:
             batch_sizes=self.batch_sizes,
             commit_latency=self.commit_latency,
         )
-
-
-def _in_transaction(conn: apsw.Connection) -> bool:
-    return not conn.get_autocommit()
 
 
 def _largest_id(conn: apsw.Connection) -> int:

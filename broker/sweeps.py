@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
@@ -38,7 +38,8 @@ class SweepStatistics:
     checkpoints: int = 0
     optimizations: int = 0
     last_checkpoint: tuple[int, int, int] | None = None
-    errors: dict[str, int] = field(default_factory=dict)
+    # sweeps that skipped log pruning because expiry had a backlog left
+    log_prunes_deferred: int = 0
 
 
 class Sweeper:
@@ -80,24 +81,35 @@ class Sweeper:
         r, day = self.retention, m.DAY_MS
         batch = r.sweep_batch
         ttl_idem = self.engine.limits.idempotency_ttl_seconds * 1000
-        self.stats.expired += await self._repeat("expire", lambda: m.ExpireDeliveries(batch, now))
-        self.stats.pruned_deliveries += await self._repeat(
+        expired, backlog = await self._repeat("expire", lambda: m.ExpireDeliveries(batch, now))
+        self.stats.expired += expired
+        self.stats.pruned_deliveries += (await self._repeat(
             "prune_deliveries",
-            lambda: m.PruneSettledDeliveries(now - int(r.settled_delivery_days * day), batch))
-        self.stats.pruned_log += await self._repeat(
-            "prune_log", lambda: m.PruneMessageLog(now - int(r.message_log_days * day), batch))
-        self.stats.pruned_idempotency += await self._repeat(
-            "prune_idempotency", lambda: m.PruneIdempotencyKeys(now - ttl_idem, batch))
+            lambda: m.PruneSettledDeliveries(now - int(r.settled_delivery_days * day), batch)))[0]
+        if backlog:
+            # Old log rows are safe to drop only once every delivery pointing
+            # at them has expired; with expiry behind, wait for a later sweep.
+            self.stats.log_prunes_deferred += 1
+        else:
+            self.stats.pruned_log += (await self._repeat(
+                "prune_log",
+                lambda: m.PruneMessageLog(now - int(r.message_log_days * day), batch)))[0]
+        self.stats.pruned_idempotency += (await self._repeat(
+            "prune_idempotency", lambda: m.PruneIdempotencyKeys(now - ttl_idem, batch)))[0]
         self.stats.sweeps += 1
         return self.stats
 
-    async def _repeat(self, name: str, make: Callable[[], Command[int]]) -> int:
+    async def _repeat(self, name: str, make: Callable[[], Command[int]]) -> tuple[int, bool]:
+        """Run a step until it comes back short; (rows changed, whether rows were left)."""
         total = 0
+        backlog = True
         for _ in range(MAX_ROUNDS_PER_STEP):
             changed = await self.engine.submit(make())
             total += changed
             if changed < self.retention.sweep_batch:
+                backlog = False
                 break
         if total:
-            log.info("sweeper: %s changed %d rows", name, total)
-        return total
+            log.info("sweeper: %s changed %d rows%s", name, total,
+                     " (more left for the next sweep)" if backlog else "")
+        return total, backlog

@@ -116,18 +116,20 @@ async def test_notify_graceful_stop_and_quiet_logs(tmp_path: Path) -> None:
                 while pings < 2:
                     pings += (await sock.recv(4096)) == b"WATCHDOG=1"
                 closed: list[int | None] = []
+                sent = trio.Event()
                 async with trio.open_nursery() as nursery:
                     async def hold() -> None:
                         async with connect(daemon.ws_url, agent["token"],
                                            reconnect=False) as client:
                             await client.request("message.send", channel="general",
                                                  text="a very private body")
+                            sent.set()
                             async for _ in client.deliveries():
                                 pass  # ends when the server closes the socket
                             closed.append(client.close_code)
 
                     nursery.start_soon(hold)
-                    await trio.sleep(0.3)
+                    await sent.wait()  # connected, and a write committed
                     daemon.process.send_signal(signal.SIGTERM)
                     assert await daemon.process.wait() == 0
                 stopping = b""

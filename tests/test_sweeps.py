@@ -137,3 +137,27 @@ def test_config_refuses_a_log_retention_shorter_than_deliveries() -> None:
     with pytest.raises(msgspec.ValidationError, match="message_log_days"):
         msgspec.convert({"retention": {"message_log_days": 2, "settled_delivery_days": 7}},
                         EngineConfig)
+
+
+async def test_log_is_not_pruned_while_expiry_has_a_backlog(
+    engine: Engine, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import broker.sweeps
+
+    for i in range(3):
+        await send(engine, world, f"old {i}")  # 9 deliveries, expiry takes 2 per round
+    monkeypatch.setattr(broker.sweeps, "MAX_ROUNDS_PER_STEP", 1)
+    sweeper = Sweeper(engine)
+    far = int(10**13)  # beyond every TTL and retention
+    await sweeper.sweep_once(now_ms=far)
+    conn = engine.writer.connection
+    assert sweeper.stats.log_prunes_deferred == 1
+    assert rows(conn, "SELECT count(*) FROM message_log WHERE type = 'message.created'") == [(3,)]
+    # every unsettled delivery still has its log row, so it can still expire
+    assert rows(conn, "SELECT count(*) FROM deliveries d WHERE NOT EXISTS"
+                " (SELECT 1 FROM message_log l WHERE l.id = d.log_id)") == [(0,)]
+    monkeypatch.setattr(broker.sweeps, "MAX_ROUNDS_PER_STEP", 100)
+    await sweeper.sweep_once(now_ms=far)
+    assert rows(conn, "SELECT count(*) FROM deliveries WHERE state <> 'dead_lettered'"
+                " AND log_id IN (SELECT id FROM message_log WHERE type = 'message.created')"
+                ) == [(0,)]

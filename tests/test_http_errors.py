@@ -31,7 +31,6 @@ from tests.rest import call, make_rest_world
         ("idempotency_key_reused", 409),
         ("channel_archived", 409),
         ("payload_too_large", 413),
-        ("mailbox_full", 429),
         ("internal_error", 500),
         ("commit_failed", 503),
         ("shutting_down", 503),

@@ -49,8 +49,6 @@ TMP_DIR = "tmp"
 OBJECTS_DIR = "objects"
 # Received bytes are written in pieces of at least this size (one thread hop each).
 WRITE_CHUNK = 1024 * 1024
-# Downloads are read in pieces of this size.
-READ_CHUNK = 256 * 1024
 # How often the server runs the file sweep.
 FILE_SWEEP_INTERVAL_S = 60.0
 # Storage keys checked against the database per query during the orphan scan.
@@ -170,12 +168,6 @@ class FileStore:
         if not files.is_storage_key(key):
             raise ValueError(f"{key!r} is not a storage key")
         return self.objects / key
-
-    async def open_object(self, key: str) -> int:
-        """A read-only descriptor of the bytes (FileNotFoundError when they are gone)."""
-        return await trio.to_thread.run_sync(
-            os.open, self.path_of(key), os.O_RDONLY | os.O_CLOEXEC
-        )
 
     # -- removing ----------------------------------------------------------------------
 

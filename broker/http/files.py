@@ -16,22 +16,20 @@ is durably in place (see broker.filestore).
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import AsyncIterator
 from contextlib import aclosing
 from urllib.parse import quote
 
 import trio
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from broker.auth import bearer_token, resolve_token
 from broker.engine import files
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
-from broker.filestore import READ_CHUNK, FileStore
+from broker.filestore import FileStore
 from broker.http.app import error_response, success_response
 from protocol.files import CONTENT_PATH, UploadReceived
 
@@ -127,16 +125,16 @@ async def _download(engine: Engine, store: FileStore, request: Request) -> Respo
         raise BrokerError("file_deleted", f"file {file_id} was deleted by its uploader")
     if row.state != "complete" or row.storage_key is None:
         raise BrokerError("file_not_complete", f"file {file_id} has not finished uploading")
-    try:
-        fd = await store.open_object(row.storage_key)
-    except FileNotFoundError:
+    path = store.path_of(row.storage_key)
+    if not await trio.to_thread.run_sync(path.is_file):
         log.error("file %d is complete but its bytes %s are missing", row.id, row.storage_key)
-        raise BrokerError("file_missing", f"the bytes of file {file_id} are missing") from None
-    return StreamingResponse(
-        _read(fd),
+        raise BrokerError("file_missing", f"the bytes of file {file_id} are missing")
+    # FileResponse opens the file only while it sends it and always closes
+    # it, also when the client goes away before the body starts.
+    return FileResponse(
+        path,
+        media_type=row.content_type,
         headers={
-            "content-type": row.content_type,
-            "content-length": str(row.size_bytes),
             "content-disposition": _attachment(row.filename),
             # never let a browser render an uploaded file as something else
             "x-content-type-options": "nosniff",
@@ -144,14 +142,6 @@ async def _download(engine: Engine, store: FileStore, request: Request) -> Respo
             "cache-control": "private, no-store",
         },
     )
-
-
-async def _read(fd: int) -> AsyncIterator[bytes]:
-    try:
-        while chunk := await trio.to_thread.run_sync(os.read, fd, READ_CHUNK):
-            yield chunk
-    finally:
-        os.close(fd)
 
 
 def _file_id(request: Request) -> int:

@@ -147,14 +147,6 @@ def _unwrap(kind: Any) -> Any:
     return kind
 
 
-def settings_from_dict(raw: dict[str, object], source: str = "configuration") -> Settings:
-    """Validate a plain dict (from TOML, or built by a caller) as Settings."""
-    try:
-        return msgspec.convert(raw, Settings)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-
-
 def masked(settings: Settings) -> dict[str, Any]:
     """The settings as plain data, with the values of secret-looking names replaced by ***."""
 

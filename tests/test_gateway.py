@@ -245,16 +245,25 @@ async def test_acks_without_id_are_coalesced_into_few_commands(live: Live) -> No
 
 
 async def test_delivered_deliveries_are_marked_in_batches(live: Live) -> None:
-    async with raw_socket(live.server, live.token("bob")) as bob:
-        for i in range(10):
-            await live.post("alice", f"m{i}")
-        for _ in range(10):
+    pushed = 50
+    recorder = gateway_of(live.server).recorder
+    for i in range(pushed):
+        await live.post("alice", f"m{i}")
+    before = recorder.statistics()
+    # Connecting replays the 50 at once: the marks of the pushes made while
+    # one MarkDelivered commits go out together in the next.
+    async with raw_socket(live.server, live.token("bob"), queue=pushed) as bob:
+        for _ in range(pushed):
             await next_frame(bob, "deliver")
-        await gateway_of(live.server).recorder.flush()
+        await recorder.flush()
+    after = recorder.statistics()
     states = await live.server.engine.read(lambda c: c.execute(
         "SELECT state, attempts FROM deliveries WHERE agent_id = ? ORDER BY seq",
         (live.world.agents["bob"],)).fetchall())
-    assert states == [("delivered", 1)] * 10
+    assert states == [("delivered", 1)] * pushed
+    marks = after.marks_received - before.marks_received
+    assert marks == pushed
+    assert 1 <= after.mark_commands - before.mark_commands < marks
 
 
 async def test_the_python_client_acks_automatically(live: Live) -> None:

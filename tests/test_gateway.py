@@ -13,9 +13,10 @@ import trio
 import trio_websocket
 
 from broker.client import RequestError, connect
-from broker.engine.agents import DeactivateAgent
+from broker.engine.agents import DeactivateAgent, SetAgentStatus
 from broker.engine.realtime import seq_marks
 from broker.engine.workspaces import DeleteWorkspace
+from broker.gateway.presence import ACTIVE, OFFLINE, PresenceReporter
 from broker.server import BrokerServer
 from protocol.codec import MSGPACK_SUBPROTOCOL, CloseCode
 from tests.conftest import TEST_DEADLINE_S, World, make_world
@@ -305,6 +306,33 @@ async def test_presence_and_channel_events_reach_the_workspace(live: Live) -> No
             assert left["agent_name"] == "bob"
         offline = await next_event(alice, "agent.status.offline")
         assert offline["agent"]["name"] == "bob"
+
+
+async def test_presence_ends_at_the_truth_when_the_database_moved_under_the_reporter(
+    live: Live,
+) -> None:
+    engine, world = live.server.engine, live.world
+    bob = world.agents["bob"]
+
+    async def status() -> str:
+        row = await engine.read(lambda c: c.execute(
+            "SELECT status FROM agents WHERE id = ?", (bob,)).fetchone())
+        return str(row[0])
+
+    presence = PresenceReporter(engine)
+    presence.report(world.workspace_id, bob, ACTIVE)  # bob's first socket
+    await presence.flush()
+    assert await status() == "online"
+    # A REST agent.disconnect sets offline behind the gateway's back...
+    await engine.submit(SetAgentStatus(workspace_id=world.workspace_id, agent_id=bob,
+                                       status="offline"))
+    # ...then bob's socket closes and a new one opens before the reporter
+    # runs: the two transitions collapse into "online", which it reported
+    # last, and which is not what the database says.
+    presence.report(world.workspace_id, bob, OFFLINE)
+    presence.report(world.workspace_id, bob, ACTIVE)
+    await presence.flush()
+    assert await status() == "online"
 
 
 async def test_a_sender_gets_no_delivery_of_its_own_message(live: Live) -> None:

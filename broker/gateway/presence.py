@@ -6,6 +6,14 @@ which emit the ephemeral `agent.status.*` events. Transitions are handed
 over without waiting and applied by one task, in order, coalesced per
 agent (a connect and disconnect in quick succession commit only the final
 state), so a flapping client cannot flood the writer.
+
+Every coalesced transition is committed, even when it names the status
+this actor committed last: the database is not this actor's alone (a REST
+`agent.disconnect` or heartbeat sets the status too, and the daemon resets
+everyone to offline when it starts), so a cache of "what was reported"
+would drift from it and skip the command that puts it right.
+`SetAgentStatus` emits its event only when the status really changes, so
+the extra command costs a write, never a duplicate event.
 """
 
 from __future__ import annotations
@@ -31,7 +39,6 @@ class PresenceReporter:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._wanted: dict[int, tuple[int, str]] = {}
-        self._reported: dict[int, str] = {}
         self._wake = trio.Event()
         self.commands = 0
         self.failures = 0
@@ -54,8 +61,7 @@ class PresenceReporter:
             wanted, self._wanted = self._wanted, {}
             async with trio.open_nursery() as nursery:
                 for agent_id, (workspace_id, status) in wanted.items():
-                    if self._reported.get(agent_id) != status:
-                        nursery.start_soon(self._commit, workspace_id, agent_id, status)
+                    nursery.start_soon(self._commit, workspace_id, agent_id, status)
 
     async def _commit(self, workspace_id: int, agent_id: int, status: str) -> None:
         self.commands += 1
@@ -69,5 +75,3 @@ class PresenceReporter:
         except Exception as exc:
             self.failures += 1
             log.exception("presence: agent %d -> %s failed: %r", agent_id, status, exc)
-            return
-        self._reported[agent_id] = status

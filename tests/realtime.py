@@ -1,4 +1,5 @@
-"""Helpers for WebSocket tests: a live server with chosen gateway settings, raw sockets, sends."""
+"""Helpers for WebSocket tests: a live server with chosen gateway settings, raw sockets, sends,
+and an in-memory socket for sessions driven without a server."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from broker.engine.engine import Engine
 from broker.engine.messages import SendChannelMessage
 from broker.gateway import Gateway
 from broker.gateway.settings import GatewaySettings
+from broker.gateway.websocket import ConnectionClosed
 from broker.server import BrokerServer
 from protocol.codec import JSON_SUBPROTOCOL
 
@@ -148,3 +150,53 @@ async def post(engine: Engine, workspace_id: int, agent_id: int, channel: str, t
     message = await engine.submit(SendChannelMessage(
         workspace_id=workspace_id, agent_id=agent_id, channel=channel, text=text))
     return int(message.id)
+
+
+class FakeWebSocket:
+    """An in-memory socket whose writes can block the way hypercorn's do: uncancellably.
+
+    inbound: frames the client has sent that the session has not read yet.
+    """
+
+    subprotocols: tuple[str, ...] = ()
+
+    def __init__(self, inbound: int = 100) -> None:
+        self.inbound_send, self.inbound = trio.open_memory_channel[str](inbound)
+        self.sent: list[Any] = []
+        self.closing = False
+        self.close_code: int | None = None
+        self.aborted = False
+        self.reads_nothing = False
+        self._unblocked = trio.Event()
+
+    async def receive(self) -> str | bytes:
+        try:
+            return await self.inbound.receive()
+        except trio.EndOfChannel:
+            raise ConnectionClosed(1000) from None
+
+    async def send(self, data: str | bytes) -> None:
+        if self.closing:
+            raise ConnectionClosed()
+        if self.reads_nothing:
+            with trio.CancelScope(shield=True):  # like hypercorn's shielded send_all
+                await self._unblocked.wait()
+        self.sent.append(msgspec.json.decode(data))
+
+    async def send_many(self, frames: list[str | bytes]) -> None:
+        for data in frames:
+            await self.send(data)
+
+    async def close(self, code: int, reason: str = "") -> None:
+        if self.closing:
+            return
+        self.closing = True
+        if self.reads_nothing:
+            await self._unblocked.wait()  # queued behind the stuck write
+        self.close_code = code
+
+    def abort(self) -> bool:
+        self.closing = True
+        self.aborted = True
+        self._unblocked.set()
+        return True

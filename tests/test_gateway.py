@@ -16,11 +16,13 @@ from broker.client import RequestError, connect
 from broker.engine.agents import DeactivateAgent, SetAgentStatus
 from broker.engine.realtime import seq_marks
 from broker.engine.workspaces import DeleteWorkspace
+from broker.gateway.native import AgentSession
 from broker.gateway.presence import ACTIVE, OFFLINE, PresenceReporter
 from broker.server import BrokerServer
 from protocol.codec import MSGPACK_SUBPROTOCOL, CloseCode
 from tests.conftest import TEST_DEADLINE_S, World, make_world
 from tests.realtime import (
+    FakeWebSocket,
     closed_with,
     eventually,
     gateway_of,
@@ -382,3 +384,26 @@ async def test_a_deactivated_agent_and_a_deleted_workspace_lose_their_sockets(
         await engine.submit(DeleteWorkspace(workspace_id=world.workspace_id))
         assert await closed_with(carol) == CloseCode.UNAUTHORIZED
         assert await closed_with(observer) == CloseCode.UNAUTHORIZED
+
+
+@pytest.mark.parametrize("revoke", ["deactivate", "delete-workspace"])
+async def test_a_credential_revoked_between_the_handshake_and_the_replay_closes_with_4401(
+    live: Live, revoke: str,
+) -> None:
+    # The handshake resolved bob's token; before his session attached and
+    # replayed, he was deactivated (or the workspace deleted), so the event
+    # that closes open sockets went by before this one could see it.
+    engine, world, gateway = live.server.engine, live.world, gateway_of(live.server)
+    if revoke == "deactivate":
+        await engine.submit(DeactivateAgent(workspace_id=world.workspace_id,
+                                            agent_id=world.agents["bob"]))
+    else:
+        await engine.submit(DeleteWorkspace(workspace_id=world.workspace_id))
+    ws = FakeWebSocket()
+    session = AgentSession(gateway, ws, gateway.native_json, workspace_id=world.workspace_id,
+                           agent_id=world.agents["bob"], agent_name="bob")
+    await gateway._run(session)  # the per-connection boundary: 1011 if the session raised
+    assert ws.close_code == CloseCode.UNAUTHORIZED
+    assert session.close_code == CloseCode.UNAUTHORIZED
+    assert [f for f in ws.sent if f["type"] == "deliver"] == []
+    assert session not in gateway.sessions

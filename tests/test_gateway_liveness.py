@@ -11,9 +11,8 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import cast
 
-import msgspec
 import trio
 import trio.testing
 
@@ -25,57 +24,10 @@ from broker.gateway.native import AgentSession
 from broker.gateway.node import NodeSession
 from broker.gateway.session import Session
 from broker.gateway.settings import GatewaySettings
-from broker.gateway.websocket import ConnectionClosed
 from protocol.codec import CloseCode
+from tests.realtime import FakeWebSocket
 
 DEFAULTS = GatewaySettings()
-
-
-class FakeWebSocket:
-    """A socket whose writes can block the way hypercorn's do: uncancellably."""
-
-    subprotocols: tuple[str, ...] = ()
-
-    def __init__(self) -> None:
-        self.inbound_send, self.inbound = trio.open_memory_channel[str](100)
-        self.sent: list[Any] = []
-        self.closing = False
-        self.close_code: int | None = None
-        self.aborted = False
-        self.reads_nothing = False
-        self._unblocked = trio.Event()
-
-    async def receive(self) -> str | bytes:
-        try:
-            return await self.inbound.receive()
-        except trio.EndOfChannel:
-            raise ConnectionClosed(1000) from None
-
-    async def send(self, data: str | bytes) -> None:
-        if self.closing:
-            raise ConnectionClosed()
-        if self.reads_nothing:
-            with trio.CancelScope(shield=True):  # like hypercorn's shielded send_all
-                await self._unblocked.wait()
-        self.sent.append(msgspec.json.decode(data))
-
-    async def send_many(self, frames: list[str | bytes]) -> None:
-        for data in frames:
-            await self.send(data)
-
-    async def close(self, code: int, reason: str = "") -> None:
-        if self.closing:
-            return
-        self.closing = True
-        if self.reads_nothing:
-            await self._unblocked.wait()  # queued behind the stuck write
-        self.close_code = code
-
-    def abort(self) -> bool:
-        self.closing = True
-        self.aborted = True
-        self._unblocked.set()
-        return True
 
 
 class StubEngine:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import trio
 
+from broker.engine.errors import BrokerError
 from broker.engine.mailbox import list_pending
 from broker.engine.realtime import seq_marks
 from broker.fanout import DeliverItem, EventItem, FactView, Mode, Outbox, OutboxStatistics
@@ -51,6 +52,10 @@ _session_ids = itertools.count(1)
 MAX_REASON_BYTES = 123
 # Frames the pump writes with one socket write when it finds several queued.
 WRITE_BATCH = 64
+# Errors of a database read that mean the session's credential is gone: the
+# agent was deactivated or its workspace deleted after the handshake, and
+# the event that says so was published before the session could see it.
+CREDENTIAL_GONE = frozenset({"agent_not_found", "workspace_not_found"})
 
 
 class SessionStatistics(msgspec.Struct, kw_only=True):
@@ -384,7 +389,20 @@ class DeliverySession(Session):
     agent_id: int
 
     async def catch_up(self) -> None:
-        """Replay from the database up to the highest seq known, then go live (no gap, in order)."""
+        """Replay from the database up to the highest seq known, then go live (no gap, in order).
+
+        Closes the session with 4401 when the agent is gone from the
+        database (deactivated, or its workspace deleted, between the
+        handshake and the replay).
+        """
+        try:
+            await self._replay()
+        except BrokerError as exc:
+            if exc.code not in CREDENTIAL_GONE:
+                raise
+            self.close(CloseCode.UNAUTHORIZED, "the agent or its workspace is gone")
+
+    async def _replay(self) -> None:
         outbox = self.outbox
         page_size = self.settings.replay_page
         outbox.start_catch_up()

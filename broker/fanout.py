@@ -15,8 +15,9 @@ database, where the rows are durable (see `Outbox`).
 
 Each fact is wrapped once in a `FactView`, shared by all its recipients: the
 JSON payload the engine encoded is reused as is, and the other forms a
-session may need (MessagePack, the Relaycast node and observer shapes) are
-derived at most once per fact, on first use.
+session may need (MessagePack, the Relaycast node payload, the node's
+`context.update` frame, the observer's flat event) are derived at most once
+per fact, on first use.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import enum
 import logging
 from collections import deque
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import msgspec
 import trio
 
 from broker.engine.facts import Fact
+from protocol import frames as fr
 from protocol.codec import json_to_msgpack
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,18 @@ _encoder = msgspec.json.Encoder()
 _MESSAGE_EVENTS = frozenset({"message.created", "thread.reply", "dm.received",
                              "group_dm.received", "message.updated"})
 
+Topic = Literal["agent", "channel", "presence", "thread"]
+
+
+class ContextUpdate(msgspec.Struct, kw_only=True):
+    """`FleetContextUpdateMessage`: an ephemeral event pushed to a Relaycast node socket."""
+
+    v: int = fr.PROTOCOL_VERSION
+    type: Literal["context.update"] = "context.update"
+    topic: Topic
+    event: str
+    data: Any
+
 
 class FactView:
     """One event as sessions send it; every derived encoding is computed once and shared.
@@ -54,7 +68,7 @@ class FactView:
     """
 
     __slots__ = ("type", "workspace_id", "payload", "channel_id", "_message_id", "_msgpack",
-                 "_decoded", "_node", "_flat")
+                 "_decoded", "_node", "_flat", "_context")
 
     def __init__(self, type: str, workspace_id: int, payload: bytes, *,
                  message_id: int | None = None, channel_id: int | None = None) -> None:
@@ -67,6 +81,7 @@ class FactView:
         self._decoded: dict[str, Any] | None = None
         self._node: bytes | None = None
         self._flat: tuple[bytes, str | None] | None = None
+        self._context: bytes | None = None
 
     @classmethod
     def of(cls, fact: Fact) -> FactView:
@@ -144,6 +159,29 @@ class FactView:
         if self._flat is None:
             self._flat = _flatten(self.type, self.data, self.message_object())
         return self._flat
+
+
+    def context_update(self) -> msgspec.Raw:
+        """The whole `context.update` frame a Relaycast node socket gets. Made once per fact.
+
+        Every node session of the workspace sends the same bytes, so a
+        presence change seen by a thousand nodes is encoded once.
+        """
+        if self._context is None:
+            self._context = _encode_context_update(self.type, self.data)
+        return msgspec.Raw(self._context)
+
+
+def _topic(event_type: str) -> Topic:
+    if event_type.startswith("agent.status."):
+        return "presence"
+    if event_type.startswith(("channel.", "member.")):
+        return "channel"
+    return "agent"
+
+
+def _encode_context_update(event_type: str, data: Any) -> bytes:
+    return _encoder.encode(ContextUpdate(topic=_topic(event_type), event=event_type, data=data))
 
 
 def _flatten(event_type: str, data: Any, message: dict[str, Any]) -> tuple[bytes, str | None]:

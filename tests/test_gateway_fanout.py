@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import pytest
+import trio
+import trio.testing
 
+from broker import fanout
+from broker.engine.engine import Engine
 from broker.engine.events import encode_payload
 from broker.engine.facts import Delivery, Fact
 from broker.fanout import DeliverItem, EventItem, FactView, FanoutHub, Mode, Outbox
+from broker.gateway import Gateway
+from broker.gateway.node import NodeSession
+from tests.realtime import FakeWebSocket
 
 _MESSAGE = {"id": "42", "channel_name": "general", "conversation_id": None, "agent_id": "7",
             "agent_name": "alice", "text": "hi", "thread_id": None, "attachments": [],
@@ -132,6 +139,12 @@ def test_a_closed_outbox_takes_nothing() -> None:
     outbox.offer_delivery(2, view())
     outbox.put("reply")
     assert drain(outbox) == [] and not outbox.needs_catch_up
+
+
+class StubEngine:
+    """Sessions that never catch up from the database need no engine."""
+
+    facts = None
 
 
 # -- the hub --------------------------------------------------------------------------------
@@ -259,3 +272,36 @@ def test_deliver_items_keep_the_shared_view() -> None:
     outbox.offer_delivery(1, v)
     (item,) = drain(outbox)
     assert isinstance(item, DeliverItem) and item.view is v
+
+
+async def test_a_context_update_is_encoded_once_per_fact_for_every_node(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock,
+) -> None:
+    encodings: list[str] = []
+    encode = fanout._encode_context_update
+
+    def counted(event_type: str, data: Any) -> bytes:
+        encodings.append(event_type)
+        return encode(event_type, data)
+
+    monkeypatch.setattr(fanout, "_encode_context_update", counted)
+    gw = Gateway(cast(Engine, StubEngine()))
+    sockets = [FakeWebSocket() for _ in range(3)]
+    nodes = [NodeSession(gw, ws, gw.node_codec, workspace_id=1, agent_id=2 + n,
+                         agent_name=f"a{n}", node_id=f"node_{2 + n}", node_name=f"a{n}-direct")
+             for n, ws in enumerate(sockets)]
+    presence = view(event_type="agent.status.active",
+                    data={"agent": {"name": "bob"}, "status": "active"})
+    async with trio.open_nursery() as nursery:
+        for node in nodes:
+            node.outbox.mode = Mode.LIVE  # nothing to replay
+            nursery.start_soon(node.serve)
+        for node in nodes:
+            node.offer_event(presence)
+        await trio.sleep(1)  # on the autojump clock: until every pump has written
+        nursery.cancel_scope.cancel()
+    assert encodings == ["agent.status.active"]
+    for ws in sockets:
+        assert ws.sent == [{"v": 1, "type": "context.update", "topic": "presence",
+                            "event": "agent.status.active",
+                            "data": {"agent": {"name": "bob"}, "status": "active"}}]

@@ -24,37 +24,17 @@ Frames of the fleet protocol that this broker does not implement
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
-
-import msgspec
+from typing import Any
 
 from broker.engine.errors import BrokerError
-from broker.fanout import FactView
+from broker.fanout import ContextUpdate, FactView
 from broker.gateway.session import DeliverySession
 from protocol import frames as fr
 from protocol.codec import FrameError
 
+__all__ = ["ContextUpdate", "NodeSession"]
+
 log = logging.getLogger(__name__)
-
-Topic = Literal["agent", "channel", "presence", "thread"]
-
-
-class ContextUpdate(msgspec.Struct, kw_only=True):
-    """`FleetContextUpdateMessage`: an ephemeral event pushed to a node."""
-
-    v: int = fr.PROTOCOL_VERSION
-    type: Literal["context.update"] = "context.update"
-    topic: Topic
-    event: str
-    data: Any
-
-
-def _topic(event_type: str) -> Topic:
-    if event_type.startswith("agent.status."):
-        return "presence"
-    if event_type.startswith(("channel.", "member.")):
-        return "channel"
-    return "agent"
 
 
 class NodeSession(DeliverySession):
@@ -76,7 +56,7 @@ class NodeSession(DeliverySession):
         )
 
     def event_frame(self, view: FactView) -> Any:
-        return ContextUpdate(topic=_topic(view.type), event=view.type, data=view.data)
+        return view.context_update()  # encoded once per fact, shared by every node
 
     async def handle(self, frame: Any) -> None:
         if isinstance(frame, fr.DeliveryAck):

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+import trio
 
 from broker.engine.config import EngineConfig, Limits
 from broker.engine.conversations import SendDm
 from broker.engine.engine import Engine
+from broker.engine.facts import Fact
 from broker.engine.mailbox import (
     MAX_MARK,
     AckDelivery,
@@ -21,8 +24,9 @@ from broker.engine.mailbox import (
     delivery_id,
     list_pending,
 )
+from broker.engine.maintenance import ExpireDeliveries
 from broker.engine.messages import SendChannelMessage
-from tests.conftest import World
+from tests.conftest import TEST_DEADLINE_S, World, make_world
 from tests.test_workspaces import query_refused, refused
 
 
@@ -148,18 +152,129 @@ async def test_ack_fail_defer_one_delivery(engine: Engine, world: World) -> None
     assert [p.seq for p in await engine.read(list_pending, wid, bob, None, None, now)] == [4]
     assert [p.seq for p in await engine.read(list_pending, wid, bob)] == [1, 4]
     await refused(engine, DeferDelivery(workspace_id=wid, agent_id=bob, delivery_id=d4,
-                                        until_ms=pending[1].expires_at + 1), "invalid_until")
+                                        until_ms=pending[1].expires_at + 1),
+                  "invalid_available_at")
     await refused(engine, DeferDelivery(workspace_id=wid, agent_id=bob, delivery_id=d4,
-                                        until_ms=-1), "invalid_until")
+                                        until_ms=-1), "invalid_available_at")
     await refused(engine, FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=d4,
                                        error="e" * 4097), "invalid_error")
 
-    # The cumulative ack skips the dead-lettered row and settles the rest.
+    # The cumulative ack skips the dead-lettered row and holds the deferred one.
     done = await engine.submit(AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=4))
-    assert done.acked == 2
-    assert await states(engine, bob) == [(1, "acked"), (2, "acked"), (3, "dead_lettered"),
+    assert (done.acked, done.acked_seq) == (1, 0)
+    assert await states(engine, bob) == [(1, "queued"), (2, "acked"), (3, "dead_lettered"),
                                           (4, "acked")]
+    assert await marks(engine, bob) == (4, 0, 1)
+    # Acking the held row one by one settles it and moves the mark past everything final.
+    await engine.submit(AckDelivery(workspace_id=wid, agent_id=bob, delivery_id=d1))
     assert await marks(engine, bob) == (4, 4, 0)
+
+
+async def test_cumulative_ack_holds_failed_and_deferred_rows(engine: Engine, world: World) -> None:
+    """The Python client and the SDK ack cumulatively: that must not settle what bob gave back."""
+    wid, bob = world.workspace_id, world.agents["bob"]
+    await send_to_bob(engine, world, 7)
+    d = {s: delivery_id(bob, s) for s in range(1, 8)}
+    await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob, seqs=[1, 2, 3, 4, 5, 6]))
+    await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=d[2],
+                                     error="busy"))
+    pending = await engine.read(list_pending, wid, bob)
+    now = pending[0].created_at
+    later = now + 60_000
+    await engine.submit(DeferDelivery(workspace_id=wid, agent_id=bob, delivery_id=d[4],
+                                      until_ms=later))
+    # Deferred to a time already past: available at once, but still given back.
+    await engine.submit(DeferDelivery(workspace_id=wid, agent_id=bob, delivery_id=d[5],
+                                      until_ms=0))
+    # A push mark that arrives after the defer (made before it) leaves the row deferred.
+    stale = await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob, seqs=[4]))
+    assert stale.seqs == []
+
+    acked = await engine.submit(AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=7))
+    assert (acked.acked, acked.acked_seq, acked.changed) == (4, 1, True)
+    assert await states(engine, bob) == [
+        (1, "acked"), (2, "failed"), (3, "acked"), (4, "queued"), (5, "queued"), (6, "acked"),
+        (7, "acked")]
+    assert await marks(engine, bob) == (7, 1, 3)
+    # Replay (from the mark) brings them again: the failed one and the due one now,
+    # the deferred one once its time has come.
+    assert [p.seq for p in await engine.read(list_pending, wid, bob, None, None, now)] == [2, 5]
+    assert [p.seq for p in await engine.read(list_pending, wid, bob, 0, None, later)] == [2, 4, 5]
+    # A repeated ack changes nothing and never moves the mark back.
+    again = await engine.submit(AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=7))
+    assert (again.acked, again.acked_seq, again.changed) == (0, 1, False)
+    assert await marks(engine, bob) == (7, 1, 3)
+
+    # Pushed again, the failed row is delivered, and the next cumulative ack takes it.
+    await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob, seqs=[2]))
+    moved = await engine.submit(AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=7))
+    assert (moved.acked, moved.acked_seq, moved.changed) == (1, 3, True)
+    # One by one: the row right above the mark lets it move to the next pending row.
+    await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=d[4],
+                                     retryable=False))
+    assert await marks(engine, bob) == (7, 4, 1)
+    await engine.submit(AckDelivery(workspace_id=wid, agent_id=bob, delivery_id=d[5]))
+    assert await marks(engine, bob) == (7, 7, 0)
+    assert await engine.read(list_pending, wid, bob) == []
+
+
+async def test_a_held_row_that_expires_lets_the_next_ack_move_the_mark(
+    engine: Engine, world: World
+) -> None:
+    wid, bob = world.workspace_id, world.agents["bob"]
+    await send_to_bob(engine, world, 3)
+    await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob,
+                                     delivery_id=delivery_id(bob, 1)))
+    first = await engine.submit(AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=2))
+    assert (first.acked, first.acked_seq) == (1, 0)
+    (row,) = await engine.read(list_pending, wid, bob, 0, 1)
+    expired = await engine.submit(ExpireDeliveries(10, row.expires_at + 60_000))
+    assert expired == 2  # seq 1 (held) and seq 3 (never acked)
+    done = await engine.submit(AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=2))
+    assert (done.acked, done.acked_seq, done.changed) == (0, 2, True)
+    assert await marks(engine, bob) == (3, 2, 0)
+
+
+async def test_fail_and_defer_tell_the_agents_sessions(
+    tmp_path: Path, engine_config: EngineConfig
+) -> None:
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with Engine.open(tmp_path, engine_config, with_facts=True) as eng:
+            assert eng.facts is not None
+            world = await make_world(eng)
+            wid, bob = world.workspace_id, world.agents["bob"]
+            await send_to_bob(eng, world, 3)
+            drain(eng)
+            d1, d2, d3 = (delivery_id(bob, s) for s in (1, 2, 3))
+            await eng.submit(FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=d1))
+            (expires,) = await eng.read(lambda c: c.execute(
+                "SELECT expires_at FROM deliveries WHERE agent_id = ? AND seq = 2",
+                (bob,)).fetchone())
+            await eng.submit(DeferDelivery(workspace_id=wid, agent_id=bob, delivery_id=d2,
+                                           until_ms=expires))
+            # Nothing went back to pending: no news.
+            await eng.submit(FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=d1))
+            await eng.submit(DeferDelivery(workspace_id=wid, agent_id=bob, delivery_id=d2,
+                                           until_ms=expires))
+            await eng.submit(AckDelivery(workspace_id=wid, agent_id=bob, delivery_id=d3))
+            await eng.submit(FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=d3))
+            facts = drain(eng)
+    assert [(f.type, f.audience, f.deliveries, f.workspace_id) for f in facts] == [
+        ("mailbox.changed", (bob,), (), wid)] * 2
+    assert [msgspec.json.decode(f.payload) for f in facts] == [
+        {"type": "mailbox.changed", "data": {"agent_id": str(bob), "seq": seq}}
+        for seq in (1, 2)]
+
+
+def drain(engine: Engine) -> list[Fact]:
+    """Every fact published so far."""
+    assert engine.facts is not None
+    facts: list[Fact] = []
+    while True:
+        try:
+            facts.extend(engine.facts.receive_nowait())
+        except trio.WouldBlock:
+            return facts
 
 
 async def test_delivery_ids_name_only_the_callers_deliveries(

@@ -12,13 +12,31 @@ A delivery row moves through these states:
 failed; every transition into acked or dead_lettered decrements it, so the
 mailbox limit in `record_event` stays exact without a count query.
 
-The cumulative ack (`AckUpTo`) keeps one invariant that makes it and the
-replay cheap: every row with seq <= `agents.acked_seq` is final (acked or
-dead_lettered). An ack therefore only touches the rows between the old mark
-and the new one, and `list_pending` starts scanning after the mark. An ack
-above the highest seq ever allocated (`last_seq`) is clamped to it: the mark
-can never cover a seq that does not exist yet, or a later delivery would be
-born acknowledged.
+The cumulative ack (`AckUpTo`) acks only rows the agent may be assumed to
+have seen: `delivered` ones, and `queued` ones that were never deferred
+(the gateway marks pushes in batches, so a pushed row can still read
+queued when the ack lands). A row the agent gave back is **held**: a
+`failed` (retryable) row, and a deferred row (`queued` with `available_at`
+set: deferred and not pushed again since). A held row stays pending until
+it is acked one by one (`AckDelivery`), pushed again and then acked (a push
+makes it `delivered`), failed for good, or expired. Without the hold, the
+Python client and the Relaycast SDK, which only ever ack cumulatively,
+would silently settle every row the agent had just failed or deferred.
+After a retryable fail or a defer, an ephemeral `mailbox.changed` fact
+(`{"agent_id", "seq"}`, audience: the agent) tells the agent's live
+sessions to catch up from the database.
+
+The ack mark `agents.acked_seq` (the replay mark) keeps one invariant that
+makes acks and the replay cheap: every row with seq <= the mark is final
+(acked or dead_lettered). An ack therefore only touches the rows between
+the old mark and its target, and `list_pending` starts scanning after the
+mark. An ack moves the mark to its target, or to just below the lowest row
+it held, whichever is lower; it never moves back. So a held row stays above
+the mark and comes again in every replay once due, and the mark moves on
+past it when it settles (`AckDelivery` of the row right above the mark, or
+any later cumulative ack once it is final). An ack above the highest seq
+ever allocated (`last_seq`) is clamped to it: the mark can never cover a
+seq that does not exist yet, or a later delivery would be born acknowledged.
 
 A delivery is named on the wire `"<agent_id>:<seq>"`; a caller may only
 name its own deliveries (any other is `delivery_not_found`). Every
@@ -35,13 +53,20 @@ import apsw
 import msgspec
 
 from broker.engine.errors import BrokerError
+from broker.engine.events import emit_ephemeral
 from broker.engine.history import page_limit
+from broker.engine.realtime import SeqMarks, seq_marks
 from broker.engine.writer import Tx
 from protocol.objects import AckResult, DeliveriesMarked, DeliveryTransition
 
 State = Literal["queued", "delivered", "acked", "failed", "dead_lettered"]
 PENDING_STATES: tuple[State, ...] = ("queued", "delivered", "failed")
 _PENDING_SQL = "('queued', 'delivered', 'failed')"
+# What a cumulative ack settles: everything pending except the held rows
+# (failed, or deferred and not pushed since; see the module docstring).
+_CUMULATIVE_SQL = "(state = 'delivered' OR (state = 'queued' AND available_at IS NULL))"
+# The ephemeral fact that tells an agent's live sessions to read its mailbox again.
+MAILBOX_CHANGED = "mailbox.changed"
 # Replay pages: the default and the largest (a reconnecting agent may have
 # thousands of unacked rows; the gateway pages through them in seq order).
 DEFAULT_PAGE = 100
@@ -91,23 +116,6 @@ def parse_delivery_id(agent_id: int, value: str) -> int:
     raise BrokerError("delivery_not_found", f"delivery {value!r} not found")
 
 
-class _Marks(msgspec.Struct, frozen=True):
-    last_seq: int
-    acked_seq: int
-
-
-def _marks(conn: apsw.Connection, workspace_id: int, agent_id: int) -> _Marks:
-    """The active agent's seq marks. Raises agent_not_found."""
-    row = conn.execute(
-        "SELECT last_seq, acked_seq FROM agents"
-        " WHERE id = ? AND workspace_id = ? AND deactivated_at IS NULL",
-        (agent_id, workspace_id),
-    ).fetchone()
-    if row is None:
-        raise BrokerError("agent_not_found", f"agent {agent_id} not found")
-    return _Marks(int(row[0]), int(row[1]))
-
-
 def _seq(value: int, what: str) -> int:
     if value < 0:
         raise BrokerError("invalid_seq", f"{what} must be 0 or more")
@@ -129,7 +137,7 @@ def list_pending(
     """
     size = page_limit(limit, DEFAULT_PAGE, MAX_PAGE)
     after = 0 if after_seq is None else _seq(after_seq, "after_seq")
-    marks = _marks(conn, workspace_id, agent_id)
+    marks = seq_marks(conn, workspace_id, agent_id)
     rows = conn.execute(
         "SELECT d.seq, d.state, d.attempts, l.type, d.message_id, d.log_id, l.payload,"
         " d.available_at, d.expires_at, d.created_at"
@@ -157,10 +165,12 @@ def list_pending(
 
 
 class AckUpTo(msgspec.Struct, frozen=True, kw_only=True):
-    """Cumulative ack: every unacked delivery with seq <= up_to_seq becomes acked.
+    """Cumulative ack: every delivered or queued delivery with seq <= up_to_seq becomes acked.
 
-    up_to_seq above the agent's last allocated seq is clamped to it; at or
-    below the current mark it changes nothing (changed=False).
+    Failed and deferred rows are held (see the module docstring): they stay
+    pending, and the mark stops just below the lowest of them. up_to_seq
+    above the agent's last allocated seq is clamped to it; an ack that
+    neither acks a row nor moves the mark reports changed=False.
     Raises agent_not_found, invalid_seq (negative).
     """
 
@@ -171,7 +181,7 @@ class AckUpTo(msgspec.Struct, frozen=True, kw_only=True):
     def apply(self, tx: Tx) -> AckResult:
         conn, now = tx.conn, tx.now_ms
         up_to = _seq(self.up_to_seq, "up_to_seq")
-        marks = _marks(conn, self.workspace_id, self.agent_id)
+        marks = seq_marks(conn, self.workspace_id, self.agent_id)
         target = min(up_to, marks.last_seq)
         if target <= marks.acked_seq:
             return AckResult(acked=0, acked_seq=marks.acked_seq, changed=False)
@@ -179,15 +189,28 @@ class AckUpTo(msgspec.Struct, frozen=True, kw_only=True):
         # so the range starts after it.
         conn.execute(
             "UPDATE deliveries SET state = 'acked', acked_at = ?, updated_at = ?"
-            f" WHERE agent_id = ? AND seq > ? AND seq <= ? AND state IN {_PENDING_SQL}",
+            f" WHERE agent_id = ? AND seq > ? AND seq <= ? AND {_CUMULATIVE_SQL}",
             (now, now, self.agent_id, marks.acked_seq, target),
         )
         acked = conn.changes()
+        mark = _final_up_to(tx, self.agent_id, marks.acked_seq, target)
+        if acked == 0 and mark == marks.acked_seq:
+            return AckResult(acked=0, acked_seq=mark, changed=False)
         conn.execute(
             "UPDATE agents SET acked_seq = ?, pending_count = pending_count - ? WHERE id = ?",
-            (target, acked, self.agent_id),
+            (mark, acked, self.agent_id),
         )
-        return AckResult(acked=acked, acked_seq=target, changed=True)
+        return AckResult(acked=acked, acked_seq=mark, changed=True)
+
+
+def _final_up_to(tx: Tx, agent_id: int, mark: int, ceiling: int) -> int:
+    """The highest seq <= ceiling below which every row above `mark` is final."""
+    row = tx.conn.execute(
+        "SELECT min(seq) FROM deliveries"
+        f" WHERE agent_id = ? AND seq > ? AND seq <= ? AND state IN {_PENDING_SQL}",
+        (agent_id, mark, ceiling),
+    ).fetchone()
+    return ceiling if row is None or row[0] is None else int(row[0]) - 1
 
 
 class _Row(msgspec.Struct, frozen=True):
@@ -197,11 +220,12 @@ class _Row(msgspec.Struct, frozen=True):
     retryable: bool | None
     available_at: int | None
     expires_at: int
+    marks: SeqMarks  # the agent's, as the command found them
 
 
 def _delivery(tx: Tx, workspace_id: int, agent_id: int, value: str) -> _Row:
     """The caller's delivery named `value`. Raises agent_not_found, delivery_not_found."""
-    _marks(tx.conn, workspace_id, agent_id)
+    marks = seq_marks(tx.conn, workspace_id, agent_id)
     seq = parse_delivery_id(agent_id, value)
     row = tx.conn.execute(
         "SELECT seq, state, error, retryable, available_at, expires_at FROM deliveries"
@@ -212,7 +236,7 @@ def _delivery(tx: Tx, workspace_id: int, agent_id: int, value: str) -> _Row:
         raise BrokerError("delivery_not_found", f"delivery {value!r} not found")
     return _Row(int(row[0]), cast(State, row[1]), cast("str | None", row[2]),
                 None if row[3] is None else bool(row[3]), cast("int | None", row[4]),
-                int(row[5]))
+                int(row[5]), marks)
 
 
 def _transition(agent_id: int, row: _Row, state: State, changed: bool) -> DeliveryTransition:
@@ -222,7 +246,11 @@ def _transition(agent_id: int, row: _Row, state: State, changed: bool) -> Delive
 
 def _finish(tx: Tx, agent_id: int, row: _Row, state: State, error: str | None,
             retryable: bool | None) -> None:
-    """Move a pending row to a final state and release its mailbox slot."""
+    """Move a pending row to a final state and release its mailbox slot.
+
+    The row right above the ack mark (typically one a cumulative ack held)
+    lets the mark move on, up to the next row still pending.
+    """
     now = tx.now_ms
     tx.conn.execute(
         "UPDATE deliveries SET state = ?, error = ?, retryable = ?, updated_at = ?,"
@@ -230,9 +258,19 @@ def _finish(tx: Tx, agent_id: int, row: _Row, state: State, error: str | None,
         " WHERE agent_id = ? AND seq = ?",
         (state, error, retryable, now, state, now, agent_id, row.seq),
     )
+    mark = row.marks.acked_seq
+    if row.seq == mark + 1:
+        mark = _final_up_to(tx, agent_id, mark, row.marks.last_seq)
     tx.conn.execute(
-        "UPDATE agents SET pending_count = pending_count - 1 WHERE id = ?", (agent_id,)
+        "UPDATE agents SET pending_count = pending_count - 1, acked_seq = ? WHERE id = ?",
+        (mark, agent_id),
     )
+
+
+def _mailbox_changed(tx: Tx, workspace_id: int, agent_id: int, seq: int) -> None:
+    """Tell the agent's live sessions that a row went back to pending (they read it again)."""
+    emit_ephemeral(tx, workspace_id=workspace_id, event_type=MAILBOX_CHANGED,
+                   data={"agent_id": str(agent_id), "seq": seq}, audience=(agent_id,))
 
 
 class AckDelivery(msgspec.Struct, frozen=True, kw_only=True):
@@ -256,8 +294,9 @@ class AckDelivery(msgspec.Struct, frozen=True, kw_only=True):
 class FailDelivery(msgspec.Struct, frozen=True, kw_only=True):
     """Report that the agent could not process a delivery.
 
-    retryable: the row becomes `failed` and is pushed again; otherwise it is
-    dead-lettered (final) and leaves the mailbox. An acked or dead-lettered
+    retryable: the row becomes `failed`, held from cumulative acks and pushed
+    again (the agent's sessions are told with `mailbox.changed`); otherwise it
+    is dead-lettered (final) and leaves the mailbox. An acked or dead-lettered
     row is left as it is (changed=False); failing a failed row again only
     reports a change if the error or the retryable flag differ.
     Raises agent_not_found, delivery_not_found, invalid_error (longer than
@@ -287,16 +326,19 @@ class FailDelivery(msgspec.Struct, frozen=True, kw_only=True):
             " WHERE agent_id = ? AND seq = ?",
             (self.error, tx.now_ms, self.agent_id, row.seq),
         )
+        _mailbox_changed(tx, self.workspace_id, self.agent_id, row.seq)
         return _transition(self.agent_id, row, "failed", True)
 
 
 class DeferDelivery(msgspec.Struct, frozen=True, kw_only=True):
     """Put an unacked delivery back in the queue, not to be pushed before `until_ms`.
 
-    A time already past makes it available at once. An acked or
-    dead-lettered row is left as it is (changed=False).
-    Raises agent_not_found, delivery_not_found, invalid_until (negative, or
-    after the delivery expires).
+    A time already past makes it available at once. Either way the row is
+    held from cumulative acks until it is pushed again, and the agent's
+    sessions are told with `mailbox.changed`. An acked or dead-lettered row
+    is left as it is (changed=False).
+    Raises agent_not_found, delivery_not_found, invalid_available_at
+    (negative, or after the delivery expires).
     """
 
     workspace_id: int
@@ -306,12 +348,14 @@ class DeferDelivery(msgspec.Struct, frozen=True, kw_only=True):
 
     def apply(self, tx: Tx) -> DeliveryTransition:
         if self.until_ms < 0:
-            raise BrokerError("invalid_until", "until must be a time after the epoch")
+            raise BrokerError("invalid_available_at",
+                              "available_at must be a time after the epoch")
         row = _delivery(tx, self.workspace_id, self.agent_id, self.delivery_id)
         if row.state not in PENDING_STATES:
             return _transition(self.agent_id, row, row.state, False)
         if self.until_ms > row.expires_at:
-            raise BrokerError("invalid_until", "a delivery cannot be deferred past its expiry")
+            raise BrokerError("invalid_available_at",
+                              "a delivery cannot be deferred past its expiry")
         if row.state == "queued" and row.available_at == self.until_ms:
             return _transition(self.agent_id, row, "queued", False)
         tx.conn.execute(
@@ -319,6 +363,7 @@ class DeferDelivery(msgspec.Struct, frozen=True, kw_only=True):
             " WHERE agent_id = ? AND seq = ?",
             (self.until_ms, tx.now_ms, self.agent_id, row.seq),
         )
+        _mailbox_changed(tx, self.workspace_id, self.agent_id, row.seq)
         return _transition(self.agent_id, row, "queued", True)
 
 
@@ -327,7 +372,10 @@ class MarkDelivered(msgspec.Struct, frozen=True, kw_only=True):
 
     Every push counts as an attempt, a re-push of a delivered or failed row
     too (the expiry and dead-letter sweeps read `attempts`); acked and
-    dead-lettered rows, and seqs that do not exist, are skipped.
+    dead-lettered rows, and seqs that do not exist, are skipped. So is a row
+    deferred past now: nothing pushes it before its time, so the mark is a
+    late one for a push made before the defer, and it must not release the
+    row to the next cumulative ack.
     Raises agent_not_found, too_many_seqs (over MAX_MARK).
     """
 
@@ -338,7 +386,7 @@ class MarkDelivered(msgspec.Struct, frozen=True, kw_only=True):
     def apply(self, tx: Tx) -> DeliveriesMarked:
         if len(self.seqs) > MAX_MARK:
             raise BrokerError("too_many_seqs", f"at most {MAX_MARK} seqs at once")
-        _marks(tx.conn, self.workspace_id, self.agent_id)
+        seq_marks(tx.conn, self.workspace_id, self.agent_id)
         if not self.seqs:
             return DeliveriesMarked(seqs=[])
         now = tx.now_ms
@@ -346,7 +394,8 @@ class MarkDelivered(msgspec.Struct, frozen=True, kw_only=True):
             "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,"
             " delivered_at = ?, updated_at = ?"
             " WHERE agent_id = ? AND seq IN (SELECT value FROM json_each(?))"
-            f" AND state IN {_PENDING_SQL} RETURNING seq",
-            (now, now, self.agent_id, _encoder.encode(self.seqs).decode()),
+            f" AND state IN {_PENDING_SQL} AND (available_at IS NULL OR available_at <= ?)"
+            " RETURNING seq",
+            (now, now, self.agent_id, _encoder.encode(self.seqs).decode(), now),
         ).fetchall()
         return DeliveriesMarked(seqs=sorted(cast(int, r[0]) for r in rows))

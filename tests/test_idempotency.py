@@ -1,16 +1,23 @@
-"""Idempotency keys on the DM and group DM send paths: replay, reuse, concurrency."""
+"""Idempotency keys on the send paths: replay, reuse, concurrency, retries after a change."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
+import msgspec
+import pytest
 import trio
 import trio.testing
 
-from broker.engine.conversations import CreateGroupDm, SendDm, SendGroupDm
+from broker.engine import webhooks as wh
+from broker.engine.agents import DeactivateAgent
+from broker.engine.channels import ArchiveChannel, CreateChannel, JoinChannel, LeaveChannel
+from broker.engine.conversations import CreateGroupDm, RemoveParticipant, SendDm, SendGroupDm
 from broker.engine.engine import Engine
 from broker.engine.messages import SendChannelMessage
+from broker.engine.threads import ReplyToThread
 from protocol.objects import Message
 from tests.conftest import World
 from tests.test_conversations import Gate
@@ -104,3 +111,97 @@ async def test_concurrent_sends_with_one_key_make_one_message(
         deliveries = await engine.read(lambda c, mid=int(first.id): c.execute(
             "SELECT count(*) FROM deliveries WHERE message_id = ?", (mid,)).fetchone())
         assert deliveries == ((1,) if kind == "dm" else (2,))
+
+
+# -- a retry after the state changed: the key is looked up before the domain checks ------
+
+
+class Case(msgspec.Struct, frozen=True):
+    """A send path, a change that makes a new send fail with `code`, and the result's id."""
+
+    make: Callable[[str, str], Any]
+    change: Any
+    code: str
+    sent_id: Callable[[Any], str] = lambda result: str(result.id)
+
+
+async def _cases(engine: Engine, world: World) -> dict[str, Case]:
+    wid, a = world.workspace_id, world.agents
+    alice = a["alice"]
+    for name in ("ops-archived", "ops-left", "thread-archived", "thread-left", "hooked"):
+        await engine.submit(CreateChannel(workspace_id=wid, agent_id=alice, name=name))
+        await engine.submit(JoinChannel(workspace_id=wid, agent_id=a["bob"], channel=name))
+    roots = {
+        name: (await engine.submit(SendChannelMessage(
+            workspace_id=wid, agent_id=a["bob"], channel=name, text="root"))).id
+        for name in ("thread-archived", "thread-left")
+    }
+    group_id = await _group(engine, world)
+    hook = await engine.submit(wh.CreateInboundWebhook(workspace_id=wid, channel="hooked"))
+
+    def channel(name: str) -> Callable[[str, str], Any]:
+        return lambda text, key: SendChannelMessage(
+            workspace_id=wid, agent_id=alice, channel=name, text=text, idempotency_key=key)
+
+    def reply(name: str) -> Callable[[str, str], Any]:
+        return lambda text, key: ReplyToThread(
+            workspace_id=wid, agent_id=alice, message_id=roots[name], text=text,
+            idempotency_key=key)
+
+    return {
+        "channel, archived": Case(
+            channel("ops-archived"),
+            ArchiveChannel(workspace_id=wid, agent_id=alice, channel="ops-archived"),
+            "channel_archived"),
+        "channel, sender left": Case(
+            channel("ops-left"),
+            LeaveChannel(workspace_id=wid, agent_id=alice, channel="ops-left"), "not_a_member"),
+        "thread, archived": Case(
+            reply("thread-archived"),
+            ArchiveChannel(workspace_id=wid, agent_id=alice, channel="thread-archived"),
+            "channel_archived"),
+        "thread, sender left": Case(
+            reply("thread-left"),
+            LeaveChannel(workspace_id=wid, agent_id=alice, channel="thread-left"),
+            "message_not_found"),
+        "dm, recipient deactivated": Case(
+            lambda text, key: SendDm(workspace_id=wid, agent_id=alice, to="dave", text=text,
+                                     idempotency_key=key),
+            DeactivateAgent(workspace_id=wid, agent_id=a["dave"]), "agent_not_found"),
+        "group dm, sender left": Case(
+            lambda text, key: SendGroupDm(workspace_id=wid, agent_id=alice,
+                                          conversation_id=group_id, text=text,
+                                          idempotency_key=key),
+            RemoveParticipant(workspace_id=wid, agent_id=alice, conversation_id=group_id,
+                              agent="alice"),
+            "not_a_participant"),
+        "inbound webhook, archived": Case(
+            lambda text, key: wh.TriggerInboundWebhook(
+                webhook_id=hook.webhook_id, token=hook.token, text=text, idempotency_key=key),
+            ArchiveChannel(workspace_id=wid, agent_id=alice, channel="hooked"),
+            "channel_archived", lambda result: str(result.message_id)),
+    }
+
+
+PATHS = ("channel, archived", "channel, sender left", "thread, archived", "thread, sender left",
+         "dm, recipient deactivated", "group dm, sender left", "inbound webhook, archived")
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_retry_after_the_state_changed_returns_the_first_result(
+    engine: Engine, world: World, path: str
+) -> None:
+    cases = await _cases(engine, world)
+    assert sorted(cases) == sorted(PATHS)
+    case = cases[path]
+    first = await engine.submit(case.make("once", "key"))
+    await engine.submit(case.change)
+    # With a new key the send is refused now...
+    await refused(engine, case.make("once", "new"), case.code)
+    # ...but the retry of the first send gets its result, and writes nothing.
+    before = await snapshot(engine)
+    retry = await engine.submit(case.make("once", "key"))
+    assert case.sent_id(retry) == case.sent_id(first) and retry == first
+    assert await snapshot(engine) == before, "the retry wrote rows"
+    # Another payload under that key is still refused as a reuse.
+    await refused(engine, case.make("another", "key"), "idempotency_key_reused")

@@ -39,15 +39,14 @@ import msgspec
 
 from broker.engine import validation
 from broker.engine.errors import BrokerError
-from broker.engine.events import emit_ephemeral, record_event
+from broker.engine.events import emit_ephemeral
 from broker.engine.history import load_messages, page_limit
 from broker.engine.idempotency import once
 from broker.engine.ids import COUNTER_BITS
 from broker.engine.lookups import AgentRow, agent_by_name, require_agent
-from broker.engine.messages import insert_message, names_of, resolve_attachments, resolve_mentions
+from broker.engine.messages import conversation_recipients, post_message, resolve_attachments
 from broker.engine.writer import Tx
 from protocol.objects import (
-    Attachment,
     ConversationParticipant,
     DmConversationSummary,
     DmLastMessage,
@@ -153,18 +152,6 @@ def _active_participants(conn: apsw.Connection, conversation_id: int) -> list[Ag
             for r in rows]
 
 
-def _message(
-    tx: Tx, message_id: int, conversation_id: int, author: AgentRow, text: str, mode: str,
-    data: dict[str, Any] | None, attachments: list[tuple[int, Attachment]], mentions: list[str],
-) -> Message:
-    return Message(
-        id=str(message_id), channel_id=None, conversation_id=str(conversation_id),
-        agent_id=str(author.id), agent_name=author.name, text=text, data=data,
-        attachments=[a for _, a in attachments], has_attachments=bool(attachments),
-        mentions=mentions, injection_mode=cast("Mode", mode), created_at=iso(tx.now_ms) or "",
-    )
-
-
 # -- 1:1 DMs -------------------------------------------------------------------------
 
 
@@ -172,11 +159,13 @@ class SendDm(msgspec.Struct, frozen=True, kw_only=True):
     """Send a direct message to the agent called `to`; the conversation is made on first use.
 
     The recipient gets one `dm.received` delivery (none if its mailbox is
-    full: it is then named in the result's `mailbox_full`).
+    full: it is then named in the result's `mailbox_full`). A retry with
+    the idempotency key of an earlier send returns that send's result even
+    if the recipient was deactivated since.
     Raises invalid_text, text_too_long, invalid_mode, invalid_data,
-    data_too_large, agent_not_found (sender or recipient), cannot_dm_self,
-    file_not_found, file_not_complete, invalid_idempotency_key,
-    idempotency_key_reused.
+    data_too_large, invalid_idempotency_key, idempotency_key_reused,
+    agent_not_found (sender or recipient), cannot_dm_self, file_not_found,
+    file_not_complete.
     """
 
     workspace_id: int
@@ -193,33 +182,23 @@ class SendDm(msgspec.Struct, frozen=True, kw_only=True):
         text = validation.text(self.text, limits)
         mode = validation.mode(self.mode)
         data = validation.data(self.data, limits)
-        author = require_agent(conn, self.workspace_id, self.agent_id)
-        recipient = agent_by_name(conn, self.workspace_id, self.to)
-        if recipient.id == author.id:
-            raise BrokerError("cannot_dm_self", "you cannot send a direct message to yourself")
 
         def send() -> Message:
+            author = require_agent(conn, self.workspace_id, self.agent_id)
+            recipient = agent_by_name(conn, self.workspace_id, self.to)
+            if recipient.id == author.id:
+                raise BrokerError("cannot_dm_self", "you cannot send a direct message to yourself")
             # Reads first: a missing file fails before anything is written.
             attachments = resolve_attachments(conn, self.workspace_id, self.attachments)
-            mentions = resolve_mentions(conn, self.workspace_id, text)
-            conversation_id = _dm_conversation(tx, self.workspace_id, author.id, recipient.id)
-            message_id = insert_message(
-                tx, workspace_id=self.workspace_id, author=author, text=text, mode=mode,
-                data=data, mentions=mentions, attachments=attachments,
-                conversation_id=conversation_id,
+            return post_message(
+                tx, event_type="dm.received", workspace_id=self.workspace_id, author=author,
+                text=text, mode=mode, data=self.data, stored_data=data, attachments=attachments,
+                recipients=lambda _: [recipient.id],
+                conversation_id=_dm_conversation(tx, self.workspace_id, author.id, recipient.id),
             )
-            message = _message(tx, message_id, conversation_id, author, text, mode, self.data,
-                               attachments, mentions)
-            recorded = record_event(
-                tx, workspace_id=self.workspace_id, event_type="dm.received", data=message,
-                recipients=[recipient.id], message_id=message_id,
-                conversation_id=conversation_id, agent_id=author.id,
-            )
-            message.mailbox_full = names_of(conn, recorded.mailbox_full)
-            return message
 
         return once(
-            tx, agent_id=author.id, key=self.idempotency_key, operation="dm.send",
+            tx, agent_id=self.agent_id, key=self.idempotency_key, operation="dm.send",
             request=self, result_type=Message, run=send,
         )
 
@@ -308,7 +287,8 @@ class SendGroupDm(msgspec.Struct, frozen=True, kw_only=True):
 
     Every other active participant (deactivated agents excepted) gets one
     `group_dm.received` delivery; those with a full mailbox get none and
-    are named in `mailbox_full`.
+    are named in `mailbox_full`. A retry with the idempotency key of an
+    earlier send returns that send's result even if the caller left since.
     Raises the validation codes of SendDm, conversation_not_found,
     not_a_group_dm, not_a_participant.
     """
@@ -327,39 +307,21 @@ class SendGroupDm(msgspec.Struct, frozen=True, kw_only=True):
         text = validation.text(self.text, limits)
         mode = validation.mode(self.mode)
         data = validation.data(self.data, limits)
-        author = require_agent(conn, self.workspace_id, self.agent_id)
-        conversation = _require_group(conn, self.workspace_id, self.conversation_id, author.id)
 
         def send() -> Message:
-            attachments = resolve_attachments(conn, self.workspace_id, self.attachments)
-            mentions = resolve_mentions(conn, self.workspace_id, text)
-            message_id = insert_message(
-                tx, workspace_id=self.workspace_id, author=author, text=text, mode=mode,
-                data=data, mentions=mentions, attachments=attachments,
+            author = require_agent(conn, self.workspace_id, self.agent_id)
+            conversation = _require_group(conn, self.workspace_id, self.conversation_id,
+                                          author.id)
+            return post_message(
+                tx, event_type="group_dm.received", workspace_id=self.workspace_id,
+                author=author, text=text, mode=mode, data=self.data, stored_data=data,
+                attachments=resolve_attachments(conn, self.workspace_id, self.attachments),
+                recipients=lambda _: conversation_recipients(conn, conversation.id, author.id),
                 conversation_id=conversation.id,
             )
-            recipients = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT p.agent_id FROM conversation_participants p"
-                    " JOIN agents a ON a.id = p.agent_id"
-                    " WHERE p.conversation_id = ? AND p.left_at IS NULL AND p.agent_id <> ?"
-                    " AND a.deactivated_at IS NULL",
-                    (conversation.id, author.id),
-                )
-            ]
-            message = _message(tx, message_id, conversation.id, author, text, mode, self.data,
-                               attachments, mentions)
-            recorded = record_event(
-                tx, workspace_id=self.workspace_id, event_type="group_dm.received", data=message,
-                recipients=recipients, message_id=message_id, conversation_id=conversation.id,
-                agent_id=author.id,
-            )
-            message.mailbox_full = names_of(conn, recorded.mailbox_full)
-            return message
 
         return once(
-            tx, agent_id=author.id, key=self.idempotency_key, operation="group_dm.send",
+            tx, agent_id=self.agent_id, key=self.idempotency_key, operation="group_dm.send",
             request=self, result_type=Message, run=send,
         )
 

@@ -40,7 +40,14 @@ def once(
     result_type: type[R],
     run: Callable[[], R],
 ) -> R:
-    """`run()` the first time `key` is seen for this agent; the stored result after that."""
+    """`run()` the first time `key` is seen for this agent; the stored result after that.
+
+    Call it right after the input is validated, with every domain check
+    (membership, archived channel, active recipient) inside `run`: a retry
+    must get the first result even when the state changed since it.
+    Raises invalid_idempotency_key, idempotency_key_reused (the key was used
+    with another request), and whatever `run` raises.
+    """
     if key is None:
         return run()
     if not key or len(key) > 255:

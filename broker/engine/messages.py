@@ -4,11 +4,20 @@ A send is one command: the message, its attachment links, one delivery per
 recipient, the message-log row and (with a key) the idempotency record
 commit together or not at all. Recipients are read inside the transaction,
 so membership is as it is at commit time.
+
+Every send path (channel, thread reply, DM, group DM, inbound webhook) has
+the same shape: validate the input; look the idempotency key up (`once`);
+only then check the domain rules (membership, archived channel, active
+recipient) and `post_message`. The key comes before the domain checks so
+that a retry returns the first result even when the state has changed
+since (the channel archived, the sender gone from it, the recipient
+deactivated): the first send did happen.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import apsw
 import msgspec
@@ -110,12 +119,99 @@ def names_of(conn: apsw.Connection, agent_ids: tuple[int, ...]) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
+def channel_recipients(
+    conn: apsw.Connection, channel_id: int, author_id: int, mentions: list[str]
+) -> list[int]:
+    """Who gets a channel message: every active member but the author; a muted one if mentioned."""
+    return [
+        cast(int, r[0])
+        for r in conn.execute(
+            "SELECT m.agent_id FROM channel_members m JOIN agents a ON a.id = m.agent_id"
+            " WHERE m.channel_id = ? AND m.agent_id <> ? AND a.deactivated_at IS NULL"
+            " AND (m.muted = 0 OR a.name IN (SELECT value FROM json_each(?)))",
+            (channel_id, author_id, _encoder.encode(mentions).decode()),
+        )
+    ]
+
+
+def conversation_recipients(
+    conn: apsw.Connection, conversation_id: int, author_id: int
+) -> list[int]:
+    """Who gets a DM or group DM message: every active participant but the author."""
+    return [
+        cast(int, r[0])
+        for r in conn.execute(
+            "SELECT p.agent_id FROM conversation_participants p"
+            " JOIN agents a ON a.id = p.agent_id"
+            " WHERE p.conversation_id = ? AND p.agent_id <> ? AND p.left_at IS NULL"
+            " AND a.deactivated_at IS NULL",
+            (conversation_id, author_id),
+        )
+    ]
+
+
+def post_message(
+    tx: Tx,
+    *,
+    event_type: str,
+    workspace_id: int,
+    author: AgentRow,
+    text: str,
+    mode: str,
+    data: dict[str, Any] | None,
+    stored_data: str | None,
+    attachments: list[tuple[int, Attachment]],
+    recipients: Callable[[list[str]], list[int]],
+    channel_id: int | None = None,
+    channel_name: str | None = None,
+    conversation_id: int | None = None,
+    thread_id: int | None = None,
+) -> Message:
+    """The write half of every send: message row, deliveries, log row, outbox rows; the Message.
+
+    The caller has validated the input (`stored_data` is `data` as
+    validation.data encoded it), checked the domain rules and resolved the
+    attachments; `recipients(mentions)` is read here, inside the
+    transaction, so membership is as it is at commit time. A recipient whose
+    mailbox is full gets no delivery and is named in `mailbox_full`.
+    """
+    conn = tx.conn
+    mentions = resolve_mentions(conn, workspace_id, text)
+    message_id = insert_message(
+        tx, workspace_id=workspace_id, author=author, text=text, mode=mode, data=stored_data,
+        mentions=mentions, attachments=attachments, channel_id=channel_id,
+        conversation_id=conversation_id, thread_id=thread_id,
+    )
+    message = Message(
+        id=str(message_id), channel_id=None if channel_id is None else str(channel_id),
+        channel_name=channel_name,
+        conversation_id=None if conversation_id is None else str(conversation_id),
+        agent_id=str(author.id), agent_name=author.name, text=text, data=data,
+        thread_id=None if thread_id is None else str(thread_id),
+        attachments=[a for _, a in attachments], has_attachments=bool(attachments),
+        mentions=mentions, injection_mode=cast(Mode, mode), created_at=tx.now_iso,
+    )
+    recorded = record_event(
+        tx, workspace_id=workspace_id, event_type=event_type, data=message,
+        recipients=recipients(mentions), message_id=message_id, channel_id=channel_id,
+        conversation_id=conversation_id, agent_id=author.id,
+    )
+    message.mailbox_full = names_of(conn, recorded.mailbox_full)
+    return message
+
+
 class SendChannelMessage(msgspec.Struct, frozen=True, kw_only=True):
     """Post `text` to a channel the agent is a member of.
 
     Recipients: every member except the sender; a muted member only when the
     text mentions it. A recipient whose mailbox is full gets no delivery and
-    is named in the result's `mailbox_full`.
+    is named in the result's `mailbox_full`. A retry with the idempotency key
+    of an earlier send returns that send's result even if the channel was
+    archived or the sender left since.
+    Raises invalid_text, text_too_long, invalid_mode, invalid_data,
+    data_too_large, invalid_idempotency_key, idempotency_key_reused,
+    agent_not_found, channel_not_found, channel_archived, not_a_member,
+    file_not_found, file_not_complete.
     """
 
     workspace_id: int
@@ -132,46 +228,25 @@ class SendChannelMessage(msgspec.Struct, frozen=True, kw_only=True):
         text = validation.text(self.text, limits)
         mode = validation.mode(self.mode)
         data = validation.data(self.data, limits)
-        author = require_agent(conn, self.workspace_id, self.agent_id)
-        channel = require_channel(conn, self.workspace_id, self.channel, self.agent_id)
-        if channel.archived:
-            raise BrokerError("channel_archived", f"channel {channel.name!r} is archived")
-        if not channel.is_member:
-            raise BrokerError("not_a_member", f"you are not a member of channel {channel.name!r}")
 
         def send() -> Message:
-            attachments = resolve_attachments(conn, self.workspace_id, self.attachments)
-            mentions = resolve_mentions(conn, self.workspace_id, text)
-            message_id = insert_message(
-                tx, workspace_id=self.workspace_id, author=author, text=text, mode=mode,
-                data=data, mentions=mentions, attachments=attachments, channel_id=channel.id,
+            author = require_agent(conn, self.workspace_id, self.agent_id)
+            channel = require_channel(conn, self.workspace_id, self.channel, self.agent_id)
+            if channel.archived:
+                raise BrokerError("channel_archived", f"channel {channel.name!r} is archived")
+            if not channel.is_member:
+                raise BrokerError("not_a_member",
+                                  f"you are not a member of channel {channel.name!r}")
+            return post_message(
+                tx, event_type="message.created", workspace_id=self.workspace_id,
+                author=author, text=text, mode=mode, data=self.data, stored_data=data,
+                attachments=resolve_attachments(conn, self.workspace_id, self.attachments),
+                recipients=lambda mentions: channel_recipients(conn, channel.id, author.id,
+                                                               mentions),
+                channel_id=channel.id, channel_name=channel.name,
             )
-            recipients = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT m.agent_id FROM channel_members m JOIN agents a ON a.id = m.agent_id"
-                    " WHERE m.channel_id = ? AND m.agent_id <> ? AND a.deactivated_at IS NULL"
-                    " AND (m.muted = 0 OR a.name IN (SELECT value FROM json_each(?)))",
-                    (channel.id, author.id, _encoder.encode(mentions).decode()),
-                )
-            ]
-            message = Message(
-                id=str(message_id), channel_id=str(channel.id), channel_name=channel.name,
-                agent_id=str(author.id), agent_name=author.name, text=text,
-                data=self.data, attachments=[a for _, a in attachments],
-                has_attachments=bool(attachments), mentions=mentions,
-                injection_mode=mode,  # type: ignore[arg-type]
-                created_at=tx.now_iso,
-            )
-            recorded = record_event(
-                tx, workspace_id=self.workspace_id, event_type="message.created", data=message,
-                recipients=recipients, message_id=message_id, channel_id=channel.id,
-                agent_id=author.id,
-            )
-            message.mailbox_full = names_of(conn, recorded.mailbox_full)
-            return message
 
         return once(
-            tx, agent_id=author.id, key=self.idempotency_key, operation="message.send",
+            tx, agent_id=self.agent_id, key=self.idempotency_key, operation="message.send",
             request=self, result_type=Message, run=send,
         )

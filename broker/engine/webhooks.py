@@ -26,8 +26,8 @@ Inbound. `CreateInboundWebhook` binds a hook to a channel, creates the
 hook's system agent (type `system`, a member of no channel, so it never
 receives deliveries) and returns a `wh_live_` token, stored only as its
 SHA-256 digest. `TriggerInboundWebhook` checks the token and posts into the
-channel through the same pieces as a channel send (`insert_message`,
-recipients read at commit time, `record_event`), atomically.
+channel through the same path as a channel send (`post_message`,
+recipients read at commit time), atomically.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from broker.engine import secrets, validation
 from broker.engine.errors import BrokerError
 from broker.engine.lookups import require_channel, require_workspace
 from broker.engine.writer import Tx
-from protocol.objects import Message, iso
+from protocol.objects import iso
 
 # -- limits and vocabularies ---------------------------------------------------------
 
@@ -881,10 +881,10 @@ class TriggerInboundWebhook(msgspec.Struct, frozen=True, kw_only=True):
     def apply(self, tx: Tx) -> HookTriggered:
         # Imported here: events imports this module (for the enqueue), and
         # messages imports events.
-        from broker.engine.events import emit_ephemeral, record_event
+        from broker.engine.events import emit_ephemeral
         from broker.engine.idempotency import once
         from broker.engine.lookups import AgentRow
-        from broker.engine.messages import insert_message, resolve_mentions
+        from broker.engine.messages import channel_recipients, post_message
 
         conn, limits = tx.conn, tx.limits
         hook = _authenticated_hook(conn, self.webhook_id, self.token)
@@ -895,57 +895,44 @@ class TriggerInboundWebhook(msgspec.Struct, frozen=True, kw_only=True):
                                    ("author", self.author), ("payload", self.payload),
                                    ("blocks", self.blocks)) if v is not None}
         data = validation.data(extra, limits)
-        channel = conn.execute(
-            "SELECT name, archived_at IS NOT NULL FROM channels WHERE id = ?", (hook.channel_id,)
-        ).fetchone()
-        agent = conn.execute(
-            "SELECT id, name, type, workspace_id FROM agents WHERE id = ?", (hook.agent_id,)
-        ).fetchone()
-        assert channel is not None and agent is not None  # both cascade with the hook
-        channel_name = cast(str, channel[0])
-        if channel[1]:
-            raise BrokerError("channel_archived", f"channel {channel_name!r} is archived")
-        author = AgentRow(*agent)
 
         def post() -> HookTriggered:
-            mentions = resolve_mentions(conn, hook.workspace_id, text)
-            message_id = insert_message(
-                tx, workspace_id=hook.workspace_id, author=author, text=text, mode="wait",
-                data=data, mentions=mentions, attachments=[], channel_id=hook.channel_id,
-            )
-            recipients = [
-                cast(int, r[0])
-                for r in conn.execute(
-                    "SELECT m.agent_id FROM channel_members m JOIN agents a ON a.id = m.agent_id"
-                    " WHERE m.channel_id = ? AND m.agent_id <> ? AND a.deactivated_at IS NULL"
-                    " AND (m.muted = 0 OR a.name IN (SELECT value FROM json_each(?)))",
-                    (hook.channel_id, author.id, _encoder.encode(mentions).decode()),
-                )
-            ]
-            message = Message(
-                id=str(message_id), channel_id=str(hook.channel_id), channel_name=channel_name,
-                agent_id=str(author.id), agent_name=author.name, text=text,
-                data=msgspec.json.decode(data) if data is not None else None,
-                mentions=mentions, created_at=tx.now_iso,
-            )
-            record_event(
-                tx, workspace_id=hook.workspace_id, event_type="message.created", data=message,
-                recipients=recipients, message_id=message_id, channel_id=hook.channel_id,
-                agent_id=author.id,
+            channel = conn.execute(
+                "SELECT name, archived_at IS NOT NULL FROM channels WHERE id = ?",
+                (hook.channel_id,),
+            ).fetchone()
+            agent = conn.execute(
+                "SELECT id, name, type, workspace_id FROM agents WHERE id = ?", (hook.agent_id,)
+            ).fetchone()
+            assert channel is not None and agent is not None  # both cascade with the hook
+            channel_name = cast(str, channel[0])
+            if channel[1]:
+                raise BrokerError("channel_archived", f"channel {channel_name!r} is archived")
+            author = AgentRow(*agent)
+            message = post_message(
+                tx, event_type="message.created", workspace_id=hook.workspace_id,
+                author=author, text=text, mode="wait",
+                data=msgspec.json.decode(data) if data is not None else None, stored_data=data,
+                attachments=[],
+                recipients=lambda mentions: channel_recipients(conn, hook.channel_id, author.id,
+                                                               mentions),
+                channel_id=hook.channel_id, channel_name=channel_name,
             )
             emit_ephemeral(
                 tx, workspace_id=hook.workspace_id, event_type="webhook.received",
                 data={"webhook_id": str(hook.id), "channel": channel_name,
-                      "message": {"id": str(message_id), "text": text, "source": self.source,
+                      "message": {"id": message.id, "text": text, "source": self.source,
                                   "author": self.author}},
                 channel_id=hook.channel_id,
             )
             return HookTriggered(
-                message_id=str(message_id), channel=channel_name, text=text,
+                message_id=message.id, channel=channel_name, text=text,
                 source=self.source, author=self.author, created_at=tx.now_iso,
             )
 
+        # The key is looked up before the channel is checked: a retry after
+        # the channel was archived still gets the first result.
         return once(
-            tx, agent_id=author.id, key=self.idempotency_key, operation="webhook.trigger",
+            tx, agent_id=hook.agent_id, key=self.idempotency_key, operation="webhook.trigger",
             request=self, result_type=HookTriggered, run=post,
         )

@@ -10,6 +10,7 @@ bookkeeping) drives the broker and the echo server.
 The phases, with a barrier across shards between them:
 
 1. connect every agent of the shard; start a consumer per recipient;
+   (barrier) wait until the presence events of connecting stop arriving;
 2. (barrier) send: each sender keeps `window` requests in flight (closed
    loop) or sends on a fixed schedule (`rate`, open loop) until the
    duration ends or its share of `messages` is sent;
@@ -44,9 +45,13 @@ from broker.loadtest.topology import Topology, is_dm
 log = logging.getLogger(__name__)
 
 # Connections opened at once while a shard connects, and how long one may take
-# (a busy daemon accepting a thousand sessions replays each one's mailbox first).
+# (every connect sends a presence event to every session of the workspace, so
+# connecting a thousand agents to one workspace sends half a million frames).
 CONNECT_CONCURRENCY = 32
-CONNECT_TIMEOUT_S = 60.0
+CONNECT_TIMEOUT_S = 300.0
+# Connecting is over when no event arrived for SETTLE_QUIET_S (see Shard._settle).
+SETTLE_QUIET_S = 1.0
+SETTLE_LIMIT_S = 300.0
 # How long recipients may take to receive everything once sending stopped.
 DRAIN_TIMEOUT_S = 120.0
 DRAIN_POLL_S = 0.02
@@ -92,11 +97,9 @@ class ShardResult(msgspec.Struct, kw_only=True):
 
 
 class ShardSync(Protocol):
-    """How a shard waits for the others and reports progress."""
+    """How a shard waits for the others (a barrier, used once per phase) and reports progress."""
 
-    async def all_connected(self) -> None: ...
-
-    async def all_sent(self) -> None: ...
+    async def wait_others(self) -> None: ...
 
     def progress(self, shard: int, sends: int, deliveries: int) -> None: ...
 
@@ -107,10 +110,7 @@ class LocalSync:
     def __init__(self, report: Callable[[int, int, int], None] | None = None) -> None:
         self.report = report
 
-    async def all_connected(self) -> None:
-        pass
-
-    async def all_sent(self) -> None:
+    async def wait_others(self) -> None:
         pass
 
     def progress(self, shard: int, sends: int, deliveries: int) -> None:
@@ -125,10 +125,7 @@ class ProcessSync:
         self.barrier = barrier
         self.messages = messages
 
-    async def all_connected(self) -> None:
-        await trio.to_thread.run_sync(self.barrier.wait, BARRIER_TIMEOUT_S)
-
-    async def all_sent(self) -> None:
+    async def wait_others(self) -> None:
         await trio.to_thread.run_sync(self.barrier.wait, BARRIER_TIMEOUT_S)
 
     def progress(self, shard: int, sends: int, deliveries: int) -> None:
@@ -170,11 +167,11 @@ class Shard:
         self.recipients: list[_Recipient] = []
         self._acked: dict[int, Bits] = {}
         self._stop_at = float("inf")
+        self._closing = False
 
     # -- phases -----------------------------------------------------------------------------
 
     async def run(self) -> ShardResult:
-        cpu_before = _process_cpu()
         result = self.result
         async with trio.open_nursery() as nursery:
             await self._connect_all(nursery)
@@ -185,7 +182,10 @@ class Shard:
                     self.recipients.append(recipient)
                     nursery.start_soon(self._consume, recipient)
             nursery.start_soon(self._report_progress)
-            await self.sync.all_connected()
+            await self.sync.wait_others()
+            await self._settle()
+            await self.sync.wait_others()
+            cpu_before = _process_cpu()
             result.started = time.monotonic()
             if self.spec.duration is not None:
                 self._stop_at = result.started + self.spec.duration
@@ -193,7 +193,7 @@ class Shard:
                 for sender in self.senders:
                     senders.start_soon(self._send_loop, sender)
             result.send_stopped = time.monotonic()
-            await self.sync.all_sent()
+            await self.sync.wait_others()
             if self.mode == BROKER:
                 with trio.move_on_after(DRAIN_TIMEOUT_S) as scope:
                     async with trio.open_nursery() as drains:
@@ -203,6 +203,7 @@ class Shard:
                     result.errors["drain_timeout"] = result.errors.get("drain_timeout", 0) + 1
             result.drained = time.monotonic()
             self._report()
+            self._closing = True
             with trio.move_on_after(CLOSE_TIMEOUT_S):
                 async with trio.open_nursery() as closing:
                     for client in self.clients.values():
@@ -224,13 +225,52 @@ class Shard:
                 request_timeout=spec.request_timeout, reconnect=False,
                 connect_timeout=CONNECT_TIMEOUT_S, delivery_buffer=DELIVERY_BUFFER)
             async with limiter:
-                await nursery.start(client.run)
+                await nursery.start(self._run_client, client)
             self.clients[index] = client
 
         with trio.fail_after(CONNECT_TIMEOUT_S + len(self.agents) * 0.05):
             async with trio.open_nursery() as connecting:
                 for index in self.agents:
                     connecting.start_soon(connect, index)
+
+    async def _settle(self) -> None:
+        """Until the presence events of connecting stop arriving (or SETTLE_LIMIT_S passed).
+
+        Each connect sends an event to every session of the workspace; their
+        tail must not overlap the measurement.
+        """
+        def events() -> int:
+            return sum(c.events_dropped + c.events().statistics().current_buffer_used
+                       for c in self.clients.values())
+
+        with trio.move_on_after(SETTLE_LIMIT_S):
+            seen = -1
+            while (now := events()) != seen:
+                seen = now
+                await trio.sleep(SETTLE_QUIET_S)
+
+    async def _run_client(self, client: BrokerClient, *,
+                          task_status: trio.TaskStatus[None]) -> None:
+        """The client's connection; once it is up, its failure is counted, not raised.
+
+        (A server ping that arrives while the client closes makes the client's
+        pong raise ConnectionLost out of `run`; that must not end the shard.)
+        """
+        started = False
+
+        def report() -> None:
+            nonlocal started
+            started = True
+            task_status.started()
+
+        status = _Started(report)
+        try:
+            await client.run(task_status=status)
+        except (ConnectionLost, OSError, trio.TooSlowError):
+            if not started:
+                raise
+            if not self._closing:
+                self._error("connection_lost")
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -362,6 +402,16 @@ class Shard:
 
     def _report(self) -> None:
         self.sync.progress(self.shard, self.result.sends_acked, self.result.deliveries)
+
+
+class _Started:
+    """A task status that calls `fn` when started (trio's own cannot be wrapped otherwise)."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+
+    def started(self, value: object = None) -> None:
+        self.fn()
 
 
 def _count() -> Any:

@@ -1,6 +1,7 @@
 """The scenarios beside the traffic run: memory per idle connection, history-page latency.
 
-Idle memory: a daemon of its own, one agent per connection; the daemon's
+Idle memory: a daemon of its own, one agent per connection (in workspaces
+of 100 agents, see `idle_memory`); the daemon's
 RSS (/proc) is read once it has settled with no connection, then after
 opening the first count of idle WebSocket connections, then after the
 next, and so on (cumulative). Per connection = RSS growth / connections.
@@ -38,6 +39,8 @@ from broker.loadtest.topology import LoadSpec, build_topology
 # How long the daemon is left alone before its RSS is read.
 SETTLE_S = 3.0
 CONNECT_CONCURRENCY = 64
+IDLE_CONNECT_TIMEOUT_S = 60.0
+IDLE_WORKSPACE_AGENTS = 100
 # Sends submitted at once during a bulk load (bounds the writer's batches).
 BULK_CONCURRENCY = 2000
 BULK_MAX_BATCH = 2000
@@ -57,8 +60,17 @@ async def idle_memory(counts: list[int], data_dir: Path | None = None) -> dict[s
     with tempfile.TemporaryDirectory(prefix="broker-idle-") as tmp:
         daemon = start_daemon(data_dir or Path(tmp) / "data")
         try:
-            spec = LoadSpec(agents=total, channel_size=total, senders=1, duration=1.0)
-            topology = await build_topology(daemon.address, spec, channels=False)
+            # Agents in workspaces of IDLE_WORKSPACE_AGENTS: presence events go
+            # to every session of a workspace, so connecting N agents into one
+            # workspace sends O(N^2) frames, which is not what is measured here.
+            tokens: list[str] = []
+            ws_url = ""
+            for first in range(0, total, IDLE_WORKSPACE_AGENTS):
+                size = min(IDLE_WORKSPACE_AGENTS, total - first)
+                spec = LoadSpec(agents=size, channel_size=size, senders=1, duration=1.0)
+                topology = await build_topology(daemon.address, spec, channels=False)
+                tokens.extend(agent.token for agent in topology.agents)
+                ws_url = topology.ws_url
             await trio.sleep(SETTLE_S)
             base = daemon.rss_bytes()
             print(f"idle: daemon RSS {base / 2**20:.1f} MiB with no connection", file=sys.stderr)
@@ -68,8 +80,8 @@ async def idle_memory(counts: list[int], data_dir: Path | None = None) -> dict[s
             async with trio.open_nursery() as nursery:
 
                 async def connect(index: int) -> None:
-                    client = BrokerClient(topology.ws_url, topology.agents[index].token,
-                                          reconnect=False)
+                    client = BrokerClient(ws_url, tokens[index], reconnect=False,
+                                          connect_timeout=IDLE_CONNECT_TIMEOUT_S)
                     async with limiter:
                         await nursery.start(client.run)
                     clients.append(client)

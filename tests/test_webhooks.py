@@ -282,6 +282,8 @@ async def test_muted_members_and_deleted_subscriptions(engine: Engine, world: Wo
     ({"url": "https://example.com/" + "a" * 3000}, "invalid_url"),
     ({"events": []}, "invalid_events"),
     ({"events": ["message.created", "message.exploded"]}, "invalid_event_type"),
+    # In Relaycast's list, but nothing here edits a message: a subscriber would wait forever.
+    ({"events": ["message.updated"]}, "invalid_event_type"),
     ({"filter": wh.SubscriptionFilter(channel="Not A Channel")}, "invalid_filter"),
     ({"filter": wh.SubscriptionFilter(mentions="no spaces allowed")}, "invalid_filter"),
     ({"headers": {"Content-Type": "text/plain"}}, "invalid_headers"),

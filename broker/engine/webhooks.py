@@ -52,8 +52,10 @@ from protocol.objects import iso
 
 # Event types a subscription may name (the Relaycast `SubscribableEventType`
 # list plus the facts this broker emits beyond it); "*" means every event.
+# Relaycast's `message.updated` is left out: messages cannot be edited here,
+# so a subscription to it would be accepted and never called.
 RELAYCAST_EVENT_TYPES: frozenset[str] = frozenset({
-    "message.created", "message.updated", "thread.reply", "message.reacted", "dm.received",
+    "message.created", "thread.reply", "message.reacted", "dm.received",
     "group_dm.received", "agent.status.active", "agent.status.idle", "agent.status.blocked",
     "agent.status.waiting", "agent.status.offline", "agent.status.changed", "channel.created",
     "channel.updated", "channel.archived", "member.joined", "member.left", "message.read",

@@ -516,13 +516,12 @@ async def search_messages(engine: Engine, call: Call, req: rq.Search) -> Any:
 # -- the delivery mailbox -------------------------------------------------------------------
 
 _payload_decoder = msgspec.json.Decoder(dict[str, Any])
-# Event types whose data is the message itself (the others are notices about one).
-_MESSAGE_EVENTS = frozenset(reads.MESSAGE_EVENTS)
 
 
 def _delivery_item(pending: mailbox.PendingDelivery) -> DeliveryItem:
     message = None
-    if pending.type in _MESSAGE_EVENTS:
+    # Only an event whose data is the message itself carries one (not a notice about it).
+    if pending.type in reads.MESSAGE_EVENTS:
         data = _payload_decoder.decode(pending.payload).get("data") or {}
         message = msgspec.convert(data, DeliveredMessage, strict=False)
     return DeliveryItem(

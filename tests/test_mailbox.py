@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from broker.engine.mailbox import (
 from broker.engine.maintenance import ExpireDeliveries
 from broker.engine.messages import SendChannelMessage
 from tests.conftest import TEST_DEADLINE_S, World, make_world
+from tests.realtime import eventually, next_frame, post, raw_socket, send_json, serve
 from tests.test_workspaces import query_refused, refused
 
 
@@ -374,3 +376,40 @@ class TestMailboxFull:
             "SELECT agent_id FROM deliveries WHERE message_id = ? ORDER BY agent_id",
             (int(sent.id),)).fetchall())
         assert got == sorted([(world.agents["alice"],), (world.agents["dave"],)])
+
+
+async def test_a_socket_ack_holds_a_deferred_row_and_the_next_connection_replays_it(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with serve(tmp_path) as server:
+            engine = server.engine
+            world = await make_world(engine)
+            wid, alice, bob = world.workspace_id, world.agents["alice"], world.agents["bob"]
+            async with raw_socket(server, world.tokens["bob"]) as first:
+                for text in ("one", "two", "three"):
+                    await post(engine, wid, alice, "general", text)
+                assert [(await next_frame(first, "deliver"))["seq"] for _ in range(3)] == [
+                    1, 2, 3]
+                await engine.submit(DeferDelivery(
+                    workspace_id=wid, agent_id=bob, delivery_id=delivery_id(bob, 2),
+                    until_ms=int(time.time() * 1000) + 60_000))
+                await send_json(first, {"v": 1, "id": "a", "type": "delivery.ack",
+                                        "up_to_seq": 3})
+                assert (await next_frame(first, "reply"))["data"] == {
+                    "acked": 2, "acked_seq": 1, "changed": True}
+            # Due now (and still held: it was not pushed again since).
+            await engine.submit(DeferDelivery(workspace_id=wid, agent_id=bob,
+                                              delivery_id=delivery_id(bob, 2), until_ms=0))
+            async with raw_socket(server, world.tokens["bob"]) as second:
+                again = await next_frame(second, "deliver")
+                assert again["seq"] == 2 and again["payload"]["data"]["text"] == "two"
+
+                async def recorded() -> bool:  # the push is marked: the row is delivered
+                    return (2, "delivered") in await states(engine, bob)
+
+                await eventually(recorded)
+                await send_json(second, {"v": 1, "id": "b", "type": "delivery.ack",
+                                         "up_to_seq": 3})
+                assert (await next_frame(second, "reply"))["data"] == {
+                    "acked": 1, "acked_seq": 3, "changed": True}

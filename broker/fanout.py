@@ -244,6 +244,8 @@ class OutboxStatistics(msgspec.Struct, kw_only=True):
     capacity: int
     depth: int
     max_depth: int
+    own: int
+    max_own: int
     buffered: int
     max_buffered: int
     mode: str
@@ -277,6 +279,13 @@ class Outbox:
 
     A new outbox starts LAGGING at cursor 0: the first thing its pump does
     is catch up from the database (the replay on connect).
+
+    The session's own frames (replies, pongs, error frames, pings) are
+    always taken, so they never wait behind deliveries; `own` counts those
+    queued. They are bounded by the session, not here: it reads no frame
+    from its socket while the answers it owes could exceed its bound
+    (`wait_room`), so a client that sends and never reads is not read
+    either.
     """
 
     def __init__(self, capacity: int = DEFAULT_OUTBOX_FRAMES) -> None:
@@ -289,7 +298,10 @@ class Outbox:
         self._buffer: deque[DeliverItem] = deque()
         self._buffer_lost = False
         self._wake = trio.Event()
+        self._room = trio.Event()
         self.closed = False
+        self.own = 0
+        self.max_own = 0
         self.max_depth = 0
         self.max_buffered = 0
         self.live_deliveries = 0
@@ -348,20 +360,26 @@ class Outbox:
         return True
 
     def put(self, frame: Any) -> None:
-        """A frame of the session's own (reply, pong, ping): always taken.
+        """A frame of the session's own (reply, pong, error, ping): always taken.
 
-        The session bounds these itself (requests in flight are limited),
-        so they never wait behind a full outbox of deliveries.
+        The session bounds these itself: it stops reading its socket while
+        `own` plus the replies it still owes reach its bound (see the class
+        docstring), so they never wait behind a full outbox of deliveries.
         """
         if not self.closed:
+            self.own += 1
+            if self.own > self.max_own:
+                self.max_own = self.own
             self._append(frame)
 
     def close(self) -> None:
-        """Take nothing more; wake the pump so it can notice."""
+        """Take nothing more; wake the pump and a reader waiting for room so they can notice."""
         self.closed = True
         self._items.clear()
         self._buffer.clear()
+        self.own = 0
         self._wake.set()
+        self._room.set()
 
     def _append(self, item: Any) -> None:
         self._items.append(item)
@@ -377,9 +395,28 @@ class Outbox:
 
     def take_nowait(self) -> Any | None:
         """The next frame to send, or None."""
-        if self._items:
-            return self._items.popleft()
-        return None
+        if not self._items:
+            return None
+        item = self._items.popleft()
+        if not isinstance(item, DeliverItem | EventItem):
+            self.own -= 1
+            self._room.set()
+        return item
+
+    def room_changed(self) -> None:
+        """Something besides a taken frame made room (a request ended): wake `wait_room`."""
+        self._room.set()
+
+    async def wait_room(self) -> None:
+        """Until an own frame is taken, `room_changed` is called, or the outbox closes.
+
+        The caller checks its condition and calls this with no checkpoint in
+        between, so no wakeup is lost.
+        """
+        if self.closed:
+            return
+        self._room = trio.Event()
+        await self._room.wait()
 
     @property
     def needs_catch_up(self) -> bool:
@@ -430,6 +467,7 @@ class Outbox:
     def statistics(self) -> OutboxStatistics:
         return OutboxStatistics(
             capacity=self.capacity, depth=len(self._items), max_depth=self.max_depth,
+            own=self.own, max_own=self.max_own,
             buffered=len(self._buffer), max_buffered=self.max_buffered, mode=self.mode.value,
             cursor=self.cursor, live_deliveries=self.live_deliveries, overflows=self.overflows,
             buffer_overflows=self.buffer_overflows, gaps=self.gaps,

@@ -163,3 +163,36 @@ async def test_relaycast_sockets_are_not_pinged_but_close_when_idle(
         assert chatty_session.close_code is None
         nursery.cancel_scope.cancel()
     assert quiet.sent == [] and chatty.sent == []  # no pings on Relaycast sockets
+
+
+async def test_a_client_that_sends_and_never_reads_is_not_read_either(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Pings and bad frames with an id each owe the client a frame back
+    # (a pong, an error reply) and take no request slot: without a bound,
+    # the outbox would hold one frame per frame sent until the 4008 close.
+    spam = 600
+    gw, ws = gateway(), FakeWebSocket(inbound=spam)
+    session = agent_session(gw, ws)
+    for n in range(spam // 2):
+        ws.inbound_send.send_nowait(f'{{"v":1,"id":"p{n}","type":"ping"}}')
+        ws.inbound_send.send_nowait(f'{{"v":1,"id":"x{n}","type":"nope"}}')
+    ws.reads_nothing = True
+    bound = DEFAULTS.max_requests_in_flight + 1
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.serve)
+        await trio.sleep(1)  # on the autojump clock: until nothing moves any more
+        stalled = session.statistics()
+        ws.reads_nothing = False
+        ws._unblocked.set()  # the client reads again: every frame is answered, in order
+        await trio.sleep(1)
+        assert session.close_code is None
+        nursery.cancel_scope.cancel()
+    assert stalled.frames_received < spam  # the rest waited, unread, on the client's side
+    assert stalled.outbox.max_own <= bound
+    assert stalled.outbox.max_depth <= bound
+    assert stalled.read_pauses >= 1
+    answers = [(f["type"], f["re"]) for f in ws.sent]
+    assert answers == [frame for n in range(spam // 2)
+                       for frame in (("pong", f"p{n}"), ("reply", f"x{n}"))]
+    assert session.statistics().outbox.max_depth <= bound

@@ -7,6 +7,11 @@ deliveries (`overflows`), the hub, the writer and the twenty other agents
 go on, and once the client reads again the session catches up from the
 database: every delivery arrives once, in order.
 
+Meanwhile the slow client also sends pings and frames the server refuses,
+each of which owes it a frame back: the server stops reading it once those
+answers reach its bound, so the session's memory stays bounded by
+`outbox_frames + max_requests_in_flight + 1` whatever the client sends.
+
 A client that reads nothing for slow_client_timeout is closed with 4008;
 its deliveries wait in the database for the next connection.
 """
@@ -43,6 +48,7 @@ PAIRS = 10  # twenty agents, two per channel
 PER_AGENT = 500  # messages each of them sends: 10,000 in all
 TO_SLOW = 1000
 BIG_TEXT = "x" * 1000
+SPAM = 300  # pings and refused frames (each) that the slow client sends and does not read
 
 
 async def channel_of(engine: Engine, world: World, name: str, members: list[str]) -> None:
@@ -90,8 +96,13 @@ async def test_a_slow_consumer_does_not_slow_the_others_and_catches_up_later(
                 await channel_of(engine, world, f"p{p}", [names[2 * p], names[2 * p + 1]])
 
             async with raw_socket(server, world.tokens["slow"], queue=1,
-                                  receive_buffer=4096) as slow:
+                                  receive_buffer=4096) as slow, trio.open_nursery() as spamming:
                 await eventually(lambda: _has_session(server, world.agents["slow"]))
+                (session,) = [s for s in gateway_of(server).sessions
+                              if s.agent_id == world.agents["slow"]]
+                # Its sends may block once the server stops reading it: they
+                # finish after it reads again, outside the firehose's nursery.
+                spamming.start_soon(_spam, slow)
                 received = {name: [] for name in names}
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_firehose, engine, world)
@@ -105,24 +116,38 @@ async def test_a_slow_consumer_does_not_slow_the_others_and_catches_up_later(
                     assert received[one] == [f"{two}:{n}" for n in range(PER_AGENT)]
                     assert received[two] == [f"{one}:{n}" for n in range(PER_AGENT)]
 
-                (session,) = [s for s in gateway_of(server).sessions
-                              if s.agent_id == world.agents["slow"]]
-                lagging = session.statistics().outbox
+                stalled = session.statistics()
+                lagging = stalled.outbox
                 assert lagging.overflows >= 1  # it did fall behind...
                 # ...and its memory stayed bounded: OUTBOX deliveries and events at
-                # most, plus its own frames (replies to requests in flight, a ping).
+                # most, plus its own frames (the answers to what it sent, bounded
+                # like requests in flight, and a ping), however much it sent.
+                assert lagging.max_own <= settings.max_requests_in_flight + 1
                 assert lagging.max_depth <= OUTBOX + settings.max_requests_in_flight + 1
                 assert lagging.max_buffered <= OUTBOX
+                assert stalled.read_pauses >= 1  # it was not read while it did not read
 
-                # Now it reads: everything, once, in order.
-                seqs = []
-                while len(seqs) < TO_SLOW:
-                    frame = await next_frame(slow, "deliver")
-                    seqs.append(frame["seq"])
+                # Now it reads: every delivery once, in order, and every answer.
+                seqs: list[int] = []
+                answers: list[str] = []
+                while len(seqs) < TO_SLOW or len(answers) < 2 * SPAM:
+                    frame = await next_frame(slow, "deliver", "pong", "reply")
+                    if frame["type"] == "deliver":
+                        seqs.append(frame["seq"])
+                    else:
+                        answers.append(frame["re"])
                 assert seqs == list(range(1, TO_SLOW + 1))
+                assert answers == [re for n in range(SPAM) for re in (f"p{n}", f"x{n}")]
                 await send_json(slow, {"v": 1, "id": "end", "type": "ping"})
-                assert (await next_frame(slow, "pong", "deliver"))["type"] == "pong"
+                assert (await next_frame(slow, "pong", "deliver", "reply"))["re"] == "end"
                 assert session.statistics().outbox.catch_ups >= 2
+
+
+async def _spam(ws: trio_websocket.WebSocketConnection) -> None:
+    """Frames that each owe an answer and take no request slot: pings, unknown types."""
+    for n in range(SPAM):
+        await send_json(ws, {"v": 1, "id": f"p{n}", "type": "ping"})
+        await send_json(ws, {"v": 1, "id": f"x{n}", "type": "nope"})
 
 
 async def _has_session(server: BrokerServer, agent_id: int) -> bool:

@@ -5,6 +5,11 @@ ever writes to the socket but the pump (and, once, the closer):
 
 - the receive loop decodes frames and hands them to the session kind
   (requests run in their own tasks, at most `max_requests_in_flight`);
+  every frame it reads may owe the client one frame back (a reply, a
+  pong, an error), so it reads nothing while the replies owed plus the
+  session's own frames queued reach `max_requests_in_flight`: a client
+  that sends and never reads stops being read, and the outbox stays within
+  `outbox_frames + max_requests_in_flight + 1` (a ping);
 - the pump takes frames from the session's bounded `Outbox` and writes
   them, and when the outbox says so, catches up from the database;
 - the watch closes the session when the socket accepts nothing for
@@ -65,6 +70,7 @@ class SessionStatistics(msgspec.Struct, kw_only=True):
     frames_received: int
     frames_sent: int
     replayed: int
+    read_pauses: int
     close_code: int | None
     outbox: OutboxStatistics
 
@@ -96,9 +102,11 @@ class Session:
         self.frames_received = 0
         self.frames_sent = 0
         self.replayed = 0
+        self.read_pauses = 0
         self.last_received = trio.current_time()
         self._send_started: float | None = None
         self._ping_written_at: float | None = None
+        self._ping_queued = False
         self._requests = trio.Semaphore(self.settings.max_requests_in_flight)
         self._outer: trio.Nursery | None = None
         self._work: trio.Nursery | None = None
@@ -199,6 +207,7 @@ class Session:
 
     async def _receive_loop(self) -> None:
         while True:
+            await self._wait_for_room()
             try:
                 data = await self.ws.receive()
             except ConnectionClosed as closed:
@@ -213,6 +222,23 @@ class Session:
                     continue
                 return
             await self.handle(frame)
+
+    async def _wait_for_room(self) -> None:
+        """Until the answer to one more frame fits: replies owed + own frames queued < bound.
+
+        Each frame read adds at most one to that sum (a request in flight,
+        then its reply; a pong; an error reply), and only the pump taking
+        an own frame lowers it, so this bounds the session's own frames
+        whatever the client sends.
+        """
+        limit = self.settings.max_requests_in_flight
+        outbox = self.outbox
+        paused = False
+        while outbox.own + (limit - self._requests.value) >= limit and not outbox.closed:
+            if not paused:
+                paused = True
+                self.read_pauses += 1
+            await outbox.wait_room()
 
     async def handle(self, frame: Any) -> None:
         """Act on one decoded frame (subclasses)."""
@@ -249,6 +275,7 @@ class Session:
             await fn(*args)
         finally:
             self._requests.release()
+            self.outbox.room_changed()
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -278,7 +305,7 @@ class Session:
                 await self.send_frame(frame)
         elif isinstance(item, fr.ServerPing):
             await self.send_frame(item)
-            self._ping_written_at = trio.current_time()
+            self._ping_written()
         else:
             await self.send_frame(item)
 
@@ -298,7 +325,11 @@ class Session:
             if isinstance(item, DeliverItem):
                 self.delivered(item.seq)
             elif isinstance(item, fr.ServerPing):
-                self._ping_written_at = trio.current_time()
+                self._ping_written()
+
+    def _ping_written(self) -> None:
+        self._ping_written_at = trio.current_time()
+        self._ping_queued = False
 
     def _encode_item(self, item: Any) -> str | bytes | None:
         if isinstance(item, DeliverItem):
@@ -371,14 +402,17 @@ class Session:
                 self.close(CloseCode.PONG_TIMEOUT, "no pong in time")
                 return
             if now >= next_ping:
-                self.outbox.put(fr.ServerPing())
+                # One ping queued at most: a socket that takes nothing gets 4008, not pings.
+                if not self._ping_queued:
+                    self._ping_queued = True
+                    self.outbox.put(fr.ServerPing())
                 next_ping = now + s.ping_interval_seconds
 
     def statistics(self) -> SessionStatistics:
         return SessionStatistics(
             id=self.id, kind=self.kind, agent_id=self.agent_id,
             frames_received=self.frames_received, frames_sent=self.frames_sent,
-            replayed=self.replayed, close_code=self.close_code,
+            replayed=self.replayed, read_pauses=self.read_pauses, close_code=self.close_code,
             outbox=self.outbox.statistics(),
         )
 

@@ -35,6 +35,8 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     close_grace_seconds: Seconds = 5.0
     # Deliveries read per page while replaying from the database.
     replay_page: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 500
-    # Requests of one session running at once; more wait (the socket is not read).
+    # What one session may owe its client: requests running plus the answers
+    # (replies, pongs, error replies) queued and not yet written. At this
+    # bound the socket is not read until the client reads.
     max_requests_in_flight: Annotated[int, msgspec.Meta(ge=1)] = 64
     node_token_ttl_seconds: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_NODE_TOKEN_TTL_S

@@ -13,7 +13,8 @@ import trio
 import trio_websocket
 
 from broker.client import RequestError, connect
-from broker.engine.agents import DeactivateAgent, SetAgentStatus
+from broker.engine.agents import DeactivateAgent, RotateToken, SetAgentStatus
+from broker.engine.config import EngineConfig, Limits
 from broker.engine.realtime import seq_marks
 from broker.engine.workspaces import DeleteWorkspace
 from broker.gateway.native import AgentSession
@@ -407,3 +408,56 @@ async def test_a_credential_revoked_between_the_handshake_and_the_replay_closes_
     assert session.close_code == CloseCode.UNAUTHORIZED
     assert [f for f in ws.sent if f["type"] == "deliver"] == []
     assert session not in gateway.sessions
+
+
+# -- token rotation ----------------------------------------------------------------------------
+
+
+async def rotate(live: Live, name: str) -> str:
+    rotated = await live.server.engine.submit(RotateToken(
+        workspace_id=live.world.workspace_id, agent_id=live.world.agents[name]))
+    return rotated.token
+
+
+async def still_answers(ws: trio_websocket.WebSocketConnection, request_id: str) -> bool:
+    await send_json(ws, {"v": 1, "id": request_id, "type": "ping"})
+    return (await next_frame(ws, "pong"))["re"] == request_id
+
+
+async def test_a_rotation_ends_the_old_tokens_sockets_when_the_grace_ends_and_keeps_the_new(
+    live: Live,
+) -> None:
+    # The default grace (5 minutes) is not waited for: a second rotation ends
+    # the first token's grace at once (RotateToken), which is the moment its
+    # sockets must close.
+    first = live.token("bob")
+    async with raw_socket(live.server, first) as old:
+        second = await rotate(live, "bob")
+        event = await next_event(old, "agent.token_rotated")
+        assert event["name"] == "bob" and event["previous_token_expires_at"]
+        assert "token" not in event
+        assert await still_answers(old, "grace")  # within the grace: it stays
+        async with raw_socket(live.server, second) as new, \
+                raw_socket(live.server, first) as late:  # the old token, still in its grace
+            assert await still_answers(new, "n1") and await still_answers(late, "l1")
+            await rotate(live, "bob")  # `first` is dead now, `second` in its grace
+            assert await closed_with(old) == CloseCode.UNAUTHORIZED
+            assert await closed_with(late) == CloseCode.UNAUTHORIZED
+            await next_event(new, "agent.token_rotated")
+            assert await still_answers(new, "n2")
+
+
+async def test_with_no_grace_a_rotation_closes_the_old_tokens_sockets_at_once(
+    tmp_path: Path,
+) -> None:
+    no_grace = EngineConfig(synchronous="NORMAL", limits=Limits(token_grace_seconds=0))
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with serve(tmp_path, engine=no_grace) as server:
+            live = Live(server, await make_world(server.engine))
+            async with raw_socket(server, live.token("bob")) as old, \
+                    raw_socket(server, live.token("carol")) as carol:
+                new_token = await rotate(live, "bob")
+                assert await closed_with(old) == CloseCode.UNAUTHORIZED
+                async with raw_socket(server, new_token) as new:
+                    assert await still_answers(new, "new")
+                assert await still_answers(carol, "other")  # another agent's socket stays

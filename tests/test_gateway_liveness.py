@@ -6,12 +6,16 @@
 - the server pings native sessions; no pong (or any frame) within
   pong_timeout closes with 4408; a client that answers stays;
 - Relaycast sockets are not pinged; they close with 4408 after
-  idle_timeout without any frame.
+  idle_timeout without any frame;
+- a client that sends and never reads is not read either;
+- a socket opened with a token that was rotated out closes with 4401 when
+  the grace ends.
 """
 
 from __future__ import annotations
 
-from typing import cast
+import time
+from typing import Any, cast
 
 import trio
 import trio.testing
@@ -196,3 +200,52 @@ async def test_a_client_that_sends_and_never_reads_is_not_read_either(
     assert answers == [frame for n in range(spam // 2)
                        for frame in (("pong", f"p{n}"), ("reply", f"x{n}"))]
     assert session.statistics().outbox.max_depth <= bound
+
+
+class ReadingStub:
+    """An engine whose reads answer `answer(fn, *args)` at once (no database)."""
+
+    facts = None
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    async def read(self, fn: Any, *args: Any) -> Any:
+        return self.answer(fn, *args)
+
+
+async def test_a_socket_of_a_rotated_out_token_closes_with_4401_when_the_grace_ends(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    grace_s = 120
+    settings = GatewaySettings(ping_interval_seconds=1000, pong_timeout_seconds=1000)
+    expires: dict[bytes, int | None] = {b"old": None, b"new": None}  # both current at first
+    engine = ReadingStub(lambda fn, ws_id, agent_id, digest: expires[digest])
+    gw = Gateway(cast(Engine, engine), settings)
+    old_ws, new_ws = FakeWebSocket(), FakeWebSocket()
+    old, new = (live(AgentSession(gw, ws, gw.native_json, workspace_id=1, agent_id=2,
+                                  agent_name="bob", credential=digest))
+                for ws, digest in ((old_ws, b"old"), (new_ws, b"new")))
+    rotated = FactView("agent.token_rotated", 1, encode_payload(
+        "agent.token_rotated", {"agent_id": "2", "name": "bob"}))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(old.serve)
+        nursery.start_soon(new.serve)
+        await trio.sleep(10)
+        # The rotation: "old" works for the grace, "new" is the current token.
+        expires[b"old"] = int(time.time() * 1000) + grace_s * 1000
+        rotated_at = trio.current_time()
+        old.offer_event(rotated)
+        new.offer_event(rotated)
+        await trio.sleep(grace_s - 5)
+        assert old.close_code is None  # still within the grace
+        await old.finished.wait()
+        assert old.close_code == CloseCode.UNAUTHORIZED
+        tick = settings.slow_client_timeout_seconds / 4
+        assert grace_s - 1 <= trio.current_time() - rotated_at <= grace_s + tick
+        await trio.sleep(5 * grace_s)
+        assert new.close_code is None
+        nursery.cancel_scope.cancel()
+    assert old_ws.close_code == CloseCode.UNAUTHORIZED
+    events = [f["payload"]["type"] for f in new_ws.sent if f["type"] == "event"]
+    assert events == ["agent.token_rotated"]  # the client is told; it may take the new token

@@ -46,6 +46,9 @@ EVENT_STATUS: dict[str, str] = {"online": "active", "away": "idle", "offline": "
 PERSONA_MAX_BYTES = 32 * 1024
 # Largest metadata object, in bytes of JSON (the same bound as message data).
 METADATA_MAX_BYTES = 64 * 1024
+# The ephemeral fact of a rotation (audience: the agent); the gateway closes
+# the sockets opened with the old token when its grace ends.
+TOKEN_ROTATED = "agent.token_rotated"
 
 _metadata_decoder = msgspec.json.Decoder(dict[str, Any])
 _encoder = msgspec.json.Encoder()
@@ -139,7 +142,8 @@ class RotateToken(msgspec.Struct, frozen=True, kw_only=True):
     The grace is `limits.token_grace_seconds` (0: the old token dies at once).
     Only the token just replaced is kept for the grace: rotating twice in a
     row ends the grace of the token before it, which is what a caller that
-    rotates because a token leaked wants.
+    rotates because a token leaked wants. Emits the ephemeral TOKEN_ROTATED
+    to the agent (never the token itself), so open sockets can follow.
     Raises agent_not_found.
     """
 
@@ -155,6 +159,11 @@ class RotateToken(msgspec.Struct, frozen=True, kw_only=True):
             "UPDATE agents SET prev_token_hash = token_hash, prev_token_expires_at = ?,"
             " token_hash = ? WHERE id = ?",
             (expires, secrets.digest(token), agent.id),
+        )
+        emit_ephemeral(
+            tx, workspace_id=self.workspace_id, event_type=TOKEN_ROTATED, audience=(agent.id,),
+            data={"agent_id": str(agent.id), "name": agent.name,
+                  "previous_token_expires_at": iso(expires)},
         )
         return TokenRotated(name=agent.name, token=token, previous_token_expires_at=iso(expires))
 

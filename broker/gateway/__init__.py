@@ -207,8 +207,10 @@ class Gateway:
             subprotocol = negotiate(ws.subprotocols)
             codec = self.native_msgpack if subprotocol == MSGPACK_SUBPROTOCOL else self.native_json
             await ws.accept(subprotocol)
+            assert token is not None
             session = AgentSession(self, ws, codec, workspace_id=principal.workspace_id,
-                                   agent_id=principal.agent_id, agent_name=principal.agent_name)
+                                   agent_id=principal.agent_id, agent_name=principal.agent_name,
+                                   credential=secrets.digest(token))
         await self._run(session)
 
     async def _serve_node(self, scope: Scope, receive: Receive, send: Send) -> None:

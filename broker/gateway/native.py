@@ -6,6 +6,13 @@ fields are the REST body's, its reply `data` is the REST response's, and a
 refusal carries the REST error code. `delivery.ack` is the cumulative ack
 of the delivery stream (it shadows the REST-only operation of that name,
 which acks one delivery by id), and `ping` is answered by `pong`.
+
+The session keeps the digest of the token it was opened with. A token
+rotation leaves the old token working for a grace period: a session opened
+with the old one is closed (4401) when that grace ends, one opened with the
+new token stays. Whether this session's token is the old one is read from
+the database, after the session is attached (a rotation committed before
+is in the row) and again on each `agent.token_rotated` event (one after).
 """
 
 from __future__ import annotations
@@ -13,26 +20,81 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import apsw
 import msgspec
 
+from broker.engine.agents import TOKEN_ROTATED
 from broker.engine.errors import BrokerError
 from broker.engine.workspaces import Principal
 from broker.fanout import FactView
-from broker.gateway.session import DeliverySession
+from broker.gateway.session import CREDENTIAL_GONE, DeliverySession
 from broker.operations import Call, Operation
 from protocol import frames as fr
+from protocol.codec import CloseCode
 
 log = logging.getLogger(__name__)
 
 
+def token_expiry(conn: apsw.Connection, workspace_id: int, agent_id: int,
+                 token_digest: bytes) -> int | None:
+    """When the agent's token with this digest stops working (epoch ms); None: it is current.
+
+    0 when it no longer names the agent (rotated out twice). Raises agent_not_found.
+    """
+    row = conn.execute(
+        "SELECT token_hash = ?1, CASE WHEN prev_token_hash = ?1 THEN prev_token_expires_at END"
+        " FROM agents WHERE id = ?2 AND workspace_id = ?3 AND deactivated_at IS NULL",
+        (token_digest, agent_id, workspace_id),
+    ).fetchone()
+    if row is None:
+        raise BrokerError("agent_not_found", f"agent {agent_id} not found")
+    if row[0]:
+        return None
+    return 0 if row[1] is None else int(row[1])
+
+
 class AgentSession(DeliverySession):
-    """An agent's socket: its requests, its durable deliveries and the workspace's events."""
+    """An agent's socket: its requests, its durable deliveries and the workspace's events.
+
+    credential: the digest of the agent token the socket was opened with
+    (None: not followed, as in tests that drive a session directly).
+    """
 
     kind = "agent"
+
+    def __init__(self, *args: Any, credential: bytes | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.credential = credential
 
     @property
     def principal(self) -> Principal:
         return Principal(self.workspace_id, self.agent_id, self.agent_name)
+
+    async def on_attach(self) -> None:
+        await super().on_attach()
+        await self._check_credential()
+
+    def offer_event(self, view: FactView) -> None:
+        if view.type == TOKEN_ROTATED:
+            # Audience: this agent. Read where its token stands now; the
+            # event still goes to the client, which may want the new token.
+            self.spawn(self._check_credential)
+        super().offer_event(view)
+
+    async def _check_credential(self) -> None:
+        """Close (4401) at the end of the grace if the socket's token was rotated out."""
+        if self.credential is None:
+            return
+        try:
+            expires = await self.engine.read(token_expiry, self.workspace_id, self.agent_id,
+                                             self.credential)
+        except BrokerError as exc:
+            if exc.code not in CREDENTIAL_GONE:
+                raise
+            self.close(CloseCode.UNAUTHORIZED, "the agent or its workspace is gone")
+            return
+        if expires is not None:
+            self.expire_credential_at(expires)
 
     def delivery_frame(self, seq: int, view: FactView) -> Any:
         return fr.Deliver(seq=seq, delivery_id=fr.delivery_id(self.agent_id, seq),

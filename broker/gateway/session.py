@@ -13,8 +13,9 @@ ever writes to the socket but the pump (and, once, the closer):
 - the pump takes frames from the session's bounded `Outbox` and writes
   them, and when the outbox says so, catches up from the database;
 - the watch closes the session when the socket accepts nothing for
-  `slow_client_timeout` (4008), or when the client stays silent after a
-  ping (4408).
+  `slow_client_timeout` (4008), when the client stays silent after a
+  ping (4408), or when the credential it opened with expires
+  (`credential_deadline`, 4401).
 
 Closing is one path (`close`): detach from the hub at once (so nothing is
 routed to a dead session and presence is updated), cancel the three
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +109,8 @@ class Session:
         self._send_started: float | None = None
         self._ping_written_at: float | None = None
         self._ping_queued = False
+        # When the credential the socket opened with stops working (trio time).
+        self.credential_deadline = math.inf
         self._requests = trio.Semaphore(self.settings.max_requests_in_flight)
         self._outer: trio.Nursery | None = None
         self._work: trio.Nursery | None = None
@@ -160,11 +164,24 @@ class Session:
                         work.start_soon(self._receive_loop)
                         work.start_soon(self._pump)
                         work.start_soon(self._watch)
+                        work.start_soon(self.on_attach)
                 finally:
                     self.gateway.detach(self)
                     self.outbox.close()
         finally:
             self.finished.set()
+
+    async def on_attach(self) -> None:
+        """Runs once beside the session's tasks, after it is attached to the hub (subclasses)."""
+
+    def spawn(self, fn: Any, *args: Any) -> None:
+        """Run `fn(*args)` beside the session's tasks (it ends with them); nothing once it ends."""
+        if self._work is None or self.ending.is_set():
+            return
+        try:
+            self._work.start_soon(fn, *args)
+        except RuntimeError:
+            pass  # the nursery already closed: the session has ended
 
     def close(self, code: int, reason: str = "", final: Any = None) -> None:
         """Close with `code`: stop everything now, send `final` (if any) and the close frame."""
@@ -385,6 +402,9 @@ class Session:
         while True:
             await trio.sleep(tick)
             now = trio.current_time()
+            if now >= self.credential_deadline:
+                self.close(CloseCode.UNAUTHORIZED, "the token was rotated and its grace ended")
+                return
             started = self._send_started
             if started is not None and now - started >= s.slow_client_timeout_seconds:
                 self.gateway.slow_closes += 1
@@ -407,6 +427,18 @@ class Session:
                     self._ping_queued = True
                     self.outbox.put(fr.ServerPing())
                 next_ping = now + s.ping_interval_seconds
+
+    def expire_credential_at(self, wall_ms: int) -> None:
+        """The credential stops working at `wall_ms` (epoch ms): close with 4401 then.
+
+        Already past: close now. The watch checks the deadline on each tick.
+        """
+        remaining = wall_ms / 1000 - time.time()
+        if remaining <= 0:
+            self.close(CloseCode.UNAUTHORIZED, "the token was rotated and its grace ended")
+            return
+        self.credential_deadline = min(self.credential_deadline,
+                                       trio.current_time() + remaining)
 
     def statistics(self) -> SessionStatistics:
         return SessionStatistics(

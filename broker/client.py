@@ -18,6 +18,11 @@
   `auto_ack` (the default) a delivery is acked once the consumer asks for
   the next one, i.e. after it was processed; acks are cumulative, and one
   goes out per ACK_INTERVAL at most. Without it, call `ack(seq)`.
+  The exception is a redelivery (`Delivery.redelivery`): a delivery the
+  agent gave back over REST (`delivery.fail` retryable, `delivery.defer`)
+  comes again once due, with a seq it may have seen, and is yielded again;
+  after it is processed, the cumulative ack is sent again so that it
+  covers the redelivered one too.
 - `events()` yields ephemeral events (presence, membership, channels);
   when the consumer falls behind by `event_buffer`, newer events are dropped
   (they have no seq to resume from), and counted in `events_dropped`.
@@ -83,11 +88,15 @@ class ConnectionLost(Exception):
 
 
 class Delivery(msgspec.Struct, frozen=True):
-    """One durable delivery: its seq, id and payload `{"type": ..., "data": ...}`."""
+    """One durable delivery: its seq, id and payload `{"type": ..., "data": ...}`.
+
+    redelivery: the agent gave it back (failed or deferred) and it came again.
+    """
 
     seq: int
     delivery_id: str
     payload: dict[str, Any]
+    redelivery: bool = False
 
     @property
     def type(self) -> str:
@@ -138,7 +147,9 @@ class BrokerClient:
         self.last_seq = 0  # highest seq received (duplicates at or below it are dropped)
         self._acked = 0  # highest seq acked by this client
         self._consumed = 0  # highest seq the consumer has processed
+        self._ack_again = False  # a redelivery was processed: send the cumulative ack again
         self._ack_wanted = trio.Event()
+        self.redeliveries = 0
         self.connections = 0
         self.duplicates = 0
         self.events_dropped = 0
@@ -232,12 +243,16 @@ class BrokerClient:
             kind = frame.get("type")
             if kind == "deliver":
                 seq = int(frame["seq"])
-                if seq <= self.last_seq:
+                redelivery = frame.get("redelivery") is True
+                if redelivery:
+                    # Given back by the agent and pushed again: taken whatever its seq.
+                    self.redeliveries += 1
+                elif seq <= self.last_seq:
                     self.duplicates += 1
                     continue
-                self.last_seq = seq
+                self.last_seq = max(self.last_seq, seq)
                 await self._deliveries_send.send(
-                    Delivery(seq, str(frame["delivery_id"]), frame["payload"]))
+                    Delivery(seq, str(frame["delivery_id"]), frame["payload"], redelivery))
             elif kind == "reply" or (kind == "pong" and frame.get("re") is not None):
                 pending = self._pending.pop(str(frame.get("re")), None)
                 if pending is not None:
@@ -275,7 +290,7 @@ class BrokerClient:
         ws = self._ws
         if ws is not None:
             with trio.move_on_after(self.connect_timeout):
-                if self.auto_ack and self._consumed > self._acked:
+                if self.auto_ack and (self._consumed > self._acked or self._ack_again):
                     try:
                         await self.ack(self._consumed)
                     except ConnectionLost:
@@ -339,8 +354,12 @@ class BrokerClient:
         """Every delivery once, in seq order; ends when the client stops for good."""
         return Deliveries(self)
 
-    def _processed(self, seq: int) -> None:
-        self._consumed = seq
+    def _processed(self, delivery: Delivery) -> None:
+        self._consumed = max(self._consumed, delivery.seq)
+        if delivery.redelivery:
+            # Its seq is at or below what was acked: only an ack sent after it
+            # was pushed again settles it (the server held it until then).
+            self._ack_again = True
         if self.auto_ack:
             self._ack_wanted.set()
 
@@ -349,7 +368,8 @@ class BrokerClient:
         while True:
             await self._ack_wanted.wait()
             self._ack_wanted = trio.Event()
-            if self._consumed > self._acked:
+            if self._consumed > self._acked or self._ack_again:
+                self._ack_again = False
                 try:
                     await self.ack(self._consumed)
                 except ConnectionLost:
@@ -371,7 +391,7 @@ class Deliveries:
 
     def __init__(self, client: BrokerClient) -> None:
         self.client = client
-        self._last: int | None = None
+        self._last: Delivery | None = None
 
     def __aiter__(self) -> Deliveries:
         return self
@@ -384,7 +404,7 @@ class Deliveries:
             delivery = await client._deliveries.receive()
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
-        self._last = delivery.seq
+        self._last = delivery
         return delivery
 
 

@@ -300,6 +300,8 @@ class Outbox:
         self._wake = trio.Event()
         self._room = trio.Event()
         self.closed = False
+        # Deliveries at or below the cursor must be read again (mailbox.changed).
+        self.redelivery_wanted = False
         self.own = 0
         self.max_own = 0
         self.max_depth = 0
@@ -403,6 +405,12 @@ class Outbox:
             self._room.set()
         return item
 
+    def want_redelivery(self) -> None:
+        """The agent gave deliveries back: the pump reads them again once the queue is sent."""
+        if not self.closed:
+            self.redelivery_wanted = True
+            self._wake.set()
+
     def room_changed(self) -> None:
         """Something besides a taken frame made room (a request ended): wake `wait_room`."""
         self._room.set()
@@ -424,8 +432,9 @@ class Outbox:
         return self.mode is Mode.LAGGING and not self._items and not self.closed
 
     async def wait(self) -> None:
-        """Until there is something to send or to catch up (returns at once if so)."""
-        while not self._items and not self.needs_catch_up and not self.closed:
+        """Until there is something to send, to catch up or to redeliver (at once if so)."""
+        while (not self._items and not self.needs_catch_up and not self.redelivery_wanted
+               and not self.closed):
             self._wake = trio.Event()
             await self._wake.wait()
 

@@ -18,7 +18,7 @@ is in the row) and again on each `agent.token_rotated` event (one after).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import apsw
 import msgspec
@@ -33,6 +33,17 @@ from protocol import frames as fr
 from protocol.codec import CloseCode
 
 log = logging.getLogger(__name__)
+
+
+class Redeliver(msgspec.Struct, kw_only=True):
+    """`deliver` of a delivery the agent gave back: its seq may be one the client has seen."""
+
+    v: int = fr.PROTOCOL_VERSION
+    type: Literal["deliver"] = "deliver"
+    seq: int
+    delivery_id: str
+    payload: msgspec.Raw
+    redelivery: bool = True
 
 
 def token_expiry(conn: apsw.Connection, workspace_id: int, agent_id: int,
@@ -96,7 +107,10 @@ class AgentSession(DeliverySession):
         if expires is not None:
             self.expire_credential_at(expires)
 
-    def delivery_frame(self, seq: int, view: FactView) -> Any:
+    def delivery_frame(self, seq: int, view: FactView, redelivery: bool = False) -> Any:
+        if redelivery:
+            return Redeliver(seq=seq, delivery_id=fr.delivery_id(self.agent_id, seq),
+                             payload=view.raw(self.codec.msgpack))
         return fr.Deliver(seq=seq, delivery_id=fr.delivery_id(self.agent_id, seq),
                           payload=view.raw(self.codec.msgpack))
 

@@ -47,7 +47,8 @@ class NodeSession(DeliverySession):
         self.node_name = node_name
         self.registered = False
 
-    def delivery_frame(self, seq: int, view: FactView) -> Any:
+    def delivery_frame(self, seq: int, view: FactView, redelivery: bool = False) -> Any:
+        # A redelivery looks like any other: the fleet frame has no field for it.
         assert self.agent_name is not None
         return fr.NodeDeliver(
             delivery_id=fr.delivery_id(self.agent_id, seq), agent_id=str(self.agent_id),

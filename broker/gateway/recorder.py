@@ -13,6 +13,14 @@ accumulates, so the batching adapts to the load with no timer.
 A session that must answer an ack (`delivery.ack` with an `id`) awaits
 `ack`, which returns once the flush holding it has committed.
 
+An agent with both marks and an ack in one flush gets them as one command,
+the marks first (`MarksThenAck`). The client acks only what it received,
+so the marks of those pushes are in this flush or an earlier one; applied
+in that order, the ack always finds them. It matters for a delivery the
+agent gave back (failed or deferred) and that was pushed again: a
+cumulative ack settles it only once its push is marked, and two commands
+of one flush commit in no particular order.
+
 Memory: pending marks grow with the pushes that happen during one flush;
 that is bounded by what sockets can take in one commit latency.
 """
@@ -27,6 +35,7 @@ import trio
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
 from broker.engine.mailbox import MAX_MARK, AckUpTo, MarkDelivered
+from broker.engine.writer import Tx
 from protocol.objects import AckResult
 
 log = logging.getLogger(__name__)
@@ -48,6 +57,18 @@ class _PendingAck:
         self.workspace_id = workspace_id
         self.up_to_seq = up_to_seq
         self.waiters: list[_Waiter] = []
+
+
+class MarksThenAck(msgspec.Struct, frozen=True, kw_only=True):
+    """One agent's push marks, then its cumulative ack, in one transaction (in that order)."""
+
+    marks: tuple[MarkDelivered, ...]
+    ack: AckUpTo
+
+    def apply(self, tx: Tx) -> AckResult:
+        for mark in self.marks:
+            mark.apply(tx)
+        return self.ack.apply(tx)
 
 
 class RecorderStatistics(msgspec.Struct, kw_only=True):
@@ -148,21 +169,31 @@ class DeliveryRecorder:
         self.flushes += 1
         async with trio.open_nursery() as nursery:
             for agent_id, pending in acks.items():
-                nursery.start_soon(self._commit_ack, agent_id, pending)
+                entry = marks.pop(agent_id, None)
+                chunks = [] if entry is None else _chunks(entry[1])
+                nursery.start_soon(self._commit_ack, agent_id, pending, chunks)
             for agent_id, (workspace_id, seqs) in marks.items():
-                ordered = sorted(set(seqs))
-                for start in range(0, len(ordered), MAX_MARK):
-                    nursery.start_soon(self._commit_marks, workspace_id, agent_id,
-                                       ordered[start:start + MAX_MARK])
+                for chunk in _chunks(seqs):
+                    nursery.start_soon(self._commit_marks, workspace_id, agent_id, chunk)
 
-    async def _commit_ack(self, agent_id: int, pending: _PendingAck) -> None:
+    async def _commit_ack(self, agent_id: int, pending: _PendingAck,
+                          marks: list[list[int]]) -> None:
+        """The ack, after the agent's marks of this flush (one command when there are some)."""
         self.ack_commands += 1
+        self.mark_commands += len(marks)
         result: AckResult | None = None
         error: BaseException | None = None
+        ack = AckUpTo(workspace_id=pending.workspace_id, agent_id=agent_id,
+                      up_to_seq=pending.up_to_seq)
         try:
-            result = await self.engine.submit(AckUpTo(
-                workspace_id=pending.workspace_id, agent_id=agent_id,
-                up_to_seq=pending.up_to_seq))
+            if marks:
+                result = await self.engine.submit(MarksThenAck(
+                    marks=tuple(MarkDelivered(workspace_id=pending.workspace_id,
+                                              agent_id=agent_id, seqs=chunk)
+                                for chunk in marks),
+                    ack=ack))
+            else:
+                result = await self.engine.submit(ack)
         except BrokerError as exc:
             self.failures += 1
             error = exc
@@ -192,6 +223,7 @@ class DeliveryRecorder:
             log.exception("recorder: marking deliveries of agent %d failed: %r", agent_id, exc)
 
     def statistics(self) -> RecorderStatistics:
+        """Counts since start; `mark_commands` counts each MarkDelivered, alone or with an ack."""
         return RecorderStatistics(
             acks_received=self.acks_received, ack_commands=self.ack_commands,
             marks_received=self.marks_received, mark_commands=self.mark_commands,
@@ -200,3 +232,7 @@ class DeliveryRecorder:
         )
 
 
+def _chunks(seqs: list[int]) -> list[list[int]]:
+    """Distinct seqs in order, in chunks one MarkDelivered may take."""
+    ordered = sorted(set(seqs))
+    return [ordered[start:start + MAX_MARK] for start in range(0, len(ordered), MAX_MARK)]

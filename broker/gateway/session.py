@@ -27,7 +27,10 @@ write stuck on a client that reads nothing cannot be cancelled (see
 `DeliverySession` adds the durable stream of one agent (the native session
 and the Relaycast node socket are both one): replay from the database on
 connect, live push from the hub after, and catching up again after an
-overflow, all through the seam described in `broker.fanout.Outbox`.
+overflow, all through the seam described in `broker.fanout.Outbox`. It
+also pushes again what the agent gave back (failed or deferred), below the
+stream's cursor: on `mailbox.changed`, when a deferral falls due, and once
+after connecting (see `broker.gateway.redelivery`).
 """
 
 from __future__ import annotations
@@ -42,9 +45,10 @@ import msgspec
 import trio
 
 from broker.engine.errors import BrokerError
-from broker.engine.mailbox import list_pending
+from broker.engine.mailbox import MAILBOX_CHANGED, list_pending
 from broker.engine.realtime import seq_marks
 from broker.fanout import DeliverItem, EventItem, FactView, Mode, Outbox, OutboxStatistics
+from broker.gateway.redelivery import Held, held_deliveries, is_held
 from broker.gateway.websocket import ConnectionClosed, WebSocket
 from protocol import frames as fr
 from protocol.codec import CloseCode, Codec, FrameError
@@ -72,6 +76,7 @@ class SessionStatistics(msgspec.Struct, kw_only=True):
     frames_received: int
     frames_sent: int
     replayed: int
+    redelivered: int
     read_pauses: int
     close_code: int | None
     outbox: OutboxStatistics
@@ -104,6 +109,7 @@ class Session:
         self.frames_received = 0
         self.frames_sent = 0
         self.replayed = 0
+        self.redelivered = 0
         self.read_pauses = 0
         self.last_received = trio.current_time()
         self._send_started: float | None = None
@@ -111,6 +117,8 @@ class Session:
         self._ping_queued = False
         # When the credential the socket opened with stops working (trio time).
         self.credential_deadline = math.inf
+        # When a deferred delivery falls due and must be pushed again (trio time).
+        self.redeliver_deadline = math.inf
         self._requests = trio.Semaphore(self.settings.max_requests_in_flight)
         self._outer: trio.Nursery | None = None
         self._work: trio.Nursery | None = None
@@ -308,6 +316,8 @@ class Session:
                         await self._write(item)
                 elif outbox.needs_catch_up:
                     await self.catch_up()
+                elif outbox.redelivery_wanted:
+                    await self.redeliver()
                 else:
                     await outbox.wait()
         except ConnectionClosed:
@@ -368,12 +378,16 @@ class Session:
             self._send_started = None
         self.frames_sent += 1
 
-    async def send_delivery(self, seq: int, view: FactView) -> None:
+    async def send_delivery(self, seq: int, view: FactView, redelivery: bool = False) -> None:
         """Push one durable delivery (sessions with a delivery stream)."""
         raise NotImplementedError
 
-    def delivery_frame(self, seq: int, view: FactView) -> Any:
-        """The frame of one durable delivery (sessions with a delivery stream)."""
+    def delivery_frame(self, seq: int, view: FactView, redelivery: bool = False) -> Any:
+        """The frame of one durable delivery (sessions with a delivery stream).
+
+        redelivery: a delivery the agent gave back, pushed again (see
+        `broker.gateway.redelivery`).
+        """
         raise NotImplementedError
 
     def delivered(self, seq: int) -> None:
@@ -386,6 +400,10 @@ class Session:
     async def catch_up(self) -> None:
         """Resume the delivery stream from the database (sessions with one)."""
         self.outbox.mode = Mode.LIVE
+
+    async def redeliver(self) -> None:
+        """Push again what the agent gave back (sessions with a delivery stream)."""
+        self.outbox.redelivery_wanted = False
 
     async def flush_queued(self) -> None:
         """Send what the outbox holds now (replies and events queued during a replay)."""
@@ -405,6 +423,9 @@ class Session:
             if now >= self.credential_deadline:
                 self.close(CloseCode.UNAUTHORIZED, "the token was rotated and its grace ended")
                 return
+            if now >= self.redeliver_deadline:
+                self.redeliver_deadline = math.inf
+                self.outbox.want_redelivery()
             started = self._send_started
             if started is not None and now - started >= s.slow_client_timeout_seconds:
                 self.gateway.slow_closes += 1
@@ -444,7 +465,8 @@ class Session:
         return SessionStatistics(
             id=self.id, kind=self.kind, agent_id=self.agent_id,
             frames_received=self.frames_received, frames_sent=self.frames_sent,
-            replayed=self.replayed, read_pauses=self.read_pauses, close_code=self.close_code,
+            replayed=self.replayed, redelivered=self.redelivered, read_pauses=self.read_pauses,
+            close_code=self.close_code,
             outbox=self.outbox.statistics(),
         )
 
@@ -453,6 +475,18 @@ class DeliverySession(Session):
     """A session that carries one agent's durable deliveries (native or Relaycast node)."""
 
     agent_id: int
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Held deliveries this session pushed again, as they were then (see redelivery).
+        self._held_pushed: dict[int, Held] = {}
+        self._connected = False  # the replay on connect is done
+
+    def offer_event(self, view: FactView) -> None:
+        if view.type == MAILBOX_CHANGED:
+            # Audience: this agent. The event still goes out: it is documented.
+            self.outbox.want_redelivery()
+        super().offer_event(view)
 
     async def catch_up(self) -> None:
         """Replay from the database up to the highest seq known, then go live (no gap, in order).
@@ -464,9 +498,53 @@ class DeliverySession(Session):
         try:
             await self._replay()
         except BrokerError as exc:
-            if exc.code not in CREDENTIAL_GONE:
-                raise
-            self.close(CloseCode.UNAUTHORIZED, "the agent or its workspace is gone")
+            self._read_refused(exc)
+            return
+        if not self._connected:
+            # The replay skipped deliveries deferred past now: find when to come back.
+            self._connected = True
+            self.outbox.want_redelivery()
+
+    async def redeliver(self) -> None:
+        """Push again the held deliveries due, at or below the cursor; note the next due time.
+
+        Closes with 4401 when the agent is gone from the database.
+        """
+        try:
+            await self._push_held()
+        except BrokerError as exc:
+            self._read_refused(exc)
+
+    def _read_refused(self, exc: BrokerError) -> None:
+        if exc.code not in CREDENTIAL_GONE:
+            raise exc
+        self.close(CloseCode.UNAUTHORIZED, "the agent or its workspace is gone")
+
+    async def _push_held(self) -> None:
+        outbox = self.outbox
+        outbox.redelivery_wanted = False  # a change from now on asks again
+        up_to, after, page_size = outbox.cursor, 0, self.settings.replay_page
+        seen: dict[int, Held] = {}
+        while True:
+            page = await self.engine.read(held_deliveries, self.workspace_id, self.agent_id,
+                                          after, up_to, int(time.time() * 1000), page_size)
+            for row in page.rows:
+                seen[row.seq] = row.version
+                if self._held_pushed.get(row.seq) == row.version:
+                    continue  # pushed already; its mark is on its way
+                view = FactView(row.type, self.workspace_id, row.payload,
+                                message_id=row.message_id)
+                await self.send_delivery(row.seq, view, redelivery=True)
+                self.redelivered += 1
+            if len(page.rows) < page_size:
+                break
+            after = page.rows[-1].seq
+        self._held_pushed = seen
+        if page.next_due is None:
+            self.redeliver_deadline = math.inf
+        else:
+            self.redeliver_deadline = trio.current_time() + max(
+                0.0, page.next_due / 1000 - time.time())
 
     async def _replay(self) -> None:
         outbox = self.outbox
@@ -483,7 +561,10 @@ class DeliverySession(Session):
                 for row in page:
                     view = FactView(row.type, self.workspace_id, bytes(row.payload),
                                     message_id=row.message_id)
-                    await self.send_delivery(row.seq, view)
+                    held = is_held(row.state, row.available_at)
+                    await self.send_delivery(row.seq, view, redelivery=held)
+                    if held:
+                        self._held_pushed[row.seq] = (row.state, row.attempts, row.available_at)
                     outbox.advance(row.seq)
                     self.replayed += 1
                 if len(page) < page_size:
@@ -493,8 +574,8 @@ class DeliverySession(Session):
             if outbox.finish_catch_up():
                 return
 
-    async def send_delivery(self, seq: int, view: FactView) -> None:
-        await self.send_bytes(self.codec.encode(self.delivery_frame(seq, view)))
+    async def send_delivery(self, seq: int, view: FactView, redelivery: bool = False) -> None:
+        await self.send_bytes(self.codec.encode(self.delivery_frame(seq, view, redelivery)))
         self.delivered(seq)
 
     def delivered(self, seq: int) -> None:

@@ -1,0 +1,263 @@
+"""Deliveries the agent gives back (fail, defer) come again on live sockets, flagged `redelivery`.
+
+Over real sockets: the engine's `mailbox.changed` makes a live session push
+the delivery again, at or below the seqs the client has seen, and nothing
+else; the Python client takes it although its seq is old, and its ack then
+settles it. On the autojump clock with a scripted database: a delivery
+deferred to later is pushed when its time comes, and a held delivery is
+pushed once per version (not again while its push mark is on its way).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+
+import msgspec
+import pytest
+import trio
+import trio.testing
+import trio_websocket
+
+from broker.client import connect
+from broker.engine.engine import Engine
+from broker.engine.events import encode_payload
+from broker.engine.mailbox import AckUpTo, FailDelivery, delivery_id
+from broker.engine.realtime import seq_marks
+from broker.fanout import FactView, Mode
+from broker.gateway import Gateway
+from broker.gateway.native import AgentSession
+from broker.gateway.recorder import DeliveryRecorder
+from broker.gateway.redelivery import HeldDelivery, HeldPage, held_deliveries
+from broker.gateway.settings import GatewaySettings
+from broker.server import BrokerServer
+from tests.conftest import TEST_DEADLINE_S, World, make_world
+from tests.realtime import (
+    FakeWebSocket,
+    eventually,
+    next_frame,
+    post,
+    raw_socket,
+    send_json,
+    serve,
+    ws_url,
+)
+
+
+class Live(msgspec.Struct):
+    server: BrokerServer
+    world: World
+
+    async def post(self, text: str) -> None:
+        await post(self.server.engine, self.world.workspace_id, self.world.agents["alice"],
+                   "general", text)
+
+    async def acked_seq(self) -> int:
+        marks = await self.server.engine.read(seq_marks, self.world.workspace_id,
+                                              self.world.agents["bob"])
+        return marks.acked_seq
+
+    def bob(self, seq: int) -> str:
+        return delivery_id(self.world.agents["bob"], seq)
+
+
+@pytest.fixture
+async def live(tmp_path: Path) -> AsyncIterator[Live]:
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with serve(tmp_path) as server:
+            yield Live(server, await make_world(server.engine))
+
+
+async def request(ws: trio_websocket.WebSocketConnection, request_id: str, type_: str,
+                  **fields: Any) -> dict[str, Any]:
+    await send_json(ws, {"v": 1, "id": request_id, "type": type_, **fields})
+    while True:
+        frame = await next_frame(ws, "reply")
+        if frame["re"] == request_id:
+            assert frame["ok"] is True, frame
+            return cast(dict[str, Any], frame["data"])
+
+
+async def test_a_failed_or_deferred_delivery_comes_again_flagged_and_nothing_else_does(
+    live: Live,
+) -> None:
+    async with raw_socket(live.server, live.world.tokens["bob"]) as bob:
+        for text in ("one", "two", "three"):
+            await live.post(text)
+        assert [(await next_frame(bob, "deliver"))["seq"] for _ in range(3)] == [1, 2, 3]
+
+        await request(bob, "f", "delivery.fail", delivery_id=live.bob(2), error="busy")
+        again = await next_frame(bob, "deliver")
+        assert again["seq"] == 2 and again["redelivery"] is True
+        assert again["payload"]["data"]["text"] == "two"
+
+        # Deferred to a time already past: due at once, pushed again at once.
+        await request(bob, "d", "delivery.defer", delivery_id=live.bob(3),
+                      available_at="2020-01-01T00:00:00Z")
+        again = await next_frame(bob, "deliver")
+        assert again["seq"] == 3 and again["redelivery"] is True
+
+        # Nothing else came again: the next delivery is the next new one.
+        await live.post("four")
+        frame = await next_frame(bob, "deliver")
+        assert frame["seq"] == 4 and "redelivery" not in frame
+        # Pushed again, the held ones are settled by the next cumulative ack.
+        await eventually(lambda: _marked(live, 4))  # (the push of 4, before acking it)
+        assert (await request(bob, "a", "delivery.ack", up_to_seq=4))["acked_seq"] == 4
+
+
+async def _marked(live: Live, seq: int) -> bool:
+    row = await live.server.engine.read(lambda c: c.execute(
+        "SELECT state FROM deliveries WHERE agent_id = ? AND seq = ?",
+        (live.world.agents["bob"], seq)).fetchone())
+    return row is not None and row[0] == "delivered"
+
+
+async def test_the_python_client_takes_a_redelivery_below_its_last_seq_and_its_ack_settles_it(
+    live: Live,
+) -> None:
+    engine, world = live.server.engine, live.world
+    async with connect(ws_url(live.server), world.tokens["bob"]) as bob:
+        for text in ("one", "two", "three"):
+            await live.post(text)
+        deliveries = bob.deliveries()
+        got = [await deliveries.__anext__() for _ in range(3)]
+        assert [d.seq for d in got] == [1, 2, 3]
+        await engine.submit(FailDelivery(workspace_id=world.workspace_id,
+                                         agent_id=world.agents["bob"], delivery_id=live.bob(1),
+                                         error="try later"))
+        again = await deliveries.__anext__()
+        assert (again.seq, again.redelivery, again.data["text"]) == (1, True, "one")
+        assert bob.redeliveries == 1 and bob.duplicates == 0
+        await live.post("four")
+        fourth = await deliveries.__anext__()  # asking for it processed the redelivery
+        assert fourth.seq == 4 and not fourth.redelivery
+
+        async def settled() -> bool:  # everything processed is acked, seq 1 included
+            return await live.acked_seq() >= 3
+
+        await eventually(settled)
+
+
+async def test_a_held_delivery_pushed_again_is_settled_by_an_ack_in_the_same_flush(
+    live: Live,
+) -> None:
+    # The push mark and the ack of one agent go out as one command, marks
+    # first: the ack finds the pushed-again delivery `delivered`, not held.
+    engine, world = live.server.engine, live.world
+    wid, bob = world.workspace_id, world.agents["bob"]
+    for text in ("one", "two", "three"):
+        await live.post(text)
+    recorder = DeliveryRecorder(engine)
+    for seq in (1, 2, 3):
+        recorder.delivered(wid, bob, seq)
+    await recorder.flush()
+    await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=live.bob(2)))
+    assert (await engine.submit(AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=3))
+            ).acked_seq == 1  # 2 is held
+    recorder.delivered(wid, bob, 2)  # pushed again...
+    recorder.ack_nowait(wid, bob, 3)  # ...and acked, before the recorder ran
+    await recorder.flush()
+    assert await live.acked_seq() == 3
+    assert recorder.statistics().ack_commands == 1
+
+
+# -- on the autojump clock, with a scripted database ------------------------------------------
+
+
+class ScriptedEngine:
+    """Answers `held_deliveries` from a script (the other reads are not expected)."""
+
+    facts = None
+
+    def __init__(self) -> None:
+        self.pages: list[HeldPage] = []
+        self.reads = 0
+
+    async def read(self, fn: Any, *args: Any) -> Any:
+        assert fn is held_deliveries
+        self.reads += 1
+        return self.pages.pop(0) if self.pages else HeldPage(rows=[], next_due=None)
+
+
+class TimedWebSocket(FakeWebSocket):
+    """Notes when (trio time) each frame was written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timed: list[tuple[float, Any]] = []
+
+    async def send(self, data: str | bytes) -> None:
+        await super().send(data)
+        self.timed.append((trio.current_time(), self.sent[-1]))
+
+
+def held(seq: int, attempts: int = 1, state: str = "failed") -> HeldDelivery:
+    return HeldDelivery(seq=seq, state=state, attempts=attempts, available_at=None,
+                        type="message.created", message_id=None,
+                        payload=encode_payload("message.created", {"text": f"m{seq}"}))
+
+
+def changed() -> FactView:
+    return FactView("mailbox.changed", 1, encode_payload(
+        "mailbox.changed", {"agent_id": "2", "seq": 2}))
+
+
+async def test_a_delivery_deferred_to_later_is_pushed_again_when_its_time_comes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    later_s = 90
+    settings = GatewaySettings(ping_interval_seconds=1000, pong_timeout_seconds=1000)
+    engine = ScriptedEngine()
+    gw = Gateway(cast(Engine, engine), settings)
+    ws = TimedWebSocket()
+    session = AgentSession(gw, ws, gw.native_json, workspace_id=1, agent_id=2, agent_name="bob")
+    session.outbox.mode = Mode.LIVE
+    session.outbox.cursor = 5  # seqs 1..5 went out before
+    tick = settings.slow_client_timeout_seconds / 4  # how often the session looks at the time
+    # The defer: nothing due now, the next due in `later_s`; then it is due.
+    engine.pages = [HeldPage(rows=[], next_due=int(time.time() * 1000) + later_s * 1000),
+                    HeldPage(rows=[held(2, state="queued")], next_due=None)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.serve)
+        await trio.sleep(1)
+        deferred_at = trio.current_time()
+        session.offer_event(changed())
+        await trio.sleep(later_s - 5)
+        assert [f for f in ws.sent if f["type"] == "deliver"] == []
+        await trio.sleep(5 + tick + 1)
+        nursery.cancel_scope.cancel()
+    ((pushed_at, frame),) = [(at, f) for at, f in ws.timed if f["type"] == "deliver"]
+    assert later_s - 1 <= pushed_at - deferred_at <= later_s + tick + 1
+    assert frame == {"v": 1, "type": "deliver", "seq": 2, "delivery_id": "2:2",
+                     "payload": {"type": "message.created", "data": {"text": "m2"}},
+                     "redelivery": True}
+    assert session.statistics().redelivered == 1
+
+
+async def test_a_held_delivery_is_pushed_again_once_per_version(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    engine = ScriptedEngine()
+    gw = Gateway(cast(Engine, engine))
+    ws = FakeWebSocket()
+    session = AgentSession(gw, ws, gw.native_json, workspace_id=1, agent_id=2, agent_name="bob")
+    session.outbox.mode = Mode.LIVE
+    session.outbox.cursor = 5
+    engine.pages = [
+        HeldPage(rows=[held(2)], next_due=None),  # failed: pushed again
+        HeldPage(rows=[held(2), held(4)], next_due=None),  # 2 unchanged (its mark is late)
+        HeldPage(rows=[held(2, attempts=2)], next_due=None),  # failed again after the push
+    ]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.serve)
+        for _ in range(3):
+            session.offer_event(changed())
+            await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert [f["seq"] for f in ws.sent if f["type"] == "deliver"] == [2, 4, 2]
+    events = [f["payload"]["type"] for f in ws.sent if f["type"] == "event"]
+    assert events == ["mailbox.changed"] * 3  # the client is told too
+    assert engine.reads == 3

@@ -222,7 +222,7 @@ class Shard:
         async def connect(index: int) -> None:
             client = BrokerClient(
                 self.url, self.topology.agents[index].token, msgpack=spec.msgpack,
-                request_timeout=spec.request_timeout, reconnect=False,
+                request_timeout=spec.request_timeout, reconnect=True,
                 connect_timeout=CONNECT_TIMEOUT_S, delivery_buffer=DELIVERY_BUFFER)
             async with limiter:
                 await nursery.start(self._run_client, client)
@@ -386,8 +386,16 @@ class Shard:
                 if recipient.processed:
                     await client.ack(recipient.processed, wait=True)
                 pending = await client.request("delivery.list", limit=1)
-            except (RequestError, ConnectionLost) as exc:
-                self._error(f"drain_{getattr(exc, 'code', None) or 'connection_lost'}")
+            except ConnectionLost:
+                # The client reconnects and replays what is unacked; ask again then.
+                self._error("drain_reconnect")
+                await client.wait_connected()
+                continue
+            except trio.TooSlowError:
+                self._error("drain_slow_reply")
+                continue
+            except RequestError as exc:
+                self._error(f"drain_{exc.code}")
                 return
             if not pending:
                 return

@@ -583,8 +583,9 @@ class FanoutHub:
         for fact in batch:
             self.facts += 1
             view = FactView.of(fact)
-            for sub in tuple(self._observers.get(fact.workspace_id, ())):
-                sub.offer_fact(view)
+            if not fact.internal:
+                for sub in tuple(self._observers.get(fact.workspace_id, ())):
+                    sub.offer_fact(view)
             if fact.deliveries:
                 for delivery in fact.deliveries:
                     for sub in tuple(self._by_agent.get(delivery.agent_id, ())):

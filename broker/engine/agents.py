@@ -25,7 +25,7 @@ import msgspec
 
 from broker.engine import secrets
 from broker.engine.errors import BrokerError
-from broker.engine.events import emit_ephemeral
+from broker.engine.events import emit_ephemeral, notify_sessions
 from broker.engine.lookups import require_agent
 from broker.engine.writer import Tx
 from protocol.objects import (
@@ -160,7 +160,7 @@ class RotateToken(msgspec.Struct, frozen=True, kw_only=True):
             " token_hash = ? WHERE id = ?",
             (expires, secrets.digest(token), agent.id),
         )
-        emit_ephemeral(
+        notify_sessions(
             tx, workspace_id=self.workspace_id, event_type=TOKEN_ROTATED, audience=(agent.id,),
             data={"agent_id": str(agent.id), "name": agent.name,
                   "previous_token_expires_at": iso(expires)},

@@ -101,6 +101,21 @@ def record_event(
     return Recorded(log_id, payload, deliveries, full)
 
 
+def notify_sessions(
+    tx: Tx, *, workspace_id: int, event_type: str, data: Any, audience: Iterable[int],
+) -> None:
+    """An internal nudge to the audience's live sessions (no outbox row, no observer)."""
+    tx.emit(
+        Fact(
+            type=event_type,
+            workspace_id=workspace_id,
+            payload=encode_payload(event_type, data),
+            audience=tuple(audience),
+            internal=True,
+        )
+    )
+
+
 def emit_ephemeral(
     tx: Tx, *, workspace_id: int, event_type: str, data: Any, audience: Iterable[int] = (),
     channel_id: int | None = None,

@@ -34,3 +34,6 @@ class Fact(msgspec.Struct, frozen=True, kw_only=True):
     conversation_id: int | None = None
     deliveries: tuple[Delivery, ...] = ()
     audience: tuple[int, ...] = ()
+    # A nudge for the audience's own sessions (mailbox.changed,
+    # agent.token_rotated): never shown to observers nor sent to webhooks.
+    internal: bool = False

@@ -53,7 +53,7 @@ import apsw
 import msgspec
 
 from broker.engine.errors import BrokerError
-from broker.engine.events import emit_ephemeral
+from broker.engine.events import notify_sessions
 from broker.engine.history import page_limit
 from broker.engine.realtime import SeqMarks, seq_marks
 from broker.engine.writer import Tx
@@ -269,8 +269,8 @@ def _finish(tx: Tx, agent_id: int, row: _Row, state: State, error: str | None,
 
 def _mailbox_changed(tx: Tx, workspace_id: int, agent_id: int, seq: int) -> None:
     """Tell the agent's live sessions that a row went back to pending (they read it again)."""
-    emit_ephemeral(tx, workspace_id=workspace_id, event_type=MAILBOX_CHANGED,
-                   data={"agent_id": str(agent_id), "seq": seq}, audience=(agent_id,))
+    notify_sessions(tx, workspace_id=workspace_id, event_type=MAILBOX_CHANGED,
+                    data={"agent_id": str(agent_id), "seq": seq}, audience=(agent_id,))
 
 
 class AckDelivery(msgspec.Struct, frozen=True, kw_only=True):

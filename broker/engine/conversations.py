@@ -32,7 +32,7 @@ arrived after it is as unread as a new top-level message.
 
 from __future__ import annotations
 
-from typing import Any, Literal, cast
+from typing import Literal, cast
 
 import apsw
 import msgspec
@@ -44,7 +44,12 @@ from broker.engine.history import load_messages, page_limit
 from broker.engine.idempotency import once
 from broker.engine.ids import COUNTER_BITS
 from broker.engine.lookups import AgentRow, agent_by_name, require_agent
-from broker.engine.messages import conversation_recipients, post_message, resolve_attachments
+from broker.engine.messages import (
+    Send,
+    conversation_recipients,
+    post_message,
+    resolve_attachments,
+)
 from broker.engine.writer import Tx
 from protocol.objects import (
     ConversationParticipant,
@@ -52,7 +57,6 @@ from protocol.objects import (
     DmLastMessage,
     GroupDm,
     Message,
-    Mode,
     ParticipantAdded,
     ParticipantRemoved,
     iso,
@@ -155,7 +159,7 @@ def _active_participants(conn: apsw.Connection, conversation_id: int) -> list[Ag
 # -- 1:1 DMs -------------------------------------------------------------------------
 
 
-class SendDm(msgspec.Struct, frozen=True, kw_only=True):
+class SendDm(Send, frozen=True, kw_only=True):
     """Send a direct message to the agent called `to`; the conversation is made on first use.
 
     The recipient gets one `dm.received` delivery (none if its mailbox is
@@ -168,20 +172,11 @@ class SendDm(msgspec.Struct, frozen=True, kw_only=True):
     file_not_complete.
     """
 
-    workspace_id: int
-    agent_id: int
     to: str
-    text: str
-    mode: Mode = "wait"
-    data: dict[str, Any] | None = None
-    attachments: list[str] = msgspec.field(default_factory=list)
-    idempotency_key: str | None = None
 
     def apply(self, tx: Tx) -> Message:
         limits, conn = tx.limits, tx.conn
-        text = validation.text(self.text, limits)
-        mode = validation.mode(self.mode)
-        data = validation.data(self.data, limits)
+        text, mode, data = self.checked(limits)
 
         def send() -> Message:
             author = require_agent(conn, self.workspace_id, self.agent_id)
@@ -282,7 +277,7 @@ class CreateGroupDm(msgspec.Struct, frozen=True, kw_only=True):
         return group
 
 
-class SendGroupDm(msgspec.Struct, frozen=True, kw_only=True):
+class SendGroupDm(Send, frozen=True, kw_only=True):
     """Post to a group DM the caller is an active participant of.
 
     Every other active participant (deactivated agents excepted) gets one
@@ -293,20 +288,11 @@ class SendGroupDm(msgspec.Struct, frozen=True, kw_only=True):
     not_a_group_dm, not_a_participant.
     """
 
-    workspace_id: int
-    agent_id: int
     conversation_id: str
-    text: str
-    mode: Mode = "wait"
-    data: dict[str, Any] | None = None
-    attachments: list[str] = msgspec.field(default_factory=list)
-    idempotency_key: str | None = None
 
     def apply(self, tx: Tx) -> Message:
         limits, conn = tx.limits, tx.conn
-        text = validation.text(self.text, limits)
-        mode = validation.mode(self.mode)
-        data = validation.data(self.data, limits)
+        text, mode, data = self.checked(limits)
 
         def send() -> Message:
             author = require_agent(conn, self.workspace_id, self.agent_id)

@@ -23,6 +23,7 @@ import apsw
 import msgspec
 
 from broker.engine import validation
+from broker.engine.config import Limits
 from broker.engine.errors import BrokerError
 from broker.engine.events import record_event
 from broker.engine.idempotency import once
@@ -200,7 +201,25 @@ def post_message(
     return message
 
 
-class SendChannelMessage(msgspec.Struct, frozen=True, kw_only=True):
+class Send(msgspec.Struct, frozen=True, kw_only=True):
+    """What every send path takes besides where the message goes."""
+
+    workspace_id: int
+    agent_id: int
+    text: str
+    mode: Mode = "wait"
+    data: dict[str, Any] | None = None
+    attachments: list[str] = msgspec.field(default_factory=list)
+    idempotency_key: str | None = None
+
+    def checked(self, limits: Limits) -> tuple[str, str, str | None]:
+        """The text, mode and data as stored; raises invalid_text, text_too_long,
+        invalid_mode, invalid_data, data_too_large."""
+        return (validation.text(self.text, limits), validation.mode(self.mode),
+                validation.data(self.data, limits))
+
+
+class SendChannelMessage(Send, frozen=True, kw_only=True):
     """Post `text` to a channel the agent is a member of.
 
     Recipients: every member except the sender; a muted member only when the
@@ -214,20 +233,11 @@ class SendChannelMessage(msgspec.Struct, frozen=True, kw_only=True):
     file_not_found, file_not_complete.
     """
 
-    workspace_id: int
-    agent_id: int
     channel: str
-    text: str
-    mode: Mode = "wait"
-    data: dict[str, Any] | None = None
-    attachments: list[str] = msgspec.field(default_factory=list)
-    idempotency_key: str | None = None
 
     def apply(self, tx: Tx) -> Message:
         limits, conn = tx.limits, tx.conn
-        text = validation.text(self.text, limits)
-        mode = validation.mode(self.mode)
-        data = validation.data(self.data, limits)
+        text, mode, data = self.checked(limits)
 
         def send() -> Message:
             author = require_agent(conn, self.workspace_id, self.agent_id)

@@ -15,25 +15,21 @@ reply_count / last_reply_at and the idempotency record commit together.
 
 from __future__ import annotations
 
-from typing import Any
-
-import msgspec
-
-from broker.engine import validation
 from broker.engine.channel_queries import refuse_archived, require_visible_message
 from broker.engine.idempotency import once
 from broker.engine.lookups import require_agent
 from broker.engine.messages import (
+    Send,
     channel_recipients,
     conversation_recipients,
     post_message,
     resolve_attachments,
 )
 from broker.engine.writer import Tx
-from protocol.objects import Message, Mode
+from protocol.objects import Message
 
 
-class ReplyToThread(msgspec.Struct, frozen=True, kw_only=True):
+class ReplyToThread(Send, frozen=True, kw_only=True):
     """Reply in the thread of `message_id` (a root or a reply; the root's thread is used).
 
     A retry with the idempotency key of an earlier reply returns that reply
@@ -45,20 +41,11 @@ class ReplyToThread(msgspec.Struct, frozen=True, kw_only=True):
     file_not_complete.
     """
 
-    workspace_id: int
-    agent_id: int
     message_id: str
-    text: str
-    mode: Mode = "wait"
-    data: dict[str, Any] | None = None
-    attachments: list[str] = msgspec.field(default_factory=list)
-    idempotency_key: str | None = None
 
     def apply(self, tx: Tx) -> Message:
         limits, conn = tx.limits, tx.conn
-        text = validation.text(self.text, limits)
-        mode = validation.mode(self.mode)
-        data = validation.data(self.data, limits)
+        text, mode, data = self.checked(limits)
 
         def reply() -> Message:
             author = require_agent(conn, self.workspace_id, self.agent_id)

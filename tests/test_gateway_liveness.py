@@ -249,3 +249,27 @@ async def test_a_socket_of_a_rotated_out_token_closes_with_4401_when_the_grace_e
     assert old_ws.close_code == CloseCode.UNAUTHORIZED
     events = [f["payload"]["type"] for f in new_ws.sent if f["type"] == "event"]
     assert events == ["agent.token_rotated"]  # the client is told; it may take the new token
+
+
+async def test_a_session_not_reading_ends_when_its_socket_fails_under_the_pump(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The receive loop waits for room; if the pump then loses the socket,
+    # nobody would take the outbox again: the pump ends the session itself.
+    spam = 300
+    gw, ws = gateway(), FakeWebSocket(inbound=spam)
+    session = agent_session(gw, ws)
+    for n in range(spam):
+        ws.inbound_send.send_nowait(f'{{"v":1,"id":"p{n}","type":"ping"}}')
+    ws.reads_nothing = True
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.serve)
+        await trio.sleep(1)
+        assert session.read_pauses >= 1
+        ws.closing = True  # the connection is gone: the next write fails
+        ws._unblocked.set()
+        with trio.move_on_after(10):
+            await session.finished.wait()
+        ended, sessions = session.finished.is_set(), set(gw.sessions)
+        nursery.cancel_scope.cancel()
+    assert ended and sessions == set()

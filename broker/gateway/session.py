@@ -320,8 +320,10 @@ class Session:
                     await self.redeliver()
                 else:
                     await outbox.wait()
-        except ConnectionClosed:
-            return
+        except ConnectionClosed as closed:
+            # End the session here too: a receive loop waiting for room would
+            # never learn that nothing takes the outbox any more.
+            self._peer_closed(closed.code)
 
     async def _write(self, item: Any) -> None:
         if isinstance(item, DeliverItem):

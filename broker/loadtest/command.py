@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import shutil
 import signal
 import subprocess
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
 from broker.loadtest.processes import ServerProcess, raise_fd_limit, start_daemon, start_echo
@@ -148,6 +151,7 @@ async def run_traffic(spec: LoadSpec, *, procs: int, url: str | None = None,
                     echo_results = await run_phase(topology, echo_url, ECHO, procs)
                 finally:
                     server.stop()
+            writer_before = await scrape_writer(url)
             cpu_before = daemon.cpu_seconds() if daemon is not None else 0.0
             sampler = start_profiler(daemon.pid, profile) if profile and daemon else None
             started = time.monotonic()
@@ -156,6 +160,7 @@ async def run_traffic(spec: LoadSpec, *, procs: int, url: str | None = None,
             finally:
                 if sampler is not None:
                     stop_profiler(sampler)
+            extra.update(writer_figures(writer_before, await scrape_writer(url)))
             if daemon is not None:
                 wall = time.monotonic() - started
                 extra["daemon_cpu_percent"] = round(
@@ -165,6 +170,53 @@ async def run_traffic(spec: LoadSpec, *, procs: int, url: str | None = None,
             if daemon is not None:
                 daemon.stop()
     return build_report(topology, broker_results, echo_results, extra)
+
+
+_BUCKET = re.compile(r'^(broker_writer_\w+?)(_bucket\{le="([^"]+)"\}|_sum|_count) (\S+)$')
+
+
+async def scrape_writer(url: str) -> dict[str, float]:
+    """The writer's histograms from the daemon's /metrics (name -> value; empty if unreachable)."""
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            text = (await http.get("/metrics")).text
+    except httpx.HTTPError:
+        return {}
+    figures: dict[str, float] = {}
+    for line in text.splitlines():
+        found = _BUCKET.match(line)
+        if found:
+            name, kind, le, value = found.groups()
+            key = f"{name}:{le}" if le is not None else f"{name}{kind}"
+            figures[key] = float(value)
+    return figures
+
+
+def writer_figures(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """Commits during the broker phase: how many, mean batch, mean and p99 commit time.
+
+    The p99 is the upper bound of the histogram bucket that holds it.
+    """
+    def delta(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    commits = delta("broker_writer_commit_seconds_count")
+    if commits <= 0:
+        return {}
+    bounds = sorted((float(key.split(":")[1]), key) for key in after
+                    if key.startswith("broker_writer_commit_seconds:") and "Inf" not in key)
+    p99 = math.inf
+    for bound, key in bounds:
+        if delta(key) >= 0.99 * commits:
+            p99 = bound
+            break
+    return {
+        "commits": int(commits),
+        "commit_mean_ms": round(1000 * delta("broker_writer_commit_seconds_sum") / commits, 3),
+        "commit_p99_ms_at_most": None if math.isinf(p99) else round(1000 * p99, 3),
+        "batch_mean": round(delta("broker_writer_batch_size_sum")
+                            / max(delta("broker_writer_batch_size_count"), 1), 1),
+    }
 
 
 def start_profiler(pid: int, output: Path) -> subprocess.Popen[bytes]:

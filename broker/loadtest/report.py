@@ -39,6 +39,7 @@ class PhaseTotals(msgspec.Struct, kw_only=True):
     errors: dict[str, int] = msgspec.field(default_factory=dict)
     reply: Histogram = msgspec.field(default_factory=Histogram)
     deliver: Histogram = msgspec.field(default_factory=Histogram)
+    lateness: Histogram = msgspec.field(default_factory=Histogram)
     send_seconds: float = 0.0
     deliver_seconds: float = 0.0
     drain_seconds: float = 0.0
@@ -70,6 +71,7 @@ def merge(results: list[ShardResult]) -> PhaseTotals:
             totals.errors[code] = totals.errors.get(code, 0) + count
         totals.reply.merge(r.reply)
         totals.deliver.merge(r.deliver)
+        totals.lateness.merge(r.lateness)
         totals.generator_cpu_seconds += r.cpu_seconds
     totals.send_seconds = max(r.last_reply for r in results) - started
     totals.deliver_seconds = max(r.last_delivery for r in results) - started
@@ -144,6 +146,7 @@ def build_report(topology: Topology, broker: list[ShardResult], echo: list[Shard
         "send_deliver_p90_ms": round(deliver["p90"], 3),
         "send_deliver_p99_ms": round(deliver["p99"], 3),
         "send_deliver_max_ms": round(deliver["max"], 3),
+        "generator_late_p99_ms": round(b.lateness.percentile_ms(99), 3),
         "echo_p50_ms": round(echo_reply["p50"], 3),
         "echo_p99_ms": round(echo_reply["p99"], 3),
         "lost": loss.lost,
@@ -191,10 +194,17 @@ def format_table(report: dict[str, Any]) -> str:
         ("send->reply ms", _latencies(report, "send_reply")),
         ("send->deliver ms", _latencies(report, "send_deliver")),
         ("echo ms", f"p50 {report['echo_p50_ms']:.2f}  p99 {report['echo_p99_ms']:.2f}"),
+        *([("late sends ms", f"p99 {report['generator_late_p99_ms']:.2f} (open loop: the "
+            "generator behind its schedule; counted in the latencies)")]
+          if spec.get("rate") else []),
         ("lost", str(report["lost"])),
         ("errors", f"{report['errors']} {report['error_codes'] or ''}".strip()),
         ("duplicates", f"{report['duplicates']} (out of order: {report['out_of_order']})"),
     ]
+    if "commits" in report:
+        rows.append(("writer", f"{report['commits']} commits, mean batch {report['batch_mean']}, "
+                               f"commit mean {report['commit_mean_ms']:.2f} ms, p99 <= "
+                               f"{report['commit_p99_ms_at_most']} ms"))
     if "daemon_cpu_percent" in report:
         rows.append(("daemon cpu", f"{report['daemon_cpu_percent']:.0f}% of one core, "
                                    f"RSS {report['daemon_rss_mib']:.0f} MiB"))

@@ -86,6 +86,8 @@ class ShardResult(msgspec.Struct, kw_only=True):
     errors: dict[str, int] = msgspec.field(default_factory=dict)
     reply: Histogram = msgspec.field(default_factory=Histogram)
     deliver: Histogram = msgspec.field(default_factory=Histogram)
+    # Open loop: how late the generator sent, after the scheduled time.
+    lateness: Histogram = msgspec.field(default_factory=Histogram)
     # sender index -> message numbers tried (n < count) and acknowledged (a bitmap).
     sent_count: dict[int, int] = msgspec.field(default_factory=dict)
     acked: dict[int, bytes] = msgspec.field(default_factory=dict)
@@ -311,6 +313,7 @@ class Shard:
 
     async def _send_one_released(self, client: BrokerClient, sender: int, n: int, t0: float,
                                  slots: trio.Semaphore) -> None:
+        self.result.lateness.add(max(time.monotonic() - t0, 1e-6))
         try:
             await self._send_one(client, sender, n, t0)
         finally:

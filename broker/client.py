@@ -264,7 +264,12 @@ class BrokerClient:
                 except trio.WouldBlock:
                     self.events_dropped += 1
             elif kind == "ping":
-                await self._send({"v": 1, "type": "pong"}, ws)
+                try:
+                    await self._send({"v": 1, "type": "pong"}, ws)
+                except ConnectionLost:
+                    # closed under us: the next get_message reports how, and
+                    # run() reconnects (or ends) from there
+                    continue
 
     def _fail_pending(self) -> None:
         for pending in self._pending.values():

@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio_websocket
 
-from broker.client import ConnectionLost, RequestError, connect
+from broker.client import BrokerClient, ConnectionLost, RequestError, connect
 from broker.engine.realtime import seq_marks
 from broker.server import BrokerServer
 from protocol.codec import CloseCode
@@ -212,3 +212,29 @@ async def test_reconnects_with_backoff_until_the_server_is_back(nursery: trio.Nu
 async def _at_least(value: object, target: int) -> bool:
     assert callable(value)
     return int(value()) >= target
+
+
+
+class _PingThenGone:
+    """A socket that delivers a server ping, then turns out to be closed (1001)."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    async def get_message(self) -> str:
+        self.reads += 1
+        if self.reads == 1:
+            return '{"v":1,"type":"ping"}'
+        raise trio_websocket.ConnectionClosed(trio_websocket.CloseReason(1001, "going away"))
+
+    async def send_message(self, data: object) -> None:
+        raise trio_websocket.ConnectionClosed(trio_websocket.CloseReason(1001, "going away"))
+
+
+async def test_a_pong_that_cannot_go_out_is_not_an_error() -> None:
+    """A ping read just before the close: the pong fails, the connection ends normally."""
+    client = BrokerClient("ws://127.0.0.1:1/v1/ws", "at_live_x", reconnect=False)
+    socket = _PingThenGone()
+    await client._read(socket)  # type: ignore[arg-type]
+    assert socket.reads == 2
+    assert (client.close_code, client.close_reason) == (1001, "going away")

@@ -73,8 +73,9 @@ def merge(results: list[ShardResult]) -> PhaseTotals:
         totals.deliver.merge(r.deliver)
         totals.lateness.merge(r.lateness)
         totals.generator_cpu_seconds += r.cpu_seconds
-    totals.send_seconds = max(r.last_reply for r in results) - started
-    totals.deliver_seconds = max(r.last_delivery for r in results) - started
+    # A phase with no reply (or no delivery) at all has no span.
+    totals.send_seconds = max(max(r.last_reply for r in results) - started, 0.0)
+    totals.deliver_seconds = max(max(r.last_delivery for r in results) - started, 0.0)
     totals.drain_seconds = max(r.drained for r in results) - max(r.send_stopped for r in results)
     return totals
 

@@ -31,7 +31,7 @@ import msgspec
 
 from broker.engine import validation
 from broker.engine.errors import BrokerError
-from broker.engine.history import load_messages, page_limit
+from broker.engine.history import cursor, load_messages, page_limit, top_level_page
 from broker.engine.lookups import require_agent, require_channel
 from protocol.objects import Channel, ChannelMember, Message, Thread, iso
 
@@ -166,10 +166,6 @@ def get_channel(conn: apsw.Connection, workspace_id: int, name: str) -> Channel:
 # -- messages ------------------------------------------------------------------------
 
 
-def _cursor(value: str | None) -> int | None:
-    return None if value is None else validation.parse_id(value, "invalid_cursor", "cursor")
-
-
 def channel_messages(
     conn: apsw.Connection, workspace_id: int, agent_id: int, channel: str,
     before: str | None = None, after: str | None = None, limit: int | None = None,
@@ -180,23 +176,12 @@ def channel_messages(
     invalid_cursor (a cursor that is not an id).
     """
     size = page_limit(limit)
-    low, high = _cursor(after), _cursor(before)
+    low, high = cursor(after), cursor(before)
     require_agent(conn, workspace_id, agent_id)
     found = require_channel(conn, workspace_id, channel, agent_id)
     if not found.is_member:
         raise BrokerError("not_a_member", f"you are not a member of channel {found.name!r}")
-    # The partial index messages_channel covers exactly these rows.
-    sql = (
-        "SELECT id FROM messages WHERE channel_id = ? AND thread_id IS NULL"
-        " AND id > ? AND id < ?"
-    )
-    bounds = (found.id, -1 if low is None else low, 2**63 - 1 if high is None else high)
-    if low is not None:
-        ids = [r[0] for r in conn.execute(sql + " ORDER BY id LIMIT ?", (*bounds, size))]
-        ids.reverse()
-    else:
-        ids = [r[0] for r in conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*bounds, size))]
-    return load_messages(conn, cast("list[int]", ids))
+    return top_level_page(conn, "channel_id", found.id, low, high, size)
 
 
 def get_message(
@@ -219,7 +204,7 @@ def get_thread(
     Raises message_not_found, invalid_limit, invalid_cursor.
     """
     size = page_limit(limit)
-    low, high = _cursor(after), _cursor(before)
+    low, high = cursor(after), cursor(before)
     found = require_visible_message(conn, workspace_id, agent_id, message_id)
     root = found.root_id
     sql = "SELECT id FROM messages WHERE thread_id = ? AND id > ? AND id < ?"

@@ -40,7 +40,7 @@ import msgspec
 from broker.engine import validation
 from broker.engine.errors import BrokerError
 from broker.engine.events import emit_ephemeral
-from broker.engine.history import load_messages, page_limit
+from broker.engine.history import cursor, load_messages, page_limit, top_level_page
 from broker.engine.idempotency import once
 from broker.engine.ids import COUNTER_BITS
 from broker.engine.lookups import AgentRow, agent_by_name, require_agent
@@ -497,10 +497,6 @@ def dm_conversations(
     ]
 
 
-def _cursor(value: str | None) -> int | None:
-    return None if value is None else validation.parse_id(value, "invalid_cursor", "cursor")
-
-
 def dm_messages(
     conn: apsw.Connection, workspace_id: int, agent_id: int, conversation_id: str,
     before: str | None = None, after: str | None = None, limit: int | None = None,
@@ -513,18 +509,7 @@ def dm_messages(
     not_a_participant, invalid_limit, invalid_cursor.
     """
     size = page_limit(limit)
-    low, high = _cursor(after), _cursor(before)
+    low, high = cursor(after), cursor(before)
     require_agent(conn, workspace_id, agent_id)
     conversation = require_participant(conn, workspace_id, conversation_id, agent_id)
-    # The partial index messages_conversation covers exactly these rows.
-    sql = (
-        "SELECT id FROM messages WHERE conversation_id = ? AND thread_id IS NULL"
-        " AND id > ? AND id < ?"
-    )
-    bounds = (conversation.id, -1 if low is None else low, 2**63 - 1 if high is None else high)
-    if low is not None:
-        ids = [r[0] for r in conn.execute(sql + " ORDER BY id LIMIT ?", (*bounds, size))]
-        ids.reverse()
-    else:
-        ids = [r[0] for r in conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*bounds, size))]
-    return load_messages(conn, cast("list[int]", ids))
+    return top_level_page(conn, "conversation_id", conversation.id, low, high, size)

@@ -14,6 +14,7 @@ from typing import Literal, cast
 import apsw
 import msgspec
 
+from broker.engine import validation
 from broker.engine.errors import BrokerError
 from protocol.objects import Attachment, Message, ReactionGroup, iso
 
@@ -33,6 +34,36 @@ def page_limit(limit: int | None, default: int = DEFAULT_LIMIT, maximum: int = M
     if not 1 <= limit <= maximum:
         raise BrokerError("invalid_limit", f"limit must be between 1 and {maximum}")
     return limit
+
+
+def cursor(value: str | None) -> int | None:
+    """A `before` / `after` cursor (a message id, exclusive; it need not exist)."""
+    return None if value is None else validation.parse_id(value, "invalid_cursor", "cursor")
+
+
+# Top-level messages of one channel or conversation in an id range; each
+# partial index (messages_channel, messages_conversation) covers exactly these
+# rows. The column comes from this table, never from input.
+_PAGE_SQL = {
+    column: f"SELECT id FROM messages WHERE {column} = ? AND thread_id IS NULL"
+    " AND id > ? AND id < ?"
+    for column in ("channel_id", "conversation_id")
+}
+
+
+def top_level_page(
+    conn: apsw.Connection, column: Literal["channel_id", "conversation_id"], owner_id: int,
+    after: int | None, before: int | None, size: int,
+) -> list[Message]:
+    """A page newest first: the newest `size` below `before`, or the oldest above `after`."""
+    sql = _PAGE_SQL[column]
+    bounds = (owner_id, -1 if after is None else after, 2**63 - 1 if before is None else before)
+    if after is not None:
+        ids = [r[0] for r in conn.execute(sql + " ORDER BY id LIMIT ?", (*bounds, size))]
+        ids.reverse()
+    else:
+        ids = [r[0] for r in conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*bounds, size))]
+    return load_messages(conn, cast("list[int]", ids))
 
 
 def load_messages(conn: apsw.Connection, ids: Sequence[int]) -> list[Message]:

@@ -129,10 +129,22 @@ async def raw_post(port: int, path: str, token: str, head: bytes, body_chunks: l
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
+    def complete() -> bool:
+        # the whole response is in: the server may keep the connection open
+        # (having drained the body) instead of closing it
+        header, found, payload = bytes(received).partition(b"\r\n\r\n")
+        if not found:
+            return False
+        for line in header.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                return len(payload) >= int(value)
+        return False
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(send_body)
         try:
-            while data := await stream.receive_some(65536):
+            while not complete() and (data := await stream.receive_some(65536)):
                 received += data
         except trio.BrokenResourceError:
             pass

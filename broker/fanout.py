@@ -591,7 +591,7 @@ class FanoutHub:
                     for sub in tuple(self._by_agent.get(delivery.agent_id, ())):
                         self.deliveries_routed += 1
                         sub.offer_delivery(delivery.seq, view)
-            elif fact.audience:
+            elif fact.audience is not None:
                 for agent_id in fact.audience:
                     for sub in tuple(self._by_agent.get(agent_id, ())):
                         if sub.workspace_id == fact.workspace_id:

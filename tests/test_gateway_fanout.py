@@ -167,7 +167,7 @@ class Recorder:
 
 
 def fact(event_type: str, *, workspace_id: int = 1, deliveries: tuple[Delivery, ...] = (),
-         audience: tuple[int, ...] = (), log_id: int | None = None) -> Fact:
+         audience: tuple[int, ...] | None = None, log_id: int | None = None) -> Fact:
     return Fact(type=event_type, workspace_id=workspace_id,
                 payload=encode_payload(event_type, {"x": 1}), deliveries=deliveries,
                 audience=audience, log_id=log_id)
@@ -305,3 +305,13 @@ async def test_a_context_update_is_encoded_once_per_fact_for_every_node(
         assert ws.sent == [{"v": 1, "type": "context.update", "topic": "presence",
                             "event": "agent.status.active",
                             "data": {"agent": {"name": "bob"}, "status": "active"}}]
+
+
+def test_an_empty_audience_reaches_no_session_but_observers_see_it() -> None:
+    hub = FanoutHub()
+    bob, observer = Recorder(1, 20), Recorder(1, None)
+    hub.attach(bob)
+    hub.attach(observer)
+    hub.publish([fact("group_dm.participant_removed", audience=())])
+    assert bob.got == []  # not "the whole workspace"
+    assert observer.got == [("fact", "group_dm.participant_removed")]

@@ -117,10 +117,14 @@ def notify_sessions(
 
 
 def emit_ephemeral(
-    tx: Tx, *, workspace_id: int, event_type: str, data: Any, audience: Iterable[int] = (),
-    channel_id: int | None = None,
+    tx: Tx, *, workspace_id: int, event_type: str, data: Any,
+    audience: Iterable[int] | None = None, channel_id: int | None = None,
 ) -> None:
-    """An event with no delivery rows (presence, membership, channel changes)."""
+    """An event with no delivery rows (presence, membership, channel changes).
+
+    audience: the agents whose sessions see it; None for the whole workspace,
+    and an empty one for no session (observers and webhooks still see it).
+    """
     payload = encode_payload(event_type, data)
     # Webhook outbox rows, in this transaction (invariant 9).
     enqueue_webhooks(tx, workspace_id=workspace_id, event_type=event_type, payload=payload,
@@ -131,6 +135,6 @@ def emit_ephemeral(
             workspace_id=workspace_id,
             payload=payload,
             channel_id=channel_id,
-            audience=tuple(audience),
+            audience=None if audience is None else tuple(audience),
         )
     )

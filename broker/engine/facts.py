@@ -23,7 +23,8 @@ class Fact(msgspec.Struct, frozen=True, kw_only=True):
     type: the event type (`message.created`, `member.joined`, ...).
     payload: the encoded `{"type": ..., "data": ...}` JSON object, shared by all recipients.
     deliveries: durable deliveries written for it (empty for an ephemeral event).
-    audience: agents that should see an ephemeral event (empty: the workspace).
+    audience: agents whose sessions see an ephemeral event (None: the whole
+    workspace; empty: no session).
     """
 
     type: str
@@ -33,7 +34,7 @@ class Fact(msgspec.Struct, frozen=True, kw_only=True):
     channel_id: int | None = None
     conversation_id: int | None = None
     deliveries: tuple[Delivery, ...] = ()
-    audience: tuple[int, ...] = ()
+    audience: tuple[int, ...] | None = None
     # A nudge for the audience's own sessions (mailbox.changed,
     # agent.token_rotated): never shown to observers nor sent to webhooks.
     internal: bool = False

@@ -126,7 +126,7 @@ class RemoveReaction(msgspec.Struct, frozen=True, kw_only=True):
             raise BrokerError("reaction_not_found", f"you have not reacted {emoji!r} to it")
         author = _tell_author(message, agent)
         if author:
-            # audience=() would mean the whole workspace, hence only when there is one.
+            # the reactor is the author: nothing to report
             emit_ephemeral(
                 tx, workspace_id=self.workspace_id, event_type="message.reacted",
                 data=_notice(message, agent, emoji, "removed"), audience=author,

@@ -53,23 +53,34 @@ def _tell_author(message: MessageRow, agent: AgentRow) -> list[int]:
     return [message.author_id]
 
 
-class AddReaction(msgspec.Struct, frozen=True, kw_only=True):
-    """React to a message the agent can see; idempotent (created=False on a repeat).
-
-    Raises invalid_emoji, agent_not_found, message_not_found, channel_archived.
-    """
+class _Reaction(msgspec.Struct, frozen=True, kw_only=True):
+    """What adding and removing a reaction share: who, which message, which emoji."""
 
     workspace_id: int
     agent_id: int
     message_id: str
     emoji: str
 
+    def target(self, tx: Tx) -> tuple[str, AgentRow, MessageRow]:
+        """The valid emoji, the reacting agent and the message, which must be visible to
+        it and not in an archived channel."""
+        emoji = validation.emoji(self.emoji, tx.limits)
+        agent = require_agent(tx.conn, self.workspace_id, self.agent_id)
+        message = require_visible_message(tx.conn, self.workspace_id, agent.id,
+                                          self.message_id)
+        refuse_archived(message)
+        return emoji, agent, message
+
+
+class AddReaction(_Reaction, frozen=True, kw_only=True):
+    """React to a message the agent can see; idempotent (created=False on a repeat).
+
+    Raises invalid_emoji, agent_not_found, message_not_found, channel_archived.
+    """
+
     def apply(self, tx: Tx) -> AddedReaction:
         conn = tx.conn
-        emoji = validation.emoji(self.emoji, tx.limits)
-        agent = require_agent(conn, self.workspace_id, self.agent_id)
-        message = require_visible_message(conn, self.workspace_id, agent.id, self.message_id)
-        refuse_archived(message)
+        emoji, agent, message = self.target(tx)
         existing = conn.execute(
             "SELECT id, created_at FROM reactions WHERE message_id = ? AND agent_id = ?"
             " AND emoji = ?",
@@ -99,24 +110,16 @@ class AddReaction(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
-class RemoveReaction(msgspec.Struct, frozen=True, kw_only=True):
+class RemoveReaction(_Reaction, frozen=True, kw_only=True):
     """Remove the caller's reaction `emoji` from a message.
 
     Raises invalid_emoji, agent_not_found, message_not_found, channel_archived,
     reaction_not_found.
     """
 
-    workspace_id: int
-    agent_id: int
-    message_id: str
-    emoji: str
-
     def apply(self, tx: Tx) -> None:
         conn = tx.conn
-        emoji = validation.emoji(self.emoji, tx.limits)
-        agent = require_agent(conn, self.workspace_id, self.agent_id)
-        message = require_visible_message(conn, self.workspace_id, agent.id, self.message_id)
-        refuse_archived(message)
+        emoji, agent, message = self.target(tx)
         removed = conn.execute(
             "DELETE FROM reactions WHERE message_id = ? AND agent_id = ? AND emoji = ?"
             " RETURNING id",

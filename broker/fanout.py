@@ -32,6 +32,7 @@ import msgspec
 import trio
 
 from broker.engine.facts import Fact
+from broker.engine.reads import MESSAGE_EVENTS  # message-bearing events: data is a message
 from protocol import frames as fr
 from protocol.codec import json_to_msgpack
 
@@ -43,9 +44,6 @@ DEFAULT_OUTBOX_FRAMES = 1000
 _json = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
-# Message-bearing events: their data is a message object (or holds one in `message`).
-_MESSAGE_EVENTS = frozenset({"message.created", "thread.reply", "dm.received",
-                             "group_dm.received", "message.updated"})
 
 Topic = Literal["agent", "channel", "presence", "thread"]
 
@@ -119,7 +117,7 @@ class FactView:
         data = self.data
         if not isinstance(data, dict):
             return ""
-        if self.type in _MESSAGE_EVENTS:
+        if self.type in MESSAGE_EVENTS:
             value = self.message_object().get("id")
         else:
             value = data.get("message_id")
@@ -128,7 +126,7 @@ class FactView:
     @property
     def mode(self) -> str:
         """The message's injection mode, `wait` unless it says `steer`."""
-        mode = self.message_object().get("injection_mode") if self.type in _MESSAGE_EVENTS else None
+        mode = self.message_object().get("injection_mode") if self.type in MESSAGE_EVENTS else None
         return "steer" if mode == "steer" else "wait"
 
     def node_payload(self) -> msgspec.Raw:
@@ -140,7 +138,7 @@ class FactView:
         """
         if self._node is None:
             data = self.data
-            if (self.type in _MESSAGE_EVENTS and isinstance(data, dict)
+            if (self.type in MESSAGE_EVENTS and isinstance(data, dict)
                     and "from_name" not in data):
                 author = self.message_object().get("agent_name")
                 self._node = _encoder.encode({"type": self.type,
@@ -187,7 +185,7 @@ def _encode_context_update(event_type: str, data: Any) -> bytes:
 def _flatten(event_type: str, data: Any, message: dict[str, Any]) -> tuple[bytes, str | None]:
     event: dict[str, Any]
     channel: str | None = None
-    if event_type in _MESSAGE_EVENTS:
+    if event_type in MESSAGE_EVENTS:
         summary = {
             "id": message.get("id"), "agent_id": message.get("agent_id"),
             "agent_name": message.get("agent_name"), "text": message.get("text"),

@@ -556,13 +556,6 @@ class FanoutHub:
     def sessions_of(self, agent_id: int) -> frozenset[Subscriber]:
         return frozenset(self._by_agent.get(agent_id, ()))
 
-    def all_subscribers(self) -> list[Subscriber]:
-        subs: list[Subscriber] = []
-        for group in (self._by_workspace, self._observers):
-            for members in group.values():
-                subs.extend(members)
-        return subs
-
     async def run(
         self, facts: trio.MemoryReceiveChannel[list[Fact]],
         *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,

@@ -160,10 +160,22 @@ class BrokerClient:
     # -- the connection ------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Connect, read, and reconnect with backoff until `close()`.
+        """Connect, read, and reconnect with backoff until `close()`; with auto_ack, ack too.
 
         The first connection must succeed (its error is raised); later ones are retried.
         """
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.auto_ack:
+                    nursery.start_soon(self._auto_ack)
+                await nursery.start(self._connection)
+                task_status.started()
+                await self._stopped.wait()
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise _only(group) from None
+
+    async def _connection(self, *, task_status: trio.TaskStatus[None]) -> None:
         attempt = 0
         first = True
         try:
@@ -458,7 +470,6 @@ async def connect(url: str, token: str, **options: Any) -> AsyncIterator[BrokerC
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(client.run)
-            nursery.start_soon(client._auto_ack)
             try:
                 yield client
             finally:

@@ -84,6 +84,23 @@ async def test_auto_ack_acks_what_was_processed(live: Live) -> None:
     await eventually(lambda: _acked_exactly(live, 9))
 
 
+async def test_auto_ack_runs_with_run_alone(live: Live) -> None:
+    # The load generator and other embedders start `run` themselves, without
+    # `connect`: auto-ack is part of `run`, so their deliveries are acked too.
+    engine, world = live.server.engine, live.world
+    bob = BrokerClient(live.url, world.tokens["bob"])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bob.run)
+        for i in range(5):
+            await post(engine, world.workspace_id, world.agents["alice"], "general", f"m{i}")
+        deliveries = bob.deliveries()
+        for _ in range(5):
+            await deliveries.__anext__()
+        # five handed over, four processed (the fifth is until the next is asked for)
+        await eventually(lambda: _acked_exactly(live, 4))
+        await bob.close()
+
+
 async def _acked_exactly(live: Live, seq: int) -> bool:
     acked = await live.acked("bob")
     assert acked <= seq

@@ -164,11 +164,89 @@ async def test_a_held_delivery_pushed_again_is_settled_by_an_ack_in_the_same_flu
     await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=live.bob(2)))
     assert (await engine.submit(AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=3))
             ).acked_seq == 1  # 2 is held
-    recorder.delivered(wid, bob, 2)  # pushed again...
+    recorder.delivered(wid, bob, 2, redelivery=True)  # pushed again...
     recorder.ack_nowait(wid, bob, 3)  # ...and acked, before the recorder ran
     await recorder.flush()
     assert await live.acked_seq() == 3
-    assert recorder.statistics().ack_commands == 1
+    assert recorder.statistics().commands == 2  # the first flush, then this one
+
+
+async def _rows(engine: Engine, agent_id: int) -> list[tuple[Any, ...]]:
+    return await engine.read(lambda c: c.execute(
+        "SELECT seq, state, attempts, delivered_at IS NOT NULL, acked_at IS NOT NULL"
+        " FROM deliveries WHERE agent_id = ? ORDER BY seq", (agent_id,)).fetchall())
+
+
+async def test_pushes_acked_within_the_fold_window_are_written_once_with_the_ack(
+    live: Live,
+) -> None:
+    engine, world = live.server.engine, live.world
+    wid, bob = world.workspace_id, world.agents["bob"]
+    for text in ("one", "two", "three"):
+        await live.post(text)
+    recorder = DeliveryRecorder(engine, fold_window=3600)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(recorder.run)
+        for seq in (1, 2, 3):
+            recorder.delivered(wid, bob, seq)
+        await trio.sleep(0.05)  # the actor runs: nothing is due, nothing is written
+        assert recorder.statistics().commands == 0
+        assert await _rows(engine, bob) == [(s, "queued", 0, 0, 0) for s in (1, 2, 3)]
+        recorder.ack_nowait(wid, bob, 2)
+        await eventually(lambda: _acked_at_least(live, 2))
+        stats = recorder.statistics()
+        assert (stats.commands, stats.marks_folded, stats.pending_marks) == (1, 2, 1)
+        assert await _rows(engine, bob) == [
+            (1, "acked", 1, 1, 1), (2, "acked", 1, 1, 1), (3, "queued", 0, 0, 0)]
+        await recorder.aclose()  # the last flush writes the mark still waiting
+    assert await _rows(engine, bob) == [
+        (1, "acked", 1, 1, 1), (2, "acked", 1, 1, 1), (3, "delivered", 1, 1, 0)]
+
+
+async def test_a_push_nobody_acks_is_marked_once_the_fold_window_has_passed(
+    live: Live,
+) -> None:
+    engine, world = live.server.engine, live.world
+    wid, bob = world.workspace_id, world.agents["bob"]
+    await live.post("one")
+    recorder = DeliveryRecorder(engine, fold_window=0.05)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(recorder.run)
+        recorder.delivered(wid, bob, 1)
+
+        async def marked() -> bool:
+            return await _rows(engine, bob) == [(1, "delivered", 1, 1, 0)]
+
+        await eventually(marked)
+        assert recorder.statistics().commands == 1
+        nursery.cancel_scope.cancel()
+
+
+async def _acked_at_least(live: Live, seq: int) -> bool:
+    return await live.acked_seq() >= seq
+
+
+async def test_a_late_mark_of_an_ordinary_push_does_not_release_a_row_failed_since(
+    live: Live,
+) -> None:
+    # Pushed, then failed by the agent before the recorder wrote the push's
+    # mark: the mark must not turn the failed row back into `delivered`,
+    # or the next cumulative ack would settle what the agent gave back.
+    engine, world = live.server.engine, live.world
+    wid, bob = world.workspace_id, world.agents["bob"]
+    for text in ("one", "two", "three"):
+        await live.post(text)
+    recorder = DeliveryRecorder(engine)
+    for seq in (1, 2, 3):
+        recorder.delivered(wid, bob, seq)
+    await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=live.bob(2)))
+    recorder.ack_nowait(wid, bob, 3)
+    await recorder.flush()
+    rows = await engine.read(lambda c: c.execute(
+        "SELECT seq, state, attempts FROM deliveries WHERE agent_id = ? ORDER BY seq",
+        (bob,)).fetchall())
+    assert rows == [(1, "acked", 1), (2, "failed", 0), (3, "acked", 1)]
+    assert await live.acked_seq() == 1
 
 
 # -- on the autojump clock, with a scripted database ------------------------------------------

@@ -19,9 +19,11 @@ from broker.engine.mailbox import (
     MAX_MARK,
     AckDelivery,
     AckUpTo,
+    AgentReceipts,
     DeferDelivery,
     FailDelivery,
     MarkDelivered,
+    RecordReceipts,
     delivery_id,
     list_pending,
 )
@@ -310,6 +312,51 @@ async def test_mark_delivered_counts_attempts(engine: Engine, world: World) -> N
                                         seqs=list(range(MAX_MARK + 1))), "too_many_seqs")
 
 
+async def test_record_receipts_folds_marks_into_the_ack(engine: Engine, world: World) -> None:
+    wid, bob, carol = world.workspace_id, world.agents["bob"], world.agents["carol"]
+    await send_to_bob(engine, world, 6)
+    await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob, seqs=[1]))
+    await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob,
+                                     delivery_id=delivery_id(bob, 3)))
+    await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob,
+                                     delivery_id=delivery_id(bob, 4)))
+    # 1 was marked before; 2 and 5 pushed and acked (folded); 3 failed, then
+    # marked by a late ordinary push (left failed: held); 4 failed and
+    # pushed again (marked, then acked); 6 pushed, above the ack (delivered).
+    results = await engine.submit(RecordReceipts((
+        AgentReceipts(workspace_id=wid, agent_id=bob, pushed=[2, 3, 5, 6], pushed_again=[4],
+                      up_to_seq=5),
+        AgentReceipts(workspace_id=wid, agent_id=carol, pushed=[], up_to_seq=None),
+    )))
+    # 1, 2, 4 and 5 acked; the mark stops below the held 3
+    assert (results[0].acked, results[0].acked_seq) == (4, 2)
+    assert results[1] is None
+    rows = await engine.read(lambda c: c.execute(
+        "SELECT seq, state, attempts, delivered_at IS NOT NULL, acked_at IS NOT NULL"
+        " FROM deliveries WHERE agent_id = ? ORDER BY seq", (bob,)).fetchall())
+    assert rows == [(1, "acked", 1, 1, 1), (2, "acked", 1, 1, 1), (3, "failed", 0, 0, 0),
+                    (4, "acked", 1, 1, 1), (5, "acked", 1, 1, 1), (6, "delivered", 1, 1, 0)]
+    assert await marks(engine, bob) == (6, 2, 2)
+
+
+async def test_record_receipts_refuses_one_agent_and_commits_the_others(
+    engine: Engine, world: World
+) -> None:
+    wid, bob = world.workspace_id, world.agents["bob"]
+    await send_to_bob(engine, world, 2)
+    results = await engine.submit(RecordReceipts((
+        AgentReceipts(workspace_id=wid, agent_id=10**12, pushed=[1], up_to_seq=1),
+        AgentReceipts(workspace_id=wid + 1, agent_id=bob, pushed=[1], up_to_seq=1),
+        AgentReceipts(workspace_id=wid, agent_id=bob, pushed=[1], up_to_seq=-1),
+        AgentReceipts(workspace_id=wid, agent_id=bob, pushed=[1, 2], up_to_seq=1),
+    )))
+    assert [getattr(r, "code", None) for r in results[:3]] == [
+        "agent_not_found", "agent_not_found", "invalid_seq"]
+    assert (results[3].acked, results[3].acked_seq) == (1, 1)
+    assert await states(engine, bob) == [(1, "acked"), (2, "delivered")]
+    assert await marks(engine, bob) == (2, 1, 1)
+
+
 async def test_pending_count_matches_rows_through_random_transitions(
     engine: Engine, world: World
 ) -> None:
@@ -319,7 +366,7 @@ async def test_pending_count_matches_rows_through_random_transitions(
     for _ in range(60):
         seq = rng.randint(1, 32)
         did = delivery_id(bob, seq)
-        choice = rng.randrange(5)
+        choice = rng.randrange(6)
         try:
             if choice == 0:
                 await engine.submit(AckDelivery(workspace_id=wid, agent_id=bob, delivery_id=did))
@@ -331,8 +378,13 @@ async def test_pending_count_matches_rows_through_random_transitions(
             elif choice == 3:
                 await engine.submit(DeferDelivery(workspace_id=wid, agent_id=bob,
                                                   delivery_id=did, until_ms=0))
-            else:
+            elif choice == 4:
                 await engine.submit(AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=seq))
+            else:
+                pushed = rng.sample(range(1, 33), 4)
+                await engine.submit(RecordReceipts((AgentReceipts(
+                    workspace_id=wid, agent_id=bob, pushed=sorted(pushed[:3]),
+                    pushed_again=pushed[3:], up_to_seq=rng.choice([None, seq])),)))
         except Exception as exc:  # unknown seqs 31, 32
             assert getattr(exc, "code", None) == "delivery_not_found"
         last_seq, acked_seq, pending = await marks(engine, bob)

@@ -179,28 +179,37 @@ class AckUpTo(msgspec.Struct, frozen=True, kw_only=True):
     up_to_seq: int
 
     def apply(self, tx: Tx) -> AckResult:
-        conn, now = tx.conn, tx.now_ms
         up_to = _seq(self.up_to_seq, "up_to_seq")
-        marks = seq_marks(conn, self.workspace_id, self.agent_id)
-        target = min(up_to, marks.last_seq)
-        if target <= marks.acked_seq:
-            return AckResult(acked=0, acked_seq=marks.acked_seq, changed=False)
-        # Rows at or below the old mark are final (the module's invariant),
-        # so the range starts after it.
-        conn.execute(
-            "UPDATE deliveries SET state = 'acked', acked_at = ?, updated_at = ?"
-            f" WHERE agent_id = ? AND seq > ? AND seq <= ? AND {_CUMULATIVE_SQL}",
-            (now, now, self.agent_id, marks.acked_seq, target),
-        )
-        acked = conn.changes()
-        mark = _final_up_to(tx, self.agent_id, marks.acked_seq, target)
-        if acked == 0 and mark == marks.acked_seq:
-            return AckResult(acked=0, acked_seq=mark, changed=False)
-        conn.execute(
-            "UPDATE agents SET acked_seq = ?, pending_count = pending_count - ? WHERE id = ?",
-            (mark, acked, self.agent_id),
-        )
-        return AckResult(acked=acked, acked_seq=mark, changed=True)
+        marks = seq_marks(tx.conn, self.workspace_id, self.agent_id)
+        return _ack_up_to(tx, self.agent_id, marks, up_to)
+
+
+def _ack_up_to(tx: Tx, agent_id: int, marks: SeqMarks, up_to: int, folded: int = 0) -> AckResult:
+    """The cumulative ack of AckUpTo; `folded` rows of the range were acked already by the caller.
+
+    (RecordReceipts acks the pushes it marks in the same statement, and
+    counts them here, so that pending_count and the result stay exact.)
+    """
+    conn, now = tx.conn, tx.now_ms
+    target = min(up_to, marks.last_seq)
+    if target <= marks.acked_seq:
+        return AckResult(acked=0, acked_seq=marks.acked_seq, changed=False)
+    # Rows at or below the old mark are final (the module's invariant),
+    # so the range starts after it.
+    conn.execute(
+        "UPDATE deliveries SET state = 'acked', acked_at = ?, updated_at = ?"
+        f" WHERE agent_id = ? AND seq > ? AND seq <= ? AND {_CUMULATIVE_SQL}",
+        (now, now, agent_id, marks.acked_seq, target),
+    )
+    acked = conn.changes() + folded
+    mark = _final_up_to(tx, agent_id, marks.acked_seq, target)
+    if acked == 0 and mark == marks.acked_seq:
+        return AckResult(acked=0, acked_seq=mark, changed=False)
+    conn.execute(
+        "UPDATE agents SET acked_seq = ?, pending_count = pending_count - ? WHERE id = ?",
+        (mark, acked, agent_id),
+    )
+    return AckResult(acked=acked, acked_seq=mark, changed=True)
 
 
 def _final_up_to(tx: Tx, agent_id: int, mark: int, ceiling: int) -> int:
@@ -399,3 +408,92 @@ class MarkDelivered(msgspec.Struct, frozen=True, kw_only=True):
             (now, now, self.agent_id, _encoder.encode(self.seqs).decode(), now),
         ).fetchall()
         return DeliveriesMarked(seqs=sorted(cast(int, r[0]) for r in rows))
+
+
+class AgentReceipts(msgspec.Struct, frozen=True, kw_only=True):
+    """One agent's pushes and cumulative ack, as the gateway's recorder collected them.
+
+    pushed: seqs pushed as ordinary deliveries (never as a redelivery of a
+    held row); pushed_again: held rows pushed again (`redelivery`);
+    up_to_seq: the highest cumulative ack received, if any.
+    """
+
+    workspace_id: int
+    agent_id: int
+    pushed: list[int] = []
+    pushed_again: list[int] = []
+    up_to_seq: int | None = None
+
+
+class RecordReceipts(msgspec.Struct, frozen=True):
+    """The recorder's flush: every agent's push marks and ack in one command.
+
+    Per agent, in this order:
+    - `pushed_again` rows are marked as MarkDelivered marks them (a held row
+      becomes delivered), so that the ack below finds them settled-able;
+    - `pushed` rows at or below the ack's target are marked and acked in one
+      statement (the fold: a row is written once, not twice), the others are
+      marked delivered. An ordinary push never releases a held row: if the
+      agent failed or deferred it after the push, the mark leaves it alone;
+    - the cumulative ack, exactly as AckUpTo.
+
+    An agent that is gone (agent_not_found) or an invalid ack (invalid_seq)
+    fails that agent alone: its result is the BrokerError, nothing of it is
+    written, and the other agents' receipts commit. Each result is the
+    agent's AckResult (None without an ack), in the order of `agents`.
+    """
+
+    agents: tuple[AgentReceipts, ...]
+
+    def apply(self, tx: Tx) -> list[AckResult | BrokerError | None]:
+        results: list[AckResult | BrokerError | None] = []
+        for receipts in self.agents:
+            try:
+                results.append(_record(tx, receipts))
+            except BrokerError as exc:
+                results.append(exc)
+        return results
+
+
+def _record(tx: Tx, receipts: AgentReceipts) -> AckResult | None:
+    """One agent's part of RecordReceipts; its BrokerErrors are raised before it writes."""
+    conn, now, agent_id = tx.conn, tx.now_ms, receipts.agent_id
+    up_to = None if receipts.up_to_seq is None else _seq(receipts.up_to_seq, "up_to_seq")
+    marks = seq_marks(conn, receipts.workspace_id, agent_id)
+    if receipts.pushed_again:
+        _mark(tx, agent_id, receipts.pushed_again, held_too=True)
+    target = marks.acked_seq if up_to is None else min(up_to, marks.last_seq)
+    fold = [seq for seq in receipts.pushed if marks.acked_seq < seq <= target]
+    later = [seq for seq in receipts.pushed if seq > target]
+    folded = 0
+    if fold:
+        conn.execute(
+            "UPDATE deliveries SET state = 'acked', attempts = attempts + 1,"
+            " delivered_at = ?, acked_at = ?, updated_at = ?"
+            " WHERE agent_id = ? AND seq IN (SELECT value FROM json_each(?))"
+            f" AND {_CUMULATIVE_SQL}",
+            (now, now, now, agent_id, _encoder.encode(fold).decode()),
+        )
+        folded = conn.changes()
+    if later:
+        _mark(tx, agent_id, later, held_too=False)
+    if up_to is None:
+        return None
+    return _ack_up_to(tx, agent_id, marks, up_to, folded)
+
+
+_MARK_SQL = (
+    "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,"
+    " delivered_at = ?1, updated_at = ?1"
+    " WHERE agent_id = ?2 AND seq IN (SELECT value FROM json_each(?3)) AND "
+)
+# A held row pushed again: any pending row that is due (as MarkDelivered).
+_MARK_AGAIN_SQL = (
+    _MARK_SQL + f"state IN {_PENDING_SQL} AND (available_at IS NULL OR available_at <= ?1)")
+# An ordinary push: never a held row (failed or deferred after the push).
+_MARK_PUSHED_SQL = _MARK_SQL + _CUMULATIVE_SQL
+
+
+def _mark(tx: Tx, agent_id: int, seqs: list[int], *, held_too: bool) -> None:
+    tx.conn.execute(_MARK_AGAIN_SQL if held_too else _MARK_PUSHED_SQL,
+                    (tx.now_ms, agent_id, _encoder.encode(seqs).decode()))

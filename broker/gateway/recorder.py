@@ -1,44 +1,55 @@
-"""Acks and delivery marks, coalesced into few writer commands.
+"""Acks and delivery marks, coalesced into one writer command per flush.
 
 Clients ack often (the Relaycast SDK acks every single delivery) and the
-pump marks every frame it pushes; one writer command per frame would spend
-the writer on bookkeeping. The recorder is an actor: sessions hand it acks
-and marks without waiting (`ack_nowait`, `delivered`), and its one task
-turns everything that accumulated since the last flush into one `AckUpTo`
-per agent (the highest `up_to_seq` wins: acks are cumulative) and one
-`MarkDelivered` per agent and chunk of seqs, all submitted at once so the
-writer commits them in one group. While a flush commits, the next one
-accumulates, so the batching adapts to the load with no timer.
+pump marks every frame it pushes; one writer command per frame, or even per
+agent, would spend the writer on bookkeeping. The recorder is an actor:
+sessions hand it acks and marks without waiting (`ack_nowait`,
+`delivered`), and its one task turns everything that is due into **one**
+`RecordReceipts` command per flush, holding each agent's marks and its
+highest cumulative ack (acks are cumulative: the highest wins). While a
+flush commits, the next one accumulates, so the batching adapts to the
+load.
+
+The fold: an ordinary push is marked `delivered` and, moments later, the
+client acks it; written apart, the row is rewritten twice. So the mark of an
+ordinary push waits up to FOLD_WINDOW_S for the agent's ack: when the ack
+comes in time, one statement marks and acks the row (attempts + 1,
+delivered_at and acked_at set). A mark whose ack does not come in time is
+written alone once the window has passed. Marks of held deliveries pushed
+again (`redelivery`) do not wait: they go out with the next flush, before
+that agent's ack in the same command, so that the ack finds them
+delivered (a held row is settled by a cumulative ack only once its push is
+marked; see `broker.engine.mailbox`).
 
 A session that must answer an ack (`delivery.ack` with an `id`) awaits
-`ack`, which returns once the flush holding it has committed.
+`ack`, which returns once the flush holding it has committed. One agent's
+refusal (agent_not_found after a deactivation) fails that agent's waiters
+only; the command commits the others.
 
-An agent with both marks and an ack in one flush gets them as one command,
-the marks first (`MarksThenAck`). The client acks only what it received,
-so the marks of those pushes are in this flush or an earlier one; applied
-in that order, the ack always finds them. It matters for a delivery the
-agent gave back (failed or deferred) and that was pushed again: a
-cumulative ack settles it only once its push is marked, and two commands
-of one flush commit in no particular order.
-
-Memory: pending marks grow with the pushes that happen during one flush;
-that is bounded by what sockets can take in one commit latency.
+Memory: pending marks grow with the pushes of one fold window plus one
+commit latency, bounded by what the sockets can take in that time.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import msgspec
 import trio
 
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
-from broker.engine.mailbox import MAX_MARK, AckUpTo, MarkDelivered
-from broker.engine.writer import Tx
+from broker.engine.mailbox import AgentReceipts, RecordReceipts
 from protocol.objects import AckResult
 
 log = logging.getLogger(__name__)
+
+
+# How long the mark of an ordinary push waits for the agent's ack, to be
+# written with it in one statement. The Python client acks every 50 ms,
+# the Relaycast SDK every delivery.
+FOLD_WINDOW_S = 0.25
 
 
 class _Waiter:
@@ -50,33 +61,37 @@ class _Waiter:
         self.error: BaseException | None = None
 
 
-class _PendingAck:
-    __slots__ = ("workspace_id", "up_to_seq", "waiters")
+class _Agent:
+    """What one agent's sessions did since its receipts were last written."""
 
-    def __init__(self, workspace_id: int, up_to_seq: int) -> None:
+    __slots__ = ("workspace_id", "pushed", "pushed_since", "pushed_again", "up_to_seq",
+                 "waiters")
+
+    def __init__(self, workspace_id: int) -> None:
         self.workspace_id = workspace_id
-        self.up_to_seq = up_to_seq
+        self.pushed: list[int] = []  # ordinary pushes not marked yet
+        self.pushed_since = 0.0  # trio time of the oldest of them
+        self.pushed_again: list[int] = []
+        self.up_to_seq: int | None = None
         self.waiters: list[_Waiter] = []
 
-
-class MarksThenAck(msgspec.Struct, frozen=True, kw_only=True):
-    """One agent's push marks, then its cumulative ack, in one transaction (in that order)."""
-
-    marks: tuple[MarkDelivered, ...]
-    ack: AckUpTo
-
-    def apply(self, tx: Tx) -> AckResult:
-        for mark in self.marks:
-            mark.apply(tx)
-        return self.ack.apply(tx)
+    @property
+    def empty(self) -> bool:
+        return not self.pushed and not self.pushed_again and self.up_to_seq is None
 
 
 class RecorderStatistics(msgspec.Struct, kw_only=True):
+    """Counts since start.
+
+    commands: RecordReceipts commands submitted (one per flush with something due);
+    marks_folded: ordinary pushes written together with an ack covering them.
+    """
+
     acks_received: int
-    ack_commands: int
     marks_received: int
-    mark_commands: int
     flushes: int
+    commands: int
+    marks_folded: int
     failures: int
     pending_acks: int
     pending_marks: int
@@ -85,17 +100,18 @@ class RecorderStatistics(msgspec.Struct, kw_only=True):
 class DeliveryRecorder:
     """Start with `await nursery.start(recorder.run)`; `aclose()` flushes and stops it."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, fold_window: float = FOLD_WINDOW_S) -> None:
         self.engine = engine
-        self._acks: dict[int, _PendingAck] = {}
-        self._marks: dict[int, tuple[int, list[int]]] = {}
+        self.fold_window = fold_window
+        self._agents: dict[int, _Agent] = {}
+        self._next_due = math.inf  # when the oldest waiting mark must be written
         self._wake = trio.Event()
         self._closed = False
         self.acks_received = 0
-        self.ack_commands = 0
         self.marks_received = 0
-        self.mark_commands = 0
         self.flushes = 0
+        self.commands = 0
+        self.marks_folded = 0
         self.failures = 0
 
     # -- producers ---------------------------------------------------------------------
@@ -107,7 +123,7 @@ class DeliveryRecorder:
     async def ack(self, workspace_id: int, agent_id: int, up_to_seq: int) -> AckResult:
         """Record a cumulative ack and wait until it is durable.
 
-        Raises the BrokerError of the AckUpTo command (agent_not_found, ...),
+        Raises the BrokerError the ack got (agent_not_found, invalid_seq),
         or BrokerError("shutting_down") when the recorder is stopping.
         """
         if self._closed:
@@ -120,119 +136,136 @@ class DeliveryRecorder:
         assert waiter.result is not None
         return waiter.result
 
-    def _ack(self, workspace_id: int, agent_id: int, up_to_seq: int) -> _PendingAck:
+    def _ack(self, workspace_id: int, agent_id: int, up_to_seq: int) -> _Agent:
         self.acks_received += 1
-        pending = self._acks.get(agent_id)
-        if pending is None:
-            pending = self._acks[agent_id] = _PendingAck(workspace_id, up_to_seq)
-        elif up_to_seq > pending.up_to_seq:
-            pending.up_to_seq = up_to_seq
+        agent = self._agent(workspace_id, agent_id)
+        if agent.up_to_seq is None or up_to_seq > agent.up_to_seq:
+            agent.up_to_seq = up_to_seq
         self._wake.set()
-        return pending
+        return agent
 
-    def delivered(self, workspace_id: int, agent_id: int, seq: int) -> None:
-        """Record that a delivery was pushed (state delivered, one more attempt)."""
+    def delivered(self, workspace_id: int, agent_id: int, seq: int,
+                  redelivery: bool = False) -> None:
+        """Record that a delivery was pushed (state delivered, one more attempt).
+
+        redelivery: a held delivery pushed again; its mark is not held back.
+        """
         self.marks_received += 1
-        entry = self._marks.get(agent_id)
-        if entry is None:
-            self._marks[agent_id] = (workspace_id, [seq])
-        else:
-            entry[1].append(seq)
-        self._wake.set()
+        agent = self._agent(workspace_id, agent_id)
+        if redelivery:
+            agent.pushed_again.append(seq)
+            self._wake.set()
+            return
+        if not agent.pushed:
+            agent.pushed_since = trio.current_time()
+            due = agent.pushed_since + self.fold_window
+            if due < self._next_due:
+                self._next_due = due
+                self._wake.set()  # the actor sleeps until then
+        agent.pushed.append(seq)
+
+    def _agent(self, workspace_id: int, agent_id: int) -> _Agent:
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            agent = self._agents[agent_id] = _Agent(workspace_id)
+        return agent
 
     # -- the actor -----------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Flush whenever something is pending, until `aclose()`; then flush what is left."""
+        """Flush whenever something is due, until `aclose()`; then flush everything."""
         task_status.started()
         while True:
-            await self._wake.wait()
+            with trio.move_on_at(self._next_due):
+                await self._wake.wait()
             self._wake = trio.Event()
-            if self._acks or self._marks:
-                await self._flush_once()
-            if self._closed and not (self._acks or self._marks):
+            await self._flush_once(everything=self._closed)
+            if self._closed and not self._agents:
                 break
 
     async def flush(self) -> None:
-        """Commit everything recorded so far (used at shutdown and by tests)."""
-        while self._acks or self._marks:
-            await self._flush_once()
+        """Commit everything recorded so far, marks still waiting for an ack too.
+
+        (Used at shutdown and by tests.)
+        """
+        while self._agents:
+            await self._flush_once(everything=True)
 
     async def aclose(self) -> None:
         """Stop taking acks that wait; `run` returns after a last flush."""
         self._closed = True
         self._wake.set()
 
-    async def _flush_once(self) -> None:
-        acks, self._acks = self._acks, {}
-        marks, self._marks = self._marks, {}
+    async def _flush_once(self, everything: bool) -> None:
+        """Write what is due: acks, pushes again, and ordinary marks acked or past the window."""
+        now = trio.current_time()
+        entries: list[AgentReceipts] = []
+        waiters: list[list[_Waiter]] = []
+        next_due = math.inf
+        for agent_id, agent in list(self._agents.items()):
+            pushed: list[int] = []
+            if agent.pushed:
+                if everything or agent.pushed_since + self.fold_window <= now:
+                    pushed, agent.pushed = agent.pushed, []
+                elif agent.up_to_seq is not None:
+                    up_to = agent.up_to_seq
+                    pushed = [seq for seq in agent.pushed if seq <= up_to]
+                    if pushed:
+                        agent.pushed = [seq for seq in agent.pushed if seq > up_to]
+            if pushed or agent.pushed_again or agent.up_to_seq is not None:
+                if agent.up_to_seq is not None:
+                    self.marks_folded += sum(1 for seq in pushed if seq <= agent.up_to_seq)
+                entries.append(AgentReceipts(
+                    workspace_id=agent.workspace_id, agent_id=agent_id,
+                    pushed=sorted(set(pushed)), pushed_again=sorted(set(agent.pushed_again)),
+                    up_to_seq=agent.up_to_seq))
+                waiters.append(agent.waiters)
+                agent.pushed_again, agent.up_to_seq, agent.waiters = [], None, []
+            if agent.pushed:
+                next_due = min(next_due, agent.pushed_since + self.fold_window)
+            elif agent.empty:
+                del self._agents[agent_id]
+        self._next_due = next_due
         self.flushes += 1
-        async with trio.open_nursery() as nursery:
-            for agent_id, pending in acks.items():
-                entry = marks.pop(agent_id, None)
-                chunks = [] if entry is None else _chunks(entry[1])
-                nursery.start_soon(self._commit_ack, agent_id, pending, chunks)
-            for agent_id, (workspace_id, seqs) in marks.items():
-                for chunk in _chunks(seqs):
-                    nursery.start_soon(self._commit_marks, workspace_id, agent_id, chunk)
+        if entries:
+            await self._commit(entries, waiters)
 
-    async def _commit_ack(self, agent_id: int, pending: _PendingAck,
-                          marks: list[list[int]]) -> None:
-        """The ack, after the agent's marks of this flush (one command when there are some)."""
-        self.ack_commands += 1
-        self.mark_commands += len(marks)
-        result: AckResult | None = None
-        error: BaseException | None = None
-        ack = AckUpTo(workspace_id=pending.workspace_id, agent_id=agent_id,
-                      up_to_seq=pending.up_to_seq)
+    async def _commit(self, entries: list[AgentReceipts], waiters: list[list[_Waiter]]) -> None:
+        self.commands += 1
+        results: list[AckResult | BrokerError | None]
         try:
-            if marks:
-                result = await self.engine.submit(MarksThenAck(
-                    marks=tuple(MarkDelivered(workspace_id=pending.workspace_id,
-                                              agent_id=agent_id, seqs=chunk)
-                                for chunk in marks),
-                    ack=ack))
+            results = await self.engine.submit(RecordReceipts(tuple(entries)))
+        except BrokerError as exc:
+            # The broker is stopping (or the writer died): the marks are lost,
+            # which only means attempts not counted; unacked rows come again.
+            self.failures += 1
+            log.info("recorder: receipts of %d agents refused: %s", len(entries), exc)
+            results = [exc] * len(entries)
+        except Exception as exc:
+            self.failures += 1
+            log.exception("recorder: receipts of %d agents failed: %r", len(entries), exc)
+            results = [BrokerError("internal_error", "the ack could not be recorded")
+                       ] * len(entries)
+        for entry, result, agent_waiters in zip(entries, results, waiters, strict=True):
+            if isinstance(result, BrokerError):
+                if entry.up_to_seq is not None or entry.pushed or entry.pushed_again:
+                    log.info("recorder: receipts of agent %d refused: %s", entry.agent_id,
+                             result)
+                for waiter in agent_waiters:
+                    waiter.error = result
+                    waiter.done.set()
             else:
-                result = await self.engine.submit(ack)
-        except BrokerError as exc:
-            self.failures += 1
-            error = exc
-            log.info("recorder: ack of agent %d up to %d refused: %s", agent_id,
-                     pending.up_to_seq, exc)
-        except Exception as exc:
-            self.failures += 1
-            error = BrokerError("internal_error", "the ack could not be recorded")
-            log.exception("recorder: ack of agent %d failed: %r", agent_id, exc)
-        for waiter in pending.waiters:
-            waiter.result, waiter.error = result, error
-            waiter.done.set()
-
-    async def _commit_marks(self, workspace_id: int, agent_id: int, seqs: list[int]) -> None:
-        self.mark_commands += 1
-        try:
-            await self.engine.submit(MarkDelivered(
-                workspace_id=workspace_id, agent_id=agent_id, seqs=seqs))
-        except BrokerError as exc:
-            # The agent went away or the broker is stopping: the rows stay
-            # queued, which only means one attempt is not counted.
-            self.failures += 1
-            log.info("recorder: marking %d deliveries of agent %d refused: %s",
-                     len(seqs), agent_id, exc)
-        except Exception as exc:
-            self.failures += 1
-            log.exception("recorder: marking deliveries of agent %d failed: %r", agent_id, exc)
+                for waiter in agent_waiters:
+                    waiter.result = result
+                    waiter.done.set()
 
     def statistics(self) -> RecorderStatistics:
-        """Counts since start; `mark_commands` counts each MarkDelivered, alone or with an ack."""
+        """Counts since start."""
         return RecorderStatistics(
-            acks_received=self.acks_received, ack_commands=self.ack_commands,
-            marks_received=self.marks_received, mark_commands=self.mark_commands,
-            flushes=self.flushes, failures=self.failures, pending_acks=len(self._acks),
-            pending_marks=sum(len(s) for _, s in self._marks.values()),
+            acks_received=self.acks_received, marks_received=self.marks_received,
+            flushes=self.flushes, commands=self.commands, marks_folded=self.marks_folded,
+            failures=self.failures,
+            pending_acks=sum(1 for a in self._agents.values() if a.up_to_seq is not None),
+            pending_marks=sum(len(a.pushed) + len(a.pushed_again)
+                              for a in self._agents.values()),
         )
-
-
-def _chunks(seqs: list[int]) -> list[list[int]]:
-    """Distinct seqs in order, in chunks one MarkDelivered may take."""
-    ordered = sorted(set(seqs))
-    return [ordered[start:start + MAX_MARK] for start in range(0, len(ordered), MAX_MARK)]

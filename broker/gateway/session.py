@@ -392,8 +392,11 @@ class Session:
         """
         raise NotImplementedError
 
-    def delivered(self, seq: int) -> None:
-        """Delivery `seq` was written to the socket (sessions with a delivery stream)."""
+    def delivered(self, seq: int, redelivery: bool = False) -> None:
+        """Delivery `seq` was written to the socket (sessions with a delivery stream).
+
+        redelivery: it was a held delivery pushed again.
+        """
 
     def event_frame(self, view: FactView) -> Any:
         """The frame of an ephemeral event for this session (None: not sent)."""
@@ -578,7 +581,7 @@ class DeliverySession(Session):
 
     async def send_delivery(self, seq: int, view: FactView, redelivery: bool = False) -> None:
         await self.send_bytes(self.codec.encode(self.delivery_frame(seq, view, redelivery)))
-        self.delivered(seq)
+        self.delivered(seq, redelivery)
 
-    def delivered(self, seq: int) -> None:
-        self.gateway.recorder.delivered(self.workspace_id, self.agent_id, seq)
+    def delivered(self, seq: int, redelivery: bool = False) -> None:
+        self.gateway.recorder.delivered(self.workspace_id, self.agent_id, seq, redelivery)

@@ -15,11 +15,13 @@ connection that owns it (bound methods and closures, a few steps). If it
 cannot (another server), `abort` does nothing and the connection stays
 until TCP gives up on it; the session has already let go of it.
 
-Why `send_many` exists: under load a session's pump finds several frames
-queued (deliveries of one commit, replies), and hypercorn would write each
-with a socket call of its own; `send_many` frames them with the
-connection's wsproto object and writes them at once through hypercorn's
-own send path (found the same way as the stream). Measured in
+Why data frames skip the ASGI `websocket.send`: under load a session's
+pump finds several frames queued (deliveries of one commit, replies), and
+hypercorn would write each with a socket call of its own, after a trip
+through four layers per frame; `send_many` (and `send`, a batch of one)
+frames them with the connection's wsproto object and writes them at once
+through hypercorn's own send path (found the same way as the stream). The
+handshake and the close frame still go through ASGI. Measured in
 BENCHMARKS.md.
 """
 
@@ -134,21 +136,17 @@ class AsgiWebSocket:
 
     async def send(self, data: str | bytes) -> None:
         """Send one frame; raises ConnectionClosed once the session is closing."""
-        if self.closing:
-            raise ConnectionClosed()
-        if isinstance(data, str):
-            await self._send({"type": "websocket.send", "text": data})
-        else:
-            await self._send({"type": "websocket.send", "bytes": data})
+        await self.send_many((data,))
 
     async def send_many(self, frames: Sequence[str | bytes]) -> None:
         """Send frames in order, with hypercorn as one write to the socket.
 
-        hypercorn turns each `websocket.send` into its own socket write (and
-        a trip through four layers); a pump with several frames ready hands
-        them over here, and they are framed by the connection's own wsproto
-        object and written at once, through hypercorn's send path (its send
-        lock and shielded write). Anywhere else, one `send` per frame.
+        hypercorn turns each `websocket.send` into its own socket write after
+        a trip through four layers (starlette's wrapper, the ASGI message,
+        hypercorn's app_send and event handling); here the frames are framed
+        by the connection's own wsproto object and written at once, through
+        hypercorn's send path (its send lock and shielded write). Anywhere
+        else, one ASGI `websocket.send` per frame.
         Raises ConnectionClosed once the session is closing.
         """
         if self.closing:
@@ -159,7 +157,12 @@ class AsgiWebSocket:
         if (not isinstance(stream, WSStream) or stream.closed
                 or stream.state is not ASGIWebsocketState.CONNECTED):
             for data in frames:
-                await self.send(data)
+                if self.closing:
+                    raise ConnectionClosed()
+                if isinstance(data, str):
+                    await self._send({"type": "websocket.send", "text": data})
+                else:
+                    await self._send({"type": "websocket.send", "bytes": data})
             return
         events: list[Message[Any]] = [
             TextMessage(data=data) if isinstance(data, str) else BytesMessage(data=data)

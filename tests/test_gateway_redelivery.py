@@ -203,6 +203,27 @@ async def test_pushes_acked_within_the_fold_window_are_written_once_with_the_ack
         (1, "acked", 1, 1, 1), (2, "acked", 1, 1, 1), (3, "delivered", 1, 1, 0)]
 
 
+async def test_acks_nobody_waits_for_are_held_and_an_awaited_ack_takes_them_along(
+    live: Live,
+) -> None:
+    engine, world = live.server.engine, live.world
+    wid, bob = world.workspace_id, world.agents["bob"]
+    for text in ("one", "two", "three"):
+        await live.post(text)
+    recorder = DeliveryRecorder(engine, fold_window=3600, ack_delay=3600)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(recorder.run)
+        recorder.ack_nowait(wid, bob, 1)
+        recorder.ack_nowait(wid, bob, 2)
+        await trio.sleep(0.05)  # the actor runs: no ack is due yet
+        assert recorder.statistics().commands == 0
+        assert await live.acked_seq() == 0
+        result = await recorder.ack(wid, bob, 3)
+        assert (result.acked, result.acked_seq) == (3, 3)
+        assert recorder.statistics().commands == 1
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_push_nobody_acks_is_marked_once_the_fold_window_has_passed(
     live: Live,
 ) -> None:

@@ -194,15 +194,20 @@ def _ack_up_to(tx: Tx, agent_id: int, marks: SeqMarks, up_to: int, folded: int =
     target = min(up_to, marks.last_seq)
     if target <= marks.acked_seq:
         return AckResult(acked=0, acked_seq=marks.acked_seq, changed=False)
-    # Rows at or below the old mark are final (the module's invariant),
-    # so the range starts after it.
-    conn.execute(
-        "UPDATE deliveries SET state = 'acked', acked_at = ?, updated_at = ?"
-        f" WHERE agent_id = ? AND seq > ? AND seq <= ? AND {_CUMULATIVE_SQL}",
-        (now, now, agent_id, marks.acked_seq, target),
-    )
-    acked = conn.changes() + folded
-    mark = _final_up_to(tx, agent_id, marks.acked_seq, target)
+    if folded == target - marks.acked_seq:
+        # The caller acked every seq of the range (distinct rows, all in
+        # it): nothing else to ack, nothing held.
+        acked, mark = folded, target
+    else:
+        # Rows at or below the old mark are final (the module's invariant),
+        # so the range starts after it.
+        conn.execute(
+            "UPDATE deliveries SET state = 'acked', acked_at = ?, updated_at = ?"
+            f" WHERE agent_id = ? AND seq > ? AND seq <= ? AND {_CUMULATIVE_SQL}",
+            (now, now, agent_id, marks.acked_seq, target),
+        )
+        acked = conn.changes() + folded
+        mark = _final_up_to(tx, agent_id, marks.acked_seq, target)
     if acked == 0 and mark == marks.acked_seq:
         return AckResult(acked=0, acked_seq=mark, changed=False)
     conn.execute(

@@ -21,8 +21,11 @@ that agent's ack in the same command, so that the ack finds them
 delivered (a held row is settled by a cumulative ack only once its push is
 marked; see `broker.engine.mailbox`).
 
-A session that must answer an ack (`delivery.ack` with an `id`) awaits
-`ack`, which returns once the flush holding it has committed. One agent's
+An ack nobody waits for (`ack_nowait`) is held up to ACK_DELAY_S: a busy
+agent acks every few milliseconds, and its cumulative acks of that time
+cost one write. A session that must answer an ack (`delivery.ack` with an
+`id`) awaits `ack`, which is written with the next flush and returns once
+it has committed. One agent's
 refusal (agent_not_found after a deactivation) fails that agent's waiters
 only; the command commits the others.
 
@@ -50,6 +53,9 @@ log = logging.getLogger(__name__)
 # written with it in one statement. The Python client acks every 50 ms,
 # the Relaycast SDK every delivery.
 FOLD_WINDOW_S = 0.25
+# How long an agent's cumulative ack nobody waits for is held, so that the
+# acks that follow it (cumulative: the highest wins) cost one write.
+ACK_DELAY_S = 0.1
 
 
 class _Waiter:
@@ -65,7 +71,7 @@ class _Agent:
     """What one agent's sessions did since its receipts were last written."""
 
     __slots__ = ("workspace_id", "pushed", "pushed_since", "pushed_again", "up_to_seq",
-                 "waiters")
+                 "ack_since", "waiters")
 
     def __init__(self, workspace_id: int) -> None:
         self.workspace_id = workspace_id
@@ -73,6 +79,7 @@ class _Agent:
         self.pushed_since = 0.0  # trio time of the oldest of them
         self.pushed_again: list[int] = []
         self.up_to_seq: int | None = None
+        self.ack_since = 0.0  # trio time of the oldest ack not written yet
         self.waiters: list[_Waiter] = []
 
     @property
@@ -100,9 +107,11 @@ class RecorderStatistics(msgspec.Struct, kw_only=True):
 class DeliveryRecorder:
     """Start with `await nursery.start(recorder.run)`; `aclose()` flushes and stops it."""
 
-    def __init__(self, engine: Engine, fold_window: float = FOLD_WINDOW_S) -> None:
+    def __init__(self, engine: Engine, fold_window: float = FOLD_WINDOW_S,
+                 ack_delay: float = ACK_DELAY_S) -> None:
         self.engine = engine
         self.fold_window = fold_window
+        self.ack_delay = ack_delay
         self._agents: dict[int, _Agent] = {}
         self._next_due = math.inf  # when the oldest waiting mark must be written
         self._wake = trio.Event()
@@ -117,7 +126,7 @@ class DeliveryRecorder:
     # -- producers ---------------------------------------------------------------------
 
     def ack_nowait(self, workspace_id: int, agent_id: int, up_to_seq: int) -> None:
-        """Record a cumulative ack; it is committed with the next flush."""
+        """Record a cumulative ack; it is committed within ACK_DELAY_S."""
         self._ack(workspace_id, agent_id, up_to_seq)
 
     async def ack(self, workspace_id: int, agent_id: int, up_to_seq: int) -> AckResult:
@@ -130,6 +139,7 @@ class DeliveryRecorder:
             raise BrokerError("shutting_down", "the broker is shutting down")
         waiter = _Waiter()
         self._ack(workspace_id, agent_id, up_to_seq).waiters.append(waiter)
+        self._wake.set()  # somebody waits: written with the next flush
         await waiter.done.wait()
         if waiter.error is not None:
             raise waiter.error
@@ -139,9 +149,12 @@ class DeliveryRecorder:
     def _ack(self, workspace_id: int, agent_id: int, up_to_seq: int) -> _Agent:
         self.acks_received += 1
         agent = self._agent(workspace_id, agent_id)
-        if agent.up_to_seq is None or up_to_seq > agent.up_to_seq:
+        if agent.up_to_seq is None:
             agent.up_to_seq = up_to_seq
-        self._wake.set()
+            agent.ack_since = trio.current_time()
+            self._due(agent.ack_since + self.ack_delay)
+        elif up_to_seq > agent.up_to_seq:
+            agent.up_to_seq = up_to_seq
         return agent
 
     def delivered(self, workspace_id: int, agent_id: int, seq: int,
@@ -158,11 +171,14 @@ class DeliveryRecorder:
             return
         if not agent.pushed:
             agent.pushed_since = trio.current_time()
-            due = agent.pushed_since + self.fold_window
-            if due < self._next_due:
-                self._next_due = due
-                self._wake.set()  # the actor sleeps until then
+            self._due(agent.pushed_since + self.fold_window)
         agent.pushed.append(seq)
+
+    def _due(self, when: float) -> None:
+        """Something must be written at `when`: wake the actor if it sleeps longer."""
+        if when < self._next_due:
+            self._next_due = when
+            self._wake.set()
 
     def _agent(self, workspace_id: int, agent_id: int) -> _Agent:
         agent = self._agents.get(agent_id)
@@ -197,32 +213,43 @@ class DeliveryRecorder:
         self._wake.set()
 
     async def _flush_once(self, everything: bool) -> None:
-        """Write what is due: acks, pushes again, and ordinary marks acked or past the window."""
+        """Write what is due: acks waited for or held long enough, pushes again, and
+        ordinary marks covered by an ack written now or past the fold window."""
         now = trio.current_time()
         entries: list[AgentReceipts] = []
         waiters: list[list[_Waiter]] = []
         next_due = math.inf
         for agent_id, agent in list(self._agents.items()):
+            up_to = agent.up_to_seq
+            if up_to is not None and not (
+                everything or agent.waiters or agent.ack_since + self.ack_delay <= now
+            ):
+                up_to = None  # not due yet
             pushed: list[int] = []
             if agent.pushed:
                 if everything or agent.pushed_since + self.fold_window <= now:
                     pushed, agent.pushed = agent.pushed, []
-                elif agent.up_to_seq is not None:
-                    up_to = agent.up_to_seq
+                elif up_to is not None:
                     pushed = [seq for seq in agent.pushed if seq <= up_to]
                     if pushed:
                         agent.pushed = [seq for seq in agent.pushed if seq > up_to]
-            if pushed or agent.pushed_again or agent.up_to_seq is not None:
-                if agent.up_to_seq is not None:
-                    self.marks_folded += sum(1 for seq in pushed if seq <= agent.up_to_seq)
+            if pushed or agent.pushed_again or up_to is not None:
+                if up_to is not None:
+                    self.marks_folded += sum(1 for seq in pushed if seq <= up_to)
                 entries.append(AgentReceipts(
                     workspace_id=agent.workspace_id, agent_id=agent_id,
                     pushed=sorted(set(pushed)), pushed_again=sorted(set(agent.pushed_again)),
-                    up_to_seq=agent.up_to_seq))
-                waiters.append(agent.waiters)
-                agent.pushed_again, agent.up_to_seq, agent.waiters = [], None, []
+                    up_to_seq=up_to))
+                agent.pushed_again = []
+                if up_to is None:
+                    waiters.append([])
+                else:
+                    waiters.append(agent.waiters)
+                    agent.up_to_seq, agent.waiters = None, []
             if agent.pushed:
                 next_due = min(next_due, agent.pushed_since + self.fold_window)
+            if agent.up_to_seq is not None:
+                next_due = min(next_due, agent.ack_since + self.ack_delay)
             elif agent.empty:
                 del self._agents[agent_id]
         self._next_due = next_due

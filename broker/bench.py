@@ -139,16 +139,20 @@ def raw_send(conn: apsw.Connection, ids: IdAllocator, topology: Topology, i: int
         " conversation_id, agent_id, payload, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
         (log_id, wid, "message.created", message_id, channel_id, None, sender, payload, now),
     )
-    allocated = conn.execute(
-        "UPDATE agents SET last_seq = last_seq + 1, pending_count = pending_count + 1"
-        " WHERE id IN (SELECT value FROM json_each(?)) AND pending_count < ?"
-        " RETURNING id, last_seq",
-        (_encoder.encode(sorted(recipients)).decode(), depth),
-    ).fetchall()
-    conn.executemany(
+    room = (_encoder.encode(sorted(recipients)).decode(), depth)
+    where = "id IN (SELECT value FROM json_each(?1)) AND pending_count < ?2"
+    picked = conn.execute(
+        f"SELECT json_group_array(json_array(id, last_seq + 1)) FROM agents WHERE {where}", room,
+    ).fetchone()
+    assert picked is not None and picked[0] != "[]"
+    conn.execute(
         "INSERT INTO deliveries(agent_id, seq, log_id, message_id, expires_at, created_at)"
-        " VALUES (?,?,?,?,?,?)",
-        [(a, s, log_id, message_id, now + ttl_ms, now) for a, s in allocated],
+        f" SELECT id, last_seq + 1, ?3, ?4, ?5, ?6 FROM agents WHERE {where}",
+        (*room, log_id, message_id, now + ttl_ms, now),
+    )
+    conn.execute(
+        "UPDATE agents SET last_seq = last_seq + 1, pending_count = pending_count + 1"
+        f" WHERE {where}", room,
     )
     # the webhook outbox enqueue of record_event (no subscription here: it writes no row)
     conn.execute(ENQUEUE_SQL, (ids.next(), wid, log_id, "message.created", payload, now,

@@ -4,8 +4,9 @@ Every send path (channel, DM, group DM, thread reply) and every notice
 (reaction, read) ends here, inside its command's transaction, so an event
 can never exist without its deliveries or the other way round.
 
-Sequence numbers come from `agents.last_seq`, incremented in the same
-statement that picks the recipients that still have room in their mailbox:
+Sequence numbers come from `agents.last_seq`: the recipients that still
+have room in their mailbox get `last_seq + 1`, and their marks advance, in
+the same transaction (the writer is the only one changing those rows):
 gap-free per agent, strictly increasing, and never reused, because the
 high-water mark lives on the agent row, not in the (prunable) deliveries.
 """
@@ -22,6 +23,9 @@ from broker.engine.webhooks import enqueue_webhooks
 from broker.engine.writer import Tx
 
 _encoder = msgspec.json.Encoder()
+_pairs = msgspec.json.Decoder(list[tuple[int, int]])
+# Recipients (?1, a JSON array of agent ids) whose mailbox has room (?2: the depth).
+_ROOM = "id IN (SELECT value FROM json_each(?1)) AND pending_count < ?2"
 
 
 class Recorded(msgspec.Struct, frozen=True):
@@ -68,18 +72,28 @@ def record_event(
     deliveries: tuple[Delivery, ...] = ()
     full: tuple[int, ...] = ()
     if wanted:
-        allocated = cast(list[tuple[int, int]], conn.execute(
-            "UPDATE agents SET last_seq = last_seq + 1, pending_count = pending_count + 1"
-            " WHERE id IN (SELECT value FROM json_each(?)) AND pending_count < ?"
-            " RETURNING id, last_seq",
-            (_encoder.encode(wanted).decode(), tx.limits.mailbox_depth),
-        ).fetchall())
-        expires = now + tx.limits.delivery_ttl_seconds * 1000
-        conn.executemany(
-            "INSERT INTO deliveries(agent_id, seq, log_id, message_id, expires_at, created_at)"
-            " VALUES (?,?,?,?,?,?)",
-            [(a, s, log_id, message_id, expires, now) for a, s in allocated],
-        )
+        # Three statements of one step each (each sqlite call lets the
+        # event loop take the GIL, so row-by-row RETURNING or executemany
+        # would cost a hand-over per recipient): the recipients with room
+        # and their next seqs, their deliveries, their marks advanced. The
+        # same filter in each, on rows nothing else changes in between.
+        room = (_encoder.encode(wanted).decode(), tx.limits.mailbox_depth)
+        row = conn.execute(
+            "SELECT json_group_array(json_array(id, last_seq + 1)) FROM agents"
+            f" WHERE {_ROOM}", room,
+        ).fetchone()
+        allocated = _pairs.decode(cast(str, row[0])) if row is not None else []
+        if allocated:
+            expires = now + tx.limits.delivery_ttl_seconds * 1000
+            conn.execute(
+                "INSERT INTO deliveries(agent_id, seq, log_id, message_id, expires_at, created_at)"
+                f" SELECT id, last_seq + 1, ?3, ?4, ?5, ?6 FROM agents WHERE {_ROOM}",
+                (*room, log_id, message_id, expires, now),
+            )
+            conn.execute(
+                "UPDATE agents SET last_seq = last_seq + 1, pending_count = pending_count + 1"
+                f" WHERE {_ROOM}", room,
+            )
         deliveries = tuple([Delivery(a, s) for a, s in allocated])
         if len(deliveries) < len(wanted):
             got = {d.agent_id for d in deliveries}

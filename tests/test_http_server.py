@@ -230,6 +230,8 @@ async def test_metrics_report_requests_writer_and_deliveries(
     assert "broker_writer_queue_depth 0.0" in text
     assert 'broker_writer_batch_size_bucket{le="+Inf"}' in text
     assert "broker_writer_commit_seconds_count" in text
+    for stage in ("queue", "apply", "sync"):
+        assert f"broker_writer_{stage}_seconds_count" in text
     assert "broker_open_sessions 0.0" in text
     # bob got one delivery of alice's message and has not acknowledged it.
     assert "broker_pending_deliveries 1.0" in text

@@ -126,7 +126,8 @@ async def test_batch_with_every_seventh_failing_commits_the_rest(engine: Engine)
         except BrokerError as exc:
             results[i] = exc
 
-    batches_before = engine.writer.statistics().batches
+    before = engine.writer.statistics()
+    batches_before, queued_before = before.batches, before.queue_wait.count
     async with trio.open_nursery() as nursery:
         release = await hold_writer(engine, nursery)
         for i in range(50):
@@ -140,6 +141,9 @@ async def test_batch_with_every_seventh_failing_commits_the_rest(engine: Engine)
     stats = engine.writer.statistics()
     assert stats.batches == batches_before + 2  # the gate's batch, then all 50 together
     assert stats.replays >= 1
+    # Each command's wait is counted once, each batch's apply and COMMIT once.
+    assert stats.queue_wait.count == queued_before + 51
+    assert stats.apply_time.count == stats.sync_time.count == stats.batches
     failed = sorted(i for i, r in results.items() if isinstance(r, BrokerError))
     assert failed == [i for i in range(50) if i % 7 == 6]
     assert all(results[i] == f"n{i}" for i in range(50) if i not in failed)

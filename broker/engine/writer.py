@@ -111,10 +111,11 @@ class Maintenance(Generic[T]):
 
 
 class _Pending(Generic[T]):
-    __slots__ = ("command", "done", "result", "error", "facts")
+    __slots__ = ("command", "done", "result", "error", "facts", "submitted")
 
     def __init__(self, command: Command[T]) -> None:
         self.command = command
+        self.submitted = time.perf_counter()
         self.done = trio.Event()
         self.result: T | None = None
         self.error: BaseException | None = None
@@ -156,6 +157,9 @@ class WriterStatistics:
     mean_batch_size: float
     batch_sizes: Histogram
     commit_latency: Histogram
+    queue_wait: Histogram
+    apply_time: Histogram
+    sync_time: Histogram
 
 
 class WriterActor:
@@ -192,6 +196,11 @@ class WriterActor:
         self.replays = 0
         self.batch_sizes = Histogram(BATCH_SIZE_BUCKETS)
         self.commit_latency = Histogram(COMMIT_LATENCY_BUCKETS)
+        # Where a command's time goes: waiting in the queue for its batch,
+        # then the batch's statements, then its COMMIT (the fsync).
+        self.queue_wait = Histogram(COMMIT_LATENCY_BUCKETS)
+        self.apply_time = Histogram(COMMIT_LATENCY_BUCKETS)
+        self.sync_time = Histogram(COMMIT_LATENCY_BUCKETS)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -292,8 +301,11 @@ class WriterActor:
 
     async def _run_batch(self, batch: list[_Pending[Any]]) -> None:
         started = time.perf_counter()
+        for pending in batch:
+            self.queue_wait.observe(started - pending.submitted)
         try:
-            await trio.to_thread.run_sync(self._apply_batch, batch, limiter=self._thread)
+            applied, synced = await trio.to_thread.run_sync(
+                self._apply_batch, batch, limiter=self._thread)
         except BaseException as exc:
             # The writer is dying (the daemon exits and systemd restarts it);
             # nobody in this batch may wait forever or believe it committed.
@@ -302,6 +314,8 @@ class WriterActor:
                 pending.done.set()
             raise
         self.commit_latency.observe(time.perf_counter() - started)
+        self.apply_time.observe(applied)
+        self.sync_time.observe(synced)
         self.batches += 1
         self.commands += len(batch)
         self.batch_sizes.observe(len(batch))
@@ -326,10 +340,14 @@ class WriterActor:
         finally:
             pending.done.set()
 
-    def _apply_batch(self, batch: list[_Pending[Any]]) -> None:
-        """In the worker thread: one transaction for the whole batch."""
+    def _apply_batch(self, batch: list[_Pending[Any]]) -> tuple[float, float]:
+        """In the worker thread: one transaction for the whole batch.
+
+        Returns the seconds spent applying the commands and in COMMIT.
+        """
         conn, tx = self.connection, self._tx
         assert tx is not None
+        started = time.perf_counter()
         tx.now_ms = int(time.time() * 1000)
         excluded: set[int] = set()
         while True:
@@ -347,6 +365,7 @@ class WriterActor:
             if not conn.get_autocommit():
                 conn.execute("ROLLBACK")
             self.replays += 1
+        applied = time.perf_counter()
         try:
             conn.execute("COMMIT")
         except apsw.Error as exc:
@@ -360,6 +379,7 @@ class WriterActor:
                 pending.error = BrokerError(
                     "commit_failed", f"the transaction could not be committed: {exc}"
                 )
+        return applied - started, time.perf_counter() - applied
 
     @staticmethod
     def _apply_all(
@@ -401,6 +421,9 @@ class WriterActor:
             mean_batch_size=self.batch_sizes.mean,
             batch_sizes=self.batch_sizes,
             commit_latency=self.commit_latency,
+            queue_wait=self.queue_wait,
+            apply_time=self.apply_time,
+            sync_time=self.sync_time,
         )
 
 

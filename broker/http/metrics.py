@@ -86,12 +86,19 @@ class WriterCollector:
         )
         sizes.add_metric([], _cumulative(batch), batch.sum)
         yield sizes
-        latency: WriterHistogram = stats.commit_latency
-        commits = HistogramMetricFamily(
-            "broker_writer_commit_seconds", "Time to apply and commit one batch", unit=""
-        )
-        commits.add_metric([], _cumulative(latency), latency.sum)
-        yield commits
+        for name, help_text, histogram in (
+            ("broker_writer_commit_seconds",
+             "Time to apply and commit one batch, from the event loop", stats.commit_latency),
+            ("broker_writer_queue_seconds",
+             "Time a command waits in the queue until its batch starts", stats.queue_wait),
+            ("broker_writer_apply_seconds",
+             "Time the writer thread spends running one batch's commands", stats.apply_time),
+            ("broker_writer_sync_seconds",
+             "Time one batch's COMMIT takes (the WAL write and fsync)", stats.sync_time),
+        ):
+            family = HistogramMetricFamily(name, help_text, unit="")
+            family.add_metric([], _cumulative(histogram), histogram.sum)
+            yield family
 
 
 class BrokerMetrics:

@@ -193,9 +193,13 @@ async def scrape_writer(url: str) -> dict[str, float]:
 
 
 def writer_figures(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
-    """Commits during the broker phase: how many, mean batch, mean and p99 commit time.
+    """The writer during the broker phase: commits, mean batch, and where a command's time went.
 
-    The p99 is the upper bound of the histogram bucket that holds it.
+    commit: a batch from the event loop handing it over to its results back
+    (the `commit_mean_ms` of earlier reports); queue: a command waiting for
+    its batch to start; apply and sync: a batch's statements and its COMMIT,
+    in the writer thread. Each p99 is the upper bound of the histogram
+    bucket that holds it.
     """
     def delta(key: str) -> float:
         return after.get(key, 0.0) - before.get(key, 0.0)
@@ -203,20 +207,28 @@ def writer_figures(before: dict[str, float], after: dict[str, float]) -> dict[st
     commits = delta("broker_writer_commit_seconds_count")
     if commits <= 0:
         return {}
-    bounds = sorted((float(key.split(":")[1]), key) for key in after
-                    if key.startswith("broker_writer_commit_seconds:") and "Inf" not in key)
-    p99 = math.inf
-    for bound, key in bounds:
-        if delta(key) >= 0.99 * commits:
-            p99 = bound
-            break
-    return {
+    figures: dict[str, Any] = {
         "commits": int(commits),
-        "commit_mean_ms": round(1000 * delta("broker_writer_commit_seconds_sum") / commits, 3),
-        "commit_p99_ms_at_most": None if math.isinf(p99) else round(1000 * p99, 3),
         "batch_mean": round(delta("broker_writer_batch_size_sum")
                             / max(delta("broker_writer_batch_size_count"), 1), 1),
     }
+    for stage, name in (("commit", "broker_writer_commit_seconds"),
+                        ("queue", "broker_writer_queue_seconds"),
+                        ("apply", "broker_writer_apply_seconds"),
+                        ("sync", "broker_writer_sync_seconds")):
+        count = delta(f"{name}_count")
+        if count <= 0:
+            continue
+        bounds = sorted((float(key.split(":")[1]), key) for key in after
+                        if key.startswith(f"{name}:") and "Inf" not in key)
+        p99 = math.inf
+        for bound, key in bounds:
+            if delta(key) >= 0.99 * count:
+                p99 = bound
+                break
+        figures[f"{stage}_mean_ms"] = round(1000 * delta(f"{name}_sum") / count, 3)
+        figures[f"{stage}_p99_ms_at_most"] = None if math.isinf(p99) else round(1000 * p99, 3)
+    return figures
 
 
 def start_profiler(pid: int, output: Path) -> subprocess.Popen[bytes]:

@@ -206,6 +206,11 @@ def format_table(report: dict[str, Any]) -> str:
         rows.append(("writer", f"{report['commits']} commits, mean batch {report['batch_mean']}, "
                                f"commit mean {report['commit_mean_ms']:.2f} ms, p99 <= "
                                f"{report['commit_p99_ms_at_most']} ms"))
+        stages = [f"{stage} {report[f'{stage}_mean_ms']:.2f} / <= "
+                  f"{report[f'{stage}_p99_ms_at_most']}"
+                  for stage in ("queue", "apply", "sync") if f"{stage}_mean_ms" in report]
+        if stages:
+            rows.append(("writer ms", "mean / p99: " + ", ".join(stages)))
     if "daemon_cpu_percent" in report:
         rows.append(("daemon cpu", f"{report['daemon_cpu_percent']:.0f}% of one core, "
                                    f"RSS {report['daemon_rss_mib']:.0f} MiB"))

@@ -22,7 +22,7 @@ import msgspec
 import trio
 
 from broker.engine.channels import CreateChannel, JoinChannel
-from broker.engine.config import EngineConfig
+from broker.engine.config import EngineConfig, Limits
 from broker.engine.database import open_writer
 from broker.engine.engine import DATABASE_FILE, Engine
 from broker.engine.ids import IdAllocator
@@ -144,7 +144,7 @@ def raw_send(conn: apsw.Connection, ids: IdAllocator, topology: Topology, i: int
     picked = conn.execute(
         f"SELECT json_group_array(json_array(id, last_seq + 1)) FROM agents WHERE {where}", room,
     ).fetchone()
-    assert picked is not None and picked[0] != "[]"
+    assert picked is not None and picked[0] != "[]", "a mailbox is full"
     conn.execute(
         "INSERT INTO deliveries(agent_id, seq, log_id, message_id, expires_at, created_at)"
         f" SELECT id, last_seq + 1, ?3, ?4, ?5, ?6 FROM agents WHERE {where}",
@@ -210,7 +210,10 @@ def bench_raw(data_dir: Path, config: EngineConfig, sends: int, members: int,
 
 
 def writer_benchmark(args: argparse.Namespace) -> int:
-    config = EngineConfig(synchronous=args.synchronous, max_batch=args.max_batch)
+    # Mailboxes deep enough for every send: with the default depth the later
+    # sends would find them full and write no deliveries (nothing acks here).
+    config = EngineConfig(synchronous=args.synchronous, max_batch=args.max_batch,
+                          limits=Limits(mailbox_depth=max(Limits().mailbox_depth, args.sends)))
     print(f"writer benchmark: {args.sends} channel sends, {args.members} members each "
           f"({args.members - 1} deliveries per send), {args.concurrency} concurrent submitters, "
           f"synchronous={args.synchronous}, max_batch={args.max_batch}, {args.rounds} rounds")

@@ -279,8 +279,10 @@ class Outbox:
     is catch up from the database (the replay on connect).
 
     The session's own frames (replies, pongs, error frames, pings) are
-    always taken, so they never wait behind deliveries; `own` counts those
-    queued. They are bounded by the session, not here: it reads no frame
+    always taken, and sent before the deliveries and events queued: a
+    sender's reply does not wait behind the fanout of a big channel
+    (deliveries keep their order among themselves, events theirs); `own`
+    counts those queued. They are bounded by the session, not here: it reads no frame
     from its socket while the answers it owes could exceed its bound
     (`wait_room`), so a client that sends and never reads is not read
     either.
@@ -292,7 +294,8 @@ class Outbox:
         self.capacity = capacity
         self.mode = Mode.LAGGING
         self.cursor = 0
-        self._items: deque[DeliverItem | EventItem | Any] = deque()
+        self._items: deque[DeliverItem | EventItem] = deque()
+        self._own: deque[Any] = deque()
         self._buffer: deque[DeliverItem] = deque()
         self._buffer_lost = False
         self._wake = trio.Event()
@@ -312,7 +315,7 @@ class Outbox:
         self.catch_ups = 0
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._items) + len(self._own)
 
     # -- producers: the hub and the session itself; none of these block ------------------
 
@@ -370,18 +373,20 @@ class Outbox:
             self.own += 1
             if self.own > self.max_own:
                 self.max_own = self.own
-            self._append(frame)
+            self._own.append(frame)
+            self._wake.set()
 
     def close(self) -> None:
         """Take nothing more; wake the pump and a reader waiting for room so they can notice."""
         self.closed = True
         self._items.clear()
+        self._own.clear()
         self._buffer.clear()
         self.own = 0
         self._wake.set()
         self._room.set()
 
-    def _append(self, item: Any) -> None:
+    def _append(self, item: DeliverItem | EventItem) -> None:
         self._items.append(item)
         if len(self._items) > self.max_depth:
             self.max_depth = len(self._items)
@@ -394,14 +399,14 @@ class Outbox:
     # -- the consumer: the session's pump ---------------------------------------------------
 
     def take_nowait(self) -> Any | None:
-        """The next frame to send, or None."""
-        if not self._items:
-            return None
-        item = self._items.popleft()
-        if not isinstance(item, DeliverItem | EventItem):
+        """The next frame to send (the session's own first), or None."""
+        if self._own:
             self.own -= 1
             self._room.set()
-        return item
+            return self._own.popleft()
+        if not self._items:
+            return None
+        return self._items.popleft()
 
     def want_redelivery(self) -> None:
         """The agent gave deliveries back: the pump reads them again once the queue is sent."""
@@ -431,8 +436,8 @@ class Outbox:
 
     async def wait(self) -> None:
         """Until there is something to send, to catch up or to redeliver (at once if so)."""
-        while (not self._items and not self.needs_catch_up and not self.redelivery_wanted
-               and not self.closed):
+        while (not self._items and not self._own and not self.needs_catch_up
+               and not self.redelivery_wanted and not self.closed):
             self._wake = trio.Event()
             await self._wake.wait()
 
@@ -473,7 +478,7 @@ class Outbox:
 
     def statistics(self) -> OutboxStatistics:
         return OutboxStatistics(
-            capacity=self.capacity, depth=len(self._items), max_depth=self.max_depth,
+            capacity=self.capacity, depth=len(self), max_depth=self.max_depth,
             own=self.own, max_own=self.max_own,
             buffered=len(self._buffer), max_buffered=self.max_buffered, mode=self.mode.value,
             cursor=self.cursor, live_deliveries=self.live_deliveries, overflows=self.overflows,

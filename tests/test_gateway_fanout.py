@@ -128,8 +128,22 @@ def test_events_are_dropped_when_full_and_own_frames_never_are() -> None:
     assert not outbox.offer_event(view())
     outbox.put("reply")
     items = drain(outbox)
-    assert isinstance(items[0], EventItem) and items[1] == "reply"
+    assert items[0] == "reply" and isinstance(items[1], EventItem)
     assert outbox.events_dropped == 1
+
+
+def test_own_frames_go_before_queued_deliveries_which_keep_their_order() -> None:
+    # A sender's reply must not wait behind the fanout of a big channel.
+    outbox = live_outbox()
+    for seq in (1, 2, 3):
+        outbox.offer_delivery(seq, view())
+    outbox.put("reply")
+    outbox.offer_delivery(4, view())
+    outbox.put("pong")
+    items = drain(outbox)
+    assert items[:2] == ["reply", "pong"]
+    assert [item.seq for item in items[2:]] == [1, 2, 3, 4]
+    assert outbox.own == 0 and len(outbox) == 0
 
 
 def test_a_closed_outbox_takes_nothing() -> None:

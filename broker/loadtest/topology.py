@@ -147,10 +147,21 @@ async def build_topology(http_url: str, spec: LoadSpec, *, channels: bool = True
         async with httpx.AsyncClient(base_url=http_url, timeout=SETUP_TIMEOUT_S,
                                      limits=limits) as http:
 
-            async def call(method: str, path: str, token: str | None, body: object) -> object:
+            async def call(method: str, path: str, token: str | None, body: object,
+                           idempotent: bool = False) -> object:
                 headers = {"authorization": f"Bearer {token}"} if token else {}
+                tries = 3 if idempotent else 1
                 async with limiter:
-                    response = await http.request(method, path, json=body, headers=headers)
+                    for attempt in range(1, tries + 1):
+                        try:
+                            response = await http.request(method, path, json=body,
+                                                          headers=headers)
+                            break
+                        except httpx.RemoteProtocolError:
+                            # A kept-alive connection the server closed as the
+                            # request went out; only a repeatable call is sent again.
+                            if attempt == tries:
+                                raise
                 answer = response.json()
                 if not answer.get("ok"):
                     raise RuntimeError(f"{method} {path}: {response.status_code} {answer}")
@@ -179,7 +190,7 @@ async def build_topology(http_url: str, spec: LoadSpec, *, channels: bool = True
                 async with trio.open_nursery() as joins:
                     for member in rest:
                         joins.start_soon(call, "POST", f"/v1/channels/{name}/join",
-                                         tokens[member], {})
+                                         tokens[member], {}, True)
 
             if channels:
                 async with trio.open_nursery() as nursery:

@@ -374,6 +374,8 @@ class Outbox:
             if self.own > self.max_own:
                 self.max_own = self.own
             self._own.append(frame)
+            if len(self) > self.max_depth:
+                self.max_depth = len(self)
             self._wake.set()
 
     def close(self) -> None:
@@ -388,8 +390,8 @@ class Outbox:
 
     def _append(self, item: DeliverItem | EventItem) -> None:
         self._items.append(item)
-        if len(self._items) > self.max_depth:
-            self.max_depth = len(self._items)
+        if len(self) > self.max_depth:
+            self.max_depth = len(self)
         self._wake.set()
 
     def _lag(self) -> None:

@@ -224,6 +224,27 @@ async def test_acks_nobody_waits_for_are_held_and_an_awaited_ack_takes_them_alon
         nursery.cancel_scope.cancel()
 
 
+async def test_marks_leaving_at_the_end_of_their_window_take_the_held_ack_along(
+    live: Live,
+) -> None:
+    # The client acked (the ack is held, not due for an hour) and the marks'
+    # window ends: marks and ack go together, so the rows are folded.
+    engine, world = live.server.engine, live.world
+    wid, bob = world.workspace_id, world.agents["bob"]
+    for text in ("one", "two"):
+        await live.post(text)
+    recorder = DeliveryRecorder(engine, fold_window=0.05, ack_delay=3600)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(recorder.run)
+        recorder.delivered(wid, bob, 1)
+        recorder.delivered(wid, bob, 2)
+        recorder.ack_nowait(wid, bob, 2)
+        await eventually(lambda: _acked_at_least(live, 2))
+        assert recorder.statistics().commands == 1
+        assert await _rows(engine, bob) == [(1, "acked", 1, 1, 1), (2, "acked", 1, 1, 1)]
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_push_nobody_acks_is_marked_once_the_fold_window_has_passed(
     live: Live,
 ) -> None:

@@ -14,10 +14,11 @@ The fold: an ordinary push is marked `delivered` and, moments later, the
 client acks it; written apart, the row is rewritten twice. So the mark of an
 ordinary push waits up to FOLD_WINDOW_S for the agent's ack: when the ack
 comes in time, one statement marks and acks the row (attempts + 1,
-delivered_at and acked_at set). A mark whose ack does not come in time is
-written alone once the window has passed. Marks of held deliveries pushed
-again (`redelivery`) do not wait: they go out with the next flush, before
-that agent's ack in the same command, so that the ack finds them
+delivered_at and acked_at set). Once the window has passed the marks are
+written, with the agent's ack if one is held (not yet due), else alone.
+Marks of held deliveries pushed again (`redelivery`) do not wait: they go
+out with the next flush, before that agent's ack in the same command, so
+that the ack finds them
 delivered (a held row is settled by a cumulative ack only once its push is
 marked; see `broker.engine.mailbox`).
 
@@ -50,12 +51,15 @@ log = logging.getLogger(__name__)
 
 
 # How long the mark of an ordinary push waits for the agent's ack, to be
-# written with it in one statement. The Python client acks every 50 ms,
-# the Relaycast SDK every delivery.
+# written with it in one statement. The Python client acks every 200 ms at
+# most, the Relaycast SDK every delivery.
 FOLD_WINDOW_S = 0.25
 # How long an agent's cumulative ack nobody waits for is held, so that the
 # acks that follow it (cumulative: the highest wins) cost one write.
 ACK_DELAY_S = 0.1
+# Agents per RecordReceipts command: bounds one transaction, and what one
+# unexpected failure takes with it.
+AGENTS_PER_COMMAND = 500
 
 
 class _Waiter:
@@ -90,8 +94,10 @@ class _Agent:
 class RecorderStatistics(msgspec.Struct, kw_only=True):
     """Counts since start.
 
-    commands: RecordReceipts commands submitted (one per flush with something due);
-    marks_folded: ordinary pushes written together with an ack covering them.
+    commands: RecordReceipts commands submitted (one per flush with something due,
+    more for a flush of over AGENTS_PER_COMMAND agents);
+    marks_folded: ordinary pushes written together with an ack covering them
+    (the database folds those still pending).
     """
 
     acks_received: int
@@ -115,6 +121,8 @@ class DeliveryRecorder:
         self._agents: dict[int, _Agent] = {}
         self._next_due = math.inf  # when the oldest waiting mark must be written
         self._wake = trio.Event()
+        self._committing = 0  # flushes whose commands are in flight
+        self._committed = trio.Event()  # set when the last of them is done
         self._closed = False
         self.acks_received = 0
         self.marks_received = 0
@@ -204,8 +212,13 @@ class DeliveryRecorder:
 
         (Used at shutdown and by tests.)
         """
-        while self._agents:
-            await self._flush_once(everything=True)
+        while self._agents or self._committing:
+            if self._agents:
+                await self._flush_once(everything=True)
+            else:
+                # `run` took the rest and its commit is in flight: wait for it.
+                self._committed = trio.Event()
+                await self._committed.wait()
 
     async def aclose(self) -> None:
         """Stop taking acks that wait; `run` returns after a last flush."""
@@ -220,14 +233,17 @@ class DeliveryRecorder:
         waiters: list[list[_Waiter]] = []
         next_due = math.inf
         for agent_id, agent in list(self._agents.items()):
+            marks_due = bool(agent.pushed) and (
+                everything or agent.pushed_since + self.fold_window <= now)
             up_to = agent.up_to_seq
             if up_to is not None and not (
-                everything or agent.waiters or agent.ack_since + self.ack_delay <= now
+                everything or agent.waiters or marks_due
+                or agent.ack_since + self.ack_delay <= now
             ):
-                up_to = None  # not due yet
+                up_to = None  # not due yet (marks going out take a held ack along)
             pushed: list[int] = []
             if agent.pushed:
-                if everything or agent.pushed_since + self.fold_window <= now:
+                if marks_due:
                     pushed, agent.pushed = agent.pushed, []
                 elif up_to is not None:
                     pushed = [seq for seq in agent.pushed if seq <= up_to]
@@ -254,8 +270,18 @@ class DeliveryRecorder:
                 del self._agents[agent_id]
         self._next_due = next_due
         self.flushes += 1
-        if entries:
-            await self._commit(entries, waiters)
+        if not entries:
+            return
+        self._committing += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                for start in range(0, len(entries), AGENTS_PER_COMMAND):
+                    end = start + AGENTS_PER_COMMAND
+                    nursery.start_soon(self._commit, entries[start:end], waiters[start:end])
+        finally:
+            self._committing -= 1
+            if not self._committing:
+                self._committed.set()
 
     async def _commit(self, entries: list[AgentReceipts], waiters: list[list[_Waiter]]) -> None:
         self.commands += 1

@@ -18,9 +18,8 @@ delivered_at and acked_at set). Once the window has passed the marks are
 written, with the agent's ack if one is held (not yet due), else alone.
 Marks of held deliveries pushed again (`redelivery`) do not wait: they go
 out with the next flush, before that agent's ack in the same command, so
-that the ack finds them
-delivered (a held row is settled by a cumulative ack only once its push is
-marked; see `broker.engine.mailbox`).
+that the ack finds them delivered (a held row is settled by a cumulative
+ack only once its push is marked; see `broker.engine.mailbox`).
 
 An ack nobody waits for (`ack_nowait`) is held up to ACK_DELAY_S: a busy
 agent acks every few milliseconds, and its cumulative acks of that time

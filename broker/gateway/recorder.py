@@ -4,9 +4,10 @@ Clients ack often (the Relaycast SDK acks every single delivery) and the
 pump marks every frame it pushes; one writer command per frame, or even per
 agent, would spend the writer on bookkeeping. The recorder is an actor:
 sessions hand it acks and marks without waiting (`ack_nowait`,
-`delivered`), and its one task turns everything that is due into **one**
-`RecordReceipts` command per flush, holding each agent's marks and its
-highest cumulative ack (acks are cumulative: the highest wins). While a
+`delivered`), and its one task turns everything that is due into one
+`RecordReceipts` command per flush (per AGENTS_PER_COMMAND agents),
+holding each agent's marks and its highest cumulative ack (acks are
+cumulative: the highest wins). While a
 flush commits, the next one accumulates, so the batching adapts to the
 load.
 
@@ -25,9 +26,9 @@ An ack nobody waits for (`ack_nowait`) is held up to ACK_DELAY_S: a busy
 agent acks every few milliseconds, and its cumulative acks of that time
 cost one write. A session that must answer an ack (`delivery.ack` with an
 `id`) awaits `ack`, which is written with the next flush and returns once
-it has committed. One agent's
-refusal (agent_not_found after a deactivation) fails that agent's waiters
-only; the command commits the others.
+it has committed. One agent's refusal (agent_not_found after a
+deactivation) fails that agent's waiters only; the command commits the
+others.
 
 Memory: pending marks grow with the pushes of one fold window plus one
 commit latency, bounded by what the sockets can take in that time.

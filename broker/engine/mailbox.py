@@ -382,9 +382,11 @@ class DeferDelivery(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class MarkDelivered(msgspec.Struct, frozen=True, kw_only=True):
-    """Record that the gateway pushed these deliveries: state delivered, attempts + 1.
+    """Record that these deliveries were pushed: state delivered, attempts + 1.
 
-    Every push counts as an attempt, a re-push of a delivered or failed row
+    One agent's marks alone, as a held row's redelivery is marked by the
+    gateway's RecordReceipts (the same statement). Every push counts as an
+    attempt, a re-push of a delivered or failed row
     too (the expiry and dead-letter sweeps read `attempts`); acked and
     dead-lettered rows, and seqs that do not exist, are skipped. So is a row
     deferred past now: nothing pushes it before its time, so the mark is a
@@ -403,14 +405,9 @@ class MarkDelivered(msgspec.Struct, frozen=True, kw_only=True):
         seq_marks(tx.conn, self.workspace_id, self.agent_id)
         if not self.seqs:
             return DeliveriesMarked(seqs=[])
-        now = tx.now_ms
         rows = tx.conn.execute(
-            "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,"
-            " delivered_at = ?, updated_at = ?"
-            " WHERE agent_id = ? AND seq IN (SELECT value FROM json_each(?))"
-            f" AND state IN {_PENDING_SQL} AND (available_at IS NULL OR available_at <= ?)"
-            " RETURNING seq",
-            (now, now, self.agent_id, _encoder.encode(self.seqs).decode(), now),
+            _MARK_AGAIN_SQL + " RETURNING seq",
+            (tx.now_ms, self.agent_id, _encoder.encode(self.seqs).decode()),
         ).fetchall()
         return DeliveriesMarked(seqs=sorted(cast(int, r[0]) for r in rows))
 

@@ -386,12 +386,12 @@ class MarkDelivered(msgspec.Struct, frozen=True, kw_only=True):
 
     One agent's marks alone, as a held row's redelivery is marked by the
     gateway's RecordReceipts (the same statement). Every push counts as an
-    attempt, a re-push of a delivered or failed row
-    too (the expiry and dead-letter sweeps read `attempts`); acked and
-    dead-lettered rows, and seqs that do not exist, are skipped. So is a row
-    deferred past now: nothing pushes it before its time, so the mark is a
-    late one for a push made before the defer, and it must not release the
-    row to the next cumulative ack.
+    attempt, a re-push of a delivered or failed row too (the expiry and
+    dead-letter sweeps read `attempts`); acked and dead-lettered rows, and
+    seqs that do not exist, are skipped. So is a row deferred past now:
+    nothing pushes it before its time, so the mark is a late one for a push
+    made before the defer, and it must not release the row to the next
+    cumulative ack.
     Raises agent_not_found, too_many_seqs (over MAX_MARK).
     """
 

@@ -44,6 +44,7 @@ from tests.realtime import (
     serve,
     ws_url,
 )
+from tests.test_writer import hold_writer, wait_queued
 
 
 class Live(msgspec.Struct):
@@ -242,6 +243,31 @@ async def test_marks_leaving_at_the_end_of_their_window_take_the_held_ack_along(
         await eventually(lambda: _acked_at_least(live, 2))
         assert recorder.statistics().commands == 1
         assert await _rows(engine, bob) == [(1, "acked", 1, 1, 1), (2, "acked", 1, 1, 1)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_flush_waits_for_receipts_the_actor_is_already_committing(live: Live) -> None:
+    engine, world = live.server.engine, live.world
+    wid, bob = world.workspace_id, world.agents["bob"]
+    await live.post("one")
+    recorder = DeliveryRecorder(engine)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(recorder.run)
+        release = await hold_writer(engine, nursery)
+        recorder.delivered(wid, bob, 1, redelivery=True)  # due at once
+        await wait_queued(engine, 1)  # the actor took it; its commit waits
+        flushed = trio.Event()
+
+        async def flush() -> None:
+            await recorder.flush()
+            flushed.set()
+
+        nursery.start_soon(flush)
+        await trio.sleep(0.05)
+        assert not flushed.is_set()  # nothing left to take, but not committed yet
+        release.set()
+        await flushed.wait()
+        assert await _rows(engine, bob) == [(1, "delivered", 1, 1, 0)]
         nursery.cancel_scope.cancel()
 
 

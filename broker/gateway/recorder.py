@@ -122,7 +122,7 @@ class DeliveryRecorder:
         self._next_due = math.inf  # when the oldest waiting mark must be written
         self._wake = trio.Event()
         self._committing = 0  # flushes whose commands are in flight
-        self._committed = trio.Event()  # set when the last of them is done
+        self._committed = trio.Event()  # set once none is in flight any more
         self._closed = False
         self.acks_received = 0
         self.marks_received = 0
@@ -217,7 +217,6 @@ class DeliveryRecorder:
                 await self._flush_once(everything=True)
             else:
                 # `run` took the rest and its commit is in flight: wait for it.
-                self._committed = trio.Event()
                 await self._committed.wait()
 
     async def aclose(self) -> None:
@@ -272,6 +271,8 @@ class DeliveryRecorder:
         self.flushes += 1
         if not entries:
             return
+        if not self._committing:
+            self._committed = trio.Event()
         self._committing += 1
         try:
             async with trio.open_nursery() as nursery:

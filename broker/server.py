@@ -88,7 +88,8 @@ class BrokerServer:
         """
 
         gateway = self.gateway = Gateway(engine, self.settings.gateway,
-                                         on_sessions=metrics.open_sessions.set)
+                                         on_sessions=metrics.open_sessions.set,
+                                         on_request=metrics.observe_socket_request)
         # Read at scrape time, so the gauge can never drift from the sessions.
         metrics.open_sessions.set_function(lambda: len(gateway.sessions))
 

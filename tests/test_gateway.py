@@ -116,6 +116,18 @@ async def test_requests_take_the_rest_fields_and_reply_with_the_rest_data(live: 
         assert [m["text"] for m in listed][:2] == ["over ws", "over rest"]
 
 
+async def test_socket_requests_are_timed_by_operation_in_the_metrics(live: Live) -> None:
+    async with connect(live.url, live.token("alice")) as alice:
+        await alice.request("message.send", channel="general", text="timed")
+        await alice.request("message.send", channel="general", text="timed again")
+        with pytest.raises(RequestError):
+            await alice.request("message.send", channel="nowhere", text="refused, timed too")
+        await alice.request("message.list", channel="general")
+    text = (await live.server.metrics.render()).decode()
+    assert 'broker_ws_request_seconds_count{operation="message.send"} 3.0' in text
+    assert 'broker_ws_request_seconds_count{operation="message.list"} 1.0' in text
+
+
 async def test_refusals_carry_the_rest_error_codes(live: Live) -> None:
     async with connect(live.url, live.token("alice")) as alice:
         with pytest.raises(RequestError) as refused:

@@ -67,6 +67,10 @@ async def test_cli_run_in_processes_against_its_own_daemon(tmp_path: Path) -> No
     assert report["deliveries"] == report["expected_deliveries"] == 200 * 3
     assert report["lost"] == 0 and report["errors"] == 0
     assert "deliveries/s" in output and "ratio" in output
+    # The daemon's own figures, scraped from its /metrics: every send was timed.
+    assert report["commits"] > 0
+    for stage in ("queue", "apply", "sync", "daemon_send"):
+        assert report[f"{stage}_mean_ms"] > 0, stage
 
 
 def test_a_missing_delivery_counts_as_lost() -> None:

@@ -81,11 +81,14 @@ class Gateway:
     def __init__(
         self, engine: Engine, settings: GatewaySettings | None = None,
         on_sessions: Callable[[int], object] | None = None,
+        on_request: Callable[[str, float], object] | None = None,
     ) -> None:
-        """on_sessions: told the number of open sessions whenever it changes (a gauge)."""
+        """on_sessions: told the number of open sessions whenever it changes (a gauge);
+        on_request: told each socket request's operation and seconds (a histogram)."""
         self.engine = engine
         self.settings = settings or GatewaySettings()
         self._on_sessions = on_sessions
+        self.on_request = on_request
         self.hub = FanoutHub()
         self.recorder = DeliveryRecorder(engine)
         self.presence = PresenceReporter(engine)

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import apsw
 import msgspec
+import trio
 
 from broker.engine.agents import TOKEN_ROTATED
 from broker.engine.errors import BrokerError
@@ -126,7 +127,7 @@ class AgentSession(DeliverySession):
             pass  # its arrival is what counts (last_received)
         else:
             op = self.gateway.request_operations[type(frame)]
-            await self.spawn_request(self._request, op, frame)
+            await self.spawn_request(self._request, op, frame, trio.current_time())
 
     async def _ack(self, frame: fr.DeliveryAck) -> None:
         assert frame.id is not None
@@ -138,7 +139,8 @@ class AgentSession(DeliverySession):
         else:
             self.outbox.put(fr.Reply(re=frame.id, ok=True, data=result))
 
-    async def _request(self, op: Operation[Any], frame: Any) -> None:
+    async def _request(self, op: Operation[Any], frame: Any, received: float) -> None:
+        """Run one request and queue its reply; `received`: trio time the frame was read."""
         call = Call(self.principal, idempotency_key=frame.idempotency_key)
         try:
             result = await op.handler(self.engine, call, frame)
@@ -149,3 +151,5 @@ class AgentSession(DeliverySession):
             self.refuse(frame.id, "internal_error", "the broker failed to handle this request")
         else:
             self.outbox.put(fr.Reply(re=frame.id, ok=True, data=result))
+        if self.gateway.on_request is not None:
+            self.gateway.on_request(op.name, trio.current_time() - received)

@@ -115,6 +115,11 @@ class BrokerMetrics:
             "broker_http_request_seconds", "HTTP request latency by route template",
             ["route"], buckets=REQUEST_SECONDS_BUCKETS, registry=self.registry,
         )
+        self.socket_request_seconds = Histogram(
+            "broker_ws_request_seconds",
+            "WebSocket request latency by operation: the frame read to its reply queued",
+            ["operation"], buckets=REQUEST_SECONDS_BUCKETS, registry=self.registry,
+        )
         # Moved by the WebSocket gateway as sessions open and close.
         self.open_sessions = Gauge(
             "broker_open_sessions", "WebSocket sessions open now", registry=self.registry
@@ -124,6 +129,9 @@ class BrokerMetrics:
             registry=self.registry,
         )
         self.registry.register(WriterCollector(engine.writer))
+
+    def observe_socket_request(self, operation: str, seconds: float) -> None:
+        self.socket_request_seconds.labels(operation).observe(seconds)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()

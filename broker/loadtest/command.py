@@ -173,6 +173,10 @@ async def run_traffic(spec: LoadSpec, *, procs: int, url: str | None = None,
 
 
 _BUCKET = re.compile(r'^(broker_writer_\w+?)(_bucket\{le="([^"]+)"\}|_sum|_count) (\S+)$')
+# The daemon's own timing of the generator's sends (frame read to reply
+# queued), summed over the two send operations it uses.
+_SEND = re.compile(r'^broker_ws_request_seconds(_bucket|_sum|_count)'
+                   r'\{(?:le="([^"]+)",)?operation="(?:message|dm)\.send"\} (\S+)$')
 
 
 async def scrape_writer(url: str) -> dict[str, float]:
@@ -189,6 +193,11 @@ async def scrape_writer(url: str) -> dict[str, float]:
             name, kind, le, value = found.groups()
             key = f"{name}:{le}" if le is not None else f"{name}{kind}"
             figures[key] = float(value)
+        elif sent := _SEND.match(line):
+            kind, le, value = sent.groups()
+            name = "broker_ws_send_seconds"
+            key = f"{name}:{le}" if kind == "_bucket" else f"{name}{kind}"
+            figures[key] = figures.get(key, 0.0) + float(value)
     return figures
 
 
@@ -198,8 +207,10 @@ def writer_figures(before: dict[str, float], after: dict[str, float]) -> dict[st
     commit: a batch from the event loop handing it over to its results back
     (the `commit_mean_ms` of earlier reports); queue: a command waiting for
     its batch to start; apply and sync: a batch's statements and its COMMIT,
-    in the writer thread. Each p99 is the upper bound of the histogram
-    bucket that holds it.
+    in the writer thread; daemon_send: a send request in the daemon, from its
+    frame read to its reply queued (the part of send->reply the daemon
+    itself sees). Each p99 is the upper bound of the histogram bucket that
+    holds it.
     """
     def delta(key: str) -> float:
         return after.get(key, 0.0) - before.get(key, 0.0)
@@ -215,7 +226,8 @@ def writer_figures(before: dict[str, float], after: dict[str, float]) -> dict[st
     for stage, name in (("commit", "broker_writer_commit_seconds"),
                         ("queue", "broker_writer_queue_seconds"),
                         ("apply", "broker_writer_apply_seconds"),
-                        ("sync", "broker_writer_sync_seconds")):
+                        ("sync", "broker_writer_sync_seconds"),
+                        ("daemon_send", "broker_ws_send_seconds")):
         count = delta(f"{name}_count")
         if count <= 0:
             continue

@@ -211,6 +211,10 @@ def format_table(report: dict[str, Any]) -> str:
                   for stage in ("queue", "apply", "sync") if f"{stage}_mean_ms" in report]
         if stages:
             rows.append(("writer ms", "mean / p99: " + ", ".join(stages)))
+    if "daemon_send_mean_ms" in report:
+        rows.append(("daemon send ms", f"mean {report['daemon_send_mean_ms']:.2f}, p99 <= "
+                                       f"{report['daemon_send_p99_ms_at_most']} (frame read "
+                                       "to reply queued, in the daemon)"))
     if "daemon_cpu_percent" in report:
         rows.append(("daemon cpu", f"{report['daemon_cpu_percent']:.0f}% of one core, "
                                    f"RSS {report['daemon_rss_mib']:.0f} MiB"))

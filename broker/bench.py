@@ -123,12 +123,15 @@ def raw_send(conn: apsw.Connection, ids: IdAllocator, topology: Topology, i: int
         " text, data, mode, mentions, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
         (message_id, wid, channel_id, None, sender, None, text, None, "wait", None, now),
     )
-    recipients = [r[0] for r in conn.execute(
-        "SELECT m.agent_id FROM channel_members m JOIN agents a ON a.id = m.agent_id"
+    members = conn.execute(
+        "SELECT json_group_array(m.agent_id) FROM channel_members m"
+        " JOIN agents a ON a.id = m.agent_id"
         " WHERE m.channel_id = ? AND m.agent_id <> ? AND a.deactivated_at IS NULL"
         " AND (m.muted = 0 OR a.name IN (SELECT value FROM json_each(?)))",
         (channel_id, sender, "[]"),
-    )]
+    ).fetchone()
+    assert members is not None
+    recipients: list[int] = msgspec.json.decode(members[0])
     log_id = ids.next()
     # the same event bytes as the command writes, so both loops store equal data
     payload = _encoder.encode({"type": "message.created", "data": Message(

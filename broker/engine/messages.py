@@ -32,6 +32,7 @@ from broker.engine.writer import Tx
 from protocol.objects import Attachment, Message, Mode
 
 _encoder = msgspec.json.Encoder()
+_id_list = msgspec.json.Decoder(list[int])
 
 
 def resolve_attachments(
@@ -123,32 +124,36 @@ def names_of(conn: apsw.Connection, agent_ids: tuple[int, ...]) -> list[str]:
 def channel_recipients(
     conn: apsw.Connection, channel_id: int, author_id: int, mentions: list[str]
 ) -> list[int]:
-    """Who gets a channel message: every active member but the author; a muted one if mentioned."""
-    return [
-        cast(int, r[0])
-        for r in conn.execute(
-            "SELECT m.agent_id FROM channel_members m JOIN agents a ON a.id = m.agent_id"
-            " WHERE m.channel_id = ? AND m.agent_id <> ? AND a.deactivated_at IS NULL"
-            " AND (m.muted = 0 OR a.name IN (SELECT value FROM json_each(?)))",
-            (channel_id, author_id, _encoder.encode(mentions).decode()),
-        )
-    ]
+    """Who gets a channel message: every active member but the author; a muted one if mentioned.
+
+    (One JSON row rather than a row per member: each row fetched is a
+    step, and every step hands the GIL over; see record_event.)
+    """
+    return _ids(conn.execute(
+        "SELECT json_group_array(m.agent_id) FROM channel_members m"
+        " JOIN agents a ON a.id = m.agent_id"
+        " WHERE m.channel_id = ? AND m.agent_id <> ? AND a.deactivated_at IS NULL"
+        " AND (m.muted = 0 OR a.name IN (SELECT value FROM json_each(?)))",
+        (channel_id, author_id, _encoder.encode(mentions).decode()),
+    ).fetchone())
 
 
 def conversation_recipients(
     conn: apsw.Connection, conversation_id: int, author_id: int
 ) -> list[int]:
     """Who gets a DM or group DM message: every active participant but the author."""
-    return [
-        cast(int, r[0])
-        for r in conn.execute(
-            "SELECT p.agent_id FROM conversation_participants p"
-            " JOIN agents a ON a.id = p.agent_id"
-            " WHERE p.conversation_id = ? AND p.agent_id <> ? AND p.left_at IS NULL"
-            " AND a.deactivated_at IS NULL",
-            (conversation_id, author_id),
-        )
-    ]
+    return _ids(conn.execute(
+        "SELECT json_group_array(p.agent_id) FROM conversation_participants p"
+        " JOIN agents a ON a.id = p.agent_id"
+        " WHERE p.conversation_id = ? AND p.agent_id <> ? AND p.left_at IS NULL"
+        " AND a.deactivated_at IS NULL",
+        (conversation_id, author_id),
+    ).fetchone())
+
+
+def _ids(row: Any) -> list[int]:
+    """The ids of a `json_group_array` row (an aggregate always yields one row)."""
+    return _id_list.decode(row[0]) if row is not None else []
 
 
 def post_message(

@@ -310,10 +310,8 @@ async def test_a_late_mark_of_an_ordinary_push_does_not_release_a_row_failed_sin
     await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=live.bob(2)))
     recorder.ack_nowait(wid, bob, 3)
     await recorder.flush()
-    rows = await engine.read(lambda c: c.execute(
-        "SELECT seq, state, attempts FROM deliveries WHERE agent_id = ? ORDER BY seq",
-        (bob,)).fetchall())
-    assert rows == [(1, "acked", 1), (2, "failed", 0), (3, "acked", 1)]
+    assert await _rows(engine, bob) == [
+        (1, "acked", 1, 1, 1), (2, "failed", 0, 0, 0), (3, "acked", 1, 1, 1)]
     assert await live.acked_seq() == 1
 
 

@@ -151,7 +151,7 @@ async def run_traffic(spec: LoadSpec, *, procs: int, url: str | None = None,
                     echo_results = await run_phase(topology, echo_url, ECHO, procs)
                 finally:
                     server.stop()
-            writer_before = await scrape_writer(url)
+            metrics_before = await scrape_metrics(url)
             cpu_before = daemon.cpu_seconds() if daemon is not None else 0.0
             sampler = start_profiler(daemon.pid, profile) if profile and daemon else None
             started = time.monotonic()
@@ -160,7 +160,7 @@ async def run_traffic(spec: LoadSpec, *, procs: int, url: str | None = None,
             finally:
                 if sampler is not None:
                     stop_profiler(sampler)
-            extra.update(writer_figures(writer_before, await scrape_writer(url)))
+            extra.update(daemon_figures(metrics_before, await scrape_metrics(url)))
             if daemon is not None:
                 wall = time.monotonic() - started
                 extra["daemon_cpu_percent"] = round(
@@ -179,8 +179,11 @@ _SEND = re.compile(r'^broker_ws_request_seconds(_bucket|_sum|_count)'
                    r'\{(?:le="([^"]+)",)?operation="(?:message|dm)\.send"\} (\S+)$')
 
 
-async def scrape_writer(url: str) -> dict[str, float]:
-    """The writer's histograms from the daemon's /metrics (name -> value; empty if unreachable)."""
+async def scrape_metrics(url: str) -> dict[str, float]:
+    """The writer's histograms and the send requests' timing from the daemon's /metrics.
+
+    (name -> value; empty if unreachable)
+    """
     try:
         async with httpx.AsyncClient(base_url=url, timeout=10) as http:
             text = (await http.get("/metrics")).text
@@ -201,8 +204,8 @@ async def scrape_writer(url: str) -> dict[str, float]:
     return figures
 
 
-def writer_figures(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
-    """The writer during the broker phase: commits, mean batch, and where a command's time went.
+def daemon_figures(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """The daemon during the broker phase: commits, mean batch, where a command's time went.
 
     commit: a batch from the event loop handing it over to its results back
     (the `commit_mean_ms` of earlier reports); queue: a command waiting for

@@ -40,6 +40,7 @@ from broker.engine.errors import BrokerError, StartupError
 from broker.engine.stats import database_stats
 from broker.engine.workspaces import CreateWorkspace, RegisterAgent, workspace_by_name
 from broker.filestore import OBJECTS_DIR
+from broker.gc_tuning import settle_heap
 from broker.loadtest.command import add_arguments as add_loadtest_arguments
 from broker.loadtest.command import run as run_loadtest
 from broker.server import BrokerServer
@@ -163,6 +164,7 @@ async def serve(settings: Settings, notifier: SystemdNotifier | None = None) -> 
 
             nursery.start_soon(watch_signals)
             await nursery.start(run_server)
+            settle_heap()  # start-up is over: what exists now lives as long as the daemon
             await notifier.ready(f"serving on {server.url}")
     notifier.close()
 

@@ -170,17 +170,22 @@ class BrokerServer:
                     await services.start(service)
                 app = create_app(engine, settings, metrics, extra_routes)
                 config = self._hypercorn_config()
-                async with trio.open_nursery() as http:
-                    binds: list[str] = await http.start(
-                        lambda task_status: serve(
-                            cast(Any, app), config, shutdown_trigger=self._stop.wait,
-                            task_status=task_status,
+                metrics.gc_pauses.install()
+                try:
+                    async with trio.open_nursery() as http:
+                        binds: list[str] = await http.start(
+                            lambda task_status: serve(
+                                cast(Any, app), config, shutdown_trigger=self._stop.wait,
+                                task_status=task_status,
+                            )
                         )
-                    )
-                    self.url = binds[0]
-                    self.port = int(self.url.rsplit(":", 1)[1])
-                    log.info("broker listening on %s (data in %s)", self.url, settings.data_dir)
-                    task_status.started()
+                        self.url = binds[0]
+                        self.port = int(self.url.rsplit(":", 1)[1])
+                        log.info("broker listening on %s (data in %s)",
+                                 self.url, settings.data_dir)
+                        task_status.started()
+                finally:
+                    metrics.gc_pauses.remove()
                 log.info("broker %s: stopped accepting; closing the engine", self.url)
             self._engine = None
         log.info("broker %s: stopped", self.url)

@@ -87,6 +87,17 @@ async def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> Non
                 created = await client.post("/v1/workspaces", json={"name": "cli"})
                 assert created.status_code == 201
                 assert (await client.get("/readyz")).status_code == 200
+                # Once started, the daemon froze its start-up objects out of the collector's
+                # reach (broker.gc_tuning); it happens just after it listens, so wait for it.
+                while True:
+                    text = (await client.get("/metrics")).text
+                    found = re.search(r"^broker_gc_frozen_objects (\S+)$", text, re.MULTILINE)
+                    assert found, text
+                    if float(found.group(1)) > 0:
+                        break
+                    await trio.sleep(0.05)
+                assert float(found.group(1)) > 10_000
+                assert 'broker_gc_pause_seconds_count{generation="2"}' in text
             process.send_signal(signal.SIGTERM)
             while chunk := await process.stdout.receive_some(4096):
                 output += chunk

@@ -71,6 +71,7 @@ async def test_cli_run_in_processes_against_its_own_daemon(tmp_path: Path) -> No
     assert report["commits"] > 0
     for stage in ("queue", "apply", "sync", "daemon_send"):
         assert report[f"{stage}_mean_ms"] > 0, stage
+    assert isinstance(report["gc_pauses"], int) and "daemon gc" in output
 
 
 def test_a_missing_delivery_counts_as_lost() -> None:

@@ -4,7 +4,8 @@ Request counts and latencies come from the HTTP middleware; the writer's
 queue depth, batch sizes and commit latency are read from
 `writer.statistics()` at scrape time by a custom collector; pending
 deliveries are summed by a reader query just before each scrape; open
-sessions is a gauge the WebSocket gateway moves.
+sessions is a gauge the WebSocket gateway moves; garbage-collector pauses
+are timed by a `gc.callbacks` hook (`broker.gc_tuning`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from broker.engine.engine import Engine
 from broker.engine.health import pending_deliveries_total
 from broker.engine.writer import Histogram as WriterHistogram
 from broker.engine.writer import WriterActor
+from broker.gc_tuning import CollectorPauses
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Upper bounds, in seconds, of the HTTP request latency histogram.
@@ -129,6 +131,9 @@ class BrokerMetrics:
             registry=self.registry,
         )
         self.registry.register(WriterCollector(engine.writer))
+        # Timing starts with `gc_pauses.install()`; the server removes it when it stops.
+        self.gc_pauses = CollectorPauses()
+        self.registry.register(self.gc_pauses)
 
     def observe_socket_request(self, operation: str, seconds: float) -> None:
         self.socket_request_seconds.labels(operation).observe(seconds)

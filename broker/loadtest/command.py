@@ -177,10 +177,13 @@ _BUCKET = re.compile(r'^(broker_writer_\w+?)(_bucket\{le="([^"]+)"\}|_sum|_count
 # queued), summed over the two send operations it uses.
 _SEND = re.compile(r'^broker_ws_request_seconds(_bucket|_sum|_count)'
                    r'\{(?:le="([^"]+)",)?operation="(?:message|dm)\.send"\} (\S+)$')
+# The daemon's garbage-collector pauses, summed over the generations.
+_GC = re.compile(r'^broker_gc_pause_seconds(_bucket|_sum|_count)'
+                 r'\{generation="\d"(?:,le="([^"]+)")?\} (\S+)$')
 
 
 async def scrape_metrics(url: str) -> dict[str, float]:
-    """The writer's histograms and the send requests' timing from the daemon's /metrics.
+    """The writer's histograms, the send requests' timing and the collector's pauses from /metrics.
 
     (name -> value; empty if unreachable)
     """
@@ -196,9 +199,10 @@ async def scrape_metrics(url: str) -> dict[str, float]:
             name, kind, le, value = found.groups()
             key = f"{name}:{le}" if le is not None else f"{name}{kind}"
             figures[key] = float(value)
-        elif sent := _SEND.match(line):
-            kind, le, value = sent.groups()
-            name = "broker_ws_send_seconds"
+        elif summed := (_SEND.match(line) or _GC.match(line)):
+            kind, le, value = summed.groups()
+            name = ("broker_ws_send_seconds" if summed.re is _SEND
+                    else "broker_gc_pause_seconds")
             key = f"{name}:{le}" if kind == "_bucket" else f"{name}{kind}"
             figures[key] = figures.get(key, 0.0) + float(value)
     return figures
@@ -212,8 +216,9 @@ def daemon_figures(before: dict[str, float], after: dict[str, float]) -> dict[st
     its batch to start; apply and sync: a batch's statements and its COMMIT,
     in the writer thread; daemon_send: a send request in the daemon, from its
     frame read to its reply queued (the part of send->reply the daemon
-    itself sees). Each p99 is the upper bound of the histogram bucket that
-    holds it.
+    itself sees); gc: the daemon's garbage-collector pauses (every thread
+    stopped), their number, total and longest. Each p99 (and the longest
+    pause) is the upper bound of the histogram bucket that holds it.
     """
     def delta(key: str) -> float:
         return after.get(key, 0.0) - before.get(key, 0.0)
@@ -243,6 +248,15 @@ def daemon_figures(before: dict[str, float], after: dict[str, float]) -> dict[st
                 break
         figures[f"{stage}_mean_ms"] = round(1000 * delta(f"{name}_sum") / count, 3)
         figures[f"{stage}_p99_ms_at_most"] = None if math.isinf(p99) else round(1000 * p99, 3)
+    pauses = delta("broker_gc_pause_seconds_count")
+    if "broker_gc_pause_seconds_count" in after:
+        figures["gc_pauses"] = int(pauses)
+        figures["gc_pause_total_ms"] = round(1000 * delta("broker_gc_pause_seconds_sum"), 1)
+        pause_bounds = sorted((float(key.split(":")[1]), key) for key in after
+                              if key.startswith("broker_gc_pause_seconds:") and "Inf" not in key)
+        longest = next((bound for bound, key in pause_bounds if delta(key) >= pauses), math.inf)
+        figures["gc_pause_longest_ms_at_most"] = (
+            0.0 if pauses == 0 else None if math.isinf(longest) else round(1000 * longest, 3))
     return figures
 
 

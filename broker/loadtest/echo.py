@@ -11,7 +11,8 @@ compared with.
 
 The server reads with 64 KiB buffers and queues up to 64 frames per
 connection (trio-websocket's defaults, 4 KiB and 1 frame, would handicap
-it); a generous ceiling only makes the comparison stricter.
+it); a generous ceiling only makes the comparison stricter. It also uses
+the daemon's garbage-collector settings (`broker.gc_tuning`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import msgspec
 import trio
 import trio_websocket
 
+from broker.gc_tuning import settle_heap
 from protocol.codec import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL
 
 RECEIVE_BUFFER = 64 * 1024
@@ -79,6 +81,7 @@ async def serve_echo(host: str, port: int, *,
 async def _main(host: str, port: int) -> None:
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(serve_echo, host, port)
+        settle_heap()  # as the daemon does: the ceiling gets the same collector settings
         print(f"echo listening on {bound}", flush=True)
 
 

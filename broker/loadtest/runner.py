@@ -39,6 +39,7 @@ import msgspec
 import trio
 
 from broker.client import BrokerClient, ConnectionLost, RequestError
+from broker.gc_tuning import settle_heap
 from broker.loadtest.stats import Bits, Histogram
 from broker.loadtest.topology import Topology, is_dm
 
@@ -466,6 +467,7 @@ def shard_process(topology_bytes: bytes, url: str, mode: str, shard: int, procs:
     """The body of a shard process: run the shard, put its result (or traceback) on `messages`."""
     try:
         topology = msgspec.msgpack.decode(topology_bytes, type=Topology)
+        settle_heap()  # the generator's own collector pauses would count as latency
         result = trio.run(
             Shard(topology, url, mode, shard, procs, ProcessSync(barrier, messages)).run)
         messages.put(("result", shard, _encoder.encode(result)))

@@ -11,6 +11,8 @@ import msgspec
 import pytest
 import trio
 import trio_websocket
+from hypercorn.events import RawData
+from hypercorn.trio.tcp_server import TCPServer
 
 from broker.client import RequestError, connect
 from broker.engine.agents import DeactivateAgent, RotateToken, SetAgentStatus
@@ -182,6 +184,33 @@ async def test_a_delivery_frame_has_the_documented_shape(live: Live) -> None:
     assert frame["payload"]["type"] == "message.created"
     assert frame["payload"]["data"]["id"] == str(message_id)
     assert frame["payload"]["data"]["text"] == "hello"
+
+
+async def test_frames_are_written_to_the_socket_directly_when_it_takes_them(
+    live: Live, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # hypercorn's own write path (send lock, shielded send_all) is for what the
+    # socket does not take at once; a reading client on loopback takes everything.
+    through_hypercorn: list[bytes] = []
+    protocol_send = TCPServer.protocol_send
+
+    async def counting(self: TCPServer, event: Any) -> None:
+        if isinstance(event, RawData):
+            through_hypercorn.append(bytes(event.data))
+        await protocol_send(self, event)
+
+    monkeypatch.setattr(TCPServer, "protocol_send", counting)
+    async with raw_socket(live.server, live.token("bob")) as bob:
+        await send_json(bob, {"v": 1, "id": "p0", "type": "ping"})
+        assert (await next_frame(bob, "pong"))["re"] == "p0"  # the session is live
+        handshake = len(through_hypercorn)
+        for i in range(50):
+            await live.post("alice", f"m{i}")
+        frames = [await next_frame(bob, "deliver") for _ in range(50)]
+        assert [f["seq"] for f in frames] == list(range(1, 51))
+        assert [f["payload"]["data"]["text"] for f in frames] == [f"m{i}" for i in range(50)]
+        assert handshake >= 1  # the handshake's response did go through hypercorn
+        assert through_hypercorn[handshake:] == []  # the pong and the 50 deliveries did not
 
 
 async def test_msgpack_subprotocol_sends_binary_frames(live: Live) -> None:

@@ -19,15 +19,18 @@ Why data frames skip the ASGI `websocket.send`: under load a session's
 pump finds several frames queued (deliveries of one commit, replies), and
 hypercorn would write each with a socket call of its own, after a trip
 through four layers per frame; `send_many` (and `send`, a batch of one)
-frames them with the connection's wsproto object and writes them at once
-through hypercorn's own send path (found the same way as the stream). The
-handshake and the close frame still go through ASGI. Measured in
+frames them with the connection's wsproto object and writes them at once:
+straight to the socket with a non-blocking `write(2)` when hypercorn is not
+writing and the socket takes them, otherwise (or for what the socket did not
+take) through hypercorn's own send path, found the same way as the stream.
+The handshake and the close frame still go through ASGI. Measured in
 BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 from collections.abc import Callable, Sequence
@@ -36,6 +39,7 @@ from typing import Any, Protocol
 import trio
 from hypercorn.protocol.events import Data
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
+from hypercorn.trio.tcp_server import TCPServer
 from starlette.types import Receive, Scope, Send
 from wsproto.events import BytesMessage, Message, TextMessage
 from wsproto.utilities import LocalProtocolError
@@ -80,6 +84,7 @@ class AsgiWebSocket:
         self.accepted = False
         self._disconnected = False
         self._ws_stream: WSStream | None | bool = False  # False: not looked for yet
+        self._tcp_server: TCPServer | None | bool = False
 
     # -- the handshake -------------------------------------------------------------------
 
@@ -172,7 +177,34 @@ class AsgiWebSocket:
             wire = b"".join([stream.connection.send(event) for event in events])
         except LocalProtocolError:
             return  # the connection is closing; hypercorn drops such sends too
-        await stream.send(Data(stream_id=stream.stream_id, data=wire))
+        written = self._write_now(wire)
+        if written < len(wire):
+            await stream.send(Data(stream_id=stream.stream_id, data=wire[written:]))
+
+    def _write_now(self, wire: bytes) -> int:
+        """Write what the socket takes at once, if nothing else is writing; bytes written.
+
+        hypercorn writes under its connection's send lock, in a shielded
+        cancel scope, through trio's `send_all`: 13% of the event loop's time
+        at 550 sends/s, where each delivery is a write of its own (BENCHMARKS.md).
+        With the lock free no write of hypercorn's is under way (it holds the
+        lock across its whole `send_all`), and nothing runs between the check
+        and the non-blocking `write(2)`, so the bytes keep their order; what
+        the socket does not take now (a full buffer, an error) goes the usual
+        way, which waits for room or handles the closed connection.
+        """
+        if self._tcp_server is False:
+            self._tcp_server = _find_owner(self._send, TCPServer)
+        server = self._tcp_server
+        if not isinstance(server, TCPServer) or server.send_lock.locked():
+            return 0
+        stream = _socket_stream(server.stream)  # None under TLS: hypercorn's path only
+        if stream is None:
+            return 0
+        try:
+            return os.write(stream.socket.fileno(), wire)
+        except OSError:  # EAGAIN, or the connection is gone: hypercorn's path will tell
+            return 0
 
     async def close(self, code: int, reason: str = "") -> None:
         """Send a close frame (once); later sends raise ConnectionClosed."""

@@ -4,7 +4,8 @@ writer: committed channel sends per second through the writer actor, and, in
 the same run, raw apsw executing the very same SQL statements in a plain
 loop with the same batch size and pragmas. The last line is
 `ratio: <actor / raw>`. The raw loop's statements are checked against a
-trace of the actor's command, so the comparison cannot silently drift.
+trace of the actor's command, so the comparison cannot silently drift. The
+process uses the daemon's garbage-collector settings (`broker.gc_tuning`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from broker.engine.messages import SendChannelMessage
 from broker.engine.webhooks import ENQUEUE_SQL
 from broker.engine.workspaces import CreateWorkspace, RegisterAgent
 from broker.engine.writer import Command, Tx
+from broker.gc_tuning import settle_heap
 from protocol.objects import Message, iso
 
 _encoder = msgspec.json.Encoder()
@@ -217,6 +219,7 @@ def writer_benchmark(args: argparse.Namespace) -> int:
     # sends would find them full and write no deliveries (nothing acks here).
     config = EngineConfig(synchronous=args.synchronous, max_batch=args.max_batch,
                           limits=Limits(mailbox_depth=max(Limits().mailbox_depth, args.sends)))
+    settle_heap()  # the collector settings of `broker serve`, for both sides
     print(f"writer benchmark: {args.sends} channel sends, {args.members} members each "
           f"({args.members - 1} deliveries per send), {args.concurrency} concurrent submitters, "
           f"synchronous={args.synchronous}, max_batch={args.max_batch}, {args.rounds} rounds")

@@ -2,13 +2,14 @@
 
 The collector stops every thread of the process while it runs: the event
 loop, the writer thread, the load generator's clients. Measured on the
-daemon under load (BENCHMARKS.md, "Garbage-collector pauses"): a full
-collection walks the ~50,000 objects that exist once the server has
-started (modules, functions, classes, none of which ever become garbage)
-and took 20 to 50 ms on this machine, a few times a minute at 300
-sends/s; each one held up every send in flight. Young collections, one
-per 700 container objects allocated (the default), ran about 50 times a
-second at 0.3 to 0.5 ms each: 3 to 4% of the daemon's CPU.
+daemon under load (BENCHMARKS.md, Tuning, session 3): a full collection
+walked the ~47,000 objects that exist once the server has started
+(functions, classes, modules: they live as long as the process) and took
+20 to 50 ms on the benchmark machine, three to five times in ten seconds
+at 300 sends/s; each one held up every send in flight. Young collections,
+one per 700 container objects allocated (the default), ran about 50 times
+a second at 0.3 to 0.5 ms each: with the middle generation's, 2.5 to 4%
+of the daemon's CPU.
 
 So `settle_heap()`, called once a process has started: collect, then
 `gc.freeze()` (what exists now moves to a permanent generation the

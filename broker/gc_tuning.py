@@ -1,22 +1,25 @@
 """How the long-running processes use CPython's cyclic garbage collector, and its pauses timed.
 
-The collector stops every thread of the process while it runs: the event
-loop, the writer thread, the load generator's clients. Measured on the
-daemon under load (BENCHMARKS.md, Tuning, session 3): a full collection
-walked the ~47,000 objects that exist once the server has started
-(functions, classes, modules: they live as long as the process) and took
-20 to 50 ms on the benchmark machine, three to five times in ten seconds
-at 300 sends/s; each one held up every send in flight. Young collections,
-one per 700 container objects allocated (the default), ran about 50 times
-a second at 0.3 to 0.5 ms each: with the middle generation's, 2.5 to 4%
-of the daemon's CPU.
+The collector holds the GIL while it runs, so no Python runs meanwhile in
+any thread: not the event loop, not the writer thread between its SQLite
+calls, not the load generator's clients. Measured on the daemon under load
+(BENCHMARKS.md, Tuning, session 3): a full collection walked the ~47,000
+objects that exist once the server has started (functions, classes,
+modules: they live as long as the process) and took 20 to 50 ms on the
+benchmark machine, three to five times per 8-second run at 300 sends/s;
+each one held up every send in flight. Young collections, one per 700
+container objects allocated (the default), ran about 50 times a second at
+0.3 to 0.5 ms each: with the middle generation's, 2.5 to 4% of the
+daemon's CPU.
 
 So `settle_heap()`, called once a process has started: collect, then
-`gc.freeze()` (what exists now moves to a permanent generation the
-collector never walks again; CPython's documentation suggests it for
-this), and collect the young generation every 10,000 allocations instead of
-700. Cycles of garbage still get collected; up to 10,000 young objects wait
-a little longer for it.
+`gc.freeze()` (what exists now moves to a permanent generation that every
+later collection ignores), and collect the young generation every 10,000
+allocations instead of 700. Cycles of garbage made later still get
+collected; up to 10,000 young objects wait a little longer for it. The
+price: a start-up object that later dies in a reference cycle is never
+reclaimed (start-up objects are modules, classes, functions and the
+server's own long-lived parts, which do not die before the process).
 
 `CollectorPauses` times every collection into a histogram by generation,
 for `/metrics`: the pauses are visible to whoever operates the daemon.
@@ -65,21 +68,27 @@ class CollectorPauses:
         self.bounds = tuple(buckets)
         self.counts = [[0] * (len(self.bounds) + 1) for _ in range(GENERATIONS)]
         self.sums = [0.0] * GENERATIONS
-        self._started = 0.0
+        self._started: float | None = None
 
     def install(self) -> None:
+        """Start timing collections (idempotent)."""
         if self._hook not in gc.callbacks:
             gc.callbacks.append(self._hook)
 
     def remove(self) -> None:
+        """Stop timing collections (idempotent); the figures so far stay."""
         if self._hook in gc.callbacks:
             gc.callbacks.remove(self._hook)
+        self._started = None
 
     def _hook(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._started = time.perf_counter()
             return
+        if self._started is None:  # installed during a collection: its start was not seen
+            return
         seconds = time.perf_counter() - self._started
+        self._started = None
         generation = min(int(info.get("generation", 0)), GENERATIONS - 1)
         self.counts[generation][bisect.bisect_left(self.bounds, seconds)] += 1
         self.sums[generation] += seconds
@@ -90,7 +99,7 @@ class CollectorPauses:
     def collect(self) -> Iterator[Metric]:
         pauses = HistogramMetricFamily(
             "broker_gc_pause_seconds",
-            "Garbage-collector pauses (every thread stops), by generation",
+            "Garbage-collector pauses (no Python runs in any thread), by generation",
             labels=["generation"],
         )
         for generation in range(GENERATIONS):

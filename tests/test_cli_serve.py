@@ -97,7 +97,10 @@ async def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> Non
                         break
                     await trio.sleep(0.05)
                 assert float(found.group(1)) > 10_000
-                assert 'broker_gc_pause_seconds_count{generation="2"}' in text
+                # ...and timed that full collection (the hook was in place before it).
+                full = re.search(r'^broker_gc_pause_seconds_count\{generation="2"\} (\S+)$', text,
+                                 re.MULTILINE)
+                assert full and float(full.group(1)) >= 1, text
             process.send_signal(signal.SIGTERM)
             while chunk := await process.stdout.receive_some(4096):
                 output += chunk

@@ -6,11 +6,16 @@ import gc
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import httpx
+import trio
 from prometheus_client import CollectorRegistry, generate_latest
 
 from broker.gc_tuning import YOUNG_GENERATION_THRESHOLD, CollectorPauses
 from broker.loadtest.command import daemon_figures
+from tests.conftest import TEST_DEADLINE_S
+from tests.realtime import serve
 
 PROCESS_DEADLINE_S = 60
 
@@ -33,9 +38,13 @@ def test_settle_heap_freezes_startup_objects_and_raises_the_young_threshold() ->
 
 
 def _samples(registry: CollectorRegistry) -> dict[str, float]:
-    lines = generate_latest(registry).decode().splitlines()
-    return {name: float(value) for name, value in
-            (line.rsplit(" ", 1) for line in lines if not line.startswith("#"))}
+    return _samples_of(generate_latest(registry).decode())
+
+
+def _samples_of(text: str) -> dict[str, float]:
+    samples = [line.rsplit(" ", 1) for line in text.splitlines()
+               if line and not line.startswith("#")]
+    return {name: float(value) for name, value in samples}
 
 
 def test_pauses_are_counted_by_generation_while_installed() -> None:
@@ -76,3 +85,22 @@ def test_load_report_takes_the_pauses_of_its_own_phase() -> None:
     assert figures["gc_pause_longest_ms_at_most"] == 50.0
     quiet = daemon_figures(after, after | {"broker_writer_commit_seconds_count": 9})
     assert quiet["gc_pauses"] == 0 and quiet["gc_pause_longest_ms_at_most"] == 0.0
+
+
+def _pause_hooks() -> list[CollectorPauses]:
+    return [hook.__self__ for hook in gc.callbacks
+            if isinstance(getattr(hook, "__self__", None), CollectorPauses)]
+
+
+async def test_a_server_times_collections_while_it_runs_and_lets_go_when_it_stops(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with serve(tmp_path) as server:
+            assert len(_pause_hooks()) == 1
+            gc.collect()
+            async with httpx.AsyncClient(base_url=server.url) as client:
+                text = (await client.get("/metrics")).text
+            full = _samples_of(text)['broker_gc_pause_seconds_count{generation="2"}']
+            assert full >= 1  # the gc.collect() above, at least
+        assert _pause_hooks() == []

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 import trio
 from hypercorn.protocol.events import Data
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from hypercorn.trio.tcp_server import TCPServer
 from starlette.types import Receive, Scope, Send
@@ -149,7 +150,8 @@ class AsgiWebSocket:
         hypercorn turns each `websocket.send` into its own socket write after
         a trip through four layers (starlette's wrapper, the ASGI message,
         hypercorn's app_send and event handling); here the frames are framed
-        by the connection's own wsproto object and written at once, through
+        by the connection's own wsproto object and written at once: straight
+        to the socket when it takes them (`_write_now`), otherwise through
         hypercorn's send path (its send lock and shielded write). Anywhere
         else, one ASGI `websocket.send` per frame.
         Raises ConnectionClosed once the session is closing.
@@ -177,11 +179,16 @@ class AsgiWebSocket:
             wire = b"".join([stream.connection.send(event) for event in events])
         except LocalProtocolError:
             return  # the connection is closing; hypercorn drops such sends too
-        written = self._write_now(wire)
+        written = self._write_now(stream, wire)
         if written < len(wire):
-            await stream.send(Data(stream_id=stream.stream_id, data=wire[written:]))
+            # Once part of a frame is out, the rest must follow even if the
+            # session is being cancelled: anything written after a cut frame
+            # (a last error, the close frame) would be read as its payload.
+            # abort() still frees a write the client never reads.
+            with trio.CancelScope(shield=written > 0):
+                await stream.send(Data(stream_id=stream.stream_id, data=wire[written:]))
 
-    def _write_now(self, wire: bytes) -> int:
+    def _write_now(self, stream: WSStream, wire: bytes) -> int:
         """Write what the socket takes at once, if nothing else is writing; bytes written.
 
         hypercorn writes under its connection's send lock, in a shielded
@@ -191,18 +198,22 @@ class AsgiWebSocket:
         lock across its whole `send_all`), and nothing runs between the check
         and the non-blocking `write(2)`, so the bytes keep their order; what
         the socket does not take now (a full buffer, an error) goes the usual
-        way, which waits for room or handles the closed connection.
+        way, which waits for room or handles the closed connection. Only for
+        HTTP/1.1 connections: over HTTP/2 (RFC 8441) the frames must travel
+        inside HTTP/2 DATA frames, which hypercorn's path makes; over TLS the
+        stream is not a plain socket.
         """
         if self._tcp_server is False:
-            self._tcp_server = _find_owner(self._send, TCPServer)
+            over_h11 = isinstance(getattr(stream.send, "__self__", None), H11Protocol)
+            self._tcp_server = _find_owner(self._send, TCPServer) if over_h11 else None
         server = self._tcp_server
         if not isinstance(server, TCPServer) or server.send_lock.locked():
             return 0
-        stream = _socket_stream(server.stream)  # None under TLS: hypercorn's path only
-        if stream is None:
+        socket_stream = _socket_stream(server.stream)  # None under TLS
+        if socket_stream is None:
             return 0
         try:
-            return os.write(stream.socket.fileno(), wire)
+            return os.write(socket_stream.socket.fileno(), wire)
         except OSError:  # EAGAIN, or the connection is gone: hypercorn's path will tell
             return 0
 

@@ -216,8 +216,8 @@ def daemon_figures(before: dict[str, float], after: dict[str, float]) -> dict[st
     its batch to start; apply and sync: a batch's statements and its COMMIT,
     in the writer thread; daemon_send: a send request in the daemon, from its
     frame read to its reply queued (the part of send->reply the daemon
-    itself sees); gc: the daemon's garbage-collector pauses (every thread
-    stopped), their number, total and longest. Each p99 (and the longest
+    itself sees); gc: the daemon's garbage-collector pauses (no Python
+    runs meanwhile), their number, total and longest. Each p99 (and the longest
     pause) is the upper bound of the histogram bucket that holds it.
     """
     def delta(key: str) -> float:

@@ -374,9 +374,7 @@ class Outbox:
             if self.own > self.max_own:
                 self.max_own = self.own
             self._own.append(frame)
-            if len(self) > self.max_depth:
-                self.max_depth = len(self)
-            self._wake.set()
+            self._queued()
 
     def close(self) -> None:
         """Take nothing more; wake the pump and a reader waiting for room so they can notice."""
@@ -390,6 +388,10 @@ class Outbox:
 
     def _append(self, item: DeliverItem | EventItem) -> None:
         self._items.append(item)
+        self._queued()
+
+    def _queued(self) -> None:
+        """A frame was queued (own or not): keep the high-water mark, wake the pump."""
         if len(self) > self.max_depth:
             self.max_depth = len(self)
         self._wake.set()

@@ -302,9 +302,7 @@ class DeliveryRecorder:
                        ] * len(entries)
         for entry, result, agent_waiters in zip(entries, results, waiters, strict=True):
             if isinstance(result, BrokerError):
-                if entry.up_to_seq is not None or entry.pushed or entry.pushed_again:
-                    log.info("recorder: receipts of agent %d refused: %s", entry.agent_id,
-                             result)
+                log.info("recorder: receipts of agent %d refused: %s", entry.agent_id, result)
                 for waiter in agent_waiters:
                     waiter.error = result
                     waiter.done.set()

@@ -44,6 +44,7 @@ from tests.realtime import (
     serve,
     ws_url,
 )
+from tests.test_mailbox import delivery_rows
 from tests.test_writer import hold_writer, wait_queued
 
 
@@ -154,13 +155,7 @@ async def test_a_held_delivery_pushed_again_is_settled_by_an_ack_in_the_same_flu
 ) -> None:
     # The push mark and the ack of one agent go out as one command, marks
     # first: the ack finds the pushed-again delivery `delivered`, not held.
-    engine, world = live.server.engine, live.world
-    wid, bob = world.workspace_id, world.agents["bob"]
-    for text in ("one", "two", "three"):
-        await live.post(text)
-    recorder = DeliveryRecorder(engine)
-    for seq in (1, 2, 3):
-        recorder.delivered(wid, bob, seq)
+    engine, wid, bob, recorder = await _three_pushes_recorded(live)
     await recorder.flush()
     await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=live.bob(2)))
     assert (await engine.submit(AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=3))
@@ -172,10 +167,16 @@ async def test_a_held_delivery_pushed_again_is_settled_by_an_ack_in_the_same_flu
     assert recorder.statistics().commands == 2  # the first flush, then this one
 
 
-async def _rows(engine: Engine, agent_id: int) -> list[tuple[Any, ...]]:
-    return await engine.read(lambda c: c.execute(
-        "SELECT seq, state, attempts, delivered_at IS NOT NULL, acked_at IS NOT NULL"
-        " FROM deliveries WHERE agent_id = ? ORDER BY seq", (agent_id,)).fetchall())
+async def _three_pushes_recorded(live: Live) -> tuple[Engine, int, int, DeliveryRecorder]:
+    """Three messages to bob, and a recorder (not running) told of their pushes."""
+    engine, world = live.server.engine, live.world
+    wid, bob = world.workspace_id, world.agents["bob"]
+    for text in ("one", "two", "three"):
+        await live.post(text)
+    recorder = DeliveryRecorder(engine)
+    for seq in (1, 2, 3):
+        recorder.delivered(wid, bob, seq)
+    return engine, wid, bob, recorder
 
 
 async def test_pushes_acked_within_the_fold_window_are_written_once_with_the_ack(
@@ -192,15 +193,15 @@ async def test_pushes_acked_within_the_fold_window_are_written_once_with_the_ack
             recorder.delivered(wid, bob, seq)
         await trio.sleep(0.05)  # the actor runs: nothing is due, nothing is written
         assert recorder.statistics().commands == 0
-        assert await _rows(engine, bob) == [(s, "queued", 0, 0, 0) for s in (1, 2, 3)]
+        assert await delivery_rows(engine, bob) == [(s, "queued", 0, 0, 0) for s in (1, 2, 3)]
         recorder.ack_nowait(wid, bob, 2)
         await eventually(lambda: _acked_at_least(live, 2))
         stats = recorder.statistics()
         assert (stats.commands, stats.marks_folded, stats.pending_marks) == (1, 2, 1)
-        assert await _rows(engine, bob) == [
+        assert await delivery_rows(engine, bob) == [
             (1, "acked", 1, 1, 1), (2, "acked", 1, 1, 1), (3, "queued", 0, 0, 0)]
         await recorder.aclose()  # the last flush writes the mark still waiting
-    assert await _rows(engine, bob) == [
+    assert await delivery_rows(engine, bob) == [
         (1, "acked", 1, 1, 1), (2, "acked", 1, 1, 1), (3, "delivered", 1, 1, 0)]
 
 
@@ -242,7 +243,7 @@ async def test_marks_leaving_at_the_end_of_their_window_take_the_held_ack_along(
         recorder.ack_nowait(wid, bob, 2)
         await eventually(lambda: _acked_at_least(live, 2))
         assert recorder.statistics().commands == 1
-        assert await _rows(engine, bob) == [(1, "acked", 1, 1, 1), (2, "acked", 1, 1, 1)]
+        assert await delivery_rows(engine, bob) == [(1, "acked", 1, 1, 1), (2, "acked", 1, 1, 1)]
         nursery.cancel_scope.cancel()
 
 
@@ -267,7 +268,7 @@ async def test_flush_waits_for_receipts_the_actor_is_already_committing(live: Li
         assert not flushed.is_set()  # nothing left to take, but not committed yet
         release.set()
         await flushed.wait()
-        assert await _rows(engine, bob) == [(1, "delivered", 1, 1, 0)]
+        assert await delivery_rows(engine, bob) == [(1, "delivered", 1, 1, 0)]
         nursery.cancel_scope.cancel()
 
 
@@ -283,7 +284,7 @@ async def test_a_push_nobody_acks_is_marked_once_the_fold_window_has_passed(
         recorder.delivered(wid, bob, 1)
 
         async def marked() -> bool:
-            return await _rows(engine, bob) == [(1, "delivered", 1, 1, 0)]
+            return await delivery_rows(engine, bob) == [(1, "delivered", 1, 1, 0)]
 
         await eventually(marked)
         assert recorder.statistics().commands == 1
@@ -300,17 +301,11 @@ async def test_a_late_mark_of_an_ordinary_push_does_not_release_a_row_failed_sin
     # Pushed, then failed by the agent before the recorder wrote the push's
     # mark: the mark must not turn the failed row back into `delivered`,
     # or the next cumulative ack would settle what the agent gave back.
-    engine, world = live.server.engine, live.world
-    wid, bob = world.workspace_id, world.agents["bob"]
-    for text in ("one", "two", "three"):
-        await live.post(text)
-    recorder = DeliveryRecorder(engine)
-    for seq in (1, 2, 3):
-        recorder.delivered(wid, bob, seq)
+    engine, wid, bob, recorder = await _three_pushes_recorded(live)
     await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=live.bob(2)))
     recorder.ack_nowait(wid, bob, 3)
     await recorder.flush()
-    assert await _rows(engine, bob) == [
+    assert await delivery_rows(engine, bob) == [
         (1, "acked", 1, 1, 1), (2, "failed", 0, 0, 0), (3, "acked", 1, 1, 1)]
     assert await live.acked_seq() == 1
 

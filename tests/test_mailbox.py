@@ -50,6 +50,13 @@ async def states(engine: Engine, agent_id: int) -> list[tuple[Any, ...]]:
         (agent_id,)).fetchall())
 
 
+async def delivery_rows(engine: Engine, agent_id: int) -> list[tuple[Any, ...]]:
+    """(seq, state, attempts, delivered_at set, acked_at set) of each of the agent's rows."""
+    return await engine.read(lambda c: c.execute(
+        "SELECT seq, state, attempts, delivered_at IS NOT NULL, acked_at IS NOT NULL"
+        " FROM deliveries WHERE agent_id = ? ORDER BY seq", (agent_id,)).fetchall())
+
+
 async def marks(engine: Engine, agent_id: int) -> tuple[Any, ...]:
     row = await engine.read(lambda c: c.execute(
         "SELECT last_seq, acked_seq, pending_count FROM agents WHERE id = ?",
@@ -331,11 +338,9 @@ async def test_record_receipts_folds_marks_into_the_ack(engine: Engine, world: W
     # 1, 2, 4 and 5 acked; the mark stops below the held 3
     assert (results[0].acked, results[0].acked_seq) == (4, 2)
     assert results[1] is None
-    rows = await engine.read(lambda c: c.execute(
-        "SELECT seq, state, attempts, delivered_at IS NOT NULL, acked_at IS NOT NULL"
-        " FROM deliveries WHERE agent_id = ? ORDER BY seq", (bob,)).fetchall())
-    assert rows == [(1, "acked", 1, 1, 1), (2, "acked", 1, 1, 1), (3, "failed", 0, 0, 0),
-                    (4, "acked", 1, 1, 1), (5, "acked", 1, 1, 1), (6, "delivered", 1, 1, 0)]
+    assert await delivery_rows(engine, bob) == [
+        (1, "acked", 1, 1, 1), (2, "acked", 1, 1, 1), (3, "failed", 0, 0, 0),
+        (4, "acked", 1, 1, 1), (5, "acked", 1, 1, 1), (6, "delivered", 1, 1, 0)]
     assert await marks(engine, bob) == (6, 2, 2)
 
 

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import msgspec
+import pytest
 import trio
 
-from broker.loadtest.command import run_traffic
+from broker.loadtest.command import latency_curve, run_traffic
 from broker.loadtest.report import count_loss
 from broker.loadtest.runner import ShardResult
 from broker.loadtest.stats import Bits, Histogram
@@ -112,3 +113,46 @@ def test_histogram_percentiles_within_two_percent() -> None:
     assert abs(histogram.percentile_ms(50) - 500) <= 500 * 0.021
     assert abs(histogram.percentile_ms(99) - 990) <= 990 * 0.021
     assert histogram.max_ms == 2000
+
+
+async def test_latency_curve_runs_at_fractions_of_the_maximum_it_measured(
+    server: BrokerServer,
+) -> None:
+    assert server.url is not None
+    spec = LoadSpec(agents=8, channel_size=4, senders=4, window=4, duration=None, messages=120)
+    with trio.fail_after(120):
+        report = await latency_curve(spec, [0.25, 0.5], procs=0, url=server.url, echo=False)
+    peak = report["sends_per_s"]
+    assert report["spec"]["rate"] is None and report["sends_acked"] == 120 and peak > 0
+    assert [point["fraction"] for point in report["points"]] == [0.25, 0.5]
+    for point in report["points"]:
+        # Each point is a whole open-loop run at its fraction of the closed loop's maximum.
+        assert point["rate"] == round(point["fraction"] * peak, 1)
+        assert point["spec"]["rate"] == point["rate"]
+        assert point["sends_acked"] == 120
+        assert point["deliveries"] == point["expected_deliveries"] == 120 * 3
+        assert point["lost"] == 0 and point["errors"] == 0
+        assert point["send_reply_p99_ms"] > 0
+    assert report["lost"] == 0 and report["errors"] == 0
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--latency-at", "0"], "expected fractions above 0 and at most 1"),
+    (["--latency-at", "0.5,1.5"], "expected fractions above 0 and at most 1"),
+    (["--latency-at", "half"], "expected fractions above 0 and at most 1"),
+    (["--latency-at", ","], "expected fractions above 0 and at most 1"),
+    (["--latency-at", "0.5", "--rate", "100"], "finds its rates itself"),
+    (["--latency-at", "0.5", "--profile", "p.svg"], "--profile samples a single run"),
+])
+async def test_latency_curve_refuses_bad_options_before_starting_anything(
+    tmp_path: Path, options: list[str], message: str,
+) -> None:
+    with trio.fail_after(SUBPROCESS_DEADLINE_S):
+        done = await trio.run_process(
+            [sys.executable, "-m", "broker", "loadtest", *options, "--json",
+             str(tmp_path / "out.json")],
+            capture_stdout=True, capture_stderr=True, check=False, cwd=tmp_path)
+    assert done.returncode == 2
+    assert message in done.stderr.decode()
+    assert b"building" not in done.stderr  # no daemon, no topology
+    assert not (tmp_path / "out.json").exists()

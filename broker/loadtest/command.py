@@ -2,6 +2,8 @@
 
     broker loadtest --agents 100 --channel-size 10 --senders 20 --window 8 \\
         --duration 10 --procs 2 --json result.json
+    broker loadtest --agents 100 --channel-size 10 --senders 20 --window 8 \\
+        --duration 8 --procs 2 --latency-at 0.1,0.5
     broker loadtest --idle 1000,5000
     broker loadtest --history 10000,1000000
 
@@ -9,7 +11,9 @@ A traffic run starts a daemon of its own (`broker serve` on a temporary
 data directory, port 0) unless `--url` names one, builds the topology over
 REST, runs the echo phase (the same clients against a bare trio-websocket
 echo server in its own process), then the broker phase, and prints the
-summary table. Progress goes to stderr.
+summary table. Progress goes to stderr. `--latency-at` makes it a curve:
+a closed-loop run finds the maximum, then an open-loop run at each fraction
+of it, each phase on a fresh daemon (the same one with `--url`).
 """
 
 from __future__ import annotations
@@ -28,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import trio
 
 from broker.loadtest.processes import ServerProcess, raise_fd_limit, start_daemon, start_echo
-from broker.loadtest.report import build_report, format_table
+from broker.loadtest.report import build_report, format_curve, format_table
 from broker.loadtest.runner import BROKER, ECHO, ShardResult, run_local, run_processes
 from broker.loadtest.scenarios import history_latency, idle_memory, parse_counts
 from broker.loadtest.topology import LoadSpec, Topology, build_topology
@@ -64,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--config", type=Path,
                         help="TOML configuration for the daemon the run starts")
     target.add_argument("--no-echo", action="store_true", help="skip the echo ceiling")
+    target.add_argument("--latency-at", metavar="FRACTIONS",
+                        help="a latency curve: find the maximum sends/s closed loop, then run "
+                             "open loop at these fractions of it, e.g. 0.1,0.5")
     target.add_argument("--profile", type=Path, metavar="FILE",
                         help="sample the daemon with py-spy during the broker phase (pip install "
                              "'.[bench]'); FILE.txt: collapsed stacks, .json: speedscope, "
@@ -170,6 +178,49 @@ async def run_traffic(spec: LoadSpec, *, procs: int, url: str | None = None,
             if daemon is not None:
                 daemon.stop()
     return build_report(topology, broker_results, echo_results, extra)
+
+
+def parse_fractions(text: str) -> list[float]:
+    """`0.1,0.5` -> [0.1, 0.5]; each a fraction of the maximum, above 0 and at most 1."""
+    try:
+        fractions = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        fractions = []
+    if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
+        raise ValueError(f"{text!r}: expected fractions above 0 and at most 1, separated by "
+                         "commas, e.g. 0.1,0.5")
+    return fractions
+
+
+async def latency_curve(spec: LoadSpec, fractions: list[float], *, procs: int,
+                        url: str | None = None, config: Path | None = None,
+                        echo: bool = True) -> dict[str, Any]:
+    """The maximum (closed loop), then the latency at each fraction of it (open loop).
+
+    Both in one invocation, so that "half the maximum" is half of what this
+    machine managed minutes ago, not in another run at another time. Each
+    phase is a whole traffic run (a fresh daemon unless `url` is given);
+    the echo ceiling, if wanted, runs with the maximum only. Returns the
+    maximum's report with `points`: one report per fraction, each with its
+    `fraction` and `rate`; `lost` and `errors` add up every phase.
+    """
+    if spec.rate is not None:
+        raise ValueError("a latency curve finds its rates itself: give no --rate")
+    peak = await run_traffic(spec, procs=procs, url=url, config=config, echo=echo)
+    if peak["sends_per_s"] <= 0:
+        raise RuntimeError("the closed-loop run acknowledged no send; no maximum to take "
+                           "fractions of")
+    points: list[dict[str, Any]] = []
+    for fraction in fractions:
+        rate = round(fraction * peak["sends_per_s"], 1)
+        print(f"loadtest: {fraction:g} of the maximum, {rate:g} sends/s open loop",
+              file=sys.stderr)
+        point = await run_traffic(msgspec.structs.replace(spec, rate=rate), procs=procs,
+                                  url=url, config=config, echo=False)
+        points.append({"fraction": fraction, "rate": rate, **point})
+    return {**peak, "points": points,
+            "lost": peak["lost"] + sum(p["lost"] for p in points),
+            "errors": peak["errors"] + sum(p["errors"] for p in points)}
 
 
 _BUCKET = re.compile(r'^(broker_writer_\w+?)(_bucket\{le="([^"]+)"\}|_sum|_count) (\S+)$')
@@ -290,10 +341,20 @@ def run(args: argparse.Namespace) -> int:
                               args.history_dir)
         else:
             spec = spec_from(args)
-            report = trio.run(lambda: run_traffic(
-                spec, procs=args.procs, url=args.url, config=args.config,
-                echo=not args.no_echo, profile=args.profile))
-            print(format_table(report))
+            if args.latency_at is not None:
+                if args.profile is not None:
+                    raise ValueError("--profile samples a single run; give it without "
+                                     "--latency-at")
+                fractions = parse_fractions(args.latency_at)
+                report = trio.run(lambda: latency_curve(
+                    spec, fractions, procs=args.procs, url=args.url, config=args.config,
+                    echo=not args.no_echo))
+                print(format_curve(report))
+            else:
+                report = trio.run(lambda: run_traffic(
+                    spec, procs=args.procs, url=args.url, config=args.config,
+                    echo=not args.no_echo, profile=args.profile))
+                print(format_table(report))
     except (ValueError, RuntimeError) as exc:
         print(f"broker loadtest: {exc}", file=sys.stderr)
         return 2

@@ -230,5 +230,20 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
 
+def format_curve(report: dict[str, Any]) -> str:
+    """A latency curve: the maximum's table, then one line per fraction of it."""
+    lines = [format_table(report), "", "  latency at fractions of the maximum "
+             f"({report['sends_per_s']:,.0f} sends/s, closed loop above):"]
+    for point in report["points"]:
+        lines.append(
+            f"  {point['fraction']:>5g} x max  {point['rate']:>8,.1f}/s asked, "
+            f"{point['sends_per_s']:>8,.1f}/s acked  send->reply p50 "
+            f"{point['send_reply_p50_ms']:.2f}  p99 {point['send_reply_p99_ms']:.2f}  "
+            f"send->deliver p99 {point['send_deliver_p99_ms']:.2f}  late p99 "
+            f"{point['generator_late_p99_ms']:.2f} ms  lost {point['lost']}  "
+            f"errors {point['errors']}")
+    return "\n".join(lines)
+
+
 def _latencies(report: dict[str, Any], key: str) -> str:
     return "  ".join(f"{p} {report[f'{key}_{p}_ms']:.2f}" for p in ("p50", "p90", "p99", "max"))

@@ -136,6 +136,26 @@ async def test_latency_curve_runs_at_fractions_of_the_maximum_it_measured(
     assert report["lost"] == 0 and report["errors"] == 0
 
 
+async def test_cli_latency_curve_against_its_own_daemons(tmp_path: Path) -> None:
+    out = tmp_path / "curve.json"
+    with trio.fail_after(SUBPROCESS_DEADLINE_S):
+        done = await trio.run_process(
+            [sys.executable, "-m", "broker", "loadtest", "--agents", "6", "--channel-size", "3",
+             "--senders", "3", "--window", "4", "--messages", "90", "--procs", "0", "--no-echo",
+             "--latency-at", "0.5", "--json", str(out)],
+            capture_stdout=True, stderr=subprocess.STDOUT, check=False)
+    output = done.stdout.decode()
+    assert done.returncode == 0, output
+    report = json.loads(out.read_text())
+    assert report["sends_acked"] == 90 and report["spec"]["rate"] is None
+    [point] = report["points"]
+    assert point["fraction"] == 0.5 and point["spec"]["rate"] == point["rate"] > 0
+    assert point["sends_acked"] == 90 and point["deliveries"] == 90 * 2
+    assert report["lost"] == 0 and report["errors"] == 0
+    assert "latency at fractions of the maximum" in output
+    assert f"{point['rate']:,.1f}/s asked" in output
+
+
 @pytest.mark.parametrize(("options", "message"), [
     (["--latency-at", "0"], "expected fractions above 0 and at most 1"),
     (["--latency-at", "0.5,1.5"], "expected fractions above 0 and at most 1"),

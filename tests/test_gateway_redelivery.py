@@ -226,28 +226,6 @@ async def test_acks_nobody_waits_for_are_held_and_an_awaited_ack_takes_them_alon
         nursery.cancel_scope.cancel()
 
 
-async def test_a_flush_takes_every_agents_held_ack_along(live: Live) -> None:
-    # Carol's ack is held (not due for an hour); Bob's awaited ack makes a
-    # flush, and Carol's goes with it: one transaction, not one each.
-    engine, world = live.server.engine, live.world
-    wid, bob, carol = world.workspace_id, world.agents["bob"], world.agents["carol"]
-    for text in ("one", "two"):
-        await live.post(text)
-    recorder = DeliveryRecorder(engine, fold_window=3600, ack_delay=3600)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(recorder.run)
-        recorder.ack_nowait(wid, carol, 2)
-        await trio.sleep(0.05)  # the actor runs: Carol's ack is not due
-        assert recorder.statistics().commands == 0
-        await recorder.ack(wid, bob, 1)
-        stats = recorder.statistics()
-        assert (stats.commands, stats.pending_acks) == (1, 0)
-        carol_marks = await engine.read(seq_marks, wid, carol)
-        assert carol_marks.acked_seq == 2
-        assert await live.acked_seq() == 1
-        nursery.cancel_scope.cancel()
-
-
 async def test_marks_leaving_at_the_end_of_their_window_take_the_held_ack_along(
     live: Live,
 ) -> None:

@@ -24,14 +24,11 @@ ack only once its push is marked; see `broker.engine.mailbox`).
 
 An ack nobody waits for (`ack_nowait`) is held up to ACK_DELAY_S: a busy
 agent acks every few milliseconds, and its cumulative acks of that time
-cost one write. Whenever a flush writes anything, every held ack goes
-along, due or not: a flush costs a writer command whatever it holds, and
-with each ack waiting for its own due time, 100 agents acking five times
-a second cost about 160 commands a second (about 35 since). A
-session that must answer an ack (`delivery.ack` with an `id`) awaits
-`ack`, which is written with the next flush and returns once it has
-committed. One agent's refusal (agent_not_found after a deactivation)
-fails that agent's waiters only; the command commits the others.
+cost one write. A session that must answer an ack (`delivery.ack` with an
+`id`) awaits `ack`, which is written with the next flush and returns once
+it has committed. One agent's refusal (agent_not_found after a
+deactivation) fails that agent's waiters only; the command commits the
+others.
 
 Memory: pending marks grow with the pushes of one fold window plus one
 commit latency, bounded by what the sockets can take in that time.
@@ -231,17 +228,18 @@ class DeliveryRecorder:
         """Write what is due: acks waited for or held long enough, pushes again, and
         ordinary marks covered by an ack written now or past the fold window."""
         now = trio.current_time()
-        # Once anything is written, every held ack goes along: the flush
-        # costs one transaction whatever it holds, and acks not due yet
-        # would each end up costing one of their own.
-        acks_go = everything or any(self._due_now(agent, now) for agent in self._agents.values())
         entries: list[AgentReceipts] = []
         waiters: list[list[_Waiter]] = []
         next_due = math.inf
         for agent_id, agent in list(self._agents.items()):
             marks_due = bool(agent.pushed) and (
                 everything or agent.pushed_since + self.fold_window <= now)
-            up_to = agent.up_to_seq if acks_go else None
+            up_to = agent.up_to_seq
+            if up_to is not None and not (
+                everything or agent.waiters or marks_due
+                or agent.ack_since + self.ack_delay <= now
+            ):
+                up_to = None  # not due yet (marks going out take a held ack along)
             pushed: list[int] = []
             if agent.pushed:
                 if marks_due:
@@ -285,13 +283,6 @@ class DeliveryRecorder:
             self._committing -= 1
             if not self._committing:
                 self._committed.set()
-
-    def _due_now(self, agent: _Agent, now: float) -> bool:
-        """Whether `agent` has something to write at `now` (not only to take along)."""
-        return bool(
-            agent.waiters or agent.pushed_again
-            or (agent.pushed and agent.pushed_since + self.fold_window <= now)
-            or (agent.up_to_seq is not None and agent.ack_since + self.ack_delay <= now))
 
     async def _commit(self, entries: list[AgentReceipts], waiters: list[list[_Waiter]]) -> None:
         self.commands += 1

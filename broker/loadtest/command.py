@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shape.add_argument("--rate", type=float,
                        help="open loop: total sends per second on a fixed schedule "
                             "(window is then the cap of requests in flight per sender)")
+    shape.add_argument("--latency-at", metavar="FRACTIONS",
+                       help="a latency curve: find the maximum sends/s closed loop, then run "
+                            "open loop at these fractions of it, e.g. 0.1,0.5")
     shape.add_argument("--dm-share", type=float, default=0.0,
                        help="fraction of sends that are DMs to the sender's partner (default 0)")
     shape.add_argument("--text-bytes", type=int, default=32, help="message text length")
@@ -69,9 +72,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--config", type=Path,
                         help="TOML configuration for the daemon the run starts")
     target.add_argument("--no-echo", action="store_true", help="skip the echo ceiling")
-    target.add_argument("--latency-at", metavar="FRACTIONS",
-                        help="a latency curve: find the maximum sends/s closed loop, then run "
-                             "open loop at these fractions of it, e.g. 0.1,0.5")
     target.add_argument("--profile", type=Path, metavar="FILE",
                         help="sample the daemon with py-spy during the broker phase (pip install "
                              "'.[bench]'); FILE.txt: collapsed stacks, .json: speedscope, "

@@ -7,13 +7,15 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 import trio
 
+from broker.loadtest import command
 from broker.loadtest.command import latency_curve, run_traffic
-from broker.loadtest.report import count_loss
+from broker.loadtest.report import build_report, count_loss
 from broker.loadtest.runner import ShardResult
 from broker.loadtest.stats import Bits, Histogram
 from broker.loadtest.topology import Agent, LoadSpec, Topology, dm_mask, is_dm
@@ -127,13 +129,12 @@ async def test_latency_curve_runs_at_fractions_of_the_maximum_it_measured(
     assert [point["fraction"] for point in report["points"]] == [0.25, 0.5]
     for point in report["points"]:
         # Each point is a whole open-loop run at its fraction of the closed loop's maximum.
-        assert point["rate"] == round(point["fraction"] * peak, 1)
-        assert point["spec"]["rate"] == point["rate"]
+        assert point["rate"] == point["fraction"] * peak == point["spec"]["rate"]
         assert point["sends_acked"] == 120
         assert point["deliveries"] == point["expected_deliveries"] == 120 * 3
         assert point["lost"] == 0 and point["errors"] == 0
-        assert point["send_reply_p99_ms"] > 0
-    assert report["lost"] == 0 and report["errors"] == 0
+    assert (report["lost_all_phases"], report["errors_all_phases"], report["failed_points"]) == (
+        0, 0, 0)
 
 
 async def test_cli_latency_curve_against_its_own_daemons(tmp_path: Path) -> None:
@@ -151,9 +152,72 @@ async def test_cli_latency_curve_against_its_own_daemons(tmp_path: Path) -> None
     [point] = report["points"]
     assert point["fraction"] == 0.5 and point["spec"]["rate"] == point["rate"] > 0
     assert point["sends_acked"] == 90 and point["deliveries"] == 90 * 2
-    assert report["lost"] == 0 and report["errors"] == 0
+    assert report["lost_all_phases"] == 0 and report["errors_all_phases"] == 0
     assert "latency at fractions of the maximum" in output
     assert f"{point['rate']:,.1f}/s asked" in output
+
+
+class _CannedRuns:
+    """Stands in for run_traffic: hands out the given reports (or raises), noting each spec."""
+
+    def __init__(self, *outcomes: dict[str, Any] | Exception) -> None:
+        self.outcomes = list(outcomes)
+        self.specs: list[LoadSpec] = []
+
+    async def __call__(self, spec: LoadSpec, **options: Any) -> dict[str, Any]:
+        self.specs.append(spec)
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+
+def _canned(sends_per_s: float, lost: int = 0, errors: int = 0) -> dict[str, Any]:
+    """A report of the real shape (an empty run's) with these figures."""
+    report = build_report(_topology(LoadSpec(duration=1.0)), [], [], {})
+    return {**report, "sends_per_s": sends_per_s, "lost": lost, "errors": errors}
+
+
+async def test_latency_curve_keeps_the_maximums_report_and_counts_every_phase(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runs = _CannedRuns(_canned(200.0, errors=1), _canned(0.0002, lost=2),
+                       RuntimeError("a shard died"), _canned(200.0, errors=3))
+    monkeypatch.setattr(command, "run_traffic", runs)
+    spec = LoadSpec(duration=1.0)
+    report = await latency_curve(spec, [1e-6, 0.5, 1.0], procs=0)
+    # The rate of a point is its fraction of the maximum, however small (never rounded to 0).
+    assert [s.rate for s in runs.specs] == [None, 1e-6 * 200.0, 100.0, 200.0]
+    assert (report["sends_per_s"], report["lost"], report["errors"]) == (200.0, 0, 1)
+    assert [p.get("failed") for p in report["points"]] == [None, "a shard died", None]
+    assert report["points"][0]["lost"] == 2
+    assert (report["lost_all_phases"], report["errors_all_phases"], report["failed_points"]) == (
+        2, 4, 1)
+
+
+async def test_latency_curve_needs_a_maximum(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(command, "run_traffic", _CannedRuns(_canned(0.0)))
+    with pytest.raises(RuntimeError, match="acknowledged no send"):
+        await latency_curve(LoadSpec(duration=1.0), [0.5], procs=0)
+    with pytest.raises(ValueError, match="spec.rate must be None"):
+        await latency_curve(LoadSpec(duration=1.0, rate=10.0), [0.5], procs=0)
+
+
+@pytest.mark.parametrize(("outcomes", "status"), [
+    ((_canned(100.0), _canned(50.0)), 0),
+    ((_canned(100.0), _canned(50.0, lost=1)), 1),  # a point's loss fails the command
+    ((_canned(100.0), RuntimeError("a shard died")), 2),
+])
+def test_cli_latency_curve_status_and_json(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    outcomes: tuple[dict[str, Any] | Exception, ...], status: int,
+) -> None:
+    monkeypatch.setattr(command, "run_traffic", _CannedRuns(*outcomes))
+    out = tmp_path / "curve.json"
+    assert command.main(["--latency-at", "0.5", "--json", str(out)]) == status
+    report = json.loads(out.read_text())  # written in every case
+    assert [p["fraction"] for p in report["points"]] == [0.5]
+    assert "latency at fractions of the maximum" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -161,18 +225,19 @@ async def test_cli_latency_curve_against_its_own_daemons(tmp_path: Path) -> None
     (["--latency-at", "0.5,1.5"], "expected fractions above 0 and at most 1"),
     (["--latency-at", "half"], "expected fractions above 0 and at most 1"),
     (["--latency-at", ","], "expected fractions above 0 and at most 1"),
-    (["--latency-at", "0.5", "--rate", "100"], "finds its rates itself"),
-    (["--latency-at", "0.5", "--profile", "p.svg"], "--profile samples a single run"),
+    (["--latency-at", "nan"], "expected fractions above 0 and at most 1"),
+    (["--latency-at", "inf"], "expected fractions above 0 and at most 1"),
+    (["--latency-at", "0.5", "--rate", "100"], "give it without --rate"),
+    (["--latency-at", "0.5", "--profile", "p.svg"], "give it without --profile"),
+    (["--latency-at", "0.5", "--idle", "10"], "give it without --idle"),
+    (["--latency-at", "0.5", "--history", "10"], "give it without --history"),
 ])
-async def test_latency_curve_refuses_bad_options_before_starting_anything(
-    tmp_path: Path, options: list[str], message: str,
+def test_latency_curve_refuses_bad_options_before_starting_anything(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    options: list[str], message: str,
 ) -> None:
-    with trio.fail_after(SUBPROCESS_DEADLINE_S):
-        done = await trio.run_process(
-            [sys.executable, "-m", "broker", "loadtest", *options, "--json",
-             str(tmp_path / "out.json")],
-            capture_stdout=True, capture_stderr=True, check=False, cwd=tmp_path)
-    assert done.returncode == 2
-    assert message in done.stderr.decode()
-    assert b"building" not in done.stderr  # no daemon, no topology
-    assert not (tmp_path / "out.json").exists()
+    monkeypatch.setattr(command, "run_traffic", _CannedRuns())  # any run would fail the test
+    out = tmp_path / "out.json"
+    assert command.main([*options, "--json", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

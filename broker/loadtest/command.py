@@ -59,7 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "(window is then the cap of requests in flight per sender)")
     shape.add_argument("--latency-at", metavar="FRACTIONS",
                        help="a latency curve: find the maximum sends/s closed loop, then run "
-                            "open loop at these fractions of it, e.g. 0.1,0.5")
+                            "open loop at these fractions of it, e.g. 0.1,0.5 (each phase "
+                            "as long as --duration, or --messages each; not with --rate, "
+                            "--profile, --idle or --history)")
     shape.add_argument("--dm-share", type=float, default=0.0,
                        help="fraction of sends that are DMs to the sender's partner (default 0)")
     shape.add_argument("--text-bytes", type=int, default=32, help="message text length")
@@ -181,7 +183,10 @@ async def run_traffic(spec: LoadSpec, *, procs: int, url: str | None = None,
 
 
 def parse_fractions(text: str) -> list[float]:
-    """`0.1,0.5` -> [0.1, 0.5]; each a fraction of the maximum, above 0 and at most 1."""
+    """`0.1,0.5` -> [0.1, 0.5]: fractions of the maximum, each above 0 and at most 1.
+
+    Raises ValueError for anything else (no number, a word, nan, 0, over 1).
+    """
     try:
         fractions = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -199,28 +204,43 @@ async def latency_curve(spec: LoadSpec, fractions: list[float], *, procs: int,
 
     Both in one invocation, so that "half the maximum" is half of what this
     machine managed minutes ago, not in another run at another time. Each
-    phase is a whole traffic run (a fresh daemon unless `url` is given);
-    the echo ceiling, if wanted, runs with the maximum only. Returns the
-    maximum's report with `points`: one report per fraction, each with its
-    `fraction` and `rate`; `lost` and `errors` add up every phase.
+    phase is a whole traffic run (a fresh daemon unless `url` is given; with
+    `spec.messages` every phase sends that many, so a tenth of the maximum
+    takes ten times as long); the echo ceiling, if wanted, runs with the
+    maximum only. Returns the maximum's report, unchanged, with `points`:
+    one per fraction, its `fraction` and `rate` and either its whole report
+    or, if that run failed, `failed` (why; the other points still run).
+    `lost_all_phases`, `errors_all_phases` and `failed_points` add up every
+    phase.
+
+    Raises ValueError if `spec.rate` is set (the curve finds its rates),
+    RuntimeError if the closed-loop run fails or acknowledges no send.
     """
     if spec.rate is not None:
-        raise ValueError("a latency curve finds its rates itself: give no --rate")
+        raise ValueError("a latency curve finds its rates itself; spec.rate must be None")
     peak = await run_traffic(spec, procs=procs, url=url, config=config, echo=echo)
     if peak["sends_per_s"] <= 0:
         raise RuntimeError("the closed-loop run acknowledged no send; no maximum to take "
                            "fractions of")
     points: list[dict[str, Any]] = []
     for fraction in fractions:
-        rate = round(fraction * peak["sends_per_s"], 1)
-        print(f"loadtest: {fraction:g} of the maximum, {rate:g} sends/s open loop",
+        rate = fraction * peak["sends_per_s"]
+        print(f"loadtest: {fraction:g} of the maximum, {rate:,.1f} sends/s open loop",
               file=sys.stderr)
-        point = await run_traffic(msgspec.structs.replace(spec, rate=rate), procs=procs,
-                                  url=url, config=config, echo=False)
+        try:
+            point = await run_traffic(msgspec.structs.replace(spec, rate=rate), procs=procs,
+                                      url=url, config=config, echo=False)
+        except RuntimeError as exc:
+            print(f"loadtest: the run at {fraction:g} of the maximum failed: {exc}",
+                  file=sys.stderr)
+            points.append({"fraction": fraction, "rate": rate, "failed": str(exc)})
+            continue
         points.append({"fraction": fraction, "rate": rate, **point})
+    measured = [peak, *(p for p in points if "failed" not in p)]
     return {**peak, "points": points,
-            "lost": peak["lost"] + sum(p["lost"] for p in points),
-            "errors": peak["errors"] + sum(p["errors"] for p in points)}
+            "lost_all_phases": sum(r["lost"] for r in measured),
+            "errors_all_phases": sum(r["errors"] for r in measured),
+            "failed_points": sum(1 for p in points if "failed" in p)}
 
 
 _BUCKET = re.compile(r'^(broker_writer_\w+?)(_bucket\{le="([^"]+)"\}|_sum|_count) (\S+)$')
@@ -332,35 +352,46 @@ def stop_profiler(sampler: subprocess.Popen[bytes]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run what the options ask for; 0, or 1 when a traffic run lost messages."""
+    """Run what the options ask for; the exit status.
+
+    0; 1 when a traffic run (any phase of a latency curve) lost messages;
+    2 for refused options, a failed run, or a curve with a failed point
+    (its JSON is still written).
+    """
     try:
+        if args.latency_at is not None:
+            for option, given in (("--rate", args.rate is not None),
+                                  ("--profile", args.profile is not None),
+                                  ("--idle", args.idle), ("--history", args.history)):
+                if given:
+                    raise ValueError(f"--latency-at runs a curve of its own; give it without "
+                                     f"{option}")
+            fractions = parse_fractions(args.latency_at)
         if args.idle:
             report = trio.run(idle_memory, parse_counts(args.idle))
         elif args.history:
             report = trio.run(history_latency, parse_counts(args.history), 300,
                               args.history_dir)
+        elif args.latency_at is not None:
+            spec = spec_from(args)
+            report = trio.run(lambda: latency_curve(
+                spec, fractions, procs=args.procs, url=args.url, config=args.config,
+                echo=not args.no_echo))
+            print(format_curve(report))
         else:
             spec = spec_from(args)
-            if args.latency_at is not None:
-                if args.profile is not None:
-                    raise ValueError("--profile samples a single run; give it without "
-                                     "--latency-at")
-                fractions = parse_fractions(args.latency_at)
-                report = trio.run(lambda: latency_curve(
-                    spec, fractions, procs=args.procs, url=args.url, config=args.config,
-                    echo=not args.no_echo))
-                print(format_curve(report))
-            else:
-                report = trio.run(lambda: run_traffic(
-                    spec, procs=args.procs, url=args.url, config=args.config,
-                    echo=not args.no_echo, profile=args.profile))
-                print(format_table(report))
+            report = trio.run(lambda: run_traffic(
+                spec, procs=args.procs, url=args.url, config=args.config,
+                echo=not args.no_echo, profile=args.profile))
+            print(format_table(report))
     except (ValueError, RuntimeError) as exc:
         print(f"broker loadtest: {exc}", file=sys.stderr)
         return 2
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 1 if report.get("lost") else 0
+    if report.get("failed_points"):
+        return 2
+    return 1 if report.get("lost_all_phases", report.get("lost")) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -235,13 +235,18 @@ def format_curve(report: dict[str, Any]) -> str:
     lines = [format_table(report), "", "  latency at fractions of the maximum "
              f"({report['sends_per_s']:,.0f} sends/s, closed loop above):"]
     for point in report["points"]:
+        head = f"  {point['fraction']:>5g} x max  {point['rate']:>8,.1f}/s asked, "
+        if "failed" in point:
+            lines.append(f"{head}failed: {point['failed']}")
+            continue
         lines.append(
-            f"  {point['fraction']:>5g} x max  {point['rate']:>8,.1f}/s asked, "
-            f"{point['sends_per_s']:>8,.1f}/s acked  send->reply p50 "
+            f"{head}{point['sends_per_s']:>8,.1f}/s acked  send->reply p50 "
             f"{point['send_reply_p50_ms']:.2f}  p99 {point['send_reply_p99_ms']:.2f}  "
             f"send->deliver p99 {point['send_deliver_p99_ms']:.2f}  late p99 "
             f"{point['generator_late_p99_ms']:.2f} ms  lost {point['lost']}  "
             f"errors {point['errors']}")
+    lines.append(f"  all phases: lost {report['lost_all_phases']}, errors "
+                 f"{report['errors_all_phases']}, failed points {report['failed_points']}")
     return "\n".join(lines)
 
 

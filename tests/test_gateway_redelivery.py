@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -167,30 +168,37 @@ async def test_a_held_delivery_pushed_again_is_settled_by_an_ack_in_the_same_flu
     assert recorder.statistics().commands == 2  # the first flush, then this one
 
 
-async def _three_pushes_recorded(live: Live) -> tuple[Engine, int, int, DeliveryRecorder]:
-    """Three messages to bob, and a recorder (not running) told of their pushes."""
+async def _three_pushes_recorded(
+    live: Live, **settings: float
+) -> tuple[Engine, int, int, DeliveryRecorder]:
+    """Three messages to bob, and a recorder (not running, with these settings) told of
+    their pushes."""
     engine, world = live.server.engine, live.world
     wid, bob = world.workspace_id, world.agents["bob"]
     for text in ("one", "two", "three"):
         await live.post(text)
-    recorder = DeliveryRecorder(engine)
+    recorder = DeliveryRecorder(engine, **settings)
     for seq in (1, 2, 3):
         recorder.delivered(wid, bob, seq)
     return engine, wid, bob, recorder
 
 
+@asynccontextmanager
+async def running(recorder: DeliveryRecorder) -> AsyncIterator[trio.Nursery]:
+    """The recorder's actor runs for the block and is cancelled after it; the nursery is
+    there for the block's own tasks."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(recorder.run)
+        yield nursery
+        nursery.cancel_scope.cancel()
+
+
 async def test_pushes_acked_within_the_fold_window_are_written_once_with_the_ack(
     live: Live,
 ) -> None:
-    engine, world = live.server.engine, live.world
-    wid, bob = world.workspace_id, world.agents["bob"]
-    for text in ("one", "two", "three"):
-        await live.post(text)
-    recorder = DeliveryRecorder(engine, fold_window=3600)
+    engine, wid, bob, recorder = await _three_pushes_recorded(live, fold_window=3600)
     async with trio.open_nursery() as nursery:
         await nursery.start(recorder.run)
-        for seq in (1, 2, 3):
-            recorder.delivered(wid, bob, seq)
         await trio.sleep(0.05)  # the actor runs: nothing is due, nothing is written
         assert recorder.statistics().commands == 0
         assert await delivery_rows(engine, bob) == [(s, "queued", 0, 0, 0) for s in (1, 2, 3)]
@@ -213,8 +221,7 @@ async def test_acks_nobody_waits_for_are_held_and_an_awaited_ack_takes_them_alon
     for text in ("one", "two", "three"):
         await live.post(text)
     recorder = DeliveryRecorder(engine, fold_window=3600, ack_delay=3600)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(recorder.run)
+    async with running(recorder):
         recorder.ack_nowait(wid, bob, 1)
         recorder.ack_nowait(wid, bob, 2)
         await trio.sleep(0.05)  # the actor runs: no ack is due yet
@@ -223,7 +230,6 @@ async def test_acks_nobody_waits_for_are_held_and_an_awaited_ack_takes_them_alon
         result = await recorder.ack(wid, bob, 3)
         assert (result.acked, result.acked_seq) == (3, 3)
         assert recorder.statistics().commands == 1
-        nursery.cancel_scope.cancel()
 
 
 async def test_marks_leaving_at_the_end_of_their_window_take_the_held_ack_along(
@@ -236,15 +242,13 @@ async def test_marks_leaving_at_the_end_of_their_window_take_the_held_ack_along(
     for text in ("one", "two"):
         await live.post(text)
     recorder = DeliveryRecorder(engine, fold_window=0.05, ack_delay=3600)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(recorder.run)
+    async with running(recorder):
         recorder.delivered(wid, bob, 1)
         recorder.delivered(wid, bob, 2)
         recorder.ack_nowait(wid, bob, 2)
         await eventually(lambda: _acked_at_least(live, 2))
         assert recorder.statistics().commands == 1
         assert await delivery_rows(engine, bob) == [(1, "acked", 1, 1, 1), (2, "acked", 1, 1, 1)]
-        nursery.cancel_scope.cancel()
 
 
 async def test_flush_waits_for_receipts_the_actor_is_already_committing(live: Live) -> None:
@@ -252,8 +256,7 @@ async def test_flush_waits_for_receipts_the_actor_is_already_committing(live: Li
     wid, bob = world.workspace_id, world.agents["bob"]
     await live.post("one")
     recorder = DeliveryRecorder(engine)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(recorder.run)
+    async with running(recorder) as nursery:
         release = await hold_writer(engine, nursery)
         recorder.delivered(wid, bob, 1, redelivery=True)  # due at once
         await wait_queued(engine, 1)  # the actor took it; its commit waits
@@ -269,7 +272,6 @@ async def test_flush_waits_for_receipts_the_actor_is_already_committing(live: Li
         release.set()
         await flushed.wait()
         assert await delivery_rows(engine, bob) == [(1, "delivered", 1, 1, 0)]
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_push_nobody_acks_is_marked_once_the_fold_window_has_passed(
@@ -279,8 +281,7 @@ async def test_a_push_nobody_acks_is_marked_once_the_fold_window_has_passed(
     wid, bob = world.workspace_id, world.agents["bob"]
     await live.post("one")
     recorder = DeliveryRecorder(engine, fold_window=0.05)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(recorder.run)
+    async with running(recorder):
         recorder.delivered(wid, bob, 1)
 
         async def marked() -> bool:
@@ -288,7 +289,6 @@ async def test_a_push_nobody_acks_is_marked_once_the_fold_window_has_passed(
 
         await eventually(marked)
         assert recorder.statistics().commands == 1
-        nursery.cancel_scope.cancel()
 
 
 async def _acked_at_least(live: Live, seq: int) -> bool:

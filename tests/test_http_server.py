@@ -232,6 +232,10 @@ async def test_metrics_report_requests_writer_and_deliveries(
     assert "broker_writer_commit_seconds_count" in text
     for stage in ("queue", "apply", "sync"):
         assert f"broker_writer_{stage}_seconds_count" in text
+    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+               if line.startswith("broker_writer_") and " " in line}
+    for stage in ("apply", "sync"):
+        assert samples[f"broker_writer_{stage}_cpu_seconds_total"] > 0
     assert "broker_open_sessions 0.0" in text
     # bob got one delivery of alice's message and has not acknowledged it.
     assert "broker_pending_deliveries 1.0" in text

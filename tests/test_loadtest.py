@@ -14,8 +14,8 @@ import pytest
 import trio
 
 from broker.loadtest import command
-from broker.loadtest.command import latency_curve, run_traffic
-from broker.loadtest.report import build_report, count_loss
+from broker.loadtest.command import daemon_figures, latency_curve, run_traffic
+from broker.loadtest.report import build_report, count_loss, format_table
 from broker.loadtest.runner import ShardResult
 from broker.loadtest.stats import Bits, Histogram
 from broker.loadtest.topology import Agent, LoadSpec, Topology, dm_mask, is_dm
@@ -74,7 +74,51 @@ async def test_cli_run_in_processes_against_its_own_daemon(tmp_path: Path) -> No
     assert report["commits"] > 0
     for stage in ("queue", "apply", "sync", "daemon_send"):
         assert report[f"{stage}_mean_ms"] > 0, stage
+    for stage in ("apply", "sync"):
+        assert 0 < report[f"{stage}_cpu_mean_ms"] <= report[f"{stage}_mean_ms"] + 1, stage
+    assert report["handover_mean_ms"] >= 0 and "writer cpu ms" in output
     assert isinstance(report["gc_pauses"], int) and "daemon gc" in output
+
+
+def _writer_scrape(batches: float, commit: float, apply: float, sync: float,
+                   cpu: tuple[float, float] | None) -> dict[str, float]:
+    """The writer's figures as `scrape_metrics` reads them.
+
+    cpu: the apply and sync CPU counters, if the daemon exports them.
+    """
+    figures = {"broker_writer_batch_size_sum": 4 * batches,
+               "broker_writer_batch_size_count": batches}
+    for stage, total in (("commit", commit), ("apply", apply), ("sync", sync)):
+        figures[f"broker_writer_{stage}_seconds_count"] = batches
+        figures[f"broker_writer_{stage}_seconds_sum"] = total
+        figures[f"broker_writer_{stage}_seconds:0.01"] = batches
+    if cpu is not None:
+        figures["broker_writer_apply_cpu_seconds"] = cpu[0]
+        figures["broker_writer_sync_cpu_seconds"] = cpu[1]
+    return figures
+
+
+def test_writer_cpu_and_hand_over_per_batch_come_from_the_phase_alone() -> None:
+    before = _writer_scrape(10, 0.100, 0.040, 0.020, cpu=(0.030, 0.010))
+    # 20 batches in the phase: 160 ms from the loop, 60 ms applying (30 ms of
+    # it on the CPU), 40 ms in COMMIT (10 ms of CPU): 60 ms handing over.
+    after = _writer_scrape(30, 0.260, 0.100, 0.060, cpu=(0.060, 0.020))
+    figures = daemon_figures(before, after)
+    assert figures["commits"] == 20
+    assert figures["apply_mean_ms"] == 3.0 and figures["apply_cpu_mean_ms"] == 1.5
+    assert figures["sync_mean_ms"] == 2.0 and figures["sync_cpu_mean_ms"] == 0.5
+    assert figures["handover_mean_ms"] == 3.0
+    table = format_table(build_report(_topology(LoadSpec(duration=1.0)), [], [], figures))
+    assert ("writer cpu ms     mean per batch: apply 1.50 of 3.00, sync 0.50 of 2.00 (the rest "
+            "waiting for the GIL, a core or the disk); hand-over to the thread and back 3.00"
+            in table)
+    # A daemon that does not export the CPU counters (--url to an older one):
+    # no CPU figures and no row for them, the rest as before.
+    older = daemon_figures(_writer_scrape(10, 0.100, 0.040, 0.020, cpu=None),
+                           _writer_scrape(30, 0.260, 0.100, 0.060, cpu=None))
+    assert "apply_cpu_mean_ms" not in older and older["apply_mean_ms"] == 3.0
+    table = format_table(build_report(_topology(LoadSpec(duration=1.0)), [], [], older))
+    assert "writer ms" in table and "writer cpu ms" not in table
 
 
 def test_a_missing_delivery_counts_as_lost() -> None:

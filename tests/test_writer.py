@@ -144,6 +144,10 @@ async def test_batch_with_every_seventh_failing_commits_the_rest(engine: Engine)
     # Each command's wait is counted once, each batch's apply and COMMIT once.
     assert stats.queue_wait.count == queued_before + 51
     assert stats.apply_time.count == stats.sync_time.count == stats.batches
+    # The thread's CPU time in each stage is counted too, and a thread never
+    # uses more CPU than the clock time it ran (1 ms for clock resolution).
+    assert 0 < stats.apply_cpu_seconds <= stats.apply_time.sum + 0.001
+    assert 0 < stats.sync_cpu_seconds <= stats.sync_time.sum + 0.001
     failed = sorted(i for i, r in results.items() if isinstance(r, BrokerError))
     assert failed == [i for i in range(50) if i % 7 == 6]
     assert all(results[i] == f"n{i}" for i in range(50) if i not in failed)

@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import apsw
 import trio
@@ -160,6 +160,17 @@ class WriterStatistics:
     queue_wait: Histogram
     apply_time: Histogram
     sync_time: Histogram
+    apply_cpu_seconds: float
+    sync_cpu_seconds: float
+
+
+class _BatchTimes(NamedTuple):
+    """Seconds one batch took in the writer thread: wall clock, and the thread's own CPU."""
+
+    apply: float
+    sync: float
+    apply_cpu: float
+    sync_cpu: float
 
 
 class WriterActor:
@@ -201,6 +212,12 @@ class WriterActor:
         self.queue_wait = Histogram(COMMIT_LATENCY_BUCKETS)
         self.apply_time = Histogram(COMMIT_LATENCY_BUCKETS)
         self.sync_time = Histogram(COMMIT_LATENCY_BUCKETS)
+        # The writer thread's CPU time in the same two stages, summed: what
+        # apply and sync took beyond it, the thread spent not running
+        # (waiting for the GIL, which the event loop holds, for a core or
+        # for the disk).
+        self.apply_cpu_seconds = 0.0
+        self.sync_cpu_seconds = 0.0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -304,7 +321,7 @@ class WriterActor:
         for pending in batch:
             self.queue_wait.observe(started - pending.submitted)
         try:
-            applied, synced = await trio.to_thread.run_sync(
+            times = await trio.to_thread.run_sync(
                 self._apply_batch, batch, limiter=self._thread)
         except BaseException as exc:
             # The writer is dying (the daemon exits and systemd restarts it);
@@ -314,8 +331,10 @@ class WriterActor:
                 pending.done.set()
             raise
         self.commit_latency.observe(time.perf_counter() - started)
-        self.apply_time.observe(applied)
-        self.sync_time.observe(synced)
+        self.apply_time.observe(times.apply)
+        self.sync_time.observe(times.sync)
+        self.apply_cpu_seconds += times.apply_cpu
+        self.sync_cpu_seconds += times.sync_cpu
         self.batches += 1
         self.commands += len(batch)
         self.batch_sizes.observe(len(batch))
@@ -340,14 +359,15 @@ class WriterActor:
         finally:
             pending.done.set()
 
-    def _apply_batch(self, batch: list[_Pending[Any]]) -> tuple[float, float]:
+    def _apply_batch(self, batch: list[_Pending[Any]]) -> _BatchTimes:
         """In the worker thread: one transaction for the whole batch.
 
-        Returns the seconds spent applying the commands and in COMMIT.
+        Returns the seconds spent applying the commands and in COMMIT, by
+        the clock and in this thread's CPU.
         """
         conn, tx = self.connection, self._tx
         assert tx is not None
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         tx.now_ms = int(time.time() * 1000)
         excluded: set[int] = set()
         while True:
@@ -365,7 +385,7 @@ class WriterActor:
             if not conn.get_autocommit():
                 conn.execute("ROLLBACK")
             self.replays += 1
-        applied = time.perf_counter()
+        applied, applied_cpu = time.perf_counter(), time.thread_time()
         try:
             conn.execute("COMMIT")
         except apsw.Error as exc:
@@ -379,7 +399,8 @@ class WriterActor:
                 pending.error = BrokerError(
                     "commit_failed", f"the transaction could not be committed: {exc}"
                 )
-        return applied - started, time.perf_counter() - applied
+        return _BatchTimes(applied - started, time.perf_counter() - applied,
+                           applied_cpu - started_cpu, time.thread_time() - applied_cpu)
 
     @staticmethod
     def _apply_all(
@@ -424,6 +445,8 @@ class WriterActor:
             queue_wait=self.queue_wait,
             apply_time=self.apply_time,
             sync_time=self.sync_time,
+            apply_cpu_seconds=self.apply_cpu_seconds,
+            sync_cpu_seconds=self.sync_cpu_seconds,
         )
 
 

@@ -82,6 +82,20 @@ class WriterCollector:
             "broker_writer_failed_commits", "Batches whose COMMIT failed",
             value=stats.failed_commits,
         )
+        yield CounterMetricFamily(
+            "broker_writer_apply_cpu_seconds",
+            "CPU time of the writer thread running batches' commands (beside"
+            " broker_writer_apply_seconds, its wall-clock time: the difference is"
+            " time the thread did not run, waiting for the GIL, a core or the disk)",
+            value=stats.apply_cpu_seconds,
+        )
+        yield CounterMetricFamily(
+            "broker_writer_sync_cpu_seconds",
+            "CPU time of the writer thread in batches' COMMITs (beside"
+            " broker_writer_sync_seconds, their wall-clock time: the difference is"
+            " the wait for the disk, the GIL or a core)",
+            value=stats.sync_cpu_seconds,
+        )
         batch: WriterHistogram = stats.batch_sizes
         sizes = HistogramMetricFamily(
             "broker_writer_batch_size", "Commands per committed transaction"

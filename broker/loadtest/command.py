@@ -244,6 +244,8 @@ async def latency_curve(spec: LoadSpec, fractions: list[float], *, procs: int,
 
 
 _BUCKET = re.compile(r'^(broker_writer_\w+?)(_bucket\{le="([^"]+)"\}|_sum|_count) (\S+)$')
+# The writer thread's CPU time in its two stages (counters).
+_CPU = re.compile(r'^(broker_writer_(?:apply|sync)_cpu_seconds)_total (\S+)$')
 # The daemon's own timing of the generator's sends (frame read to reply
 # queued), summed over the two send operations it uses.
 _SEND = re.compile(r'^broker_ws_request_seconds(_bucket|_sum|_count)'
@@ -266,7 +268,10 @@ async def scrape_metrics(url: str) -> dict[str, float]:
     figures: dict[str, float] = {}
     for line in text.splitlines():
         found = _BUCKET.match(line)
-        if found:
+        cpu = _CPU.match(line)
+        if cpu:
+            figures[cpu.group(1)] = float(cpu.group(2))
+        elif found:
             name, kind, le, value = found.groups()
             key = f"{name}:{le}" if le is not None else f"{name}{kind}"
             figures[key] = float(value)
@@ -285,7 +290,10 @@ def daemon_figures(before: dict[str, float], after: dict[str, float]) -> dict[st
     commit: a batch from the event loop handing it over to its results back
     (the `commit_mean_ms` of earlier reports); queue: a command waiting for
     its batch to start; apply and sync: a batch's statements and its COMMIT,
-    in the writer thread; daemon_send: a send request in the daemon, from its
+    in the writer thread, each also as that thread's CPU time (`_cpu_mean_ms`:
+    the rest of the stage the thread did not run, waiting for the GIL, a core
+    or the disk); handover: commit less apply and sync, the batch's trip to
+    the thread and back; daemon_send: a send request in the daemon, from its
     frame read to its reply queued (the part of send->reply the daemon
     itself sees); gc: the daemon's garbage-collector pauses (no Python
     runs meanwhile), their number, total and longest. Each p99 (and the longest
@@ -319,6 +327,16 @@ def daemon_figures(before: dict[str, float], after: dict[str, float]) -> dict[st
                 break
         figures[f"{stage}_mean_ms"] = round(1000 * delta(f"{name}_sum") / count, 3)
         figures[f"{stage}_p99_ms_at_most"] = None if math.isinf(p99) else round(1000 * p99, 3)
+    for stage in ("apply", "sync"):
+        batches = delta(f"broker_writer_{stage}_seconds_count")
+        if f"broker_writer_{stage}_cpu_seconds" in after and batches > 0:
+            figures[f"{stage}_cpu_mean_ms"] = round(
+                1000 * delta(f"broker_writer_{stage}_cpu_seconds") / batches, 3)
+    if all(f"{stage}_mean_ms" in figures for stage in ("commit", "apply", "sync")):
+        # Each batch is observed once in all three (the same count).
+        figures["handover_mean_ms"] = round(1000 * (
+            delta("broker_writer_commit_seconds_sum") - delta("broker_writer_apply_seconds_sum")
+            - delta("broker_writer_sync_seconds_sum")) / commits, 3)
     pauses = delta("broker_gc_pause_seconds_count")
     if "broker_gc_pause_seconds_count" in after:
         figures["gc_pauses"] = int(pauses)

@@ -211,6 +211,13 @@ def format_table(report: dict[str, Any]) -> str:
                   for stage in ("queue", "apply", "sync") if f"{stage}_mean_ms" in report]
         if stages:
             rows.append(("writer ms", "mean / p99: " + ", ".join(stages)))
+        if "apply_cpu_mean_ms" in report and "sync_cpu_mean_ms" in report:
+            rows.append(("writer cpu ms", f"mean per batch: apply {report['apply_cpu_mean_ms']:.2f}"
+                                          f" of {report['apply_mean_ms']:.2f}, sync "
+                                          f"{report['sync_cpu_mean_ms']:.2f} of "
+                                          f"{report['sync_mean_ms']:.2f} (the rest waiting for "
+                                          "the GIL, a core or the disk); hand-over to the "
+                                          f"thread and back {report['handover_mean_ms']:.2f}"))
     if "daemon_send_mean_ms" in report:
         rows.append(("daemon send ms", f"mean {report['daemon_send_mean_ms']:.2f}, p99 <= "
                                        f"{report['daemon_send_p99_ms_at_most']} (frame read "

@@ -232,8 +232,8 @@ async def test_metrics_report_requests_writer_and_deliveries(
     assert "broker_writer_commit_seconds_count" in text
     for stage in ("queue", "apply", "sync"):
         assert f"broker_writer_{stage}_seconds_count" in text
-    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-               if line.startswith("broker_writer_") and " " in line}
+    samples = {name: float(value) for name, value in
+               (line.split(" ") for line in text.splitlines() if line.startswith("broker_writer_"))}
     for stage in ("apply", "sync"):
         assert samples[f"broker_writer_{stage}_cpu_seconds_total"] > 0
     assert "broker_open_sessions 0.0" in text

@@ -427,7 +427,11 @@ class WriterActor:
     # -- reporting -------------------------------------------------------------
 
     def statistics(self) -> WriterStatistics:
-        """Queue depth, batches, commands, batch sizes and commit latency so far."""
+        """Queue depth, batches, commands, batch sizes, commit latency and its stages so far.
+
+        The histograms are the writer's own (they keep counting); the other
+        figures are values as of this call.
+        """
         stats = self._send.statistics()
         return WriterStatistics(
             running=self._running,

@@ -256,22 +256,23 @@ _GC = re.compile(r'^broker_gc_pause_seconds(_bucket|_sum|_count)'
 
 
 async def scrape_metrics(url: str) -> dict[str, float]:
-    """The writer's histograms, the send requests' timing and the collector's pauses from /metrics.
-
-    (name -> value; empty if unreachable)
-    """
+    """The daemon's figures from its /metrics (see `parse_metrics`; empty if unreachable)."""
     try:
         async with httpx.AsyncClient(base_url=url, timeout=10) as http:
             text = (await http.get("/metrics")).text
     except httpx.HTTPError:
         return {}
+    return parse_metrics(text)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """The writer's histograms and CPU counters, the send requests' timing and the
+    collector's pauses, from a /metrics text (name -> value)."""
     figures: dict[str, float] = {}
     for line in text.splitlines():
-        found = _BUCKET.match(line)
-        cpu = _CPU.match(line)
-        if cpu:
+        if cpu := _CPU.match(line):
             figures[cpu.group(1)] = float(cpu.group(2))
-        elif found:
+        elif found := _BUCKET.match(line):
             name, kind, le, value = found.groups()
             key = f"{name}:{le}" if le is not None else f"{name}{kind}"
             figures[key] = float(value)

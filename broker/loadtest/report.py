@@ -211,7 +211,8 @@ def format_table(report: dict[str, Any]) -> str:
                   for stage in ("queue", "apply", "sync") if f"{stage}_mean_ms" in report]
         if stages:
             rows.append(("writer ms", "mean / p99: " + ", ".join(stages)))
-        if "apply_cpu_mean_ms" in report and "sync_cpu_mean_ms" in report:
+        if all(key in report for key in ("apply_cpu_mean_ms", "sync_cpu_mean_ms",
+                                         "handover_mean_ms")):
             rows.append(("writer cpu ms", f"mean per batch: apply {report['apply_cpu_mean_ms']:.2f}"
                                           f" of {report['apply_mean_ms']:.2f}, sync "
                                           f"{report['sync_cpu_mean_ms']:.2f} of "

@@ -3,10 +3,10 @@
 Request counts and latencies come from the HTTP middleware; the writer's
 queue depth, batch sizes, commit latency (and where it went) and its
 thread's CPU time are read from `writer.statistics()` at scrape time by a
-custom collector; pending
-deliveries are summed by a reader query just before each scrape; open
-sessions is a gauge the WebSocket gateway moves; garbage-collector pauses
-are timed by a `gc.callbacks` hook (`broker.gc_tuning`).
+custom collector; pending deliveries are summed by a reader query just
+before each scrape; open sessions is a gauge the WebSocket gateway moves;
+garbage-collector pauses are timed by a `gc.callbacks` hook
+(`broker.gc_tuning`).
 """
 
 from __future__ import annotations

@@ -266,8 +266,11 @@ async def scrape_metrics(url: str) -> dict[str, float]:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """The writer's histograms and CPU counters, the send requests' timing and the
-    collector's pauses, from a /metrics text (name -> value)."""
+    """The daemon's figures in a /metrics text (name -> value).
+
+    The writer's histograms and CPU counters, the send requests' timing and
+    the collector's pauses.
+    """
     figures: dict[str, float] = {}
     for line in text.splitlines():
         if cpu := _CPU.match(line):

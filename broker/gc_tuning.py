@@ -27,13 +27,14 @@ for `/metrics`: the pauses are visible to whoever operates the daemon.
 
 from __future__ import annotations
 
-import bisect
 import gc
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from broker.engine.writer import Histogram
 
 # Collect the young generation once this many more container objects were
 # allocated than freed (CPython's default: 700).
@@ -60,14 +61,12 @@ class CollectorPauses:
     `install()` adds a `gc.callbacks` hook, `remove()` takes it away (the hook
     list is the process's, and a test process runs many servers). The hook
     runs inside the collector, in whichever thread triggered it, with the GIL
-    held: it only adds to plain lists and takes no lock (a lock held by the
-    interrupted code of the same thread would deadlock it).
+    held: it only adds to a histogram's counts and takes no lock (a lock held
+    by the interrupted code of the same thread would deadlock it).
     """
 
     def __init__(self, buckets: Sequence[float] = PAUSE_BUCKETS) -> None:
-        self.bounds = tuple(buckets)
-        self.counts = [[0] * (len(self.bounds) + 1) for _ in range(GENERATIONS)]
-        self.sums = [0.0] * GENERATIONS
+        self.pauses = [Histogram(buckets) for _ in range(GENERATIONS)]
         self._started: float | None = None
 
     def install(self) -> None:
@@ -90,8 +89,7 @@ class CollectorPauses:
         seconds = time.perf_counter() - self._started
         self._started = None
         generation = min(int(info.get("generation", 0)), GENERATIONS - 1)
-        self.counts[generation][bisect.bisect_left(self.bounds, seconds)] += 1
-        self.sums[generation] += seconds
+        self.pauses[generation].observe(seconds)
 
     def describe(self) -> Sequence[Metric]:
         return []
@@ -102,15 +100,8 @@ class CollectorPauses:
             "Garbage-collector pauses (no Python runs in any thread), by generation",
             labels=["generation"],
         )
-        for generation in range(GENERATIONS):
-            counts = list(self.counts[generation])  # a copy: the hook may run meanwhile
-            buckets: list[tuple[str, float]] = []
-            running = 0
-            for bound, count in zip(self.bounds, counts, strict=False):
-                running += count
-                buckets.append((repr(float(bound)), float(running)))
-            buckets.append(("+Inf", float(sum(counts))))
-            pauses.add_metric([str(generation)], buckets, self.sums[generation])
+        for generation, histogram in enumerate(self.pauses):
+            pauses.add_metric([str(generation)], histogram.cumulative(), histogram.sum)
         yield pauses
         yield GaugeMetricFamily(
             "broker_gc_frozen_objects",

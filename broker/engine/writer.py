@@ -140,6 +140,22 @@ class Histogram:
     def mean(self) -> float:
         return self.sum / self.count if self.count else 0.0
 
+    def cumulative(self) -> list[tuple[str, float]]:
+        """Prometheus buckets: (upper bound, observations at or below it), "+Inf" last.
+
+        From one copy of the counts, so the buckets agree with each other even
+        if an observation lands meanwhile (a garbage-collector hook can run in
+        the middle of a scrape).
+        """
+        counts = list(self.counts)
+        buckets: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip(self.bounds, counts, strict=False):
+            running += count
+            buckets.append((repr(float(bound)), float(running)))
+        buckets.append(("+Inf", float(sum(counts))))
+        return buckets
+
 
 @dataclass(frozen=True)
 class WriterStatistics:

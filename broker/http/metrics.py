@@ -35,18 +35,6 @@ REQUEST_SECONDS_BUCKETS: tuple[float, ...] = (
 )
 
 
-def _cumulative(hist: WriterHistogram) -> list[tuple[str, float]]:
-    buckets: list[tuple[str, float]] = []
-    running = 0
-    for bound, count in zip(hist.bounds, hist.counts, strict=False):
-        running += count
-        buckets.append((_bound_label(bound), float(running)))
-    buckets.append(("+Inf", float(hist.count)))
-    return buckets
-
-
-def _bound_label(bound: float) -> str:
-    return repr(float(bound))
 
 
 class WriterCollector:
@@ -101,7 +89,7 @@ class WriterCollector:
         sizes = HistogramMetricFamily(
             "broker_writer_batch_size", "Commands per committed transaction"
         )
-        sizes.add_metric([], _cumulative(batch), batch.sum)
+        sizes.add_metric([], batch.cumulative(), batch.sum)
         yield sizes
         for name, help_text, histogram in (
             ("broker_writer_commit_seconds",
@@ -114,7 +102,7 @@ class WriterCollector:
              "Time one batch's COMMIT takes (the WAL write and fsync)", stats.sync_time),
         ):
             family = HistogramMetricFamily(name, help_text, unit="")
-            family.add_metric([], _cumulative(histogram), histogram.sum)
+            family.add_metric([], histogram.cumulative(), histogram.sum)
             yield family
 
 

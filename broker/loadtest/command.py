@@ -306,6 +306,14 @@ def daemon_figures(before: dict[str, float], after: dict[str, float]) -> dict[st
     def delta(key: str) -> float:
         return after.get(key, 0.0) - before.get(key, 0.0)
 
+    def bound_ms(name: str, needed: float) -> float | None:
+        """The upper bound (ms) of the first bucket of `name` holding `needed` of the
+        phase's observations; None if only the open last bucket does."""
+        bounds = sorted((float(key.split(":")[1]), key) for key in after
+                        if key.startswith(f"{name}:") and "Inf" not in key)
+        found = next((bound for bound, key in bounds if delta(key) >= needed), math.inf)
+        return None if math.isinf(found) else round(1000 * found, 3)
+
     commits = delta("broker_writer_commit_seconds_count")
     if commits <= 0:
         return {}
@@ -322,15 +330,8 @@ def daemon_figures(before: dict[str, float], after: dict[str, float]) -> dict[st
         count = delta(f"{name}_count")
         if count <= 0:
             continue
-        bounds = sorted((float(key.split(":")[1]), key) for key in after
-                        if key.startswith(f"{name}:") and "Inf" not in key)
-        p99 = math.inf
-        for bound, key in bounds:
-            if delta(key) >= 0.99 * count:
-                p99 = bound
-                break
         figures[f"{stage}_mean_ms"] = round(1000 * delta(f"{name}_sum") / count, 3)
-        figures[f"{stage}_p99_ms_at_most"] = None if math.isinf(p99) else round(1000 * p99, 3)
+        figures[f"{stage}_p99_ms_at_most"] = bound_ms(name, 0.99 * count)
     for stage in ("apply", "sync"):
         batches = delta(f"broker_writer_{stage}_seconds_count")
         if f"broker_writer_{stage}_cpu_seconds" in after and batches > 0:
@@ -345,11 +346,8 @@ def daemon_figures(before: dict[str, float], after: dict[str, float]) -> dict[st
     if "broker_gc_pause_seconds_count" in after:
         figures["gc_pauses"] = int(pauses)
         figures["gc_pause_total_ms"] = round(1000 * delta("broker_gc_pause_seconds_sum"), 1)
-        pause_bounds = sorted((float(key.split(":")[1]), key) for key in after
-                              if key.startswith("broker_gc_pause_seconds:") and "Inf" not in key)
-        longest = next((bound for bound, key in pause_bounds if delta(key) >= pauses), math.inf)
         figures["gc_pause_longest_ms_at_most"] = (
-            0.0 if pauses == 0 else None if math.isinf(longest) else round(1000 * longest, 3))
+            0.0 if pauses == 0 else bound_ms("broker_gc_pause_seconds", pauses))
     return figures
 
 

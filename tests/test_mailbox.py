@@ -57,6 +57,11 @@ async def delivery_rows(engine: Engine, agent_id: int) -> list[tuple[Any, ...]]:
         " FROM deliveries WHERE agent_id = ? ORDER BY seq", (agent_id,)).fetchall())
 
 
+def pushed_now() -> int:
+    """A push time after every command committed so far (epoch ms)."""
+    return int(time.time() * 1000) + 1
+
+
 async def marks(engine: Engine, agent_id: int) -> tuple[Any, ...]:
     row = await engine.read(lambda c: c.execute(
         "SELECT last_seq, acked_seq, pending_count FROM agents WHERE id = ?",
@@ -186,7 +191,8 @@ async def test_cumulative_ack_holds_failed_and_deferred_rows(engine: Engine, wor
     wid, bob = world.workspace_id, world.agents["bob"]
     await send_to_bob(engine, world, 7)
     d = {s: delivery_id(bob, s) for s in range(1, 8)}
-    await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob, seqs=[1, 2, 3, 4, 5, 6]))
+    await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob, seqs=[1, 2, 3, 4, 5, 6],
+                                      pushed_at=pushed_now()))
     await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=d[2],
                                      error="busy"))
     pending = await engine.read(list_pending, wid, bob)
@@ -198,7 +204,8 @@ async def test_cumulative_ack_holds_failed_and_deferred_rows(engine: Engine, wor
     await engine.submit(DeferDelivery(workspace_id=wid, agent_id=bob, delivery_id=d[5],
                                       until_ms=0))
     # A push mark that arrives after the defer (made before it) leaves the row deferred.
-    stale = await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob, seqs=[4]))
+    stale = await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob, seqs=[4],
+                                              pushed_at=now))
     assert stale.seqs == []
 
     acked = await engine.submit(AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=7))
@@ -217,7 +224,8 @@ async def test_cumulative_ack_holds_failed_and_deferred_rows(engine: Engine, wor
     assert await marks(engine, bob) == (7, 1, 3)
 
     # Pushed again, the failed row is delivered, and the next cumulative ack takes it.
-    await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob, seqs=[2]))
+    await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob, seqs=[2],
+                                      pushed_at=pushed_now()))
     moved = await engine.submit(AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=7))
     assert (moved.acked, moved.acked_seq, moved.changed) == (1, 3, True)
     # One by one: the row right above the mark lets it move to the next pending row.
@@ -307,22 +315,26 @@ async def test_mark_delivered_counts_attempts(engine: Engine, world: World) -> N
     await engine.submit(AckDelivery(workspace_id=wid, agent_id=bob,
                                     delivery_id=delivery_id(bob, 3)))
     marked = await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob,
-                                               seqs=[1, 2, 3, 99]))
+                                               seqs=[1, 2, 3, 99], pushed_at=pushed_now()))
     assert marked.seqs == [1, 2]
-    await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob, seqs=[1]))
+    await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob, seqs=[1],
+                                      pushed_at=pushed_now()))
     rows = await engine.read(lambda c: c.execute(
         "SELECT seq, state, attempts, delivered_at IS NOT NULL FROM deliveries"
         " WHERE agent_id = ? ORDER BY seq", (bob,)).fetchall())
     assert rows == [(1, "delivered", 2, 1), (2, "delivered", 1, 1), (3, "acked", 0, 0)]
-    assert (await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob, seqs=[]))).seqs == []
+    assert (await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob, seqs=[],
+                                              pushed_at=pushed_now()))).seqs == []
     await refused(engine, MarkDelivered(workspace_id=wid, agent_id=bob,
-                                        seqs=list(range(MAX_MARK + 1))), "too_many_seqs")
+                                        seqs=list(range(MAX_MARK + 1)), pushed_at=pushed_now()),
+                  "too_many_seqs")
 
 
 async def test_record_receipts_folds_marks_into_the_ack(engine: Engine, world: World) -> None:
     wid, bob, carol = world.workspace_id, world.agents["bob"], world.agents["carol"]
     await send_to_bob(engine, world, 6)
-    await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob, seqs=[1]))
+    await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob, seqs=[1],
+                                      pushed_at=pushed_now()))
     await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob,
                                      delivery_id=delivery_id(bob, 3)))
     await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob,
@@ -331,8 +343,8 @@ async def test_record_receipts_folds_marks_into_the_ack(engine: Engine, world: W
     # marked by a late ordinary push (left failed: held); 4 failed and
     # pushed again (marked, then acked); 6 pushed, above the ack (delivered).
     results = await engine.submit(RecordReceipts((
-        AgentReceipts(workspace_id=wid, agent_id=bob, pushed=[2, 3, 5, 6], pushed_again=[4],
-                      up_to_seq=5),
+        AgentReceipts(workspace_id=wid, agent_id=bob, pushed=[2, 3, 5, 6],
+                      pushed_again=[(4, pushed_now())], up_to_seq=5),
         AgentReceipts(workspace_id=wid, agent_id=carol, pushed=[], up_to_seq=None),
     )))
     # 1, 2, 4 and 5 acked; the mark stops below the held 3
@@ -342,6 +354,56 @@ async def test_record_receipts_folds_marks_into_the_ack(engine: Engine, world: W
         (1, "acked", 1, 1, 1), (2, "acked", 1, 1, 1), (3, "failed", 0, 0, 0),
         (4, "acked", 1, 1, 1), (5, "acked", 1, 1, 1), (6, "delivered", 1, 1, 0)]
     assert await marks(engine, bob) == (6, 2, 2)
+
+
+async def test_late_push_mark_leaves_a_row_given_back_after_the_push_held(
+    engine: Engine, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Push, fail again, then the push's mark: the mark is late and changes nothing.
+
+    A held row is pushed again; before the recorder writes that push's
+    mark, the agent fails the row again (or defers it). The mark, written
+    after, must leave the row held, or the next cumulative ack settles what
+    the agent gave back. The writer's wall clock is injected, so the three
+    steps are milliseconds apart by construction.
+    """
+    wall_ms = [1_800_000_000_000]
+    monkeypatch.setattr(time, "time", lambda: wall_ms[0] / 1000)
+    wid, bob = world.workspace_id, world.agents["bob"]
+    await send_to_bob(engine, world, 4)
+    d2, d3 = delivery_id(bob, 2), delivery_id(bob, 3)
+    await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=d2))
+    await engine.submit(DeferDelivery(workspace_id=wid, agent_id=bob, delivery_id=d3,
+                                      until_ms=0))
+    wall_ms[0] += 5
+    pushed_at = wall_ms[0]  # both pushed again, after they were given back
+    wall_ms[0] += 5
+    await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=d2,
+                                     error="still busy"))
+    await engine.submit(DeferDelivery(workspace_id=wid, agent_id=bob, delivery_id=d3,
+                                      until_ms=1))
+    wall_ms[0] += 5
+    # The late marks, as MarkDelivered and as the recorder's RecordReceipts.
+    late = await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob, seqs=[2, 3],
+                                             pushed_at=pushed_at))
+    assert late.seqs == []
+    (acked,) = await engine.submit(RecordReceipts((AgentReceipts(
+        workspace_id=wid, agent_id=bob, pushed_again=[(2, pushed_at), (3, pushed_at)],
+        up_to_seq=4),)))
+    assert acked is not None and not isinstance(acked, Exception)
+    assert (acked.acked, acked.acked_seq) == (2, 1)
+    assert await delivery_rows(engine, bob) == [
+        (1, "acked", 0, 0, 1), (2, "failed", 0, 0, 0), (3, "queued", 0, 0, 0),
+        (4, "acked", 0, 0, 1)]
+    # A push made after the second fail and defer takes, and the next ack settles both.
+    (again,) = await engine.submit(RecordReceipts((AgentReceipts(
+        workspace_id=wid, agent_id=bob, pushed_again=[(2, wall_ms[0]), (3, wall_ms[0])],
+        up_to_seq=4),)))
+    assert again is not None and not isinstance(again, Exception)
+    assert (again.acked, again.acked_seq) == (2, 4)
+    assert await delivery_rows(engine, bob) == [
+        (1, "acked", 0, 0, 1), (2, "acked", 1, 1, 1), (3, "acked", 1, 1, 1),
+        (4, "acked", 0, 0, 1)]
 
 
 async def test_record_receipts_refuses_one_agent_and_commits_the_others(
@@ -379,7 +441,8 @@ async def test_pending_count_matches_rows_through_random_transitions(
                 await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=did,
                                                  retryable=rng.random() < 0.5))
             elif choice == 2:
-                await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob, seqs=[seq]))
+                await engine.submit(MarkDelivered(workspace_id=wid, agent_id=bob, seqs=[seq],
+                                                  pushed_at=pushed_now()))
             elif choice == 3:
                 await engine.submit(DeferDelivery(workspace_id=wid, agent_id=bob,
                                                   delivery_id=did, until_ms=0))
@@ -389,7 +452,8 @@ async def test_pending_count_matches_rows_through_random_transitions(
                 pushed = rng.sample(range(1, 33), 4)
                 await engine.submit(RecordReceipts((AgentReceipts(
                     workspace_id=wid, agent_id=bob, pushed=sorted(pushed[:3]),
-                    pushed_again=pushed[3:], up_to_seq=rng.choice([None, seq])),)))
+                    pushed_again=[(pushed[3], pushed_now())],
+                    up_to_seq=rng.choice([None, seq])),)))
         except Exception as exc:  # unknown seqs 31, 32
             assert getattr(exc, "code", None) == "delivery_not_found"
         last_seq, acked_seq, pending = await marks(engine, bob)

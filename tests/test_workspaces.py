@@ -301,7 +301,8 @@ def _commands(t: Two) -> list[tuple[str, Any, str]]:
                                                      delivery_id=t.b_delivery, until_ms=1),
          "delivery_not_found"),
         ("mark delivered as B's agent", mailbox.MarkDelivered(workspace_id=wa, agent_id=zed,
-                                                              seqs=[1]), "agent_not_found"),
+                                                              seqs=[1], pushed_at=0),
+         "agent_not_found"),
         # Workspace names are global, so a clash is all A learns of B.
         ("rename A to B's name", UpdateWorkspace(workspace_id=wa, name="b"),
          "workspace_already_exists"),

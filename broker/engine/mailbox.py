@@ -26,6 +26,17 @@ After a retryable fail or a defer, an ephemeral `mailbox.changed` fact
 (`{"agent_id", "seq"}`, audience: the agent) tells the agent's live
 sessions to catch up from the database.
 
+A push mark can arrive after the agent gave the row back: the gateway's
+recorder writes marks a little after the push, and the agent may fail or
+defer the row it was just pushed in that time. So every mark carries the
+time of its push (epoch ms), and a held row takes a mark only if that push
+came after the fail or defer that put it back (`updated_at`, which nothing
+else moves while a row is held): a push older than it is late and changes
+nothing, or it would turn the row back to delivered and the next
+cumulative ack would settle what the agent gave back. The gateway stamps a
+push of a held row at least 1 ms after the `updated_at` it read the row
+with, so a push that follows the fail in the same millisecond still counts.
+
 The ack mark `agents.acked_seq` (the replay mark) keeps one invariant that
 makes acks and the replay cheap: every row with seq <= the mark is final
 (acked or dead_lettered). An ack therefore only touches the rows between
@@ -98,6 +109,9 @@ class PendingDelivery(msgspec.Struct, frozen=True, kw_only=True):
     available_at: int | None
     expires_at: int
     created_at: int
+    # The last change of state (a held row: when it was failed or deferred);
+    # None for a row never changed since it was queued.
+    updated_at: int | None = None
 
 
 def delivery_id(agent_id: int, seq: int) -> str:
@@ -140,7 +154,7 @@ def list_pending(
     marks = seq_marks(conn, workspace_id, agent_id)
     rows = conn.execute(
         "SELECT d.seq, d.state, d.attempts, l.type, d.message_id, d.log_id, l.payload,"
-        " d.available_at, d.expires_at, d.created_at"
+        " d.available_at, d.expires_at, d.created_at, d.updated_at"
         " FROM deliveries d JOIN message_log l ON l.id = d.log_id"
         f" WHERE d.agent_id = ? AND d.seq > ? AND d.state IN {_PENDING_SQL}"
         " AND (? IS NULL OR d.available_at IS NULL OR d.available_at <= ?)"
@@ -154,10 +168,10 @@ def list_pending(
             type=cast(str, type_), message_id=cast("int | None", message_id),
             log_id=cast(int, log_id), payload=msgspec.Raw(cast(bytes, payload)),
             available_at=cast("int | None", available_at), expires_at=cast(int, expires_at),
-            created_at=cast(int, created_at),
+            created_at=cast(int, created_at), updated_at=cast("int | None", updated_at),
         )
         for (seq, state, attempts, type_, message_id, log_id, payload, available_at, expires_at,
-             created_at) in rows
+             created_at, updated_at) in rows
     ]
 
 
@@ -382,22 +396,25 @@ class DeferDelivery(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class MarkDelivered(msgspec.Struct, frozen=True, kw_only=True):
-    """Record that these deliveries were pushed: state delivered, attempts + 1.
+    """Record that these deliveries were pushed at `pushed_at`: state delivered, attempts + 1.
 
     One agent's marks alone, as a held row's redelivery is marked by the
     gateway's RecordReceipts (the same statement). Every push counts as an
     attempt, a re-push of a delivered or failed row too (the expiry and
     dead-letter sweeps read `attempts`); acked and dead-lettered rows, and
-    seqs that do not exist, are skipped. So is a row deferred past now:
-    nothing pushes it before its time, so the mark is a late one for a push
-    made before the defer, and it must not release the row to the next
+    seqs that do not exist, are skipped. So is a late mark: a held row
+    (failed, or deferred) failed or deferred at or after `pushed_at` (see
+    the module docstring), and a row deferred past now (nothing pushes it
+    before its time). Either must not release the row to the next
     cumulative ack.
+    pushed_at: when the pushes were written to the socket, epoch ms.
     Raises agent_not_found, too_many_seqs (over MAX_MARK).
     """
 
     workspace_id: int
     agent_id: int
     seqs: list[int]
+    pushed_at: int
 
     def apply(self, tx: Tx) -> DeliveriesMarked:
         if len(self.seqs) > MAX_MARK:
@@ -407,7 +424,7 @@ class MarkDelivered(msgspec.Struct, frozen=True, kw_only=True):
             return DeliveriesMarked(seqs=[])
         rows = tx.conn.execute(
             _MARK_AGAIN_SQL + " RETURNING seq",
-            (tx.now_ms, self.agent_id, _encoder.encode(self.seqs).decode()),
+            (tx.now_ms, self.agent_id, _encoder.encode(self.seqs).decode(), self.pushed_at),
         ).fetchall()
         return DeliveriesMarked(seqs=sorted(cast(int, r[0]) for r in rows))
 
@@ -416,14 +433,15 @@ class AgentReceipts(msgspec.Struct, frozen=True, kw_only=True):
     """One agent's pushes and cumulative ack, as the gateway's recorder collected them.
 
     pushed: seqs pushed as ordinary deliveries (never as a redelivery of a
-    held row); pushed_again: held rows pushed again (`redelivery`);
-    up_to_seq: the highest cumulative ack received, if any.
+    held row); pushed_again: held rows pushed again (`redelivery`), as
+    (seq, push time in epoch ms) pairs, for the late-mark rule of
+    MarkDelivered; up_to_seq: the highest cumulative ack received, if any.
     """
 
     workspace_id: int
     agent_id: int
     pushed: list[int] = []
-    pushed_again: list[int] = []
+    pushed_again: list[tuple[int, int]] = []
     up_to_seq: int | None = None
 
 
@@ -432,7 +450,8 @@ class RecordReceipts(msgspec.Struct, frozen=True):
 
     Per agent, in this order:
     - `pushed_again` rows are marked as MarkDelivered marks them (a held row
-      becomes delivered), so that the ack below finds them settled-able;
+      becomes delivered unless the mark is late), so that the ack below
+      finds them settled-able;
     - `pushed` rows at or below the ack's target are marked and acked in one
       statement (the fold: a row is written once, not twice), the others are
       marked delivered. An ordinary push never releases a held row: if the
@@ -463,7 +482,9 @@ def _record(tx: Tx, receipts: AgentReceipts) -> AckResult | None:
     up_to = None if receipts.up_to_seq is None else _seq(receipts.up_to_seq, "up_to_seq")
     marks = seq_marks(conn, receipts.workspace_id, agent_id)
     if receipts.pushed_again:
-        _mark(tx, agent_id, receipts.pushed_again, held_too=True)
+        # Few rows (only what the agent gave back), each with its own push time.
+        conn.executemany(_MARK_ONE_AGAIN_SQL,
+                         [(now, agent_id, seq, at) for seq, at in receipts.pushed_again])
     target = marks.acked_seq if up_to is None else min(up_to, marks.last_seq)
     fold = [seq for seq in receipts.pushed if marks.acked_seq < seq <= target]
     later = [seq for seq in receipts.pushed if seq > target]
@@ -478,7 +499,7 @@ def _record(tx: Tx, receipts: AgentReceipts) -> AckResult | None:
         )
         folded = conn.changes()
     if later:
-        _mark(tx, agent_id, later, held_too=False)
+        _mark(tx, agent_id, later)
     if up_to is None:
         return None
     return _ack_up_to(tx, agent_id, marks, up_to, folded)
@@ -489,13 +510,18 @@ _MARK_SQL = (
     " delivered_at = ?1, updated_at = ?1"
     " WHERE agent_id = ?2 AND seq IN (SELECT value FROM json_each(?3)) AND "
 )
-# A held row pushed again: any pending row that is due (as MarkDelivered).
+# What the agent gave back and has not been pushed since (see the module docstring).
+_HELD_SQL = "(state = 'failed' OR (state = 'queued' AND available_at IS NOT NULL))"
+# A held row pushed again at ?4: any pending row that is due, except a held
+# one given back at or after the push (a late mark; as MarkDelivered).
 _MARK_AGAIN_SQL = (
-    _MARK_SQL + f"state IN {_PENDING_SQL} AND (available_at IS NULL OR available_at <= ?1)")
+    _MARK_SQL + f"state IN {_PENDING_SQL} AND (available_at IS NULL OR available_at <= ?1)"
+    f" AND NOT ({_HELD_SQL} AND coalesce(updated_at, 0) >= ?4)")
+# The same for one seq (?3).
+_MARK_ONE_AGAIN_SQL = _MARK_AGAIN_SQL.replace("IN (SELECT value FROM json_each(?3))", "= ?3")
 # An ordinary push: never a held row (failed or deferred after the push).
 _MARK_PUSHED_SQL = _MARK_SQL + _CUMULATIVE_SQL
 
 
-def _mark(tx: Tx, agent_id: int, seqs: list[int], *, held_too: bool) -> None:
-    tx.conn.execute(_MARK_AGAIN_SQL if held_too else _MARK_PUSHED_SQL,
-                    (tx.now_ms, agent_id, _encoder.encode(seqs).decode()))
+def _mark(tx: Tx, agent_id: int, seqs: list[int]) -> None:
+    tx.conn.execute(_MARK_PUSHED_SQL, (tx.now_ms, agent_id, _encoder.encode(seqs).decode()))

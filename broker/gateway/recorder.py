@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import msgspec
 import trio
@@ -81,7 +82,7 @@ class _Agent:
         self.workspace_id = workspace_id
         self.pushed: list[int] = []  # ordinary pushes not marked yet
         self.pushed_since = 0.0  # trio time of the oldest of them
-        self.pushed_again: list[int] = []
+        self.pushed_again: dict[int, int] = {}  # seq -> its latest push time (epoch ms)
         self.up_to_seq: int | None = None
         self.ack_since = 0.0  # trio time of the oldest ack not written yet
         self.waiters: list[_Waiter] = []
@@ -166,15 +167,18 @@ class DeliveryRecorder:
         return agent
 
     def delivered(self, workspace_id: int, agent_id: int, seq: int,
-                  redelivery: bool = False) -> None:
+                  redelivery: bool = False, pushed_at: int | None = None) -> None:
         """Record that a delivery was pushed (state delivered, one more attempt).
 
-        redelivery: a held delivery pushed again; its mark is not held back.
+        redelivery: a held delivery pushed again; its mark is not held back,
+        and carries `pushed_at` (epoch ms, default now): a held row failed or
+        deferred at or after it is left held (a late mark).
         """
         self.marks_received += 1
         agent = self._agent(workspace_id, agent_id)
         if redelivery:
-            agent.pushed_again.append(seq)
+            at = int(time.time() * 1000) if pushed_at is None else pushed_at
+            agent.pushed_again[seq] = max(at, agent.pushed_again.get(seq, 0))
             self._wake.set()
             return
         if not agent.pushed:
@@ -253,9 +257,9 @@ class DeliveryRecorder:
                     self.marks_folded += sum(1 for seq in pushed if seq <= up_to)
                 entries.append(AgentReceipts(
                     workspace_id=agent.workspace_id, agent_id=agent_id,
-                    pushed=sorted(set(pushed)), pushed_again=sorted(set(agent.pushed_again)),
+                    pushed=sorted(set(pushed)), pushed_again=sorted(agent.pushed_again.items()),
                     up_to_seq=up_to))
-                agent.pushed_again = []
+                agent.pushed_again = {}
                 if up_to is None:
                     waiters.append([])
                 else:

@@ -13,9 +13,12 @@ that deduplicates by seq to take it anyway. The same read says when the
 next deferred one falls due, so the session can come back for it.
 
 A session remembers the version of each held delivery it pushed (`Held`:
-state, attempts, available_at): the push is marked `delivered` by the
-recorder a little later, and until then the row still reads as held; a new
-fail or defer changes the version, so it is pushed again.
+state, attempts, available_at, updated_at): the push is marked `delivered`
+by the recorder a little later, and until then the row still reads as
+held; a new fail or defer changes the version (its `updated_at` at least),
+so it is pushed again. The push is stamped after the `updated_at` it was
+read with: a mark whose push came before the row's last fail or defer is
+late, and the engine leaves the row held (see `broker.engine.mailbox`).
 """
 
 from __future__ import annotations
@@ -38,14 +41,16 @@ class HeldDelivery(msgspec.Struct, frozen=True, kw_only=True):
     type: str
     message_id: int | None
     payload: bytes
+    updated_at: int | None = None  # when it was failed or deferred
 
     @property
     def version(self) -> Held:
-        return (self.state, self.attempts, self.available_at)
+        return (self.state, self.attempts, self.available_at, self.updated_at)
 
 
-# What a held row looked like when a session pushed it: (state, attempts, available_at).
-Held = tuple[str, int, "int | None"]
+# What a held row looked like when a session pushed it:
+# (state, attempts, available_at, updated_at).
+Held = tuple[str, int, "int | None", "int | None"]
 
 
 class HeldPage(msgspec.Struct, frozen=True, kw_only=True):
@@ -72,7 +77,8 @@ def held_deliveries(
     marks = seq_marks(conn, workspace_id, agent_id)
     after = max(after_seq, marks.acked_seq)
     rows = conn.execute(
-        "SELECT d.seq, d.state, d.attempts, d.available_at, l.type, d.message_id, l.payload"
+        "SELECT d.seq, d.state, d.attempts, d.available_at, l.type, d.message_id, l.payload,"
+        " d.updated_at"
         " FROM deliveries d JOIN message_log l ON l.id = d.log_id"
         " WHERE d.agent_id = ? AND d.seq > ? AND d.seq <= ?"
         " AND (d.state = 'failed'"
@@ -91,8 +97,10 @@ def held_deliveries(
                          attempts=cast(int, attempts),
                          available_at=cast("int | None", available_at), type=cast(str, type_),
                          message_id=cast("int | None", message_id),
-                         payload=bytes(cast(bytes, payload)))
-            for seq, state, attempts, available_at, type_, message_id, payload in rows
+                         payload=bytes(cast(bytes, payload)),
+                         updated_at=cast("int | None", updated_at))
+            for seq, state, attempts, available_at, type_, message_id, payload, updated_at
+            in rows
         ],
         next_due=None if due is None or due[0] is None else int(due[0]),
     )

@@ -380,8 +380,12 @@ class Session:
             self._send_started = None
         self.frames_sent += 1
 
-    async def send_delivery(self, seq: int, view: FactView, redelivery: bool = False) -> None:
-        """Push one durable delivery (sessions with a delivery stream)."""
+    async def send_delivery(self, seq: int, view: FactView, redelivery: bool = False,
+                            changed_at: int | None = None) -> None:
+        """Push one durable delivery (sessions with a delivery stream).
+
+        changed_at: a held row's `updated_at` as read (see `broker.gateway.redelivery`).
+        """
         raise NotImplementedError
 
     def delivery_frame(self, seq: int, view: FactView, redelivery: bool = False) -> Any:
@@ -392,10 +396,12 @@ class Session:
         """
         raise NotImplementedError
 
-    def delivered(self, seq: int, redelivery: bool = False) -> None:
+    def delivered(self, seq: int, redelivery: bool = False,
+                  changed_at: int | None = None) -> None:
         """Delivery `seq` was written to the socket (sessions with a delivery stream).
 
-        redelivery: it was a held delivery pushed again.
+        redelivery: it was a held delivery pushed again, read with
+        `updated_at` = changed_at.
         """
 
     def event_frame(self, view: FactView) -> Any:
@@ -539,7 +545,8 @@ class DeliverySession(Session):
                     continue  # pushed already; its mark is on its way
                 view = FactView(row.type, self.workspace_id, row.payload,
                                 message_id=row.message_id)
-                await self.send_delivery(row.seq, view, redelivery=True)
+                await self.send_delivery(row.seq, view, redelivery=True,
+                                         changed_at=row.updated_at)
                 self.redelivered += 1
             if len(page.rows) < page_size:
                 break
@@ -567,9 +574,11 @@ class DeliverySession(Session):
                     view = FactView(row.type, self.workspace_id, bytes(row.payload),
                                     message_id=row.message_id)
                     held = is_held(row.state, row.available_at)
-                    await self.send_delivery(row.seq, view, redelivery=held)
+                    await self.send_delivery(row.seq, view, redelivery=held,
+                                             changed_at=row.updated_at if held else None)
                     if held:
-                        self._held_pushed[row.seq] = (row.state, row.attempts, row.available_at)
+                        self._held_pushed[row.seq] = (row.state, row.attempts, row.available_at,
+                                                      row.updated_at)
                     outbox.advance(row.seq)
                     self.replayed += 1
                 if len(page) < page_size:
@@ -579,9 +588,18 @@ class DeliverySession(Session):
             if outbox.finish_catch_up():
                 return
 
-    async def send_delivery(self, seq: int, view: FactView, redelivery: bool = False) -> None:
+    async def send_delivery(self, seq: int, view: FactView, redelivery: bool = False,
+                            changed_at: int | None = None) -> None:
         await self.send_bytes(self.codec.encode(self.delivery_frame(seq, view, redelivery)))
-        self.delivered(seq, redelivery)
+        self.delivered(seq, redelivery, changed_at)
 
-    def delivered(self, seq: int, redelivery: bool = False) -> None:
-        self.gateway.recorder.delivered(self.workspace_id, self.agent_id, seq, redelivery)
+    def delivered(self, seq: int, redelivery: bool = False,
+                  changed_at: int | None = None) -> None:
+        pushed_at = None
+        if redelivery:
+            # Stamped after the fail or defer the row was read with, so the
+            # mark of this push is never mistaken for a late one.
+            now = int(time.time() * 1000)
+            pushed_at = now if changed_at is None else max(now, changed_at + 1)
+        self.gateway.recorder.delivered(self.workspace_id, self.agent_id, seq, redelivery,
+                                        pushed_at)

@@ -5,25 +5,43 @@ Frame shapes are those of @relaycast/types@6.0.2 (fleet-wire.d.ts, events.d.ts).
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import msgspec
 import pytest
 import trio
+import trio.testing
 import trio_websocket
 
 from broker.engine import secrets
+from broker.engine.agents import RotateToken
 from broker.engine.channels import CreateChannel
+from broker.engine.config import EngineConfig, Limits
 from broker.engine.conversations import SendDm
+from broker.engine.engine import Engine
 from broker.engine.reactions import AddReaction
 from broker.engine.realtime import seq_marks
 from broker.engine.threads import ReplyToThread
+from broker.fanout import Mode
+from broker.gateway import Gateway
+from broker.gateway.node import NodeSession, node_token_cut
+from broker.gateway.settings import GatewaySettings
 from broker.server import BrokerServer
+from protocol.codec import CloseCode
 from tests.conftest import TEST_DEADLINE_S, World, make_world
-from tests.realtime import eventually, next_frame, post, raw_socket, send_json, serve
+from tests.realtime import (
+    FakeWebSocket,
+    eventually,
+    next_frame,
+    post,
+    raw_socket,
+    send_json,
+    serve,
+)
 
 
 class Live(msgspec.Struct):
@@ -238,3 +256,80 @@ async def test_the_observer_ignores_unknown_frames_and_closes_on_garbage(live: L
             while True:
                 await next_frame(observer)
         assert closed.value.reason is not None and closed.value.reason.code == 1007
+
+
+# -- token rotation -------------------------------------------------------------------------
+
+
+async def test_rotation_closes_node_sockets_when_the_grace_ends(tmp_path: Path) -> None:
+    """A node socket opened with a node token minted before a rotation closes at the grace end.
+
+    The grace is 0 here, so it ends with the rotation: the socket closes at
+    once, with the close code and reason of a native session whose token
+    was rotated out; a node token minted with the new token keeps its socket.
+    """
+    no_grace = EngineConfig(synchronous="NORMAL", limits=Limits(token_grace_seconds=0))
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with serve(tmp_path, engine=no_grace) as server:
+            live = Live(server, await make_world(server.engine))
+            before = await live.node_token("bob")
+            carols = await live.node_token("carol")
+            async with raw_socket(server, before["token"], path="/v1/node/ws",
+                                  subprotocols=[]) as node, \
+                    raw_socket(server, carols["token"], path="/v1/node/ws",
+                               subprotocols=[]) as carol:
+                await send_json(node, {"v": 1, "id": "p0", "type": "ping"})
+                await next_frame(node, "pong")
+                rotated = await server.engine.submit(RotateToken(
+                    workspace_id=live.world.workspace_id, agent_id=live.world.agents["bob"]))
+                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                    while True:
+                        await node.get_message()
+                assert closed.value.reason is not None
+                assert closed.value.reason.code == CloseCode.UNAUTHORIZED
+                assert closed.value.reason.reason == "the token was rotated and its grace ended"
+                # Another agent's node socket stays.
+                await send_json(carol, {"v": 1, "id": "c1", "type": "ping"})
+                await next_frame(carol, "pong")
+            # The node token minted before is refused from now on; a new one works.
+            with pytest.raises(trio_websocket.HandshakeError):
+                async with raw_socket(server, before["token"], path="/v1/node/ws",
+                                      subprotocols=[]):
+                    pass
+            live.world.tokens["bob"] = rotated.token
+            after = await live.node_token("bob")
+            async with raw_socket(server, after["token"], path="/v1/node/ws",
+                                  subprotocols=[]) as node:
+                await send_json(node, {"v": 1, "id": "p1", "type": "ping"})
+                await next_frame(node, "pong")
+                await send_json(node, {"v": 1, "id": "p2", "type": "ping"})
+                await next_frame(node, "pong")
+
+
+async def test_node_socket_stays_open_through_the_grace_and_closes_at_its_end(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """On the autojump clock: a node socket whose token was cut closes at the cut, not before."""
+    grace_s = 300
+    cut_ms = int(time.time() * 1000) + grace_s * 1000
+
+    class CutEngine:
+        facts = None
+
+        async def read(self, fn: Any, *args: Any) -> Any:
+            assert fn is node_token_cut
+            return cut_ms
+
+    gw = Gateway(cast(Engine, CutEngine()), GatewaySettings(idle_timeout_seconds=10 * grace_s))
+    ws = FakeWebSocket()
+    session = NodeSession(gw, ws, gw.node_codec, workspace_id=1, agent_id=2, agent_name="bob",
+                          node_id="n", node_name="bob-direct", credential=b"digest")
+    session.outbox.mode = Mode.LIVE  # no replay: the scripted engine answers one read
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.serve)
+        await trio.sleep(grace_s - 10)
+        assert session.close_code is None
+        await trio.sleep(20)
+        assert session.close_code == CloseCode.UNAUTHORIZED
+        nursery.cancel_scope.cancel()
+    assert ws.close_code == CloseCode.UNAUTHORIZED

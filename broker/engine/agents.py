@@ -142,8 +142,10 @@ class RotateToken(msgspec.Struct, frozen=True, kw_only=True):
     The grace is `limits.token_grace_seconds` (0: the old token dies at once).
     Only the token just replaced is kept for the grace: rotating twice in a
     row ends the grace of the token before it, which is what a caller that
-    rotates because a token leaked wants. Emits the ephemeral TOKEN_ROTATED
-    to the agent (never the token itself), so open sockets can follow.
+    rotates because a token leaked wants. The agent's node tokens (minted
+    with an agent token, possibly the leaked one) stop working when the
+    grace ends too. Emits the ephemeral TOKEN_ROTATED to the agent (never
+    the token itself), so open sockets, native and node, can follow.
     Raises agent_not_found.
     """
 
@@ -159,6 +161,10 @@ class RotateToken(msgspec.Struct, frozen=True, kw_only=True):
             "UPDATE agents SET prev_token_hash = token_hash, prev_token_expires_at = ?,"
             " token_hash = ? WHERE id = ?",
             (expires, secrets.digest(token), agent.id),
+        )
+        conn.execute(
+            "UPDATE node_tokens SET expires_at = ?1 WHERE agent_id = ?2 AND expires_at > ?1",
+            (expires, agent.id),
         )
         notify_sessions(
             tx, workspace_id=self.workspace_id, event_type=TOKEN_ROTATED, audience=(agent.id,),

@@ -235,6 +235,7 @@ class Gateway:
             self, ws, self.node_codec, workspace_id=identity.workspace_id,
             agent_id=identity.agent_id, agent_name=identity.agent_name,
             node_id=identity.node_id, node_name=identity.node_name,
+            credential=secrets.digest(token),
         )
         await self._run(session)
 

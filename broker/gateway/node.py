@@ -16,6 +16,13 @@ carry the request's `id` (not `re`); errors are `type: "error"` frames.
 Actions (capabilities) are not supported: a registration lists each
 capability as not accepted, with the reason.
 
+A rotation of the agent's token cuts its node tokens to the end of the
+grace (`RotateToken`): a node socket opened with such a token is closed
+then, with the close code and reason of a native session whose token was
+rotated out (4401). Where its token stands is read after the session is
+attached and again on each `agent.token_rotated` event; a node token minted
+after the rotation keeps its socket open.
+
 Frames of the fleet protocol that this broker does not implement
 (`action.result`, `inventory.sync`, ...) are ignored, or refused with
 `unknown_type` when they carry an `id`; the socket stays open.
@@ -26,26 +33,88 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import apsw
+
+from broker.engine.agents import TOKEN_ROTATED
 from broker.engine.errors import BrokerError
 from broker.fanout import ContextUpdate, FactView
-from broker.gateway.session import DeliverySession
+from broker.gateway.session import CREDENTIAL_GONE, DeliverySession
 from protocol import frames as fr
-from protocol.codec import FrameError
+from protocol.codec import CloseCode, FrameError
 
 __all__ = ["ContextUpdate", "NodeSession"]
 
 log = logging.getLogger(__name__)
 
 
+def node_token_cut(conn: apsw.Connection, workspace_id: int, agent_id: int,
+                   token_digest: bytes) -> int | None:
+    """When the node token with this digest stops working because of a rotation (epoch ms).
+
+    None: no rotation cut it (it ends at its own expiry, which an open
+    socket outlives, as before). A token that expires at or before the
+    grace end of the agent's last rotation was cut by it (a rotation sets
+    every longer-lived one to that end). 0 when the token is gone.
+    Raises agent_not_found.
+    """
+    row = conn.execute(
+        "SELECT a.prev_token_expires_at, t.expires_at FROM agents a"
+        " LEFT JOIN node_tokens t ON t.token_hash = ?1 AND t.agent_id = a.id"
+        " WHERE a.id = ?2 AND a.workspace_id = ?3 AND a.deactivated_at IS NULL",
+        (token_digest, agent_id, workspace_id),
+    ).fetchone()
+    if row is None:
+        raise BrokerError("agent_not_found", f"agent {agent_id} not found")
+    grace_end, expires = row
+    if expires is None:
+        return 0
+    if grace_end is not None and int(expires) <= int(grace_end):
+        return int(expires)
+    return None
+
+
 class NodeSession(DeliverySession):
+    """The socket of an agent's own node: its durable deliveries and the workspace's events.
+
+    credential: the digest of the node token the socket was opened with
+    (None: not followed, as in tests that drive a session directly).
+    """
+
     kind = "node"
     pings = False
 
-    def __init__(self, *args: Any, node_id: str, node_name: str, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, node_id: str, node_name: str,
+                 credential: bytes | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.node_id = node_id
         self.node_name = node_name
+        self.credential = credential
         self.registered = False
+
+    async def on_attach(self) -> None:
+        await super().on_attach()
+        await self._check_credential()
+
+    def offer_event(self, view: FactView) -> None:
+        if view.type == TOKEN_ROTATED:
+            # Audience: this agent. Its node tokens were cut to the grace end.
+            self.spawn(self._check_credential)
+        super().offer_event(view)
+
+    async def _check_credential(self) -> None:
+        """Close (4401) at the end of the grace if a rotation cut the socket's node token."""
+        if self.credential is None:
+            return
+        try:
+            cut = await self.engine.read(node_token_cut, self.workspace_id, self.agent_id,
+                                         self.credential)
+        except BrokerError as exc:
+            if exc.code not in CREDENTIAL_GONE:
+                raise
+            self.close(CloseCode.UNAUTHORIZED, "the agent or its workspace is gone")
+            return
+        if cut is not None:
+            self.expire_credential_at(cut)
 
     def delivery_frame(self, seq: int, view: FactView, redelivery: bool = False) -> Any:
         # A redelivery looks like any other: the fleet frame has no field for it.

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from broker.engine import webhooks as wh
 from broker.engine.config import EngineConfig
 from broker.engine.engine import Engine
-from broker.webhooks.destinations import DestinationPolicy, DestinationRefused
+from broker.webhooks.destinations import DestinationPolicy, DestinationRefused, GuardedBackend
 from broker.webhooks.dispatcher import (
     WebhookDispatcher,
     classify,
@@ -309,6 +309,69 @@ async def test_dispatch_refuses_a_name_that_resolves_to_a_private_address(
 def test_the_guard_refuses_local_and_metadata_hosts(host: str) -> None:
     with pytest.raises(DestinationRefused):
         DestinationPolicy().check_host(host)
+
+
+# IPv6 addresses that embed a forbidden IPv4 address: NAT64 (well-known and
+# local-use), 6to4, IPv4-mapped, IPv4-compatible, Teredo (client 169.254.169.254
+# stored inverted in the last 32 bits).
+EMBEDDED_FORBIDDEN = [
+    "64:ff9b::a9fe:a9fe", "64:ff9b::7f00:1", "64:ff9b::a00:1", "64:ff9b:1::a9fe:a9fe",
+    "2002:a9fe:a9fe::", "2002:7f00:1::1", "2002:c0a8:101::", "::ffff:a9fe:a9fe",
+    "::169.254.169.254", "::127.0.0.1", "::10.0.0.1", "2001:0:4136:e378:8000:63bf:5601:5601",
+]
+# The same forms around a public IPv4 address are ordinary destinations.
+EMBEDDED_PUBLIC = ["64:ff9b::808:808", "2002:808:808::1", "::ffff:8.8.8.8"]
+
+
+@pytest.mark.parametrize("host", EMBEDDED_FORBIDDEN)
+def test_the_guard_unwraps_ipv4_embedded_in_ipv6_at_subscribe_time(host: str) -> None:
+    with pytest.raises(DestinationRefused):
+        DestinationPolicy().check_host(host)
+    with pytest.raises(DestinationRefused):
+        DestinationPolicy().check_host(f"[{host}]")
+
+
+def test_embedded_public_ipv4_is_allowed_and_the_allow_list_covers_embedded() -> None:
+    for host in EMBEDDED_PUBLIC:
+        DestinationPolicy().check_host(host)
+    policy = DestinationPolicy(["169.254.0.0/16"])
+    for host in ("64:ff9b::a9fe:a9fe", "::ffff:a9fe:a9fe", "2002:a9fe:a9fe::"):
+        policy.check_host(host)
+    with pytest.raises(DestinationRefused):
+        policy.check_host("64:ff9b::7f00:1")
+
+
+class _Resolver6(trio.abc.HostnameResolver):
+    """Resolves every name to one IPv6 address (DNS for the tests, no network)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    async def getaddrinfo(self, host: bytes | str | None, port: bytes | str | int | None,
+                          family: int = 0, type: int = 0, proto: int = 0,
+                          flags: int = 0) -> list[Any]:
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "",
+                 (self.address, int(port or 0), 0, 0))]
+
+    async def getnameinfo(self, sockaddr: tuple[str, int] | tuple[str, int, int, int],
+                          flags: int) -> tuple[str, str]:
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("address", EMBEDDED_FORBIDDEN)
+async def test_the_guard_unwraps_ipv4_embedded_in_ipv6_at_connect_time(address: str) -> None:
+    """A name that resolves to such an address is refused before any socket is opened."""
+    trio.socket.set_custom_hostname_resolver(_Resolver6(address))
+    backend = GuardedBackend(DestinationPolicy())
+    with pytest.raises(DestinationRefused):
+        await backend.connect_tcp("rebind.example", 80)
+    with pytest.raises(DestinationRefused):
+        await DestinationPolicy().check_url("http://rebind.example/hook")
+
+
+async def test_a_name_resolving_to_embedded_public_ipv4_passes_the_connect_check() -> None:
+    trio.socket.set_custom_hostname_resolver(_Resolver6("64:ff9b::808:808"))
+    assert await DestinationPolicy().resolve("nat64.example", 80) == "64:ff9b::808:808"
 
 
 def test_the_allow_list_takes_names_addresses_and_networks() -> None:

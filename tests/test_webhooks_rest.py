@@ -108,6 +108,14 @@ async def test_subscriptions_need_the_workspace_key(
     ({"url": "http://localhost:8080/hook"}, "destination_refused"),
     ({"url": "http://[::1]:8080/hook"}, "destination_refused"),
     ({"url": "http://192.168.0.10/hook"}, "destination_refused"),
+    # IPv6 forms that carry 169.254.169.254 (or loopback) to a translator or tunnel
+    ({"url": "http://[64:ff9b::a9fe:a9fe]/"}, "destination_refused"),
+    ({"url": "http://[64:ff9b:1::a9fe:a9fe]/"}, "destination_refused"),
+    ({"url": "http://[2002:a9fe:a9fe::]/"}, "destination_refused"),
+    ({"url": "http://[::ffff:a9fe:a9fe]/"}, "destination_refused"),
+    ({"url": "http://[::169.254.169.254]/"}, "destination_refused"),
+    ({"url": "http://[::10.0.0.1]:8080/"}, "destination_refused"),
+    ({"url": "http://[2001:0:4136:e378:8000:63bf:5601:5601]/"}, "destination_refused"),
     ({"events": ["message.created", "no.such.event"]}, "invalid_event_type"),
     ({"events": []}, "invalid_events"),
     ({"events": None}, "invalid_request"),
@@ -322,3 +330,23 @@ async def test_events_survive_kill_9_between_commit_and_dispatch(tmp_path: Path)
     hung, delivered = receiver.requests[:2]
     assert delivered.json()["data"]["id"] == first.data["id"]
     assert delivered.headers["x-relay-delivery"] == hung.headers["x-relay-delivery"]
+
+
+@pytest.mark.parametrize(("params", "code"), [
+    ({"before": "abc"}, "invalid_cursor"),
+    ({"before": ""}, "invalid_cursor"),
+    ({"before": "-1"}, "invalid_cursor"),
+    ({"before": "9999999999999999999"}, "invalid_cursor"),
+    ({"limit": 0}, "invalid_limit"),
+    ({"limit": "many"}, "invalid_request"),
+])
+async def test_dead_letters_list_refuses_a_malformed_cursor(
+    client: httpx.AsyncClient, world: RestWorld, params: dict[str, Any], code: str,
+) -> None:
+    """A cursor that is not a dead letter id is a 400, not the whole list."""
+    sub = await call(client, "POST", "/v1/subscriptions", world.key,
+                     json={"events": ["message.created"], "url": "http://127.0.0.1:9/hook"})
+    path = f"/v1/subscriptions/{sub.data['id']}/dead-letters"
+    reply = await call(client, "GET", path, world.key, params=params)
+    assert (reply.status, reply.code) == (400, code), reply.body
+    assert (await call(client, "GET", path, world.key, params={"before": "1"})).data == []

@@ -7,7 +7,9 @@ network or a cloud metadata service. So every address that is not globally
 routable (loopback, private, link-local, CGNAT, unique-local, reserved,
 unspecified; this covers the metadata addresses 169.254.169.254,
 fd00:ec2::254 and 100.100.100.200) and every multicast address is refused,
-unless allow-listed by host name, address or network.
+unless allow-listed by host name, address or network. An IPv6 address that
+embeds an IPv4 address (IPv4-mapped or -compatible, NAT64, 6to4, Teredo) is
+judged by that IPv4 address too: a translator or a tunnel would deliver to it.
 
 The check runs twice: when the subscription is made (the literal host, and
 what it resolves to right then), and at delivery time inside the HTTP
@@ -33,6 +35,8 @@ import trio
 
 from broker.engine.errors import BrokerError
 
+IPv4Address = ipaddress.IPv4Address
+IPv6Address = ipaddress.IPv6Address
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -69,11 +73,61 @@ def parse_allow_entry(entry: str) -> str | IPNetwork:
         return value
 
 
-def forbidden(address: IPAddress) -> bool:
-    """True for an address a webhook may not reach unless allow-listed."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits and reach
+# it through a translator: IPv4-mapped, IPv4-compatible (deprecated, still
+# routed by some stacks) and the well-known NAT64 prefix (RFC 6052). Such an
+# address is judged by its IPv4 address alone.
+_TRANSLATED = (
+    ipaddress.IPv6Network("::ffff:0:0/96"),
+    ipaddress.IPv6Network("::/96"),
+    ipaddress.IPv6Network("64:ff9b::/96"),
+)
+# The local-use NAT64 prefix (RFC 8215): the operator chooses where the IPv4
+# address sits in it (RFC 6052 allows several positions) and it is never
+# globally routed, so the whole prefix is refused unless allow-listed.
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+def embedded_ipv4(address: IPv6Address) -> tuple[IPv4Address, ...]:
+    """The IPv4 addresses an IPv6 address carries, as a packet to it may end up there.
+
+    IPv4-mapped, IPv4-compatible and NAT64 64:ff9b::/96: the last 32 bits;
+    6to4 (2002::/16): bits 16-47; Teredo (2001::/32): the server (bits 32-63)
+    and the client (the last 32 bits, inverted). Empty for any other address.
+    """
+    if any(address in net for net in _TRANSLATED):
+        return (ipaddress.IPv4Address(int(address) & 0xFFFFFFFF),)
+    if address.sixtofour is not None:
+        return (address.sixtofour,)
+    if address.teredo is not None:
+        return address.teredo
+    return ()
+
+
+def _judged(address: IPAddress) -> tuple[IPAddress, ...]:
+    """The addresses the guard judges for `address`: all must be allowed."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return (address,)
+    inner = embedded_ipv4(address)
+    if inner and any(address in net for net in _TRANSLATED):
+        return inner  # a translation: the IPv4 address is the destination
+    return (address, *inner)  # 6to4, Teredo: the tunnel and its endpoint
+
+
+def _plain_forbidden(address: IPAddress) -> bool:
     return address.is_multicast or not address.is_global
+
+
+def forbidden(address: IPAddress) -> bool:
+    """True for an address a webhook may not reach unless allow-listed.
+
+    An IPv6 address that embeds an IPv4 address (see embedded_ipv4) is
+    forbidden when that IPv4 address is, so 64:ff9b::a9fe:a9fe or
+    2002:a9fe:a9fe:: cannot reach 169.254.169.254 through a translator or tunnel.
+    """
+    if isinstance(address, ipaddress.IPv6Address) and address in _LOCAL_NAT64:
+        return True
+    return any(_plain_forbidden(a) for a in _judged(address))
 
 
 def _literal(host: str) -> IPAddress | None:
@@ -100,14 +154,22 @@ class DestinationPolicy:
                 self.networks.append(parsed)
 
     def allows_address(self, address: IPAddress) -> bool:
+        """True if the address is not forbidden, or the allow list covers it.
+
+        An allow-listed IPv6 address or network covers its addresses as they
+        are; otherwise each address that forbidden() judges (the embedded
+        IPv4 address of an IPv4-mapped or NAT64 one, say) must be allowed.
+        """
         if not forbidden(address):
             return True
-        candidates = [address]
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            candidates.append(address.ipv4_mapped)
-        return any(
-            a in net for a in candidates for net in self.networks if a.version == net.version
-        )
+        if self._listed(address):
+            return True
+        if isinstance(address, ipaddress.IPv6Address) and address in _LOCAL_NAT64:
+            return False
+        return all(not _plain_forbidden(a) or self._listed(a) for a in _judged(address))
+
+    def _listed(self, address: IPAddress) -> bool:
+        return any(address in net for net in self.networks if address.version == net.version)
 
     def allows_name(self, host: str) -> bool:
         return _normal(host) in self.names

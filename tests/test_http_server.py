@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import h11
 import httpx
 import trio
 import trio_websocket
@@ -263,3 +264,62 @@ async def test_open_sessions_counts_websocket_sessions(
 async def test_server_reports_its_real_port(server: BrokerServer) -> None:
     assert server.port is not None and server.port > 0
     assert server.url == f"http://127.0.0.1:{server.port}"
+
+
+async def _answer(stream: trio.SocketStream, conn: h11.Connection) -> h11.Response:
+    """Read the response head off a raw connection."""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(65536))
+        elif isinstance(event, h11.Response):
+            return event
+
+
+async def test_an_early_413_says_connection_close_and_the_next_connection_works(
+    server: BrokerServer, client: httpx.AsyncClient
+) -> None:
+    """The server drops a connection whose body it did not read: the answer must say so."""
+    world = await make_rest_world(client, agents=("alice",))
+    limit = server.settings.http.max_body_bytes
+    assert server.port is not None
+    # Refused on the declared length, with most of the body still unsent.
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    conn = h11.Connection(h11.CLIENT)
+    await stream.send_all(conn.send(h11.Request(
+        method="POST", target="/v1/channels/general/messages",
+        headers=[("host", "broker"), ("authorization", f"Bearer {world.tokens['alice']}"),
+                 ("content-length", str(limit + 1))])))
+    await stream.send_all(conn.send(h11.Data(data=b'{"text": "' + b"x" * 100)))
+    answer = await _answer(stream, conn)
+    assert answer.status_code == 413
+    assert (b"connection", b"close") in list(answer.headers)
+    # And the server does close it: the rest of the answer, then end of stream.
+    while await stream.receive_some(65536):
+        pass
+    await stream.aclose()
+
+    # A new connection works; on it, an answer given after the body was read
+    # keeps the connection alive, and one given before says close again.
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    conn = h11.Connection(h11.CLIENT)
+    body = b'{"text": "hi"}'
+    for token, status, close in ((world.tokens["alice"], 201, False),
+                                 ("at_live_nope", 401, True)):
+        # One write: the request whole, before the server may answer it.
+        await stream.send_all(b"".join((
+            conn.send(h11.Request(
+                method="POST", target="/v1/channels/general/messages",
+                headers=[("host", "broker"), ("authorization", f"Bearer {token}"),
+                         ("content-length", str(len(body)))])) or b"",
+            conn.send(h11.Data(data=body)) or b"", conn.send(h11.EndOfMessage()) or b"")))
+        answer = await _answer(stream, conn)
+        assert answer.status_code == status
+        assert ((b"connection", b"close") in list(answer.headers)) is close
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+        if not close:
+            conn.start_next_cycle()
+    await stream.aclose()
+    assert (await call(client, "GET", "/healthz")).status == 200

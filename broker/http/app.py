@@ -37,9 +37,14 @@ from broker.engine.errors import BrokerError
 from broker.engine.health import Probe
 from broker.engine.workspaces import Principal
 from broker.http.errors import encode_error, encode_success, status_for
+from broker.http.keepalive import CloseWhenBodyUnread
 from broker.http.metrics import CONTENT_TYPE, BrokerMetrics
+from broker.http.openapi import OPENAPI_PATH, build_openapi
 from broker.http.routes import ROUTES, RestRoute
 from broker.operations import OPERATIONS, Call, Existing, Operation, invoke
+from broker.ratelimit import UNLIMITED, RateLimited, RateLimiter, Verdict, client_address
+from protocol.nesting import NestingTooDeep, decode_json
+from protocol.responses import ServiceStatus
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +93,9 @@ def parse_body(body: bytes) -> dict[str, Any]:
     if not body.strip():
         return {}
     try:
-        value = _json_decoder.decode(body)
+        value = decode_json(_json_decoder, body)
+    except NestingTooDeep as exc:
+        raise BrokerError("invalid_json", f"the body is {exc}") from None
     except msgspec.DecodeError as exc:
         raise BrokerError("invalid_json", f"the body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
@@ -118,14 +125,41 @@ async def _principal(engine: Engine, op: Operation[Any], request: Request) -> Pr
         return None
 
 
+async def _checked_principal(
+    engine: Engine, op: Operation[Any], request: Request, limiter: RateLimiter
+) -> Principal | None:
+    """`_principal`, behind the per-address limit on refused tokens (which it feeds).
+
+    Raises RateLimited while the caller's address is blocked, even for a
+    good token: that is what makes guessing slow.
+    """
+    address = client_address(request.scope)
+    if request.headers.get("authorization"):
+        limiter.check_auth(address)
+    try:
+        return await _principal(engine, op, request)
+    except BrokerError as exc:
+        if exc.code == "invalid_token":
+            limiter.auth_failed(address)
+        raise
+
+
 def operation_endpoint(
-    engine: Engine, route: RestRoute, op: Operation[Any], max_body_bytes: int
+    engine: Engine, route: RestRoute, op: Operation[Any], max_body_bytes: int,
+    limiter: RateLimiter | None = None,
 ) -> Callable[[Request], Awaitable[Response]]:
-    """The request handler that binds `route` to `op`."""
+    """The request handler that binds `route` to `op`; `limiter`: the rate limits (None: none)."""
+    limiter = limiter or RateLimiter(UNLIMITED)
 
     async def endpoint(request: Request) -> Response:
+        limits: Verdict | None = None
         try:
-            principal = await _principal(engine, op, request)
+            principal = await _checked_principal(engine, op, request, limiter)
+            # Before the body is read and the operation runs: a refused request writes nothing.
+            limits = limiter.take_request(
+                op.name, None if principal is None else principal.workspace_id,
+                None if principal is None else principal.agent_id,
+                client_address(request.scope))
             fields: dict[str, Any] = dict(request.query_params)
             if request.method not in BODYLESS:
                 fields.update(parse_body(await read_body(request, max_body_bytes)))
@@ -136,7 +170,12 @@ def operation_endpoint(
             status = route.status
             if isinstance(result, Existing):
                 status, result = 200, result.value
-            return success_response(result, status)
+            response = success_response(result, status)
+            if limits is not None:
+                response.headers.update(limits.headers())
+            return response
+        except RateLimited as exc:
+            return error_response(exc.code, exc.message, headers=exc.verdict.headers())
         except BrokerError as exc:
             return error_response(exc.code, exc.message)
         except Exception:
@@ -147,13 +186,17 @@ def operation_endpoint(
     return endpoint
 
 
-def rest_routes(engine: Engine, settings: Settings) -> list[BaseRoute]:
+def rest_routes(
+    engine: Engine, settings: Settings, limiter: RateLimiter | None = None
+) -> list[BaseRoute]:
+    """The REST routes; `limiter`: the rate limits (one from `settings` when None)."""
+    limiter = limiter or RateLimiter(settings.rate_limits)
     routes: list[BaseRoute] = []
     for route in ROUTES:
         op = OPERATIONS[route.operation]
         routes.append(Route(
             route.path,
-            operation_endpoint(engine, route, op, settings.http.max_body_bytes),
+            operation_endpoint(engine, route, op, settings.http.max_body_bytes, limiter),
             methods=[route.method],
             name=f"{route.method} {route.path}",
         ))
@@ -164,7 +207,7 @@ def service_routes(engine: Engine, settings: Settings, metrics: BrokerMetrics) -
     """/healthz, /readyz and /metrics."""
 
     async def healthz(request: Request) -> Response:
-        return success_response({"status": "ok"})
+        return success_response(ServiceStatus(status="ok"))
 
     async def readyz(request: Request) -> Response:
         if not engine.writer.running:
@@ -176,7 +219,7 @@ def service_routes(engine: Engine, settings: Settings, metrics: BrokerMetrics) -
                 return error_response("not_ready", f"the database is not writable: {exc.message}")
         if scope.cancelled_caught:
             return error_response("not_ready", "the writer did not commit in time")
-        return success_response({"status": "ready"})
+        return success_response(ServiceStatus(status="ready"))
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(await metrics.render(), media_type=CONTENT_TYPE)
@@ -237,20 +280,33 @@ def create_app(
     settings: Settings,
     metrics: BrokerMetrics | None = None,
     extra_routes: Sequence[BaseRoute] = (),
+    limiter: RateLimiter | None = None,
 ) -> Starlette:
-    """The broker's ASGI app: REST under /v1, health, readiness, metrics, and `extra_routes`.
+    """The broker's ASGI app: REST under /v1, health, readiness, metrics, `/openapi.json`,
+    and `extra_routes`.
 
     metrics: the registry to report into (one is made when None); it is kept
-    on `app.state.metrics`.
+    on `app.state.metrics`. limiter: the rate limits (one from `settings`
+    when None), kept on `app.state.limiter`.
     """
     metrics = metrics or BrokerMetrics(engine)
+    limiter = limiter or RateLimiter(settings.rate_limits)
+    routes = [*service_routes(engine, settings, metrics),
+              *rest_routes(engine, settings, limiter), *extra_routes]
+    # Built once, from the routes just made: a route it cannot describe is an error here.
+    document = msgspec.json.encode(build_openapi(routes))
+
+    async def openapi(request: Request) -> Response:
+        return Response(document, media_type=JSON)
+
     app = Starlette(
-        routes=[*service_routes(engine, settings, metrics), *rest_routes(engine, settings),
-                *extra_routes],
+        routes=[*routes, Route(OPENAPI_PATH, openapi, methods=["GET"])],
         exception_handlers={HTTPException: _http_exception},
     )
     # An unknown path is a 404, never a redirect to a near miss.
     app.router.redirect_slashes = False
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(CloseWhenBodyUnread)
     app.state.metrics = metrics
+    app.state.limiter = limiter
     return app

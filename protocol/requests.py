@@ -210,10 +210,14 @@ class Search(Request):
 
 
 class ListDeliveries(Request):
-    # Narrow to one unacked state; the list holds only queued, delivered and failed rows.
-    status: Literal["queued", "delivered", "failed"] | None = None
+    # No status, or an unacked one (queued, delivered, failed): the pending
+    # rows in seq order, paged with after_seq. A final one (acked,
+    # dead_lettered): those rows still kept, newest first, paged with
+    # `before` (the id of the last delivery of the previous page).
+    status: Literal["queued", "delivered", "acked", "failed", "dead_lettered"] | None = None
     limit: int | None = None
     after_seq: int | None = None
+    before: str | None = None
 
 
 class DeliveryRef(Request):

@@ -63,7 +63,7 @@ class DeliveredMessage(msgspec.Struct, kw_only=True):
 
 
 class DeliveryItem(msgspec.Struct, kw_only=True):
-    """One unacked delivery of the caller (Relaycast `DeliveryItem` fields that apply here).
+    """One delivery of the caller (Relaycast `DeliveryItem` fields that apply here).
 
     id: `"<agent_id>:<seq>"`, what ack / fail / defer take.
     type: the event type; payload: the whole event `{"type", "data"}` as pushed.
@@ -73,7 +73,7 @@ class DeliveryItem(msgspec.Struct, kw_only=True):
     id: str
     seq: int
     agent_id: str
-    status: Literal["queued", "delivered", "failed"]
+    status: Literal["queued", "delivered", "acked", "failed", "dead_lettered"]
     type: str
     message_id: str | None
     dispatch_attempts: int
@@ -82,3 +82,9 @@ class DeliveryItem(msgspec.Struct, kw_only=True):
     created_at: str
     message: DeliveredMessage | None
     payload: Any
+
+
+class ServiceStatus(msgspec.Struct, kw_only=True):
+    """The answer of `/healthz` ("ok") and `/readyz` ("ready")."""
+
+    status: Literal["ok", "ready"]

@@ -63,7 +63,7 @@ async def test_an_unexpected_exception_is_500_and_the_daemon_keeps_serving(
     op = operations.OPERATIONS["agent.me"]
     monkeypatch.setitem(
         operations.OPERATIONS, "agent.me",
-        operations.Operation(op.name, op.input, op.auth, broken),
+        operations.Operation(op.name, op.input, op.auth, broken, op.output),
     )
     reply = await call(client, "GET", "/v1/agent", world.tokens["alice"])
     assert (reply.status, reply.code) == (500, "internal_error")
@@ -93,3 +93,30 @@ async def test_success_and_error_envelopes(client: httpx.AsyncClient) -> None:
         "ok": False,
         "error": {"code": "workspace_already_exists", "message": bad.json()["error"]["message"]},
     }
+
+
+# One past the largest SQLite integer: a 19-digit id that used to overflow the query binding.
+PAST_MAX_ID = str(2**63)
+
+
+@pytest.mark.parametrize(("method", "path", "params", "status", "code"), [
+    ("GET", "/v1/channels/general/messages", {"before": PAST_MAX_ID}, 400, "invalid_cursor"),
+    ("GET", "/v1/channels/general/messages", {"after": "9" * 19}, 400, "invalid_cursor"),
+    ("GET", "/v1/messages/{message}/replies", {"before": PAST_MAX_ID}, 400, "invalid_cursor"),
+    ("GET", "/v1/files", {"before": PAST_MAX_ID}, 400, "invalid_cursor"),
+    ("GET", "/v1/files", {"uploaded_by": PAST_MAX_ID}, 200, None),
+    ("GET", f"/v1/messages/{PAST_MAX_ID}", {}, 404, "message_not_found"),
+    ("POST", f"/v1/messages/{PAST_MAX_ID}/reactions", {}, 404, "message_not_found"),
+])
+async def test_ids_and_cursors_past_the_largest_integer_are_refused_not_500(
+    client: httpx.AsyncClient, method: str, path: str, params: dict[str, str], status: int,
+    code: str | None,
+) -> None:
+    world = await make_rest_world(client, agents=("alice",))
+    alice = world.tokens["alice"]
+    sent = await call(client, "POST", "/v1/channels/general/messages", alice, json={"text": "x"})
+    reply = await call(client, method, path.format(message=sent.data["id"]), alice,
+                       params=params, json={"emoji": "ok"} if method == "POST" else None)
+    assert reply.status == status, reply.body
+    if code is not None:
+        assert reply.code == code

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from tests.rest import call, make_rest_world
 
@@ -116,8 +117,87 @@ async def test_delivery_errors(client: httpx.AsyncClient) -> None:
     assert (no_when.status, no_when.code) == (400, "invalid_request")
     negative = await call(client, "POST", "/v1/deliveries/ack", bob, json={"up_to_seq": -1})
     assert (negative.status, negative.code) == (400, "invalid_seq")
-    status = await call(client, "GET", "/v1/deliveries", bob, params={"status": "acked"})
+    status = await call(client, "GET", "/v1/deliveries", bob, params={"status": "bogus"})
     assert (status.status, status.code) == (400, "invalid_request")
     long_error = await call(client, "POST", f"/v1/deliveries/{item['id']}/fail", bob,
                             json={"error": "e" * 5000})
     assert (long_error.status, long_error.code) == (400, "invalid_error")
+
+
+async def test_deliveries_list_acked_and_dead_lettered_newest_first(
+    client: httpx.AsyncClient,
+) -> None:
+    """The final states of the Relaycast contract are listed, newest first, paged with `before`."""
+    world = await make_rest_world(client, agents=("alice", "bob"))
+    alice, bob = world.tokens["alice"], world.tokens["bob"]
+    for text in ("one", "two", "three", "four", "five"):
+        await call(client, "POST", GENERAL, alice, json={"text": text})
+    ids = [i["id"] for i in (await call(client, "GET", "/v1/deliveries", bob)).data]
+    await call(client, "POST", f"/v1/deliveries/{ids[3]}/fail", bob,
+               json={"error": "poison", "retryable": False})
+    await call(client, "POST", "/v1/deliveries/ack", bob, json={"up_to_seq": 3})
+
+    acked = await call(client, "GET", "/v1/deliveries", bob, params={"status": "acked"})
+    assert acked.status == 200, acked.body
+    assert [(i["seq"], i["status"]) for i in acked.data] == [
+        (3, "acked"), (2, "acked"), (1, "acked")]
+    assert [i["message"]["text"] for i in acked.data] == ["three", "two", "one"]
+    first = await call(client, "GET", "/v1/deliveries", bob,
+                       params={"status": "acked", "limit": 2})
+    assert [i["seq"] for i in first.data] == [3, 2]
+    rest = await call(client, "GET", "/v1/deliveries", bob,
+                      params={"status": "acked", "limit": 2, "before": first.data[-1]["id"]})
+    assert [i["seq"] for i in rest.data] == [1]
+    dead = await call(client, "GET", "/v1/deliveries", bob, params={"status": "dead_lettered"})
+    assert [(i["id"], i["status"]) for i in dead.data] == [(ids[3], "dead_lettered")]
+    # The pending list is unchanged: only what is still unacked.
+    pending = await call(client, "GET", "/v1/deliveries", bob)
+    assert [i["seq"] for i in pending.data] == [5]
+    # Alice received nothing: her lists are empty, not bob's.
+    theirs = await call(client, "GET", "/v1/deliveries", alice, params={"status": "acked"})
+    assert theirs.data == []
+
+
+@pytest.mark.parametrize(("params", "code"), [
+    ({"limit": 0}, "invalid_limit"),
+    ({"limit": -1}, "invalid_limit"),
+    ({"limit": 1001}, "invalid_limit"),
+    ({"limit": "abc"}, "invalid_request"),
+    ({"limit": 1.5}, "invalid_request"),
+    ({"status": "bogus"}, "invalid_request"),
+    ({"status": "acked", "limit": 0}, "invalid_limit"),
+    ({"status": "failed", "limit": 0}, "invalid_limit"),
+    ({"after_seq": "abc"}, "invalid_request"),
+    ({"after_seq": -1}, "invalid_seq"),
+    ({"status": "acked", "before": "abc"}, "invalid_cursor"),
+    ({"status": "acked", "before": "1"}, "invalid_cursor"),
+    ({"status": "acked", "before": "1:99999999999999999999"}, "invalid_cursor"),
+    ({"status": "acked", "after_seq": 1}, "invalid_cursor"),
+    ({"before": "1:1"}, "invalid_cursor"),
+])
+async def test_deliveries_list_refuses_bad_queries_while_deliveries_wait(
+    client: httpx.AsyncClient, params: dict[str, object], code: str,
+) -> None:
+    """A bad page size or cursor is a 400, never an empty mailbox (limit=0 used to be `[]`)."""
+    world = await make_rest_world(client, agents=("alice", "bob"))
+    await call(client, "POST", GENERAL, world.tokens["alice"], json={"text": "waiting"})
+    reply = await call(client, "GET", "/v1/deliveries", world.tokens["bob"], params=params)
+    assert (reply.status, reply.code) == (400, code), reply.body
+
+
+async def test_deliveries_cursor_of_another_agents_mailbox_is_refused(
+    client: httpx.AsyncClient,
+) -> None:
+    world = await make_rest_world(client, agents=("alice", "bob", "carol"))
+    alice, bob, carol = (world.tokens[n] for n in ("alice", "bob", "carol"))
+    await call(client, "POST", GENERAL, alice, json={"text": "x"})
+    (item,) = (await call(client, "GET", "/v1/deliveries", bob)).data
+    await call(client, "POST", "/v1/deliveries/ack", carol, json={"up_to_seq": 1})
+    stolen = await call(client, "GET", "/v1/deliveries", carol,
+                        params={"status": "acked", "before": item["id"]})
+    assert (stolen.status, stolen.code) == (400, "invalid_cursor")
+    # Huge seqs and after_seq past every seq are answered, not a 500.
+    far = await call(client, "GET", "/v1/deliveries", bob, params={"after_seq": 2**70})
+    assert (far.status, far.data) == (200, [])
+    huge = await call(client, "POST", f"/v1/deliveries/{world.agents['bob']}:{2**63}/ack", bob)
+    assert (huge.status, huge.code) == (404, "delivery_not_found")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import pytest
 
 from broker.engine.channels import ArchiveChannel
 from broker.engine.engine import Engine
@@ -134,6 +135,29 @@ async def test_reaction_validation_refuses_and_writes_nothing(
                                        channel="ops"))
     await expect_refused(engine, "channel_archived", react(world, "carol", hidden, "🎉"))
     await expect_refused(engine, "channel_archived", unreact(world, "carol", hidden))
+
+
+@pytest.mark.parametrize("bad", [
+    "\u0000", "ok\u0000", "\u0007", "a\nb", "\u202e", "\u200b", "\ufeff", "x\u2028y",
+    "\ufffe", "\U0010ffff", "\ud800",
+])
+async def test_reaction_emoji_with_control_or_format_characters_is_refused(
+    engine: Engine, world: World, bad: str
+) -> None:
+    """Controls, surrogates, separators, bidi overrides, zero-width spaces and noncharacters."""
+    message = await send(engine, world, "alice", "general", "hm")
+    await expect_refused(engine, "invalid_emoji", react(world, "bob", message, bad))
+    await expect_refused(engine, "invalid_emoji", unreact(world, "bob", message, bad))
+
+
+async def test_reaction_emoji_sequences_stay_accepted(engine: Engine, world: World) -> None:
+    """A ZWJ family, a skin tone, a keycap, a subdivision flag (tag characters), a name."""
+    message = await send(engine, world, "alice", "general", "hm")
+    for good in ("\U0001f468\u200d\U0001f469\u200d\U0001f467", "\U0001f44d\U0001f3fd",
+                 "1\ufe0f\u20e3",
+                 "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f",
+                 "white check mark", "+1"):
+        assert (await engine.submit(react(world, "bob", message, good))).created
 
 
 async def test_reactions_never_reach_another_workspace(engine: Engine, world: World) -> None:

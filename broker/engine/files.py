@@ -465,7 +465,8 @@ def list_files(
     page = page_limit(limit)
     cursor: int | None = None
     if before is not None:
-        if not (before.isascii() and before.isdigit() and len(before) <= 19):
+        if not (before.isascii() and before.isdigit() and len(before) <= 19
+                and int(before) <= validation.MAX_ID):
             raise BrokerError("invalid_cursor", "before must be a file id")
         cursor = int(before)
     sql = _ROW + " WHERE f.workspace_id = ? AND f.state = 'complete'"
@@ -475,7 +476,10 @@ def list_files(
         args.append(cursor)
     if uploaded_by is not None:
         sql += " AND (a.name = ? OR a.id = ?)"
-        uploader_id = int(uploaded_by) if uploaded_by.isascii() and uploaded_by.isdigit() else -1
+        # A name, or an id; a number too large to be an id matches nothing.
+        uploader_id = (int(uploaded_by) if uploaded_by.isascii() and uploaded_by.isdigit()
+                       and len(uploaded_by) <= 19 and int(uploaded_by) <= validation.MAX_ID
+                       else -1)
         args += [uploaded_by, uploader_id]
     sql += " ORDER BY f.id DESC LIMIT ?"
     args.append(page)

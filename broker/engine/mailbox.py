@@ -67,11 +67,14 @@ from broker.engine.errors import BrokerError
 from broker.engine.events import notify_sessions
 from broker.engine.history import page_limit
 from broker.engine.realtime import SeqMarks, seq_marks
+from broker.engine.validation import MAX_ID
 from broker.engine.writer import Tx
 from protocol.objects import AckResult, DeliveriesMarked, DeliveryTransition
 
 State = Literal["queued", "delivered", "acked", "failed", "dead_lettered"]
 PENDING_STATES: tuple[State, ...] = ("queued", "delivered", "failed")
+# Final states; such rows stay listable (`list_settled`) until the retention sweep.
+SETTLED_STATES: tuple[State, ...] = ("acked", "dead_lettered")
 _PENDING_SQL = "('queued', 'delivered', 'failed')"
 # What a cumulative ack settles: everything pending except the held rows
 # (failed, or deferred and not pushed since; see the module docstring).
@@ -91,7 +94,7 @@ _encoder = msgspec.json.Encoder()
 
 
 class PendingDelivery(msgspec.Struct, frozen=True, kw_only=True):
-    """An unacked delivery with its event, as the gateway pushes it.
+    """An unacked delivery with its event, as the gateway pushes it (or a settled one, listed).
 
     payload: the event's `{"type": ..., "data": ...}` JSON, passed through as is.
     Times are milliseconds since the epoch.
@@ -125,6 +128,7 @@ def parse_delivery_id(agent_id: int, value: str) -> int:
     if (
         sep and owner.isascii() and owner.isdigit() and seq.isascii() and seq.isdigit()
         and len(owner) <= 19 and len(seq) <= 19 and int(owner) == agent_id
+        and int(seq) <= MAX_ID
     ):
         return int(seq)
     raise BrokerError("delivery_not_found", f"delivery {value!r} not found")
@@ -150,7 +154,8 @@ def list_pending(
     Raises agent_not_found, invalid_seq, invalid_limit (1..MAX_PAGE).
     """
     size = page_limit(limit, DEFAULT_PAGE, MAX_PAGE)
-    after = 0 if after_seq is None else _seq(after_seq, "after_seq")
+    # A seq past any SQLite integer has nothing after it (and must not overflow the binding).
+    after = 0 if after_seq is None else min(_seq(after_seq, "after_seq"), MAX_ID)
     marks = seq_marks(conn, workspace_id, agent_id)
     rows = conn.execute(
         "SELECT d.seq, d.state, d.attempts, l.type, d.message_id, d.log_id, l.payload,"
@@ -171,6 +176,53 @@ def list_pending(
             created_at=cast(int, created_at), updated_at=cast("int | None", updated_at),
         )
         for (seq, state, attempts, type_, message_id, log_id, payload, available_at, expires_at,
+             created_at, updated_at) in rows
+    ]
+
+
+def list_settled(
+    conn: apsw.Connection, workspace_id: int, agent_id: int, state: State,
+    before: str | None = None, limit: int | None = None,
+) -> list[PendingDelivery]:
+    """The agent's deliveries in a final state (acked or dead_lettered), newest (highest seq) first.
+
+    Only rows the retention sweep has not pruned yet are listed.
+    before: the id of one of the caller's deliveries; the page starts below its seq.
+    Raises agent_not_found, invalid_cursor (a malformed id, or another agent's),
+    invalid_limit (1..MAX_PAGE), invalid_status (a state that is not final).
+    """
+    if state not in SETTLED_STATES:
+        raise BrokerError("invalid_status", f"{state!r} is not a final delivery state")
+    size = page_limit(limit, DEFAULT_PAGE, MAX_PAGE)
+    below = MAX_ID
+    if before is not None:
+        try:
+            below = parse_delivery_id(agent_id, before)
+        except BrokerError:
+            raise BrokerError(
+                "invalid_cursor", f"before must be the id of one of your deliveries, not {before!r}"
+            ) from None
+    seq_marks(conn, workspace_id, agent_id)  # the agent exists in this workspace
+    # The primary key (agent_id, seq) walked backwards: a page reads its rows
+    # and the rows of other states in between (pending rows are bounded by
+    # the mailbox depth; a page of dead letters also passes the acked rows kept).
+    rows = conn.execute(
+        "SELECT d.seq, d.attempts, l.type, d.message_id, d.log_id, l.payload,"
+        " d.available_at, d.expires_at, d.created_at, d.updated_at"
+        " FROM deliveries d JOIN message_log l ON l.id = d.log_id"
+        " WHERE d.agent_id = ? AND d.seq < ? AND d.state = ? ORDER BY d.seq DESC LIMIT ?",
+        (agent_id, below, state, size),
+    ).fetchall()
+    return [
+        PendingDelivery(
+            delivery_id=delivery_id(agent_id, cast(int, seq)), agent_id=agent_id,
+            seq=cast(int, seq), state=state, attempts=cast(int, attempts),
+            type=cast(str, type_), message_id=cast("int | None", message_id),
+            log_id=cast(int, log_id), payload=msgspec.Raw(cast(bytes, payload)),
+            available_at=cast("int | None", available_at), expires_at=cast(int, expires_at),
+            created_at=cast(int, created_at), updated_at=cast("int | None", updated_at),
+        )
+        for (seq, attempts, type_, message_id, log_id, payload, available_at, expires_at,
              created_at, updated_at) in rows
     ]
 

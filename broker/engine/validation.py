@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any
 
 import msgspec
@@ -16,6 +17,17 @@ WORKSPACE_NAME_MAX = 128
 # `@name` not preceded by a word character or another @ (so e-mail addresses
 # do not count as mentions).
 MENTION = re.compile(r"(?<![\w@])@([A-Za-z0-9][A-Za-z0-9_.-]*)")
+
+# The largest id or seq SQLite stores (a signed 64-bit integer); a larger
+# number in a cursor or an id would overflow the binding, so it is refused
+# (or simply not found) before any query.
+MAX_ID = 2**63 - 1
+# Unicode categories an emoji may not contain: controls, surrogates, line and
+# paragraph separators, and format characters (bidi overrides, zero-width
+# spaces, the BOM), except the two that real emoji sequences are made of.
+_EMOJI_REFUSED_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp", "Cf"})
+_ZERO_WIDTH_JOINER = "\u200d"  # family and profession sequences
+_TAGS = range(0xE0020, 0xE0080)  # subdivision flags (England, Scotland, Wales)
 
 _json_encoder = msgspec.json.Encoder()
 
@@ -83,12 +95,32 @@ def mode(value: str) -> str:
 
 
 def emoji(value: str, limits: Limits) -> str:
+    """A reaction: a short name (`rocket`) or the emoji itself, printable.
+
+    1..limits.max_emoji_chars code points, no surrounding spaces, and no
+    control, surrogate, separator or format character (except the zero-width
+    joiner and the tag characters that emoji sequences use). Raises invalid_emoji.
+    """
     if not value or len(value) > limits.max_emoji_chars or value.strip() != value:
         raise BrokerError(
             "invalid_emoji",
             f"an emoji is 1-{limits.max_emoji_chars} characters without surrounding spaces",
         )
+    for char in value:
+        if _unprintable(char):
+            raise BrokerError(
+                "invalid_emoji",
+                f"an emoji may not contain the control or format character U+{ord(char):04X}",
+            )
     return value
+
+
+def _unprintable(char: str) -> bool:
+    if char == _ZERO_WIDTH_JOINER or ord(char) in _TAGS:
+        return False
+    # Noncharacters (U+FFFE, U+FFFF, U+1FFFE, ...) are never text either.
+    return (unicodedata.category(char) in _EMOJI_REFUSED_CATEGORIES
+            or (ord(char) & 0xFFFE) == 0xFFFE or 0xFDD0 <= ord(char) <= 0xFDEF)
 
 
 def mention_candidates(body: str) -> list[str]:
@@ -106,7 +138,8 @@ def mention_candidates(body: str) -> list[str]:
 def parse_id(value: str | int, code: str, what: str) -> int:
     """A wire id (decimal string) as an int; a malformed id is simply not found."""
     if isinstance(value, int):
-        return value
-    if value.isascii() and value.isdigit() and len(value) <= 19:
+        if 0 <= value <= MAX_ID:
+            return value
+    elif value.isascii() and value.isdigit() and len(value) <= 19 and int(value) <= MAX_ID:
         return int(value)
     raise BrokerError(code, f"{what} {value!r} not found")

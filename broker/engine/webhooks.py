@@ -70,6 +70,10 @@ BROKER_EVENT_TYPES: frozenset[str] = frozenset({
 ALL_EVENTS = "*"
 SUBSCRIBABLE_EVENTS: frozenset[str] = RELAYCAST_EVENT_TYPES | BROKER_EVENT_TYPES | {ALL_EVENTS}
 
+# The commit signal (`Tx.signal`) of a command that made outbox rows due:
+# the dispatcher waits on it instead of polling the table.
+OUTBOX_WRITTEN = "outbox_written"
+
 # Subscriptions per workspace at most: every fact of the workspace is matched
 # against them inside the writer's transaction.
 MAX_SUBSCRIPTIONS = 100
@@ -239,6 +243,7 @@ def enqueue_webhooks(
     )
     written = tx.conn.changes()
     if written:
+        tx.signal(OUTBOX_WRITTEN)
         # Ids first .. first + (rank of the last match) are taken: move past them.
         row = tx.conn.execute("SELECT max(id) FROM outbox").fetchone()
         last = int(row[0]) if row is not None and row[0] is not None else first
@@ -517,6 +522,8 @@ class ReplayDeadLetters(msgspec.Struct, frozen=True, kw_only=True):
                 " AND id IN (SELECT value FROM json_each(?)) RETURNING id",
                 (tx.now_ms, tx.now_ms, subscription_id, _encoder.encode(wanted).decode()),
             ).fetchall()
+        if rows:
+            tx.signal(OUTBOX_WRITTEN)
         return ReplayResult(subscription_id=str(subscription_id), replayed=len(rows))
 
 
@@ -524,7 +531,7 @@ MAX_REPLAY_IDS = 1000
 
 
 def _outbox_id(value: str) -> int | None:
-    if value.isascii() and value.isdigit() and len(value) <= 19:
+    if value.isascii() and value.isdigit() and len(value) <= 19 and int(value) <= validation.MAX_ID:
         return int(value)
     return None
 
@@ -606,10 +613,12 @@ def list_dead_letters(
 ) -> list[DeadLetter]:
     """A subscription's dead letters, newest first, `limit` at most, older than id `before`.
 
-    Raises subscription_not_found.
+    Raises subscription_not_found, invalid_cursor (`before` is not a dead letter id).
     """
     sid = require_subscription(conn, workspace_id, subscription_id)
     before_id = _outbox_id(before) if before is not None else None
+    if before is not None and before_id is None:
+        raise BrokerError("invalid_cursor", "before must be a dead letter id")
     rows = conn.execute(
         "SELECT id, type, attempts, last_status, last_error, created_at, updated_at, payload"
         " FROM outbox WHERE subscription_id = ? AND state = 'dead' AND id < ?"
@@ -665,6 +674,8 @@ def due_deliveries(
         "SELECT o.id, o.subscription_id, o.workspace_id, o.type, o.payload, o.attempts,"
         " o.created_at, s.url, s.headers, s.secret"
         " FROM outbox o JOIN webhook_subscriptions s ON s.id = o.subscription_id"
+        # A deleted workspace's rows wait for its purge, never for delivery.
+        " JOIN workspaces w ON w.id = o.workspace_id AND w.deleted_at IS NULL"
         " WHERE o.state = 'pending' AND o.next_attempt_at <= ? AND s.active"
         " AND o.id NOT IN (SELECT value FROM json_each(?))"
         " AND o.subscription_id NOT IN (SELECT value FROM json_each(?))"
@@ -689,6 +700,22 @@ def due_deliveries(
         ],
         None if upcoming is None or upcoming[0] is None else int(cast(int, upcoming[0])),
     )
+
+
+class OutboxBacklog(msgspec.Struct, frozen=True):
+    """Pending outbox rows over every workspace, and when the oldest was written (ms)."""
+
+    pending: int
+    oldest_created_at: int | None
+
+
+def outbox_backlog(conn: apsw.Connection) -> OutboxBacklog:
+    """The dispatcher's queue as the table holds it (for metrics)."""
+    row = conn.execute(
+        "SELECT count(*), min(created_at) FROM outbox WHERE state = 'pending'"
+    ).fetchone()
+    assert row is not None
+    return OutboxBacklog(int(cast(int, row[0])), cast("int | None", row[1]))
 
 
 def outbox_counts(conn: apsw.Connection) -> dict[str, int]:
@@ -832,8 +859,9 @@ def _authenticated_hook(conn: apsw.Connection, webhook_id: str, token: str | Non
     except BrokerError:
         raise refused from None
     row = conn.execute(
-        "SELECT id, workspace_id, channel_id, agent_id, name, token_hash FROM inbound_webhooks"
-        " WHERE id = ?",
+        "SELECT h.id, h.workspace_id, h.channel_id, h.agent_id, h.name, h.token_hash"
+        " FROM inbound_webhooks h JOIN workspaces w ON w.id = h.workspace_id"
+        " WHERE h.id = ? AND w.deleted_at IS NULL",
         (hook_id,),
     ).fetchone()
     if row is None:

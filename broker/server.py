@@ -27,6 +27,7 @@ from typing import Any, cast
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
+from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
 from broker.config import Settings
@@ -61,6 +62,8 @@ class BrokerServer:
         self.settings = settings
         self.port: int | None = None
         self.url: str | None = None
+        # The ASGI app while the server runs (its routes: what /openapi.json describes).
+        self.app: Starlette | None = None
         self._engine: Engine | None = None
         self._metrics: BrokerMetrics | None = None
         self._stop = trio.Event()
@@ -168,7 +171,7 @@ class BrokerServer:
                 extra_routes, background = self.compose(engine, metrics)
                 for service in background:
                     await services.start(service)
-                app = create_app(engine, settings, metrics, extra_routes)
+                app = self.app = create_app(engine, settings, metrics, extra_routes)
                 config = self._hypercorn_config()
                 metrics.gc_pauses.install()
                 try:

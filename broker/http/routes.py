@@ -63,7 +63,7 @@ ROUTES: tuple[RestRoute, ...] = (
     # reactions and reads
     RestRoute("POST", "/v1/messages/{message_id}/reactions", "reaction.add", 201),
     RestRoute("GET", "/v1/messages/{message_id}/reactions", "reaction.list"),
-    RestRoute("DELETE", "/v1/messages/{message_id}/reactions/{emoji}", "reaction.remove"),
+    RestRoute("DELETE", "/v1/messages/{message_id}/reactions/{emoji}", "reaction.remove", 204),
     RestRoute("POST", "/v1/messages/{message_id}/read", "message.read"),
     RestRoute("GET", "/v1/messages/{message_id}/readers", "message.readers"),
     # DMs and group DMs

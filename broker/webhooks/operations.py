@@ -82,7 +82,8 @@ def _workspace(call: Call) -> int:
 # -- outbound subscriptions -------------------------------------------------------------
 
 
-@operation("subscription.create", CreateSubscription, auth="workspace")
+@operation("subscription.create", CreateSubscription, auth="workspace",
+           output=hooks.SubscriptionCreated)
 async def create_subscription(engine: Engine, call: Call, req: CreateSubscription) -> Any:
     workspace_id = _workspace(call)
     url = hooks.webhook_url(req.url)  # malformed before refused: the clearer error first
@@ -93,24 +94,25 @@ async def create_subscription(engine: Engine, call: Call, req: CreateSubscriptio
     return created
 
 
-@operation("subscription.list", NoInput, auth="workspace")
+@operation("subscription.list", NoInput, auth="workspace", output=list[hooks.EventSubscription])
 async def list_subscriptions(engine: Engine, call: Call, req: NoInput) -> Any:
     return await engine.read(hooks.list_subscriptions, _workspace(call))
 
 
-@operation("subscription.get", SubscriptionRef, auth="workspace")
+@operation("subscription.get", SubscriptionRef, auth="workspace", output=hooks.EventSubscription)
 async def get_subscription(engine: Engine, call: Call, req: SubscriptionRef) -> Any:
     return await engine.read(hooks.get_subscription, _workspace(call), req.subscription_id)
 
 
-@operation("subscription.delete", SubscriptionRef, auth="workspace")
+@operation("subscription.delete", SubscriptionRef, auth="workspace", output=None)
 async def delete_subscription(engine: Engine, call: Call, req: SubscriptionRef) -> Any:
     await engine.submit(hooks.DeleteSubscription(
         workspace_id=_workspace(call), subscription_id=req.subscription_id))
     return None
 
 
-@operation("subscription.dead_letters", ListDeadLetters, auth="workspace")
+@operation("subscription.dead_letters", ListDeadLetters, auth="workspace",
+           output=list[hooks.DeadLetter])
 async def list_dead_letters(engine: Engine, call: Call, req: ListDeadLetters) -> Any:
     return await engine.read(
         hooks.list_dead_letters, _workspace(call), req.subscription_id, page_limit(req.limit),
@@ -118,7 +120,7 @@ async def list_dead_letters(engine: Engine, call: Call, req: ListDeadLetters) ->
     )
 
 
-@operation("subscription.replay", ReplayDeadLetters, auth="workspace")
+@operation("subscription.replay", ReplayDeadLetters, auth="workspace", output=hooks.ReplayResult)
 async def replay_dead_letters(engine: Engine, call: Call, req: ReplayDeadLetters) -> Any:
     result = await engine.submit(hooks.ReplayDeadLetters(
         workspace_id=_workspace(call), subscription_id=req.subscription_id, ids=req.ids))
@@ -129,25 +131,26 @@ async def replay_dead_letters(engine: Engine, call: Call, req: ReplayDeadLetters
 # -- inbound hooks --------------------------------------------------------------------
 
 
-@operation("webhook.create", CreateInboundWebhook, auth="workspace")
+@operation("webhook.create", CreateInboundWebhook, auth="workspace",
+           output=hooks.InboundWebhookCreated)
 async def create_inbound_webhook(engine: Engine, call: Call, req: CreateInboundWebhook) -> Any:
     return await engine.submit(hooks.CreateInboundWebhook(
         workspace_id=_workspace(call), channel=req.channel, name=req.name))
 
 
-@operation("webhook.list", NoInput, auth="workspace")
+@operation("webhook.list", NoInput, auth="workspace", output=list[hooks.InboundWebhook])
 async def list_inbound_webhooks(engine: Engine, call: Call, req: NoInput) -> Any:
     return await engine.read(hooks.list_inbound_webhooks, _workspace(call))
 
 
-@operation("webhook.delete", InboundWebhookRef, auth="workspace")
+@operation("webhook.delete", InboundWebhookRef, auth="workspace", output=None)
 async def delete_inbound_webhook(engine: Engine, call: Call, req: InboundWebhookRef) -> Any:
     await engine.submit(hooks.DeleteInboundWebhook(
         workspace_id=_workspace(call), webhook_id=req.webhook_id))
     return None
 
 
-@operation("webhook.trigger", TriggerInboundWebhook, auth="none")
+@operation("webhook.trigger", TriggerInboundWebhook, auth="none", output=hooks.HookTriggered)
 async def trigger_inbound_webhook(engine: Engine, call: Call, req: TriggerInboundWebhook) -> Any:
     fields = msgspec.structs.asdict(req)
     return await engine.submit(hooks.TriggerInboundWebhook(

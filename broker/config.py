@@ -26,6 +26,7 @@ import msgspec
 
 from broker.engine.config import EngineConfig
 from broker.gateway.settings import GatewaySettings
+from broker.ratelimit import RateLimitSettings
 from broker.webhooks.settings import WebhookSettings
 
 DEFAULT_HOST = "127.0.0.1"
@@ -58,6 +59,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     http: HttpSettings = msgspec.field(default_factory=HttpSettings)
     gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
     webhooks: WebhookSettings = msgspec.field(default_factory=WebhookSettings)
+    rate_limits: RateLimitSettings = msgspec.field(default_factory=RateLimitSettings)
 
 
 class ConfigError(Exception):

@@ -38,6 +38,7 @@ from broker.gateway import Gateway
 from broker.http.app import create_app
 from broker.http.files import file_routes
 from broker.http.metrics import BrokerMetrics
+from broker.ratelimit import RateLimiter
 from broker.sweeps import Sweeper
 from broker.webhooks.dispatcher import WebhookDispatcher, attach
 from broker.webhooks.inbound import inbound_routes
@@ -58,8 +59,11 @@ class BrokerServer:
     `stop()` asks for a graceful stop; `run` returns when it is complete.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, limiter: RateLimiter | None = None) -> None:
+        """limiter: the rate limits of the REST app and the gateway (one from
+        `settings.rate_limits` when None; tests pass one with a fake clock)."""
         self.settings = settings
+        self.limiter = limiter or RateLimiter(settings.rate_limits)
         self.port: int | None = None
         self.url: str | None = None
         # The ASGI app while the server runs (its routes: what /openapi.json describes).
@@ -92,7 +96,8 @@ class BrokerServer:
 
         gateway = self.gateway = Gateway(engine, self.settings.gateway,
                                          on_sessions=metrics.open_sessions.set,
-                                         on_request=metrics.observe_socket_request)
+                                         on_request=metrics.observe_socket_request,
+                                         limiter=self.limiter)
         # Read at scrape time, so the gauge can never drift from the sessions.
         metrics.open_sessions.set_function(lambda: len(gateway.sessions))
 
@@ -121,6 +126,7 @@ class BrokerServer:
             stop_grace_seconds=self.settings.http.shutdown_grace_seconds,
         )
         attach(engine, dispatcher)
+        metrics.watch_webhooks(dispatcher)
 
         async def webhooks(
             *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -128,7 +134,7 @@ class BrokerServer:
             # Ends when a stop begins; deliveries in flight get the grace.
             await dispatcher.run(self._stop.wait, task_status=task_status)
 
-        sweeper = self.sweeper = Sweeper(engine)
+        sweeper = self.sweeper = Sweeper(engine, store)
 
         async def sweeps(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             # Expiry and retention write through the writer: they end when a
@@ -171,7 +177,9 @@ class BrokerServer:
                 extra_routes, background = self.compose(engine, metrics)
                 for service in background:
                     await services.start(service)
-                app = self.app = create_app(engine, settings, metrics, extra_routes)
+                metrics.count_refusals(self.limiter)
+                app = self.app = create_app(engine, settings, metrics, extra_routes,
+                                            self.limiter)
                 config = self._hypercorn_config()
                 metrics.gc_pauses.install()
                 try:

@@ -34,10 +34,12 @@ class CloseCode(enum.IntEnum):
     INVALID_PAYLOAD = 1007  # a frame that is not JSON (or not MessagePack)
     MESSAGE_TOO_BIG = 1009  # a frame above the size limit
     INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013  # the daemon holds gateway.max_sessions sockets already
     SLOW_CLIENT = 4008  # the client read nothing for slow_client_timeout
     BAD_FRAME = 4400  # a frame that cannot be answered (no readable id)
     UNAUTHORIZED = 4401  # the token was refused after the handshake
     PONG_TIMEOUT = 4408  # no pong (or any frame) within the ping timeout
+    RATE_LIMITED = 4429  # too many sockets for the agent, or too many refused tokens
 
 
 class FrameError(Exception):

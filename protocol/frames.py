@@ -107,6 +107,8 @@ class ErrorBody(msgspec.Struct):
 
     code: str
     message: str
+    # With rate_limit_exceeded: how long to wait before the request would pass.
+    retry_after_ms: int | msgspec.UnsetType = msgspec.UNSET
 
 
 class Reply(msgspec.Struct, kw_only=True):

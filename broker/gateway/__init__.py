@@ -12,12 +12,19 @@ The token decides the role of a socket at the handshake: an agent token on
 opens an observer (`broker.gateway.observer`), a node token on
 `/v1/node/ws` opens a node socket (`broker.gateway.node`). A missing or
 refused token gets HTTP 401 with the REST error body, before any upgrade.
+
+Caps and limits (`broker.ratelimit`, docs/operations.md): a socket past
+`max_sessions_per_agent` (native and node sockets of one agent) is accepted
+and closed with 4429, past `max_sessions` (every kind) with 1013; an address
+blocked for refused tokens gets 4429 whatever its token; each request frame
+of a native session counts against its workspace's and agent's limits.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,18 +39,20 @@ from broker.auth import authorize, bearer_token, resolve_token
 from broker.engine import secrets
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
-from broker.engine.realtime import IssueNodeToken, agent_by_node_token
+from broker.engine.realtime import IssueNodeToken, NodeIdentity, agent_by_node_token
+from broker.engine.workspaces import Principal
 from broker.fanout import FanoutHub, HubStatistics
 from broker.gateway.native import AgentSession
 from broker.gateway.node import NodeSession
 from broker.gateway.observer import ObserverSession
 from broker.gateway.presence import ACTIVE, OFFLINE, PresenceReporter
 from broker.gateway.recorder import DeliveryRecorder, RecorderStatistics
-from broker.gateway.session import Session, SessionStatistics
+from broker.gateway.session import MAX_REASON_BYTES, Session, SessionStatistics
 from broker.gateway.settings import GatewaySettings
 from broker.gateway.websocket import AsgiWebSocket, ConnectionClosed
 from broker.http.errors import encode_error, encode_success, status_for
 from broker.operations import OPERATIONS, Operation
+from broker.ratelimit import UNLIMITED, RateLimited, RateLimiter, client_address
 from protocol import frames as fr
 from protocol.codec import MSGPACK_SUBPROTOCOL, CloseCode, Codec, negotiate
 
@@ -82,11 +91,19 @@ class Gateway:
         self, engine: Engine, settings: GatewaySettings | None = None,
         on_sessions: Callable[[int], object] | None = None,
         on_request: Callable[[str, float], object] | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         """on_sessions: told the number of open sessions whenever it changes (a gauge);
-        on_request: told each socket request's operation and seconds (a histogram)."""
+        on_request: told each socket request's operation and seconds (a histogram);
+        limiter: the rate limits, shared with the REST app (None: no limits)."""
         self.engine = engine
         self.settings = settings or GatewaySettings()
+        self.limiter = limiter or RateLimiter(UNLIMITED)
+        # Sockets admitted and not yet ended: all of them, and by agent. Taken
+        # before the handshake is accepted, so two racing sockets cannot both
+        # take the last place.
+        self.admitted = 0
+        self.admitted_by_agent: Counter[int] = Counter()
         self._on_sessions = on_sessions
         self.on_request = on_request
         self.hub = FanoutHub()
@@ -189,6 +206,61 @@ class Gateway:
                   name="POST /v1/agent/node-token"),
         ]
 
+    # -- admission ------------------------------------------------------------------------
+
+    def _admit(self, agent_id: int | None) -> tuple[int, str] | None:
+        """Take a place for one socket (of `agent_id`, if an agent's): None, or the close to send.
+
+        The caller gives the place back with `_release` when the socket ends.
+        """
+        s = self.settings
+        if s.max_sessions and self.admitted >= s.max_sessions:
+            self.limiter.refused("sessions")
+            return (CloseCode.TRY_AGAIN_LATER,
+                    f"the broker holds its limit of {s.max_sessions} sockets; try again later")
+        if agent_id is not None and s.max_sessions_per_agent \
+                and self.admitted_by_agent[agent_id] >= s.max_sessions_per_agent:
+            self.limiter.refused("sessions_per_agent")
+            return (CloseCode.RATE_LIMITED,
+                    f"this agent has its limit of {s.max_sessions_per_agent} sockets open")
+        self.admitted += 1
+        if agent_id is not None:
+            self.admitted_by_agent[agent_id] += 1
+        return None
+
+    def _release(self, agent_id: int | None) -> None:
+        self.admitted -= 1
+        if agent_id is not None:
+            self.admitted_by_agent[agent_id] -= 1
+            if self.admitted_by_agent[agent_id] <= 0:
+                del self.admitted_by_agent[agent_id]
+
+    async def _refuse(self, ws: AsgiWebSocket, code: int, reason: str) -> None:
+        """Accept the handshake only to close it with `code`: browsers see no HTTP status."""
+        reason = reason.encode()[:MAX_REASON_BYTES].decode(errors="ignore")
+        try:
+            with trio.move_on_after(self.settings.close_grace_seconds):
+                await ws.accept(None)
+                await ws.close(code, reason)
+        except ConnectionClosed:
+            pass
+
+    async def _authenticate(self, ws: AsgiWebSocket, token: str | None, resolve: Callable[
+            [str | None], Awaitable[Any]]) -> Any:
+        """`resolve(token)` behind the per-address limit on refused tokens (which it feeds).
+
+        Raises RateLimited while the address is blocked, BrokerError from `resolve`.
+        """
+        address = client_address(ws.scope)
+        if token is not None:
+            self.limiter.check_auth(address)
+        try:
+            return await resolve(token)
+        except BrokerError as exc:
+            if exc.code == "invalid_token":
+                self.limiter.auth_failed(address)
+            raise
+
     async def _serve_ws(self, scope: Scope, receive: Receive, send: Send) -> None:
         ws = AsgiWebSocket(scope, receive, send)
         try:
@@ -197,10 +269,24 @@ class Gateway:
             return
         try:
             token = ws.query("token") or bearer_token(ws.header("authorization"))
-            principal = await resolve_token(self.engine, token)
+            principal = await self._authenticate(
+                ws, token, lambda token: resolve_token(self.engine, token))
+        except RateLimited as exc:
+            await self._refuse(ws, CloseCode.RATE_LIMITED, exc.message)
+            return
         except BrokerError as exc:
             await ws.deny(status_for(exc.code), encode_error(exc.code, exc.message))
             return
+        refusal = self._admit(principal.agent_id)
+        if refusal is not None:
+            await self._refuse(ws, *refusal)
+            return
+        try:
+            await self._open_ws(ws, token, principal)
+        finally:
+            self._release(principal.agent_id)
+
+    async def _open_ws(self, ws: AsgiWebSocket, token: str | None, principal: Principal) -> None:
         session: Session
         if principal.agent_id is None:
             await ws.accept(negotiate(ws.subprotocols))
@@ -223,19 +309,41 @@ class Gateway:
         except ConnectionClosed:
             return
         token = ws.query("token")
+        try:
+            identity = await self._authenticate(ws, token, self._node_identity)
+        except RateLimited as exc:
+            await self._refuse(ws, CloseCode.RATE_LIMITED, exc.message)
+            return
+        except BrokerError as exc:
+            await ws.deny(401, encode_error(exc.code, exc.message))
+            return
+        refusal = self._admit(identity.agent_id)
+        if refusal is not None:
+            await self._refuse(ws, *refusal)
+            return
+        try:
+            await self._open_node(ws, identity, secrets.digest(token or ""))
+        finally:
+            self._release(identity.agent_id)
+
+    async def _node_identity(self, token: str | None) -> NodeIdentity:
+        """The node socket that `token` opens. Raises unauthorized or invalid_token."""
         identity = None
         if token and token.startswith(secrets.NODE_TOKEN_PREFIX) and len(token) < 512:
             identity = await self.engine.read(agent_by_node_token, token, int(time.time() * 1000))
         if identity is None:
-            code = "unauthorized" if not token else "invalid_token"
-            await ws.deny(401, encode_error(code, "/v1/node/ws needs ?token=<node token>"))
-            return
+            raise BrokerError("unauthorized" if not token else "invalid_token",
+                              "/v1/node/ws needs ?token=<node token>")
+        return identity
+
+    async def _open_node(self, ws: AsgiWebSocket, identity: NodeIdentity,
+                         credential: bytes) -> None:
         await ws.accept(negotiate(ws.subprotocols))
         session = NodeSession(
             self, ws, self.node_codec, workspace_id=identity.workspace_id,
             agent_id=identity.agent_id, agent_name=identity.agent_name,
             node_id=identity.node_id, node_name=identity.node_name,
-            credential=secrets.digest(token),
+            credential=credential,
         )
         await self._run(session)
 
@@ -255,20 +363,33 @@ class Gateway:
 
     async def _node_token(self, request: Request) -> Response:
         """POST /v1/agent/node-token: `{node_id, node_name, token}` for the calling agent."""
+        limits = None
         try:
-            principal = await resolve_token(
-                self.engine, bearer_token(request.headers.get("authorization")))
+            address = client_address(request.scope)
+            if request.headers.get("authorization"):
+                self.limiter.check_auth(address)
+            try:
+                principal = await resolve_token(
+                    self.engine, bearer_token(request.headers.get("authorization")))
+            except BrokerError as exc:
+                if exc.code == "invalid_token":
+                    self.limiter.auth_failed(address)
+                raise
             authorize("agent", principal)
             assert principal.agent_id is not None
+            limits = self.limiter.take_request("agent.node_token", principal.workspace_id,
+                                               principal.agent_id, address)
             issued = await self.engine.submit(IssueNodeToken(
                 workspace_id=principal.workspace_id, agent_id=principal.agent_id,
                 ttl_seconds=self.settings.node_token_ttl_seconds))
         except BrokerError as exc:
             return Response(encode_error(exc.code, exc.message), status_code=status_for(exc.code),
-                            media_type="application/json")
+                            media_type="application/json",
+                            headers=exc.verdict.headers() if isinstance(exc, RateLimited) else None)
         data = fr.NodeToken(node_id=issued.node_id, node_name=issued.node_name,
                             token=issued.token)
-        return Response(encode_success(data), status_code=201, media_type="application/json")
+        return Response(encode_success(data), status_code=201, media_type="application/json",
+                        headers=None if limits is None else limits.headers())
 
     # -- reporting ----------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from broker.engine.workspaces import Principal
 from broker.fanout import FactView
 from broker.gateway.session import CREDENTIAL_GONE, DeliverySession
 from broker.operations import Call, Operation
+from broker.ratelimit import RateLimited
 from protocol import frames as fr
 from protocol.codec import CloseCode
 
@@ -127,6 +128,15 @@ class AgentSession(DeliverySession):
             pass  # its arrival is what counts (last_received)
         else:
             op = self.gateway.request_operations[type(frame)]
+            try:
+                # Before the request runs: a refused request writes nothing.
+                self.gateway.limiter.take_request(op.name, self.workspace_id, self.agent_id,
+                                                  "")
+            except RateLimited as exc:
+                # An error reply like any other; the session stays open.
+                self.outbox.put(fr.Reply(re=frame.id, ok=False, error=fr.ErrorBody(
+                    exc.code, exc.message, retry_after_ms=exc.verdict.retry_after_ms)))
+                return
             await self.spawn_request(self._request, op, frame, trio.current_time())
 
     async def _ack(self, frame: fr.DeliveryAck) -> None:

@@ -40,3 +40,8 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # bound the socket is not read until the client reads.
     max_requests_in_flight: Annotated[int, msgspec.Meta(ge=1)] = 64
     node_token_ttl_seconds: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_NODE_TOKEN_TTL_S
+    # Sockets one agent may hold open (native and node sockets alike); the
+    # next is closed with 4429. 0: no cap.
+    max_sessions_per_agent: Annotated[int, msgspec.Meta(ge=0)] = 8
+    # Sockets of every kind (observers too); the next is closed with 1013. 0: no cap.
+    max_sessions: Annotated[int, msgspec.Meta(ge=0)] = 20_000

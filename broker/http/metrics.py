@@ -27,6 +27,7 @@ from broker.engine.health import pending_deliveries_total
 from broker.engine.writer import Histogram as WriterHistogram
 from broker.engine.writer import WriterActor
 from broker.gc_tuning import CollectorPauses
+from broker.ratelimit import REASONS, RateLimiter
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Upper bounds, in seconds, of the HTTP request latency histogram.
@@ -106,6 +107,32 @@ class WriterCollector:
             yield family
 
 
+class RefusalCollector:
+    """Reports the rate limiter's refusals by reason, and the keys its tables hold, at scrape."""
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.limiter = limiter
+
+    def describe(self) -> Sequence[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.limiter.statistics()
+        refusals = CounterMetricFamily(
+            "broker_refusals", "Requests and sockets refused by a rate limit or a cap, by"
+            " reason (workspace, agent, anonymous: requests per minute; auth_failures:"
+            " an address with too many refused tokens; sessions_per_agent, sessions: caps)",
+            labels=["reason"],
+        )
+        for reason in REASONS:
+            refusals.add_metric([reason], getattr(stats, reason))
+        yield refusals
+        yield GaugeMetricFamily(
+            "broker_rate_limit_keys", "Workspaces, agents and addresses the rate limiter tracks",
+            value=stats.tracked_keys,
+        )
+
+
 class BrokerMetrics:
     """The server's metrics registry and the instruments other layers update."""
 
@@ -137,6 +164,10 @@ class BrokerMetrics:
         # Timing starts with `gc_pauses.install()`; the server removes it when it stops.
         self.gc_pauses = CollectorPauses()
         self.registry.register(self.gc_pauses)
+
+    def count_refusals(self, limiter: RateLimiter) -> None:
+        """Report `limiter`'s refusals (call once; the server owns the limiter)."""
+        self.registry.register(RefusalCollector(limiter))
 
     def observe_socket_request(self, operation: str, seconds: float) -> None:
         self.socket_request_seconds.labels(operation).observe(seconds)

@@ -18,6 +18,13 @@ If COMMIT fails, every command of the batch fails and nothing is
 acknowledged. `submit` returns only after the COMMIT holding the command
 returned (ack after durability). Facts produced by committed commands are
 then published, in commit order, on the facts channel for the fanout.
+
+Commit signals wake in-process consumers that watch a table rather than
+the facts (the webhook dispatcher watches the outbox, the sweeper watches
+for deleted workspaces): a command raises a named signal with
+`tx.signal(name)`, and after the COMMIT holding it the writer calls every
+callback registered with `on_commit(name, callback)`. Signals of a command
+that failed, or of a batch whose COMMIT failed, are dropped with its writes.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
@@ -71,6 +78,7 @@ class Tx:
         self.limits = limits
         self.now_ms = 0
         self.facts: list[Fact] = []
+        self.signals: set[str] = set()
         self._iso_ms = -1
         self._iso = ""
 
@@ -87,6 +95,11 @@ class Tx:
     def emit(self, fact: Fact) -> None:
         """Publish `fact` after COMMIT, if this command's writes are committed."""
         self.facts.append(fact)
+
+    def signal(self, name: str) -> None:
+        """Call the writer's `on_commit(name, ...)` callbacks after COMMIT, if this
+        command's writes are committed (once per batch, however often raised)."""
+        self.signals.add(name)
 
 
 class Command(Protocol[T_co]):
@@ -111,7 +124,7 @@ class Maintenance(Generic[T]):
 
 
 class _Pending(Generic[T]):
-    __slots__ = ("command", "done", "result", "error", "facts", "submitted")
+    __slots__ = ("command", "done", "result", "error", "facts", "signals", "submitted")
 
     def __init__(self, command: Command[T]) -> None:
         self.command = command
@@ -120,6 +133,7 @@ class _Pending(Generic[T]):
         self.result: T | None = None
         self.error: BaseException | None = None
         self.facts: list[Fact] = []
+        self.signals: set[str] = set()
 
 
 class Histogram:
@@ -216,6 +230,7 @@ class WriterActor:
         # Its own thread token: a commit never waits for trio's default
         # limiter, which readers' and file uploads' threads also draw from.
         self._thread = trio.CapacityLimiter(1)
+        self._on_commit: dict[str, list[Callable[[], None]]] = {}
         self.batches = 0
         self.commands = 0
         self.failed_commands = 0
@@ -308,6 +323,22 @@ class WriterActor:
             self._lock.release()
             self._lock = None
 
+    def on_commit(self, name: str, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback()` after every COMMIT that holds a command raising signal `name`.
+
+        The callback runs on the event loop, right after the commit and
+        before the batch's facts are published; it must not block (set an
+        event, nothing more). Returns a function that unregisters it.
+        """
+        callbacks = self._on_commit.setdefault(name, [])
+        callbacks.append(callback)
+
+        def remove() -> None:
+            if callback in callbacks:
+                callbacks.remove(callback)
+
+        return remove
+
     # -- submitting ----------------------------------------------------------
 
     async def submit(self, command: Command[T]) -> T:
@@ -355,12 +386,17 @@ class WriterActor:
         self.commands += len(batch)
         self.batch_sizes.observe(len(batch))
         facts: list[Fact] = []
+        signals: set[str] = set()
         for pending in batch:
             if pending.error is None:
                 facts.extend(pending.facts)
+                signals |= pending.signals
             else:
                 self.failed_commands += 1
             pending.done.set()
+        for name in sorted(signals):
+            for callback in tuple(self._on_commit.get(name, ())):
+                callback()
         if facts and self._facts is not None:
             await self._facts.send(facts)
 
@@ -411,7 +447,7 @@ class WriterActor:
             if not conn.get_autocommit():
                 conn.execute("ROLLBACK")
             for pending in batch:
-                pending.result, pending.facts = None, []
+                pending.result, pending.facts, pending.signals = None, [], set()
                 pending.error = BrokerError(
                     "commit_failed", f"the transaction could not be committed: {exc}"
                 )
@@ -427,17 +463,18 @@ class WriterActor:
             if index in excluded:
                 continue
             before = conn.total_changes()
-            tx.facts = []
+            tx.facts, tx.signals = [], set()
             try:
                 pending.result = pending.command.apply(tx)
             except Exception as exc:
                 pending.result, pending.facts, pending.error = None, [], exc
+                pending.signals = set()
                 excluded.add(index)
                 if conn.total_changes() != before or conn.get_autocommit():
                     return False
                 continue
             pending.error = None
-            pending.facts = tx.facts
+            pending.facts, pending.signals = tx.facts, tx.signals
         return True
 
     # -- reporting -------------------------------------------------------------

@@ -6,11 +6,14 @@ thread's CPU time are read from `writer.statistics()` at scrape time by a
 custom collector; pending deliveries are summed by a reader query just
 before each scrape; open sessions is a gauge the WebSocket gateway moves;
 garbage-collector pauses are timed by a `gc.callbacks` hook
-(`broker.gc_tuning`).
+(`broker.gc_tuning`); the webhook dispatcher's counts come from its
+`statistics()` snapshot, its queue depth and oldest pending age from a
+reader query per scrape.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -24,9 +27,11 @@ from prometheus_client.core import (
 
 from broker.engine.engine import Engine
 from broker.engine.health import pending_deliveries_total
+from broker.engine.webhooks import outbox_backlog
 from broker.engine.writer import Histogram as WriterHistogram
 from broker.engine.writer import WriterActor
 from broker.gc_tuning import CollectorPauses
+from broker.webhooks.dispatcher import WebhookDispatcher
 from broker.ratelimit import REASONS, RateLimiter
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -133,6 +138,42 @@ class RefusalCollector:
         )
 
 
+class WebhookCollector:
+    """Reports the webhook dispatcher's statistics at scrape time."""
+
+    def __init__(self, dispatcher: WebhookDispatcher) -> None:
+        self.dispatcher = dispatcher
+
+    def describe(self) -> Sequence[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.dispatcher.statistics()
+        yield GaugeMetricFamily(
+            "broker_webhook_in_flight", "Webhook requests under way now", value=stats.in_flight
+        )
+        for name, help_text, value in (
+            ("broker_webhook_attempts", "Webhook requests started", stats.attempts),
+            ("broker_webhook_delivered", "Webhook events delivered (a 2xx answer)",
+             stats.delivered),
+            ("broker_webhook_retried", "Failed webhook attempts scheduled for a retry",
+             stats.retried),
+            ("broker_webhook_dead_lettered", "Webhook events given up on (dead letters)",
+             stats.dead_lettered),
+        ):
+            yield CounterMetricFamily(name, help_text, value=value)
+        failures = CounterMetricFamily(
+            "broker_webhook_failures", "Failed webhook attempts by reason", labels=["reason"]
+        )
+        for reason, value in (
+            ("status", stats.failed_status), ("timeout", stats.failed_timeout),
+            ("connection", stats.failed_connection), ("refused", stats.failed_refused),
+            ("internal", stats.failed_internal),
+        ):
+            failures.add_metric([reason], value)
+        yield failures
+
+
 class BrokerMetrics:
     """The server's metrics registry and the instruments other layers update."""
 
@@ -161,6 +202,17 @@ class BrokerMetrics:
             registry=self.registry,
         )
         self.registry.register(WriterCollector(engine.writer))
+        # Set by `watch_webhooks`; the queue gauges are refreshed by a query per scrape.
+        self.webhooks: WebhookDispatcher | None = None
+        self.webhook_queue_depth = Gauge(
+            "broker_webhook_queue_depth", "Webhook events pending (due now or waiting to retry)",
+            registry=self.registry,
+        )
+        self.webhook_oldest_pending_seconds = Gauge(
+            "broker_webhook_oldest_pending_seconds",
+            "Age of the oldest pending webhook event (0 when none is pending)",
+            registry=self.registry,
+        )
         # Timing starts with `gc_pauses.install()`; the server removes it when it stops.
         self.gc_pauses = CollectorPauses()
         self.registry.register(self.gc_pauses)
@@ -168,6 +220,11 @@ class BrokerMetrics:
     def count_refusals(self, limiter: RateLimiter) -> None:
         """Report `limiter`'s refusals (call once; the server owns the limiter)."""
         self.registry.register(RefusalCollector(limiter))
+
+    def watch_webhooks(self, dispatcher: WebhookDispatcher) -> None:
+        """Report `dispatcher`'s statistics and the outbox's backlog from now on."""
+        self.webhooks = dispatcher
+        self.registry.register(WebhookCollector(dispatcher))
 
     def observe_socket_request(self, operation: str, seconds: float) -> None:
         self.socket_request_seconds.labels(operation).observe(seconds)
@@ -179,5 +236,10 @@ class BrokerMetrics:
     async def render(self) -> bytes:
         """Refresh the values that need a query, then the whole registry as Prometheus text."""
         self.pending_deliveries.set(await self.engine.read(pending_deliveries_total))
+        backlog = await self.engine.read(outbox_backlog)
+        self.webhook_queue_depth.set(backlog.pending)
+        oldest = backlog.oldest_created_at
+        self.webhook_oldest_pending_seconds.set(
+            0.0 if oldest is None else max(0.0, time.time() - oldest / 1000))
         data: bytes = generate_latest(self.registry)
         return data

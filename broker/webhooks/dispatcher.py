@@ -15,15 +15,18 @@ rows are skipped in SQL, so one slow or failing endpoint can hold only its
 own slots, and every request is bounded by `request_timeout_seconds`.
 Rows of one subscription may be delivered out of order.
 
-Waking. The dispatcher sleeps until the earliest known retry, a poll
-interval, or a `notify()` (a delivery finished, a subscription was made, a
-dead letter was replayed). Polling also picks up rows committed by any
-command, at `poll_interval_seconds` latency.
+Waking. The dispatcher never polls at a fixed tick: it sleeps until a
+commit wrote outbox rows (the writer's `OUTBOX_WRITTEN` commit signal,
+raised by `enqueue_webhooks` and by a dead-letter replay), until a delivery
+of its own finished (a slot is free), or until the earliest retry it read
+from the table falls due. With nothing pending and nothing written it does
+not touch the database at all.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 import weakref
@@ -39,6 +42,7 @@ import trio
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
 from broker.engine.webhooks import (
+    OUTBOX_WRITTEN,
     DueBatch,
     DueDelivery,
     PruneDeliveredWebhooks,
@@ -63,6 +67,12 @@ RETRYABLE_STATUSES = frozenset({408, 429})
 MAX_RETRY_AFTER_S = 24 * 3600.0
 
 Outcome = Literal["delivered", "retry", "dead"]
+# Why an attempt failed, as counted in the statistics and in /metrics:
+# status (the receiver answered non-2xx), timeout (no status line within
+# request_timeout_seconds), connection (could not connect, or the connection
+# broke), refused (the SSRF guard refused the destination at connect time),
+# internal (a bug here; logged with its traceback).
+FailureReason = Literal["status", "timeout", "connection", "refused", "internal"]
 
 # What the guarded transport lets through unmapped (httpx maps these for its own).
 _TRANSPORT_ERRORS: tuple[type[Exception], ...] = (
@@ -141,6 +151,7 @@ class AttemptResult:
     status: int | None
     error: str | None
     retry_after: float | None = None
+    reason: FailureReason | None = None  # None when ok
 
 
 def classify(status: int, retry_after: str | None = None) -> AttemptResult:
@@ -150,13 +161,24 @@ def classify(status: int, retry_after: str | None = None) -> AttemptResult:
     retryable = status in RETRYABLE_STATUSES or status >= 500
     return AttemptResult(
         False, not retryable, status, f"HTTP {status}",
-        retry_after_seconds(retry_after) if status in (429, 503) else None,
+        retry_after_seconds(retry_after) if status in (429, 503) else None, "status",
     )
 
 
 @dataclass(frozen=True)
 class DispatcherStatistics:
-    """What `WebhookDispatcher.statistics()` returns (counts since start)."""
+    """What `WebhookDispatcher.statistics()` returns: a snapshot, counts since start.
+
+    running: between `run`'s start and its wind-down. in_flight: requests
+    under way now; busy_subscriptions: subscriptions with one or more of them.
+    attempts: requests started. delivered, retried, dead_lettered: attempts
+    recorded with that outcome. failed_status, failed_timeout,
+    failed_connection, failed_refused, failed_internal: failed attempts by
+    reason (see FailureReason); refused is failed_refused under its old name.
+    scans: looks at the outbox table (queries for due rows); wakeups: times
+    the scheduler woke from a wait (a commit signal, a finished delivery, a
+    retry falling due, a stop).
+    """
 
     running: bool
     in_flight: int
@@ -166,6 +188,13 @@ class DispatcherStatistics:
     retried: int
     dead_lettered: int
     refused: int
+    failed_status: int
+    failed_timeout: int
+    failed_connection: int
+    failed_refused: int
+    failed_internal: int
+    scans: int
+    wakeups: int
 
 
 class WebhookDispatcher:
@@ -198,12 +227,22 @@ class WebhookDispatcher:
         self.delivered = 0
         self.retried = 0
         self.dead_lettered = 0
-        self.refused = 0
+        self.failures: dict[FailureReason, int] = {
+            "status": 0, "timeout": 0, "connection": 0, "refused": 0, "internal": 0,
+        }
+        self.scans = 0
+        self.wakeups = 0
 
     # -- control -------------------------------------------------------------------
 
+    @property
+    def refused(self) -> int:
+        """Attempts the SSRF guard refused at connect time."""
+        return self.failures["refused"]
+
     def notify(self) -> None:
-        """Look at the outbox now rather than at the next poll (safe to call any time)."""
+        """Look at the outbox now (safe to call any time; the writer calls it after a
+        commit that wrote outbox rows)."""
         self._wake.set()
 
     def stop(self) -> None:
@@ -216,11 +255,16 @@ class WebhookDispatcher:
         return self._running
 
     def statistics(self) -> DispatcherStatistics:
+        """A frozen snapshot of the counts and of what is in flight now."""
+        failures = self.failures
         return DispatcherStatistics(
             running=self._running, in_flight=len(self._in_flight),
             busy_subscriptions=len(self._per_subscription), attempts=self.attempts,
             delivered=self.delivered, retried=self.retried, dead_lettered=self.dead_lettered,
-            refused=self.refused,
+            refused=failures["refused"], failed_status=failures["status"],
+            failed_timeout=failures["timeout"], failed_connection=failures["connection"],
+            failed_refused=failures["refused"], failed_internal=failures["internal"],
+            scans=self.scans, wakeups=self.wakeups,
         )
 
     async def run(
@@ -242,6 +286,9 @@ class WebhookDispatcher:
             follow_redirects=False, trust_env=False,
         ) as client, trio.open_nursery() as helpers:
             self._client = client
+            # Registered for the dispatcher's lifetime: a commit that wrote
+            # outbox rows wakes the scheduler (see the module docstring).
+            helpers.start_soon(self._watch_outbox)
             if stop_trigger is not None:
                 helpers.start_soon(self._stop_after, stop_trigger)
             helpers.start_soon(self._prune_delivered)
@@ -260,6 +307,13 @@ class WebhookDispatcher:
             helpers.cancel_scope.cancel()
         log.info("webhook dispatcher: stopped")
 
+    async def _watch_outbox(self) -> None:
+        remove = self.engine.writer.on_commit(OUTBOX_WRITTEN, self.notify)
+        try:
+            await trio.sleep_forever()
+        finally:
+            remove()
+
     async def _stop_after(self, stop_trigger: Callable[[], Awaitable[object]]) -> None:
         await stop_trigger()
         self.stop()
@@ -275,6 +329,7 @@ class WebhookDispatcher:
             free = settings.concurrency - len(self._in_flight)
             if free > 0:
                 now_ms = int(time.time() * 1000)
+                self.scans += 1
                 batch: DueBatch = await self.engine.read(
                     due_deliveries, now_ms, sorted(self._in_flight), self._saturated(),
                     settings.fetch_batch,
@@ -293,11 +348,20 @@ class WebhookDispatcher:
                     len(self._in_flight) < settings.concurrency
                 ):
                     continue  # more rows may be due: look again at once
-            timeout = settings.poll_interval_seconds
-            if next_due_ms is not None:
-                timeout = min(timeout, max(0.0, next_due_ms / 1000 - time.time()))
-            with trio.move_on_after(timeout):
-                await self._wake.wait()
+            await self._wait_woken(next_due_ms)
+
+    async def _wait_woken(self, next_due_ms: int | None) -> None:
+        """Wait for a wake-up (commit signal, free slot, stop) or the next retry's due time.
+
+        No due time known: nothing is pending but what is in flight, and
+        whatever changes that wakes us, so the wait has no timeout.
+        """
+        timeout = math.inf
+        if next_due_ms is not None:
+            timeout = max(0.0, next_due_ms / 1000 - time.time())
+        with trio.move_on_after(timeout):
+            await self._wake.wait()
+        self.wakeups += 1
 
     def _saturated(self) -> list[int]:
         limit = self.settings.per_subscription_concurrency
@@ -333,7 +397,8 @@ class WebhookDispatcher:
             except Exception as exc:
                 log.exception("webhook dispatcher: delivery %d to subscription %d failed",
                               row.id, row.subscription_id)
-                result = AttemptResult(False, False, None, f"internal error: {exc!r}")
+                result = AttemptResult(False, False, None, f"internal error: {exc!r}",
+                                       reason="internal")
             await self._record(row, result)
         finally:
             self._release(row)
@@ -356,18 +421,24 @@ class WebhookDispatcher:
                 # The body is never read: a status line is all a receiver owes us.
                 await response.aclose()
             except DestinationRefused as exc:
-                self.refused += 1
-                return AttemptResult(False, True, None, f"destination_refused: {exc.message}")
+                return AttemptResult(False, True, None, f"destination_refused: {exc.message}",
+                                     reason="refused")
             except _TRANSPORT_ERRORS as exc:
-                return AttemptResult(False, False, None, _describe(exc))
+                reason: FailureReason = "connection"
+                if isinstance(exc, httpx.TimeoutException | httpcore.TimeoutException):
+                    reason = "timeout"
+                return AttemptResult(False, False, None, _describe(exc), reason=reason)
         if scope.cancelled_caught:
-            return AttemptResult(False, False, None, f"timeout: no answer within {timeout:g}s")
+            return AttemptResult(False, False, None, f"timeout: no answer within {timeout:g}s",
+                                 reason="timeout")
         return classify(response.status_code, response.headers.get("retry-after"))
 
     async def _record(self, row: DueDelivery, result: AttemptResult) -> None:
         outcome: Outcome
         delay_s = 0.0
         error = result.error
+        if result.reason is not None:
+            self.failures[result.reason] += 1
         if result.ok:
             outcome = "delivered"
         elif result.final:

@@ -27,7 +27,8 @@ DEFAULT_REQUEST_TIMEOUT_S = 10.0
 # every slot.
 DEFAULT_CONCURRENCY = 64
 DEFAULT_PER_SUBSCRIPTION_CONCURRENCY = 4
-# How often the outbox is looked at when nothing woke the dispatcher.
+# Accepted for old configuration files and ignored: the dispatcher is woken
+# by the commits that write outbox rows, it no longer polls.
 DEFAULT_POLL_INTERVAL_S = 0.25
 # Due rows read per look.
 DEFAULT_FETCH_BATCH = 256

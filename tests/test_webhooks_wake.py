@@ -1,0 +1,98 @@
+"""The webhook dispatcher is woken by the commits that write outbox rows (it does not
+poll), and its statistics are in /metrics."""
+
+from __future__ import annotations
+
+import httpx
+import msgspec
+import trio
+import trio.testing
+
+from broker.engine.engine import Engine
+from broker.http.metrics import BrokerMetrics
+from broker.webhooks.dispatcher import WebhookDispatcher
+from tests.conftest import TEST_DEADLINE_S, World
+from tests.test_webhooks import Receiver, send, serving, subscribe
+from tests.test_webhooks_dispatch import FAST, dispatching, wait_state
+
+# A poll interval no test outlives: a delivery that came from polling would time out.
+NEVER = msgspec.structs.replace(FAST, poll_interval_seconds=3600.0)
+# Real time for a delivery woken by its commit, on a loaded machine.
+PROMPT_S = 10
+
+
+async def test_webhook_dispatcher_idle_makes_no_queries(
+    engine: Engine, world: World, mock_clock: trio.testing.MockClock
+) -> None:
+    """Idle for half the test deadline in virtual time (where a 0.25 s poll would look 120
+    times), the dispatcher looks at the outbox once, at start."""
+    dispatcher = WebhookDispatcher(engine, FAST, stop_grace_seconds=0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dispatcher.run)
+        # Time moves only here, in quarter seconds, each time everything waits.
+        for _ in range(int(TEST_DEADLINE_S / 2 / 0.25)):
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(0.25)
+        await trio.testing.wait_all_tasks_blocked()
+        idle = dispatcher.statistics()
+        dispatcher.stop()
+    assert (idle.scans, idle.wakeups) == (1, 0)
+
+
+async def test_webhook_dispatcher_is_woken_by_the_commit(engine: Engine, world: World) -> None:
+    """A send to a subscribed workspace is delivered at once, with a poll interval of an hour."""
+    async with serving(Receiver()) as receiver:
+        await subscribe(engine, world, ["message.created"], url=receiver.url)
+        async with dispatching(engine, NEVER) as dispatcher:
+            await trio.testing.wait_all_tasks_blocked()
+            assert dispatcher.statistics().scans == 1
+            with trio.fail_after(PROMPT_S):
+                await send(engine, world, "alice", "wake up")
+                (got,) = await receiver.wait_for(1)
+                await wait_state(engine, int(got.headers["x-relay-delivery"]), "delivered")
+            stats = dispatcher.statistics()
+    assert got.json()["data"]["text"] == "wake up"
+    # One look at start, one on the commit, one when the delivery's slot came free.
+    assert stats.scans <= 4 and stats.delivered == 1
+
+
+async def test_webhook_statistics_in_metrics(engine: Engine, world: World) -> None:
+    """After one failed attempt (a 500) and its successful retry, /metrics says so."""
+    metrics = BrokerMetrics(engine)
+    async with serving(Receiver(statuses=[500])) as receiver:
+        await subscribe(engine, world, ["message.created"], url=receiver.url)
+        await send(engine, world, "alice", "counted")
+        dispatcher = WebhookDispatcher(engine, FAST, stop_grace_seconds=0)
+        metrics.watch_webhooks(dispatcher)
+        before = (await metrics.render()).decode()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dispatcher.run)
+            got = await receiver.wait_for(2)
+            await wait_state(engine, int(got[0].headers["x-relay-delivery"]), "delivered")
+            after = (await metrics.render()).decode()
+            dispatcher.stop()
+    assert "broker_webhook_queue_depth 1.0" in before
+    assert "broker_webhook_attempts_total 0.0" in before
+    age = next(line for line in before.splitlines()
+               if line.startswith("broker_webhook_oldest_pending_seconds "))
+    assert float(age.split()[1]) >= 0
+    for line in (
+        "broker_webhook_attempts_total 2.0",
+        "broker_webhook_delivered_total 1.0",
+        "broker_webhook_retried_total 1.0",
+        "broker_webhook_dead_lettered_total 0.0",
+        'broker_webhook_failures_total{reason="status"} 1.0',
+        'broker_webhook_failures_total{reason="timeout"} 0.0',
+        'broker_webhook_failures_total{reason="connection"} 0.0',
+        "broker_webhook_in_flight 0.0",
+        "broker_webhook_queue_depth 0.0",
+        "broker_webhook_oldest_pending_seconds 0.0",
+    ):
+        assert line in after, line
+
+
+async def test_webhook_metrics_served_by_the_server(client: httpx.AsyncClient) -> None:
+    text = (await client.get("/metrics")).text
+    for line in ("broker_webhook_attempts_total 0.0", "broker_webhook_queue_depth 0.0",
+                 'broker_webhook_failures_total{reason="refused"} 0.0'):
+        assert line in text, line

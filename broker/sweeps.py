@@ -5,20 +5,34 @@ settled deliveries, old message-log rows and idempotency records, each step
 at most `sweep_batch` rows and repeated while a step comes back full; a
 WAL checkpoint and `PRAGMA optimize` run on their own intervals. Nothing
 here touches SQL: it only submits maintenance commands.
+
+Deleted workspaces are purged by a task of their own: woken by the commit
+of a `DeleteWorkspace` (the writer's `WORKSPACE_DELETED` signal) and once at
+start, so a purge cut short by a restart resumes. It submits one
+`PurgeWorkspace` step after another (each at most `purge_step_rows` rows,
+so the commands queued meanwhile interleave with it) until the workspace
+row is gone; the bytes of its files are removed after the step that
+deleted their rows committed, and its directory after the last step, as
+the file sweep does for deleted files.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
 from broker.engine import maintenance as m
 from broker.engine.engine import Engine
+from broker.engine.errors import BrokerError
+from broker.engine.workspaces import WORKSPACE_DELETED
 from broker.engine.writer import Command
+from broker.filestore import FileStore
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +54,38 @@ class SweepStatistics:
     last_checkpoint: tuple[int, int, int] | None = None
     # sweeps that skipped log pruning because expiry had a backlog left
     log_prunes_deferred: int = 0
+    # deleted workspaces whose purge finished, the steps and rows it took
+    workspaces_purged: int = 0
+    purge_steps: int = 0
+    purged_rows: int = 0
 
 
 class Sweeper:
-    """Runs the sweeps for the engine's lifetime: `await nursery.start(sweeper.run)`."""
+    """Runs the sweeps for the engine's lifetime: `await nursery.start(sweeper.run)`.
 
-    def __init__(self, engine: Engine) -> None:
+    store: where uploaded bytes live (None: the purge leaves them to the
+    file sweep's orphan scan). purge_step_rows: rows per purge step.
+    """
+
+    def __init__(self, engine: Engine, store: FileStore | None = None, *,
+                 purge_step_rows: int = m.PURGE_STEP_ROWS) -> None:
         self.engine = engine
+        self.store = store
+        self.purge_step_rows = purge_step_rows
         self.retention = engine.config.retention
         self.stats = SweepStatistics()
+        self._purge_wanted = trio.Event()
 
     def statistics(self) -> SweepStatistics:
         return self.stats
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._run_purges)
+            task_status.started()
+            await self._run_sweeps()
+
+    async def _run_sweeps(self) -> None:
         clock = trio.current_time
         next_checkpoint = clock() + self.retention.checkpoint_interval_seconds
         next_optimize = clock() + self.retention.optimize_interval_seconds
@@ -68,6 +99,68 @@ class Sweeper:
                 await self.engine.submit(m.Optimize())
                 self.stats.optimizations += 1
                 next_optimize = clock() + self.retention.optimize_interval_seconds
+
+    # -- purging deleted workspaces ---------------------------------------------------
+
+    def _want_purge(self) -> None:
+        self._purge_wanted.set()
+
+    async def _run_purges(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        remove = self.engine.writer.on_commit(WORKSPACE_DELETED, self._want_purge)
+        try:
+            task_status.started()
+            while True:
+                # A fresh event before the look, so a deletion during it is not lost.
+                self._purge_wanted = trio.Event()
+                try:
+                    await self.purge_deleted_workspaces()
+                except BrokerError as exc:
+                    # A failed commit: the marks are durable, try again later.
+                    log.warning("sweeper: purging deleted workspaces failed: %s", exc)
+                    with trio.move_on_after(self.retention.sweep_interval_seconds):
+                        await self._purge_wanted.wait()
+                    continue
+                await self._purge_wanted.wait()
+        finally:
+            remove()
+
+    async def purge_deleted_workspaces(self) -> int:
+        """Purge every workspace marked deleted, step by step, to the end; returns the rows.
+
+        Raises BrokerError when a step cannot be committed (the rest waits for
+        the next call; the steps already committed stay done).
+        """
+        total = 0
+        for workspace_id in await self.engine.read(m.deleted_workspaces):
+            total += await self.purge_workspace(workspace_id)
+        return total
+
+    async def purge_workspace(self, workspace_id: int) -> int:
+        """Run `PurgeWorkspace` steps for one deleted workspace until its row is gone."""
+        rows = steps = 0
+        while True:
+            # Shielded like the file sweep: a step's bytes are removed once
+            # its rows are committed, never left for a cancellation to skip.
+            with trio.CancelScope(shield=True):
+                step = await self.engine.submit(
+                    m.PurgeWorkspace(workspace_id, self.purge_step_rows))
+                if step.storage_keys and self.store is not None:
+                    await self.store.remove(step.storage_keys)
+            rows += step.rows
+            steps += 1
+            self.stats.purge_steps += 1
+            self.stats.purged_rows += step.rows
+            if step.done:
+                break
+        if self.store is not None:
+            await trio.to_thread.run_sync(partial(
+                shutil.rmtree, self.store.objects / str(workspace_id), ignore_errors=True))
+        self.stats.workspaces_purged += 1
+        log.info("sweeper: purged deleted workspace %d: %d rows in %d steps",
+                 workspace_id, rows, steps)
+        return rows
 
     async def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
         result = await self.engine.submit(m.Checkpoint(mode))

@@ -12,7 +12,7 @@ from broker.engine.config import EngineConfig
 from broker.engine.database import open_writer
 from broker.engine.engine import DATABASE_FILE, Engine
 from broker.engine.errors import StartupError
-from broker.engine.schema import SCHEMA_VERSION
+from broker.engine.schema import MIGRATIONS, SCHEMA_VERSION
 from broker.engine.writer import WriterActor
 
 CONFIG = EngineConfig(synchronous="NORMAL")
@@ -41,13 +41,32 @@ def test_empty_file_migrates_to_current_version(tmp_path: Path) -> None:
     conn.close()
     lock.release()
     version, schema = schema_of(path)
-    assert version == SCHEMA_VERSION == 1
+    assert version == SCHEMA_VERSION == 2
     tables = {name for name, _ in schema}
     for table in ("workspaces", "agents", "channels", "channel_members", "messages",
                   "messages_fts", "files", "message_attachments", "deliveries", "message_log",
                   "read_receipts", "reactions", "conversations", "conversation_participants",
                   "idempotency_keys", "outbox"):
         assert table in tables, table
+
+
+def test_a_version_1_file_gains_the_workspace_deletion_mark(tmp_path: Path) -> None:
+    """Version 2 adds workspaces.deleted_at (two-phase deletion); existing rows stay live."""
+    path = tmp_path / "b.db"
+    conn = apsw.Connection(str(path))
+    with conn:
+        conn.execute(MIGRATIONS[0])
+        conn.execute("pragma user_version = 1")
+        conn.execute("INSERT INTO workspaces(id, name, key_hash, created_at)"
+                     " VALUES (1, 'old', x'00', 0)")
+    conn.close()
+    conn, lock = open_writer(path, CONFIG)
+    try:
+        assert conn.execute("pragma user_version").fetchone() == (2,)
+        assert conn.execute("SELECT name, deleted_at FROM workspaces").fetchall() == [("old", None)]
+    finally:
+        conn.close()
+        lock.release()
 
 
 def test_reopening_changes_nothing(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from broker.engine import agents, conversations, inbox, mailbox, search
 from broker.engine.channels import CreateChannel
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
+from broker.engine.maintenance import PURGED_TABLES, PurgeWorkspace
 from broker.engine.messages import SendChannelMessage
 from broker.engine.reactions import AddReaction
 from broker.engine.reads import MarkRead
@@ -204,6 +205,35 @@ async def test_delete_workspace_leaves_no_row_of_it(engine: Engine) -> None:
 
     deleted = await engine.submit(DeleteWorkspace(workspace_id=a.workspace_id))
     assert (deleted.workspace_id, deleted.name) == (str(a.workspace_id), "a")
+    # The delete only marks: its key and tokens are refused at once, while
+    # every row is still there; its name is free, the workspace not found.
+    assert await engine.read(workspace_by_key, a.key) is None
+    assert await engine.read(agent_by_token, a.tokens["alice"], 0) is None
+    marked = await snapshot(engine)
+    assert {t: len(r) for t, r in marked.items()} == {t: len(r) for t, r in before.items()}
+    await query_refused(engine, "workspace_not_found", workspace_by_name, "a")
+    await refused(engine, DeleteWorkspace(workspace_id=a.workspace_id), "workspace_not_found")
+
+    # The purge, in steps of at most STEP rows (counted in the tables it
+    # purges), children first, the workspace row in the last step.
+    step_rows = 7
+
+    def rows_left(conn: apsw.Connection) -> int:
+        return sum(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                   for t in (*PURGED_TABLES, "workspaces"))
+
+    left = await engine.read(rows_left)
+    steps: list[int] = []
+    while True:
+        step = await engine.submit(PurgeWorkspace(a.workspace_id, step_rows))
+        now_left = await engine.read(rows_left)
+        assert step.rows == left - now_left <= step_rows
+        steps.append(step.rows)
+        left = now_left
+        if step.done:
+            break
+    assert len(steps) >= 4 and sum(steps) > 3 * step_rows, steps
+    assert steps[:-1] == [step_rows] * (len(steps) - 1)
 
     after = await snapshot(engine)
     for table, values in _integers(after).items():
@@ -229,6 +259,9 @@ async def test_delete_workspace_leaves_no_row_of_it(engine: Engine) -> None:
     assert await engine.read(workspace_by_key, b.key) is not None
     assert await engine.read(agent_by_token, b.tokens["alice"], 0) is not None
     await refused(engine, DeleteWorkspace(workspace_id=a.workspace_id), "workspace_not_found")
+    # A step for a workspace that is gone (or was never deleted) touches nothing.
+    assert (await engine.submit(PurgeWorkspace(b.workspace_id, step_rows))).rows == 0
+    assert await engine.read(workspace_by_key, b.key) is not None
 
 
 # -- workspace isolation, table-driven -------------------------------------------------

@@ -29,7 +29,10 @@ class ChannelRow(msgspec.Struct, frozen=True):
 
 
 def require_workspace(conn: apsw.Connection, workspace_id: int) -> None:
-    if conn.execute("SELECT 1 FROM workspaces WHERE id = ?", (workspace_id,)).fetchone() is None:
+    """Raises workspace_not_found unless the workspace exists and is not deleted."""
+    if conn.execute(
+        "SELECT 1 FROM workspaces WHERE id = ? AND deleted_at IS NULL", (workspace_id,)
+    ).fetchone() is None:
         raise BrokerError("workspace_not_found", f"workspace {workspace_id} not found")
 
 

@@ -1,4 +1,4 @@
-"""Maintenance commands run by the sweeps: expiry, retention, checkpoints.
+"""Maintenance commands run by the sweeps: expiry, retention, workspace purges, checkpoints.
 
 Each command changes at most `limit` rows, so one sweep step holds the writer
 for a bounded time; the sweeper repeats a step while it reports a full batch.
@@ -128,6 +128,126 @@ class PruneIdempotencyKeys(msgspec.Struct, frozen=True):
             (self.older_than_ms, self.limit),
         )
         return tx.conn.changes()
+
+
+# Rows one purge step of a deleted workspace deletes at most. A step is one
+# writer command, so this bounds how long a purge holds the writer before
+# the commands queued behind it get their turn: about the cost of one large
+# channel send (a delivery row per member), far below a commit's fsync.
+PURGE_STEP_ROWS = 1000
+
+# The order a deleted workspace's rows are purged in, children before their
+# parents: so a parent's ON DELETE CASCADE finds nothing left to delete (its
+# cost stays in the step's bound) and no row is refused by a foreign key
+# (message_attachments must go before files). Outbox rows go first, so none
+# is attempted while the rest is purged. Each statement deletes at most ?2
+# rows of workspace ?1, found through an index on the workspace or on the
+# parent. A step starts again at the top, so a row written into the
+# workspace after its deletion (a send accepted just before) is purged in
+# order too; whatever is left when the list is empty goes with the
+# workspace row, through the cascade.
+_PURGE_STATEMENTS: tuple[tuple[str, str], ...] = (
+    ("outbox", "DELETE FROM outbox WHERE id IN (SELECT o.id FROM webhook_subscriptions s"
+               " JOIN outbox o ON o.subscription_id = s.id WHERE s.workspace_id = ?1 LIMIT ?2)"),
+    ("deliveries", "DELETE FROM deliveries WHERE (agent_id, seq) IN (SELECT d.agent_id, d.seq"
+                   " FROM agents a JOIN deliveries d ON d.agent_id = a.id"
+                   " WHERE a.workspace_id = ?1 LIMIT ?2)"),
+    ("idempotency_keys", "DELETE FROM idempotency_keys WHERE (agent_id, key) IN ("
+                         "SELECT k.agent_id, k.key FROM agents a JOIN idempotency_keys k"
+                         " ON k.agent_id = a.id WHERE a.workspace_id = ?1 LIMIT ?2)"),
+    ("node_tokens", "DELETE FROM node_tokens WHERE token_hash IN (SELECT t.token_hash"
+                    " FROM agents a JOIN node_tokens t ON t.agent_id = a.id"
+                    " WHERE a.workspace_id = ?1 LIMIT ?2)"),
+    ("read_receipts", "DELETE FROM read_receipts WHERE (message_id, agent_id) IN ("
+                      "SELECT r.message_id, r.agent_id FROM messages m JOIN read_receipts r"
+                      " ON r.message_id = m.id WHERE m.workspace_id = ?1 LIMIT ?2)"),
+    ("reactions", "DELETE FROM reactions WHERE id IN (SELECT r.id FROM messages m"
+                  " JOIN reactions r ON r.message_id = m.id WHERE m.workspace_id = ?1 LIMIT ?2)"),
+    ("message_attachments", "DELETE FROM message_attachments WHERE (message_id, file_id) IN ("
+                            "SELECT t.message_id, t.file_id FROM messages m"
+                            " JOIN message_attachments t ON t.message_id = m.id"
+                            " WHERE m.workspace_id = ?1 LIMIT ?2)"),
+    ("messages", "DELETE FROM messages WHERE id IN ("
+                 "SELECT id FROM messages WHERE workspace_id = ?1 LIMIT ?2)"),
+    ("message_log", "DELETE FROM message_log WHERE id IN ("
+                    "SELECT id FROM message_log WHERE workspace_id = ?1 LIMIT ?2)"),
+    ("files", "DELETE FROM files WHERE id IN ("
+              "SELECT id FROM files WHERE workspace_id = ?1 LIMIT ?2) RETURNING storage_key"),
+    ("channel_members", "DELETE FROM channel_members WHERE (channel_id, agent_id) IN ("
+                        "SELECT m.channel_id, m.agent_id FROM channels c JOIN channel_members m"
+                        " ON m.channel_id = c.id WHERE c.workspace_id = ?1 LIMIT ?2)"),
+    ("conversation_participants", "DELETE FROM conversation_participants"
+                                  " WHERE (conversation_id, agent_id) IN ("
+                                  "SELECT p.conversation_id, p.agent_id FROM conversations c"
+                                  " JOIN conversation_participants p"
+                                  " ON p.conversation_id = c.id WHERE c.workspace_id = ?1"
+                                  " LIMIT ?2)"),
+    ("inbound_webhooks", "DELETE FROM inbound_webhooks WHERE id IN ("
+                         "SELECT id FROM inbound_webhooks WHERE workspace_id = ?1 LIMIT ?2)"),
+    ("webhook_subscriptions", "DELETE FROM webhook_subscriptions WHERE id IN ("
+                              "SELECT id FROM webhook_subscriptions WHERE workspace_id = ?1"
+                              " LIMIT ?2)"),
+    ("channels", "DELETE FROM channels WHERE id IN ("
+                 "SELECT id FROM channels WHERE workspace_id = ?1 LIMIT ?2)"),
+    ("conversations", "DELETE FROM conversations WHERE id IN ("
+                      "SELECT id FROM conversations WHERE workspace_id = ?1 LIMIT ?2)"),
+    ("agents", "DELETE FROM agents WHERE id IN ("
+               "SELECT id FROM agents WHERE workspace_id = ?1 LIMIT ?2)"),
+)
+PURGED_TABLES: tuple[str, ...] = tuple(table for table, _ in _PURGE_STATEMENTS)
+
+
+class PurgeStep(msgspec.Struct, frozen=True):
+    """What one purge step did.
+
+    rows: rows it deleted (at most its limit; the workspace row counts).
+    storage_keys: the bytes of the file rows it deleted, to remove after the commit.
+    done: the workspace row is gone, and with it every row of the workspace.
+    """
+
+    rows: int
+    storage_keys: list[str]
+    done: bool
+
+
+class PurgeWorkspace(msgspec.Struct, frozen=True):
+    """Delete up to `limit` rows of the deleted workspace `workspace_id`, children first.
+
+    The last step deletes the workspace row itself. A workspace that is not
+    marked deleted is left alone (done, nothing deleted), so a purge can
+    never touch a live workspace.
+    """
+
+    workspace_id: int
+    limit: int = PURGE_STEP_ROWS
+
+    def apply(self, tx: Tx) -> PurgeStep:
+        conn = tx.conn
+        if conn.execute(
+            "SELECT 1 FROM workspaces WHERE id = ? AND deleted_at IS NOT NULL",
+            (self.workspace_id,),
+        ).fetchone() is None:
+            return PurgeStep(0, [], True)
+        budget = self.limit
+        keys: list[str] = []
+        for table, sql in _PURGE_STATEMENTS:
+            if budget <= 0:
+                return PurgeStep(self.limit, keys, False)
+            rows = conn.execute(sql, (self.workspace_id, budget)).fetchall()
+            if table == "files":
+                keys += [cast(str, r[0]) for r in rows if r[0] is not None]
+            budget -= conn.changes()
+        if budget <= 0:
+            return PurgeStep(self.limit, keys, False)
+        conn.execute("DELETE FROM workspaces WHERE id = ?", (self.workspace_id,))
+        return PurgeStep(self.limit - budget + 1, keys, True)
+
+
+def deleted_workspaces(conn: apsw.Connection) -> list[int]:
+    """Workspaces marked deleted whose rows are still being purged, oldest deletion first."""
+    return [cast(int, r[0]) for r in conn.execute(
+        "SELECT id FROM workspaces WHERE deleted_at IS NOT NULL ORDER BY deleted_at, id"
+    )]
 
 
 class Checkpoint(Maintenance[tuple[int, int, int]]):

@@ -105,7 +105,9 @@ def agent_by_node_token(conn: apsw.Connection, token: str, now_ms: int) -> NodeI
     """The active agent whose unexpired node token this is, or None."""
     row = conn.execute(
         "SELECT a.workspace_id, a.id, a.name FROM node_tokens t JOIN agents a ON a.id = t.agent_id"
-        " WHERE t.token_hash = ? AND t.expires_at > ? AND a.deactivated_at IS NULL",
+        " JOIN workspaces w ON w.id = a.workspace_id"
+        " WHERE t.token_hash = ? AND t.expires_at > ? AND a.deactivated_at IS NULL"
+        " AND w.deleted_at IS NULL",
         (secrets.digest(token), now_ms),
     ).fetchone()
     if row is None:

@@ -341,8 +341,19 @@ CREATE TABLE node_tokens (
 CREATE INDEX node_tokens_agent ON node_tokens(agent_id, expires_at);
 """
 
+# Deleting a workspace marks it (deleted_at) and renames it out of the way
+# in one small command; its rows are purged afterwards in bounded steps
+# (broker.engine.maintenance.PurgeWorkspace). The purge finds the marked
+# workspaces by the partial index, and a workspace's group conversations by
+# the second index (the pair index covers only 1:1 DMs).
+_V2 = """
+ALTER TABLE workspaces ADD COLUMN deleted_at INTEGER;
+CREATE INDEX workspaces_deleted ON workspaces(deleted_at) WHERE deleted_at IS NOT NULL;
+CREATE INDEX conversations_workspace ON conversations(workspace_id, id);
+"""
+
 # Each entry migrates from version i to i + 1.
-MIGRATIONS: tuple[str, ...] = (_V1,)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -3,12 +3,17 @@
 A workspace key and an agent token are returned once, at creation (or
 rotation); only their SHA-256 digests are stored.
 
-Deleting a workspace is one statement: every table that holds workspace
-data reaches `workspaces` through an ON DELETE CASCADE chain (foreign keys
-are on for the writer), and the FTS index follows its content table through
-the delete trigger, so no row of the workspace can be forgotten by a list of
-tables here going stale. The commands that change agents after registration
-are in `broker.engine.agents`.
+Deleting a workspace is two-phase, so it never holds the writer for as long
+as a big workspace takes to delete. `DeleteWorkspace` is one small command:
+it marks the row (`deleted_at`) and renames it to a tombstone name, so from
+its commit on every token of the workspace (its key, its agents' tokens,
+node tokens, inbound hook tokens) is refused like an unknown one, its name
+is free for a new workspace, and its sessions are closed (the
+`workspace.deleted` event). The sweeper then purges its rows in bounded
+steps (`broker.engine.maintenance.PurgeWorkspace`), resuming after a
+restart; the last step deletes the workspace row, whose ON DELETE CASCADE
+chain takes anything written meanwhile. The commands that change agents
+after registration are in `broker.engine.agents`.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from broker.engine import secrets, validation
 from broker.engine.errors import BrokerError
 from broker.engine.events import emit_ephemeral
 from broker.engine.lookups import require_workspace
+from broker.engine.validation import WORKSPACE_NAME_MAX
 from broker.engine.writer import Tx
 from protocol.objects import AgentCreated, Workspace, WorkspaceCreated, WorkspaceDeleted, iso
 
@@ -32,6 +38,8 @@ PLAN = "free"
 # Longest system prompt accepted, in bytes of UTF-8: it is handed to every
 # agent of the workspace, so it is bounded like a message text.
 SYSTEM_PROMPT_MAX_BYTES = 32 * 1024
+# The commit signal of a deletion: the sweeper starts the purge at once.
+WORKSPACE_DELETED = "workspace_deleted"
 
 _metadata_decoder = msgspec.json.Decoder(dict[str, Any])
 
@@ -44,6 +52,8 @@ class CreateWorkspace(msgspec.Struct, frozen=True):
     def apply(self, tx: Tx) -> WorkspaceCreated:
         name = validation.workspace_name(self.name)
         conn, now = tx.conn, tx.now_ms
+        # A deleted workspace holds a tombstone name (see DeleteWorkspace), so
+        # its old name is free here, even while its rows are being purged.
         if conn.execute("SELECT 1 FROM workspaces WHERE name = ?", (name,)).fetchone():
             raise BrokerError("workspace_already_exists", f"workspace {name!r} already exists")
         key = secrets.mint(secrets.WORKSPACE_KEY_PREFIX)
@@ -147,11 +157,23 @@ class UpdateWorkspace(msgspec.Struct, frozen=True, kw_only=True):
         return workspace
 
 
+def tombstone_name(name: str, workspace_id: int) -> str:
+    """The name a deleted workspace holds until its purge ends.
+
+    Longer than any valid name (so no new workspace can collide with it),
+    unique by the id, and still readable for an operator looking at the file.
+    """
+    return f"{name} (deleted {workspace_id})".ljust(WORKSPACE_NAME_MAX + 1, ".")
+
+
 class DeleteWorkspace(msgspec.Struct, frozen=True, kw_only=True):
     """Delete a workspace and everything in it (agents, channels, messages, deliveries, ...).
 
-    The key and every agent token of the workspace stop working at once.
-    Raises workspace_not_found.
+    One small write: the workspace is marked deleted and renamed out of the
+    way. From this commit on its key and every token of it are refused, its
+    name can be taken by a new workspace, and its sessions close; its rows
+    are purged afterwards by the sweeper in bounded steps. Raises
+    workspace_not_found.
     """
 
     workspace_id: int
@@ -159,12 +181,18 @@ class DeleteWorkspace(msgspec.Struct, frozen=True, kw_only=True):
     def apply(self, tx: Tx) -> WorkspaceDeleted:
         conn = tx.conn
         row = conn.execute(
-            "SELECT name FROM workspaces WHERE id = ?", (self.workspace_id,)
+            "SELECT name FROM workspaces WHERE id = ? AND deleted_at IS NULL",
+            (self.workspace_id,),
         ).fetchone()
         if row is None:
             raise BrokerError("workspace_not_found", f"workspace {self.workspace_id} not found")
-        conn.execute("DELETE FROM workspaces WHERE id = ?", (self.workspace_id,))
-        deleted = WorkspaceDeleted(workspace_id=str(self.workspace_id), name=cast(str, row[0]))
+        name = cast(str, row[0])
+        conn.execute(
+            "UPDATE workspaces SET deleted_at = ?, updated_at = ?, name = ? WHERE id = ?",
+            (tx.now_ms, tx.now_ms, tombstone_name(name, self.workspace_id), self.workspace_id),
+        )
+        tx.signal(WORKSPACE_DELETED)
+        deleted = WorkspaceDeleted(workspace_id=str(self.workspace_id), name=name)
         # The gateway closes the workspace's sessions on this event.
         emit_ephemeral(tx, workspace_id=self.workspace_id, event_type="workspace.deleted",
                        data=deleted)
@@ -174,6 +202,7 @@ class DeleteWorkspace(msgspec.Struct, frozen=True, kw_only=True):
 # -- queries (run on the reader pool) ---------------------------------------------
 
 _WORKSPACE_COLUMNS = "SELECT id, name, system_prompt, metadata, created_at FROM workspaces"
+_LIVE = " AND deleted_at IS NULL"
 
 
 def _workspace(row: apsw.SQLiteValues) -> Workspace:
@@ -187,7 +216,7 @@ def _workspace(row: apsw.SQLiteValues) -> Workspace:
 
 def get_workspace(conn: apsw.Connection, workspace_id: int) -> Workspace:
     """The workspace `workspace_id`. Raises workspace_not_found."""
-    row = conn.execute(_WORKSPACE_COLUMNS + " WHERE id = ?", (workspace_id,)).fetchone()
+    row = conn.execute(_WORKSPACE_COLUMNS + " WHERE id = ?" + _LIVE, (workspace_id,)).fetchone()
     if row is None:
         raise BrokerError("workspace_not_found", f"workspace {workspace_id} not found")
     return _workspace(row)
@@ -195,7 +224,7 @@ def get_workspace(conn: apsw.Connection, workspace_id: int) -> Workspace:
 
 def workspace_by_name(conn: apsw.Connection, name: str) -> Workspace:
     """The workspace called `name` (names are unique). Raises workspace_not_found."""
-    row = conn.execute(_WORKSPACE_COLUMNS + " WHERE name = ?", (name,)).fetchone()
+    row = conn.execute(_WORKSPACE_COLUMNS + " WHERE name = ?" + _LIVE, (name,)).fetchone()
     if row is None:
         raise BrokerError("workspace_not_found", f"workspace {name!r} not found")
     return _workspace(row)
@@ -213,24 +242,26 @@ class Principal(msgspec.Struct, frozen=True):
 
 
 def workspace_by_key(conn: apsw.Connection, key: str) -> Principal | None:
-    """The workspace whose key is `key`, or None."""
+    """The workspace whose key is `key`, or None (also when the workspace is deleted)."""
     row = conn.execute(
-        "SELECT id FROM workspaces WHERE key_hash = ?", (secrets.digest(key),)
+        "SELECT id FROM workspaces WHERE key_hash = ?" + _LIVE, (secrets.digest(key),)
     ).fetchone()
     return None if row is None else Principal(int(row[0]))
 
 
 def agent_by_token(conn: apsw.Connection, token: str, now_ms: int) -> Principal | None:
-    """The active agent holding `token` (current, or rotated out less than the grace ago)."""
+    """The active agent holding `token` (current, or rotated out less than the grace ago).
+
+    None also when the agent's workspace is deleted.
+    """
     digest = secrets.digest(token)
-    row = conn.execute(
-        "SELECT workspace_id, id, name FROM agents WHERE token_hash = ? AND deactivated_at IS NULL",
-        (digest,),
-    ).fetchone()
+    live = " AND a.deactivated_at IS NULL AND w.deleted_at IS NULL"
+    columns = "SELECT a.workspace_id, a.id, a.name FROM agents a JOIN workspaces w" \
+        " ON w.id = a.workspace_id"
+    row = conn.execute(columns + " WHERE a.token_hash = ?" + live, (digest,)).fetchone()
     if row is None:
         row = conn.execute(
-            "SELECT workspace_id, id, name FROM agents WHERE prev_token_hash = ?"
-            " AND prev_token_expires_at > ? AND deactivated_at IS NULL",
+            columns + " WHERE a.prev_token_hash = ? AND a.prev_token_expires_at > ?" + live,
             (digest, now_ms),
         ).fetchone()
     return None if row is None else Principal(int(row[0]), int(row[1]), row[2])

@@ -31,8 +31,8 @@ from broker.engine.webhooks import outbox_backlog
 from broker.engine.writer import Histogram as WriterHistogram
 from broker.engine.writer import WriterActor
 from broker.gc_tuning import CollectorPauses
-from broker.webhooks.dispatcher import WebhookDispatcher
 from broker.ratelimit import REASONS, RateLimiter
+from broker.webhooks.dispatcher import WebhookDispatcher
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Upper bounds, in seconds, of the HTTP request latency histogram.

@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 import trio
 
 from broker.loadtest import command
 from broker.loadtest.command import daemon_figures, latency_curve, run_traffic
+from broker.loadtest.processes import start_daemon
 from broker.loadtest.report import build_report, count_loss, format_table
 from broker.loadtest.runner import ShardResult
 from broker.loadtest.stats import Bits, Histogram
@@ -290,3 +292,14 @@ def test_latency_curve_refuses_bad_options_before_starting_anything(
     assert command.main([*options, "--json", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_start_daemon_runs_the_daemon_under_test_without_request_limits(tmp_path: Path) -> None:
+    """start_daemon: a run's own daemon refuses nothing for rate (past the anonymous 60/min)."""
+    daemon = start_daemon(tmp_path / "data")
+    try:
+        with httpx.Client(base_url=daemon.address, timeout=30) as client:
+            statuses = {client.get("/v1/workspaces/by-name/none").status_code for _ in range(80)}
+    finally:
+        daemon.stop()
+    assert statuses == {404}

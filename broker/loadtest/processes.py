@@ -98,12 +98,23 @@ class ServerProcess:
         return cpu_seconds(self.pid)
 
 
+# A load run drives one workspace from one address far past what the request
+# limits allow a production client (they exist to bound one agent's cost to
+# the others); the daemon a run starts for itself measures the broker, not
+# its refusals. A daemon reached with --url keeps its own settings.
+UNLIMITED_ENV = {
+    "BROKER_RATE_LIMITS_WORKSPACE_PER_MINUTE": "0",
+    "BROKER_RATE_LIMITS_AGENT_PER_MINUTE": "0",
+    "BROKER_RATE_LIMITS_ANONYMOUS_PER_MINUTE": "0",
+}
+
+
 def start_daemon(data_dir: Path, *extra: str) -> ServerProcess:
-    """`broker serve` on 127.0.0.1, port 0, with its database in `data_dir`."""
+    """`broker serve` on 127.0.0.1, port 0, with its database in `data_dir`, without rate limits."""
     return ServerProcess.start(
         [sys.executable, "-m", "broker", "serve", "--host", "127.0.0.1", "--port", "0",
          "--data-dir", str(data_dir), *extra],
-        DAEMON_LISTENING)
+        DAEMON_LISTENING, env=UNLIMITED_ENV)
 
 
 def start_echo() -> ServerProcess:

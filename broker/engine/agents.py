@@ -223,6 +223,73 @@ class ResetPresence(msgspec.Struct, frozen=True):
         return tx.conn.changes()
 
 
+class StalePresence(msgspec.Struct, frozen=True, kw_only=True):
+    """What `stale_presence` read: the agents to time out, and the next one that could be.
+
+    agents: (workspace_id, agent_id) of every active agent not offline whose
+    last_seen is at or before the cutoff, in id order (those with a live
+    socket among them too: only the gateway knows its sockets).
+    next_seen: the earliest last_seen after the cutoff of an agent not
+    offline (ms since the epoch), None when there is none.
+    """
+
+    agents: list[tuple[int, int]]
+    next_seen: int | None
+
+
+def stale_presence(conn: apsw.Connection, cutoff_ms: int) -> StalePresence:
+    """The agents not offline and not seen since `cutoff_ms`, and the next one to watch."""
+    rows = conn.execute(
+        "SELECT workspace_id, id FROM agents WHERE status <> 'offline'"
+        " AND deactivated_at IS NULL AND COALESCE(last_seen, 0) <= ? ORDER BY id",
+        (cutoff_ms,),
+    ).fetchall()
+    row = conn.execute(
+        "SELECT MIN(last_seen) FROM agents WHERE status <> 'offline'"
+        " AND deactivated_at IS NULL AND last_seen > ?",
+        (cutoff_ms,),
+    ).fetchone()
+    next_seen = None if row is None or row[0] is None else int(cast(int, row[0]))
+    return StalePresence(agents=[(int(cast(int, w)), int(cast(int, a))) for w, a in rows],
+                         next_seen=next_seen)
+
+
+class ExpirePresence(msgspec.Struct, frozen=True, kw_only=True):
+    """Set offline each listed agent that is still not seen for `timeout_ms` at commit time.
+
+    The presence reporter's timeout for agents that heartbeat over REST: the
+    same status change and `agent.status.offline` event as when an agent's
+    last socket closes. The cutoff is taken again inside the transaction
+    (now - timeout_ms), so a heartbeat (or a socket's connect, which moves
+    last_seen too) committed after the reporter's read keeps its agent
+    online. last_seen stays the agent's last sign of life. Returns the ids
+    of the agents set offline; agents gone or offline already are skipped.
+    """
+
+    agents: tuple[tuple[int, int], ...]
+    timeout_ms: int
+
+    def apply(self, tx: Tx) -> list[int]:
+        conn, cutoff = tx.conn, tx.now_ms - self.timeout_ms
+        shown = EVENT_STATUS["offline"]
+        expired: list[int] = []
+        for workspace_id, agent_id in self.agents:
+            row = conn.execute(
+                "UPDATE agents SET status = 'offline' WHERE id = ? AND workspace_id = ?"
+                " AND status <> 'offline' AND deactivated_at IS NULL"
+                " AND COALESCE(last_seen, 0) <= ? RETURNING name",
+                (agent_id, workspace_id, cutoff),
+            ).fetchone()
+            if row is None:
+                continue
+            emit_ephemeral(
+                tx, workspace_id=workspace_id, event_type=f"agent.status.{shown}",
+                data={"agent": {"name": row[0]}, "status": shown},
+            )
+            expired.append(agent_id)
+        return expired
+
+
 class UpdateAgent(msgspec.Struct, frozen=True, kw_only=True):
     """Set the agent's persona (None clears it) and/or replace its metadata; unset fields stay.
 

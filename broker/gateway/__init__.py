@@ -108,7 +108,8 @@ class Gateway:
         self.on_request = on_request
         self.hub = FanoutHub()
         self.recorder = DeliveryRecorder(engine)
-        self.presence = PresenceReporter(engine)
+        self.presence = PresenceReporter(
+            engine, self.hub, heartbeat_timeout_seconds=self.settings.heartbeat_timeout_seconds)
         self.sessions: set[Session] = set()
         self.slow_closes = 0
         self.request_operations: dict[type, Operation[Any]] = {}

@@ -31,6 +31,10 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # it sends its own ping or node.heartbeat every 30 s): they are closed
     # with 4408 after this long without any frame.
     idle_timeout_seconds: Seconds = 90.0
+    # An agent online with no socket (it heartbeats over REST, as Relaycast
+    # clients do every 30 s) is set offline once its last heartbeat is this
+    # old: three missed heartbeats, like idle_timeout for sockets.
+    heartbeat_timeout_seconds: Seconds = 90.0
     # How long a close frame may take before the connection is reset.
     close_grace_seconds: Seconds = 5.0
     # Deliveries read per page while replaying from the database.

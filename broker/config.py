@@ -28,6 +28,7 @@ from broker.engine.config import EngineConfig
 from broker.gateway.settings import GatewaySettings
 from broker.ratelimit import RateLimitSettings
 from broker.webhooks.settings import WebhookSettings
+from protocol.nesting import MAX_NESTING_DEPTH, NestingTooDeep, check_nesting
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8787
@@ -74,8 +75,9 @@ SECRET_NAME = re.compile(r"secret|password|(^|_)(token|key)$")
 def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from the defaults, a TOML file (if `path`) and BROKER_* environment variables.
 
-    Raises ConfigError for an unreadable file, invalid TOML, an unknown key or
-    variable, or a bad value; the message names the file or the variable.
+    Raises ConfigError for an unreadable file, invalid TOML, TOML nested
+    deeper than MAX_NESTING_DEPTH, an unknown key or variable, or a bad
+    value; the message names the file or the variable.
     """
     raw: dict[str, Any] = {}
     source = "defaults"
@@ -83,10 +85,16 @@ def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -
         source = str(path)
         try:
             raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+            check_nesting(raw)
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except (RecursionError, NestingTooDeep):
+            # tomllib parses nested arrays and inline tables by recursion.
+            raise ConfigError(
+                f"{path}: arrays or tables nested deeper than {MAX_NESTING_DEPTH} levels"
+            ) from None
     overrides = environment_overrides(os.environ if environ is None else environ)
     for keys, (_, value) in overrides.items():
         section = raw

@@ -20,6 +20,17 @@ from typing import Any, Union
 
 import msgspec
 
+from protocol.nesting import (
+    MAX_NESTING_DEPTH,
+    NestingTooDeep,
+    decode_json,
+    decode_msgpack,
+    json_head,
+    json_openers,
+    msgpack_head,
+    msgpack_openers,
+)
+
 JSON_SUBPROTOCOL = "broker.v1"
 MSGPACK_SUBPROTOCOL = "broker.v1.msgpack"
 DEFAULT_MAX_FRAME_BYTES = 1 << 20  # 1 MiB
@@ -83,6 +94,7 @@ class _Envelope(msgspec.Struct):
 _json_envelope = msgspec.json.Decoder(_Envelope)
 _msgpack_envelope = msgspec.msgpack.Decoder(_Envelope)
 _any_json = msgspec.json.Decoder()
+_any_msgpack = msgspec.msgpack.Decoder()
 _msgpack_encoder = msgspec.msgpack.Encoder()
 
 
@@ -146,9 +158,11 @@ class Codec:
         self._check_size(data)
         try:
             if isinstance(data, str):
-                frame = self._json.decode(data)
+                frame = decode_json(self._json, data)
             else:
-                frame = self._msgpack.decode(data)
+                frame = decode_msgpack(self._msgpack, data)
+        except NestingTooDeep as exc:
+            raise self._too_deep(data, exc) from None
         except msgspec.ValidationError as exc:
             raise self._explain(data, str(exc)) from None
         except msgspec.DecodeError as exc:
@@ -179,9 +193,17 @@ class Codec:
         """Why a well-formed document is not an acceptable frame, and whether to answer it."""
         try:
             if isinstance(data, str):
+                if json_openers(data) > MAX_NESTING_DEPTH:
+                    # Validation may stop before the part too deep: depth is
+                    # refused first, whatever else is wrong with the frame.
+                    decode_json(_any_json, data)
                 envelope = _json_envelope.decode(data)
             else:
+                if msgpack_openers(data) > MAX_NESTING_DEPTH:
+                    decode_msgpack(_any_msgpack, data)
                 envelope = _msgpack_envelope.decode(data)
+        except NestingTooDeep as exc:
+            return self._too_deep(data, exc)
         except (msgspec.ValidationError, msgspec.DecodeError):
             return FrameError("invalid_frame", "a frame must be an object with a string `type`")
         request_id = _request_id(envelope.id)
@@ -199,6 +221,28 @@ class Codec:
                 "unknown_type", f"unknown frame type {envelope.type!r}", request_id=request_id
             )
         return FrameError("invalid_request", detail, request_id=request_id)
+
+    def _too_deep(self, data: str | bytes, exc: NestingTooDeep) -> FrameError:
+        """A frame nested too deep: answered when an `id` precedes its first nested value.
+
+        Such a frame cannot be decoded whole, so only its top-level members
+        before the first nested value are read (clients write `v`, `id` and
+        `type` first); without an id there, the session closes with 1007, as
+        for a frame that is not JSON.
+        """
+        kind = "json" if isinstance(data, str) else "msgpack"
+        request_id = None
+        head = json_head(data) if isinstance(data, str) else msgpack_head(data)
+        if head is not None:
+            try:
+                envelope = (_json_envelope.decode(head) if isinstance(head, str)
+                            else _msgpack_envelope.decode(head))
+            except msgspec.DecodeError:
+                pass
+            else:
+                request_id = _request_id(envelope.id)
+        return FrameError(f"invalid_{kind}", f"the frame is {exc}", request_id=request_id,
+                          close_code=CloseCode.INVALID_PAYLOAD)
 
     # -- outbound --------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from broker.client import connect
 from broker.gateway.settings import GatewaySettings
 from broker.server import BrokerServer
 from protocol.codec import MSGPACK_SUBPROTOCOL, CloseCode
+from protocol.nesting import MAX_NESTING_DEPTH
 from tests.conftest import TEST_DEADLINE_S, World, make_world
 from tests.realtime import closed_with, next_frame, post, raw_socket, send_json, serve, ws_url
 
@@ -156,7 +157,7 @@ _json_values = st.recursive(
                                                                  max_size=3),
     max_leaves=8,
 )
-_frame_objects = st.fixed_dictionaries(
+_frame_dicts = st.fixed_dictionaries(
     {},
     optional={
         "v": st.sampled_from([1, 1, 1, 2, "1", None]),
@@ -170,26 +171,90 @@ _frame_objects = st.fixed_dictionaries(
         "emoji": st.text(max_size=5),
         "extra": _json_values,
     },
-).map(lambda d: msgspec.json.encode(d).decode())
-_frames = st.one_of(
-    _frame_objects, _frame_objects, _frame_objects,
-    st.text(max_size=60),
-    st.binary(max_size=60),
-    _json_values.map(lambda v: msgspec.json.encode(v).decode()),
 )
+_frame_objects = _frame_dicts.map(lambda d: msgspec.json.encode(d).decode())
 
 
-@settings(max_examples=25, deadline=None,
+def _fit_msgpack(value: Any) -> Any:
+    """`value` with integers beyond MessagePack's 64 bits clamped (JSON takes any size)."""
+    if isinstance(value, dict):
+        return {k: _fit_msgpack(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fit_msgpack(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return max(-(2**63), min(value, 2**64 - 1))
+    return value
+
+
+_packed_objects = _frame_dicts.map(lambda d: msgspec.msgpack.encode(_fit_msgpack(d)))
+
+
+@st.composite
+def _deep_frames(draw: st.DrawFn, packed: bool) -> str | bytes:
+    """A frame with one field nested around the depth limit, or past msgspec's recursion.
+
+    Built by hand (msgspec would recurse encoding it); with or without an
+    id, a known or unknown type, the depth in a known or an ignored field.
+    """
+    levels = draw(st.integers(MAX_NESTING_DEPTH - 2, MAX_NESTING_DEPTH + 2)
+                  | st.integers(900, 1500))
+    arrays = draw(st.booleans())
+    fields: dict[str, Any] = {"v": 1}
+    if draw(st.booleans()):
+        fields["id"] = "deep"
+    fields.update(type=draw(st.sampled_from(["message.send", "ping", "nope"])),
+                  channel="general", text="x")
+    key = draw(st.sampled_from(["data", "extra"]))
+    if packed:
+        head = msgspec.msgpack.encode(fields)
+        nested = (b"\x91" * (levels - 1) + b"\x90" if arrays
+                  else b"\x81\xa1a" * levels + b"\x01")
+        return bytes([head[0] + 1]) + head[1:] + msgspec.msgpack.encode(key) + nested
+    if not arrays:
+        levels = min(levels, 600)  # 5 bytes a level: stay under SMALL_FRAMES
+    nested_text = ("[" * levels + "]" * levels if arrays
+                   else '{"a":' * levels + "1" + "}" * levels)
+    return msgspec.json.encode(fields).decode()[:-1] + f',"{key}":{nested_text}}}'
+
+
+def _frames(packed: bool) -> st.SearchStrategy[str | bytes]:
+    """Frames for a JSON session, or for a MessagePack one (which still takes JSON text)."""
+    objects = _packed_objects if packed else _frame_objects
+    return st.one_of(
+        objects, objects, objects, _deep_frames(packed),
+        _frame_objects,
+        st.text(max_size=60),
+        st.binary(max_size=60),
+        _json_values.map(lambda v: msgspec.json.encode(v).decode()),
+    )
+
+
+@st.composite
+def _sessions(draw: st.DrawFn) -> tuple[bool, list[str | bytes]]:
+    """MessagePack or not, and the frames to send."""
+    packed = draw(st.booleans())
+    frames = draw(st.lists(_frames(packed), min_size=1, max_size=12))
+    if draw(st.booleans()):
+        # Most random frames close the session: a deep one sent first is sure to be read.
+        frames.insert(0, draw(_deep_frames(packed)))
+    return packed, frames
+
+
+@settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(frames=st.lists(_frames, min_size=1, max_size=12))
+@given(session=_sessions())
 async def test_random_frames_get_errors_or_a_documented_close_and_others_keep_working(
-    tmp_path_factory: pytest.TempPathFactory, frames: list[str | bytes]
+    tmp_path_factory: pytest.TempPathFactory, session: tuple[bool, list[str | bytes]]
 ) -> None:
+    """JSON and MessagePack sessions, with frames nested around the depth limit among them."""
+    packed, frames = session
     with trio.fail_after(TEST_DEADLINE_S):
         async with serve(tmp_path_factory.mktemp("fuzz"), SMALL_FRAMES) as server:
             world = await make_world(server.engine)
             live = Live(server, world)
-            async with raw_socket(server, world.tokens["alice"]) as alice:
+            subprotocols = [MSGPACK_SUBPROTOCOL] if packed else None
+            async with raw_socket(server, world.tokens["alice"],
+                                  subprotocols=subprotocols) as alice:
                 close: int | None = None
                 try:
                     for frame in frames:
@@ -201,13 +266,15 @@ async def test_random_frames_get_errors_or_a_documented_close_and_others_keep_wo
                         assert frame["type"] in ("reply", "pong", "event", "deliver", "ping")
                         if frame["type"] == "reply" and frame["ok"] is False:
                             assert isinstance(frame["error"]["code"], str)
+                            assert frame["error"]["code"] != "internal_error"
                         if frame.get("re") == "final":
                             break
                 except trio_websocket.ConnectionClosed as closed:
                     assert closed.reason is not None
                     close = closed.reason.code
                 if close is not None:
-                    assert close in DOCUMENTED_CLOSES
+                    # Bad input is the client's fault: never the server's 1011.
+                    assert close in DOCUMENTED_CLOSES and close != CloseCode.INTERNAL_ERROR
             await post(server.engine, world.workspace_id, world.agents["alice"], "general",
                        "after the storm")
             await others_still_work(live)

@@ -158,7 +158,20 @@ def test_oversized_frames_close_with_1009() -> None:
     assert refusal(packed_small, b"\x90" * 65).close_code == CloseCode.MESSAGE_TOO_BIG
 
 
-@given(st.binary(max_size=200) | st.text(max_size=200))
+# Documents nested from shallow to past msgspec's recursion, JSON and MessagePack, in a frame.
+_deep_documents = st.builds(
+    lambda levels, arrays, head, packed: (
+        bytes([0x81, 0xA4]) + b"data" + (b"\x91" if arrays else b"\x81\xa1a") * levels + b"\x01"
+        if packed else head + ("[" if arrays else '{"a":') * levels + "1"
+        + ("]" if arrays else "}") * levels + "}"),
+    st.integers(1, 3000), st.booleans(),
+    st.sampled_from(['{"v":1,"id":"c1","type":"message.send","data":', '{"type":"ping","x":',
+                     '{"data":']),
+    st.booleans(),
+)
+
+
+@given(st.binary(max_size=200) | st.text(max_size=200) | _deep_documents)
 def test_decode_never_raises_anything_but_frame_error(data: bytes | str) -> None:
     for codec in (Codec(INBOUND), Codec(INBOUND, msgpack=True)):
         try:

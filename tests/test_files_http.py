@@ -25,6 +25,7 @@ from broker.filestore import FileStore, sweep_files
 from broker.server import BrokerServer
 from tests.conftest import TEST_DEADLINE_S
 from tests.rest import RestWorld, call, make_rest_world
+from tests.test_workspace_purge import wait_purged
 
 
 def store_of(server: BrokerServer) -> FileStore:
@@ -362,6 +363,8 @@ async def test_deleting_a_workspace_removes_its_files(
     await call(client, "POST", "/v1/channels/ops/messages", world.tokens["alice"],
                json={"text": "attached", "attachments": [done["id"]]})
     await server.engine.submit(DeleteWorkspace(workspace_id=int(world.workspace_id)))
+    # The delete marks the workspace; the server's sweeper purges its rows and bytes.
+    await wait_purged(server.sweeper, 1)
     assert await file_rows(server) == []
     store = store_of(server)
     await sweep_files(server.engine, store)

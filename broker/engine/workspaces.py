@@ -191,6 +191,16 @@ class DeleteWorkspace(msgspec.Struct, frozen=True, kw_only=True):
             "UPDATE workspaces SET deleted_at = ?, updated_at = ?, name = ? WHERE id = ?",
             (tx.now_ms, tx.now_ms, tombstone_name(name, self.workspace_id), self.workspace_id),
         )
+        # Its agents too (one row each, few beside the rows the purge takes):
+        # every read and command that checks for an active agent then refuses
+        # a caller resolved before this commit (a session between its
+        # handshake and its replay, a request in flight), as it did when the
+        # delete removed the agents at once.
+        conn.execute(
+            "UPDATE agents SET deactivated_at = ?"
+            " WHERE workspace_id = ? AND deactivated_at IS NULL",
+            (tx.now_ms, self.workspace_id),
+        )
         tx.signal(WORKSPACE_DELETED)
         deleted = WorkspaceDeleted(workspace_id=str(self.workspace_id), name=name)
         # The gateway closes the workspace's sessions on this event.

@@ -135,6 +135,12 @@ async def test_sdk_drives_the_rest_api(server: BrokerServer) -> None:
     # Mailbox: bob's first delivery was acked by the read; the rest are pending.
     assert r["deliveries"][0]["message"]["text"] == "second message"
     assert r["ackDelivery"]["state"] == "acked"
+    # The settled ones are listed too (the contract's statuses), newest first.
+    acked = r["ackedDeliveries"]
+    assert {d["status"] for d in acked} == {"acked"}
+    assert r["deliveries"][0]["id"] in [d["id"] for d in acked]
+    assert [d["seq"] for d in acked] == sorted((d["seq"] for d in acked), reverse=True)
+    assert len(acked) == 2
 
     # Errors reach the SDK as RelayError with the broker's code and HTTP status.
     assert r["missingMessage"]["name"] == "RelayError"

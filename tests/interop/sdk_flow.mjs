@@ -89,6 +89,7 @@ await step('search', () => alice.search('deploy'));
 // The delivery mailbox.
 const pending = await step('deliveries', () => bob.deliveries());
 await step('ackDelivery', () => bob.ackDelivery(pending[0].id));
+await step('ackedDeliveries', () => bob.deliveries({ status: 'acked' }));
 
 // An error comes back as a RelayError with the broker's code and status.
 await step('missingMessage', () => bob.message('12345'));

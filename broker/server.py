@@ -34,7 +34,7 @@ from broker.config import Settings
 from broker.engine.agents import ResetPresence
 from broker.engine.engine import Engine
 from broker.filestore import FILE_SWEEP_INTERVAL_S, FileStore, run_file_sweep
-from broker.gateway import Gateway
+from broker.gateway import Gateway, frame_buffer
 from broker.http.app import create_app
 from broker.http.files import file_routes
 from broker.http.metrics import BrokerMetrics
@@ -208,8 +208,10 @@ class BrokerServer:
         config.bind = [f"{host}:{http.port}"]
         config.graceful_timeout = http.shutdown_grace_seconds
         config.accesslog = None
-        # Larger WebSocket frames are refused (1009) before they are buffered whole.
+        # Larger WebSocket frames are refused (1009) before they are buffered whole,
+        # by a buffer that survives the refusal (broker.gateway.frame_buffer).
         config.websocket_max_message_size = self.settings.gateway.max_frame_bytes
+        frame_buffer.install()
         # hypercorn logs through this logger only (not its own stderr handler);
         # the entry point configures handlers.
         config.errorlog = logging.getLogger("hypercorn.error")

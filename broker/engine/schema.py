@@ -346,10 +346,31 @@ CREATE INDEX node_tokens_agent ON node_tokens(agent_id, expires_at);
 # (broker.engine.maintenance.PurgeWorkspace). The purge finds the marked
 # workspaces by the partial index, and a workspace's group conversations by
 # the second index (the pair index covers only 1:1 DMs).
+#
+# Deleting a parent row makes SQLite look for its children through every
+# foreign key that points at it (to cascade, set NULL or refuse); without an
+# index on the child column that look-up scans the whole child table, all
+# workspaces included, once per deleted row: a purge step deleting 1000
+# agents read every read receipt of the daemon 1000 times. So every foreign
+# key's child column has an index (a test checks the whole schema). The
+# created_by and uploader_id indexes are partial: the look-up is by a value,
+# never NULL. What they cost on the hot paths: one more index entry per
+# read receipt (mark read) and per outbox row (a send with subscriptions);
+# the others are written only on rare writes (create a channel, conversation,
+# file, hook, subscription or node token).
 _V2 = """
 ALTER TABLE workspaces ADD COLUMN deleted_at INTEGER;
 CREATE INDEX workspaces_deleted ON workspaces(deleted_at) WHERE deleted_at IS NOT NULL;
 CREATE INDEX conversations_workspace ON conversations(workspace_id, id);
+CREATE INDEX read_receipts_agent ON read_receipts(agent_id);
+CREATE INDEX channels_created_by ON channels(created_by) WHERE created_by IS NOT NULL;
+CREATE INDEX conversations_created_by ON conversations(created_by) WHERE created_by IS NOT NULL;
+CREATE INDEX files_uploader ON files(uploader_id) WHERE uploader_id IS NOT NULL;
+CREATE INDEX inbound_webhooks_agent ON inbound_webhooks(agent_id);
+CREATE INDEX inbound_webhooks_channel ON inbound_webhooks(channel_id);
+CREATE INDEX webhook_subscriptions_workspace_all ON webhook_subscriptions(workspace_id);
+CREATE INDEX outbox_workspace ON outbox(workspace_id);
+CREATE INDEX node_tokens_workspace ON node_tokens(workspace_id);
 """
 
 # Each entry migrates from version i to i + 1.

@@ -16,7 +16,7 @@ from broker.engine import secrets
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
 from broker.engine.workspaces import Principal, agent_by_token, workspace_by_key
-from broker.operations import Auth
+from broker.operations.registry import Auth
 
 # A token longer than this is not one we minted; refuse it before hashing.
 MAX_TOKEN_CHARS = 512

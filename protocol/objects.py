@@ -385,3 +385,14 @@ class SearchResult(Message, kw_only=True):
     """
 
     relevance_score: float
+
+
+# -- webhooks --------------------------------------------------------------------------
+
+
+class SubscriptionFilter(msgspec.Struct, kw_only=True, omit_defaults=True,
+                         forbid_unknown_fields=True):
+    """Only events of this channel (by name) and/or that mention this agent (by name)."""
+
+    channel: str | None = None
+    mentions: str | None = None

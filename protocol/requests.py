@@ -24,6 +24,8 @@ from typing import Any, Literal
 import msgspec
 from msgspec import UNSET, UnsetType
 
+from protocol.objects import SubscriptionFilter
+
 Mode = Literal["wait", "steer"]
 
 
@@ -239,3 +241,52 @@ class DeferDelivery(Request):
     # ISO 8601 time (Relaycast `DeferDeliveryRequest`), e.g. "2025-01-01T12:00:00Z".
     available_at: str
     reason: str | None = None
+
+
+# -- webhooks: outbound subscriptions and inbound hooks (workspace key) ------------------
+
+
+class NewSubscription(Request):
+    url: str
+    events: list[str]
+    filter: SubscriptionFilter | None = None
+    headers: dict[str, str] | None = None
+    secret: str | None = None
+
+
+class SubscriptionRef(Request):
+    subscription_id: str
+
+
+class ListDeadLetters(Request):
+    subscription_id: str
+    limit: int | None = None
+    before: str | None = None
+
+
+class DeadLetterReplay(Request):
+    # These dead letters (`ids`), or all of the subscription's when absent.
+    subscription_id: str
+    ids: list[str] | None = None
+
+
+class NewInboundWebhook(Request):
+    channel: str
+    name: str | None = None
+
+
+class InboundWebhookRef(Request):
+    webhook_id: str
+
+
+class InboundWebhookTrigger(Request):
+    """Relaycast `WebhookTriggerRequest`, plus the hook's id and token."""
+
+    webhook_id: str
+    token: str | None = None
+    text: str | None = None
+    message: str | None = None
+    source: str | None = None
+    author: str | None = None
+    payload: dict[str, Any] | None = None
+    blocks: list[Any] | None = None

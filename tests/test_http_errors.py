@@ -7,8 +7,8 @@ from typing import Any
 import httpx
 import pytest
 
-from broker import operations
 from broker.http.errors import status_for
+from broker.operations import registry as operations
 from broker.server import BrokerServer
 from tests.rest import call, make_rest_world
 

@@ -46,7 +46,7 @@ from broker.engine import secrets, validation
 from broker.engine.errors import BrokerError
 from broker.engine.lookups import require_channel, require_workspace
 from broker.engine.writer import Tx
-from protocol.objects import iso
+from protocol.objects import SubscriptionFilter, iso
 
 # -- limits and vocabularies ---------------------------------------------------------
 
@@ -118,14 +118,6 @@ _headers_decoder = msgspec.json.Decoder(dict[str, str])
 
 
 # -- wire objects ------------------------------------------------------------------
-
-
-class SubscriptionFilter(msgspec.Struct, kw_only=True, omit_defaults=True,
-                         forbid_unknown_fields=True):
-    """Only events of this channel (by name) and/or that mention this agent (by name)."""
-
-    channel: str | None = None
-    mentions: str | None = None
 
 
 class EventSubscription(msgspec.Struct, kw_only=True):

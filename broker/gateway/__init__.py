@@ -51,7 +51,8 @@ from broker.gateway.session import MAX_REASON_BYTES, Session, SessionStatistics
 from broker.gateway.settings import GatewaySettings
 from broker.gateway.websocket import AsgiWebSocket, ConnectionClosed
 from broker.http.errors import encode_error, encode_success, status_for
-from broker.operations import OPERATIONS, Operation
+from broker.operations import OPERATIONS
+from broker.operations.registry import Operation
 from broker.ratelimit import UNLIMITED, RateLimited, RateLimiter, client_address
 from protocol import frames as fr
 from protocol.codec import MSGPACK_SUBPROTOCOL, CloseCode, Codec, negotiate

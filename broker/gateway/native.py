@@ -29,7 +29,7 @@ from broker.engine.errors import BrokerError
 from broker.engine.workspaces import Principal
 from broker.fanout import FactView
 from broker.gateway.session import CREDENTIAL_GONE, DeliverySession
-from broker.operations import Call, Operation
+from broker.operations.registry import Call, Operation
 from broker.ratelimit import RateLimited
 from protocol import frames as fr
 from protocol.codec import CloseCode

@@ -41,7 +41,8 @@ from broker.http.keepalive import CloseWhenBodyUnread
 from broker.http.metrics import CONTENT_TYPE, BrokerMetrics
 from broker.http.openapi import OPENAPI_PATH, build_openapi
 from broker.http.routes import ROUTES, RestRoute
-from broker.operations import OPERATIONS, Call, Existing, Operation, invoke
+from broker.operations import OPERATIONS
+from broker.operations.registry import Call, Existing, Operation, invoke
 from broker.ratelimit import UNLIMITED, RateLimited, RateLimiter, Verdict, client_address
 from protocol.nesting import NestingTooDeep, decode_json
 from protocol.responses import ServiceStatus

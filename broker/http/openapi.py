@@ -34,10 +34,11 @@ from starlette.routing import BaseRoute, Route
 
 from broker.http.errors import ErrorBody
 from broker.http.routes import ROUTES, RestRoute
-from broker.operations import OPERATIONS, Existing, Operation
-from broker.webhooks.operations import TriggerInboundWebhook
+from broker.operations import OPERATIONS
+from broker.operations.registry import Existing, Operation
 from protocol.files import CONTENT_PATH, UploadReceived
 from protocol.frames import NodeToken
+from protocol.requests import InboundWebhookTrigger
 from protocol.responses import ServiceStatus
 
 OPENAPI_PATH = "/openapi.json"
@@ -314,7 +315,7 @@ def _get_content(schemas: _Schemas) -> Finish:
 def _trigger(schemas: _Schemas) -> Finish:
     op = OPERATIONS["webhook.trigger"]
     out = schemas.ref(op.output)
-    body_at = schemas.ref(TriggerInboundWebhook)
+    body_at = schemas.ref(InboundWebhookTrigger)
 
     def finish(resolved: Sequence[dict[str, Any]], components: dict[str, Any]) -> dict[str, Any]:
         body = copy.deepcopy(_component(resolved[body_at], components))

@@ -30,7 +30,7 @@ from broker.http.app import (
     read_body,
     success_response,
 )
-from broker.operations import Call, invoke
+from broker.operations.registry import Call, invoke
 
 log = logging.getLogger(__name__)
 

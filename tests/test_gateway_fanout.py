@@ -9,13 +9,14 @@ import pytest
 import trio
 import trio.testing
 
-from broker import fanout
 from broker.engine.engine import Engine
 from broker.engine.events import encode_payload
 from broker.engine.facts import Delivery, Fact
-from broker.fanout import DeliverItem, EventItem, FactView, FanoutHub, Mode, Outbox
-from broker.gateway import Gateway
+from broker.fanout import FanoutHub
+from broker.gateway import Gateway, views
+from broker.gateway.frame_queue import DeliverItem, EventItem, FrameQueue, Mode
 from broker.gateway.node import NodeSession
+from broker.gateway.views import FactView
 from tests.realtime import FakeWebSocket
 
 _MESSAGE = {"id": "42", "channel_name": "general", "conversation_id": None, "agent_id": "7",
@@ -29,15 +30,15 @@ def view(seq_note: str = "x", event_type: str = "message.created", data: Any = N
     return FactView(event_type, 1, payload)
 
 
-def live_outbox(capacity: int = 4, cursor: int = 0) -> Outbox:
-    outbox = Outbox(capacity)
+def live_outbox(capacity: int = 4, cursor: int = 0) -> FrameQueue:
+    outbox = FrameQueue(capacity)
     outbox.start_catch_up()
     outbox.advance(cursor)
     assert outbox.finish_catch_up()
     return outbox
 
 
-def drain(outbox: Outbox) -> list[Any]:
+def drain(outbox: FrameQueue) -> list[Any]:
     items = []
     while (item := outbox.take_nowait()) is not None:
         items.append(item)
@@ -48,7 +49,7 @@ def drain(outbox: Outbox) -> list[Any]:
 
 
 def test_a_new_outbox_catches_up_from_the_database_first() -> None:
-    outbox = Outbox(4)
+    outbox = FrameQueue(4)
     assert outbox.mode is Mode.LAGGING and outbox.needs_catch_up
     outbox.offer_delivery(1, view())  # before catch-up starts: left to the database
     assert len(outbox) == 0
@@ -76,7 +77,7 @@ def test_a_full_outbox_stops_taking_live_deliveries_and_lags() -> None:
 
 
 def test_the_seam_buffers_live_deliveries_and_hands_over_those_above_the_replay() -> None:
-    outbox = Outbox(8)
+    outbox = FrameQueue(8)
     outbox.start_catch_up()
     # Live deliveries arrive while the replay reads the database (hi = 3).
     for seq in (3, 4, 5):
@@ -91,7 +92,7 @@ def test_the_seam_buffers_live_deliveries_and_hands_over_those_above_the_replay(
 
 
 def test_the_replay_may_run_past_hi_and_the_buffer_then_only_adds_what_is_above() -> None:
-    outbox = Outbox(8)
+    outbox = FrameQueue(8)
     outbox.start_catch_up()
     for seq in (4, 5, 6):
         outbox.offer_delivery(seq, view())
@@ -101,7 +102,7 @@ def test_the_replay_may_run_past_hi_and_the_buffer_then_only_adds_what_is_above(
 
 
 def test_a_buffer_overflow_during_the_replay_makes_the_pump_go_round_again() -> None:
-    outbox = Outbox(2)
+    outbox = FrameQueue(2)
     outbox.start_catch_up()
     for seq in (1, 2, 3):
         outbox.offer_delivery(seq, view())
@@ -292,13 +293,13 @@ async def test_a_context_update_is_encoded_once_per_fact_for_every_node(
     monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock,
 ) -> None:
     encodings: list[str] = []
-    encode = fanout._encode_context_update
+    encode = views._encode_context_update
 
     def counted(event_type: str, data: Any) -> bytes:
         encodings.append(event_type)
         return encode(event_type, data)
 
-    monkeypatch.setattr(fanout, "_encode_context_update", counted)
+    monkeypatch.setattr(views, "_encode_context_update", counted)
     gw = Gateway(cast(Engine, StubEngine()))
     sockets = [FakeWebSocket() for _ in range(3)]
     nodes = [NodeSession(gw, ws, gw.node_codec, workspace_id=1, agent_id=2 + n,
@@ -308,7 +309,7 @@ async def test_a_context_update_is_encoded_once_per_fact_for_every_node(
                     data={"agent": {"name": "bob"}, "status": "active"})
     async with trio.open_nursery() as nursery:
         for node in nodes:
-            node.outbox.mode = Mode.LIVE  # nothing to replay
+            node.queue.mode = Mode.LIVE  # nothing to replay
             nursery.start_soon(node.serve)
         for node in nodes:
             node.offer_event(presence)

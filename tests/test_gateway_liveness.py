@@ -22,12 +22,13 @@ import trio.testing
 
 from broker.engine.engine import Engine
 from broker.engine.events import encode_payload
-from broker.fanout import FactView, Mode
 from broker.gateway import Gateway
+from broker.gateway.frame_queue import Mode
 from broker.gateway.native import AgentSession
 from broker.gateway.node import NodeSession
 from broker.gateway.session import Session
 from broker.gateway.settings import GatewaySettings
+from broker.gateway.views import FactView
 from protocol.codec import CloseCode
 from tests.realtime import FakeWebSocket
 
@@ -45,7 +46,7 @@ def gateway() -> Gateway:
 
 
 def live(session: Session) -> Session:
-    session.outbox.mode = Mode.LIVE  # as after the replay on connect: nothing to replay
+    session.queue.mode = Mode.LIVE  # as after the replay on connect: nothing to replay
     return session
 
 
@@ -193,13 +194,13 @@ async def test_a_client_that_sends_and_never_reads_is_not_read_either(
         assert session.close_code is None
         nursery.cancel_scope.cancel()
     assert stalled.frames_received < spam  # the rest waited, unread, on the client's side
-    assert stalled.outbox.max_own <= bound
-    assert stalled.outbox.max_depth <= bound
+    assert stalled.queue.max_own <= bound
+    assert stalled.queue.max_depth <= bound
     assert stalled.read_pauses >= 1
     answers = [(f["type"], f["re"]) for f in ws.sent]
     assert answers == [frame for n in range(spam // 2)
                        for frame in (("pong", f"p{n}"), ("reply", f"x{n}"))]
-    assert session.statistics().outbox.max_depth <= bound
+    assert session.statistics().queue.max_depth <= bound
 
 
 class ReadingStub:

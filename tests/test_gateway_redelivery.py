@@ -27,12 +27,13 @@ from broker.engine.engine import Engine
 from broker.engine.events import encode_payload
 from broker.engine.mailbox import AckUpTo, FailDelivery, delivery_id
 from broker.engine.realtime import seq_marks
-from broker.fanout import FactView, Mode
 from broker.gateway import Gateway
+from broker.gateway.frame_queue import Mode
 from broker.gateway.native import AgentSession
 from broker.gateway.recorder import DeliveryRecorder
 from broker.gateway.redelivery import HeldDelivery, HeldPage, held_deliveries
 from broker.gateway.settings import GatewaySettings
+from broker.gateway.views import FactView
 from broker.server import BrokerServer
 from tests.conftest import TEST_DEADLINE_S, World, make_world
 from tests.realtime import (
@@ -360,8 +361,8 @@ async def test_a_delivery_deferred_to_later_is_pushed_again_when_its_time_comes(
     gw = Gateway(cast(Engine, engine), settings)
     ws = TimedWebSocket()
     session = AgentSession(gw, ws, gw.native_json, workspace_id=1, agent_id=2, agent_name="bob")
-    session.outbox.mode = Mode.LIVE
-    session.outbox.cursor = 5  # seqs 1..5 went out before
+    session.queue.mode = Mode.LIVE
+    session.queue.cursor = 5  # seqs 1..5 went out before
     tick = settings.slow_client_timeout_seconds / 4  # how often the session looks at the time
     # The defer: nothing due now, the next due in `later_s`; then it is due.
     engine.pages = [HeldPage(rows=[], next_due=int(time.time() * 1000) + later_s * 1000),
@@ -390,8 +391,8 @@ async def test_a_held_delivery_is_pushed_again_once_per_version(
     gw = Gateway(cast(Engine, engine))
     ws = FakeWebSocket()
     session = AgentSession(gw, ws, gw.native_json, workspace_id=1, agent_id=2, agent_name="bob")
-    session.outbox.mode = Mode.LIVE
-    session.outbox.cursor = 5
+    session.queue.mode = Mode.LIVE
+    session.queue.cursor = 5
     engine.pages = [
         HeldPage(rows=[held(2)], next_due=None),  # failed: pushed again
         HeldPage(rows=[held(2), held(4)], next_due=None),  # 2 unchanged (its mark is late)

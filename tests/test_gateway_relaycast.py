@@ -26,8 +26,8 @@ from broker.engine.engine import Engine
 from broker.engine.reactions import AddReaction
 from broker.engine.realtime import seq_marks
 from broker.engine.threads import ReplyToThread
-from broker.fanout import Mode
 from broker.gateway import Gateway
+from broker.gateway.frame_queue import Mode
 from broker.gateway.node import NodeSession, node_token_cut
 from broker.gateway.settings import GatewaySettings
 from broker.server import BrokerServer
@@ -324,7 +324,7 @@ async def test_node_socket_stays_open_through_the_grace_and_closes_at_its_end(
     ws = FakeWebSocket()
     session = NodeSession(gw, ws, gw.node_codec, workspace_id=1, agent_id=2, agent_name="bob",
                           node_id="n", node_name="bob-direct", credential=b"digest")
-    session.outbox.mode = Mode.LIVE  # no replay: the scripted engine answers one read
+    session.queue.mode = Mode.LIVE  # no replay: the scripted engine answers one read
     async with trio.open_nursery() as nursery:
         nursery.start_soon(session.serve)
         await trio.sleep(grace_s - 10)

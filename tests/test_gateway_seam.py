@@ -18,7 +18,7 @@ import trio
 from broker.engine.channels import CreateChannel, JoinChannel
 from broker.engine.engine import Engine
 from broker.engine.messages import SendChannelMessage
-from broker.fanout import Mode
+from broker.gateway.frame_queue import Mode
 from broker.gateway.settings import GatewaySettings
 from tests.conftest import World, make_world
 from tests.realtime import eventually, gateway_of, next_frame, raw_socket, send_json, serve
@@ -79,7 +79,7 @@ async def test_replay_hands_over_to_live_push_with_no_gap_and_no_duplicate(
                 # Sends go on through the replay and `after_seam` sends past the
                 # moment the session went live.
                 async def live() -> bool:
-                    return any(s.outbox.mode is Mode.LIVE for s in gateway.sessions)
+                    return any(s.queue.mode is Mode.LIVE for s in gateway.sessions)
                 await eventually(live)
                 target = sent + after_seam
                 await eventually(lambda: _at_least(lambda: sent, target))
@@ -109,9 +109,9 @@ async def test_replay_hands_over_to_live_push_with_no_gap_and_no_duplicate(
     assert seqs == list(range(1, sent + 1))
     assert message_ids == sorted(message_ids)  # seq order is commit order
     assert stats.replayed >= pending
-    assert stats.outbox.live_deliveries >= after_seam  # pushed live, past the seam
-    assert stats.replayed + stats.outbox.live_deliveries == sent
-    assert stats.outbox.max_depth <= stats.outbox.capacity
+    assert stats.queue.live_deliveries >= after_seam  # pushed live, past the seam
+    assert stats.replayed + stats.queue.live_deliveries == sent
+    assert stats.queue.max_depth <= stats.queue.capacity
 
 
 async def _at_least(value: Callable[[], int], target: int) -> bool:

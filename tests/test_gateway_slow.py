@@ -117,7 +117,7 @@ async def test_a_slow_consumer_does_not_slow_the_others_and_catches_up_later(
                     assert received[two] == [f"{one}:{n}" for n in range(PER_AGENT)]
 
                 stalled = session.statistics()
-                lagging = stalled.outbox
+                lagging = stalled.queue
                 assert lagging.overflows >= 1  # it did fall behind...
                 # ...and its memory stayed bounded: OUTBOX deliveries and events at
                 # most, plus its own frames (the answers to what it sent, bounded
@@ -140,7 +140,7 @@ async def test_a_slow_consumer_does_not_slow_the_others_and_catches_up_later(
                 assert answers == [re for n in range(SPAM) for re in (f"p{n}", f"x{n}")]
                 await send_json(slow, {"v": 1, "id": "end", "type": "ping"})
                 assert (await next_frame(slow, "pong", "deliver", "reply"))["re"] == "end"
-                assert session.statistics().outbox.catch_ups >= 2
+                assert session.statistics().queue.catch_ups >= 2
 
 
 async def _spam(ws: trio_websocket.WebSocketConnection) -> None:

@@ -39,7 +39,7 @@ from broker.auth import authorize, bearer_token, resolve_token
 from broker.engine import secrets
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
-from broker.engine.realtime import IssueNodeToken, NodeIdentity, agent_by_node_token
+from broker.engine.node_tokens import IssueNodeToken, NodeIdentity, agent_by_node_token
 from broker.engine.workspaces import Principal
 from broker.fanout import FanoutHub, HubStatistics
 from broker.gateway.native import AgentSession
@@ -49,6 +49,7 @@ from broker.gateway.presence import ACTIVE, OFFLINE, PresenceReporter
 from broker.gateway.recorder import DeliveryRecorder, RecorderStatistics
 from broker.gateway.session import MAX_REASON_BYTES, Session, SessionStatistics
 from broker.gateway.settings import GatewaySettings
+from broker.gateway.views import FactView
 from broker.gateway.websocket import AsgiWebSocket, ConnectionClosed
 from broker.http.errors import encode_error, encode_success, status_for
 from broker.operations import OPERATIONS
@@ -67,7 +68,16 @@ SESSION_FRAME_TYPES = frozenset({"delivery.ack", "ping", "pong"})
 SOCKET_AUTH = frozenset({"agent", "any"})
 
 
-class GatewayStatistics(msgspec.Struct, kw_only=True):
+class GatewayStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of the gateway (`Gateway.statistics()`).
+
+    hub: the fanout hub's (see `HubStatistics`).
+    recorder: the delivery recorder's (see `RecorderStatistics`).
+    sessions: sessions open now (every kind).
+    slow_closes: sessions closed with 4008 (slow client) since start.
+    presence_commands: presence commands submitted since start.
+    """
+
     hub: HubStatistics
     recorder: RecorderStatistics
     sessions: int
@@ -107,7 +117,7 @@ class Gateway:
         self.admitted_by_agent: Counter[int] = Counter()
         self._on_sessions = on_sessions
         self.on_request = on_request
-        self.hub = FanoutHub()
+        self.hub = FanoutHub(FactView.of)
         self.recorder = DeliveryRecorder(engine)
         self.presence = PresenceReporter(
             engine, self.hub, heartbeat_timeout_seconds=self.settings.heartbeat_timeout_seconds)
@@ -395,10 +405,12 @@ class Gateway:
 
     # -- reporting ----------------------------------------------------------------------------
 
-    def session_statistics(self) -> list[SessionStatistics]:
-        return [s.statistics() for s in self.sessions]
+    def session_statistics(self) -> tuple[SessionStatistics, ...]:
+        """A snapshot of every open session (see `SessionStatistics`)."""
+        return tuple(s.statistics() for s in self.sessions)
 
     def statistics(self) -> GatewayStatistics:
+        """A snapshot of the gateway's counts (see `GatewayStatistics`)."""
         return GatewayStatistics(
             hub=self.hub.statistics(), recorder=self.recorder.statistics(),
             sessions=len(self.sessions), slow_closes=self.slow_closes,

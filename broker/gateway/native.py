@@ -27,8 +27,8 @@ import trio
 from broker.engine.agents import TOKEN_ROTATED
 from broker.engine.errors import BrokerError
 from broker.engine.workspaces import Principal
-from broker.fanout import FactView
-from broker.gateway.session import CREDENTIAL_GONE, DeliverySession
+from broker.gateway.delivery import CREDENTIAL_GONE, DeliverySession
+from broker.gateway.views import FactView
 from broker.operations.registry import Call, Operation
 from broker.ratelimit import RateLimited
 from protocol import frames as fr
@@ -123,7 +123,7 @@ class AgentSession(DeliverySession):
             else:
                 await self.spawn_request(self._ack, frame)
         elif isinstance(frame, fr.Ping):
-            self.outbox.put(fr.ServerPong(re=msgspec.UNSET if frame.id is None else frame.id))
+            self.queue.put(fr.ServerPong(re=msgspec.UNSET if frame.id is None else frame.id))
         elif isinstance(frame, fr.Pong):
             pass  # its arrival is what counts (last_received)
         else:
@@ -134,7 +134,7 @@ class AgentSession(DeliverySession):
                                                   "")
             except RateLimited as exc:
                 # An error reply like any other; the session stays open.
-                self.outbox.put(fr.Reply(re=frame.id, ok=False, error=fr.ErrorBody(
+                self.queue.put(fr.Reply(re=frame.id, ok=False, error=fr.ErrorBody(
                     exc.code, exc.message, retry_after_ms=exc.verdict.retry_after_ms)))
                 return
             await self.spawn_request(self._request, op, frame, trio.current_time())
@@ -147,7 +147,7 @@ class AgentSession(DeliverySession):
         except BrokerError as exc:
             self.refuse(frame.id, exc.code, exc.message)
         else:
-            self.outbox.put(fr.Reply(re=frame.id, ok=True, data=result))
+            self.queue.put(fr.Reply(re=frame.id, ok=True, data=result))
 
     async def _request(self, op: Operation[Any], frame: Any, received: float) -> None:
         """Run one request and queue its reply; `received`: trio time the frame was read."""
@@ -160,6 +160,6 @@ class AgentSession(DeliverySession):
             log.exception("session %d: request %s (%s) failed", self.id, frame.id, op.name)
             self.refuse(frame.id, "internal_error", "the broker failed to handle this request")
         else:
-            self.outbox.put(fr.Reply(re=frame.id, ok=True, data=result))
+            self.queue.put(fr.Reply(re=frame.id, ok=True, data=result))
         if self.gateway.on_request is not None:
             self.gateway.on_request(op.name, trio.current_time() - received)

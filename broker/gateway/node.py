@@ -37,8 +37,8 @@ import apsw
 
 from broker.engine.agents import TOKEN_ROTATED
 from broker.engine.errors import BrokerError
-from broker.fanout import ContextUpdate, FactView
-from broker.gateway.session import CREDENTIAL_GONE, DeliverySession
+from broker.gateway.delivery import CREDENTIAL_GONE, DeliverySession
+from broker.gateway.views import ContextUpdate, FactView
 from protocol import frames as fr
 from protocol.codec import CloseCode, FrameError
 
@@ -134,12 +134,12 @@ class NodeSession(DeliverySession):
         elif isinstance(frame, fr.NodeRegister):
             self.registered = True
             if frame.id is not None:
-                self.outbox.put(fr.NodeReply(id=frame.id, data=self._registration(frame)))
+                self.queue.put(fr.NodeReply(id=frame.id, data=self._registration(frame)))
         elif isinstance(frame, fr.NodeHeartbeat | fr.NodeDeregister):
             if frame.id is not None:
-                self.outbox.put(fr.NodeReply(id=frame.id, data={"node_id": self.node_id}))
+                self.queue.put(fr.NodeReply(id=frame.id, data={"node_id": self.node_id}))
         elif isinstance(frame, fr.Ping):
-            self.outbox.put(fr.ServerPong())
+            self.queue.put(fr.ServerPong())
 
     def _registration(self, frame: fr.NodeRegister) -> fr.NodeRegistered:
         provider = frame.provider or {}
@@ -181,7 +181,7 @@ class NodeSession(DeliverySession):
         except BrokerError as exc:
             self.refuse(frame.id, exc.code, exc.message)
         else:
-            self.outbox.put(fr.NodeReply(id=frame.id, data=result))
+            self.queue.put(fr.NodeReply(id=frame.id, data=result))
 
     def frame_error(self, err: FrameError) -> bool:
         if err.code == "unknown_type" and err.request_id is None:
@@ -191,7 +191,7 @@ class NodeSession(DeliverySession):
     def refuse(self, request_id: str | None, code: str, message: str) -> None:
         if request_id is None:
             return
-        self.outbox.put(fr.NodeError(id=request_id, code=code, message=message))
+        self.queue.put(fr.NodeError(id=request_id, code=code, message=message))
 
     def final_error(self, code: str, message: str) -> Any:
         return None

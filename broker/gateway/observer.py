@@ -4,7 +4,7 @@ It receives every event of the workspace as a flat Relaycast ServerEvent
 (`{"type":"message.created","id":...,"channel":...,"message":{...}}`, see
 `FactView.flat_event`), durable ones and ephemeral ones alike, with no seq
 and no ack: an observer watches, it is not a recipient. Best effort: when
-its outbox is full, events are dropped (and counted).
+its frame queue is full, events are dropped (and counted).
 
 Client frames (@relaycast/types `ClientEvent`): `subscribe` and
 `unsubscribe` with channel names (a leading `#` is ignored), `ping`
@@ -23,8 +23,9 @@ from typing import Any
 
 import msgspec
 
-from broker.fanout import FactView, Mode
+from broker.gateway.frame_queue import Mode
 from broker.gateway.session import Session
+from broker.gateway.views import FactView
 from protocol import frames as fr
 from protocol.codec import FrameError
 
@@ -35,7 +36,7 @@ class ObserverSession(Session):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.outbox.mode = Mode.LIVE  # no delivery stream to replay
+        self.queue.mode = Mode.LIVE  # no delivery stream to replay
         self.channels: set[str] = set()
 
     def offer_fact(self, view: FactView) -> None:
@@ -45,7 +46,7 @@ class ObserverSession(Session):
             _, channel = view.flat_event()
             if channel is not None and channel not in self.channels:
                 return
-        self.outbox.offer_event(view)
+        self.queue.offer_event(view)
 
     def event_frame(self, view: FactView) -> Any:
         return msgspec.Raw(view.flat_event()[0])
@@ -56,9 +57,9 @@ class ObserverSession(Session):
         elif isinstance(frame, fr.Unsubscribe):
             self.channels.difference_update(_names(frame.channels))
         elif isinstance(frame, fr.ObserverPing):
-            self.outbox.put(fr.FlatPong())
+            self.queue.put(fr.FlatPong())
         elif isinstance(frame, fr.Resync):
-            self.outbox.put(fr.ResyncAck(last_seen_seq=frame.last_seen_seq, current_seq=0,
+            self.queue.put(fr.ResyncAck(last_seen_seq=frame.last_seen_seq, current_seq=0,
                                          replayed=0, gap_detected=False))
 
     def frame_error(self, err: FrameError) -> bool:
@@ -75,7 +76,7 @@ class ObserverSession(Session):
         return super().frame_error(err)
 
     def refuse(self, request_id: str | None, code: str, message: str) -> None:
-        self.outbox.put(fr.FlatError(code=code, message=message))
+        self.queue.put(fr.FlatError(code=code, message=message))
 
     def final_error(self, code: str, message: str) -> Any:
         return fr.FlatError(code=code, message=message)

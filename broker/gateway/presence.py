@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import msgspec
 import trio
@@ -74,7 +75,7 @@ class PresenceReporter:
     heartbeat_timeout_seconds), `run` also times out agents with none.
     """
 
-    def __init__(self, engine: Engine, hub: FanoutHub | None = None, *,
+    def __init__(self, engine: Engine, hub: FanoutHub[Any] | None = None, *,
                  heartbeat_timeout_seconds: float | None = None) -> None:
         self.engine = engine
         self.hub = hub

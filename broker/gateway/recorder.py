@@ -92,13 +92,19 @@ class _Agent:
         return not self.pushed and not self.pushed_again and self.up_to_seq is None
 
 
-class RecorderStatistics(msgspec.Struct, kw_only=True):
-    """Counts since start.
+class RecorderStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of the recorder (`DeliveryRecorder.statistics()`); counts since start.
 
+    acks_received: cumulative acks taken from sessions;
+    marks_received: pushes (ordinary and again) taken from sessions;
+    flushes: flushes run;
     commands: RecordReceipts commands submitted (one per flush with something due,
     more for a flush of over AGENTS_PER_COMMAND agents);
     marks_folded: ordinary pushes written together with an ack covering them
-    (the database folds those still pending).
+    (the database folds those still pending);
+    failures: commands that failed;
+    pending_acks: agents with an ack not written yet (now);
+    pending_marks: pushes not written yet (now).
     """
 
     acks_received: int

@@ -1,40 +1,42 @@
-"""A WebSocket session: receive loop, pump, liveness watch; and the durable delivery stream.
+"""A WebSocket session's lifetime: receive loop, pump, liveness deadlines, one way to close.
 
-Each accepted socket runs three tasks in one nursery, and nothing else
-ever writes to the socket but the pump (and, once, the closer):
+Each accepted socket runs its tasks in one nursery, and nothing else ever
+writes to the socket but the pump (and, once, the closer):
 
 - the receive loop decodes frames and hands them to the session kind
   (requests run in their own tasks, at most `max_requests_in_flight`);
   every frame it reads may owe the client one frame back (a reply, a
   pong, an error), so it reads nothing while the replies owed plus the
   session's own frames queued reach `max_requests_in_flight`: a client
-  that sends and never reads stops being read, and the outbox stays within
-  `outbox_frames + max_requests_in_flight + 1` (a ping);
-- the pump takes frames from the session's bounded `Outbox` and writes
-  them, and when the outbox says so, catches up from the database;
-- the watch closes the session when the socket accepts nothing for
-  `slow_client_timeout` (4008), when the client stays silent after a
-  ping (4408), or when the credential it opened with expires
-  (`credential_deadline`, 4401).
+  that sends and never reads stops being read, and the frame queue stays
+  within `outbox_frames + max_requests_in_flight + 1` (a ping);
+- the pump takes frames from the session's bounded `FrameQueue`
+  (`broker.gateway.frame_queue`) and writes them, and when the queue says
+  so, catches up from the database;
+- one task per deadline closes the session when it passes: a socket that
+  accepts nothing for `slow_client_timeout` (4008), a client silent after
+  a ping or, unpinged, silent for `idle_timeout` (4408), a credential that
+  expires (`expire_credential_at`, 4401). Each deadline is a `Deadline`
+  that its owner moves, not a clock polled on a tick; native sessions
+  also run a plain ping loop.
 
-Closing is one path (`close`): detach from the hub at once (so nothing is
-routed to a dead session and presence is updated), cancel the three
-tasks, then send the close frame from a task that outlives them; if the
-frame is not out within `close_grace`, reset the connection. A socket
-write stuck on a client that reads nothing cannot be cancelled (see
-`broker.gateway.websocket`); the reset is what frees it.
+A session is OPEN, then CLOSING (it decided to close: the close frame is
+on its way) or CLOSED (the peer went away, or the close is done). Leaving
+OPEN is one transition (`_end`), whoever asks: detach from the hub at once
+(so nothing is routed to a dead session and presence is updated), close
+the frame queue, cancel the tasks, and when the session closes, send the
+close frame from a task that outlives them; if the frame is not out within
+`close_grace`, reset the connection. A socket write stuck on a client that
+reads nothing cannot be cancelled (see `broker.gateway.websocket`); the
+reset is what frees it.
 
-`DeliverySession` adds the durable stream of one agent (the native session
-and the Relaycast node socket are both one): replay from the database on
-connect, live push from the hub after, and catching up again after an
-overflow, all through the seam described in `broker.fanout.Outbox`. It
-also pushes again what the agent gave back (failed or deferred), below the
-stream's cursor: on `mailbox.changed`, when a deferral falls due, and once
-after connecting (see `broker.gateway.redelivery`).
+The durable delivery stream (replay, redelivery, held pushes) is added by
+`DeliverySession` (`broker.gateway.delivery`).
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 import math
@@ -44,11 +46,14 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import trio
 
-from broker.engine.errors import BrokerError
-from broker.engine.mailbox import MAILBOX_CHANGED, list_pending
-from broker.engine.realtime import seq_marks
-from broker.fanout import DeliverItem, EventItem, FactView, Mode, Outbox, OutboxStatistics
-from broker.gateway.redelivery import Held, held_deliveries, is_held
+from broker.gateway.frame_queue import (
+    DeliverItem,
+    EventItem,
+    FrameQueue,
+    FrameQueueStatistics,
+    Mode,
+)
+from broker.gateway.views import FactView
 from broker.gateway.websocket import ConnectionClosed, WebSocket
 from protocol import frames as fr
 from protocol.codec import CloseCode, Codec, FrameError
@@ -63,23 +68,71 @@ _session_ids = itertools.count(1)
 MAX_REASON_BYTES = 123
 # Frames the pump writes with one socket write when it finds several queued.
 WRITE_BATCH = 64
-# Errors of a database read that mean the session's credential is gone: the
-# agent was deactivated or its workspace deleted after the handshake, and
-# the event that says so was published before the session could see it.
-CREDENTIAL_GONE = frozenset({"agent_not_found", "workspace_not_found"})
 
 
-class SessionStatistics(msgspec.Struct, kw_only=True):
+class SessionState(enum.Enum):
+    """Where a session is in its life (hypercorn's `ASGIWebsocketState` is the model)."""
+
+    OPEN = "open"  # serving: reading, pumping, watching its deadlines
+    CLOSING = "closing"  # it decided to close: tasks cancelled, the close frame on its way
+    CLOSED = "closed"  # the peer went away, the close is done, or its tasks ended
+
+
+class SessionStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of one session (`Session.statistics()`).
+
+    id, kind, agent_id: which session (`agent`, `node` or `observer`; no
+    agent for an observer).
+    state: `open`, `closing` or `closed` (see `SessionState`).
+    frames_received, frames_sent: frames read from and written to the socket.
+    replayed: deliveries pushed from the database (on connect, after an overflow).
+    redelivered: held deliveries pushed again (failed or deferred, then due).
+    read_pauses: times the socket was not read because the answers owed
+    reached the bound.
+    close_code: the code the session closed with (None while open).
+    queue: its frame queue (see `FrameQueueStatistics`).
+    """
+
     id: int
     kind: str
     agent_id: int | None
+    state: str
     frames_received: int
     frames_sent: int
     replayed: int
     redelivered: int
     read_pauses: int
     close_code: int | None
-    outbox: OutboxStatistics
+    queue: FrameQueueStatistics
+
+
+class Deadline:
+    """A point in trio time that its owner moves; `wait_passed` returns once it has passed.
+
+    The waiter sleeps in a cancel scope whose deadline is this one, so a
+    move (earlier or later) takes effect at once and nothing wakes up only
+    to compare clocks. Starts at infinity (never).
+    """
+
+    def __init__(self) -> None:
+        self.when = math.inf
+        self._scope: trio.CancelScope | None = None
+
+    def move(self, when: float) -> None:
+        """Set the deadline to `when` (trio time; math.inf: never)."""
+        self.when = when
+        if self._scope is not None:
+            self._scope.deadline = when
+
+    async def wait_passed(self) -> None:
+        """Until the deadline has passed; a move later while waiting waits longer."""
+        while trio.current_time() < self.when:
+            self._scope = trio.CancelScope(deadline=self.when)
+            try:
+                with self._scope:
+                    await trio.sleep_forever()
+            finally:
+                self._scope = None
 
 
 class Session:
@@ -104,7 +157,8 @@ class Session:
         self.agent_id = agent_id
         self.agent_name = agent_name
         self.id = next(_session_ids)
-        self.outbox = Outbox(self.settings.outbox_frames)
+        self.queue = FrameQueue(self.settings.outbox_frames)
+        self.state = SessionState.OPEN
         self.close_code: int | None = None
         self.frames_received = 0
         self.frames_sent = 0
@@ -113,16 +167,18 @@ class Session:
         self.read_pauses = 0
         self.last_received = trio.current_time()
         self._send_started: float | None = None
-        self._ping_written_at: float | None = None
+        self._ping_written_at = -math.inf
         self._ping_queued = False
-        # When the credential the socket opened with stops working (trio time).
-        self.credential_deadline = math.inf
-        # When a deferred delivery falls due and must be pushed again (trio time).
-        self.redeliver_deadline = math.inf
+        # When the credential the socket opened with stops working.
+        self._credential_expiry = Deadline()
+        # When the client must have sent a frame (a pong, or anything at all).
+        self._silence = Deadline()
+        # When the write in progress makes the client a slow one.
+        self._stall = Deadline()
         self._requests = trio.Semaphore(self.settings.max_requests_in_flight)
         self._outer: trio.Nursery | None = None
         self._work: trio.Nursery | None = None
-        # Set when the session decides to end (a close, or the peer went away).
+        # Set when the session leaves OPEN (a close, or the peer went away).
         self.ending = trio.Event()
         self.finished = trio.Event()
 
@@ -132,11 +188,11 @@ class Session:
     # -- what the hub calls (never blocks) -----------------------------------------------
 
     def offer_delivery(self, seq: int, view: FactView) -> None:
-        self.outbox.offer_delivery(seq, view)
+        self.queue.offer_delivery(seq, view)
 
     def offer_event(self, view: FactView) -> None:
         if not self.revoked_by(view):
-            self.outbox.offer_event(view)
+            self.queue.offer_event(view)
 
     def offer_fact(self, view: FactView) -> None:
         """Observers see every fact of their workspace; other sessions ignore this."""
@@ -166,54 +222,72 @@ class Session:
             async with trio.open_nursery() as outer:
                 self._outer = outer
                 self.gateway.attach(self)
-                try:
-                    async with trio.open_nursery() as work:
-                        self._work = work
-                        work.start_soon(self._receive_loop)
-                        work.start_soon(self._pump)
-                        work.start_soon(self._watch)
-                        work.start_soon(self.on_attach)
-                finally:
-                    self.gateway.detach(self)
-                    self.outbox.close()
+                async with trio.open_nursery() as work:
+                    self._work = work
+                    self.start_tasks(work)
+                    work.start_soon(self.on_attach)
+                    # The nursery stays open while this waits, and this leaves
+                    # OPEN before it can close (the tasks failed, or the daemon
+                    # is being cancelled): `spawn` never meets a closed nursery.
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        self._end(None)
         finally:
+            self.state = SessionState.CLOSED
             self.finished.set()
+
+    def start_tasks(self, nursery: trio.Nursery) -> None:
+        """Start the session's tasks in `nursery`, its work nursery (subclasses add theirs)."""
+        nursery.start_soon(self._receive_loop)
+        nursery.start_soon(self._pump)
+        nursery.start_soon(self._close_when_stalled)
+        nursery.start_soon(self._close_when_silent)
+        nursery.start_soon(self._close_when_credential_expires)
+        if self.pings:
+            nursery.start_soon(self._ping_loop)
 
     async def on_attach(self) -> None:
         """Runs once beside the session's tasks, after it is attached to the hub (subclasses)."""
 
     def spawn(self, fn: Any, *args: Any) -> None:
-        """Run `fn(*args)` beside the session's tasks (it ends with them); nothing once it ends."""
-        if self._work is None or self.ending.is_set():
-            return
-        try:
+        """Run `fn(*args)` beside the session's tasks (it ends with them); nothing once it ends.
+
+        The work nursery is open for as long as the session is OPEN (see
+        `serve`), so this never starts a task in a closed nursery.
+        """
+        if self.state is SessionState.OPEN and self._work is not None:
             self._work.start_soon(fn, *args)
-        except RuntimeError:
-            pass  # the nursery already closed: the session has ended
 
     def close(self, code: int, reason: str = "", final: Any = None) -> None:
         """Close with `code`: stop everything now, send `final` (if any) and the close frame."""
-        if self.close_code is not None:
-            return
-        self.close_code = code
-        self.ending.set()
-        log.info("session %d (%s, agent %s): closing with %d %s", self.id, self.kind,
-                 self.agent_id, code, reason)
-        self.gateway.detach(self)
-        self.outbox.close()
-        if self._work is not None:
-            self._work.cancel_scope.cancel()
-        if self._outer is not None:
-            self._outer.start_soon(self._send_close, code, reason, final)
+        self._end(code, reason, final, send_close=True)
 
     def _peer_closed(self, code: int | None) -> None:
-        if self.close_code is None:
-            self.close_code = code if code is not None else CloseCode.NORMAL
+        self._end(code if code is not None else CloseCode.NORMAL)
+
+    def _end(self, code: int | None, reason: str = "", final: Any = None,
+             send_close: bool = False) -> None:
+        """The one way out of OPEN (later calls do nothing).
+
+        send_close: the session closes with `code` (CLOSING until the frame
+        is out); otherwise the peer went away with `code`, or the tasks
+        ended without either (None: no code), and the session is CLOSED.
+        """
+        if self.state is not SessionState.OPEN:
+            return
+        self.state = SessionState.CLOSING if send_close else SessionState.CLOSED
+        self.close_code = code
         self.ending.set()
+        if send_close:
+            log.info("session %d (%s, agent %s): closing with %d %s", self.id, self.kind,
+                     self.agent_id, code, reason)
         self.gateway.detach(self)
-        self.outbox.close()
+        self.queue.close()
         if self._work is not None:
             self._work.cancel_scope.cancel()
+        if send_close and code is not None and self._outer is not None:
+            self._outer.start_soon(self._send_close, code, reason, final)
 
     async def _send_close(self, code: int, reason: str, final: Any) -> None:
         reason = reason.encode()[:MAX_REASON_BYTES].decode(errors="ignore")
@@ -227,6 +301,7 @@ class Session:
         if scope.cancelled_caught and not self.ws.abort():
             # A stuck write holds the connection and a reset was the only way out.
             log.warning("session %d: could not reset a stuck connection", self.id)
+        self.state = SessionState.CLOSED
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -257,13 +332,13 @@ class Session:
         whatever the client sends.
         """
         limit = self.settings.max_requests_in_flight
-        outbox = self.outbox
+        queue = self.queue
         paused = False
-        while outbox.own + (limit - self._requests.value) >= limit and not outbox.closed:
+        while queue.own + (limit - self._requests.value) >= limit and not queue.closed:
             if not paused:
                 paused = True
                 self.read_pauses += 1
-            await outbox.wait_room()
+            await queue.wait_room()
 
     async def handle(self, frame: Any) -> None:
         """Act on one decoded frame (subclasses)."""
@@ -283,7 +358,7 @@ class Session:
 
     def refuse(self, request_id: str | None, code: str, message: str) -> None:
         """Answer a request with an error (subclasses choose the frame)."""
-        self.outbox.put(fr.Reply(re=request_id, ok=False, error=fr.ErrorBody(code, message)))
+        self.queue.put(fr.Reply(re=request_id, ok=False, error=fr.ErrorBody(code, message)))
 
     def final_error(self, code: str, message: str) -> Any:
         """The frame sent before closing on an unanswerable frame (None: send none)."""
@@ -300,29 +375,29 @@ class Session:
             await fn(*args)
         finally:
             self._requests.release()
-            self.outbox.room_changed()
+            self.queue.room_changed()
 
     # -- sending ------------------------------------------------------------------------------
 
     async def _pump(self) -> None:
-        outbox = self.outbox
+        queue = self.queue
         try:
-            while not outbox.closed:
-                item = outbox.take_nowait()
+            while not queue.closed:
+                item = queue.take_nowait()
                 if item is not None:
-                    if len(outbox) and self._batches:
+                    if len(queue) and self._batches:
                         await self._write_batch(item)
                     else:
                         await self._write(item)
-                elif outbox.needs_catch_up:
+                elif queue.needs_catch_up:
                     await self.catch_up()
-                elif outbox.redelivery_wanted:
+                elif queue.redelivery_wanted:
                     await self.redeliver()
                 else:
-                    await outbox.wait()
+                    await queue.wait()
         except ConnectionClosed as closed:
             # End the session here too: a receive loop waiting for room would
-            # never learn that nothing takes the outbox any more.
+            # never learn that nothing takes the queue any more.
             self._peer_closed(closed.code)
 
     async def _write(self, item: Any) -> None:
@@ -341,10 +416,10 @@ class Session:
     async def _write_batch(self, first: Any) -> None:
         """`first` and what else is queued (up to WRITE_BATCH) in one socket write."""
         items = [first]
-        while len(items) < WRITE_BATCH and (item := self.outbox.take_nowait()) is not None:
+        while len(items) < WRITE_BATCH and (item := self.queue.take_nowait()) is not None:
             items.append(item)
         frames = [data for data in map(self._encode_item, items) if data is not None]
-        self._send_started = trio.current_time()
+        self._writing()
         try:
             await self.ws.send_many(frames)
         finally:
@@ -357,8 +432,18 @@ class Session:
                 self._ping_written()
 
     def _ping_written(self) -> None:
-        self._ping_written_at = trio.current_time()
+        """A ping went out: the client must answer (any frame) within pong_timeout."""
+        now = trio.current_time()
+        self._ping_written_at = now
         self._ping_queued = False
+        self._silence.move(now + self.settings.pong_timeout_seconds)
+
+    def _writing(self) -> None:
+        """A socket write starts now: arm the stall deadline if it is not armed."""
+        now = trio.current_time()
+        self._send_started = now
+        if self._stall.when == math.inf:
+            self._stall.move(now + self.settings.slow_client_timeout_seconds)
 
     def _encode_item(self, item: Any) -> str | bytes | None:
         if isinstance(item, DeliverItem):
@@ -372,8 +457,8 @@ class Session:
         await self.send_bytes(self.codec.encode(frame))
 
     async def send_bytes(self, data: str | bytes) -> None:
-        """Write one frame; the watch measures how long the socket takes it."""
-        self._send_started = trio.current_time()
+        """Write one frame; the stall deadline measures how long the socket takes it."""
+        self._writing()
         try:
             await self.ws.send(data)
         finally:
@@ -410,196 +495,96 @@ class Session:
 
     async def catch_up(self) -> None:
         """Resume the delivery stream from the database (sessions with one)."""
-        self.outbox.mode = Mode.LIVE
+        self.queue.mode = Mode.LIVE
 
     async def redeliver(self) -> None:
         """Push again what the agent gave back (sessions with a delivery stream)."""
-        self.outbox.redelivery_wanted = False
+        self.queue.redelivery_wanted = False
 
     async def flush_queued(self) -> None:
-        """Send what the outbox holds now (replies and events queued during a replay)."""
-        while (item := self.outbox.take_nowait()) is not None:
+        """Send what the queue holds now (replies and events queued during a replay)."""
+        while (item := self.queue.take_nowait()) is not None:
             await self._write(item)
 
-    # -- liveness -----------------------------------------------------------------------------
+    # -- liveness: one task per deadline, and the ping loop -----------------------------------
+    #
+    # A frame received or a write started only records its time: moving a
+    # deadline on each would cost every frame a timer update. When a
+    # deadline passes, the recorded time decides, and the deadline is moved
+    # to where it belongs.
 
-    async def _watch(self) -> None:
-        s = self.settings
-        liveness = s.pong_timeout_seconds if self.pings else s.idle_timeout_seconds
-        tick = min(s.slow_client_timeout_seconds, liveness, s.ping_interval_seconds) / 4
-        next_ping = trio.current_time() + s.ping_interval_seconds
+    async def _close_when_stalled(self) -> None:
+        """Close with 4008 once one socket write has taken slow_client_timeout."""
+        timeout = self.settings.slow_client_timeout_seconds
         while True:
-            await trio.sleep(tick)
-            now = trio.current_time()
-            if now >= self.credential_deadline:
-                self.close(CloseCode.UNAUTHORIZED, "the token was rotated and its grace ended")
-                return
-            if now >= self.redeliver_deadline:
-                self.redeliver_deadline = math.inf
-                self.outbox.want_redelivery()
+            await self._stall.wait_passed()
             started = self._send_started
-            if started is not None and now - started >= s.slow_client_timeout_seconds:
+            if started is None:
+                self._stall.move(math.inf)  # the next write arms it again
+            elif trio.current_time() < started + timeout:
+                self._stall.move(started + timeout)
+            else:
                 self.gateway.slow_closes += 1
-                self.close(CloseCode.SLOW_CLIENT, "slow client: nothing read for "
-                           f"{s.slow_client_timeout_seconds:g} s")
+                self.close(CloseCode.SLOW_CLIENT,
+                           f"slow client: nothing read for {timeout:g} s")
                 return
-            if not self.pings:
-                if now - self.last_received >= s.idle_timeout_seconds:
-                    self.close(CloseCode.PONG_TIMEOUT, "no frame received in time")
-                    return
-                continue
-            written = self._ping_written_at
-            if written is not None and self.last_received < written \
-                    and now - written >= s.pong_timeout_seconds:
-                self.close(CloseCode.PONG_TIMEOUT, "no pong in time")
-                return
-            if now >= next_ping:
-                # One ping queued at most: a socket that takes nothing gets 4008, not pings.
-                if not self._ping_queued:
-                    self._ping_queued = True
-                    self.outbox.put(fr.ServerPing())
-                next_ping = now + s.ping_interval_seconds
+
+    async def _close_when_silent(self) -> None:
+        """Close with 4408 when the client is silent: after a ping, or at all (not pinged).
+
+        A pinged session's deadline is set when a ping is written (pong_timeout
+        later); any frame received after that ping answers it. A session
+        that is not pinged must send some frame every idle_timeout.
+        """
+        idle = self.settings.idle_timeout_seconds
+        if not self.pings:
+            self._silence.move(self.last_received + idle)
+        while True:
+            await self._silence.wait_passed()
+            if self.pings:
+                if self.last_received >= self._ping_written_at:
+                    self._silence.move(math.inf)  # answered: the next ping sets it
+                    continue
+                reason = "no pong in time"
+            else:
+                if trio.current_time() < self.last_received + idle:
+                    self._silence.move(self.last_received + idle)
+                    continue
+                reason = "no frame received in time"
+            self.close(CloseCode.PONG_TIMEOUT, reason)
+            return
+
+    async def _close_when_credential_expires(self) -> None:
+        await self._credential_expiry.wait_passed()
+        self.close(CloseCode.UNAUTHORIZED, "the token was rotated and its grace ended")
+
+    async def _ping_loop(self) -> None:
+        """Queue a ping every ping_interval (native sessions)."""
+        while True:
+            await trio.sleep(self.settings.ping_interval_seconds)
+            # One ping queued at most: a socket that takes nothing gets 4008, not pings.
+            if not self._ping_queued:
+                self._ping_queued = True
+                self.queue.put(fr.ServerPing())
 
     def expire_credential_at(self, wall_ms: int) -> None:
         """The credential stops working at `wall_ms` (epoch ms): close with 4401 then.
 
-        Already past: close now. The watch checks the deadline on each tick.
+        Already past: close now. An earlier expiry set before stays.
         """
         remaining = wall_ms / 1000 - time.time()
         if remaining <= 0:
             self.close(CloseCode.UNAUTHORIZED, "the token was rotated and its grace ended")
             return
-        self.credential_deadline = min(self.credential_deadline,
-                                       trio.current_time() + remaining)
+        expiry = self._credential_expiry
+        expiry.move(min(expiry.when, trio.current_time() + remaining))
 
     def statistics(self) -> SessionStatistics:
+        """A snapshot of the session (see `SessionStatistics`)."""
         return SessionStatistics(
-            id=self.id, kind=self.kind, agent_id=self.agent_id,
+            id=self.id, kind=self.kind, agent_id=self.agent_id, state=self.state.value,
             frames_received=self.frames_received, frames_sent=self.frames_sent,
             replayed=self.replayed, redelivered=self.redelivered, read_pauses=self.read_pauses,
             close_code=self.close_code,
-            outbox=self.outbox.statistics(),
+            queue=self.queue.statistics(),
         )
-
-
-class DeliverySession(Session):
-    """A session that carries one agent's durable deliveries (native or Relaycast node)."""
-
-    agent_id: int
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # Held deliveries this session pushed again, as they were then (see redelivery).
-        self._held_pushed: dict[int, Held] = {}
-        self._connected = False  # the replay on connect is done
-
-    def offer_event(self, view: FactView) -> None:
-        if view.type == MAILBOX_CHANGED:
-            # Audience: this agent. The event still goes out: it is documented.
-            self.outbox.want_redelivery()
-        super().offer_event(view)
-
-    async def catch_up(self) -> None:
-        """Replay from the database up to the highest seq known, then go live (no gap, in order).
-
-        Closes the session with 4401 when the agent is gone from the
-        database (deactivated, or its workspace deleted, between the
-        handshake and the replay).
-        """
-        try:
-            await self._replay()
-        except BrokerError as exc:
-            self._read_refused(exc)
-            return
-        if not self._connected:
-            # The replay skipped deliveries deferred past now: find when to come back.
-            self._connected = True
-            self.outbox.want_redelivery()
-
-    async def redeliver(self) -> None:
-        """Push again the held deliveries due, at or below the cursor; note the next due time.
-
-        Closes with 4401 when the agent is gone from the database.
-        """
-        try:
-            await self._push_held()
-        except BrokerError as exc:
-            self._read_refused(exc)
-
-    def _read_refused(self, exc: BrokerError) -> None:
-        if exc.code not in CREDENTIAL_GONE:
-            raise exc
-        self.close(CloseCode.UNAUTHORIZED, "the agent or its workspace is gone")
-
-    async def _push_held(self) -> None:
-        outbox = self.outbox
-        outbox.redelivery_wanted = False  # a change from now on asks again
-        up_to, after, page_size = outbox.cursor, 0, self.settings.replay_page
-        seen: dict[int, Held] = {}
-        while True:
-            page = await self.engine.read(held_deliveries, self.workspace_id, self.agent_id,
-                                          after, up_to, int(time.time() * 1000), page_size)
-            for row in page.rows:
-                seen[row.seq] = row.version
-                if self._held_pushed.get(row.seq) == row.version:
-                    continue  # pushed already; its mark is on its way
-                view = FactView(row.type, self.workspace_id, row.payload,
-                                message_id=row.message_id)
-                await self.send_delivery(row.seq, view, redelivery=True,
-                                         changed_at=row.updated_at)
-                self.redelivered += 1
-            if len(page.rows) < page_size:
-                break
-            after = page.rows[-1].seq
-        self._held_pushed = seen
-        if page.next_due is None:
-            self.redeliver_deadline = math.inf
-        else:
-            self.redeliver_deadline = trio.current_time() + max(
-                0.0, page.next_due / 1000 - time.time())
-
-    async def _replay(self) -> None:
-        outbox = self.outbox
-        page_size = self.settings.replay_page
-        outbox.start_catch_up()
-        while True:
-            # Read `hi` only after buffering started: see Outbox.
-            marks = await self.engine.read(seq_marks, self.workspace_id, self.agent_id)
-            while outbox.cursor < marks.last_seq:
-                page = await self.engine.read(
-                    list_pending, self.workspace_id, self.agent_id, outbox.cursor, page_size,
-                    int(time.time() * 1000),
-                )
-                for row in page:
-                    view = FactView(row.type, self.workspace_id, bytes(row.payload),
-                                    message_id=row.message_id)
-                    held = is_held(row.state, row.available_at)
-                    await self.send_delivery(row.seq, view, redelivery=held,
-                                             changed_at=row.updated_at if held else None)
-                    if held:
-                        self._held_pushed[row.seq] = (row.state, row.attempts, row.available_at,
-                                                      row.updated_at)
-                    outbox.advance(row.seq)
-                    self.replayed += 1
-                if len(page) < page_size:
-                    # Nothing else is pending up to `hi` (acked, dead or deferred).
-                    outbox.advance(marks.last_seq)
-                await self.flush_queued()
-            if outbox.finish_catch_up():
-                return
-
-    async def send_delivery(self, seq: int, view: FactView, redelivery: bool = False,
-                            changed_at: int | None = None) -> None:
-        await self.send_bytes(self.codec.encode(self.delivery_frame(seq, view, redelivery)))
-        self.delivered(seq, redelivery, changed_at)
-
-    def delivered(self, seq: int, redelivery: bool = False,
-                  changed_at: int | None = None) -> None:
-        pushed_at = None
-        if redelivery:
-            # Stamped after the fail or defer the row was read with, so the
-            # mark of this push is never mistaken for a late one.
-            now = int(time.time() * 1000)
-            pushed_at = now if changed_at is None else max(now, changed_at + 1)
-        self.gateway.recorder.delivered(self.workspace_id, self.agent_id, seq, redelivery,
-                                        pushed_at)

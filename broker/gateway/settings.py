@@ -6,8 +6,8 @@ from typing import Annotated
 
 import msgspec
 
-from broker.engine.realtime import DEFAULT_NODE_TOKEN_TTL_S
-from broker.fanout import DEFAULT_OUTBOX_FRAMES
+from broker.engine.node_tokens import DEFAULT_NODE_TOKEN_TTL_S
+from broker.gateway.frame_queue import DEFAULT_QUEUE_FRAMES
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -16,9 +16,11 @@ Seconds = Annotated[float, msgspec.Meta(gt=0)]
 class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Limits and timeouts of `/v1/ws` and `/v1/node/ws` sessions."""
 
-    # Frames a session holds for a slow socket before it stops taking live
-    # deliveries (it catches up from the database once the client drains).
-    outbox_frames: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_OUTBOX_FRAMES
+    # Frames a session's frame queue holds for a slow socket before it stops
+    # taking live deliveries (it catches up from the database once the
+    # client drains). The name predates the queue's: it stays, since it is
+    # a configuration key.
+    outbox_frames: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_QUEUE_FRAMES
     # A client whose socket accepts nothing for this long is closed with 4008.
     slow_client_timeout_seconds: Seconds = 60.0
     # Inbound frames above this close the socket with 1009.

@@ -1,0 +1,166 @@
+"""The durable delivery stream of one agent, on a session (native or Relaycast node).
+
+`DeliverySession` adds to a socket's lifetime (`broker.gateway.session`)
+what makes its pushes durable: replay from the database on connect, live
+push from the hub after, and catching up again after an overflow, all
+through the seam described in `broker.gateway.frame_queue.FrameQueue`. It
+also pushes again what the agent gave back (failed or deferred), below the
+stream's cursor: on `mailbox.changed`, when a deferral falls due, and once
+after connecting (see `broker.gateway.redelivery`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import trio
+
+from broker.engine.errors import BrokerError
+from broker.engine.mailbox import MAILBOX_CHANGED, list_pending, seq_marks
+from broker.gateway.redelivery import Held, held_deliveries, is_held
+from broker.gateway.session import Deadline, Session
+from broker.gateway.views import FactView
+from protocol.codec import CloseCode
+
+# Errors of a database read that mean the session's credential is gone: the
+# agent was deactivated or its workspace deleted after the handshake, and
+# the event that says so was published before the session could see it.
+CREDENTIAL_GONE = frozenset({"agent_not_found", "workspace_not_found"})
+
+
+class DeliverySession(Session):
+    """A session that carries one agent's durable deliveries (native or Relaycast node)."""
+
+    agent_id: int
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Held deliveries this session pushed again, as they were then (see redelivery).
+        self._held_pushed: dict[int, Held] = {}
+        self._connected = False  # the replay on connect is done
+        # When a deferred delivery falls due and must be pushed again (trio time).
+        self._redeliver_due = Deadline()
+
+    def start_tasks(self, nursery: trio.Nursery) -> None:
+        super().start_tasks(nursery)
+        nursery.start_soon(self._redeliver_when_due)
+
+    async def _redeliver_when_due(self) -> None:
+        """Ask the pump to push again each time a deferred delivery falls due."""
+        while True:
+            await self._redeliver_due.wait_passed()
+            self._redeliver_due.move(math.inf)
+            self.queue.want_redelivery()
+
+    def offer_event(self, view: FactView) -> None:
+        if view.type == MAILBOX_CHANGED:
+            # Audience: this agent. The event still goes out: it is documented.
+            self.queue.want_redelivery()
+        super().offer_event(view)
+
+    async def catch_up(self) -> None:
+        """Replay from the database up to the highest seq known, then go live (no gap, in order).
+
+        Closes the session with 4401 when the agent is gone from the
+        database (deactivated, or its workspace deleted, between the
+        handshake and the replay).
+        """
+        try:
+            await self._replay()
+        except BrokerError as exc:
+            self._read_refused(exc)
+            return
+        if not self._connected:
+            # The replay skipped deliveries deferred past now: find when to come back.
+            self._connected = True
+            self.queue.want_redelivery()
+
+    async def redeliver(self) -> None:
+        """Push again the held deliveries due, at or below the cursor; note the next due time.
+
+        Closes with 4401 when the agent is gone from the database.
+        """
+        try:
+            await self._push_held()
+        except BrokerError as exc:
+            self._read_refused(exc)
+
+    def _read_refused(self, exc: BrokerError) -> None:
+        if exc.code not in CREDENTIAL_GONE:
+            raise exc
+        self.close(CloseCode.UNAUTHORIZED, "the agent or its workspace is gone")
+
+    async def _push_held(self) -> None:
+        queue = self.queue
+        queue.redelivery_wanted = False  # a change from now on asks again
+        up_to, after, page_size = queue.cursor, 0, self.settings.replay_page
+        seen: dict[int, Held] = {}
+        while True:
+            page = await self.engine.read(held_deliveries, self.workspace_id, self.agent_id,
+                                          after, up_to, int(time.time() * 1000), page_size)
+            for row in page.rows:
+                seen[row.seq] = row.version
+                if self._held_pushed.get(row.seq) == row.version:
+                    continue  # pushed already; its mark is on its way
+                view = FactView(row.type, self.workspace_id, row.payload,
+                                message_id=row.message_id)
+                await self.send_delivery(row.seq, view, redelivery=True,
+                                         changed_at=row.updated_at)
+                self.redelivered += 1
+            if len(page.rows) < page_size:
+                break
+            after = page.rows[-1].seq
+        self._held_pushed = seen
+        if page.next_due is None:
+            self._redeliver_due.move(math.inf)
+        else:
+            self._redeliver_due.move(trio.current_time() + max(
+                0.0, page.next_due / 1000 - time.time()))
+
+    async def _replay(self) -> None:
+        queue = self.queue
+        page_size = self.settings.replay_page
+        queue.start_catch_up()
+        while True:
+            # Read `hi` only after buffering started: see FrameQueue.
+            marks = await self.engine.read(seq_marks, self.workspace_id, self.agent_id)
+            while queue.cursor < marks.last_seq:
+                page = await self.engine.read(
+                    list_pending, self.workspace_id, self.agent_id, queue.cursor, page_size,
+                    int(time.time() * 1000),
+                )
+                for row in page:
+                    view = FactView(row.type, self.workspace_id, bytes(row.payload),
+                                    message_id=row.message_id)
+                    held = is_held(row.state, row.available_at)
+                    await self.send_delivery(row.seq, view, redelivery=held,
+                                             changed_at=row.updated_at if held else None)
+                    if held:
+                        self._held_pushed[row.seq] = (row.state, row.attempts, row.available_at,
+                                                      row.updated_at)
+                    queue.advance(row.seq)
+                    self.replayed += 1
+                if len(page) < page_size:
+                    # Nothing else is pending up to `hi` (acked, dead or deferred).
+                    queue.advance(marks.last_seq)
+                await self.flush_queued()
+            if queue.finish_catch_up():
+                return
+
+    async def send_delivery(self, seq: int, view: FactView, redelivery: bool = False,
+                            changed_at: int | None = None) -> None:
+        await self.send_bytes(self.codec.encode(self.delivery_frame(seq, view, redelivery)))
+        self.delivered(seq, redelivery, changed_at)
+
+    def delivered(self, seq: int, redelivery: bool = False,
+                  changed_at: int | None = None) -> None:
+        pushed_at = None
+        if redelivery:
+            # Stamped after the fail or defer the row was read with, so the
+            # mark of this push is never mistaken for a late one.
+            now = int(time.time() * 1000)
+            pushed_at = now if changed_at is None else max(now, changed_at + 1)
+        self.gateway.recorder.delivered(self.workspace_id, self.agent_id, seq, redelivery,
+                                        pushed_at)

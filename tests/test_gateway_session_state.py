@@ -1,0 +1,99 @@
+"""Session lifetime: the one state transition, deadlines that move, spawn after the end."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import trio
+import trio.testing
+
+from broker.engine.engine import Engine
+from broker.gateway import Gateway
+from broker.gateway.frame_queue import Mode
+from broker.gateway.native import AgentSession
+from broker.gateway.session import Deadline, SessionState
+from protocol.codec import CloseCode
+from tests.helpers.realtime import FakeWebSocket
+
+
+class StubEngine:
+    """Sessions that never catch up from the database need no engine."""
+
+    facts = None
+
+
+def agent_session(ws: FakeWebSocket) -> AgentSession:
+    gw = Gateway(cast(Engine, StubEngine()))
+    session = AgentSession(gw, ws, gw.native_json, workspace_id=1, agent_id=2,
+                           agent_name="bob")
+    session.queue.mode = Mode.LIVE  # nothing to replay
+    return session
+
+
+async def test_deadline_moves_earlier_and_later_while_waited_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A move takes effect on a waiter at once, earlier or later; never means never."""
+    deadline = Deadline()
+    passed_at: list[float] = []
+
+    async def wait() -> None:
+        await deadline.wait_passed()
+        passed_at.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        await trio.sleep(100)
+        assert passed_at == []  # at infinity: never
+        deadline.move(500)
+        await trio.sleep(1)
+        deadline.move(150)  # earlier
+        await trio.sleep(1)
+        deadline.move(200)  # later again, before it passed
+    assert passed_at == [200]
+
+
+async def test_session_close_then_peer_close_is_one_transition(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """close() makes it CLOSING with its code; the peer's close after it changes nothing."""
+    ws = FakeWebSocket()
+    session = agent_session(ws)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.serve)
+        await trio.testing.wait_all_tasks_blocked()
+        assert session.state is SessionState.OPEN
+        session.close(CloseCode.UNAUTHORIZED, "gone")
+        assert session.state is SessionState.CLOSING
+        session._peer_closed(CloseCode.NORMAL)
+        session.close(CloseCode.GOING_AWAY)
+        await session.finished.wait()
+    assert session.state is SessionState.CLOSED
+    assert session.close_code == ws.close_code == CloseCode.UNAUTHORIZED
+    assert session.statistics().state == "closed"
+
+
+async def test_session_peer_close_ends_it_and_a_later_close_sends_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The peer going away is the same transition: CLOSED, no close frame, no spawn after."""
+    ws = FakeWebSocket()
+    session = agent_session(ws)
+    spawned: list[str] = []
+
+    async def note() -> None:
+        spawned.append("ran")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.serve)
+        await trio.testing.wait_all_tasks_blocked()
+        session.spawn(note)
+        await ws.inbound_send.aclose()  # the client went away
+        await session.finished.wait()
+        session.close(CloseCode.GOING_AWAY)
+        session.spawn(note)
+        await trio.testing.wait_all_tasks_blocked()
+    assert session.state is SessionState.CLOSED
+    assert session.close_code == CloseCode.NORMAL
+    assert ws.close_code is None  # nothing was sent after the peer left
+    assert spawned == ["ran"]

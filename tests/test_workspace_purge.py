@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import msgspec
+import pytest
 import trio
 
 from broker.engine import realtime
@@ -16,9 +17,10 @@ from broker.engine.maintenance import PurgeWorkspace
 from broker.engine.messages import SendChannelMessage
 from broker.engine.workspaces import DeleteWorkspace, agent_by_token, workspace_by_key
 from broker.filestore import FileStore
+from broker.server import BrokerServer
 from broker.sweeps import Sweeper
 from tests.conftest import TEST_DEADLINE_S, World, make_world
-from tests.rest import call, make_rest_world
+from tests.rest import announce, call, make_rest_world, put, uploaded
 from tests.test_webhooks import Receiver, serving, subscribe
 from tests.test_webhooks_dispatch import dispatching, wait_state
 
@@ -86,6 +88,36 @@ async def test_workspace_delete_refuses_node_tokens_before_the_purge(
     assert await engine.read(realtime.agent_by_node_token, issued.token, now) is None
     assert await engine.read(agent_by_token, world.tokens["bob"], now) is None
     assert await engine.read(workspace_by_key, world.key) is None
+
+
+async def test_workspace_delete_refuses_its_signed_file_urls_before_the_purge(
+    server: BrokerServer, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A signed download or upload URL carries no workspace token: from the delete's commit
+    on it answers 404 file_not_found, while the purge (held here) has not removed a row."""
+    held = trio.Event()
+
+    async def hold_purge() -> int:
+        held.set()
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(server.sweeper, "purge_deleted_workspaces", hold_purge)
+    world = await make_rest_world(client, agents=("alice",))
+    alice = world.tokens["alice"]
+    done = await uploaded(client, alice, b"secret bytes")
+    assert (await client.get(done["download_url"])).content == b"secret bytes"
+    pending = await announce(client, alice, b"later")
+    assert (await call(client, "DELETE", "/v1/workspace", world.key)).status == 200
+    with trio.fail_after(TEST_DEADLINE_S):
+        await held.wait()
+    download = await client.get(done["download_url"])
+    assert download.status_code == 404, download.text
+    assert download.json()["error"]["code"] == "file_not_found"
+    upload = await put(client, pending["upload_url"], b"later")
+    assert upload.status_code == 404, upload.text
+    assert upload.json()["error"]["code"] == "file_not_found"
+    assert rows_of(server.engine, int(world.workspace_id)) > 0  # nothing purged yet
 
 
 async def test_workspace_purge_starts_on_the_delete_commit(engine: Engine) -> None:

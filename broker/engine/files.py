@@ -223,8 +223,16 @@ _ROW = (
 
 
 def file_row(conn: apsw.Connection, file_id: int) -> FileRow | None:
-    """The file `file_id` of any workspace (for callers holding a signed token), or None."""
-    row = conn.execute(_ROW + " WHERE f.id = ?", (file_id,)).fetchone()
+    """The file `file_id` of any live workspace (for callers holding a signed token), or None.
+
+    A signed URL carries no workspace credential, so the workspace's deletion
+    mark is checked here: from the delete's commit on, its files are not
+    found (and a late upload is refused), not only once the purge reaches them.
+    """
+    row = conn.execute(
+        _ROW + " JOIN workspaces w ON w.id = f.workspace_id AND w.deleted_at IS NULL"
+        " WHERE f.id = ?", (file_id,)
+    ).fetchone()
     return None if row is None else FileRow(*row)
 
 

@@ -40,11 +40,13 @@ DEFAULT_MAX_KEYS = 100_000
 # sweep (and at least this big): amortized O(1) per new key.
 MIN_SWEEP_SIZE = 1024
 # Operations never refused nor counted: refusing them makes things worse (an
-# unacked delivery is pushed again, a missed heartbeat marks the agent
-# offline, an agent that cannot read its mailbox cannot drain it).
+# unacked delivery is pushed again, an agent that cannot read its mailbox
+# cannot drain it). A heartbeat is liveness, like a ping: refused, it would
+# mark a busy agent offline. Giving a delivery back (fail, defer) is not
+# here: each one is a writer command that reschedules the row, so a loop of
+# them is load like any other write and is counted.
 NEVER_LIMITED = frozenset({
-    "delivery.ack_one", "delivery.ack_up_to", "delivery.fail", "delivery.defer",
-    "delivery.list", "agent.heartbeat",
+    "delivery.ack_one", "delivery.ack_up_to", "delivery.list", "agent.heartbeat",
 })
 # Reasons a request or a socket was refused, as /metrics labels them.
 REASONS = ("workspace", "agent", "anonymous", "auth_failures", "sessions_per_agent", "sessions")

@@ -105,8 +105,19 @@ def test_limiter_never_limits_acks_mailbox_reads_and_heartbeats() -> None:
     limiter.take_request("message.send", 1, 1, "a")
     for _ in range(10):
         for name in ("delivery.ack_one", "delivery.ack_up_to", "delivery.list",
-                     "delivery.fail", "delivery.defer", "agent.heartbeat"):
+                     "agent.heartbeat"):
             assert limiter.take_request(name, 1, 1, "a") is None
+
+
+def test_limiter_counts_giving_deliveries_back() -> None:
+    """delivery.fail and delivery.defer are writer commands: counted, and refused past the limit."""
+    limiter = RateLimiter(RateLimitSettings(agent_per_minute=2), clock=FakeClock())
+    assert limiter.take_request("delivery.fail", 1, 1, "a") is not None
+    assert limiter.take_request("delivery.defer", 1, 1, "a") is not None
+    for name in ("delivery.fail", "delivery.defer"):
+        with pytest.raises(RateLimited):
+            limiter.take_request(name, 1, 1, "a")
+    assert limiter.statistics().agent == 2
 
 
 def test_limiter_with_zero_limits_limits_nothing() -> None:

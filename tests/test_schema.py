@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import apsw
 import pytest
@@ -12,6 +13,7 @@ from broker.engine.config import EngineConfig
 from broker.engine.database import open_writer
 from broker.engine.engine import DATABASE_FILE, Engine
 from broker.engine.errors import StartupError
+from broker.engine.mailbox import list_settled
 from broker.engine.maintenance import _PURGE_STATEMENTS
 from broker.engine.schema import MIGRATIONS, SCHEMA_VERSION
 from broker.engine.writer import WriterActor
@@ -165,3 +167,41 @@ async def test_second_writer_on_the_same_file_is_refused(tmp_path: Path) -> None
     # once the first has closed, the file opens again
     async with Engine.open(tmp_path, CONFIG) as engine:
         assert engine.writer.running
+
+
+def _dead_letter_page_steps(path: Path, acked: int) -> int:
+    """VM steps of the query behind one page of dead letters, with `acked` acked rows kept."""
+    conn, lock = open_writer(path, CONFIG)
+    try:
+        with conn:
+            conn.execute("INSERT INTO workspaces(id, name, key_hash, created_at)"
+                         " VALUES (1, 'w', x'00', 0)")
+            conn.execute("INSERT INTO agents(id, workspace_id, name, token_hash, created_at)"
+                         " VALUES (1, 1, 'a', x'01', 0)")
+            conn.execute("INSERT INTO message_log(id, workspace_id, type, payload, created_at)"
+                         " VALUES (1, 1, 'message.created', x'7b7d', 0)")
+            conn.executemany(
+                "INSERT INTO deliveries(agent_id, seq, log_id, state, expires_at, created_at)"
+                " VALUES (1, ?, 1, ?, 0, 0)",
+                [(seq, "dead_lettered" if seq in (1, 2, acked + 3) else "acked")
+                 for seq in range(1, acked + 4)])
+        steps: list[int] = []
+
+        def profile(event: dict[str, Any]) -> None:
+            if "FROM deliveries d" in event["sql"]:
+                steps.append(event["stmt_status"]["SQLITE_STMTSTATUS_VM_STEP"])
+
+        conn.trace_v2(apsw.SQLITE_TRACE_PROFILE, profile)
+        page = list_settled(conn, 1, 1, "dead_lettered")
+        assert [d.seq for d in page] == [acked + 3, 2, 1]
+        assert len(list_settled(conn, 1, 1, "acked", limit=5)) == 5
+        return steps[0]
+    finally:
+        conn.close()
+        lock.release()
+
+
+def test_dead_letter_page_reads_no_kept_acked_row(tmp_path: Path) -> None:
+    """A page of dead letters costs the same with 50 or 5000 acked rows kept in between."""
+    assert _dead_letter_page_steps(tmp_path / "a.db", 50) == \
+        _dead_letter_page_steps(tmp_path / "b.db", 5000)

@@ -180,6 +180,19 @@ def list_pending(
     ]
 
 
+# How a page of settled rows finds them, by state. Acked: the primary key
+# (agent_id, seq) walked backwards, reading the pending rows in between
+# (bounded by the mailbox depth), as most kept rows are acked. Dead letters
+# are few among many acked rows: their partial index, named because without
+# statistics the planner prefers the primary key (the state is a literal so
+# that the index's condition is seen to hold).
+_SETTLED_ROWS: dict[State, tuple[str, str]] = {
+    "acked": ("deliveries d", "d.state = 'acked'"),
+    "dead_lettered": ("deliveries d INDEXED BY deliveries_dead_lettered",
+                      "d.state = 'dead_lettered'"),
+}
+
+
 def list_settled(
     conn: apsw.Connection, workspace_id: int, agent_id: int, state: State,
     before: str | None = None, limit: int | None = None,
@@ -203,15 +216,13 @@ def list_settled(
                 "invalid_cursor", f"before must be the id of one of your deliveries, not {before!r}"
             ) from None
     seq_marks(conn, workspace_id, agent_id)  # the agent exists in this workspace
-    # The primary key (agent_id, seq) walked backwards: a page reads its rows
-    # and the rows of other states in between (pending rows are bounded by
-    # the mailbox depth; a page of dead letters also passes the acked rows kept).
+    rows_of, in_state = _SETTLED_ROWS[state]
     rows = conn.execute(
         "SELECT d.seq, d.attempts, l.type, d.message_id, d.log_id, l.payload,"
         " d.available_at, d.expires_at, d.created_at, d.updated_at"
-        " FROM deliveries d JOIN message_log l ON l.id = d.log_id"
-        " WHERE d.agent_id = ? AND d.seq < ? AND d.state = ? ORDER BY d.seq DESC LIMIT ?",
-        (agent_id, below, state, size),
+        f" FROM {rows_of} JOIN message_log l ON l.id = d.log_id"
+        f" WHERE {in_state} AND d.agent_id = ? AND d.seq < ? ORDER BY d.seq DESC LIMIT ?",
+        (agent_id, below, size),
     ).fetchall()
     return [
         PendingDelivery(

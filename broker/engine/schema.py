@@ -358,6 +358,10 @@ CREATE INDEX node_tokens_agent ON node_tokens(agent_id, expires_at);
 # read receipt (mark read) and per outbox row (a send with subscriptions);
 # the others are written only on rare writes (create a channel, conversation,
 # file, hook, subscription or node token).
+#
+# An agent's dead letters are listed through their own partial index: the
+# list walked every kept acked row of the agent (7 days of them) to find a
+# few. A row enters it only when it is dead-lettered.
 _V2 = """
 ALTER TABLE workspaces ADD COLUMN deleted_at INTEGER;
 CREATE INDEX workspaces_deleted ON workspaces(deleted_at) WHERE deleted_at IS NOT NULL;
@@ -371,6 +375,7 @@ CREATE INDEX inbound_webhooks_channel ON inbound_webhooks(channel_id);
 CREATE INDEX webhook_subscriptions_workspace_all ON webhook_subscriptions(workspace_id);
 CREATE INDEX outbox_workspace ON outbox(workspace_id);
 CREATE INDEX node_tokens_workspace ON node_tokens(workspace_id);
+CREATE INDEX deliveries_dead_lettered ON deliveries(agent_id, seq) WHERE state = 'dead_lettered';
 """
 
 # Each entry migrates from version i to i + 1.

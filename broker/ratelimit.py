@@ -37,7 +37,8 @@ NS_PER_MINUTE = 60_000_000_000
 # only errs towards letting a request through). 100,000 keys are a few MB.
 DEFAULT_MAX_KEYS = 100_000
 # A table is swept of idle keys when it doubles past its size after the last
-# sweep (and at least this big): amortized O(1) per new key.
+# sweep (and at least this big), or when it reaches max_keys: amortized O(1)
+# per new key.
 MIN_SWEEP_SIZE = 1024
 # Operations never refused nor counted: refusing them makes things worse (an
 # unacked delivery is pushed again, an agent that cannot read its mailbox
@@ -149,9 +150,9 @@ class Bucket:
         if verdict.allowed:
             # Re-inserted at the end: the table's order is least recently used first.
             self._tat.pop(key, None)
+            if len(self._tat) >= min(self._sweep_at, self.max_keys):
+                self._sweep(now)  # before the insert, so the table never exceeds max_keys
             self._tat[key] = max(tat, now) + self.interval
-            if len(self._tat) >= self._sweep_at:
-                self._sweep(now)
         return verdict
 
     def _verdict(self, tat: int, now: int) -> Verdict:
@@ -167,10 +168,15 @@ class Bucket:
                        reset_seconds=(after - now) / 1e9)
 
     def _sweep(self, now: int) -> None:
-        """Drop idle keys (TAT passed: the same as a full bucket), then the oldest over the cap."""
+        """Drop idle keys (TAT passed: the same as a full bucket), then the oldest over the cap.
+
+        At the cap, room is made for a quarter of max_keys new keys, so a
+        table full of busy keys is swept once per max_keys/4 new keys, not at each.
+        """
+        at_cap = len(self._tat) >= self.max_keys
         self._tat = {key: tat for key, tat in self._tat.items() if tat > now}
-        excess = len(self._tat) - self.max_keys
-        if excess > 0:
+        excess = len(self._tat) - (self.max_keys - max(1, self.max_keys // 4))
+        if at_cap and excess > 0:
             for key in list(self._tat)[:excess]:
                 del self._tat[key]
         self._sweep_at = max(MIN_SWEEP_SIZE, 2 * len(self._tat))

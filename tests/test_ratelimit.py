@@ -227,14 +227,20 @@ async def test_rest_over_the_agent_limit_is_429_with_retry_after_and_writes_noth
         assert refused.headers["X-RateLimit-Reset"] == "60"
         assert await count(live.server, "messages") == messages
         assert await count(live.server, "deliveries") == deliveries
-        # Bob's mailbox reads and acks are never refused, whatever alice did.
+        # Bob's own bucket spent on counted requests: his next counted request
+        # is refused, while his mailbox reads and acks still pass.
         bob = live.world.tokens["bob"]
+        for _ in range(3):
+            assert (await call(live.http, "GET", "/v1/channels", bob)).status == 200
+        spent = await call(live.http, "GET", "/v1/channels", bob)
+        assert (spent.status, spent.code) == (429, "rate_limit_exceeded")
         for _ in range(5):
             listed = await call(live.http, "GET", "/v1/deliveries", bob)
-            assert listed.status == 200
+            assert listed.status == 200, listed.body
         acked = await call(live.http, "POST", "/v1/deliveries/ack", bob, json={"up_to_seq": 3})
         assert acked.status == 200, acked.body
-        assert await metric(live, "agent") == 1
+        assert (await call(live.http, "GET", "/v1/channels", bob)).status == 429
+        assert await metric(live, "agent") == 3
         # Another agent of the workspace has its own bucket.
         other = await call(live.http, "POST", "/v1/dm", live.world.tokens["carol"],
                            json={"to": "bob", "text": "hi"})
@@ -323,10 +329,19 @@ async def test_websocket_over_the_limit_gets_an_error_reply_and_stays_open(
             assert reply["error"]["code"] == "rate_limit_exceeded"
             assert reply["error"]["retry_after_ms"] == 30_000
             assert await count(live.server, "messages") == messages
-            # Still open: pings answered, and bob's acks are never refused.
+            # Still open: pings answered.
             await send_json(ws, {"v": 1, "id": "p", "type": "ping"})
             assert (await next_frame(ws, "pong"))["re"] == "p"
             seqs = [(await next_frame(bob, "deliver"))["seq"] for _ in range(2)]
+            # Bob spends his own bucket on counted requests: his next counted
+            # request is refused, while his pings, acks and mailbox reads pass.
+            for n in range(3):
+                await send_json(bob, {"v": 1, "id": f"c{n}", "type": "channel.list"})
+                reply = await next_frame(bob, "reply")
+                assert reply["ok"] is (n < 2), reply
+            assert reply["error"]["code"] == "rate_limit_exceeded"
+            await send_json(bob, {"v": 1, "id": "bp", "type": "ping"})
+            assert (await next_frame(bob, "pong"))["re"] == "bp"
             for seq in seqs:
                 await send_json(bob, {"v": 1, "id": f"a{seq}", "type": "delivery.ack",
                                       "up_to_seq": seq})
@@ -334,11 +349,13 @@ async def test_websocket_over_the_limit_gets_an_error_reply_and_stays_open(
             await send_json(bob, {"v": 1, "id": "l", "type": "delivery.list"})
             listed = await next_frame(bob, "reply")
             assert listed["ok"] is True, listed
+            await send_json(bob, {"v": 1, "id": "c3", "type": "channel.list"})
+            assert (await next_frame(bob, "reply"))["ok"] is False
             live.clock.now += 30
             await send_json(ws, {"v": 1, "id": "s3", "type": "dm.send", "to": "bob",
                                  "text": "hi"})
             assert (await next_frame(ws, "reply"))["ok"] is True
-        assert await metric(live, "agent") == 1
+        assert await metric(live, "agent") == 3
 
 
 async def test_session_cap_per_agent_closes_the_next_with_4429(tmp_path: Path) -> None:

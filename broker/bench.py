@@ -28,7 +28,7 @@ from broker.engine.database import open_writer
 from broker.engine.engine import DATABASE_FILE, Engine
 from broker.engine.ids import IdAllocator
 from broker.engine.messages import SendChannelMessage
-from broker.engine.webhooks import ENQUEUE_SQL
+from broker.engine.outbox import ENQUEUE_SQL
 from broker.engine.workspaces import CreateWorkspace, RegisterAgent
 from broker.engine.writer import Command, Tx
 from broker.gc_tuning import settle_heap

@@ -32,7 +32,7 @@ import secrets
 import shutil
 import time
 from collections.abc import AsyncIterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -58,8 +58,17 @@ ORPHAN_SCAN_BATCH = 500
 MAX_SWEEP_ROUNDS = 20
 
 
-@dataclass
+@dataclass(frozen=True)
 class FileStoreStatistics:
+    """What `FileStore.statistics()` returns: counts since start, frozen as of the call.
+
+    uploads, uploaded_bytes: uploads placed and their bytes. refused_uploads:
+    uploads that failed or were cut short (nothing placed). removed: objects
+    unlinked; orphans_removed: objects no row named, and directories of
+    deleted workspaces, removed by the orphan scan.
+    temp_files_removed: unfinished uploads cleared from `tmp/` at open.
+    """
+
     uploads: int = 0
     uploaded_bytes: int = 0
     refused_uploads: int = 0
@@ -78,7 +87,15 @@ class FileStore:
         self.stats = FileStoreStatistics()
 
     def statistics(self) -> FileStoreStatistics:
+        """The counts so far (see `FileStoreStatistics`); frozen, so safe to keep."""
         return self.stats
+
+    def count(self, **added: int) -> None:
+        """Add to the counts named (the fields of `FileStoreStatistics`)."""
+        # A frozen value replaced whole: a snapshot handed out earlier never
+        # changes under its holder.
+        self.stats = replace(self.stats, **{
+            name: getattr(self.stats, name) + value for name, value in added.items()})
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -99,7 +116,7 @@ class FileStore:
             removed += 1
         if removed:
             log.info("file store %s: removed %d unfinished uploads", self.root, removed)
-        self.stats.temp_files_removed += removed
+        self.count(temp_files_removed=removed)
         return removed
 
     # -- writing -----------------------------------------------------------------------
@@ -142,14 +159,13 @@ class FileStore:
             await trio.to_thread.run_sync(self._place, fd, tmp, key)
             placed = True
         except BaseException:
-            self.stats.refused_uploads += 1
+            self.count(refused_uploads=1)
             raise
         finally:
             os.close(fd)
             if not placed:
                 tmp.unlink(missing_ok=True)
-        self.stats.uploads += 1
-        self.stats.uploaded_bytes += size
+        self.count(uploads=1, uploaded_bytes=size)
         return key
 
     def _place(self, fd: int, tmp: Path, key: str) -> None:
@@ -176,7 +192,7 @@ class FileStore:
         if not keys:
             return 0
         removed = await trio.to_thread.run_sync(self._remove, keys)
-        self.stats.removed += removed
+        self.count(removed=removed)
         return removed
 
     def discard(self, key: str) -> None:
@@ -223,7 +239,7 @@ async def remove_orphans(engine: Engine, store: FileStore) -> int:
         removed += await store.remove([k for k in batch if k not in kept])
     if removed:
         log.info("file store %s: removed %d orphaned objects", store.root, removed)
-    store.stats.orphans_removed += removed
+    store.count(orphans_removed=removed)
     return removed
 
 

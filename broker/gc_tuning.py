@@ -34,7 +34,7 @@ from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from broker.engine.writer import Histogram
+from broker.engine.histogram import Histogram
 
 # Collect the young generation once this many more container objects were
 # allocated than freed (CPython's default: 700).
@@ -101,7 +101,8 @@ class CollectorPauses:
             labels=["generation"],
         )
         for generation, histogram in enumerate(self.pauses):
-            pauses.add_metric([str(generation)], histogram.cumulative(), histogram.sum)
+            snapshot = histogram.snapshot()
+            pauses.add_metric([str(generation)], snapshot.cumulative(), snapshot.sum)
         yield pauses
         yield GaugeMetricFamily(
             "broker_gc_frozen_objects",

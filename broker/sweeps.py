@@ -22,7 +22,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import trio
@@ -42,8 +42,18 @@ log = logging.getLogger(__name__)
 MAX_ROUNDS_PER_STEP = 20
 
 
-@dataclass
+@dataclass(frozen=True)
 class SweepStatistics:
+    """What `Sweeper.statistics()` returns: counts since start, frozen as of the call.
+
+    sweeps: row sweeps run. expired: deliveries expired past their TTL.
+    pruned_deliveries, pruned_log, pruned_idempotency: settled deliveries,
+    message-log rows and idempotency records deleted. checkpoints: WAL
+    checkpoints run; last_checkpoint: the last one's (busy, log frames,
+    checkpointed frames). optimizations: `PRAGMA optimize` runs. The
+    others are described beside them.
+    """
+
     sweeps: int = 0
     expired: int = 0
     pruned_deliveries: int = 0
@@ -77,7 +87,14 @@ class Sweeper:
         self._purge_wanted = trio.Event()
 
     def statistics(self) -> SweepStatistics:
+        """The counts so far (see `SweepStatistics`); frozen, so safe to keep."""
         return self.stats
+
+    def _count(self, **added: int) -> None:
+        # The figures are a frozen value, replaced whole: a snapshot handed
+        # out earlier never changes under its holder.
+        self.stats = replace(self.stats, **{
+            name: getattr(self.stats, name) + value for name, value in added.items()})
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -97,7 +114,7 @@ class Sweeper:
                 next_checkpoint = clock() + self.retention.checkpoint_interval_seconds
             if clock() >= next_optimize:
                 await self.engine.submit(m.Optimize())
-                self.stats.optimizations += 1
+                self._count(optimizations=1)
                 next_optimize = clock() + self.retention.optimize_interval_seconds
 
     # -- purging deleted workspaces ---------------------------------------------------
@@ -150,22 +167,21 @@ class Sweeper:
                     await self.store.remove(step.storage_keys)
             rows += step.rows
             steps += 1
-            self.stats.purge_steps += 1
-            self.stats.purged_rows += step.rows
+            self._count(purge_steps=1, purged_rows=step.rows)
             if step.done:
                 break
         if self.store is not None:
             await trio.to_thread.run_sync(partial(
                 shutil.rmtree, self.store.objects / str(workspace_id), ignore_errors=True))
-        self.stats.workspaces_purged += 1
+        self._count(workspaces_purged=1)
         log.info("sweeper: purged deleted workspace %d: %d rows in %d steps",
                  workspace_id, rows, steps)
         return rows
 
     async def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
         result = await self.engine.submit(m.Checkpoint(mode))
-        self.stats.checkpoints += 1
-        self.stats.last_checkpoint = result
+        self._count(checkpoints=1)
+        self.stats = replace(self.stats, last_checkpoint=result)
         return result
 
     async def sweep_once(self, now_ms: int | None = None) -> SweepStatistics:
@@ -175,21 +191,21 @@ class Sweeper:
         batch = r.sweep_batch
         ttl_idem = self.engine.limits.idempotency_ttl_seconds * 1000
         expired, backlog = await self._repeat("expire", lambda: m.ExpireDeliveries(batch, now))
-        self.stats.expired += expired
-        self.stats.pruned_deliveries += (await self._repeat(
+        self._count(expired=expired)
+        self._count(pruned_deliveries=(await self._repeat(
             "prune_deliveries",
-            lambda: m.PruneSettledDeliveries(now - int(r.settled_delivery_days * day), batch)))[0]
+            lambda: m.PruneSettledDeliveries(now - int(r.settled_delivery_days * day), batch)))[0])
         if backlog:
             # Old log rows are safe to drop only once every delivery pointing
             # at them has expired; with expiry behind, wait for a later sweep.
-            self.stats.log_prunes_deferred += 1
+            self._count(log_prunes_deferred=1)
         else:
-            self.stats.pruned_log += (await self._repeat(
+            self._count(pruned_log=(await self._repeat(
                 "prune_log",
-                lambda: m.PruneMessageLog(now - int(r.message_log_days * day), batch)))[0]
-        self.stats.pruned_idempotency += (await self._repeat(
-            "prune_idempotency", lambda: m.PruneIdempotencyKeys(now - ttl_idem, batch)))[0]
-        self.stats.sweeps += 1
+                lambda: m.PruneMessageLog(now - int(r.message_log_days * day), batch)))[0])
+        self._count(pruned_idempotency=(await self._repeat(
+            "prune_idempotency", lambda: m.PruneIdempotencyKeys(now - ttl_idem, batch)))[0])
+        self._count(sweeps=1)
         return self.stats
 
     async def _repeat(self, name: str, make: Callable[[], Command[int]]) -> tuple[int, bool]:

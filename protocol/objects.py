@@ -137,6 +137,11 @@ class Message(msgspec.Struct, kw_only=True):
     # Recipients whose mailbox was over the limit and who got no delivery.
     mailbox_full: list[str] = msgspec.field(default_factory=list)
 
+
+# Event types whose payload data is the message itself (a `Message`): the
+# deliveries a read acks, and the events a session's views re-encode.
+MESSAGE_EVENTS = ("message.created", "thread.reply", "dm.received", "group_dm.received")
+
 # -- channel membership, threads, reactions and read receipts ------------------------
 
 

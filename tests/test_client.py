@@ -11,7 +11,7 @@ import trio
 import trio_websocket
 
 from broker.client import BrokerClient, ConnectionLost, RequestError, connect
-from broker.engine.realtime import seq_marks
+from broker.engine.mailbox import seq_marks
 from broker.server import BrokerServer
 from protocol.codec import CloseCode
 from tests.conftest import TEST_DEADLINE_S, World, make_world

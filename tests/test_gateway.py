@@ -17,7 +17,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from broker.client import RequestError, connect
 from broker.engine.agents import DeactivateAgent, RotateToken, SetAgentStatus
 from broker.engine.config import EngineConfig, Limits
-from broker.engine.realtime import seq_marks
+from broker.engine.mailbox import seq_marks
 from broker.engine.workspaces import DeleteWorkspace
 from broker.gateway.native import AgentSession
 from broker.gateway.presence import ACTIVE, OFFLINE, PresenceReporter

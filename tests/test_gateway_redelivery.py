@@ -25,8 +25,7 @@ import trio_websocket
 from broker.client import connect
 from broker.engine.engine import Engine
 from broker.engine.events import encode_payload
-from broker.engine.mailbox import AckUpTo, FailDelivery, delivery_id
-from broker.engine.realtime import seq_marks
+from broker.engine.mailbox import AckUpTo, FailDelivery, delivery_id, seq_marks
 from broker.gateway import Gateway
 from broker.gateway.frame_queue import Mode
 from broker.gateway.native import AgentSession

@@ -23,8 +23,8 @@ from broker.engine.channels import CreateChannel
 from broker.engine.config import EngineConfig, Limits
 from broker.engine.conversations import SendDm
 from broker.engine.engine import Engine
+from broker.engine.mailbox import seq_marks
 from broker.engine.reactions import AddReaction
-from broker.engine.realtime import seq_marks
 from broker.engine.threads import ReplyToThread
 from broker.gateway import Gateway
 from broker.gateway.frame_queue import Mode

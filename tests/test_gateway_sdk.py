@@ -20,8 +20,8 @@ import trio
 
 from broker.engine.conversations import SendDm
 from broker.engine.engine import Engine
+from broker.engine.mailbox import seq_marks
 from broker.engine.reactions import AddReaction
-from broker.engine.realtime import seq_marks
 from broker.engine.threads import ReplyToThread
 from tests.conftest import make_world
 from tests.realtime import FAST_ENGINE, eventually, post, serve

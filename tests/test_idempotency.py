@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from broker.engine import webhooks as wh
+from broker.engine import inbound_hooks as hooks
 from broker.engine.agents import DeactivateAgent
 from broker.engine.channels import ArchiveChannel, CreateChannel, JoinChannel, LeaveChannel
 from broker.engine.conversations import CreateGroupDm, RemoveParticipant, SendDm, SendGroupDm
@@ -137,7 +137,7 @@ async def _cases(engine: Engine, world: World) -> dict[str, Case]:
         for name in ("thread-archived", "thread-left")
     }
     group_id = await _group(engine, world)
-    hook = await engine.submit(wh.CreateInboundWebhook(workspace_id=wid, channel="hooked"))
+    hook = await engine.submit(hooks.CreateInboundWebhook(workspace_id=wid, channel="hooked"))
 
     def channel(name: str) -> Callable[[str, str], Any]:
         return lambda text, key: SendChannelMessage(
@@ -176,7 +176,7 @@ async def _cases(engine: Engine, world: World) -> dict[str, Case]:
                               agent="alice"),
             "not_a_participant"),
         "inbound webhook, archived": Case(
-            lambda text, key: wh.TriggerInboundWebhook(
+            lambda text, key: hooks.TriggerInboundWebhook(
                 webhook_id=hook.webhook_id, token=hook.token, text=text, idempotency_key=key),
             ArchiveChannel(workspace_id=wid, agent_id=alice, channel="hooked"),
             "channel_archived", lambda result: str(result.message_id)),

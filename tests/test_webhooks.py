@@ -20,6 +20,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from broker.engine import inbound_hooks, webhook_deliveries
 from broker.engine import webhooks as wh
 from broker.engine.channels import CreateChannel, JoinChannel, LeaveChannel, MuteChannel
 from broker.engine.conversations import CreateGroupDm, SendDm, SendGroupDm
@@ -334,15 +335,15 @@ async def test_attempts_move_rows_and_replay_brings_dead_letters_back(
     await send(engine, world, "alice", "one")
     await send(engine, world, "alice", "two")
     first, second = (r[0] for r in outbox(engine))
-    assert await engine.submit(wh.RecordDeliveryAttempt(
+    assert await engine.submit(webhook_deliveries.RecordDeliveryAttempt(
         outbox_id=first, attempts=0, outcome="retry", status=500, error="HTTP 500",
         retry_delay_ms=60_000)) == "pending"
     # A stale report (attempts moved on) changes nothing.
-    assert await engine.submit(wh.RecordDeliveryAttempt(
+    assert await engine.submit(webhook_deliveries.RecordDeliveryAttempt(
         outbox_id=first, attempts=0, outcome="delivered", status=200)) is None
-    assert await engine.submit(wh.RecordDeliveryAttempt(
+    assert await engine.submit(webhook_deliveries.RecordDeliveryAttempt(
         outbox_id=first, attempts=1, outcome="dead", status=410, error="HTTP 410")) == "dead"
-    assert await engine.submit(wh.RecordDeliveryAttempt(
+    assert await engine.submit(webhook_deliveries.RecordDeliveryAttempt(
         outbox_id=second, attempts=0, outcome="delivered", status=204)) == "delivered"
     dead = await engine.read(wh.list_dead_letters, world.workspace_id, sub.id, 10)
     assert [(d.id, d.attempts, d.last_status) for d in dead] == [(str(first), 2, 410)]
@@ -353,9 +354,9 @@ async def test_attempts_move_rows_and_replay_brings_dead_letters_back(
     state = engine.writer.connection.execute(
         "SELECT state, attempts FROM outbox WHERE id = ?", (first,)).fetchone()
     assert state == ("pending", 0)
-    batch = await engine.read(wh.due_deliveries, 2**62, [], [], 10)
+    batch = await engine.read(webhook_deliveries.due_deliveries, 2**62, [], [], 10)
     assert [r.id for r in batch.rows] == [first]
-    assert await engine.submit(wh.PruneDeliveredWebhooks(before_ms=2**62)) == 1
+    assert await engine.submit(webhook_deliveries.PruneDeliveredWebhooks(before_ms=2**62)) == 1
 
 
 async def test_due_rows_skip_busy_rows_and_saturated_subscriptions(
@@ -367,7 +368,7 @@ async def test_due_rows_skip_busy_rows_and_saturated_subscriptions(
         await send(engine, world, "alice", f"m{i}")
     rows = outbox(engine)
     busy = [rows[0][0]]
-    batch = await engine.read(wh.due_deliveries, 2**62, busy, [int(a.id)], 10)
+    batch = await engine.read(webhook_deliveries.due_deliveries, 2**62, busy, [int(a.id)], 10)
     assert {r.subscription_id for r in batch.rows} == {int(b.id)}
     assert busy[0] not in [r.id for r in batch.rows]
 
@@ -379,7 +380,7 @@ async def test_an_inbound_hook_posts_atomically_as_its_own_agent(
     engine: Engine, world: World
 ) -> None:
     await subscribe(engine, world, ["message.created", "webhook.received"])
-    hook = await engine.submit(wh.CreateInboundWebhook(
+    hook = await engine.submit(inbound_hooks.CreateInboundWebhook(
         workspace_id=world.workspace_id, channel="general", name="GitHub CI"))
     assert hook.token.startswith("wh_live_")
     assert hook.url == f"/v1/hooks/{hook.webhook_id}"
@@ -387,7 +388,7 @@ async def test_an_inbound_hook_posts_atomically_as_its_own_agent(
         "SELECT token_hash FROM inbound_webhooks").fetchone()
     assert stored is not None and hook.token.encode() not in bytes(stored[0])
 
-    posted = await engine.submit(wh.TriggerInboundWebhook(
+    posted = await engine.submit(inbound_hooks.TriggerInboundWebhook(
         webhook_id=hook.webhook_id, token=hook.token, text="build green", source="ci"))
     conn = engine.writer.connection
     row = conn.execute("SELECT agent_id, text, data FROM messages WHERE id = ?",
@@ -406,41 +407,41 @@ async def test_an_inbound_hook_posts_atomically_as_its_own_agent(
 
 
 async def test_a_wrong_hook_token_posts_nothing(engine: Engine, world: World) -> None:
-    hook = await engine.submit(wh.CreateInboundWebhook(workspace_id=world.workspace_id,
+    hook = await engine.submit(inbound_hooks.CreateInboundWebhook(workspace_id=world.workspace_id,
                                                        channel="general"))
-    other = await engine.submit(wh.CreateInboundWebhook(workspace_id=world.workspace_id,
+    other = await engine.submit(inbound_hooks.CreateInboundWebhook(workspace_id=world.workspace_id,
                                                         channel="general", name="other"))
     for webhook_id, token in ((hook.webhook_id, other.token), (hook.webhook_id, "wh_live_x"),
                               (hook.webhook_id, "rk_live_x"), ("123", hook.token),
                               ("nope", hook.token)):
         with pytest.raises(BrokerError) as caught:
-            await engine.submit(wh.TriggerInboundWebhook(
+            await engine.submit(inbound_hooks.TriggerInboundWebhook(
                 webhook_id=webhook_id, token=token, text="forged"))
         assert caught.value.code == "invalid_token"
     assert count(engine, "messages") == 0
-    await engine.submit(wh.DeleteInboundWebhook(workspace_id=world.workspace_id,
+    await engine.submit(inbound_hooks.DeleteInboundWebhook(workspace_id=world.workspace_id,
                                                 webhook_id=hook.webhook_id))
     with pytest.raises(BrokerError) as caught:
-        await engine.submit(wh.TriggerInboundWebhook(
+        await engine.submit(inbound_hooks.TriggerInboundWebhook(
             webhook_id=hook.webhook_id, token=hook.token, text="after delete"))
     assert caught.value.code == "invalid_token"
-    assert [h.name for h in await engine.read(wh.list_inbound_webhooks,
+    assert [h.name for h in await engine.read(inbound_hooks.list_inbound_webhooks,
                                               world.workspace_id)] == ["other"]
 
 
 async def test_a_retried_trigger_with_an_idempotency_key_posts_once(
     engine: Engine, world: World
 ) -> None:
-    hook = await engine.submit(wh.CreateInboundWebhook(workspace_id=world.workspace_id,
+    hook = await engine.submit(inbound_hooks.CreateInboundWebhook(workspace_id=world.workspace_id,
                                                        channel="general"))
     first, second = [
-        await engine.submit(wh.TriggerInboundWebhook(
+        await engine.submit(inbound_hooks.TriggerInboundWebhook(
             webhook_id=hook.webhook_id, token=hook.token, text="once", idempotency_key="k1"))
         for _ in range(2)
     ]
     assert first == second
     assert count(engine, "messages") == 1
     with pytest.raises(BrokerError) as caught:
-        await engine.submit(wh.TriggerInboundWebhook(
+        await engine.submit(inbound_hooks.TriggerInboundWebhook(
             webhook_id=hook.webhook_id, token=hook.token, text="other", idempotency_key="k1"))
     assert caught.value.code == "idempotency_key_reused"

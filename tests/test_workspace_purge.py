@@ -11,7 +11,7 @@ import msgspec
 import pytest
 import trio
 
-from broker.engine import realtime
+from broker.engine import node_tokens
 from broker.engine.engine import Engine
 from broker.engine.maintenance import PurgeWorkspace
 from broker.engine.messages import SendChannelMessage
@@ -78,14 +78,14 @@ async def test_workspace_delete_refuses_tokens_and_frees_the_name(
 async def test_workspace_delete_refuses_node_tokens_before_the_purge(
     engine: Engine, world: World
 ) -> None:
-    issued = await engine.submit(realtime.IssueNodeToken(
+    issued = await engine.submit(node_tokens.IssueNodeToken(
         workspace_id=world.workspace_id, agent_id=world.agents["alice"]))
     now = int(time.time() * 1000)
-    assert await engine.read(realtime.agent_by_node_token, issued.token, now) is not None
+    assert await engine.read(node_tokens.agent_by_node_token, issued.token, now) is not None
     await send_many(engine, world, 3)
     await engine.submit(DeleteWorkspace(workspace_id=world.workspace_id))
     assert rows_of(engine, world.workspace_id) > 10  # nothing purged yet
-    assert await engine.read(realtime.agent_by_node_token, issued.token, now) is None
+    assert await engine.read(node_tokens.agent_by_node_token, issued.token, now) is None
     assert await engine.read(agent_by_token, world.tokens["bob"], now) is None
     assert await engine.read(workspace_by_key, world.key) is None
 

@@ -11,6 +11,7 @@ import apsw
 import msgspec
 import pytest
 import trio
+import trio.testing
 
 from broker.engine.channels import CreateChannel, JoinChannel
 from broker.engine.config import EngineConfig
@@ -392,3 +393,26 @@ async def test_a_transaction_sqlite_rolled_back_fails_only_its_command(engine: E
     assert names == ["kept-1", "kept-2"]
     assert engine.writer.running  # the writer survived
     assert await engine.submit(Note("still-writing")) == "still-writing"
+
+
+async def test_submit_cancelled_caller_still_commits(engine: Engine) -> None:
+    """A command in the queue commits even if its caller is cancelled meanwhile (see submit)."""
+    cancelled = trio.CancelScope()
+    outcome: list[str] = []
+
+    async def abandoned() -> None:
+        with cancelled:
+            outcome.append(await engine.submit(Note("abandoned")))
+
+    async with trio.open_nursery() as nursery:
+        release = await hold_writer(engine, nursery)
+        nursery.start_soon(abandoned)
+        await wait_queued(engine, 1)
+        cancelled.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+    assert cancelled.cancelled_caught and outcome == []
+    assert await engine.submit(Note("after")) == "after"
+    names = await engine.read(lambda c: [r[0] for r in c.execute(
+        "SELECT name FROM workspaces WHERE name IN ('abandoned', 'after')")])
+    assert sorted(names) == ["abandoned", "after"]

@@ -19,7 +19,7 @@ from typing import Any, cast
 import msgspec
 
 from broker.engine.facts import Delivery, Fact
-from broker.engine.webhooks import enqueue_webhooks
+from broker.engine.outbox import enqueue_webhooks
 from broker.engine.writer import Tx
 
 _encoder = msgspec.json.Encoder()

@@ -66,7 +66,6 @@ import msgspec
 from broker.engine.errors import BrokerError
 from broker.engine.events import notify_sessions
 from broker.engine.history import page_limit
-from broker.engine.realtime import SeqMarks, seq_marks
 from broker.engine.validation import MAX_ID
 from broker.engine.writer import Tx
 from protocol.objects import AckResult, DeliveriesMarked, DeliveryTransition
@@ -116,6 +115,30 @@ class PendingDelivery(msgspec.Struct, frozen=True, kw_only=True):
     # None for a row never changed since it was queued.
     updated_at: int | None = None
 
+
+# -- delivery marks -------------------------------------------------------------------
+# An agent's marks (`last_seq`, `acked_seq`): the highest seq allocated is
+# where a (re)connecting session's replay from the database stops and live
+# push takes over.
+
+
+class SeqMarks(msgspec.Struct, frozen=True):
+    """last_seq: the highest seq allocated; acked_seq: the cumulative ack mark."""
+
+    last_seq: int
+    acked_seq: int
+
+
+def seq_marks(conn: apsw.Connection, workspace_id: int, agent_id: int) -> SeqMarks:
+    """The active agent's delivery marks. Raises agent_not_found."""
+    row = conn.execute(
+        "SELECT last_seq, acked_seq FROM agents"
+        " WHERE id = ? AND workspace_id = ? AND deactivated_at IS NULL",
+        (agent_id, workspace_id),
+    ).fetchone()
+    if row is None:
+        raise BrokerError("agent_not_found", f"agent {agent_id} not found")
+    return SeqMarks(int(row[0]), int(row[1]))
 
 def delivery_id(agent_id: int, seq: int) -> str:
     """The wire id of a delivery: `"<agent_id>:<seq>"`."""

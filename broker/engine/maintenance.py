@@ -16,8 +16,8 @@ import apsw
 import msgspec
 
 from broker.engine.events import record_event
-from broker.engine.reads import MESSAGE_EVENTS
 from broker.engine.writer import Maintenance, Tx
+from protocol.objects import MESSAGE_EVENTS
 
 DAY_MS = 86_400_000
 

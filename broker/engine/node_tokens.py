@@ -1,15 +1,11 @@
-"""What the WebSocket gateway needs from the database besides the mailbox.
+"""Relaycast node tokens: the credential of the SDK's agent realtime socket.
 
-- An agent's delivery marks (`last_seq`, `acked_seq`): the highest seq
-  allocated is where a (re)connecting session's replay from the database
-  stops and live push takes over.
-- Relaycast node tokens: `POST /v1/agent/node-token` mints one for the
-  calling agent; `/v1/node/ws?token=nt_live_...` resolves it. The SDK asks
-  for a fresh token before every (re)connect, so tokens are short-lived and
-  an agent's expired ones are deleted whenever it gets a new one. Only the
-  SHA-256 digest is stored. A node is the agent's "direct" node: its id and
-  name are derived from the agent, so every token of an agent names the
-  same node.
+`POST /v1/agent/node-token` mints one for the calling agent;
+`/v1/node/ws?token=nt_live_...` resolves it. The SDK asks for a fresh token
+before every (re)connect, so tokens are short-lived and an agent's expired
+ones are deleted whenever it gets a new one. Only the SHA-256 digest is
+stored. A node is the agent's "direct" node: its id and name are derived
+from the agent, so every token of an agent names the same node.
 """
 
 from __future__ import annotations
@@ -18,31 +14,11 @@ import apsw
 import msgspec
 
 from broker.engine import secrets
-from broker.engine.errors import BrokerError
 from broker.engine.lookups import require_agent
 from broker.engine.writer import Tx
 
 # How long a node token opens sockets after it was minted.
 DEFAULT_NODE_TOKEN_TTL_S = 24 * 3600
-
-
-class SeqMarks(msgspec.Struct, frozen=True):
-    """last_seq: the highest seq allocated; acked_seq: the cumulative ack mark."""
-
-    last_seq: int
-    acked_seq: int
-
-
-def seq_marks(conn: apsw.Connection, workspace_id: int, agent_id: int) -> SeqMarks:
-    """The active agent's delivery marks. Raises agent_not_found."""
-    row = conn.execute(
-        "SELECT last_seq, acked_seq FROM agents"
-        " WHERE id = ? AND workspace_id = ? AND deactivated_at IS NULL",
-        (agent_id, workspace_id),
-    ).fetchone()
-    if row is None:
-        raise BrokerError("agent_not_found", f"agent {agent_id} not found")
-    return SeqMarks(int(row[0]), int(row[1]))
 
 
 def node_id(agent_id: int) -> str:

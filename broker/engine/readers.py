@@ -8,6 +8,7 @@ A connection is opened read-only, so a write through it fails.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
@@ -19,6 +20,20 @@ from broker.engine.database import open_reader
 
 T = TypeVar("T")
 P = ParamSpec("P")
+
+
+@dataclass(frozen=True)
+class ReaderPoolStatistics:
+    """What `ReaderPool.statistics()` returns.
+
+    size: connections in the pool. busy: queries running now. waiting:
+    callers waiting for a free connection. queries: queries run since start.
+    """
+
+    size: int
+    busy: int
+    waiting: int
+    queries: int
 
 
 class ReaderPool:
@@ -71,14 +86,13 @@ class ReaderPool:
             finally:
                 self._free.append(conn)
 
-    def statistics(self) -> dict[str, int]:
+    def statistics(self) -> ReaderPoolStatistics:
+        """The pool's figures as of this call (see `ReaderPoolStatistics`)."""
         stats = self._limiter.statistics()
-        return {
-            "size": self._size,
-            "busy": stats.borrowed_tokens,
-            "waiting": stats.tasks_waiting,
-            "queries": self.queries,
-        }
+        return ReaderPoolStatistics(
+            size=self._size, busy=stats.borrowed_tokens, waiting=stats.tasks_waiting,
+            queries=self.queries,
+        )
 
 
 def _in_snapshot(conn: apsw.Connection, fn: Callable[..., T], args: tuple[object, ...]) -> T:

@@ -34,10 +34,16 @@ from broker.engine.errors import BrokerError
 from broker.engine.events import record_event
 from broker.engine.lookups import require_agent, require_channel
 from broker.engine.writer import Tx
-from protocol.objects import ChannelReadStatus, ReaderInfo, ReadNotice, ReadReceipt, iso
+from protocol.objects import (
+    MESSAGE_EVENTS,
+    ChannelReadStatus,
+    ReaderInfo,
+    ReadNotice,
+    ReadReceipt,
+    iso,
+)
 
-# Event types whose payload is the message itself: the deliveries a read acks.
-MESSAGE_EVENTS = ("message.created", "thread.reply", "dm.received", "group_dm.received")
+# The deliveries a read acks: those of the events whose payload is the message.
 _MESSAGE_EVENTS_JSON = msgspec.json.encode(MESSAGE_EVENTS).decode()
 
 

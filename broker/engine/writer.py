@@ -29,10 +29,9 @@ that failed, or of a batch whose COMMIT failed, are dropped with its writes.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
@@ -44,6 +43,7 @@ from broker.engine.config import EngineConfig, Limits
 from broker.engine.database import WriterLock, open_writer
 from broker.engine.errors import BrokerError
 from broker.engine.facts import Fact
+from broker.engine.histogram import Histogram, HistogramSnapshot
 from broker.engine.ids import IdAllocator
 from protocol.objects import iso
 
@@ -136,44 +136,23 @@ class _Pending(Generic[T]):
         self.signals: set[str] = set()
 
 
-class Histogram:
-    """Cumulative-friendly bucket counts, with the sum and count of observations."""
-
-    def __init__(self, bounds: Sequence[float]) -> None:
-        self.bounds = tuple(bounds)
-        self.counts = [0] * (len(self.bounds) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    @property
-    def mean(self) -> float:
-        return self.sum / self.count if self.count else 0.0
-
-    def cumulative(self) -> list[tuple[str, float]]:
-        """Prometheus buckets: (upper bound, observations at or below it), "+Inf" last.
-
-        From one copy of the counts, so the buckets agree with each other even
-        if an observation lands meanwhile (a garbage-collector hook can run in
-        the middle of a scrape).
-        """
-        counts = list(self.counts)
-        buckets: list[tuple[str, float]] = []
-        running = 0
-        for bound, count in zip(self.bounds, counts, strict=False):
-            running += count
-            buckets.append((repr(float(bound)), float(running)))
-        buckets.append(("+Inf", float(sum(counts))))
-        return buckets
-
-
 @dataclass(frozen=True)
 class WriterStatistics:
-    """What `WriterActor.statistics()` returns."""
+    """What `WriterActor.statistics()` returns: the writer's figures as of the call.
+
+    running: the actor is taking commands. queue_depth: commands waiting in
+    its channel; queue_size: the channel's bound; tasks_waiting_send:
+    callers blocked because it is full. batches, commands: committed so
+    far; failed_commands: commands that raised (their writes undone);
+    failed_commits: batches whose COMMIT failed; replays: transactions
+    rolled back and applied again without a failed command.
+    mean_batch_size: commands per batch. batch_sizes: that distribution.
+    commit_latency: seconds per batch from the event loop; queue_wait:
+    seconds a command waited for its batch; apply_time and sync_time:
+    seconds per batch in its commands and in its COMMIT, with the writer
+    thread's CPU seconds in each stage summed in apply_cpu_seconds and
+    sync_cpu_seconds.
+    """
 
     running: bool
     queue_depth: int
@@ -185,11 +164,11 @@ class WriterStatistics:
     failed_commits: int
     replays: int
     mean_batch_size: float
-    batch_sizes: Histogram
-    commit_latency: Histogram
-    queue_wait: Histogram
-    apply_time: Histogram
-    sync_time: Histogram
+    batch_sizes: HistogramSnapshot
+    commit_latency: HistogramSnapshot
+    queue_wait: HistogramSnapshot
+    apply_time: HistogramSnapshot
+    sync_time: HistogramSnapshot
     apply_cpu_seconds: float
     sync_cpu_seconds: float
 
@@ -344,6 +323,13 @@ class WriterActor:
     async def submit(self, command: Command[T]) -> T:
         """Run `command` in the next transaction; return its result once it is durable.
 
+        Cancellation does not withdraw a command: once it is in the queue it
+        is applied and committed even if the caller is cancelled while
+        waiting (its result or error is then dropped). Only a caller
+        cancelled while the queue is full, before the command got in, sends
+        nothing. A caller that must know the outcome retries with an
+        idempotency key, or reads the rows back.
+
         Raises the command's own exception (a BrokerError for refused input),
         or BrokerError("commit_failed") when the batch could not be committed,
         or BrokerError("shutting_down") once the writer is closing.
@@ -482,8 +468,8 @@ class WriterActor:
     def statistics(self) -> WriterStatistics:
         """Queue depth, batches, commands, batch sizes, commit latency and its stages so far.
 
-        The histograms are the writer's own (they keep counting); the other
-        figures are values as of this call.
+        A frozen snapshot: every figure, the histograms' counts included, is
+        copied as of this call.
         """
         stats = self._send.statistics()
         return WriterStatistics(
@@ -497,11 +483,11 @@ class WriterActor:
             failed_commits=self.failed_commits,
             replays=self.replays,
             mean_batch_size=self.batch_sizes.mean,
-            batch_sizes=self.batch_sizes,
-            commit_latency=self.commit_latency,
-            queue_wait=self.queue_wait,
-            apply_time=self.apply_time,
-            sync_time=self.sync_time,
+            batch_sizes=self.batch_sizes.snapshot(),
+            commit_latency=self.commit_latency.snapshot(),
+            queue_wait=self.queue_wait.snapshot(),
+            apply_time=self.apply_time.snapshot(),
+            sync_time=self.sync_time.snapshot(),
             apply_cpu_seconds=self.apply_cpu_seconds,
             sync_cpu_seconds=self.sync_cpu_seconds,
         )

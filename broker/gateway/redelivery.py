@@ -28,7 +28,7 @@ from typing import cast
 import apsw
 import msgspec
 
-from broker.engine.realtime import seq_marks
+from broker.engine.mailbox import seq_marks
 
 
 class HeldDelivery(msgspec.Struct, frozen=True, kw_only=True):

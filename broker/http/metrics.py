@@ -27,8 +27,8 @@ from prometheus_client.core import (
 
 from broker.engine.engine import Engine
 from broker.engine.health import pending_deliveries_total
-from broker.engine.webhooks import outbox_backlog
-from broker.engine.writer import Histogram as WriterHistogram
+from broker.engine.histogram import HistogramSnapshot
+from broker.engine.webhook_deliveries import outbox_backlog
 from broker.engine.writer import WriterActor
 from broker.gc_tuning import CollectorPauses
 from broker.ratelimit import REASONS, RateLimiter
@@ -91,7 +91,7 @@ class WriterCollector:
             " the wait for the disk, the GIL or a core)",
             value=stats.sync_cpu_seconds,
         )
-        batch: WriterHistogram = stats.batch_sizes
+        batch: HistogramSnapshot = stats.batch_sizes
         sizes = HistogramMetricFamily(
             "broker_writer_batch_size", "Commands per committed transaction"
         )

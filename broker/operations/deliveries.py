@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from broker.engine import mailbox, reads
+from broker.engine import mailbox
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
 from broker.engine.history import page_limit
@@ -27,7 +27,7 @@ _payload_decoder = msgspec.json.Decoder(dict[str, Any])
 def _delivery_item(pending: mailbox.PendingDelivery) -> DeliveryItem:
     message = None
     # Only an event whose data is the message itself carries one (not a notice about it).
-    if pending.type in reads.MESSAGE_EVENTS:
+    if pending.type in ob.MESSAGE_EVENTS:
         data = _payload_decoder.decode(pending.payload).get("data") or {}
         message = msgspec.convert(data, DeliveredMessage, strict=False)
     return DeliveryItem(

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from broker.engine import inbound_hooks
 from broker.engine import webhooks as subscriptions
 from broker.engine.engine import Engine
 from broker.engine.history import page_limit
@@ -79,29 +80,29 @@ async def replay_dead_letters(engine: Engine, call: Call, req: rq.DeadLetterRepl
 
 
 @operation("webhook.create", rq.NewInboundWebhook, auth="workspace",
-           output=subscriptions.InboundWebhookCreated)
+           output=inbound_hooks.InboundWebhookCreated)
 async def create_inbound_webhook(engine: Engine, call: Call, req: rq.NewInboundWebhook) -> Any:
-    return await engine.submit(subscriptions.CreateInboundWebhook(
+    return await engine.submit(inbound_hooks.CreateInboundWebhook(
         workspace_id=workspace_of(call), channel=req.channel, name=req.name))
 
 
-@operation("webhook.list", rq.Empty, auth="workspace", output=list[subscriptions.InboundWebhook])
+@operation("webhook.list", rq.Empty, auth="workspace", output=list[inbound_hooks.InboundWebhook])
 async def list_inbound_webhooks(engine: Engine, call: Call, req: rq.Empty) -> Any:
-    return await engine.read(subscriptions.list_inbound_webhooks, workspace_of(call))
+    return await engine.read(inbound_hooks.list_inbound_webhooks, workspace_of(call))
 
 
 @operation("webhook.delete", rq.InboundWebhookRef, auth="workspace", output=None)
 async def delete_inbound_webhook(engine: Engine, call: Call, req: rq.InboundWebhookRef) -> Any:
-    await engine.submit(subscriptions.DeleteInboundWebhook(
+    await engine.submit(inbound_hooks.DeleteInboundWebhook(
         workspace_id=workspace_of(call), webhook_id=req.webhook_id))
     return None
 
 
 @operation("webhook.trigger", rq.InboundWebhookTrigger, auth="none",
-           output=subscriptions.HookTriggered)
+           output=inbound_hooks.HookTriggered)
 async def trigger_inbound_webhook(
     engine: Engine, call: Call, req: rq.InboundWebhookTrigger
 ) -> Any:
     fields = msgspec.structs.asdict(req)
-    return await engine.submit(subscriptions.TriggerInboundWebhook(
+    return await engine.submit(inbound_hooks.TriggerInboundWebhook(
         **fields, idempotency_key=call.idempotency_key))

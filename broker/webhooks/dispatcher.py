@@ -1,7 +1,7 @@
 """The webhook dispatcher: an actor that delivers the outbox at least once.
 
 The outbox table is the queue. Rows are written by the writer in the same
-transaction as the facts they report (broker.engine.webhooks), so the
+transaction as the facts they report (broker.engine.outbox), so the
 dispatcher keeps no durable state of its own: it reads due `pending` rows
 through the reader pool, POSTs each one, and reports every attempt as a
 writer command (`RecordDeliveryAttempt`): delivered, retry later, or dead.
@@ -41,8 +41,8 @@ import trio
 
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
-from broker.engine.webhooks import (
-    OUTBOX_WRITTEN,
+from broker.engine.outbox import OUTBOX_WRITTEN
+from broker.engine.webhook_deliveries import (
     DueBatch,
     DueDelivery,
     PruneDeliveredWebhooks,

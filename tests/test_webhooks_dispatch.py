@@ -313,14 +313,18 @@ def test_the_guard_refuses_local_and_metadata_hosts(host: str) -> None:
 
 # IPv6 addresses that embed a forbidden IPv4 address: NAT64 (well-known and
 # local-use), 6to4, IPv4-mapped, IPv4-compatible, Teredo (client 169.254.169.254
-# stored inverted in the last 32 bits).
+# stored inverted in the last 32 bits), IPv4-translated, ISATAP (under a
+# global /64, both interface ids).
 EMBEDDED_FORBIDDEN = [
     "64:ff9b::a9fe:a9fe", "64:ff9b::7f00:1", "64:ff9b::a00:1", "64:ff9b:1::a9fe:a9fe",
     "2002:a9fe:a9fe::", "2002:7f00:1::1", "2002:c0a8:101::", "::ffff:a9fe:a9fe",
     "::169.254.169.254", "::127.0.0.1", "::10.0.0.1", "2001:0:4136:e378:8000:63bf:5601:5601",
+    "::ffff:0:a9fe:a9fe", "::ffff:0:7f00:1", "2600::5efe:a9fe:a9fe", "2600::200:5efe:a9fe:a9fe",
+    "2600::5efe:a00:1",
 ]
 # The same forms around a public IPv4 address are ordinary destinations.
-EMBEDDED_PUBLIC = ["64:ff9b::808:808", "2002:808:808::1", "::ffff:8.8.8.8"]
+EMBEDDED_PUBLIC = ["64:ff9b::808:808", "2002:808:808::1", "::ffff:8.8.8.8", "::ffff:0:808:808",
+                   "2600::5efe:808:808"]
 
 
 @pytest.mark.parametrize("host", EMBEDDED_FORBIDDEN)

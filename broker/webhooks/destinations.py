@@ -8,8 +8,9 @@ routable (loopback, private, link-local, CGNAT, unique-local, reserved,
 unspecified; this covers the metadata addresses 169.254.169.254,
 fd00:ec2::254 and 100.100.100.200) and every multicast address is refused,
 unless allow-listed by host name, address or network. An IPv6 address that
-embeds an IPv4 address (IPv4-mapped or -compatible, NAT64, 6to4, Teredo) is
-judged by that IPv4 address too: a translator or a tunnel would deliver to it.
+embeds an IPv4 address (IPv4-mapped, -translated or -compatible, NAT64,
+6to4, Teredo, ISATAP) is judged by that IPv4 address too: a translator or a
+tunnel would deliver to it.
 
 The check runs twice: when the subscription is made (the literal host, and
 what it resolves to right then), and at delivery time inside the HTTP
@@ -74,14 +75,21 @@ def parse_allow_entry(entry: str) -> str | IPNetwork:
 
 
 # IPv6 prefixes that carry an IPv4 address in their last 32 bits and reach
-# it through a translator: IPv4-mapped, IPv4-compatible (deprecated, still
-# routed by some stacks) and the well-known NAT64 prefix (RFC 6052). Such an
-# address is judged by its IPv4 address alone.
+# it through a translator: IPv4-mapped, IPv4-translated (SIIT, RFC 2765),
+# IPv4-compatible (deprecated, still routed by some stacks) and the
+# well-known NAT64 prefix (RFC 6052). Such an address is judged by its IPv4
+# address alone.
 _TRANSLATED = (
     ipaddress.IPv6Network("::ffff:0:0/96"),
+    ipaddress.IPv6Network("::ffff:0:0:0/96"),
     ipaddress.IPv6Network("::/96"),
     ipaddress.IPv6Network("64:ff9b::/96"),
 )
+# ISATAP (RFC 5214): under any /64, the interface id 0000:5efe or 0200:5efe
+# (the universal/local and group bits may vary) followed by the IPv4
+# address of the tunnel's end, which a router of the site delivers to.
+_ISATAP_MASK = 0xFCFF_FFFF
+_ISATAP_ID = 0x0000_5EFE
 # The local-use NAT64 prefix (RFC 8215): the operator chooses where the IPv4
 # address sits in it (RFC 6052 allows several positions) and it is never
 # globally routed, so the whole prefix is refused unless allow-listed.
@@ -91,9 +99,10 @@ _LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
 def embedded_ipv4(address: IPv6Address) -> tuple[IPv4Address, ...]:
     """The IPv4 addresses an IPv6 address carries, as a packet to it may end up there.
 
-    IPv4-mapped, IPv4-compatible and NAT64 64:ff9b::/96: the last 32 bits;
-    6to4 (2002::/16): bits 16-47; Teredo (2001::/32): the server (bits 32-63)
-    and the client (the last 32 bits, inverted). Empty for any other address.
+    IPv4-mapped, IPv4-translated, IPv4-compatible, NAT64 64:ff9b::/96 and
+    ISATAP (interface id 0000:5efe or 0200:5efe): the last 32 bits; 6to4
+    (2002::/16): bits 16-47; Teredo (2001::/32): the server (bits 32-63) and
+    the client (the last 32 bits, inverted). Empty for any other address.
     """
     if any(address in net for net in _TRANSLATED):
         return (ipaddress.IPv4Address(int(address) & 0xFFFFFFFF),)
@@ -101,6 +110,8 @@ def embedded_ipv4(address: IPv6Address) -> tuple[IPv4Address, ...]:
         return (address.sixtofour,)
     if address.teredo is not None:
         return address.teredo
+    if (int(address) >> 32) & _ISATAP_MASK == _ISATAP_ID:
+        return (ipaddress.IPv4Address(int(address) & 0xFFFFFFFF),)
     return ()
 
 
@@ -111,7 +122,7 @@ def _judged(address: IPAddress) -> tuple[IPAddress, ...]:
     inner = embedded_ipv4(address)
     if inner and any(address in net for net in _TRANSLATED):
         return inner  # a translation: the IPv4 address is the destination
-    return (address, *inner)  # 6to4, Teredo: the tunnel and its endpoint
+    return (address, *inner)  # 6to4, Teredo, ISATAP: the tunnel and its endpoint
 
 
 def _plain_forbidden(address: IPAddress) -> bool:

@@ -41,11 +41,13 @@ import itertools
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import msgspec
 import trio
 
+from broker.engine.engine import Engine
 from broker.gateway.frame_queue import (
     DeliverItem,
     EventItem,
@@ -53,15 +55,39 @@ from broker.gateway.frame_queue import (
     FrameQueueStatistics,
     Mode,
 )
+from broker.gateway.recorder import DeliveryRecorder
+from broker.gateway.settings import GatewaySettings
 from broker.gateway.views import FactView
 from broker.gateway.websocket import ConnectionClosed, WebSocket
+from broker.operations.registry import Operation
+from broker.ratelimit import RateLimiter
 from protocol import frames as fr
 from protocol.codec import CloseCode, Codec, FrameError
 
-if TYPE_CHECKING:
-    from broker.gateway import Gateway
-
 log = logging.getLogger(__name__)
+
+
+class SessionHost(Protocol):
+    """What a session needs of the gateway that owns it (`broker.gateway.Gateway`).
+
+    Named here, where it is used, so the session modules do not import the
+    gateway that imports them.
+    """
+
+    engine: Engine
+    settings: GatewaySettings
+    recorder: DeliveryRecorder
+    limiter: RateLimiter
+    # Socket request frame type -> the operation it runs.
+    request_operations: dict[type, Operation[Any]]
+    # Told each socket request's operation and seconds, when set.
+    on_request: Callable[[str, float], object] | None
+    # Sessions closed because they could not keep up (a counter for statistics).
+    slow_closes: int
+
+    def attach(self, session: Session) -> None: ...
+
+    def detach(self, session: Session) -> None: ...
 
 _session_ids = itertools.count(1)
 # A close reason is at most 123 bytes (RFC 6455, 5.5.1).
@@ -143,7 +169,7 @@ class Session:
     pings = True
 
     def __init__(
-        self, gateway: Gateway, ws: WebSocket, codec: Codec, *, workspace_id: int,
+        self, gateway: SessionHost, ws: WebSocket, codec: Codec, *, workspace_id: int,
         agent_id: int | None = None, agent_name: str | None = None,
     ) -> None:
         self.gateway = gateway

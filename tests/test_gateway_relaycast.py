@@ -23,7 +23,13 @@ from broker.engine.channels import CreateChannel
 from broker.engine.config import EngineConfig, Limits
 from broker.engine.conversations import SendDm
 from broker.engine.engine import Engine
+from broker.engine.errors import BrokerError
 from broker.engine.mailbox import seq_marks
+from broker.engine.node_tokens import (
+    DEFAULT_NODE_TOKEN_TTL_S,
+    IssueNodeToken,
+    agent_by_node_token,
+)
 from broker.engine.reactions import AddReaction
 from broker.engine.threads import ReplyToThread
 from broker.gateway import Gateway
@@ -333,3 +339,95 @@ async def test_node_socket_stays_open_through_the_grace_and_closes_at_its_end(
         assert session.close_code == CloseCode.UNAUTHORIZED
         nursery.cancel_scope.cancel()
     assert ws.close_code == CloseCode.UNAUTHORIZED
+
+
+async def test_a_node_token_minted_with_the_old_token_ends_with_its_grace(live: Live) -> None:
+    """`POST /v1/agent/node-token` with a token rotated out: the node token ends with the grace.
+
+    The old token may have leaked; during its grace it still mints, but not
+    a credential that outlives it (before, it got the full 24 h that no
+    rotation cut). Minted with the new token, a node token gets its full
+    lifetime.
+    """
+    engine, bob = live.server.engine, live.world.agents["bob"]
+    rotated = await engine.submit(RotateToken(workspace_id=live.world.workspace_id,
+                                              agent_id=bob))
+    with_old = (await live.node_token("bob"))["token"]  # the world still holds the old token
+    live.world.tokens["bob"] = rotated.token
+    with_new = (await live.node_token("bob"))["token"]
+
+    def rows(conn: Any) -> tuple[int, dict[str, tuple[int, int]]]:
+        (grace_end,) = conn.execute("SELECT prev_token_expires_at FROM agents WHERE id = ?",
+                                    (bob,)).fetchone()
+        return grace_end, {
+            token: conn.execute("SELECT expires_at, created_at FROM node_tokens"
+                                " WHERE token_hash = ?", (secrets.digest(token),)).fetchone()
+            for token in (with_old, with_new)
+        }
+
+    grace_end, expiry = await engine.read(rows)
+    assert expiry[with_old][0] == grace_end
+    assert expiry[with_new][0] == expiry[with_new][1] + DEFAULT_NODE_TOKEN_TTL_S * 1000
+    # Refused from the grace end on, and a socket opened with it is cut then.
+    assert await engine.read(agent_by_node_token, with_old, grace_end - 1) is not None
+    assert await engine.read(agent_by_node_token, with_old, grace_end) is None
+    assert await engine.read(agent_by_node_token, with_new, grace_end) is not None
+    assert await engine.read(node_token_cut, live.world.workspace_id, bob,
+                             secrets.digest(with_old)) == grace_end
+    assert await engine.read(node_token_cut, live.world.workspace_id, bob,
+                             secrets.digest(with_new)) is None
+    # Checked again in the transaction: a token rotated out past its grace mints nothing.
+    with pytest.raises(BrokerError) as gone:
+        await engine.submit(IssueNodeToken(workspace_id=live.world.workspace_id, agent_id=bob,
+                                           minted_with=secrets.digest("at_live_gone")))
+    assert gone.value.code == "invalid_token"
+
+
+async def test_node_socket_of_a_token_minted_in_the_grace_closes_at_its_end(
+    tmp_path: Path, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a mock clock, a real engine: the socket of a node token minted with the old
+    token during the grace closes (4401) when the grace ends, not before; that token is
+    refused from then on; the socket of one minted with the new token stays open."""
+    # The clock jumps only after the loop has idled a while: with 0, it would
+    # jump while a read runs in a worker thread (the loop counts it as
+    # blocked), up to the sockets' idle deadline.
+    mock_clock.autojump_threshold = 0.2
+    epoch = time.time()
+    monkeypatch.setattr(time, "time", lambda: epoch + mock_clock.current_time())
+    grace_s = Limits().token_grace_seconds
+    async with Engine.open(tmp_path, EngineConfig(synchronous="NORMAL")) as engine:
+        world = await make_world(engine)
+        bob = world.agents["bob"]
+        rotated = await engine.submit(RotateToken(workspace_id=world.workspace_id, agent_id=bob))
+        minted = {
+            name: await engine.submit(IssueNodeToken(
+                workspace_id=world.workspace_id, agent_id=bob,
+                minted_with=secrets.digest(token)))
+            for name, token in (("old", world.tokens["bob"]), ("new", rotated.token))
+        }
+        gw = Gateway(engine, GatewaySettings(idle_timeout_seconds=10 * grace_s))
+        sockets = {name: FakeWebSocket() for name in minted}
+        sessions = {
+            name: NodeSession(gw, sockets[name], gw.node_codec, workspace_id=world.workspace_id,
+                              agent_id=bob, agent_name="bob", node_id="n",
+                              node_name="bob-direct",
+                              credential=secrets.digest(minted[name].token))
+            for name in minted
+        }
+        async with trio.open_nursery() as nursery:
+            for session in sessions.values():
+                nursery.start_soon(session.serve)
+            await trio.sleep(grace_s - 10)
+            assert sessions["old"].close_code is None
+            assert await engine.read(agent_by_node_token, minted["old"].token,
+                                     int(time.time() * 1000)) is not None
+            await trio.sleep(20)
+            assert sessions["old"].close_code == CloseCode.UNAUTHORIZED
+            assert sessions["new"].close_code is None
+            assert await engine.read(agent_by_node_token, minted["old"].token,
+                                     int(time.time() * 1000)) is None
+            assert await engine.read(agent_by_node_token, minted["new"].token,
+                                     int(time.time() * 1000)) is not None
+            nursery.cancel_scope.cancel()
+        assert sockets["old"].close_code == CloseCode.UNAUTHORIZED

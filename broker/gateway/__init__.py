@@ -381,19 +381,21 @@ class Gateway:
             if request.headers.get("authorization"):
                 self.limiter.check_auth(address)
             try:
-                principal = await resolve_token(
-                    self.engine, bearer_token(request.headers.get("authorization")))
+                token = bearer_token(request.headers.get("authorization"))
+                principal = await resolve_token(self.engine, token)
             except BrokerError as exc:
                 if exc.code == "invalid_token":
                     self.limiter.auth_failed(address)
                 raise
             authorize("agent", principal)
-            assert principal.agent_id is not None
+            assert principal.agent_id is not None and token is not None
             limits = self.limiter.take_request("agent.node_token", principal.workspace_id,
                                                principal.agent_id, address)
+            # The agent token's digest caps the node token's life at its own.
             issued = await self.engine.submit(IssueNodeToken(
                 workspace_id=principal.workspace_id, agent_id=principal.agent_id,
-                ttl_seconds=self.settings.node_token_ttl_seconds))
+                ttl_seconds=self.settings.node_token_ttl_seconds,
+                minted_with=secrets.digest(token)))
         except BrokerError as exc:
             return Response(encode_error(exc.code, exc.message), status_code=status_for(exc.code),
                             media_type="application/json",

@@ -21,7 +21,8 @@ grace (`RotateToken`): a node socket opened with such a token is closed
 then, with the close code and reason of a native session whose token was
 rotated out (4401). Where its token stands is read after the session is
 attached and again on each `agent.token_rotated` event; a node token minted
-after the rotation keeps its socket open.
+after the rotation with the new token keeps its socket open, and one minted
+with the old token during the grace ends with the grace (`IssueNodeToken`).
 
 Frames of the fleet protocol that this broker does not implement
 (`action.result`, `inventory.sync`, ...) are ignored, or refused with

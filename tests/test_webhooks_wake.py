@@ -3,12 +3,17 @@ poll), and its statistics are in /metrics."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import httpx
 import msgspec
+import pytest
 import trio
 import trio.testing
 
 from broker.engine.engine import Engine
+from broker.engine.outbox import OUTBOX_WRITTEN
 from broker.http.metrics import BrokerMetrics
 from broker.webhooks.dispatcher import WebhookDispatcher
 from tests.conftest import TEST_DEADLINE_S, World
@@ -54,6 +59,50 @@ async def test_webhook_dispatcher_is_woken_by_the_commit(engine: Engine, world: 
     assert got.json()["data"]["text"] == "wake up"
     # One look at start, one on the commit, one when the delivery's slot came free.
     assert stats.scans <= 4 and stats.delivered == 1
+
+
+class _NotedStart:
+    """A task status that notes the commit signals listened to when `started()` is called."""
+
+    def __init__(self, listening: list[str]) -> None:
+        self.listening = listening
+        self.at_start: list[str] | None = None
+        self.reported = trio.Event()
+
+    def started(self, value: object = None) -> None:
+        self.at_start = list(self.listening)
+        self.reported.set()
+
+
+async def test_webhook_dispatcher_listens_to_commits_before_it_reports_started(
+    engine: Engine, world: World, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A send committed right after started() is delivered, woken by its own commit.
+
+    The callback was registered by a task started with start_soon, which may
+    run after such a commit (and after the first look at the outbox): its
+    wake-up was lost, and the rows waited for the next one."""
+    listening: list[str] = []
+    register = engine.writer.on_commit
+
+    def noted(name: str, callback: Callable[[], None]) -> Callable[[], None]:
+        listening.append(name)
+        return register(name, callback)
+
+    monkeypatch.setattr(engine.writer, "on_commit", noted)
+    async with serving(Receiver()) as receiver:
+        await subscribe(engine, world, ["message.created"], url=receiver.url)
+        dispatcher = WebhookDispatcher(engine, NEVER, stop_grace_seconds=0)
+        status = _NotedStart(listening)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(dispatcher.run, task_status=status))
+            await status.reported.wait()
+            assert status.at_start == [OUTBOX_WRITTEN]
+            with trio.fail_after(PROMPT_S):
+                await send(engine, world, "alice", "right after start")
+                (got,) = await receiver.wait_for(1)
+            dispatcher.stop()
+    assert got.json()["data"]["text"] == "right after start"
 
 
 async def test_webhook_statistics_in_metrics(engine: Engine, world: World) -> None:

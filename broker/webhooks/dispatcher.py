@@ -281,38 +281,36 @@ class WebhookDispatcher:
             self.policy, max_connections=settings.concurrency,
             max_keepalive_connections=min(settings.concurrency, MAX_KEEPALIVE_CONNECTIONS),
         )
-        async with httpx.AsyncClient(
-            transport=transport, timeout=httpx.Timeout(settings.request_timeout_seconds),
-            follow_redirects=False, trust_env=False,
-        ) as client, trio.open_nursery() as helpers:
-            self._client = client
-            # Registered for the dispatcher's lifetime: a commit that wrote
-            # outbox rows wakes the scheduler (see the module docstring).
-            helpers.start_soon(self._watch_outbox)
-            if stop_trigger is not None:
-                helpers.start_soon(self._stop_after, stop_trigger)
-            helpers.start_soon(self._prune_delivered)
-            async with trio.open_nursery() as deliveries:
-                self._running = True
-                task_status.started()
-                log.info("webhook dispatcher: running (concurrency %d, %d per subscription)",
-                         settings.concurrency, settings.per_subscription_concurrency)
-                try:
-                    await self._schedule(deliveries)
-                finally:
-                    self._running = False
-                    deliveries.cancel_scope.deadline = (
-                        trio.current_time() + self.stop_grace_seconds
-                    )
-            helpers.cancel_scope.cancel()
-        log.info("webhook dispatcher: stopped")
-
-    async def _watch_outbox(self) -> None:
-        remove = self.engine.writer.on_commit(OUTBOX_WRITTEN, self.notify)
+        # Registered for the dispatcher's lifetime, here and not in a task of
+        # its own: a commit that wrote outbox rows wakes the scheduler (see
+        # the module docstring), and one committed right after started()
+        # must find the callback in place, or its rows wait for another wake.
+        stop_watching = self.engine.writer.on_commit(OUTBOX_WRITTEN, self.notify)
         try:
-            await trio.sleep_forever()
+            async with httpx.AsyncClient(
+                transport=transport, timeout=httpx.Timeout(settings.request_timeout_seconds),
+                follow_redirects=False, trust_env=False,
+            ) as client, trio.open_nursery() as helpers:
+                self._client = client
+                if stop_trigger is not None:
+                    helpers.start_soon(self._stop_after, stop_trigger)
+                helpers.start_soon(self._prune_delivered)
+                async with trio.open_nursery() as deliveries:
+                    self._running = True
+                    task_status.started()
+                    log.info("webhook dispatcher: running (concurrency %d, %d per subscription)",
+                             settings.concurrency, settings.per_subscription_concurrency)
+                    try:
+                        await self._schedule(deliveries)
+                    finally:
+                        self._running = False
+                        deliveries.cancel_scope.deadline = (
+                            trio.current_time() + self.stop_grace_seconds
+                        )
+                helpers.cancel_scope.cancel()
         finally:
-            remove()
+            stop_watching()
+        log.info("webhook dispatcher: stopped")
 
     async def _stop_after(self, stop_trigger: Callable[[], Awaitable[object]]) -> None:
         await stop_trigger()

@@ -149,8 +149,8 @@ class BrokerServer:
         if self.settings.webhooks.enabled:
             services = (*services, webhooks)
         return (
-            (*gateway.routes(), *file_routes(engine, store),
-             *inbound_routes(engine, self.settings)),
+            (*gateway.routes(), *file_routes(engine, store, self.limiter),
+             *inbound_routes(engine, self.settings, self.limiter)),
             services,
         )
 

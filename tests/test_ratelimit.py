@@ -28,7 +28,7 @@ from broker.ratelimit import (
 from broker.server import BrokerServer
 from tests.conftest import TEST_DEADLINE_S, World, make_world
 from tests.realtime import FAST_ENGINE, next_frame, raw_socket, send_json
-from tests.rest import call
+from tests.rest import call, uploaded
 
 SECOND = 1_000_000_000
 
@@ -409,3 +409,103 @@ async def close_of(ws: trio_websocket.WebSocketConnection) -> tuple[int | None, 
         if closed.reason is None:
             return None, ""
         return closed.reason.code, closed.reason.reason or ""
+
+
+# -- the routes bound outside the operation table -------------------------------------------
+
+
+async def test_file_content_route_is_behind_the_refused_token_limit(tmp_path: Path) -> None:
+    """GET /v1/files/{id}/content: bad bearer tokens and bad signatures count towards the
+    block, and a blocked address gets 429 there, for a good token as for a good signed URL,
+    so the route no longer tells a good token from a bad one."""
+    async with limited(tmp_path, RateLimitSettings(auth_failures_per_minute=3)) as live:
+        alice = live.world.tokens["alice"]
+        done = await uploaded(live.http, alice, b"hello")
+        path = f"/v1/files/{done['id']}/content"
+        signed = str(done["download_url"])
+        assert (await live.http.get(signed)).content == b"hello"
+        bad = await live.http.get(path, headers={"Authorization": "Bearer at_live_guess"})
+        assert bad.status_code == 401
+        forged = await live.http.get(path, params={"token": "9999999999999.forged"})
+        assert (forged.status_code, forged.json()["error"]["code"]) == (
+            403, "url_token_invalid")
+        # The third refusal comes from a REST operation: one limit for every route.
+        assert (await call(live.http, "GET", "/v1/agent", "at_live_guess")).status == 401
+        for blocked in (await live.http.get(path, headers={"Authorization": f"Bearer {alice}"}),
+                        await live.http.get(signed)):
+            assert blocked.status_code == 429
+            assert blocked.json()["error"]["code"] == "rate_limit_exceeded"
+            assert blocked.headers["Retry-After"] == "20"
+        assert (await call(live.http, "GET", "/v1/agent", alice)).status == 429
+        live.clock.now += 20
+        fine = await live.http.get(path, headers={"Authorization": f"Bearer {alice}"})
+        assert fine.status_code == 200 and fine.content == b"hello"
+
+
+async def test_file_content_downloads_count_in_the_workspace_bucket(tmp_path: Path) -> None:
+    """A download, by bearer token or signed URL, is a request of the file's workspace."""
+    async with limited(tmp_path, RateLimitSettings(workspace_per_minute=5)) as live:
+        alice = live.world.tokens["alice"]
+        done = await uploaded(live.http, alice, b"hello")  # upload, PUT, complete: 3
+        path = f"/v1/files/{done['id']}/content"
+        by_token = await live.http.get(path, headers={"Authorization": f"Bearer {alice}"})
+        assert by_token.status_code == 200 and by_token.headers["X-RateLimit-Remaining"] == "1"
+        assert (await live.http.get(str(done["download_url"]))).status_code == 200
+        refused = await live.http.get(path, headers={"Authorization": f"Bearer {alice}"})
+        assert refused.status_code == 429 and "Retry-After" in refused.headers
+
+
+async def test_inbound_hook_is_behind_the_refused_token_limit(tmp_path: Path) -> None:
+    """POST /v1/hooks/{id}: a wrong hook token counts towards the block, and a blocked
+    address gets 429 there even with the right token (nothing posted)."""
+    async with limited(tmp_path, RateLimitSettings(auth_failures_per_minute=2)) as live:
+        hook = (await call(live.http, "POST", "/v1/webhooks", live.world.key,
+                           json={"channel": "general", "name": "CI"})).data
+        wrong = await call(live.http, "POST", hook["url"], "wh_live_guess", json={"text": "x"})
+        assert (wrong.status, wrong.code) == (401, "invalid_token")
+        by_query = await live.http.post(hook["url"], params={"token": "wh_live_guess2"},
+                                        json={"text": "x"})
+        assert by_query.status_code == 401
+        messages = await count(live.server, "messages")
+        blocked = await call(live.http, "POST", hook["url"], hook["token"], json={"text": "x"})
+        assert (blocked.status, blocked.code) == (429, "rate_limit_exceeded")
+        rest = await call(live.http, "GET", "/v1/agent", live.world.tokens["alice"])
+        assert rest.status == 429
+        assert await count(live.server, "messages") == messages
+        live.clock.now += 30
+        posted = await call(live.http, "POST", hook["url"], hook["token"], json={"text": "x"})
+        assert posted.status == 201, posted.body
+
+
+async def test_inbound_hook_over_its_workspace_limit_is_429_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    """A hook's triggers are requests of its workspace: over the limit, 429 with Retry-After
+    and no message, delivery or outbox row; the hook's own bucket (the per-agent rate)
+    bounds one hook within the workspace."""
+    async with limited(tmp_path, RateLimitSettings(workspace_per_minute=4,
+                                                   agent_per_minute=2)) as live:
+        made = [(await call(live.http, "POST", "/v1/webhooks", live.world.key,
+                            json={"channel": "general", "name": name})).data
+                for name in ("CI", "Deploy")]  # 2 requests of the workspace
+        ci, deploy = made
+        assert (await call(live.http, "POST", ci["url"], ci["token"],
+                           json={"text": "one"})).status == 201
+        assert (await call(live.http, "POST", ci["url"], ci["token"],
+                           json={"text": "two"})).status == 201
+        rows = [await count(live.server, t) for t in ("messages", "deliveries", "outbox")]
+        workspace_full = await live.http.post(
+            deploy["url"], json={"text": "three"},
+            headers={"Authorization": f"Bearer {deploy['token']}"})
+        assert workspace_full.status_code == 429
+        assert workspace_full.json()["error"]["code"] == "rate_limit_exceeded"
+        assert workspace_full.headers["Retry-After"] == "15"
+        assert [await count(live.server, t) for t in ("messages", "deliveries", "outbox")] == rows
+        live.clock.now += 60
+        hook_full = None
+        for text in ("four", "five", "six"):
+            hook_full = await call(live.http, "POST", ci["url"], ci["token"], json={"text": text})
+        assert hook_full is not None and (hook_full.status, hook_full.code) == (
+            429, "rate_limit_exceeded")
+        assert (await call(live.http, "POST", deploy["url"], deploy["token"],
+                           json={"text": "seven"})).status == 201

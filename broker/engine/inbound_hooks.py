@@ -222,6 +222,24 @@ def _authenticated_hook(conn: apsw.Connection, webhook_id: str, token: str | Non
     return hook
 
 
+class HookCaller(msgspec.Struct, frozen=True, kw_only=True):
+    """Whom a hook's request is counted against (`hook_caller`)."""
+
+    workspace_id: int
+    agent_id: int  # the hook's own agent: its bucket is the hook's
+
+
+def hook_caller(conn: apsw.Connection, webhook_id: str, token: str | None) -> HookCaller:
+    """The workspace and agent of hook `webhook_id` if `token` is its token (a query).
+
+    Lets the trigger's route count a request against the hook's workspace
+    before the body is read; the trigger checks the token again in its
+    transaction. Raises unauthorized, invalid_token (also for an unknown id).
+    """
+    hook = _authenticated_hook(conn, webhook_id, token)
+    return HookCaller(workspace_id=hook.workspace_id, agent_id=hook.agent_id)
+
+
 def _hook_text(name: str, text: str | None, message: str | None, source: str | None,
                payload: dict[str, Any] | None) -> str:
     """Relaycast's rule: text, else message, else a line made from the payload or the source."""

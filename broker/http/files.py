@@ -8,7 +8,12 @@ Both routes take the signed, expiring `token` of the URL that the upload
 and get operations hand out, so a client can use the URL as it is, without
 an Authorization header (like a presigned object-store URL). A download
 also accepts a bearer token of the file's workspace instead. Tokens are
-checked before a byte is read; the upload is written to disk while it
+checked before a byte is read, behind the same limits as the REST
+operations: an address with too many refused tokens is refused (429) even
+with a good one, and a bad signature or a refused bearer token counts
+towards that block, so neither kind of token can be guessed here faster
+than elsewhere; a request is counted in its workspace's bucket (and its
+agent's, with an agent token). The upload is written to disk while it
 streams in (never held in memory) and is recorded on the row only once it
 is durably in place (see broker.filestore).
 """
@@ -31,17 +36,26 @@ from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
 from broker.filestore import FileStore
 from broker.http.app import error_response, success_response
+from broker.ratelimit import UNLIMITED, RateLimited, RateLimiter, Verdict, client_address
 from protocol.files import CONTENT_PATH, UploadReceived
 
 log = logging.getLogger(__name__)
 
 
-def file_routes(engine: Engine, store: FileStore) -> list[BaseRoute]:
-    """The upload (PUT) and download (GET) routes of file bytes."""
+def file_routes(
+    engine: Engine, store: FileStore, limiter: RateLimiter | None = None
+) -> list[BaseRoute]:
+    """The upload (PUT) and download (GET) routes of file bytes.
+
+    limiter: the rate limits shared with the REST operations (None: none).
+    """
+    limiter = limiter or RateLimiter(UNLIMITED)
 
     async def put_content(request: Request) -> Response:
         try:
-            return await _upload(engine, store, request)
+            return await _upload(engine, store, limiter, request)
+        except RateLimited as exc:
+            return error_response(exc.code, exc.message, headers=exc.verdict.headers())
         except BrokerError as exc:
             return error_response(exc.code, exc.message)
         except ClientDisconnect:
@@ -52,7 +66,9 @@ def file_routes(engine: Engine, store: FileStore) -> list[BaseRoute]:
 
     async def get_content(request: Request) -> Response:
         try:
-            return await _download(engine, store, request)
+            return await _download(engine, store, limiter, request)
+        except RateLimited as exc:
+            return error_response(exc.code, exc.message, headers=exc.verdict.headers())
         except BrokerError as exc:
             return error_response(exc.code, exc.message)
         except Exception:
@@ -65,16 +81,37 @@ def file_routes(engine: Engine, store: FileStore) -> list[BaseRoute]:
     ]
 
 
-async def _upload(engine: Engine, store: FileStore, request: Request) -> Response:
+async def _signed(engine: Engine, limiter: RateLimiter, address: str, purpose: files.Purpose,
+                  file_id: int, token: str, now_ms: int) -> int:
+    """`files.verify` behind the refused-token limit, which a bad signature feeds.
+
+    Returns the token's expiry. Raises RateLimited while `address` is
+    blocked, url_token_invalid, url_token_expired (not counted: the
+    signature was ours).
+    """
+    limiter.check_auth(address)
+    try:
+        return files.verify(await engine.read(files.url_secret), purpose, file_id, token, now_ms)
+    except BrokerError as exc:
+        if exc.code == "url_token_invalid":
+            limiter.auth_failed(address)
+        raise
+
+
+async def _upload(engine: Engine, store: FileStore, limiter: RateLimiter,
+                  request: Request) -> Response:
     file_id = _file_id(request)
     token = request.query_params.get("token")
     if not token:
         raise BrokerError("url_token_invalid", "the upload URL carries no token")
     now = _now_ms()
-    expires = files.verify(await engine.read(files.url_secret), "upload", file_id, token, now)
+    address = client_address(request.scope)
+    expires = await _signed(engine, limiter, address, "upload", file_id, token, now)
     row = await engine.read(files.file_row, file_id)
     if row is None:
         raise BrokerError("file_not_found", f"file {file_id} not found")
+    # Before a byte is read: a refused upload stores nothing.
+    limits = limiter.take_request("file.upload_content", row.workspace_id, None, address)
     if row.state == "deleted":
         raise BrokerError("file_deleted", f"file {file_id} was deleted by its uploader")
     if row.state != "pending" or row.storage_key is not None:
@@ -104,22 +141,39 @@ async def _upload(engine: Engine, store: FileStore, request: Request) -> Respons
     finally:
         if key is not None and not recorded:
             store.discard(key)
-    return success_response(UploadReceived(id=str(row.id), size_bytes=row.size_bytes,
-                                           status="pending"))
+    response = success_response(UploadReceived(id=str(row.id), size_bytes=row.size_bytes,
+                                               status="pending"))
+    _limit_headers(response, limits)
+    return response
 
 
-async def _download(engine: Engine, store: FileStore, request: Request) -> Response:
+async def _download(engine: Engine, store: FileStore, limiter: RateLimiter,
+                    request: Request) -> Response:
     file_id = _file_id(request)
     token = request.query_params.get("token")
+    address = client_address(request.scope)
     if token:
-        files.verify(await engine.read(files.url_secret), "download", file_id, token, _now_ms())
+        await _signed(engine, limiter, address, "download", file_id, token, _now_ms())
         row = await engine.read(files.file_row, file_id)
         if row is None:
             raise BrokerError("file_not_found", f"file {file_id} not found")
+        limits = limiter.take_request("file.download_content", row.workspace_id, None, address)
     else:
-        principal = await resolve_token(
-            engine, bearer_token(request.headers.get("authorization"))
-        )
+        # As the REST operations do (`_checked_principal`): a blocked address
+        # is refused before the token is looked at, so the answer cannot tell
+        # a good token from a bad one, and a refused token counts.
+        if request.headers.get("authorization"):
+            limiter.check_auth(address)
+        try:
+            principal = await resolve_token(
+                engine, bearer_token(request.headers.get("authorization"))
+            )
+        except BrokerError as exc:
+            if exc.code == "invalid_token":
+                limiter.auth_failed(address)
+            raise
+        limits = limiter.take_request("file.download_content", principal.workspace_id,
+                                      principal.agent_id, address)
         row = await engine.read(files.require_file, principal.workspace_id, file_id)
     if row.state == "deleted":
         raise BrokerError("file_deleted", f"file {file_id} was deleted by its uploader")
@@ -131,7 +185,7 @@ async def _download(engine: Engine, store: FileStore, request: Request) -> Respo
         raise BrokerError("file_missing", f"the bytes of file {file_id} are missing")
     # FileResponse opens the file only while it sends it and always closes
     # it, also when the client goes away before the body starts.
-    return FileResponse(
+    response = FileResponse(
         path,
         media_type=row.content_type,
         headers={
@@ -142,6 +196,13 @@ async def _download(engine: Engine, store: FileStore, request: Request) -> Respo
             "cache-control": "private, no-store",
         },
     )
+    _limit_headers(response, limits)
+    return response
+
+
+def _limit_headers(response: Response, limits: Verdict | None) -> None:
+    if limits is not None:
+        response.headers.update(limits.headers())
 
 
 def _file_id(request: Request) -> int:

@@ -8,6 +8,13 @@ token, which the generic binding does not resolve. The SDK sends it as
 right is decided inside the trigger's transaction, so a wrong token posts
 nothing. A body with none of the fields Relaycast knows (text, message,
 payload, blocks) is taken whole as the payload.
+
+The route sits behind the same limits as the REST operations: from an
+address with too many refused tokens it answers 429 before it looks at
+the token, a refused hook token counts towards that block, and a request
+with a good token is counted, before its body is read, against the hook's
+workspace and against the hook itself (the bucket of its own agent, at
+the per-agent rate), so a refused request writes nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from broker.auth import bearer_token
 from broker.config import Settings
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
+from broker.engine.inbound_hooks import hook_caller
 from broker.http.app import (
     error_response,
     idempotency_key,
@@ -31,6 +39,7 @@ from broker.http.app import (
     success_response,
 )
 from broker.operations.registry import Call, invoke
+from broker.ratelimit import UNLIMITED, RateLimited, RateLimiter, Verdict, client_address
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +56,35 @@ def hook_token(request: Request) -> str | None:
     return token
 
 
-def inbound_routes(engine: Engine, settings: Settings) -> list[BaseRoute]:
-    """The route that posts an inbound hook's body into its channel."""
+def inbound_routes(
+    engine: Engine, settings: Settings, limiter: RateLimiter | None = None
+) -> list[BaseRoute]:
+    """The route that posts an inbound hook's body into its channel.
+
+    limiter: the rate limits shared with the REST operations (None: none).
+    """
+    limiter = limiter or RateLimiter(UNLIMITED)
 
     async def trigger(request: Request) -> Response:
+        limits: Verdict | None = None
         try:
-            token = hook_token(request)
-            if token is None:
-                raise BrokerError(
-                    "unauthorized", "this route needs 'Authorization: Bearer wh_live_...'"
-                )
+            address = client_address(request.scope)
+            if request.headers.get("authorization") or request.query_params.get("token"):
+                limiter.check_auth(address)
+            try:
+                token = hook_token(request)
+                if token is None:
+                    raise BrokerError(
+                        "unauthorized", "this route needs 'Authorization: Bearer wh_live_...'"
+                    )
+                caller = await engine.read(
+                    hook_caller, str(request.path_params["webhook_id"]), token)
+            except BrokerError as exc:
+                if exc.code == "invalid_token":
+                    limiter.auth_failed(address)
+                raise
+            limits = limiter.take_request("webhook.trigger", caller.workspace_id,
+                                          caller.agent_id, address)
             body = parse_body(await read_body(request, settings.http.max_body_bytes))
             fields: dict[str, Any] = body if CONTENT_FIELDS & body.keys() or not body else {
                 "payload": body}
@@ -64,11 +92,16 @@ def inbound_routes(engine: Engine, settings: Settings) -> list[BaseRoute]:
             result = await invoke(
                 engine, "webhook.trigger", Call(None, idempotency_key(request)), fields
             )
+        except RateLimited as exc:
+            return error_response(exc.code, exc.message, headers=exc.verdict.headers())
         except BrokerError as exc:
             return error_response(exc.code, exc.message)
         except Exception:
             log.exception("request POST %s (webhook.trigger) failed", TRIGGER_PATH)
             return error_response("internal_error", "the broker failed to handle this request")
-        return success_response(result, 201)
+        response = success_response(result, 201)
+        if limits is not None:
+            response.headers.update(limits.headers())
+        return response
 
     return [Route(TRIGGER_PATH, trigger, methods=["POST"], name=f"POST {TRIGGER_PATH}")]

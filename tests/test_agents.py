@@ -21,8 +21,7 @@ from broker.engine.config import EngineConfig, Limits
 from broker.engine.engine import Engine
 from broker.engine.messages import SendChannelMessage
 from broker.engine.workspaces import agent_by_token
-from tests.conftest import World
-from tests.test_workspaces import query_refused, refused
+from tests.helpers.engine import World, query_refused, refused
 
 
 async def test_list_agents_with_status_filter(engine: Engine, world: World) -> None:

@@ -26,8 +26,7 @@ from broker.engine.messages import SendChannelMessage
 from broker.engine.reads import MarkRead
 from broker.engine.threads import ReplyToThread
 from broker.engine.writer import Tx
-from tests.conftest import World
-from tests.test_channels import (
+from tests.helpers.channels import (
     OpenConversation,
     PostInConversation,
     deliveries_of,
@@ -35,6 +34,7 @@ from tests.test_channels import (
     send,
     snapshot,
 )
+from tests.helpers.engine import World
 
 _WRITER_STATEMENTS = ("BEGIN", "COMMIT", "ROLLBACK")
 

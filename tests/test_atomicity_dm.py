@@ -19,8 +19,7 @@ import pytest
 from broker.engine.conversations import CreateGroupDm, SendDm, SendGroupDm
 from broker.engine.engine import Engine
 from broker.engine.workspaces import RegisterAgent
-from tests.conftest import World
-from tests.test_workspaces import snapshot
+from tests.helpers.engine import World, snapshot
 
 _FRAME = ("BEGIN IMMEDIATE", "COMMIT", "ROLLBACK")
 

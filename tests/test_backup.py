@@ -11,7 +11,7 @@ import trio
 from broker.engine.backup import backup, check
 from broker.engine.engine import DATABASE_FILE, Engine
 from broker.engine.messages import SendChannelMessage
-from tests.conftest import World
+from tests.helpers.engine import World
 
 
 async def test_backup_while_sending_is_consistent(

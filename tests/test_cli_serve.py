@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import httpx
@@ -15,6 +14,7 @@ import trio
 
 from broker.cli import build_parser, settings_for
 from broker.config import ConfigError, load_settings
+from tests.helpers.daemon import run_daemon
 
 PROCESS_DEADLINE_S = 30
 
@@ -68,21 +68,8 @@ def test_bad_configuration_exits_2_with_one_line(tmp_path: Path) -> None:
 
 async def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     with trio.fail_after(PROCESS_DEADLINE_S):
-        async with trio.open_nursery() as nursery:
-            process = await nursery.start(partial(
-                trio.run_process,
-                [sys.executable, "-m", "broker", "serve", "--port", "0",
-                 "--data-dir", str(tmp_path / "data")],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False))
-            assert process.stdout is not None
-            output = b""
-            url = None
-            while url is None:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk, output.decode()
-                output += chunk
-                found = re.search(rb"broker listening on (http://127\.0\.0\.1:\d+)", output)
-                url = found.group(1).decode() if found else None
+        async with run_daemon(tmp_path / "data") as daemon:
+            process, url = daemon.process, daemon.url
             async with httpx.AsyncClient(base_url=url) as client:
                 created = await client.post("/v1/workspaces", json={"name": "cli"})
                 assert created.status_code == 201
@@ -102,8 +89,7 @@ async def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> Non
                                  re.MULTILINE)
                 assert full and float(full.group(1)) >= 1, text
             process.send_signal(signal.SIGTERM)
-            while chunk := await process.stdout.receive_some(4096):
-                output += chunk
+            output = await daemon.finished()
             assert await process.wait() == 0, output.decode()
     assert b"stopped" in output
     assert (tmp_path / "data" / "broker.db").exists()

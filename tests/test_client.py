@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -11,32 +10,10 @@ import trio
 import trio_websocket
 
 from broker.client import BrokerClient, ConnectionLost, RequestError, connect
-from broker.engine.mailbox import seq_marks
-from broker.server import BrokerServer
 from protocol.codec import CloseCode
-from tests.conftest import TEST_DEADLINE_S, World, make_world
-from tests.realtime import eventually, gateway_of, post, serve, ws_url
-
-
-class Live(msgspec.Struct):
-    server: BrokerServer
-    world: World
-
-    @property
-    def url(self) -> str:
-        return ws_url(self.server)
-
-    async def acked(self, name: str) -> int:
-        marks = await self.server.engine.read(seq_marks, self.world.workspace_id,
-                                              self.world.agents[name])
-        return marks.acked_seq
-
-
-@pytest.fixture
-async def live(tmp_path: Path) -> AsyncIterator[Live]:
-    with trio.fail_after(TEST_DEADLINE_S):
-        async with serve(tmp_path) as server:
-            yield Live(server, await make_world(server.engine))
+from tests.helpers.daemon import serve
+from tests.helpers.engine import TEST_DEADLINE_S, make_world
+from tests.helpers.realtime import Live, eventually, gateway_of, post, ws_url
 
 
 async def test_reconnects_after_a_drop_and_yields_each_delivery_once(live: Live) -> None:
@@ -229,7 +206,6 @@ async def test_reconnects_with_backoff_until_the_server_is_back(nursery: trio.Nu
 async def _at_least(value: object, target: int) -> bool:
     assert callable(value)
     return int(value()) >= target
-
 
 
 class _PingThenGone:

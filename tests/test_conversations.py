@@ -21,9 +21,7 @@ from broker.engine.conversations import (
 )
 from broker.engine.engine import Engine
 from broker.engine.reads import MarkRead
-from broker.engine.writer import Tx
-from tests.conftest import World
-from tests.test_workspaces import NewIds, Sql, query_refused, refused
+from tests.helpers.engine import Gate, NewIds, Sql, World, query_refused, refused
 
 
 def dm(world: World, sender: str, to: str, text: str = "hi", **kw: Any) -> SendDm:
@@ -265,17 +263,6 @@ async def test_membership_refusals(
 
 
 # -- recipients at commit time ----------------------------------------------------------
-
-
-class Gate(msgspec.Struct, frozen=True):
-    """Holds the writer thread until released, so that commands queue into one batch."""
-
-    entered: threading.Event
-    release: threading.Event
-
-    def apply(self, tx: Tx) -> None:
-        self.entered.set()
-        self.release.wait(timeout=30)
 
 
 async def test_recipients_are_decided_at_commit_time(engine: Engine, world: World) -> None:

@@ -18,7 +18,7 @@ import trio
 
 from broker.client import ConnectionLost, RequestError, connect
 from broker.engine.backup import check
-from tests.daemon import run_daemon
+from tests.helpers.daemon import run_daemon
 
 KILLS = 12
 SENDERS = ("s1", "s2", "s3")

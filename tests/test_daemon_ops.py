@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +15,7 @@ import trio
 from broker.cli import build_parser, main, settings_for
 from broker.client import connect
 from broker.config import SECRET_NAME, load_settings
-from broker.server import BrokerServer
-from tests.daemon import run_daemon
+from tests.helpers.daemon import run_daemon, run_server
 
 DEADLINE_S = 60
 
@@ -96,45 +94,40 @@ def test_config_show_prints_the_effective_settings(tmp_path: Path) -> None:
 
 
 async def test_notify_graceful_stop_and_quiet_logs(tmp_path: Path) -> None:
-    notify = str(tmp_path / "notify.sock")
     data = tmp_path / "data"
     with trio.fail_after(DEADLINE_S):
-        with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            await sock.bind(notify)
-            env = {"NOTIFY_SOCKET": notify, "WATCHDOG_USEC": "200000"}
-            async with run_daemon(data, env=env) as daemon:
-                ready = b""
-                while not ready.startswith(b"READY=1"):  # watchdog pings may come first
-                    ready = await sock.recv(4096)
-                assert daemon.url.encode() in ready  # sent once the port listens
-                async with httpx.AsyncClient(base_url=daemon.url) as http:
-                    created = (await http.post("/v1/workspaces", json={"name": "ops"})).json()
-                    key = created["data"]["api_key"]
-                    agent = (await http.post("/v1/agents", json={"name": "a"},
-                             headers={"Authorization": f"Bearer {key}"})).json()["data"]
-                pings = 0
-                while pings < 2:
-                    pings += (await sock.recv(4096)) == b"WATCHDOG=1"
-                closed: list[int | None] = []
-                sent = trio.Event()
-                async with trio.open_nursery() as nursery:
-                    async def hold() -> None:
-                        async with connect(daemon.ws_url, agent["token"],
-                                           reconnect=False) as client:
-                            await client.request("message.send", channel="general",
-                                                 text="a very private body")
-                            sent.set()
-                            async for _ in client.deliveries():
-                                pass  # ends when the server closes the socket
-                            closed.append(client.close_code)
+        env = {"WATCHDOG_USEC": "200000"}
+        async with run_daemon(data, env=env) as daemon:
+            sock, ready = daemon.notifications, daemon.ready
+            assert daemon.url.encode() in ready  # sent once the port listens
+            async with httpx.AsyncClient(base_url=daemon.url) as http:
+                created = (await http.post("/v1/workspaces", json={"name": "ops"})).json()
+                key = created["data"]["api_key"]
+                agent = (await http.post("/v1/agents", json={"name": "a"},
+                         headers={"Authorization": f"Bearer {key}"})).json()["data"]
+            pings = 0
+            while pings < 2:
+                pings += (await sock.recv(4096)) == b"WATCHDOG=1"
+            closed: list[int | None] = []
+            sent = trio.Event()
+            async with trio.open_nursery() as nursery:
+                async def hold() -> None:
+                    async with connect(daemon.ws_url, agent["token"],
+                                       reconnect=False) as client:
+                        await client.request("message.send", channel="general",
+                                             text="a very private body")
+                        sent.set()
+                        async for _ in client.deliveries():
+                            pass  # ends when the server closes the socket
+                        closed.append(client.close_code)
 
-                    nursery.start_soon(hold)
-                    await sent.wait()  # connected, and a write committed
-                    daemon.process.send_signal(signal.SIGTERM)
-                    assert await daemon.process.wait() == 0
-                stopping = b""
-                while b"STOPPING=1" not in stopping:
-                    stopping = await sock.recv(4096)
+                nursery.start_soon(hold)
+                await sent.wait()  # connected, and a write committed
+                daemon.process.send_signal(signal.SIGTERM)
+                assert await daemon.process.wait() == 0
+            stopping = b""
+            while b"STOPPING=1" not in stopping:
+                stopping = await sock.recv(4096)
     assert closed == [1001]
     wal = data / "broker.db-wal"
     assert not wal.exists() or wal.stat().st_size == 0  # checkpointed on the way out
@@ -202,10 +195,8 @@ async def test_presence_left_online_by_a_crash_is_reset_at_start(tmp_path: Path)
         await engine.submit(SetAgentStatus(workspace_id=world.workspace_id,
                                            agent_id=world.agents["alice"], status="online"))
     settings = Settings(data_dir=str(data), http=HttpSettings(host="127.0.0.1", port=0))
-    server = BrokerServer(settings)
     with trio.fail_after(DEADLINE_S):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.run)
+        async with run_server(settings) as server:
             statuses = await server.engine.read(
                 lambda c: dict(c.execute("SELECT name, status FROM agents").fetchall()))
             server.stop()

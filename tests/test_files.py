@@ -15,7 +15,7 @@ from broker.engine import files
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
 from broker.filestore import FileStore, remove_orphans, sweep_files
-from tests.conftest import World
+from tests.helpers.engine import World
 
 SECRET = b"k" * 32
 

@@ -8,8 +8,7 @@ import httpx
 import trio
 
 from broker.server import BrokerServer
-from tests.rest import make_rest_world
-from tests.test_files_http import uploaded
+from tests.helpers.rest import make_rest_world, uploaded
 
 
 def open_fds_of(directory: str) -> int:

@@ -23,9 +23,9 @@ from broker.engine.history import load_messages
 from broker.engine.workspaces import DeleteWorkspace
 from broker.filestore import FileStore, sweep_files
 from broker.server import BrokerServer
-from tests.conftest import TEST_DEADLINE_S
-from tests.rest import RestWorld, call, make_rest_world
-from tests.test_workspace_purge import wait_purged
+from tests.helpers.daemon import run_server
+from tests.helpers.engine import TEST_DEADLINE_S, wait_purged
+from tests.helpers.rest import RestWorld, announce, call, make_rest_world, put, uploaded
 
 
 def store_of(server: BrokerServer) -> FileStore:
@@ -40,32 +40,6 @@ def on_disk(store: FileStore) -> tuple[list[str], list[str]]:
 async def file_rows(server: BrokerServer) -> list[Any]:
     return await server.engine.read(lambda c: c.execute(
         "SELECT id, state, storage_key FROM files ORDER BY id").fetchall())
-
-
-async def announce(
-    client: httpx.AsyncClient, token: str, data: bytes, filename: str = "notes.txt",
-    content_type: str = "text/plain",
-) -> dict[str, Any]:
-    reply = await call(client, "POST", "/v1/files/upload", token, json={
-        "filename": filename, "content_type": content_type, "size_bytes": len(data)})
-    assert reply.status == 201, reply.body
-    return dict(reply.data)
-
-
-async def put(client: httpx.AsyncClient, url: str, content: Any) -> httpx.Response:
-    return await client.put(url, content=content)
-
-
-async def uploaded(
-    client: httpx.AsyncClient, token: str, data: bytes, **kwargs: Any
-) -> dict[str, Any]:
-    """Announce, PUT and complete a file; returns the complete response."""
-    ticket = await announce(client, token, data, **kwargs)
-    response = await put(client, ticket["upload_url"], data)
-    assert response.status_code == 200, response.text
-    done = await call(client, "POST", f"/v1/files/{ticket['id']}/complete", token)
-    assert done.status == 200, done.body
-    return dict(done.data)
 
 
 @pytest.fixture
@@ -474,13 +448,10 @@ async def test_listing_filters_by_uploader_and_pages(
 
 @asynccontextmanager
 async def running(data_dir: Path, config: EngineConfig) -> AsyncIterator[BrokerServer]:
-    srv = BrokerServer(Settings(
+    async with run_server(Settings(
         data_dir=str(data_dir), engine=config,
-        http=HttpSettings(host="127.0.0.1", port=0, shutdown_grace_seconds=1.0)))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(srv.run)
+        http=HttpSettings(host="127.0.0.1", port=0, shutdown_grace_seconds=1.0))) as srv:
         yield srv
-        srv.stop()
 
 
 async def test_a_daemon_killed_mid_upload_leaves_no_visible_half_file(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,53 +16,23 @@ from hypercorn.trio.tcp_server import TCPServer
 from broker.client import RequestError, connect
 from broker.engine.agents import DeactivateAgent, RotateToken, SetAgentStatus
 from broker.engine.config import EngineConfig, Limits
-from broker.engine.mailbox import seq_marks
 from broker.engine.workspaces import DeleteWorkspace
 from broker.gateway.native import AgentSession
 from broker.gateway.presence import ACTIVE, OFFLINE, PresenceReporter
 from broker.server import BrokerServer
 from protocol.codec import MSGPACK_SUBPROTOCOL, CloseCode
-from tests.conftest import TEST_DEADLINE_S, World, make_world
-from tests.realtime import (
+from tests.helpers.daemon import serve
+from tests.helpers.engine import TEST_DEADLINE_S, make_world
+from tests.helpers.realtime import (
     FakeWebSocket,
+    Live,
     closed_with,
     eventually,
     gateway_of,
     next_frame,
-    post,
     raw_socket,
     send_json,
-    serve,
-    ws_url,
 )
-
-
-class Live(msgspec.Struct):
-    server: BrokerServer
-    world: World
-
-    @property
-    def url(self) -> str:
-        return ws_url(self.server)
-
-    def token(self, name: str) -> str:
-        return self.world.tokens[name]
-
-    async def post(self, author: str, text: str, channel: str = "general") -> int:
-        return await post(self.server.engine, self.world.workspace_id, self.world.agents[author],
-                          channel, text)
-
-    async def marks(self, name: str) -> tuple[int, int]:
-        marks = await self.server.engine.read(seq_marks, self.world.workspace_id,
-                                              self.world.agents[name])
-        return marks.last_seq, marks.acked_seq
-
-
-@pytest.fixture
-async def live(tmp_path: Path) -> AsyncIterator[Live]:
-    with trio.fail_after(TEST_DEADLINE_S):
-        async with serve(tmp_path) as server:
-            yield Live(server, await make_world(server.engine))
 
 
 async def acked_at_least(live: Live, name: str, seq: int) -> bool:
@@ -388,8 +357,6 @@ async def test_a_sender_gets_no_delivery_of_its_own_message(live: Live) -> None:
         pong = await next_frame(alice, "pong", "deliver")
         assert pong == {"v": 1, "type": "pong", "re": "p"}
     assert (await live.marks("alice"))[0] == 0
-
-
 
 
 async def test_open_sessions_are_counted_in_the_metrics(live: Live) -> None:

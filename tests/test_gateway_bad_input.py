@@ -6,8 +6,6 @@ the same server keeps working.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -22,24 +20,26 @@ from broker.gateway.settings import GatewaySettings
 from broker.server import BrokerServer
 from protocol.codec import MSGPACK_SUBPROTOCOL, CloseCode
 from protocol.nesting import MAX_NESTING_DEPTH
-from tests.conftest import TEST_DEADLINE_S, World, make_world
-from tests.realtime import closed_with, next_frame, post, raw_socket, send_json, serve, ws_url
+from tests.helpers.daemon import serve
+from tests.helpers.engine import TEST_DEADLINE_S, make_world
+from tests.helpers.realtime import (
+    Live,
+    closed_with,
+    next_frame,
+    post,
+    raw_socket,
+    send_json,
+    ws_url,
+)
 
 SMALL_FRAMES = GatewaySettings(max_frame_bytes=4096)
-# Every close code the server may use on a session that sent bad frames.
-DOCUMENTED_CLOSES = {int(c) for c in CloseCode}
-
-
-class Live(msgspec.Struct):
-    server: BrokerServer
-    world: World
 
 
 @pytest.fixture
-async def live(tmp_path: Path) -> AsyncIterator[Live]:
-    with trio.fail_after(TEST_DEADLINE_S):
-        async with serve(tmp_path, SMALL_FRAMES) as server:
-            yield Live(server, await make_world(server.engine))
+def gateway_settings() -> GatewaySettings:
+    return SMALL_FRAMES
+# Every close code the server may use on a session that sent bad frames.
+DOCUMENTED_CLOSES = {int(c) for c in CloseCode}
 
 
 async def written(server: BrokerServer) -> tuple[int, int]:

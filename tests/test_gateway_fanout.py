@@ -17,7 +17,7 @@ from broker.gateway import Gateway, views
 from broker.gateway.frame_queue import DeliverItem, EventItem, FrameQueue, Mode
 from broker.gateway.node import NodeSession
 from broker.gateway.views import FactView
-from tests.realtime import FakeWebSocket
+from tests.helpers.realtime import FakeWebSocket
 
 _MESSAGE = {"id": "42", "channel_name": "general", "conversation_id": None, "agent_id": "7",
             "agent_name": "alice", "text": "hi", "thread_id": None, "attachments": [],

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import httpx
 import pytest
-import trio
 
 from broker.client import RequestError, connect
 from broker.engine.mailbox import AckUpTo
 from broker.server import BrokerServer
-from tests.conftest import TEST_DEADLINE_S, World, make_world
-from tests.realtime import post, serve, ws_url
-from tests.rest import call
-
-
-@pytest.fixture
-async def live(tmp_path: Path) -> AsyncIterator[tuple[BrokerServer, World]]:
-    with trio.fail_after(TEST_DEADLINE_S):
-        async with serve(tmp_path) as server:
-            yield server, await make_world(server.engine)
+from tests.helpers.realtime import Live, post, ws_url
+from tests.helpers.rest import call
 
 
 async def reactions(server: BrokerServer) -> int:
@@ -31,9 +19,9 @@ async def reactions(server: BrokerServer) -> int:
 
 
 async def test_delivery_list_of_acked_rows_over_the_socket(
-    live: tuple[BrokerServer, World],
+    live: Live,
 ) -> None:
-    server, world = live
+    server, world = live.server, live.world
     alice, bob = world.agents["alice"], world.agents["bob"]
     for text in ("one", "two", "three"):
         await post(server.engine, world.workspace_id, alice, "general", text)
@@ -56,9 +44,9 @@ async def test_delivery_list_of_acked_rows_over_the_socket(
 
 @pytest.mark.parametrize("bad", ["\u0000", "\u202e", "a\nb", "x" * 65])
 async def test_reaction_emoji_refused_on_rest_and_socket_writes_nothing(
-    live: tuple[BrokerServer, World], bad: str,
+    live: Live, bad: str,
 ) -> None:
-    server, world = live
+    server, world = live.server, live.world
     message = await post(server.engine, world.workspace_id, world.agents["alice"], "general",
                          "react to me")
     assert server.url is not None

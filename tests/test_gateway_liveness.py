@@ -30,7 +30,7 @@ from broker.gateway.session import Session
 from broker.gateway.settings import GatewaySettings
 from broker.gateway.views import FactView
 from protocol.codec import CloseCode
-from tests.realtime import FakeWebSocket
+from tests.helpers.realtime import FakeWebSocket
 
 DEFAULTS = GatewaySettings()
 

@@ -13,11 +13,8 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, cast
 
-import msgspec
-import pytest
 import trio
 import trio.testing
 import trio_websocket
@@ -25,7 +22,7 @@ import trio_websocket
 from broker.client import connect
 from broker.engine.engine import Engine
 from broker.engine.events import encode_payload
-from broker.engine.mailbox import AckUpTo, FailDelivery, delivery_id, seq_marks
+from broker.engine.mailbox import AckUpTo, FailDelivery
 from broker.gateway import Gateway
 from broker.gateway.frame_queue import Mode
 from broker.gateway.native import AgentSession
@@ -33,44 +30,20 @@ from broker.gateway.recorder import DeliveryRecorder
 from broker.gateway.redelivery import HeldDelivery, HeldPage, held_deliveries
 from broker.gateway.settings import GatewaySettings
 from broker.gateway.views import FactView
-from broker.server import BrokerServer
-from tests.conftest import TEST_DEADLINE_S, World, make_world
-from tests.realtime import (
+from tests.helpers.engine import (
+    delivery_rows,
+    hold_writer,
+    wait_queued,
+)
+from tests.helpers.realtime import (
     FakeWebSocket,
+    Live,
     eventually,
     next_frame,
-    post,
     raw_socket,
     send_json,
-    serve,
     ws_url,
 )
-from tests.test_mailbox import delivery_rows
-from tests.test_writer import hold_writer, wait_queued
-
-
-class Live(msgspec.Struct):
-    server: BrokerServer
-    world: World
-
-    async def post(self, text: str) -> None:
-        await post(self.server.engine, self.world.workspace_id, self.world.agents["alice"],
-                   "general", text)
-
-    async def acked_seq(self) -> int:
-        marks = await self.server.engine.read(seq_marks, self.world.workspace_id,
-                                              self.world.agents["bob"])
-        return marks.acked_seq
-
-    def bob(self, seq: int) -> str:
-        return delivery_id(self.world.agents["bob"], seq)
-
-
-@pytest.fixture
-async def live(tmp_path: Path) -> AsyncIterator[Live]:
-    with trio.fail_after(TEST_DEADLINE_S):
-        async with serve(tmp_path) as server:
-            yield Live(server, await make_world(server.engine))
 
 
 async def request(ws: trio_websocket.WebSocketConnection, request_id: str, type_: str,
@@ -88,25 +61,26 @@ async def test_a_failed_or_deferred_delivery_comes_again_flagged_and_nothing_els
 ) -> None:
     async with raw_socket(live.server, live.world.tokens["bob"]) as bob:
         for text in ("one", "two", "three"):
-            await live.post(text)
+            await live.post("alice", text)
         assert [(await next_frame(bob, "deliver"))["seq"] for _ in range(3)] == [1, 2, 3]
         # The agent gives them back after their pushes were recorded (a push
         # mark that lands after a fail overrides it: the engine's business).
         await eventually(lambda: _marked(live, 1, 2, 3))
 
-        await request(bob, "f", "delivery.fail", delivery_id=live.bob(2), error="busy")
+        await request(bob, "f", "delivery.fail", delivery_id=live.delivery_id("bob", 2),
+                      error="busy")
         again = await next_frame(bob, "deliver")
         assert again["seq"] == 2 and again["redelivery"] is True
         assert again["payload"]["data"]["text"] == "two"
 
         # Deferred to a time already past: due at once, pushed again at once.
-        await request(bob, "d", "delivery.defer", delivery_id=live.bob(3),
+        await request(bob, "d", "delivery.defer", delivery_id=live.delivery_id("bob", 3),
                       available_at="2020-01-01T00:00:00Z")
         again = await next_frame(bob, "deliver")
         assert again["seq"] == 3 and again["redelivery"] is True
 
         # Nothing else came again: the next delivery is the next new one.
-        await live.post("four")
+        await live.post("alice", "four")
         frame = await next_frame(bob, "deliver")
         assert frame["seq"] == 4 and "redelivery" not in frame
         # Pushed again, the held ones are settled by the next cumulative ack.
@@ -128,7 +102,7 @@ async def test_the_python_client_takes_a_redelivery_below_its_last_seq_and_its_a
     engine, world = live.server.engine, live.world
     async with connect(ws_url(live.server), world.tokens["bob"]) as bob:
         for text in ("one", "two", "three"):
-            await live.post(text)
+            await live.post("alice", text)
         deliveries = bob.deliveries()
         got = [await deliveries.__anext__() for _ in range(3)]
         assert [d.seq for d in got] == [1, 2, 3]
@@ -136,17 +110,18 @@ async def test_the_python_client_takes_a_redelivery_below_its_last_seq_and_its_a
         # consumer's hands, and the agent gives it back once its push is recorded.
         await eventually(lambda: _marked(live, 3))
         await engine.submit(FailDelivery(workspace_id=world.workspace_id,
-                                         agent_id=world.agents["bob"], delivery_id=live.bob(3),
+                                         agent_id=world.agents["bob"],
+                                         delivery_id=live.delivery_id("bob", 3),
                                          error="try later"))
         again = await deliveries.__anext__()
         assert (again.seq, again.redelivery, again.data["text"]) == (3, True, "three")
         assert bob.redeliveries == 1 and bob.duplicates == 0
-        await live.post("four")
+        await live.post("alice", "four")
         fourth = await deliveries.__anext__()  # asking for it processed the redelivery
         assert fourth.seq == 4 and not fourth.redelivery
 
         async def settled() -> bool:  # everything processed is acked, seq 1 included
-            return await live.acked_seq() >= 3
+            return await live.acked("bob") >= 3
 
         await eventually(settled)
 
@@ -158,13 +133,14 @@ async def test_a_held_delivery_pushed_again_is_settled_by_an_ack_in_the_same_flu
     # first: the ack finds the pushed-again delivery `delivered`, not held.
     engine, wid, bob, recorder = await _three_pushes_recorded(live)
     await recorder.flush()
-    await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=live.bob(2)))
+    await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob,
+                                     delivery_id=live.delivery_id("bob", 2)))
     assert (await engine.submit(AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=3))
             ).acked_seq == 1  # 2 is held
     recorder.delivered(wid, bob, 2, redelivery=True)  # pushed again...
     recorder.ack_nowait(wid, bob, 3)  # ...and acked, before the recorder ran
     await recorder.flush()
-    assert await live.acked_seq() == 3
+    assert await live.acked("bob") == 3
     assert recorder.statistics().commands == 2  # the first flush, then this one
 
 
@@ -176,7 +152,7 @@ async def _three_pushes_recorded(
     engine, world = live.server.engine, live.world
     wid, bob = world.workspace_id, world.agents["bob"]
     for text in ("one", "two", "three"):
-        await live.post(text)
+        await live.post("alice", text)
     recorder = DeliveryRecorder(engine, **settings)
     for seq in (1, 2, 3):
         recorder.delivered(wid, bob, seq)
@@ -199,7 +175,8 @@ async def test_pushes_acked_within_the_fold_window_are_written_once_with_the_ack
     engine, wid, bob, recorder = await _three_pushes_recorded(live, fold_window=3600)
     async with trio.open_nursery() as nursery:
         await nursery.start(recorder.run)
-        await trio.sleep(0.05)  # the actor runs: nothing is due, nothing is written
+        # The actor runs: nothing is due, nothing is written.
+        await trio.testing.wait_all_tasks_blocked()
         assert recorder.statistics().commands == 0
         assert await delivery_rows(engine, bob) == [(s, "queued", 0, 0, 0) for s in (1, 2, 3)]
         recorder.ack_nowait(wid, bob, 2)
@@ -219,14 +196,14 @@ async def test_acks_nobody_waits_for_are_held_and_an_awaited_ack_takes_them_alon
     engine, world = live.server.engine, live.world
     wid, bob = world.workspace_id, world.agents["bob"]
     for text in ("one", "two", "three"):
-        await live.post(text)
+        await live.post("alice", text)
     recorder = DeliveryRecorder(engine, fold_window=3600, ack_delay=3600)
     async with running(recorder):
         recorder.ack_nowait(wid, bob, 1)
         recorder.ack_nowait(wid, bob, 2)
-        await trio.sleep(0.05)  # the actor runs: no ack is due yet
+        await trio.testing.wait_all_tasks_blocked()  # the actor runs: no ack is due yet
         assert recorder.statistics().commands == 0
-        assert await live.acked_seq() == 0
+        assert await live.acked("bob") == 0
         result = await recorder.ack(wid, bob, 3)
         assert (result.acked, result.acked_seq) == (3, 3)
         assert recorder.statistics().commands == 1
@@ -240,7 +217,7 @@ async def test_marks_leaving_at_the_end_of_their_window_take_the_held_ack_along(
     engine, world = live.server.engine, live.world
     wid, bob = world.workspace_id, world.agents["bob"]
     for text in ("one", "two"):
-        await live.post(text)
+        await live.post("alice", text)
     recorder = DeliveryRecorder(engine, fold_window=0.05, ack_delay=3600)
     async with running(recorder):
         recorder.delivered(wid, bob, 1)
@@ -254,7 +231,7 @@ async def test_marks_leaving_at_the_end_of_their_window_take_the_held_ack_along(
 async def test_flush_waits_for_receipts_the_actor_is_already_committing(live: Live) -> None:
     engine, world = live.server.engine, live.world
     wid, bob = world.workspace_id, world.agents["bob"]
-    await live.post("one")
+    await live.post("alice", "one")
     recorder = DeliveryRecorder(engine)
     async with running(recorder) as nursery:
         release = await hold_writer(engine, nursery)
@@ -267,7 +244,7 @@ async def test_flush_waits_for_receipts_the_actor_is_already_committing(live: Li
             flushed.set()
 
         nursery.start_soon(flush)
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()
         assert not flushed.is_set()  # nothing left to take, but not committed yet
         release.set()
         await flushed.wait()
@@ -279,7 +256,7 @@ async def test_a_push_nobody_acks_is_marked_once_the_fold_window_has_passed(
 ) -> None:
     engine, world = live.server.engine, live.world
     wid, bob = world.workspace_id, world.agents["bob"]
-    await live.post("one")
+    await live.post("alice", "one")
     recorder = DeliveryRecorder(engine, fold_window=0.05)
     async with running(recorder):
         recorder.delivered(wid, bob, 1)
@@ -292,7 +269,7 @@ async def test_a_push_nobody_acks_is_marked_once_the_fold_window_has_passed(
 
 
 async def _acked_at_least(live: Live, seq: int) -> bool:
-    return await live.acked_seq() >= seq
+    return await live.acked("bob") >= seq
 
 
 async def test_a_late_mark_of_an_ordinary_push_does_not_release_a_row_failed_since(
@@ -302,12 +279,13 @@ async def test_a_late_mark_of_an_ordinary_push_does_not_release_a_row_failed_sin
     # mark: the mark must not turn the failed row back into `delivered`,
     # or the next cumulative ack would settle what the agent gave back.
     engine, wid, bob, recorder = await _three_pushes_recorded(live)
-    await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob, delivery_id=live.bob(2)))
+    await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob,
+                                     delivery_id=live.delivery_id("bob", 2)))
     recorder.ack_nowait(wid, bob, 3)
     await recorder.flush()
     assert await delivery_rows(engine, bob) == [
         (1, "acked", 1, 1, 1), (2, "failed", 0, 0, 0), (3, "acked", 1, 1, 1)]
-    assert await live.acked_seq() == 1
+    assert await live.acked("bob") == 1
 
 
 # -- on the autojump clock, with a scripted database ------------------------------------------

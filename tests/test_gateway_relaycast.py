@@ -6,12 +6,10 @@ Frame shapes are those of @relaycast/types@6.0.2 (fleet-wire.d.ts, events.d.ts).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
 import httpx
-import msgspec
 import pytest
 import trio
 import trio.testing
@@ -36,43 +34,18 @@ from broker.gateway import Gateway
 from broker.gateway.frame_queue import Mode
 from broker.gateway.node import NodeSession, node_token_cut
 from broker.gateway.settings import GatewaySettings
-from broker.server import BrokerServer
 from protocol.codec import CloseCode
-from tests.conftest import TEST_DEADLINE_S, World, make_world
-from tests.realtime import (
+from tests.helpers.daemon import serve
+from tests.helpers.engine import TEST_DEADLINE_S, make_world
+from tests.helpers.realtime import (
     FakeWebSocket,
+    Live,
     eventually,
     next_frame,
     post,
     raw_socket,
     send_json,
-    serve,
 )
-
-
-class Live(msgspec.Struct):
-    server: BrokerServer
-    world: World
-
-    async def node_token(self, name: str) -> dict[str, Any]:
-        assert self.server.url is not None
-        async with httpx.AsyncClient(base_url=self.server.url) as http:
-            response = await http.post(
-                "/v1/agent/node-token", json={},
-                headers={"Authorization": f"Bearer {self.world.tokens[name]}"})
-        assert response.status_code == 201, response.text
-        body = response.json()
-        assert body["ok"] is True
-        data: dict[str, Any] = body["data"]
-        return data
-
-
-@pytest.fixture
-async def live(tmp_path: Path) -> AsyncIterator[Live]:
-    with trio.fail_after(TEST_DEADLINE_S):
-        async with serve(tmp_path) as server:
-            yield Live(server, await make_world(server.engine))
-
 
 # -- node tokens ----------------------------------------------------------------------------
 

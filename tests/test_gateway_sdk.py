@@ -23,9 +23,12 @@ from broker.engine.engine import Engine
 from broker.engine.mailbox import seq_marks
 from broker.engine.reactions import AddReaction
 from broker.engine.threads import ReplyToThread
-from tests.conftest import make_world
-from tests.realtime import FAST_ENGINE, eventually, post, serve
-from tests.test_interop_sdk import INTEROP, NODE, ensure_sdk_installed, pytestmark  # noqa: F401
+from tests.helpers.daemon import FAST_ENGINE, serve
+from tests.helpers.engine import make_world
+from tests.helpers.interop import INTEROP, NODE, ensure_sdk_installed, needs_node
+from tests.helpers.realtime import eventually, post
+
+pytestmark = needs_node
 
 SDK_DEADLINE_S = 90
 

@@ -20,8 +20,9 @@ from broker.engine.engine import Engine
 from broker.engine.messages import SendChannelMessage
 from broker.gateway.frame_queue import Mode
 from broker.gateway.settings import GatewaySettings
-from tests.conftest import World, make_world
-from tests.realtime import eventually, gateway_of, next_frame, raw_socket, send_json, serve
+from tests.helpers.daemon import serve
+from tests.helpers.engine import World, make_world
+from tests.helpers.realtime import eventually, gateway_of, next_frame, raw_socket, send_json
 
 SEAM_DEADLINE_S = 120
 

@@ -30,15 +30,15 @@ from broker.engine.messages import SendChannelMessage
 from broker.gateway.settings import GatewaySettings
 from broker.server import BrokerServer
 from protocol.codec import CloseCode
-from tests.conftest import World, make_world
-from tests.realtime import (
+from tests.helpers.daemon import serve
+from tests.helpers.engine import World, make_world
+from tests.helpers.realtime import (
     closed_with,
     eventually,
     gateway_of,
     next_frame,
     raw_socket,
     send_json,
-    serve,
     ws_url,
 )
 

@@ -27,8 +27,8 @@ from wsproto.connection import Connection
 from wsproto.events import TextMessage
 
 from broker.gateway.websocket import AsgiWebSocket
-from tests.conftest import TEST_DEADLINE_S, make_world
-from tests.realtime import serve
+from tests.helpers.daemon import serve
+from tests.helpers.engine import TEST_DEADLINE_S, make_world
 
 FRAME_PAYLOAD = 1_000_000  # far more than the socket buffers below hold
 

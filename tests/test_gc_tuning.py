@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from broker.gc_tuning import YOUNG_GENERATION_THRESHOLD, CollectorPauses
 from broker.loadtest.command import daemon_figures
-from tests.conftest import TEST_DEADLINE_S
-from tests.realtime import serve
+from tests.helpers.daemon import serve
+from tests.helpers.engine import TEST_DEADLINE_S
 
 PROCESS_DEADLINE_S = 60
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.rest import call, make_rest_world
+from tests.helpers.rest import call, make_rest_world
 
 
 async def test_register_returns_the_token_once(client: httpx.AsyncClient) -> None:

@@ -22,7 +22,7 @@ from broker.engine.config import EngineConfig, Limits
 from broker.http.routes import ROUTES
 from broker.operations import OPERATIONS
 from broker.webhooks.settings import WebhookSettings
-from tests.rest import RestWorld, call, make_rest_world
+from tests.helpers.rest import RestWorld, call, make_rest_world
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.rest import call, make_rest_world
+from tests.helpers.rest import call, make_rest_world
 
 
 async def test_create_channel_as_an_agent_makes_it_the_owner(client: httpx.AsyncClient) -> None:

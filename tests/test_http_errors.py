@@ -10,7 +10,7 @@ import pytest
 from broker.http.errors import status_for
 from broker.operations import registry as operations
 from broker.server import BrokerServer
-from tests.rest import call, make_rest_world
+from tests.helpers.rest import call, make_rest_world
 
 
 @pytest.mark.parametrize(

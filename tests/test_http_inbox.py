@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.rest import call, make_rest_world
+from tests.helpers.rest import call, make_rest_world
 
 GENERAL = "/v1/channels/general/messages"
 

@@ -11,7 +11,7 @@ import trio
 import trio_websocket
 
 from broker.server import BrokerServer
-from tests.rest import call, make_rest_world
+from tests.helpers.rest import call, make_rest_world
 
 
 async def test_healthz_answers(client: httpx.AsyncClient) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.rest import call, make_rest_world
+from tests.helpers.rest import call, make_rest_world
 
 
 async def test_lists_leave_out_members_and_channels(client: httpx.AsyncClient) -> None:

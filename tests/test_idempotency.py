@@ -19,9 +19,7 @@ from broker.engine.engine import Engine
 from broker.engine.messages import SendChannelMessage
 from broker.engine.threads import ReplyToThread
 from protocol.objects import Message
-from tests.conftest import World
-from tests.test_conversations import Gate
-from tests.test_workspaces import refused, snapshot
+from tests.helpers.engine import Gate, World, refused, snapshot
 
 
 async def _group(engine: Engine, world: World) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import trio
-
 from broker.engine.channels import CreateChannel, JoinChannel
 from broker.engine.conversations import CreateGroupDm, SendDm, SendGroupDm
 from broker.engine.engine import Engine
@@ -12,8 +10,7 @@ from broker.engine.messages import SendChannelMessage
 from broker.engine.reactions import AddReaction
 from broker.engine.reads import MarkRead
 from broker.engine.threads import ReplyToThread
-from tests.conftest import World
-from tests.test_workspaces import query_refused
+from tests.helpers.engine import WallClock, World, query_refused
 
 
 def post(world: World, sender: str, text: str, channel: str = "general") -> SendChannelMessage:
@@ -40,10 +37,11 @@ async def test_unread_channels_count_new_messages_and_replies(
 
 async def test_unread_starts_at_joining(engine: Engine, world: World) -> None:
     wid, a = world.workspace_id, world.agents
+    clock = engine.writer.clock = WallClock()
     await engine.submit(CreateChannel(workspace_id=wid, agent_id=a["alice"], name="ops"))
     await engine.submit(post(world, "alice", "before dave joined", "ops"))
     # The floor has millisecond resolution (joined_at); let the clock move on.
-    await trio.sleep(0.005)
+    clock.advance(0.005)
     await engine.submit(JoinChannel(workspace_id=wid, agent_id=a["dave"], channel="ops"))
     box = await engine.read(inbox, wid, a["dave"])
     assert [c.channel_name for c in box.unread_channels] == []

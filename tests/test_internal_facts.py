@@ -12,7 +12,7 @@ from broker.engine.facts import Fact
 from broker.engine.mailbox import FailDelivery
 from broker.engine.messages import SendChannelMessage
 from broker.engine.webhooks import CreateSubscription
-from tests.conftest import World
+from tests.helpers.engine import World
 
 
 async def test_nudges_write_no_outbox_rows_and_are_marked_internal(

@@ -12,36 +12,16 @@ not installed.
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 
 from broker.server import BrokerServer
+from tests.helpers.interop import INTEROP, NODE, ensure_sdk_installed, needs_node
 
-INTEROP = Path(__file__).parent / "interop"
-NODE = shutil.which("node")
-# npm ci fetches three packages; the flow itself takes well under a second.
-INSTALL_DEADLINE_S = 300
 FLOW_DEADLINE_S = 60
 
-pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed")
-
-
-async def ensure_sdk_installed() -> None:
-    if (INTEROP / "node_modules" / "@relaycast" / "sdk" / "package.json").exists():
-        return
-    npm = shutil.which("npm")
-    if npm is None:
-        pytest.fail("node is installed but npm is not: cannot install tests/interop/node_modules "
-                    "(run `make interop-deps` on a machine with npm)")
-    with trio.fail_after(INSTALL_DEADLINE_S):
-        await trio.run_process(
-            [npm, "ci", "--no-audit", "--no-fund"], cwd=INTEROP, capture_stdout=True,
-            capture_stderr=True,
-        )
+pytestmark = needs_node
 
 
 async def run_flow(base_url: str) -> dict[str, Any]:

@@ -29,9 +29,16 @@ from broker.engine.mailbox import (
 )
 from broker.engine.maintenance import ExpireDeliveries
 from broker.engine.messages import SendChannelMessage
-from tests.conftest import TEST_DEADLINE_S, World, make_world
-from tests.realtime import eventually, next_frame, post, raw_socket, send_json, serve
-from tests.test_workspaces import query_refused, refused
+from tests.helpers.daemon import serve
+from tests.helpers.engine import (
+    TEST_DEADLINE_S,
+    World,
+    delivery_rows,
+    make_world,
+    query_refused,
+    refused,
+)
+from tests.helpers.realtime import eventually, next_frame, post, raw_socket, send_json
 
 
 async def send_to_bob(engine: Engine, world: World, n: int) -> list[str]:
@@ -48,13 +55,6 @@ async def states(engine: Engine, agent_id: int) -> list[tuple[Any, ...]]:
     return await engine.read(lambda c: c.execute(
         "SELECT seq, state FROM deliveries WHERE agent_id = ? ORDER BY seq",
         (agent_id,)).fetchall())
-
-
-async def delivery_rows(engine: Engine, agent_id: int) -> list[tuple[Any, ...]]:
-    """(seq, state, attempts, delivered_at set, acked_at set) of each of the agent's rows."""
-    return await engine.read(lambda c: c.execute(
-        "SELECT seq, state, attempts, delivered_at IS NOT NULL, acked_at IS NOT NULL"
-        " FROM deliveries WHERE agent_id = ? ORDER BY seq", (agent_id,)).fetchall())
 
 
 def pushed_now() -> int:

@@ -11,14 +11,12 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
 import pytest
-import trio
 import trio_websocket
 from hypothesis import given
 from hypothesis import strategies as st
@@ -39,9 +37,8 @@ from protocol.nesting import (
     msgpack_openers,
     nesting_exceeds,
 )
-from tests.conftest import TEST_DEADLINE_S, World, make_world
-from tests.realtime import closed_with, next_frame, raw_socket, send_json, serve
-from tests.rest import RestWorld, call, make_rest_world
+from tests.helpers.realtime import Live, closed_with, next_frame, raw_socket, send_json
+from tests.helpers.rest import RestWorld, call, make_rest_world
 
 LIMIT = MAX_NESTING_DEPTH
 # Deep enough that msgspec and tomllib run out of recursion (the reported cases).
@@ -334,18 +331,6 @@ async def test_inbound_hook_body_nested_too_deep_is_400_and_posts_nothing(
 
 
 # -- WebSocket sessions on a live server ----------------------------------------------------
-
-
-class Live(msgspec.Struct):
-    server: BrokerServer
-    world: World
-
-
-@pytest.fixture
-async def live(tmp_path: Path) -> AsyncIterator[Live]:
-    with trio.fail_after(TEST_DEADLINE_S):
-        async with serve(tmp_path) as server:
-            yield Live(server, await make_world(server.engine))
 
 
 @pytest.mark.parametrize("levels", [LIMIT, IN_DATA])

@@ -38,7 +38,7 @@ from broker.http.routes import ROUTES
 from broker.operations import OPERATIONS
 from broker.ratelimit import UNLIMITED
 from broker.server import BrokerServer
-from tests.rest import call, make_rest_world
+from tests.helpers.rest import call, make_rest_world
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 ROW = re.compile(r"^\| (GET|POST|PUT|PATCH|DELETE) \| `([^`]+)` \| ", re.M)

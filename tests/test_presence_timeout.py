@@ -17,12 +17,9 @@ last heartbeat is `heartbeat_timeout` old, with the same
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, cast
 
-import httpx
-import msgspec
 import pytest
 import trio
 import trio.testing
@@ -33,10 +30,7 @@ from broker.engine.engine import Engine
 from broker.fanout import FanoutHub
 from broker.gateway.presence import EXPIRY_SPACING, PresenceReporter
 from broker.gateway.settings import GatewaySettings
-from broker.server import BrokerServer
-from tests.conftest import TEST_DEADLINE_S, World, make_world
-from tests.realtime import gateway_of, next_frame, raw_socket, serve
-from tests.rest import call
+from tests.helpers.realtime import Live, next_frame, raw_socket
 
 TIMEOUT_S = GatewaySettings().heartbeat_timeout_seconds
 
@@ -51,40 +45,6 @@ class WallClock:
 
     def advance(self, seconds: float) -> None:
         self.offset += seconds
-
-
-class Live(msgspec.Struct):
-    server: BrokerServer
-    world: World
-    http: httpx.AsyncClient
-
-    @property
-    def presence(self) -> PresenceReporter:
-        return gateway_of(self.server).presence
-
-    async def heartbeat(self, name: str) -> None:
-        beat = await call(self.http, "POST", "/v1/agents/heartbeat", self.world.tokens[name],
-                          json={})
-        assert beat.data["status"] == "online"
-
-    async def status(self, name: str) -> str:
-        row = await self.server.engine.read(lambda c: c.execute(
-            "SELECT status FROM agents WHERE id = ?", (self.world.agents[name],)).fetchone())
-        return str(row[0])
-
-    async def timeout_pass(self) -> int:
-        """One pass of the reporter's heartbeat timeout; how many agents it set offline."""
-        stale = await self.presence.find_stale()
-        return await self.presence.expire(stale.agents)
-
-
-@pytest.fixture
-async def live(tmp_path: Path) -> AsyncIterator[Live]:
-    with trio.fail_after(TEST_DEADLINE_S):
-        async with serve(tmp_path) as server:
-            assert server.url is not None
-            async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
-                yield Live(server, await make_world(server.engine), http)
 
 
 async def status_event(ws: trio_websocket.WebSocketConnection, name: str) -> dict[str, Any]:

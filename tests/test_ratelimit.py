@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 import trio
 import trio_websocket
@@ -26,9 +27,10 @@ from broker.ratelimit import (
     client_address,
 )
 from broker.server import BrokerServer
-from tests.conftest import TEST_DEADLINE_S, World, make_world
-from tests.realtime import FAST_ENGINE, next_frame, raw_socket, send_json
-from tests.rest import call, uploaded
+from tests.helpers.daemon import FAST_ENGINE, run_server
+from tests.helpers.engine import TEST_DEADLINE_S, make_world
+from tests.helpers.realtime import Live, next_frame, raw_socket, send_json
+from tests.helpers.rest import call, uploaded
 
 SECOND = 1_000_000_000
 
@@ -154,36 +156,28 @@ def test_client_address_is_the_tcp_peer_and_ipv6_by_64() -> None:
 # -- a live server with small limits and a fake clock ---------------------------------------
 
 
-class Live:
-    def __init__(self, server: BrokerServer, world: World, clock: FakeClock,
-                 http: httpx.AsyncClient) -> None:
-        self.server = server
-        self.world = world
-        self.clock = clock
-        self.http = http
+class Limited(Live):
+    """The shared `Live`, with the rate limiter's fake clock."""
+
+    clock: FakeClock = msgspec.field(default_factory=FakeClock)
 
 
 @asynccontextmanager
 async def limited(
     tmp_path: Path, limits: RateLimitSettings,
     gateway: GatewaySettings | None = None,
-) -> AsyncIterator[Live]:
+) -> AsyncIterator[Limited]:
     settings = Settings(
         data_dir=str(tmp_path / "data"), engine=FAST_ENGINE,
         http=HttpSettings(host="127.0.0.1", port=0, shutdown_grace_seconds=1.0),
         gateway=gateway or GatewaySettings(), rate_limits=limits,
     )
     clock = FakeClock()
-    server = BrokerServer(settings, limiter=RateLimiter(limits, clock=clock))
     with trio.fail_after(TEST_DEADLINE_S):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.run)
-            try:
-                world = await make_world(server.engine)
-                async with httpx.AsyncClient(base_url=str(server.url), timeout=10) as http:
-                    yield Live(server, world, clock, http)
-            finally:
-                server.stop()
+        async with run_server(settings, limiter=RateLimiter(limits, clock=clock)) as server:
+            world = await make_world(server.engine)
+            async with httpx.AsyncClient(base_url=str(server.url), timeout=10) as http:
+                yield Limited(server, world, http, clock)
 
 
 async def count(server: BrokerServer, table: str) -> int:
@@ -192,7 +186,7 @@ async def count(server: BrokerServer, table: str) -> int:
     return int(row[0])
 
 
-async def metric(live: Live, reason: str) -> float:
+async def metric(live: Limited, reason: str) -> float:
     text = (await live.http.get("/metrics")).text
     line = f'broker_refusals_total{{reason="{reason}"}} '
     found = [row for row in text.splitlines() if row.startswith(line)]

@@ -10,8 +10,7 @@ import pytest
 from broker.engine.channels import ArchiveChannel
 from broker.engine.engine import Engine
 from broker.engine.reactions import AddReaction, RemoveReaction, list_reactions
-from tests.conftest import World, make_world
-from tests.test_channels import (
+from tests.helpers.channels import (
     OpenConversation,
     PostInConversation,
     expect_query_refused,
@@ -21,6 +20,7 @@ from tests.test_channels import (
     send,
     snapshot,
 )
+from tests.helpers.engine import World, make_world
 
 
 def react(world: World, who: str, message_id: str, emoji: str = "👍") -> AddReaction:

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from broker.server import BrokerServer
-from tests.test_interop_sdk import INTEROP, NODE, ensure_sdk_installed
+from tests.helpers.interop import INTEROP, NODE, ensure_sdk_installed
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 DEADLINE_S = 60

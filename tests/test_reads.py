@@ -12,8 +12,7 @@ from broker.engine.reactions import AddReaction
 from broker.engine.reads import MarkRead, channel_read_status, readers
 from broker.engine.threads import ReplyToThread
 from broker.engine.writer import Tx
-from tests.conftest import World, make_world
-from tests.test_channels import (
+from tests.helpers.channels import (
     LeaveConversation,
     OpenConversation,
     PostInConversation,
@@ -25,6 +24,7 @@ from tests.test_channels import (
     send,
     snapshot,
 )
+from tests.helpers.engine import World, make_world
 
 
 def mark(world: World, who: str, message_id: str | int) -> MarkRead:

@@ -7,8 +7,7 @@ from broker.engine.conversations import CreateGroupDm, RemoveParticipant, SendDm
 from broker.engine.engine import Engine
 from broker.engine.messages import SendChannelMessage
 from broker.engine.search import MAX_QUERY_CHARS, search_messages
-from tests.conftest import World, make_world
-from tests.test_workspaces import query_refused
+from tests.helpers.engine import World, make_world, query_refused
 
 
 def post(world: World, sender: str, text: str, channel: str = "general") -> SendChannelMessage:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from broker.engine.engine import Engine
 from broker.engine.messages import SendChannelMessage
-from tests.conftest import World
+from tests.helpers.engine import World
 
 
 async def test_send_in_general_reaches_every_other_member(engine: Engine, world: World) -> None:

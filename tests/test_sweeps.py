@@ -7,7 +7,6 @@ from typing import Any
 import apsw
 import msgspec
 import pytest
-import trio
 
 from broker.engine import maintenance as m
 from broker.engine.config import EngineConfig, Retention
@@ -15,7 +14,7 @@ from broker.engine.engine import Engine
 from broker.engine.messages import SendChannelMessage
 from broker.engine.writer import Tx
 from broker.sweeps import Sweeper
-from tests.conftest import World
+from tests.helpers.engine import WallClock, World
 
 DAY = m.DAY_MS
 
@@ -49,13 +48,14 @@ async def send(engine: Engine, world: World, text: str) -> int:
 
 
 async def test_expiry_dead_letters_and_tells_the_sender_once(engine: Engine, world: World) -> None:
+    clock = engine.writer.clock = WallClock()
     message_id = await send(engine, world, "will expire")
     sweeper = Sweeper(engine)
     later = int((await engine.read(lambda c: c.execute(
         "SELECT max(expires_at) FROM deliveries").fetchone()))[0]) + 1
-    # The notices are stamped with the real time; let it pass `later - TTL`,
+    # The notices are stamped with the writer's clock; let it pass `later - TTL`,
     # so they expire after `later` and this sweep cannot also expire them.
-    await trio.sleep(0.005)
+    clock.advance(0.005)
 
     await sweeper.sweep_once(now_ms=later)
     conn = engine.writer.connection

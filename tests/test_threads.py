@@ -11,8 +11,7 @@ from broker.engine.channels import ArchiveChannel, MuteChannel
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
 from broker.engine.threads import ReplyToThread
-from tests.conftest import World, make_world
-from tests.test_channels import (
+from tests.helpers.channels import (
     LeaveConversation,
     OpenConversation,
     PostInConversation,
@@ -24,6 +23,7 @@ from tests.test_channels import (
     send,
     snapshot,
 )
+from tests.helpers.engine import World, make_world
 
 
 def reply(world: World, who: str, message_id: str, text: str = "a reply",

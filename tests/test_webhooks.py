@@ -8,17 +8,11 @@ from a script.
 from __future__ import annotations
 
 import base64
-import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import msgspec
 import pytest
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 
 from broker.engine import inbound_hooks, webhook_deliveries
 from broker.engine import webhooks as wh
@@ -27,106 +21,17 @@ from broker.engine.conversations import CreateGroupDm, SendDm, SendGroupDm
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
 from broker.engine.events import record_event
-from broker.engine.messages import SendChannelMessage
 from broker.engine.reactions import AddReaction
 from broker.engine.reads import MarkRead
 from broker.engine.threads import ReplyToThread
 from broker.engine.writer import Tx
-from tests.conftest import World
+from tests.helpers.engine import World
+from tests.helpers.webhooks import send, subscribe
 
 # -- a local receiver -------------------------------------------------------------------
 
 
-@dataclass
-class Received:
-    at: float  # trio.current_time() when the request arrived
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return msgspec.json.decode(self.body)
-
-
-@dataclass
-class Receiver:
-    """An ASGI app that records requests; answers `statuses` in turn, then `default`.
-
-    hang: never answer (the request stays open until the client gives up).
-    """
-
-    statuses: list[int] = field(default_factory=list)
-    default: int = 200
-    hang: bool = False
-    requests: list[Received] = field(default_factory=list)
-    open_requests: int = 0
-    most_open: int = 0
-    url: str = ""
-
-    def __post_init__(self) -> None:
-        self._changed = trio.Event()
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        self.requests.append(Received(trio.current_time(), headers, body))
-        self.open_requests += 1
-        self.most_open = max(self.most_open, self.open_requests)
-        self._changed.set()
-        self._changed = trio.Event()
-        try:
-            if self.hang:
-                await trio.sleep_forever()
-            status = self.statuses.pop(0) if self.statuses else self.default
-            await send({"type": "http.response.start", "status": status,
-                        "headers": [(b"content-length", b"0")]})
-            await send({"type": "http.response.body", "body": b""})
-        finally:
-            self.open_requests -= 1
-
-    async def wait_for(self, count: int) -> list[Received]:
-        """Wait until `count` requests have arrived; returns them all."""
-        while len(self.requests) < count:
-            await self._changed.wait()
-        return self.requests
-
-
-@asynccontextmanager
-async def serving(receiver: Receiver) -> AsyncIterator[Receiver]:
-    """Serve `receiver` on 127.0.0.1, port 0; sets receiver.url."""
-    config = HypercornConfig()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    config.errorlog = logging.getLogger("tests.receiver")
-    config.graceful_timeout = 0
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(
-            lambda task_status: serve(receiver, config, task_status=task_status)
-        )
-        receiver.url = binds[0] + "/hook"
-        yield receiver
-        nursery.cancel_scope.cancel()
-
-
 # -- helpers ------------------------------------------------------------------------------
-
-
-async def subscribe(engine: Engine, world: World, events: list[str], *,
-                    url: str = "http://127.0.0.1:9/hook", **kwargs: Any) -> wh.SubscriptionCreated:
-    return await engine.submit(wh.CreateSubscription(
-        workspace_id=world.workspace_id, url=url, events=events, **kwargs))
 
 
 def outbox(engine: Engine) -> list[tuple[Any, ...]]:
@@ -139,12 +44,6 @@ def count(engine: Engine, table: str) -> int:
     row = engine.writer.connection.execute(f"SELECT count(*) FROM {table}").fetchone()
     assert row is not None
     return int(row[0])
-
-
-async def send(engine: Engine, world: World, agent: str, text: str,
-               channel: str = "general") -> Any:
-    return await engine.submit(SendChannelMessage(
-        workspace_id=world.workspace_id, agent_id=world.agents[agent], channel=channel, text=text))
 
 
 # -- the transactional outbox ----------------------------------------------------------

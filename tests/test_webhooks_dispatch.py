@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import random
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,52 +25,24 @@ from broker.engine.config import EngineConfig
 from broker.engine.engine import Engine
 from broker.webhooks.destinations import DestinationPolicy, DestinationRefused, GuardedBackend
 from broker.webhooks.dispatcher import (
-    WebhookDispatcher,
     classify,
     retry_after_seconds,
     retry_delay,
 )
 from broker.webhooks.settings import WebhookSettings
 from broker.webhooks.signing import standard_signature, verify_relay, verify_standard
-from tests.conftest import World, make_world
-from tests.test_webhooks import Receiver, send, serving, subscribe
+from tests.helpers.engine import World, make_world
+from tests.helpers.webhooks import FAST, Receiver, dispatching, send, serving, subscribe, wait_state
 
 # How much later than scheduled a retry may come on a loaded machine.
 LATE_TOLERANCE_S = 1.5
 EARLY_TOLERANCE_S = 0.02
-
-FAST = WebhookSettings(
-    allow_hosts=("127.0.0.1",), poll_interval_seconds=0.05, backoff_base_seconds=0.2,
-    backoff_multiplier=2, backoff_cap_seconds=5, jitter=0, request_timeout_seconds=5,
-    max_attempts=5,
-)
-
-
-@asynccontextmanager
-async def dispatching(engine: Engine, settings: WebhookSettings = FAST,
-                      grace: float = 0.0) -> AsyncIterator[WebhookDispatcher]:
-    dispatcher = WebhookDispatcher(engine, settings, stop_grace_seconds=grace)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(dispatcher.run)
-        yield dispatcher
-        dispatcher.stop()
 
 
 def rows(engine: Engine) -> list[tuple[Any, ...]]:
     return engine.writer.connection.execute(
         "SELECT id, subscription_id, state, attempts, last_status, last_error FROM outbox"
         " ORDER BY id").fetchall()
-
-
-async def wait_state(engine: Engine, outbox_id: int, state: str) -> tuple[Any, ...]:
-    """Wait until the outbox row reaches `state` (the fixture's deadline bounds it)."""
-    while True:
-        row = engine.writer.connection.execute(
-            "SELECT state, attempts, last_status, last_error FROM outbox WHERE id = ?",
-            (outbox_id,)).fetchone()
-        if row is not None and row[0] == state:
-            return tuple(row)
-        await trio.sleep(0.01)
 
 
 # -- signing -------------------------------------------------------------------------

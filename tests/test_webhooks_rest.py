@@ -17,9 +17,9 @@ from broker.engine.config import EngineConfig
 from broker.server import BrokerServer
 from broker.webhooks.settings import WebhookSettings
 from broker.webhooks.signing import verify_relay, verify_standard
-from tests.daemon import run_daemon
-from tests.rest import RestWorld, call, make_rest_world
-from tests.test_webhooks import Receiver, serving
+from tests.helpers.daemon import run_daemon, run_server
+from tests.helpers.rest import RestWorld, call, make_rest_world
+from tests.helpers.webhooks import Receiver, serving
 
 WEBHOOKS = WebhookSettings(
     allow_hosts=("127.0.0.1",), poll_interval_seconds=0.05, backoff_base_seconds=0.05,
@@ -267,11 +267,9 @@ def test_allow_hosts_come_from_the_file_and_the_environment(
 
 async def test_a_stop_does_not_wait_on_a_hanging_endpoint(settings: Settings) -> None:
     # The request would take request_timeout (5 s); the stop takes the grace (0.5 s).
-    server = BrokerServer(settings)
     async with serving(Receiver(hang=True)) as receiver:
         with trio.fail_after(settings.webhooks.request_timeout_seconds):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(server.run)
+            async with run_server(settings) as server:
                 assert server.url is not None
                 async with httpx.AsyncClient(base_url=server.url) as client:
                     world = await make_rest_world(client)

@@ -16,9 +16,8 @@ from broker.engine.engine import Engine
 from broker.engine.outbox import OUTBOX_WRITTEN
 from broker.http.metrics import BrokerMetrics
 from broker.webhooks.dispatcher import WebhookDispatcher
-from tests.conftest import TEST_DEADLINE_S, World
-from tests.test_webhooks import Receiver, send, serving, subscribe
-from tests.test_webhooks_dispatch import FAST, dispatching, wait_state
+from tests.helpers.engine import TEST_DEADLINE_S, World
+from tests.helpers.webhooks import FAST, Receiver, dispatching, send, serving, subscribe, wait_state
 
 # A poll interval no test outlives: a delivery that came from polling would time out.
 NEVER = msgspec.structs.replace(FAST, poll_interval_seconds=3600.0)

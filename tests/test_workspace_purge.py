@@ -19,10 +19,9 @@ from broker.engine.workspaces import DeleteWorkspace, agent_by_token, workspace_
 from broker.filestore import FileStore
 from broker.server import BrokerServer
 from broker.sweeps import Sweeper
-from tests.conftest import TEST_DEADLINE_S, World, make_world
-from tests.rest import announce, call, make_rest_world, put, uploaded
-from tests.test_webhooks import Receiver, serving, subscribe
-from tests.test_webhooks_dispatch import dispatching, wait_state
+from tests.helpers.engine import TEST_DEADLINE_S, World, make_world, wait_purged
+from tests.helpers.rest import announce, call, make_rest_world, put, uploaded
+from tests.helpers.webhooks import Receiver, dispatching, serving, subscribe, wait_state
 
 
 def rows_of(engine: Engine, workspace_id: int) -> int:
@@ -44,14 +43,6 @@ async def send_many(engine: Engine, world: World, n: int) -> None:
         await engine.submit(SendChannelMessage(
             workspace_id=world.workspace_id, agent_id=world.agents["alice"], channel="general",
             text=f"message {i}"))
-
-
-async def wait_purged(sweeper: Sweeper, count: int) -> None:
-    """Wait until the sweeper finished `count` purges (the fixture's deadline bounds it)."""
-    while True:
-        if sweeper.statistics().workspaces_purged >= count:
-            return
-        await trio.sleep(0.01)
 
 
 async def test_workspace_delete_refuses_tokens_and_frees_the_name(

@@ -28,59 +28,9 @@ from broker.engine.workspaces import (
     workspace_by_key,
     workspace_by_name,
 )
-from broker.engine.writer import Tx
-from tests.conftest import World, make_world
+from tests.helpers.engine import NewIds, Sql, World, make_world, query_refused, refused, snapshot
 
 # -- helpers shared by the domain tests of this part ---------------------------------
-
-
-def _dump(conn: apsw.Connection) -> dict[str, list[tuple[Any, ...]]]:
-    tables = [
-        r[0] for r in conn.execute(
-            "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
-            " AND sql NOT LIKE 'CREATE VIRTUAL TABLE%' ORDER BY name")
-    ]
-    return {t: sorted(conn.execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in tables}
-
-
-async def snapshot(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every table (FTS shadow tables included): "wrote nothing" is equality."""
-    return await engine.read(_dump)
-
-
-async def refused(engine: Engine, command: Any, code: str) -> BrokerError:
-    """Submit `command`, expect BrokerError(code), and check that it changed no row."""
-    before = await snapshot(engine)
-    with pytest.raises(BrokerError) as caught:
-        await engine.submit(command)
-    assert caught.value.code == code, caught.value
-    assert await snapshot(engine) == before, f"{type(command).__name__} wrote rows"
-    return caught.value
-
-
-async def query_refused(engine: Engine, code: str, fn: Callable[..., Any], *args: Any) -> None:
-    with pytest.raises(BrokerError) as caught:
-        await engine.read(fn, *args)
-    assert caught.value.code == code, caught.value
-
-
-class Sql(msgspec.Struct, frozen=True):
-    """A test command: run one statement in the writer's transaction (for rows no command makes)."""
-
-    sql: str
-    args: tuple[Any, ...] = ()
-
-    def apply(self, tx: Tx) -> list[tuple[Any, ...]]:
-        return [tuple(r) for r in tx.conn.execute(self.sql, self.args).fetchall()]
-
-
-class NewIds(msgspec.Struct, frozen=True):
-    """A test command: allocate ids from the writer's allocator (unique across tables)."""
-
-    n: int
-
-    def apply(self, tx: Tx) -> list[int]:
-        return [tx.new_id() for _ in range(self.n)]
 
 
 # -- get / lookup / update ---------------------------------------------------------------

@@ -19,7 +19,7 @@ from broker.engine.engine import DATABASE_FILE, Engine
 from broker.engine.errors import BrokerError
 from broker.engine.messages import SendChannelMessage
 from broker.engine.writer import Tx, WriterActor
-from tests.conftest import World, make_world
+from tests.helpers.engine import Gate, World, hold_writer, make_world, wait_queued
 
 ROW_COUNTS = (
     "SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM deliveries),"
@@ -52,17 +52,6 @@ class Note(msgspec.Struct, frozen=True):
         return self.name
 
 
-class Gate(msgspec.Struct, frozen=True):
-    """A test command that holds the writer thread until released, so a batch can queue up."""
-
-    entered: threading.Event
-    release: threading.Event
-
-    def apply(self, tx: Tx) -> None:
-        self.entered.set()
-        self.release.wait(timeout=30)
-
-
 class Nap(msgspec.Struct, frozen=True):
     """A test command that sleeps in the writer thread: clock time without CPU time."""
 
@@ -70,20 +59,6 @@ class Nap(msgspec.Struct, frozen=True):
 
     def apply(self, tx: Tx) -> None:
         time.sleep(self.seconds)
-
-
-async def hold_writer(engine: Engine, nursery: trio.Nursery) -> threading.Event:
-    """Occupy the writer with a Gate; returns the event that releases it."""
-    entered, release = threading.Event(), threading.Event()
-    nursery.start_soon(engine.submit, Gate(entered, release))
-    await trio.to_thread.run_sync(entered.wait, 30)
-    return release
-
-
-async def wait_queued(engine: Engine, n: int) -> None:
-    # The writer's queue has no "wait until depth" event; poll its statistics.
-    while engine.writer.statistics().queue_depth < n:  # noqa: ASYNC110
-        await trio.sleep(0.001)
 
 
 def send(world: World, sender: str, text: str, channel: str = "general") -> SendChannelMessage:

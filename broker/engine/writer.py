@@ -182,6 +182,11 @@ class _BatchTimes(NamedTuple):
     sync_cpu: float
 
 
+def _wall_clock() -> float:
+    # time.time looked up at each call, as a bare `time.time()` would be.
+    return time.time()
+
+
 class WriterActor:
     """The single writing connection and the task that owns it.
 
@@ -210,6 +215,9 @@ class WriterActor:
         # limiter, which readers' and file uploads' threads also draw from.
         self._thread = trio.CapacityLimiter(1)
         self._on_commit: dict[str, list[Callable[[], None]]] = {}
+        # The wall clock each batch's `tx.now_ms` and new ids come from; tests
+        # that need timestamps to move (or stand still) replace it.
+        self.clock: Callable[[], float] = _wall_clock
         self.batches = 0
         self.commands = 0
         self.failed_commands = 0
@@ -236,7 +244,8 @@ class WriterActor:
         if self._conn is not None:
             return
         conn, lock = open_writer(self.db_path, self.config)
-        ids = IdAllocator(floor=_largest_id(conn))
+        # Ids carry their millisecond: from the same clock as `tx.now_ms`.
+        ids = IdAllocator(floor=_largest_id(conn), clock=lambda: self.clock())
         self._conn, self._lock = conn, lock
         self._tx = Tx(conn, ids, self.config.limits)
 
@@ -406,7 +415,7 @@ class WriterActor:
         conn, tx = self.connection, self._tx
         assert tx is not None
         started, started_cpu = time.perf_counter(), time.thread_time()
-        tx.now_ms = int(time.time() * 1000)
+        tx.now_ms = int(self.clock() * 1000)
         excluded: set[int] = set()
         while True:
             conn.execute("BEGIN IMMEDIATE")

@@ -1,64 +1,139 @@
-"""Run `broker serve` as a subprocess on 127.0.0.1 port 0, for tests that kill or signal it."""
+"""A daemon for tests, on 127.0.0.1 port 0: in process (`run_server`, `serve`) or as a
+`broker serve` subprocess (`run_daemon`, for tests that kill or signal it).
+
+The subprocess reports that it listens the way it does under systemd: a READY=1
+datagram to $NOTIFY_SOCKET, whose STATUS names its URL.
+"""
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
-LISTENING = re.compile(rb"broker listening on (http://127\.0\.0\.1:(\d+))")
+from broker.config import HttpSettings, Settings
+from broker.engine.config import EngineConfig
+from broker.gateway.settings import GatewaySettings
+from broker.server import BrokerServer
+
+FAST_ENGINE = EngineConfig(synchronous="NORMAL")
+SERVING = re.compile(rb"^STATUS=serving on (http://127\.0\.0\.1:\d+)$", re.MULTILINE)
+
+
+# -- in process ------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def run_server(settings: Settings, **kwargs: Any) -> AsyncIterator[BrokerServer]:
+    """A BrokerServer(settings, **kwargs) that listens until the block ends (graceful stop)."""
+    server = BrokerServer(settings, **kwargs)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@asynccontextmanager
+async def serve(
+    data_dir: Path, gateway: GatewaySettings | None = None, engine: EngineConfig = FAST_ENGINE,
+    port: int = 0,
+) -> AsyncIterator[BrokerServer]:
+    """A BrokerServer on 127.0.0.1 (port 0 unless given) until the block ends (graceful stop)."""
+    settings = Settings(
+        data_dir=str(data_dir), engine=engine,
+        http=HttpSettings(host="127.0.0.1", port=port, shutdown_grace_seconds=2.0),
+        gateway=gateway or GatewaySettings(),
+    )
+    async with run_server(settings) as server:
+        yield server
+
+
+# -- as a subprocess ---------------------------------------------------------------------
 
 
 class Daemon:
-    def __init__(self, process: trio.Process, url: str) -> None:
+    """A running `broker serve`: its process, URL, output so far and notify socket.
+
+    ready: the READY=1 datagram; notifications: the socket later datagrams
+    (WATCHDOG=1, STOPPING=1) arrive on.
+    """
+
+    def __init__(self, process: trio.Process, notifications: trio.socket.SocketType) -> None:
         self.process = process
-        self.url = url
-        self.ws_url = url.replace("http://", "ws://", 1) + "/v1/ws"
+        self.notifications = notifications
+        self.ready = b""
+        self.url = ""
+        self.ws_url = ""
         self.output = b""
+        self._output_ended = trio.Event()
 
     def kill(self) -> None:
         self.process.kill()
+
+    async def finished(self) -> bytes:
+        """Wait until the process has exited and its output ended; all of its output."""
+        await self._output_ended.wait()
+        await self.process.wait()
+        return self.output
+
+    async def _drain(self) -> None:
+        assert self.process.stdout is not None
+        while chunk := await self.process.stdout.receive_some(4096):
+            self.output += chunk
+        self._output_ended.set()
+
+    async def _wait_ready(self) -> None:
+        while not self.ready.startswith(b"READY=1"):  # watchdog pings may come first
+            self.ready = await self.notifications.recv(4096)
+        found = SERVING.search(self.ready)
+        assert found is not None, self.ready
+        self.url = found.group(1).decode()
+        self.ws_url = self.url.replace("http://", "ws://", 1) + "/v1/ws"
 
 
 @asynccontextmanager
 async def run_daemon(
     data_dir: Path, *extra: str, env: dict[str, str] | None = None
 ) -> AsyncIterator[Daemon]:
-    """Start the daemon, yield once it listens; on exit kill it if it still runs."""
-    environ = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(partial(
-            trio.run_process,
-            [sys.executable, "-m", "broker", "serve", "--host", "127.0.0.1", "--port", "0",
-             "--data-dir", str(data_dir), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False, env=environ))
-        assert process.stdout is not None
-        output = b""
-        found = None
-        while found is None:
-            chunk = await process.stdout.receive_some(4096)
-            if not chunk:
-                raise RuntimeError(f"daemon exited before listening:\n{output.decode()}")
-            output += chunk
-            found = LISTENING.search(output)
-        daemon = Daemon(process, found.group(1).decode())
-        daemon.output = output
+    """Start the daemon, yield once it has sent READY=1; on exit kill it if it still runs."""
+    # An abstract socket name: no file to clean up, no limit from a long tmp_path.
+    address = f"broker-test-{secrets.token_hex(8)}"
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notifications:
+        await notifications.bind("\0" + address)
+        environ = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        environ["NOTIFY_SOCKET"] = "@" + address
+        async with trio.open_nursery() as nursery:
+            process: trio.Process = await nursery.start(partial(
+                trio.run_process,
+                [sys.executable, "-m", "broker", "serve", "--host", "127.0.0.1", "--port", "0",
+                 "--data-dir", str(data_dir), *extra],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False, env=environ))
+            daemon = Daemon(process, notifications)
+            nursery.start_soon(daemon._drain)
+            try:
+                with trio.CancelScope() as waiting:
+                    async def exited() -> None:
+                        await process.wait()
+                        waiting.cancel()
 
-        async def drain() -> None:
-            assert process.stdout is not None
-            while chunk := await process.stdout.receive_some(4096):
-                daemon.output += chunk
-
-        nursery.start_soon(drain)
-        try:
-            yield daemon
-        finally:
-            if process.returncode is None:
-                process.kill()
+                    nursery.start_soon(exited)
+                    await daemon._wait_ready()
+                if not daemon.ready:
+                    output = await daemon.finished()
+                    raise RuntimeError(f"daemon exited before READY=1:\n{output.decode()}")
+                yield daemon
+            finally:
+                if process.returncode is None:
+                    process.kill()

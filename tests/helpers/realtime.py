@@ -1,56 +1,100 @@
-"""Helpers for WebSocket tests: a live server with chosen gateway settings, raw sockets, sends,
-and an in-memory socket for sessions driven without a server."""
+"""Helpers for WebSocket tests: `Live` (the `live` fixture's server, world and HTTP client),
+raw sockets, frames, sends, and an in-memory socket for sessions driven without a server."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import trio
 import trio_websocket
 
 from broker.client import open_stream
-from broker.config import HttpSettings, Settings
-from broker.engine.config import EngineConfig
 from broker.engine.engine import Engine
+from broker.engine.mailbox import delivery_id, seq_marks
 from broker.engine.messages import SendChannelMessage
 from broker.gateway import Gateway
-from broker.gateway.settings import GatewaySettings
+from broker.gateway.presence import PresenceReporter
 from broker.gateway.websocket import ConnectionClosed
 from broker.server import BrokerServer
 from protocol.codec import JSON_SUBPROTOCOL
+from tests.helpers.engine import World
+from tests.helpers.rest import call
 
-FAST_ENGINE = EngineConfig(synchronous="NORMAL")
 # Longest wait for state that another task moves (acks committed, ...).
 POLL_LIMIT_S = 10.0
-
-
-@asynccontextmanager
-async def serve(
-    data_dir: Path, gateway: GatewaySettings | None = None, engine: EngineConfig = FAST_ENGINE,
-    port: int = 0,
-) -> AsyncIterator[BrokerServer]:
-    """A BrokerServer on 127.0.0.1 (port 0 unless given) until the block ends (graceful stop)."""
-    settings = Settings(
-        data_dir=str(data_dir), engine=engine,
-        http=HttpSettings(host="127.0.0.1", port=port, shutdown_grace_seconds=2.0),
-        gateway=gateway or GatewaySettings(),
-    )
-    server = BrokerServer(settings)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        try:
-            yield server
-        finally:
-            server.stop()
 
 
 def gateway_of(server: BrokerServer) -> Gateway:
     assert server.gateway is not None
     return server.gateway
+
+
+class Live(msgspec.Struct):
+    """A live server, a world made through its engine, and (from the `live` fixture) an HTTP
+    client for the server."""
+
+    server: BrokerServer
+    world: World
+    http: httpx.AsyncClient | None = None
+
+    @property
+    def url(self) -> str:
+        return ws_url(self.server)
+
+    def token(self, name: str) -> str:
+        return self.world.tokens[name]
+
+    def delivery_id(self, name: str, seq: int) -> str:
+        return delivery_id(self.world.agents[name], seq)
+
+    async def post(self, author: str, text: str, channel: str = "general") -> int:
+        return await post(self.server.engine, self.world.workspace_id, self.world.agents[author],
+                          channel, text)
+
+    async def marks(self, name: str) -> tuple[int, int]:
+        """The agent's (last_seq, acked_seq)."""
+        marks = await self.server.engine.read(seq_marks, self.world.workspace_id,
+                                              self.world.agents[name])
+        return marks.last_seq, marks.acked_seq
+
+    async def acked(self, name: str) -> int:
+        return (await self.marks(name))[1]
+
+    async def node_token(self, name: str) -> dict[str, Any]:
+        assert self.server.url is not None
+        async with httpx.AsyncClient(base_url=self.server.url) as http:
+            response = await http.post(
+                "/v1/agent/node-token", json={},
+                headers={"Authorization": f"Bearer {self.world.tokens[name]}"})
+        assert response.status_code == 201, response.text
+        body = response.json()
+        assert body["ok"] is True
+        data: dict[str, Any] = body["data"]
+        return data
+
+    @property
+    def presence(self) -> PresenceReporter:
+        return gateway_of(self.server).presence
+
+    async def heartbeat(self, name: str) -> None:
+        assert self.http is not None
+        beat = await call(self.http, "POST", "/v1/agents/heartbeat", self.world.tokens[name],
+                          json={})
+        assert beat.data["status"] == "online"
+
+    async def status(self, name: str) -> str:
+        row = await self.server.engine.read(lambda c: c.execute(
+            "SELECT status FROM agents WHERE id = ?", (self.world.agents[name],)).fetchone())
+        return str(row[0])
+
+    async def timeout_pass(self) -> int:
+        """One pass of the reporter's heartbeat timeout; how many agents it set offline."""
+        stale = await self.presence.find_stale()
+        return await self.presence.expire(stale.agents)
 
 
 def ws_url(server: BrokerServer, path: str = "/v1/ws", token: str | None = None) -> str:

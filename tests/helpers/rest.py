@@ -65,3 +65,29 @@ async def make_rest_world(
         ids[agent] = reply.data["id"]
         tokens[agent] = reply.data["token"]
     return RestWorld(created.data["workspace_id"], key, ids, tokens)
+
+
+async def announce(
+    client: httpx.AsyncClient, token: str, data: bytes, filename: str = "notes.txt",
+    content_type: str = "text/plain",
+) -> dict[str, Any]:
+    reply = await call(client, "POST", "/v1/files/upload", token, json={
+        "filename": filename, "content_type": content_type, "size_bytes": len(data)})
+    assert reply.status == 201, reply.body
+    return dict(reply.data)
+
+
+async def put(client: httpx.AsyncClient, url: str, content: Any) -> httpx.Response:
+    return await client.put(url, content=content)
+
+
+async def uploaded(
+    client: httpx.AsyncClient, token: str, data: bytes, **kwargs: Any
+) -> dict[str, Any]:
+    """Announce, PUT and complete a file; returns the complete response."""
+    ticket = await announce(client, token, data, **kwargs)
+    response = await put(client, ticket["upload_url"], data)
+    assert response.status_code == 200, response.text
+    done = await call(client, "POST", f"/v1/files/{ticket['id']}/complete", token)
+    assert done.status == 200, done.body
+    return dict(done.data)

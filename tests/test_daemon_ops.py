@@ -187,7 +187,7 @@ async def test_presence_left_online_by_a_crash_is_reset_at_start(tmp_path: Path)
     from broker.config import HttpSettings, Settings
     from broker.engine.agents import SetAgentStatus
     from broker.engine.engine import Engine
-    from tests.conftest import make_world
+    from tests.helpers.engine import make_world
 
     data = tmp_path / "data"
     async with Engine.open(data) as engine:

@@ -2,15 +2,13 @@
 
 The collector holds the GIL while it runs, so no Python runs meanwhile in
 any thread: not the event loop, not the writer thread between its SQLite
-calls, not the load generator's clients. Measured on the daemon under load
-(BENCHMARKS.md, Tuning, session 3): a full collection walked the ~47,000
-objects that exist once the server has started (functions, classes,
-modules: they live as long as the process) and took 20 to 50 ms on the
-benchmark machine, three to five times per 8-second run at 300 sends/s;
-each one held up every send in flight. Young collections, one per 700
-container objects allocated (the default), ran about 50 times a second at
-0.3 to 0.5 ms each: with the middle generation's, 2.5 to 4% of the
-daemon's CPU.
+calls, not the load generator's clients. Under load a full collection
+walks every object that exists once the server has started (functions,
+classes, modules: they live as long as the process), tens of thousands of
+them, and holds up every send in flight while it does; young collections,
+one per 700 container objects allocated (the default), run many times a
+second and add up to a few per cent of the daemon's CPU (the figures are
+in BENCHMARKS.md, "Figures behind the code").
 
 So `settle_heap()`, called once a process has started: collect, then
 `gc.freeze()` (what exists now moves to a permanent generation that every

@@ -6,10 +6,10 @@ transaction (DESIGN.md, invariant 9): the outbox row commits with the fact
 or not at all. It is ONE `INSERT ... SELECT` from the workspace's active
 subscriptions, matching in SQL (event type or `*`, channel filter, mentions
 filter), so a fact nobody subscribed to costs one index probe and writes
-nothing (measured: about 3 us a fact with no subscription). The matching
-uses `instr` on the JSON text rather than `json_each`: a table-valued
-function in that statement cost about 90 us a fact even with no
-subscription at all. The rows' ids come from a block reserved from the
+nothing. The matching uses `instr` on the JSON text rather than
+`json_each`: a table-valued function in that statement costs more than
+the probe even with no subscription at all (BENCHMARKS.md, "Figures
+behind the code"). The rows' ids come from a block reserved from the
 writer's id allocator (the first id plus the subscription's rank in its
 workspace), so an outbox id is unique and never reused: receivers
 deduplicate on it (`webhook-id`, `X-Relay-Delivery`).

@@ -6,11 +6,12 @@ applies the batch in one `BEGIN IMMEDIATE ... COMMIT` in a worker thread, so
 the event loop never blocks on fsync. Batches form while the previous commit
 runs; there is no artificial wait.
 
-Failure isolation without a SAVEPOINT per command (which cost about 40% of
-throughput in a prototype): a command validates by reading before it writes,
-so a domain error usually leaves nothing to undo, and the writer can tell
-from `total_changes()` whether the failing command changed any row. If it
-did, the whole transaction is rolled back and replayed without the failed
+Failure isolation without a SAVEPOINT per command (which costs a large
+share of the writer's throughput: BENCHMARKS.md, "Figures behind the
+code"): a command validates by reading before it writes, so a domain error
+usually leaves nothing to undo, and the writer can tell from
+`total_changes()` whether the failing command changed any row. If it did,
+the whole transaction is rolled back and replayed without the failed
 command(s); the failed command is not retried and its caller gets its error.
 Either way a failing command's writes are undone and the others commit.
 

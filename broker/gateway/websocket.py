@@ -192,8 +192,9 @@ class AsgiWebSocket:
         """Write what the socket takes at once, if nothing else is writing; bytes written.
 
         hypercorn writes under its connection's send lock, in a shielded
-        cancel scope, through trio's `send_all`: 13% of the daemon's GIL time
-        at 550 sends/s, where each delivery is a write of its own (BENCHMARKS.md).
+        cancel scope, through trio's `send_all`: a large share of the event
+        loop's time where each delivery is a write of its own (BENCHMARKS.md,
+        "Figures behind the code").
         With the lock free no write of hypercorn's is under way (it holds the
         lock across its whole `send_all`), and nothing runs between the check
         and the non-blocking `write(2)`, so the bytes keep their order; what

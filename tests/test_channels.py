@@ -176,7 +176,8 @@ async def test_archive_hides_the_channel_from_lists_and_refuses_writes(
     assert await engine.read(snapshot) == before
 
 
-async def test_general_cannot_be_archived(engine: Engine, world: World) -> None:
+async def test_archive_refuses_general(engine: Engine, world: World) -> None:
+    """General cannot be archived."""
     for agent_id in (world.agents["alice"], None):
         await expect_refused(engine, "cannot_archive_general", ArchiveChannel(
             workspace_id=world.workspace_id, agent_id=agent_id, channel="general"))
@@ -206,9 +207,10 @@ async def test_mute_and_unmute_are_the_callers_own_setting(engine: Engine, world
         workspace_id=ws, agent_id=bob, channel="ops"))
 
 
-async def test_muted_members_get_a_message_only_when_mentioned(
+async def test_send_reaches_muted_members_only_when_mentioned(
     engine: Engine, world: World
 ) -> None:
+    """Muted members get a message only when mentioned."""
     ws = world.workspace_id
     await engine.submit(MuteChannel(workspace_id=ws, agent_id=world.agents["dave"],
                                     channel="general"))
@@ -261,9 +263,10 @@ async def _in_one_batch(engine: Engine, first: Any, second: Any) -> list[Any]:
     return results
 
 
-async def test_a_member_who_leaves_in_the_same_batch_before_the_send_gets_nothing(
+async def test_send_after_leave_in_same_batch_skips_leaver(
     engine: Engine, world: World
 ) -> None:
+    """A member who leaves in the same batch before the send gets nothing."""
     ws = world.workspace_id
     _, sent = await _in_one_batch(
         engine,
@@ -275,9 +278,10 @@ async def test_a_member_who_leaves_in_the_same_batch_before_the_send_gets_nothin
     assert recipients == sorted(world.agents[n] for n in ("carol", "dave"))
 
 
-async def test_an_agent_who_joins_in_the_same_batch_before_the_send_gets_it(
+async def test_send_after_join_in_same_batch_reaches_joiner(
     engine: Engine, world: World
 ) -> None:
+    """An agent who joins in the same batch before the send gets it."""
     ws = world.workspace_id
     await new_channel(engine, world, "alice", "ops")
     _, sent = await _in_one_batch(
@@ -289,9 +293,10 @@ async def test_an_agent_who_joins_in_the_same_batch_before_the_send_gets_it(
     assert [a for a, _, _ in await deliveries_of(engine, sent.id)] == [world.agents["carol"]]
 
 
-async def test_a_leave_queued_after_the_send_does_not_take_the_delivery_back(
+async def test_leave_after_send_keeps_the_delivery(
     engine: Engine, world: World
 ) -> None:
+    """A leave queued after the send does not take the delivery back."""
     ws = world.workspace_id
     sent, _ = await _in_one_batch(
         engine,
@@ -378,9 +383,10 @@ async def test_get_message_only_for_those_who_can_see_it(engine: Engine, world: 
 # -- ephemeral events --------------------------------------------------------------------
 
 
-async def test_membership_and_channel_changes_emit_ephemeral_events(
+async def test_ephemeral_events_for_membership_and_channel_changes(
     tmp_path: Path, engine_config: EngineConfig
 ) -> None:
+    """Membership and channel changes emit ephemeral events."""
     with trio.fail_after(TEST_DEADLINE_S):
         async with Engine.open(tmp_path, engine_config, with_facts=True) as eng:
             assert eng.facts is not None

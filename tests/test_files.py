@@ -74,7 +74,8 @@ def store(tmp_path: Path, engine: Engine) -> FileStore:
     "../x", "/", "a/b", "a\\b", "..", ".", "", "a\x00b", "tab\there", "new\nline", "x" * 256,
     "é" * 128, "\ud800",
 ])
-def test_path_like_or_odd_file_names_are_refused(name: str) -> None:
+def test_file_name_refuses_path_like_or_odd(name: str) -> None:
+    """Path like or odd file names are refused."""
     with pytest.raises(BrokerError) as refused:
         files.filename(name)
     assert refused.value.code == "invalid_filename"
@@ -82,7 +83,8 @@ def test_path_like_or_odd_file_names_are_refused(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["a.txt", "..hidden", "x" * 255, "é" * 127, "report 2024 (v2).pdf",
                                   "名前.png"])
-def test_ordinary_file_names_pass(name: str) -> None:
+def test_file_name_ordinary_passes(name: str) -> None:
+    """Ordinary file names pass."""
     assert files.filename(name) == name
 
 
@@ -90,7 +92,8 @@ def test_ordinary_file_names_pass(name: str) -> None:
     "text", "text/", "/plain", "text/plain/x", "text plain", "../x", "text/plain\r\nX-A: b",
     "text/plain;", "text/plain; charset", "", "a" * 300 + "/b",
 ])
-def test_content_types_that_are_not_mime_types_are_refused(value: str) -> None:
+def test_content_type_refuses_non_mime(value: str) -> None:
+    """Content types that are not MIME types are refused."""
     with pytest.raises(BrokerError) as refused:
         files.content_type(value)
     assert refused.value.code == "invalid_content_type"
@@ -103,11 +106,13 @@ def test_content_types_that_are_not_mime_types_are_refused(value: str) -> None:
     ('multipart/mixed; boundary="a b"', 'multipart/mixed; boundary="a b"'),
     ("application/vnd.api+json", "application/vnd.api+json"),
 ])
-def test_mime_types_pass_with_type_and_subtype_lowercased(value: str, kept: str) -> None:
+def test_content_type_mime_lowercased(value: str, kept: str) -> None:
+    """MIME types pass, with type and subtype lowercased."""
     assert files.content_type(value) == kept
 
 
-def test_sizes_are_checked_against_the_limit() -> None:
+def test_file_size_checked_against_limit() -> None:
+    """Sizes are checked against the limit."""
     assert files.size_bytes(0, 10) == 0
     assert files.size_bytes(10, 10) == 10
     for value, code in ((11, "file_too_large"), (-1, "invalid_size")):
@@ -119,7 +124,8 @@ def test_sizes_are_checked_against_the_limit() -> None:
 # -- tokens ----------------------------------------------------------------------------
 
 
-def test_a_token_verifies_only_for_its_file_purpose_secret_and_time() -> None:
+def test_url_token_verifies_only_its_file_purpose_secret_time() -> None:
+    """A token verifies only for its file, purpose, secret and time."""
     token = files.sign(SECRET, "upload", 42, expires_ms=2_000)
     files.verify(SECRET, "upload", 42, token, now_ms=2_000)
     refusals = [
@@ -144,7 +150,8 @@ def test_a_token_verifies_only_for_its_file_purpose_secret_and_time() -> None:
 # -- commands ----------------------------------------------------------------------------
 
 
-async def test_the_secret_is_made_once_on_the_first_upload(engine: Engine, world: World) -> None:
+async def test_url_secret_made_once_on_first_upload(engine: Engine, world: World) -> None:
+    """The secret is made once on the first upload."""
     assert await engine.read(files.url_secret) is None
     await announce(engine, world)
     first = await engine.read(files.url_secret)
@@ -153,9 +160,10 @@ async def test_the_secret_is_made_once_on_the_first_upload(engine: Engine, world
     assert await engine.read(files.url_secret) == first
 
 
-async def test_a_file_completes_only_after_its_bytes_are_recorded(
+async def test_complete_only_after_bytes_recorded(
     engine: Engine, world: World, store: FileStore
 ) -> None:
+    """A file completes only after its bytes are recorded."""
     file_id = await announce(engine, world)
     complete = files.CompleteUpload(workspace_id=world.workspace_id,
                                     agent_id=world.agents["alice"], file_id=str(file_id))
@@ -174,9 +182,10 @@ async def test_a_file_completes_only_after_its_bytes_are_recorded(
     assert twice.value.code == "file_already_uploaded"
 
 
-async def test_a_size_mismatch_stores_nothing(
+async def test_upload_size_mismatch_stores_nothing(
     engine: Engine, world: World, store: FileStore
 ) -> None:
+    """A size mismatch stores nothing."""
     file_id = await announce(engine, world, size=5)
     for body in (b"hell", b"hello!", b"hello" * 100):
         with pytest.raises(BrokerError) as refused:
@@ -186,9 +195,10 @@ async def test_a_size_mismatch_stores_nothing(
     assert await rows(engine, "SELECT state, storage_key FROM files") == [("pending", None)]
 
 
-async def test_a_record_for_a_swept_row_is_refused(
+async def test_record_for_swept_row_refused(
     engine: Engine, world: World, store: FileStore
 ) -> None:
+    """A record for a swept row is refused."""
     file_id = await announce(engine, world)
     key = await store.receive(world.workspace_id, file_id, byte_chunks(b"hello"), 5)
     far = int(time.time() * 1000) + 10 * 3600 * 1000
@@ -199,7 +209,8 @@ async def test_a_record_for_a_swept_row_is_refused(
     assert refused.value.code == "file_not_found"
 
 
-async def test_only_the_uploader_completes_or_deletes(engine: Engine, world: World) -> None:
+async def test_complete_and_delete_only_by_uploader(engine: Engine, world: World) -> None:
+    """Only the uploader completes or deletes."""
     file_id = await announce(engine, world)
     for command in (
         files.CompleteUpload(workspace_id=world.workspace_id, agent_id=world.agents["bob"],
@@ -216,9 +227,10 @@ async def test_only_the_uploader_completes_or_deletes(engine: Engine, world: Wor
 # -- the sweep ---------------------------------------------------------------------------
 
 
-async def test_the_sweep_drops_expired_uploads_with_their_bytes(
+async def test_sweep_drops_expired_uploads_with_bytes(
     engine: Engine, world: World, store: FileStore
 ) -> None:
+    """The sweep drops expired uploads with their bytes."""
     stale = await announce(engine, world)
     await upload(engine, store, stale, b"hello")
     (expires,) = (await rows(engine, "SELECT expires_at FROM files WHERE id = ?", stale))[0]
@@ -231,9 +243,10 @@ async def test_the_sweep_drops_expired_uploads_with_their_bytes(
     assert stored_objects(store) == []
 
 
-async def test_the_sweep_releases_deleted_bytes_after_the_retention(
+async def test_sweep_releases_deleted_bytes_after_retention(
     engine: Engine, world: World, store: FileStore
 ) -> None:
+    """The sweep releases deleted bytes after the retention."""
     file_id = await announce(engine, world)
     key = await upload(engine, store, file_id, b"hello")
     await engine.submit(files.CompleteUpload(
@@ -251,9 +264,10 @@ async def test_the_sweep_releases_deleted_bytes_after_the_retention(
     assert await rows(engine, "SELECT state, storage_key FROM files") == [("deleted", None)]
 
 
-async def test_orphans_and_dead_workspaces_are_removed_at_start(
+async def test_remove_orphans_and_dead_workspaces_at_start(
     engine: Engine, world: World, store: FileStore
 ) -> None:
+    """Orphans and dead workspaces are removed at start."""
     kept = await announce(engine, world)
     kept_key = await upload(engine, store, kept, b"hello")
     # bytes written and renamed, then the daemon died before the row recorded them
@@ -271,9 +285,10 @@ async def test_orphans_and_dead_workspaces_are_removed_at_start(
     assert os.listdir(store.tmp) == []
 
 
-async def test_an_interrupted_upload_leaves_no_temporary_file(
+async def test_upload_interrupted_leaves_no_temporary_file(
     engine: Engine, world: World, store: FileStore
 ) -> None:
+    """An interrupted upload leaves no temporary file."""
     file_id = await announce(engine, world, size=10)
 
     async def breaks() -> Any:

@@ -55,9 +55,10 @@ async def world(client: httpx.AsyncClient) -> RestWorld:
 # -- the round trip ----------------------------------------------------------------------
 
 
-async def test_an_upload_round_trip_returns_the_same_bytes(
+async def test_upload_round_trip_same_bytes(
     server: BrokerServer, client: httpx.AsyncClient, world: RestWorld
 ) -> None:
+    """An upload round trip returns the same bytes."""
     # larger than one write piece, not a multiple of anything
     data = secrets.token_bytes(2 * 1024 * 1024 + 12345)
     ticket = await announce(client, world.tokens["alice"], data, filename="trace dump é.bin",
@@ -105,9 +106,10 @@ async def test_an_upload_round_trip_returns_the_same_bytes(
     assert again.status == 200 and again.data["id"] == ticket["id"]
 
 
-async def test_the_stored_content_type_is_served_back_exactly(
+async def test_download_serves_stored_content_type(
     client: httpx.AsyncClient, world: RestWorld
 ) -> None:
+    """The stored content type is served back exactly."""
     done = await uploaded(client, world.tokens["alice"], b"<h1>hi</h1>", filename="a.html",
                           content_type="text/html; charset=iso-8859-1")
     download = await client.get(done["download_url"])
@@ -115,15 +117,17 @@ async def test_the_stored_content_type_is_served_back_exactly(
     assert download.headers["content-disposition"].startswith("attachment;")
 
 
-async def test_an_empty_file_is_a_file(client: httpx.AsyncClient, world: RestWorld) -> None:
+async def test_upload_empty_file(client: httpx.AsyncClient, world: RestWorld) -> None:
+    """An empty file is a file."""
     done = await uploaded(client, world.tokens["alice"], b"")
     download = await client.get(done["download_url"])
     assert download.status_code == 200 and download.content == b""
 
 
-async def test_the_bytes_are_written_once(
+async def test_upload_writes_bytes_once(
     server: BrokerServer, client: httpx.AsyncClient, world: RestWorld
 ) -> None:
+    """The bytes are written once."""
     ticket = await announce(client, world.tokens["alice"], b"first")
     assert (await put(client, ticket["upload_url"], b"first")).status_code == 200
     second = await put(client, ticket["upload_url"], b"other")
@@ -138,9 +142,10 @@ async def test_the_bytes_are_written_once(
 # -- size mismatch and tokens ----------------------------------------------------------------
 
 
-async def test_a_size_mismatch_fails_and_the_file_never_completes(
+async def test_upload_size_mismatch_never_completes(
     server: BrokerServer, client: httpx.AsyncClient, world: RestWorld
 ) -> None:
+    """A size mismatch fails and the file never completes."""
     ticket = await announce(client, world.tokens["alice"], b"0123456789")
 
     async def chunked(data: bytes) -> AsyncIterator[bytes]:
@@ -165,9 +170,10 @@ async def test_a_size_mismatch_fails_and_the_file_never_completes(
     assert (await put(client, ticket["upload_url"], b"0123456789")).status_code == 200
 
 
-async def test_an_expired_or_forged_upload_token_is_403(
+async def test_upload_expired_or_forged_token_403(
     server: BrokerServer, client: httpx.AsyncClient, world: RestWorld
 ) -> None:
+    """An expired or forged upload token is 403."""
     ticket = await announce(client, world.tokens["alice"], b"hello")
     other = await announce(client, world.tokens["alice"], b"hello")
     file_id = int(ticket["id"])
@@ -200,9 +206,10 @@ async def test_an_expired_or_forged_upload_token_is_403(
     assert all(row[2] is None for row in await file_rows(server))
 
 
-async def test_a_download_url_needs_a_valid_token_or_a_bearer(
+async def test_download_needs_token_or_bearer(
     client: httpx.AsyncClient, world: RestWorld
 ) -> None:
+    """A download URL needs a valid token or a bearer."""
     done = await uploaded(client, world.tokens["alice"], b"hello")
     path = f"/v1/files/{done['id']}/content"
     assert (await client.get(path)).status_code == 401
@@ -211,10 +218,11 @@ async def test_a_download_url_needs_a_valid_token_or_a_bearer(
     assert upload_like.json()["error"]["code"] == "url_token_invalid"
 
 
-async def test_an_upload_that_outlives_its_url_is_cut_off(
+async def test_upload_outliving_its_url_cut_off(
     server: BrokerServer, client: httpx.AsyncClient, world: RestWorld,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """An upload that outlives its URL is cut off."""
     ticket = await announce(client, world.tokens["alice"], b"0123456789")
     # leave the PUT 0.2 s instead of the URL's hour plus the sweep's grace
     ttl_ms = server.engine.limits.file_url_ttl_seconds * 1000
@@ -235,9 +243,10 @@ async def test_an_upload_that_outlives_its_url_is_cut_off(
 # -- workspaces are separate ----------------------------------------------------------------
 
 
-async def test_a_file_of_another_workspace_cannot_be_attached_or_read(
+async def test_files_of_other_workspace_not_attached_or_read(
     server: BrokerServer, client: httpx.AsyncClient, world: RestWorld
 ) -> None:
+    """A file of another workspace cannot be attached or read."""
     done = await uploaded(client, world.tokens["alice"], b"secret plans")
     file_id = done["id"]
     other = await make_rest_world(client, name="other", agents=("mallory",))
@@ -292,9 +301,10 @@ async def test_messages_carry_attachment_metadata(
     assert (refused.status, refused.code) == (409, "file_not_complete")
 
 
-async def test_deleting_a_referenced_file_keeps_the_metadata_and_answers_410(
+async def test_delete_referenced_file_keeps_metadata_410(
     server: BrokerServer, client: httpx.AsyncClient, world: RestWorld
 ) -> None:
+    """Deleting a referenced file keeps the metadata and answers 410."""
     done = await uploaded(client, world.tokens["alice"], b"log lines")
     file_id = done["id"]
     sent = await call(client, "POST", "/v1/channels/ops/messages", world.tokens["alice"],
@@ -330,9 +340,10 @@ async def test_deleting_a_referenced_file_keeps_the_metadata_and_answers_410(
     assert (await client.get(done["download_url"])).status_code == 410
 
 
-async def test_deleting_a_workspace_removes_its_files(
+async def test_workspace_delete_removes_files(
     server: BrokerServer, client: httpx.AsyncClient, world: RestWorld
 ) -> None:
+    """Deleting a workspace removes its files."""
     done = await uploaded(client, world.tokens["alice"], b"bytes")
     await call(client, "POST", "/v1/channels/ops/messages", world.tokens["alice"],
                json={"text": "attached", "attachments": [done["id"]]})
@@ -345,9 +356,10 @@ async def test_deleting_a_workspace_removes_its_files(
     assert on_disk(store) == ([], []) and store.workspace_dirs() == []
 
 
-async def test_an_upload_whose_row_was_swept_meanwhile_leaves_no_bytes(
+async def test_upload_of_swept_row_leaves_no_bytes(
     server: BrokerServer, client: httpx.AsyncClient, world: RestWorld
 ) -> None:
+    """An upload whose row was swept meanwhile leaves no bytes."""
     ticket = await announce(client, world.tokens["alice"], b"0123456789")
     store = store_of(server)
     far = int(time.time() * 1000) + 24 * 3600 * 1000
@@ -392,9 +404,10 @@ BAD_UPLOADS: list[tuple[dict[str, Any], str]] = [
 ]
 
 
-async def test_bad_uploads_get_a_clear_code_and_store_nothing(
+async def test_upload_bad_input_clear_code_stores_nothing(
     server: BrokerServer, client: httpx.AsyncClient, world: RestWorld
 ) -> None:
+    """Bad uploads get a clear code and store nothing."""
     for body, code in BAD_UPLOADS:
         reply = await call(client, "POST", "/v1/files/upload", world.tokens["alice"], json=body)
         assert (reply.status, reply.code) == (400, code), body
@@ -409,9 +422,10 @@ async def test_bad_uploads_get_a_clear_code_and_store_nothing(
     assert on_disk(store_of(server)) == ([], [])
 
 
-async def test_bad_file_ids_and_pages_get_clear_codes(
+async def test_files_bad_ids_and_pages_clear_codes(
     client: httpx.AsyncClient, world: RestWorld
 ) -> None:
+    """Bad file ids and pages get clear codes."""
     for raw in ("nope", "12345", "-1", "9" * 30):
         reply = await call(client, "GET", f"/v1/files/{raw}", world.key)
         assert (reply.status, reply.code) == (404, "file_not_found"), raw
@@ -423,9 +437,10 @@ async def test_bad_file_ids_and_pages_get_clear_codes(
         == "invalid_cursor"
 
 
-async def test_listing_filters_by_uploader_and_pages(
+async def test_files_list_filters_by_uploader_and_pages(
     client: httpx.AsyncClient, world: RestWorld
 ) -> None:
+    """Listing filters by uploader and pages."""
     a1 = await uploaded(client, world.tokens["alice"], b"1")
     b1 = await uploaded(client, world.tokens["bob"], b"2")
     a2 = await uploaded(client, world.tokens["alice"], b"3")
@@ -454,9 +469,10 @@ async def running(data_dir: Path, config: EngineConfig) -> AsyncIterator[BrokerS
         yield srv
 
 
-async def test_a_daemon_killed_mid_upload_leaves_no_visible_half_file(
+async def test_upload_killed_daemon_leaves_no_half_file(
     tmp_path: Path, engine_config: EngineConfig
 ) -> None:
+    """A daemon killed mid upload leaves no visible half file."""
     data_dir = tmp_path / "data"
     with trio.fail_after(TEST_DEADLINE_S):
         async with running(data_dir, engine_config) as first:

@@ -49,9 +49,10 @@ async def count(server: BrokerServer, table: str) -> int:
 
 
 @pytest.mark.parametrize("token", [None, "at_live_nope", "rk_live_nope", "garbage"])
-async def test_a_bad_or_missing_token_is_refused_at_the_handshake(
+async def test_handshake_refuses_bad_or_missing_token(
     live: Live, token: str | None
 ) -> None:
+    """A bad or missing token is refused at the handshake."""
     with pytest.raises(trio_websocket.ConnectionRejected) as refused:
         async with raw_socket(live.server, token):
             pass
@@ -61,7 +62,8 @@ async def test_a_bad_or_missing_token_is_refused_at_the_handshake(
     assert body["error"]["code"] in ("unauthorized", "invalid_token")
 
 
-async def test_the_token_may_come_in_the_authorization_header(live: Live) -> None:
+async def test_handshake_token_in_authorization_header(live: Live) -> None:
+    """The token may come in the Authorization header."""
     async with connect(live.url, live.token("bob")) as bob:  # the client uses the header
         me = await bob.request("agent.me")
     assert me["name"] == "bob"
@@ -70,7 +72,8 @@ async def test_the_token_may_come_in_the_authorization_header(live: Live) -> Non
 # -- requests ----------------------------------------------------------------------------------
 
 
-async def test_requests_take_the_rest_fields_and_reply_with_the_rest_data(live: Live) -> None:
+async def test_socket_requests_take_rest_fields_and_data(live: Live) -> None:
+    """Requests take the REST fields and reply with the REST data."""
     assert live.server.url is not None
     async with httpx.AsyncClient(base_url=live.server.url) as http:
         response = await http.post(
@@ -99,7 +102,8 @@ async def test_socket_requests_are_timed_by_operation_in_the_metrics(live: Live)
     assert 'broker_ws_request_seconds_count{operation="message.list"} 1.0' in text
 
 
-async def test_refusals_carry_the_rest_error_codes(live: Live) -> None:
+async def test_socket_refusals_carry_rest_error_codes(live: Live) -> None:
+    """Refusals carry the REST error codes."""
     async with connect(live.url, live.token("alice")) as alice:
         with pytest.raises(RequestError) as refused:
             await alice.request("message.send", channel="nowhere", text="hi")
@@ -116,7 +120,8 @@ async def test_refusals_carry_the_rest_error_codes(live: Live) -> None:
         await alice.ping()
 
 
-async def test_idempotency_key_on_a_socket_send(live: Live) -> None:
+async def test_socket_send_idempotency_key(live: Live) -> None:
+    """Idempotency key on a socket send."""
     async with connect(live.url, live.token("alice")) as alice:
         first = await alice.request("message.send", channel="general", text="once",
                                     idempotency_key="k1")
@@ -130,7 +135,8 @@ async def test_idempotency_key_on_a_socket_send(live: Live) -> None:
     assert await count(live.server, "messages") == 1
 
 
-async def test_the_issue_request_types_are_all_available(live: Live) -> None:
+async def test_socket_request_types_all_available(live: Live) -> None:
+    """The issue's request types are all available."""
     wanted = {
         "message.send", "message.list", "message.get", "thread.reply", "thread.get", "dm.send",
         "dm.conversations", "dm.messages", "group_dm.create", "group_dm.send", "message.read",
@@ -143,7 +149,8 @@ async def test_the_issue_request_types_are_all_available(live: Live) -> None:
 # -- deliveries and acks -----------------------------------------------------------------------
 
 
-async def test_a_delivery_frame_has_the_documented_shape(live: Live) -> None:
+async def test_deliver_frame_documented_shape(live: Live) -> None:
+    """A delivery frame has the documented shape."""
     async with raw_socket(live.server, live.token("bob")) as bob:
         message_id = await live.post("alice", "hello")
         frame = await next_frame(bob, "deliver")
@@ -155,9 +162,10 @@ async def test_a_delivery_frame_has_the_documented_shape(live: Live) -> None:
     assert frame["payload"]["data"]["text"] == "hello"
 
 
-async def test_frames_are_written_to_the_socket_directly_when_it_takes_them(
+async def test_socket_writes_frames_directly(
     live: Live, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Frames are written to the socket directly when it takes them."""
     # hypercorn's own write path (send lock, shielded send_all) is for what the
     # socket does not take at once; a reading client on loopback takes everything.
     through_hypercorn: list[bytes] = []
@@ -200,7 +208,8 @@ async def test_msgpack_subprotocol_sends_binary_frames(live: Live) -> None:
         assert reply["data"]["text"] == "back"
 
 
-async def test_every_socket_of_an_agent_gets_every_delivery_and_any_ack_counts(live: Live) -> None:
+async def test_delivery_to_every_socket_any_ack_counts(live: Live) -> None:
+    """Every socket of an agent gets every delivery and any ack counts."""
     async with raw_socket(live.server, live.token("bob")) as one, \
             raw_socket(live.server, live.token("bob")) as two:
         for i in range(3):
@@ -218,9 +227,10 @@ async def test_every_socket_of_an_agent_gets_every_delivery_and_any_ack_counts(l
         assert frame["seq"] == 3
 
 
-async def test_duplicate_acks_change_nothing_and_acks_above_the_highest_seq_are_clamped(
+async def test_ack_duplicates_ignored_and_above_highest_clamped(
     live: Live,
 ) -> None:
+    """Duplicate acks change nothing and acks above the highest seq are clamped."""
     async with raw_socket(live.server, live.token("bob")) as bob:
         await live.post("alice", "one")
         await live.post("alice", "two")
@@ -244,7 +254,8 @@ async def test_duplicate_acks_change_nothing_and_acks_above_the_highest_seq_are_
         assert (await next_frame(again, "deliver"))["seq"] == 3
 
 
-async def test_acks_without_id_are_coalesced_into_few_commands(live: Live) -> None:
+async def test_ack_without_id_coalesced(live: Live) -> None:
+    """Acks without id are coalesced into few commands."""
     gateway = gateway_of(live.server)
     async with raw_socket(live.server, live.token("bob")) as bob:
         for i in range(20):
@@ -258,7 +269,8 @@ async def test_acks_without_id_are_coalesced_into_few_commands(live: Live) -> No
     assert stats.commands < stats.acks_received
 
 
-async def test_delivered_deliveries_are_marked_in_batches(live: Live) -> None:
+async def test_delivery_marks_in_batches(live: Live) -> None:
+    """Delivered deliveries are marked in batches."""
     pushed = 50
     recorder = gateway_of(live.server).recorder
     for i in range(pushed):
@@ -280,7 +292,8 @@ async def test_delivered_deliveries_are_marked_in_batches(live: Live) -> None:
     assert 1 <= after.commands - before.commands < marks
 
 
-async def test_the_python_client_acks_automatically(live: Live) -> None:
+async def test_client_acks_automatically(live: Live) -> None:
+    """The Python client acks automatically."""
     async with connect(live.url, live.token("bob")) as bob:
         for i in range(5):
             await live.post("alice", f"m{i}")
@@ -304,7 +317,8 @@ async def next_event(ws: trio_websocket.WebSocketConnection, event_type: str) ->
             return frame["payload"]["data"]
 
 
-async def test_presence_and_channel_events_reach_the_workspace(live: Live) -> None:
+async def test_events_presence_and_channel_reach_workspace(live: Live) -> None:
+    """Presence and channel events reach the workspace."""
     async with raw_socket(live.server, live.token("alice")) as alice:
         async with connect(live.url, live.token("bob")) as bob:
             data = await next_event(alice, "agent.status.active")
@@ -321,9 +335,10 @@ async def test_presence_and_channel_events_reach_the_workspace(live: Live) -> No
         assert offline["agent"]["name"] == "bob"
 
 
-async def test_presence_ends_at_the_truth_when_the_database_moved_under_the_reporter(
+async def test_presence_ends_at_database_truth(
     live: Live,
 ) -> None:
+    """Presence ends at the truth when the database moved under the reporter."""
     engine, world = live.server.engine, live.world
     bob = world.agents["bob"]
 
@@ -348,7 +363,8 @@ async def test_presence_ends_at_the_truth_when_the_database_moved_under_the_repo
     assert await status() == "online"
 
 
-async def test_a_sender_gets_no_delivery_of_its_own_message(live: Live) -> None:
+async def test_delivery_skips_the_sender(live: Live) -> None:
+    """A sender gets no delivery of its own message."""
     async with raw_socket(live.server, live.token("alice")) as alice:
         await send_json(alice, {"v": 1, "id": "s", "type": "message.send", "channel": "general",
                                 "text": "mine"})
@@ -359,7 +375,8 @@ async def test_a_sender_gets_no_delivery_of_its_own_message(live: Live) -> None:
     assert (await live.marks("alice"))[0] == 0
 
 
-async def test_open_sessions_are_counted_in_the_metrics(live: Live) -> None:
+async def test_metrics_count_open_sessions(live: Live) -> None:
+    """Open sessions are counted in the metrics."""
     assert live.server.url is not None
 
     async def gauge() -> str:
@@ -378,9 +395,10 @@ async def _gauge_is(read: Any, wanted: str) -> bool:
     return bool(await read() == wanted)
 
 
-async def test_a_deactivated_agent_and_a_deleted_workspace_lose_their_sockets(
+async def test_sockets_closed_on_deactivate_or_workspace_delete(
     live: Live,
 ) -> None:
+    """A deactivated agent and a deleted workspace lose their sockets."""
     engine, world = live.server.engine, live.world
     async with raw_socket(live.server, live.token("bob")) as bob, \
             raw_socket(live.server, live.token("carol")) as carol, \
@@ -396,9 +414,10 @@ async def test_a_deactivated_agent_and_a_deleted_workspace_lose_their_sockets(
 
 
 @pytest.mark.parametrize("revoke", ["deactivate", "delete-workspace"])
-async def test_a_credential_revoked_between_the_handshake_and_the_replay_closes_with_4401(
+async def test_handshake_revoked_before_replay_closes_4401(
     live: Live, revoke: str,
 ) -> None:
+    """A credential revoked between the handshake and the replay closes with 4401."""
     # The handshake resolved bob's token; before his session attached and
     # replayed, he was deactivated (or the workspace deleted), so the event
     # that closes open sockets went by before this one could see it.
@@ -432,9 +451,10 @@ async def still_answers(ws: trio_websocket.WebSocketConnection, request_id: str)
     return (await next_frame(ws, "pong"))["re"] == request_id
 
 
-async def test_a_rotation_ends_the_old_tokens_sockets_when_the_grace_ends_and_keeps_the_new(
+async def test_rotation_closes_old_token_sockets_at_grace_end(
     live: Live,
 ) -> None:
+    """A rotation ends the old token's sockets when the grace ends and keeps the new."""
     # The default grace (5 minutes) is not waited for: a second rotation ends
     # the first token's grace at once (RotateToken), which is the moment its
     # sockets must close.
@@ -455,9 +475,10 @@ async def test_a_rotation_ends_the_old_tokens_sockets_when_the_grace_ends_and_ke
             assert await still_answers(new, "n2")
 
 
-async def test_with_no_grace_a_rotation_closes_the_old_tokens_sockets_at_once(
+async def test_rotation_without_grace_closes_at_once(
     tmp_path: Path,
 ) -> None:
+    """With no grace, a rotation closes the old token's sockets at once."""
     no_grace = EngineConfig(synchronous="NORMAL", limits=Limits(token_grace_seconds=0))
     with trio.fail_after(TEST_DEADLINE_S):
         async with serve(tmp_path, engine=no_grace) as server:

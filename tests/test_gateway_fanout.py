@@ -48,14 +48,16 @@ def drain(outbox: FrameQueue) -> list[Any]:
 # -- the outbox ---------------------------------------------------------------------------
 
 
-def test_a_new_outbox_catches_up_from_the_database_first() -> None:
+def test_frame_queue_catches_up_from_database_first() -> None:
+    """A new frame queue catches up from the database first."""
     outbox = FrameQueue(4)
     assert outbox.mode is Mode.LAGGING and outbox.needs_catch_up
     outbox.offer_delivery(1, view())  # before catch-up starts: left to the database
     assert len(outbox) == 0
 
 
-def test_live_deliveries_are_queued_in_order_and_duplicates_dropped() -> None:
+def test_frame_queue_live_deliveries_in_order_deduplicated() -> None:
+    """Live deliveries are queued in order and duplicates dropped."""
     outbox = live_outbox(cursor=3)
     outbox.offer_delivery(3, view())  # already replayed
     outbox.offer_delivery(4, view())
@@ -65,7 +67,8 @@ def test_live_deliveries_are_queued_in_order_and_duplicates_dropped() -> None:
     assert outbox.cursor == 5 and outbox.live_deliveries == 2
 
 
-def test_a_full_outbox_stops_taking_live_deliveries_and_lags() -> None:
+def test_frame_queue_full_lags() -> None:
+    """A full frame queue stops taking live deliveries and lags."""
     outbox = live_outbox(capacity=2)
     for seq in (1, 2, 3, 4):
         outbox.offer_delivery(seq, view())
@@ -76,7 +79,8 @@ def test_a_full_outbox_stops_taking_live_deliveries_and_lags() -> None:
     assert outbox.max_depth == 2
 
 
-def test_the_seam_buffers_live_deliveries_and_hands_over_those_above_the_replay() -> None:
+def test_seam_buffers_live_deliveries_above_replay() -> None:
+    """The seam buffers live deliveries and hands over those above the replay."""
     outbox = FrameQueue(8)
     outbox.start_catch_up()
     # Live deliveries arrive while the replay reads the database (hi = 3).
@@ -91,7 +95,8 @@ def test_the_seam_buffers_live_deliveries_and_hands_over_those_above_the_replay(
     assert [i.seq for i in drain(outbox)] == [6]
 
 
-def test_the_replay_may_run_past_hi_and_the_buffer_then_only_adds_what_is_above() -> None:
+def test_seam_replay_past_hi_adds_only_above() -> None:
+    """The replay may run past hi, and the buffer then only adds what is above."""
     outbox = FrameQueue(8)
     outbox.start_catch_up()
     for seq in (4, 5, 6):
@@ -101,7 +106,8 @@ def test_the_replay_may_run_past_hi_and_the_buffer_then_only_adds_what_is_above(
     assert [i.seq for i in drain(outbox)] == [6]
 
 
-def test_a_buffer_overflow_during_the_replay_makes_the_pump_go_round_again() -> None:
+def test_seam_buffer_overflow_repeats_pump() -> None:
+    """A buffer overflow during the replay makes the pump go round again."""
     outbox = FrameQueue(2)
     outbox.start_catch_up()
     for seq in (1, 2, 3):
@@ -116,14 +122,16 @@ def test_a_buffer_overflow_during_the_replay_makes_the_pump_go_round_again() -> 
     assert [i.seq for i in drain(outbox)] == [4]
 
 
-def test_a_gap_in_live_seqs_falls_back_to_the_database() -> None:
+def test_frame_queue_gap_falls_back_to_database() -> None:
+    """A gap in live seqs falls back to the database."""
     outbox = live_outbox(cursor=1)
     outbox.offer_delivery(3, view())
     assert outbox.mode is Mode.LAGGING and outbox.gaps == 1
     assert outbox.needs_catch_up and outbox.cursor == 1
 
 
-def test_events_are_dropped_when_full_and_own_frames_never_are() -> None:
+def test_frame_queue_drops_events_not_own_frames_when_full() -> None:
+    """Events are dropped when full, and own frames never are."""
     outbox = live_outbox(capacity=1)
     assert outbox.offer_event(view())
     assert not outbox.offer_event(view())
@@ -133,7 +141,8 @@ def test_events_are_dropped_when_full_and_own_frames_never_are() -> None:
     assert outbox.events_dropped == 1
 
 
-def test_own_frames_go_before_queued_deliveries_which_keep_their_order() -> None:
+def test_frame_queue_own_frames_first() -> None:
+    """Own frames go before queued deliveries, which keep their order."""
     # A sender's reply must not wait behind the fanout of a big channel.
     outbox = live_outbox()
     for seq in (1, 2, 3):
@@ -147,7 +156,8 @@ def test_own_frames_go_before_queued_deliveries_which_keep_their_order() -> None
     assert outbox.own == 0 and len(outbox) == 0
 
 
-def test_a_closed_outbox_takes_nothing() -> None:
+def test_frame_queue_closed_takes_nothing() -> None:
+    """A closed frame queue takes nothing."""
     outbox = live_outbox()
     outbox.offer_delivery(1, view())
     outbox.close()
@@ -188,7 +198,8 @@ def fact(event_type: str, *, workspace_id: int = 1, deliveries: tuple[Delivery, 
                 audience=audience, log_id=log_id)
 
 
-def test_the_hub_routes_deliveries_to_every_session_of_the_agent() -> None:
+def test_hub_routes_deliveries_to_every_session() -> None:
+    """The hub routes deliveries to every session of the agent."""
     hub = FanoutHub()
     bob1, bob2, carol = Recorder(1, 20), Recorder(1, 20), Recorder(1, 30)
     assert hub.attach(bob1) is True
@@ -203,7 +214,8 @@ def test_the_hub_routes_deliveries_to_every_session_of_the_agent() -> None:
     assert hub.detach(bob2) is False  # idempotent
 
 
-def test_ephemeral_events_go_to_their_audience_or_the_whole_workspace() -> None:
+def test_hub_ephemeral_events_to_audience_or_workspace() -> None:
+    """Ephemeral events go to their audience or the whole workspace."""
     hub = FanoutHub()
     bob, carol, other = Recorder(1, 20), Recorder(1, 30), Recorder(2, 40)
     for sub in (bob, carol, other):
@@ -215,7 +227,8 @@ def test_ephemeral_events_go_to_their_audience_or_the_whole_workspace() -> None:
     assert other.got == []
 
 
-def test_observers_see_every_fact_of_their_workspace_only() -> None:
+def test_hub_observers_see_own_workspace_only() -> None:
+    """Observers see every fact of their workspace only."""
     hub = FanoutHub()
     observer, elsewhere = Recorder(1, None), Recorder(2, None)
     hub.attach(observer)
@@ -230,7 +243,8 @@ def test_observers_see_every_fact_of_their_workspace_only() -> None:
 # -- FactView: each derived form once, in the Relaycast shapes -------------------------------------
 
 
-def test_the_msgpack_payload_is_made_once_and_shared() -> None:
+def test_fact_view_msgpack_payload_made_once() -> None:
+    """The MessagePack payload is made once and shared."""
     v = view()
     first, second = v.raw(msgpack=True), v.raw(msgpack=True)
     assert bytes(first) == bytes(second)
@@ -273,9 +287,10 @@ def test_node_payload_adds_from_name_for_the_sdk() -> None:
     ("agent.status.active", {"agent": {"name": "bob"}, "status": "active"},
      {"type": "agent.status.active", "agent": {"name": "bob"}, "status": "active"}, None),
 ])
-def test_flat_observer_events_have_the_relaycast_shapes(
+def test_views_observer_events_relaycast_shapes(
     event_type: str, data: Any, flat: dict[str, Any], channel: str | None
 ) -> None:
+    """Flat observer events have the Relaycast shapes."""
     encoded, concerns = view(event_type=event_type, data=data).flat_event()
     assert msgspec.json.decode(encoded) == flat
     assert concerns == channel
@@ -289,9 +304,10 @@ def test_deliver_items_keep_the_shared_view() -> None:
     assert isinstance(item, DeliverItem) and item.view is v
 
 
-async def test_a_context_update_is_encoded_once_per_fact_for_every_node(
+async def test_views_context_update_encoded_once_per_fact(
     monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock,
 ) -> None:
+    """A context update is encoded once per fact for every node."""
     encodings: list[str] = []
     encode = views._encode_context_update
 
@@ -322,7 +338,8 @@ async def test_a_context_update_is_encoded_once_per_fact_for_every_node(
                             "data": {"agent": {"name": "bob"}, "status": "active"}}]
 
 
-def test_an_empty_audience_reaches_no_session_but_observers_see_it() -> None:
+def test_hub_empty_audience_reaches_only_observers() -> None:
+    """An empty audience reaches no session, but observers see it."""
     hub = FanoutHub()
     bob, observer = Recorder(1, 20), Recorder(1, None)
     hub.attach(bob)

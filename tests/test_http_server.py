@@ -58,7 +58,8 @@ async def test_readyz_is_503_when_the_database_is_not_writable(
     assert (await call(client, "GET", "/readyz")).status == 200
 
 
-async def test_unknown_route_is_404_in_the_envelope(client: httpx.AsyncClient) -> None:
+async def test_server_unknown_route_404(client: httpx.AsyncClient) -> None:
+    """Unknown route is 404 in the envelope."""
     reply = await call(client, "GET", "/v1/nothing-here")
     assert reply.status == 404
     assert reply.code == "not_found"
@@ -66,37 +67,42 @@ async def test_unknown_route_is_404_in_the_envelope(client: httpx.AsyncClient) -
     assert trailing.status == 404
 
 
-async def test_wrong_method_is_405_in_the_envelope(client: httpx.AsyncClient) -> None:
+async def test_server_wrong_method_405(client: httpx.AsyncClient) -> None:
+    """Wrong method is 405 in the envelope."""
     response = await client.request("PUT", "/v1/workspaces")
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
     assert "POST" in response.headers["allow"]
 
 
-async def test_malformed_json_is_400_invalid_json(client: httpx.AsyncClient) -> None:
+async def test_body_malformed_json_400(client: httpx.AsyncClient) -> None:
+    """Malformed JSON is 400 invalid_json."""
     reply = await call(client, "POST", "/v1/workspaces", content=b'{"name": ')
     assert reply.status == 400
     assert reply.code == "invalid_json"
 
 
-async def test_a_body_that_is_not_an_object_is_invalid_request(
+async def test_body_not_an_object_invalid_request(
     client: httpx.AsyncClient,
 ) -> None:
+    """A body that is not an object is invalid_request."""
     reply = await call(client, "POST", "/v1/workspaces", json=["acme"])
     assert reply.status == 400
     assert reply.code == "invalid_request"
 
 
-async def test_missing_field_is_invalid_request_naming_it(client: httpx.AsyncClient) -> None:
+async def test_body_missing_field_named(client: httpx.AsyncClient) -> None:
+    """A missing field is invalid_request, naming it."""
     reply = await call(client, "POST", "/v1/workspaces", json={})
     assert reply.status == 400
     assert reply.code == "invalid_request"
     assert "name" in reply.body["error"]["message"]
 
 
-async def test_wrong_type_is_invalid_request_naming_the_field(
+async def test_body_wrong_type_names_field(
     client: httpx.AsyncClient,
 ) -> None:
+    """A wrong type is invalid_request, naming the field."""
     world = await make_rest_world(client, agents=("alice",))
     reply = await call(
         client, "POST", "/v1/channels/general/messages", world.tokens["alice"], json={"text": 5}
@@ -194,9 +200,10 @@ async def test_body_over_the_limit_is_refused_while_streaming(
     assert (await call(client, "GET", "/healthz")).status == 200
 
 
-async def test_a_body_just_under_the_limit_is_read(
+async def test_body_just_under_limit_is_read(
     server: BrokerServer, client: httpx.AsyncClient
 ) -> None:
+    """A body just under the limit is read."""
     # At the limit the body is read and judged by the domain rules instead.
     world = await make_rest_world(client, agents=("alice",))
     limit = server.settings.http.max_body_bytes
@@ -251,9 +258,10 @@ async def shows(client: httpx.AsyncClient, line: str, attempts: int = 500) -> bo
     return False
 
 
-async def test_open_sessions_counts_websocket_sessions(
+async def test_metrics_open_sessions_count_websockets(
     server: BrokerServer, client: httpx.AsyncClient
 ) -> None:
+    """open_sessions counts WebSocket sessions."""
     world = await make_rest_world(client, agents=("alice",))
     url = f"ws://127.0.0.1:{server.port}/v1/ws?token={world.tokens['alice']}"
     async with trio_websocket.open_websocket_url(url):
@@ -276,10 +284,13 @@ async def _answer(stream: trio.SocketStream, conn: h11.Connection) -> h11.Respon
             return event
 
 
-async def test_an_early_413_says_connection_close_and_the_next_connection_works(
+async def test_body_early_413_closes_connection(
     server: BrokerServer, client: httpx.AsyncClient
 ) -> None:
-    """The server drops a connection whose body it did not read: the answer must say so."""
+    """An early 413 says Connection: close, and the next connection works.
+
+    The server drops a connection whose body it did not read: the answer must say so.
+    """
     world = await make_rest_world(client, agents=("alice",))
     limit = server.settings.http.max_body_bytes
     assert server.port is not None

@@ -43,14 +43,16 @@ def refusal(codec: Codec, data: str | bytes) -> FrameError:
 # -- decoding the native frames ------------------------------------------------------------
 
 
-def test_a_request_decodes_to_its_operation_input(codec: Codec) -> None:
+def test_codec_request_decodes_to_operation_input(codec: Codec) -> None:
+    """A request decodes to its operation input."""
     frame = codec.decode('{"v":1,"id":"c1","type":"message.send","channel":"ops","text":"hi"}')
     assert isinstance(frame, rq.SendMessage)
     assert (frame.id, frame.channel, frame.text, frame.mode) == ("c1", "ops", "hi", "wait")
     assert frame.idempotency_key is None
 
 
-def test_a_request_may_carry_an_idempotency_key_and_unknown_fields(codec: Codec) -> None:
+def test_codec_request_idempotency_key_and_unknown_fields(codec: Codec) -> None:
+    """A request may carry an idempotency key and unknown fields."""
     frame = codec.decode(
         '{"id":"c2","type":"message.send","channel":"ops","text":"x",'
         '"idempotency_key":"k-1","extra":[1,2]}'
@@ -58,7 +60,8 @@ def test_a_request_may_carry_an_idempotency_key_and_unknown_fields(codec: Codec)
     assert frame.idempotency_key == "k-1"
 
 
-def test_control_frames_decode(codec: Codec) -> None:
+def test_codec_control_frames_decode(codec: Codec) -> None:
+    """Control frames decode."""
     ack = codec.decode('{"v":1,"type":"delivery.ack","up_to_seq":17}')
     assert isinstance(ack, fr.DeliveryAck) and ack.up_to_seq == 17 and ack.id is None
     ping = codec.decode('{"v":1,"type":"ping","id":"p"}')
@@ -66,7 +69,8 @@ def test_control_frames_decode(codec: Codec) -> None:
     assert isinstance(codec.decode('{"v":1,"type":"pong"}'), fr.Pong)
 
 
-def test_msgpack_binary_frames_decode_and_text_frames_still_work(packed: Codec) -> None:
+def test_codec_msgpack_binary_and_text_frames(packed: Codec) -> None:
+    """MessagePack binary frames decode, and text frames still work."""
     data = msgspec.msgpack.encode({"v": 1, "id": "m", "type": "channel.join", "channel": "ops"})
     frame = packed.decode(data)
     assert isinstance(frame, rq.JoinChannel) and frame.channel == "ops"
@@ -76,40 +80,47 @@ def test_msgpack_binary_frames_decode_and_text_frames_still_work(packed: Codec) 
 # -- bad input: answered when the id can be read, otherwise a close code -------------------------
 
 
-def test_not_json_closes_with_1007(codec: Codec) -> None:
+def test_codec_not_json_closes_1007(codec: Codec) -> None:
+    """Not JSON closes with 1007."""
     err = refusal(codec, "{not json")
     assert (err.code, err.request_id, err.close_code) == (
         "invalid_json", None, CloseCode.INVALID_PAYLOAD)
 
 
-def test_not_msgpack_closes_with_1007(packed: Codec) -> None:
+def test_codec_not_msgpack_closes_1007(packed: Codec) -> None:
+    """Not MessagePack closes with 1007."""
     err = refusal(packed, b"\xc1")
     assert (err.code, err.close_code) == ("invalid_msgpack", CloseCode.INVALID_PAYLOAD)
 
 
-def test_binary_frame_without_the_subprotocol_closes_with_1003(codec: Codec) -> None:
+def test_codec_binary_without_subprotocol_closes_1003(codec: Codec) -> None:
+    """Binary frame without the subprotocol closes with 1003."""
     err = refusal(codec, msgspec.msgpack.encode({"type": "ping"}))
     assert (err.code, err.close_code) == ("binary_not_negotiated", CloseCode.UNSUPPORTED_DATA)
 
 
 @pytest.mark.parametrize("data", ["[1,2]", '"text"', "3", "{}", '{"type":5,"x":1}'])
-def test_a_document_that_is_not_a_frame_closes_with_4400(codec: Codec, data: str) -> None:
+def test_codec_non_frame_document_closes_4400(codec: Codec, data: str) -> None:
+    """A document that is not a frame closes with 4400."""
     err = refusal(codec, data)
     assert err.code == "invalid_frame" and err.request_id is None
     assert err.close_code == CloseCode.BAD_FRAME
 
 
-def test_unknown_type_with_an_id_is_answered(codec: Codec) -> None:
+def test_codec_unknown_type_with_id_answered(codec: Codec) -> None:
+    """Unknown type with an id is answered."""
     err = refusal(codec, '{"v":1,"id":"c9","type":"nope"}')
     assert (err.code, err.request_id) == ("unknown_type", "c9")
 
 
-def test_unknown_type_without_an_id_closes(codec: Codec) -> None:
+def test_codec_unknown_type_without_id_closes(codec: Codec) -> None:
+    """Unknown type without an id closes."""
     err = refusal(codec, '{"v":1,"type":"nope"}')
     assert (err.code, err.request_id, err.close_code) == ("unknown_type", None, CloseCode.BAD_FRAME)
 
 
-def test_request_without_id_closes_with_4400(codec: Codec) -> None:
+def test_codec_request_without_id_closes_4400(codec: Codec) -> None:
+    """Request without id closes with 4400."""
     err = refusal(codec, '{"v":1,"type":"message.send","channel":"ops","text":"hi"}')
     assert (err.code, err.request_id, err.close_code) == (
         "invalid_request", None, CloseCode.BAD_FRAME)
@@ -117,36 +128,42 @@ def test_request_without_id_closes_with_4400(codec: Codec) -> None:
 
 
 @pytest.mark.parametrize("bad_id", ["5", '""', "null", '["a"]', '"' + "x" * 129 + '"'])
-def test_an_id_that_is_not_a_short_string_cannot_be_answered(codec: Codec, bad_id: str) -> None:
+def test_codec_unanswerable_id(codec: Codec, bad_id: str) -> None:
+    """An id that is not a short string cannot be answered."""
     err = refusal(codec, '{"id":' + bad_id + ',"type":"channel.join","channel":"ops"}')
     assert err.request_id is None
 
 
-def test_wrong_field_type_is_answered_and_names_the_field(codec: Codec) -> None:
+def test_codec_wrong_field_type_names_field(codec: Codec) -> None:
+    """Wrong field type is answered and names the field."""
     err = refusal(codec, '{"v":1,"id":"c3","type":"message.send","channel":7,"text":"hi"}')
     assert (err.code, err.request_id) == ("invalid_request", "c3")
     assert "$.channel" in err.message
 
 
-def test_missing_field_is_answered(codec: Codec) -> None:
+def test_codec_missing_field_answered(codec: Codec) -> None:
+    """Missing field is answered."""
     err = refusal(codec, '{"id":"c4","type":"message.send","channel":"ops"}')
     assert (err.code, err.request_id) == ("invalid_request", "c4")
     assert "text" in err.message
 
 
-def test_negative_ack_is_refused(codec: Codec) -> None:
+def test_codec_negative_ack_refused(codec: Codec) -> None:
+    """Negative ack is refused."""
     err = refusal(codec, '{"id":"a","type":"delivery.ack","up_to_seq":-1}')
     assert (err.code, err.request_id) == ("invalid_request", "a")
 
 
-def test_other_protocol_versions_are_refused(codec: Codec) -> None:
+def test_codec_other_versions_refused(codec: Codec) -> None:
+    """Other protocol versions are refused."""
     err = refusal(codec, '{"v":2,"id":"c5","type":"ping"}')
     assert (err.code, err.request_id) == ("unsupported_version", "c5")
     err = refusal(codec, '{"v":2,"id":"c6","type":"message.send"}')
     assert (err.code, err.request_id) == ("unsupported_version", "c6")
 
 
-def test_oversized_frames_close_with_1009() -> None:
+def test_codec_oversized_frames_close_1009() -> None:
+    """Oversized frames close with 1009."""
     small = Codec(INBOUND, max_frame_bytes=64)
     err = refusal(small, '{"id":"c","type":"message.send","text":"' + "x" * 64 + '"}')
     assert (err.code, err.close_code) == ("frame_too_large", CloseCode.MESSAGE_TOO_BIG)
@@ -172,7 +189,8 @@ _deep_documents = st.builds(
 
 
 @given(st.binary(max_size=200) | st.text(max_size=200) | _deep_documents)
-def test_decode_never_raises_anything_but_frame_error(data: bytes | str) -> None:
+def test_codec_decode_raises_only_frame_error(data: bytes | str) -> None:
+    """Decode never raises anything but FrameError."""
     for codec in (Codec(INBOUND), Codec(INBOUND, msgpack=True)):
         try:
             codec.decode(data)
@@ -183,7 +201,8 @@ def test_decode_never_raises_anything_but_frame_error(data: bytes | str) -> None
 # -- encoding ------------------------------------------------------------------------------
 
 
-def test_frames_encode_in_the_documented_shape(codec: Codec) -> None:
+def test_codec_encode_documented_shape(codec: Codec) -> None:
+    """Frames encode in the documented shape."""
     deliver = fr.Deliver(seq=17, delivery_id="5:17",
                          payload=codec.payload(b'{"type":"message.created","data":{}}'))
     assert codec.encode(deliver) == (
@@ -202,7 +221,8 @@ def test_frames_encode_in_the_documented_shape(codec: Codec) -> None:
     assert codec.encode(fr.ServerPing()) == '{"v":1,"type":"ping"}'
 
 
-def test_msgpack_frames_embed_the_payload_as_msgpack(packed: Codec) -> None:
+def test_codec_msgpack_frames_embed_payload(packed: Codec) -> None:
+    """MessagePack frames embed the payload as MessagePack."""
     payload = b'{"type":"message.created","data":{"text":"hi","n":[1,2]}}'
     data = packed.encode(fr.Deliver(seq=1, delivery_id="1:1", payload=packed.payload(payload)))
     assert isinstance(data, bytes)
@@ -220,7 +240,8 @@ def test_subprotocol_negotiation() -> None:
     assert negotiate([]) is None
 
 
-def test_a_request_input_may_not_use_envelope_names() -> None:
+def test_request_frame_refuses_envelope_names() -> None:
+    """A request input may not use envelope names."""
     class Clashing(rq.Request):
         id: str
 

@@ -48,7 +48,8 @@ def rows(engine: Engine) -> list[tuple[Any, ...]]:
 # -- signing -------------------------------------------------------------------------
 
 
-async def test_deliveries_are_signed_in_both_schemes(engine: Engine, world: World) -> None:
+async def test_dispatch_signs_in_both_schemes(engine: Engine, world: World) -> None:
+    """Deliveries are signed in both schemes."""
     async with serving(Receiver()) as plain, serving(Receiver()) as standard:
         relay_sub = await subscribe(engine, world, ["message.created"], url=plain.url,
                                     secret="relay-secret-1", headers={"X-Team": "ops"})
@@ -77,7 +78,8 @@ async def test_deliveries_are_signed_in_both_schemes(engine: Engine, world: Worl
     assert {r[2] for r in rows(engine)} == {"delivered"}
 
 
-def test_standard_webhooks_reference_vector() -> None:
+def test_signature_matches_standard_webhooks_vector() -> None:
+    """Standard Webhooks reference vector."""
     # The example of the Standard Webhooks specification.
     assert standard_signature(
         "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330,
@@ -88,9 +90,10 @@ def test_standard_webhooks_reference_vector() -> None:
 # -- retries, final answers, dead letters ---------------------------------------------------
 
 
-async def test_a_500_then_200_is_one_success_with_retries_on_schedule(
+async def test_dispatch_500_then_200_retries_on_schedule(
     engine: Engine, world: World
 ) -> None:
+    """A 500 then 200 is one success with retries on schedule."""
     async with serving(Receiver(statuses=[500, 503])) as receiver:
         await subscribe(engine, world, ["message.created"], url=receiver.url)
         async with dispatching(engine):
@@ -109,7 +112,8 @@ async def test_a_500_then_200_is_one_success_with_retries_on_schedule(
     assert rows(engine)[0][2:5] == ("delivered", 3, 200)
 
 
-async def test_4xx_is_final_but_408_and_429_are_retried(engine: Engine, world: World) -> None:
+async def test_dispatch_4xx_final_but_408_429_retried(engine: Engine, world: World) -> None:
+    """A 4xx is final, but 408 and 429 are retried."""
     async with serving(Receiver(statuses=[404])) as gone, \
             serving(Receiver(statuses=[408, 429])) as busy:
         await subscribe(engine, world, ["message.created"], url=gone.url)
@@ -126,7 +130,8 @@ async def test_4xx_is_final_but_408_and_429_are_retried(engine: Engine, world: W
     assert busy_row[2:5] == ("delivered", 3, 200)
 
 
-async def test_dead_letter_after_max_attempts_then_replay(engine: Engine, world: World) -> None:
+async def test_dispatch_dead_letter_then_replay(engine: Engine, world: World) -> None:
+    """Dead letter after max attempts, then replay."""
     settings = msgspec.structs.replace(FAST, max_attempts=3, backoff_base_seconds=0.05)
     async with serving(Receiver(default=500)) as receiver:
         sub = await subscribe(engine, world, ["message.created"], url=receiver.url)
@@ -151,9 +156,10 @@ async def test_dead_letter_after_max_attempts_then_replay(engine: Engine, world:
 # -- at least once across restarts ------------------------------------------------------------
 
 
-async def test_a_row_committed_before_a_crash_is_delivered_after_the_restart(
+async def test_dispatch_delivers_row_committed_before_crash(
     tmp_path: Path, engine_config: EngineConfig
 ) -> None:
+    """A row committed before a crash is delivered after the restart."""
     with trio.fail_after(30):
         async with serving(Receiver(hang=True)) as receiver:
             # Run 1: commit, and die while the only attempt is in flight.
@@ -184,9 +190,10 @@ async def test_a_row_committed_before_a_crash_is_delivered_after_the_restart(
 # -- isolation --------------------------------------------------------------------------------
 
 
-async def test_a_hanging_endpoint_does_not_delay_another_subscription(
+async def test_dispatch_hanging_endpoint_delays_no_other(
     engine: Engine, world: World
 ) -> None:
+    """A hanging endpoint does not delay another subscription."""
     # The hanging endpoint's requests would each take request_timeout; the
     # other subscription's six events must arrive while they are still open.
     settings = msgspec.structs.replace(FAST, concurrency=4, per_subscription_concurrency=2,
@@ -212,9 +219,10 @@ async def test_a_hanging_endpoint_does_not_delay_another_subscription(
     assert len(stuck.requests) == 2  # never more than its own share
 
 
-async def test_an_endpoint_that_never_answers_times_out_and_is_retried(
+async def test_dispatch_silent_endpoint_times_out_and_retries(
     engine: Engine, world: World
 ) -> None:
+    """An endpoint that never answers times out and is retried."""
     settings = msgspec.structs.replace(FAST, request_timeout_seconds=0.3)
     async with serving(Receiver(hang=True)) as stuck:
         await subscribe(engine, world, ["message.created"], url=stuck.url)
@@ -276,7 +284,8 @@ async def test_dispatch_refuses_a_name_that_resolves_to_a_private_address(
     "0.0.0.0", "::1", "fd00:ec2::254", "fe80::1", "::ffff:127.0.0.1", "224.0.0.1", "localhost",
     "metadata.google.internal", "api.localhost",
 ])
-def test_the_guard_refuses_local_and_metadata_hosts(host: str) -> None:
+def test_guard_refuses_local_and_metadata_hosts(host: str) -> None:
+    """The guard refuses local and metadata hosts."""
     with pytest.raises(DestinationRefused):
         DestinationPolicy().check_host(host)
 
@@ -298,14 +307,16 @@ EMBEDDED_PUBLIC = ["64:ff9b::808:808", "2002:808:808::1", "::ffff:8.8.8.8", "::f
 
 
 @pytest.mark.parametrize("host", EMBEDDED_FORBIDDEN)
-def test_the_guard_unwraps_ipv4_embedded_in_ipv6_at_subscribe_time(host: str) -> None:
+def test_guard_unwraps_embedded_ipv4_at_subscribe(host: str) -> None:
+    """The guard unwraps IPv4 embedded in IPv6 at subscribe time."""
     with pytest.raises(DestinationRefused):
         DestinationPolicy().check_host(host)
     with pytest.raises(DestinationRefused):
         DestinationPolicy().check_host(f"[{host}]")
 
 
-def test_embedded_public_ipv4_is_allowed_and_the_allow_list_covers_embedded() -> None:
+def test_guard_allows_embedded_public_ipv4() -> None:
+    """Embedded public IPv4 is allowed and the allow list covers embedded."""
     for host in EMBEDDED_PUBLIC:
         DestinationPolicy().check_host(host)
     policy = DestinationPolicy(["169.254.0.0/16"])
@@ -333,8 +344,11 @@ class _Resolver6(trio.abc.HostnameResolver):
 
 
 @pytest.mark.parametrize("address", EMBEDDED_FORBIDDEN)
-async def test_the_guard_unwraps_ipv4_embedded_in_ipv6_at_connect_time(address: str) -> None:
-    """A name that resolves to such an address is refused before any socket is opened."""
+async def test_guard_unwraps_embedded_ipv4_at_connect(address: str) -> None:
+    """The guard unwraps IPv4 embedded in IPv6 at connect time.
+
+    A name that resolves to such an address is refused before any socket is opened.
+    """
     trio.socket.set_custom_hostname_resolver(_Resolver6(address))
     backend = GuardedBackend(DestinationPolicy())
     with pytest.raises(DestinationRefused):
@@ -343,12 +357,14 @@ async def test_the_guard_unwraps_ipv4_embedded_in_ipv6_at_connect_time(address: 
         await DestinationPolicy().check_url("http://rebind.example/hook")
 
 
-async def test_a_name_resolving_to_embedded_public_ipv4_passes_the_connect_check() -> None:
+async def test_guard_connect_check_passes_embedded_public_ipv4() -> None:
+    """A name resolving to embedded public IPv4 passes the connect check."""
     trio.socket.set_custom_hostname_resolver(_Resolver6("64:ff9b::808:808"))
     assert await DestinationPolicy().resolve("nat64.example", 80) == "64:ff9b::808:808"
 
 
-def test_the_allow_list_takes_names_addresses_and_networks() -> None:
+def test_allow_list_takes_names_addresses_networks() -> None:
+    """The allow list takes names addresses and networks."""
     policy = DestinationPolicy(["127.0.0.1", "10.0.0.0/8", "Hooks.Internal.", "[::1]"])
     for host in ("127.0.0.1", "10.9.8.7", "hooks.internal", "::1", "::ffff:10.0.0.1",
                  "93.184.215.14", "example.com"):
@@ -374,12 +390,14 @@ def test_retry_delay_is_exponential_jittered_and_capped(
     assert nominal * (1 - jitter) - 1e-9 <= delay <= min(3600.0, nominal * (1 + jitter)) + 1e-9
 
 
-def test_default_schedule() -> None:
+def test_retry_delay_default_schedule() -> None:
+    """Default schedule."""
     delays = [retry_delay(n, WebhookSettings(jitter=0), random.Random()) for n in range(1, 10)]
     assert delays == [2, 8, 32, 128, 512, 2048, 3600, 3600, 3600]
 
 
-def test_answers_are_classified() -> None:
+def test_classify_answers() -> None:
+    """Answers are classified."""
     assert classify(200).ok and classify(204).ok
     for status in (500, 502, 503, 408, 429):
         result = classify(status)
@@ -391,9 +409,10 @@ def test_answers_are_classified() -> None:
     assert retry_after_seconds("soon") is None and retry_after_seconds("-1") is None
 
 
-async def test_delivered_rows_are_pruned_after_the_retention(
+async def test_dispatch_prunes_delivered_rows_after_retention(
     engine: Engine, world: World
 ) -> None:
+    """Delivered rows are pruned after the retention."""
     settings = msgspec.structs.replace(FAST, delivered_retention_seconds=0,
                                        prune_interval_seconds=0.05)
     async with serving(Receiver()) as receiver:

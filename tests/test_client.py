@@ -16,7 +16,8 @@ from tests.helpers.engine import TEST_DEADLINE_S, make_world
 from tests.helpers.realtime import Live, eventually, gateway_of, post, ws_url
 
 
-async def test_reconnects_after_a_drop_and_yields_each_delivery_once(live: Live) -> None:
+async def test_client_reconnects_yields_each_once(live: Live) -> None:
+    """Reconnects after a drop and yields each delivery once."""
     engine, world = live.server.engine, live.world
     async with connect(live.url, world.tokens["bob"], auto_ack=False) as bob:
         for i in range(3):
@@ -34,7 +35,8 @@ async def test_reconnects_after_a_drop_and_yields_each_delivery_once(live: Live)
         await eventually(lambda: _at_least(lambda: bob.duplicates, 3))
 
 
-async def test_manual_ack_waits_until_durable(live: Live) -> None:
+async def test_client_manual_ack_waits_until_durable(live: Live) -> None:
+    """Manual ack waits until durable."""
     engine, world = live.server.engine, live.world
     async with connect(live.url, world.tokens["bob"], auto_ack=False) as bob:
         for i in range(3):
@@ -47,7 +49,8 @@ async def test_manual_ack_waits_until_durable(live: Live) -> None:
         assert await live.acked("bob") == 2
 
 
-async def test_auto_ack_acks_what_was_processed(live: Live) -> None:
+async def test_client_auto_ack_acks_what_was_processed(live: Live) -> None:
+    """Auto ack acks what was processed."""
     engine, world = live.server.engine, live.world
     async with connect(live.url, world.tokens["bob"]) as bob:
         for i in range(10):
@@ -61,7 +64,8 @@ async def test_auto_ack_acks_what_was_processed(live: Live) -> None:
     await eventually(lambda: _acked_exactly(live, 9))
 
 
-async def test_auto_ack_runs_with_run_alone(live: Live) -> None:
+async def test_client_auto_ack_runs_with_run_alone(live: Live) -> None:
+    """Auto ack runs with run alone."""
     # The load generator and other embedders start `run` themselves, without
     # `connect`: auto-ack is part of `run`, so their deliveries are acked too.
     engine, world = live.server.engine, live.world
@@ -84,7 +88,8 @@ async def _acked_exactly(live: Live, seq: int) -> bool:
     return acked == seq
 
 
-async def test_msgpack_client(live: Live) -> None:
+async def test_client_msgpack(live: Live) -> None:
+    """The MessagePack client."""
     engine, world = live.server.engine, live.world
     async with connect(live.url, world.tokens["bob"], msgpack=True) as bob:
         me = await bob.request("agent.me")
@@ -97,7 +102,8 @@ async def test_msgpack_client(live: Live) -> None:
         assert texts == ["packed"]  # not vacuous: the iterator did not just end
 
 
-async def test_events_arrive_on_their_own_iterator(live: Live) -> None:
+async def test_client_events_on_their_own_iterator(live: Live) -> None:
+    """Events arrive on their own iterator."""
     async with connect(live.url, live.world.tokens["bob"]) as bob:
         async with connect(live.url, live.world.tokens["carol"]):
             about_carol = []
@@ -108,21 +114,24 @@ async def test_events_arrive_on_their_own_iterator(live: Live) -> None:
             assert about_carol == ["agent.status.active"]  # the iterator did not just end
 
 
-async def test_a_refused_token_raises_and_is_not_retried(live: Live) -> None:
+async def test_client_refused_token_raises_not_retried(live: Live) -> None:
+    """A refused token raises and is not retried."""
     with pytest.raises(trio_websocket.ConnectionRejected) as refused:
         async with connect(live.url, "at_live_wrong"):
             pass
     assert refused.value.status_code == 401
 
 
-async def test_refusals_raise_request_error_with_the_code(live: Live) -> None:
+async def test_client_refusals_raise_request_error(live: Live) -> None:
+    """Refusals raise RequestError with the code."""
     async with connect(live.url, live.world.tokens["bob"]) as bob:
         with pytest.raises(RequestError) as refused:
             await bob.request("dm.send", to="nobody", text="hi")
         assert refused.value.code == "agent_not_found"
 
 
-async def test_a_stopping_server_closes_with_1001(tmp_path: Path) -> None:
+async def test_client_stopping_server_closes_1001(tmp_path: Path) -> None:
+    """A stopping server closes with 1001."""
     with trio.fail_after(TEST_DEADLINE_S):
         async with serve(tmp_path) as server:
             world = await make_world(server.engine)
@@ -144,7 +153,8 @@ async def _fake_server(
     return int(server.port)
 
 
-async def test_a_request_without_reply_times_out(nursery: trio.Nursery) -> None:
+async def test_client_request_without_reply_times_out(nursery: trio.Nursery) -> None:
+    """A request without reply times out."""
     async def silent(request: trio_websocket.WebSocketRequest) -> None:
         ws = await request.accept()
         try:
@@ -161,7 +171,8 @@ async def test_a_request_without_reply_times_out(nursery: trio.Nursery) -> None:
                 await client.request("agent.me")
 
 
-async def test_a_request_in_flight_when_the_connection_drops_fails(nursery: trio.Nursery) -> None:
+async def test_client_request_in_flight_fails_on_drop(nursery: trio.Nursery) -> None:
+    """A request in flight when the connection drops fails."""
     async def hang_up(request: trio_websocket.WebSocketRequest) -> None:
         ws = await request.accept()
         await ws.get_message()
@@ -176,7 +187,8 @@ async def test_a_request_in_flight_when_the_connection_drops_fails(nursery: trio
             assert lost.value.code == CloseCode.INTERNAL_ERROR
 
 
-async def test_reconnects_with_backoff_until_the_server_is_back(nursery: trio.Nursery) -> None:
+async def test_client_reconnects_with_backoff(nursery: trio.Nursery) -> None:
+    """Reconnects with backoff until the server is back."""
     attempts = 0
 
     async def flaky(request: trio_websocket.WebSocketRequest) -> None:
@@ -224,8 +236,11 @@ class _PingThenGone:
         raise trio_websocket.ConnectionClosed(trio_websocket.CloseReason(1001, "going away"))
 
 
-async def test_a_pong_that_cannot_go_out_is_not_an_error() -> None:
-    """A ping read just before the close: the pong fails, the connection ends normally."""
+async def test_client_unsendable_pong_not_an_error() -> None:
+    """A pong that cannot go out is not an error.
+
+    A ping read just before the close: the pong fails, the connection ends normally.
+    """
     client = BrokerClient("ws://127.0.0.1:1/v1/ws", "at_live_x", reconnect=False)
     socket = _PingThenGone()
     await client._read(socket)  # type: ignore[arg-type]

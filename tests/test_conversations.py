@@ -50,9 +50,10 @@ async def deliveries_of(engine: Engine, agent_id: int) -> list[tuple[Any, ...]]:
 # -- 1:1 DMs -------------------------------------------------------------------------
 
 
-async def test_first_dm_creates_the_conversation_in_the_same_command(
+async def test_send_dm_first_creates_conversation(
     engine: Engine, world: World
 ) -> None:
+    """The first DM creates the conversation in the same command."""
     alice, bob = world.agents["alice"], world.agents["bob"]
     sent = await engine.submit(dm(world, "bob", "alice", "hello alice"))
     assert sent.conversation_id is not None and sent.channel_id is None
@@ -82,7 +83,8 @@ async def test_first_dm_creates_the_conversation_in_the_same_command(
     assert [d[0] for d in await deliveries_of(engine, alice)] == [1, 2]
 
 
-async def test_dm_validation_codes_write_nothing(engine: Engine, world: World) -> None:
+async def test_send_dm_validation_writes_nothing(engine: Engine, world: World) -> None:
+    """DM validation codes write nothing."""
     limits = engine.limits
     cases: list[tuple[SendDm, str]] = [
         (dm(world, "alice", "alice"), "cannot_dm_self"),
@@ -102,7 +104,8 @@ async def test_dm_validation_codes_write_nothing(engine: Engine, world: World) -
         await refused(engine, command, code)
 
 
-async def test_dm_with_a_pending_file_is_refused(engine: Engine, world: World) -> None:
+async def test_send_dm_with_pending_file_refused(engine: Engine, world: World) -> None:
+    """DM with a pending file is refused."""
     (file_id,) = await engine.submit(NewIds(1))
     await engine.submit(Sql(
         "INSERT INTO files(id, workspace_id, filename, content_type, size_bytes, state,"
@@ -115,7 +118,8 @@ async def test_dm_with_a_pending_file_is_refused(engine: Engine, world: World) -
     assert [a.file_id for a in sent.attachments] == [str(file_id)]
 
 
-async def test_dm_payload_is_the_message(engine: Engine, world: World) -> None:
+async def test_send_dm_payload_is_the_message(engine: Engine, world: World) -> None:
+    """DM payload is the message."""
     sent = await engine.submit(dm(world, "alice", "bob", "hi @carol", mode="steer",
                                   data={"x": 1}))
     payload = await engine.read(lambda c: c.execute(
@@ -144,9 +148,10 @@ async def test_create_group_dm_includes_the_creator(engine: Engine, world: World
     assert rows == ("group", "trio", 3)
 
 
-async def test_group_dm_creation_refusals(
+async def test_create_group_dm_refusals(
     engine: Engine, world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Group DM creation refusals."""
     await refused(engine, group(world, "alice"), "too_few_participants")
     await refused(engine, group(world, "alice", "bob"), "too_few_participants")
     await refused(engine, group(world, "alice", "bob", "alice", "bob"), "too_few_participants")
@@ -160,9 +165,10 @@ async def test_group_dm_creation_refusals(
     assert len((await engine.submit(group(world, "alice", "bob", "carol"))).participants) == 3
 
 
-async def test_group_send_reaches_every_other_active_participant(
+async def test_group_send_reaches_other_active_participants(
     engine: Engine, world: World
 ) -> None:
+    """A group send reaches every other active participant."""
     a = world.agents
     g = await engine.submit(group(world, "alice", "bob", "carol"))
     sent = await engine.submit(gsend(world, "bob", g.id, "hello group"))
@@ -231,9 +237,10 @@ async def test_add_and_remove_participants(engine: Engine, world: World) -> None
                   "not_a_participant")
 
 
-async def test_membership_refusals(
+async def test_participants_refusals(
     engine: Engine, world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Membership refusals."""
     a, wid = world.agents, world.workspace_id
     g = await engine.submit(group(world, "alice", "bob", "carol"))
     one = await engine.submit(dm(world, "alice", "bob"))
@@ -265,7 +272,8 @@ async def test_membership_refusals(
 # -- recipients at commit time ----------------------------------------------------------
 
 
-async def test_recipients_are_decided_at_commit_time(engine: Engine, world: World) -> None:
+async def test_dm_recipients_decided_at_commit_time(engine: Engine, world: World) -> None:
+    """Recipients are decided at commit time."""
     a, wid = world.agents, world.workspace_id
     g = await engine.submit(group(world, "alice", "bob", "carol"))
     results: dict[str, Any] = {}

@@ -36,7 +36,8 @@ def _topology(spec: LoadSpec) -> Topology:
                     agents=[Agent(f"a{i}", "t") for i in range(spec.agents)])
 
 
-async def test_short_run_delivers_every_acknowledged_message(server: BrokerServer) -> None:
+async def test_run_traffic_delivers_every_acknowledged(server: BrokerServer) -> None:
+    """A short run delivers every acknowledged message."""
     assert server.url is not None
     spec = LoadSpec(agents=12, channel_size=4, senders=6, window=4, duration=None,
                     messages=300, dm_share=0.25)
@@ -105,7 +106,8 @@ def _writer_scrape(batches: float, commit: float, apply: float, sync: float,
     return figures
 
 
-def test_writer_cpu_and_hand_over_per_batch_come_from_the_phase_alone() -> None:
+def test_daemon_figures_writer_cpu_from_phase_alone() -> None:
+    """The writer's CPU and hand-over per batch come from the phase alone."""
     before = _writer_scrape(10, 0.100, 0.040, 0.020, cpu=(0.030, 0.010))
     # 20 batches in the phase: 160 ms from the loop, 60 ms applying (30 ms of
     # it on the CPU), 40 ms in COMMIT (10 ms of CPU): 60 ms handing over.
@@ -128,7 +130,8 @@ def test_writer_cpu_and_hand_over_per_batch_come_from_the_phase_alone() -> None:
     assert "writer ms" in table and "writer cpu ms" not in table
 
 
-def test_a_missing_delivery_counts_as_lost() -> None:
+def test_count_loss_missing_delivery_is_lost() -> None:
+    """A missing delivery counts as lost."""
     spec = LoadSpec(agents=4, channel_size=4, senders=1, duration=None, messages=3)
     topology = _topology(spec)
     acked = Bits()
@@ -149,7 +152,8 @@ def test_a_missing_delivery_counts_as_lost() -> None:
     assert count_loss(topology, [excused]).lost == 0
 
 
-def test_dm_split_is_exact_and_recomputable() -> None:
+def test_dm_mask_split_exact_and_recomputable() -> None:
+    """The DM split is exact and recomputable."""
     assert sum(is_dm(n, 0.25) for n in range(100)) == 25
     assert dm_mask(100, 0.25).bit_count() == 25
     assert dm_mask(10, 0.0) == 0 and dm_mask(10, 1.0).bit_count() == 10

@@ -237,9 +237,10 @@ async def test_cumulative_ack_holds_failed_and_deferred_rows(engine: Engine, wor
     assert await engine.read(list_pending, wid, bob) == []
 
 
-async def test_a_held_row_that_expires_lets_the_next_ack_move_the_mark(
+async def test_cumulative_ack_after_held_row_expires(
     engine: Engine, world: World
 ) -> None:
+    """A held row that expires lets the next ack move the mark."""
     wid, bob = world.workspace_id, world.agents["bob"]
     await send_to_bob(engine, world, 3)
     await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob,
@@ -356,10 +357,12 @@ async def test_record_receipts_folds_marks_into_the_ack(engine: Engine, world: W
     assert await marks(engine, bob) == (6, 2, 2)
 
 
-async def test_late_push_mark_leaves_a_row_given_back_after_the_push_held(
+async def test_mark_delivered_late_leaves_given_back_row(
     engine: Engine, world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Push, fail again, then the push's mark: the mark is late and changes nothing.
+    """A late push mark leaves a row given back after the push held.
+
+    Push, fail again, then the push's mark: the mark is late and changes nothing.
 
     A held row is pushed again; before the recorder writes that push's
     mark, the agent fails the row again (or defers it). The mark, written
@@ -468,9 +471,10 @@ class TestMailboxFull:
     def engine_config(self) -> EngineConfig:
         return EngineConfig(synchronous="NORMAL", limits=Limits(mailbox_depth=2))
 
-    async def test_full_mailbox_gets_no_delivery_and_is_named(
+    async def test_mailbox_limit_full_gets_no_delivery(
         self, engine: Engine, world: World
     ) -> None:
+        """A full mailbox gets no delivery and is named."""
         wid, bob = world.workspace_id, world.agents["bob"]
         await send_to_bob(engine, world, 2)
         third = await engine.submit(SendDm(workspace_id=wid, agent_id=world.agents["alice"],
@@ -499,9 +503,10 @@ class TestMailboxFull:
         assert got == sorted([(world.agents["alice"],), (world.agents["dave"],)])
 
 
-async def test_a_socket_ack_holds_a_deferred_row_and_the_next_connection_replays_it(
+async def test_socket_ack_holds_deferred_row_for_replay(
     tmp_path: Path,
 ) -> None:
+    """A socket ack holds a deferred row and the next connection replays it."""
     with trio.fail_after(TEST_DEADLINE_S):
         async with serve(tmp_path) as server:
             engine = server.engine

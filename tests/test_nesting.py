@@ -129,7 +129,8 @@ def test_decode_msgpack_takes_the_limit_and_refuses_one_more(levels: int) -> Non
             decode_msgpack(decoder, deep_msgpack(levels))
 
 
-def test_brackets_inside_strings_do_not_count() -> None:
+def test_openers_ignore_brackets_inside_strings() -> None:
+    """Brackets inside strings do not count."""
     text = "[{" * 5000
     assert decode_json(msgspec.json.Decoder(), msgspec.json.encode({"text": text})) == {
         "text": text}
@@ -148,7 +149,8 @@ _values = st.recursive(
 
 
 @given(value=_values, limit=st.integers(0, 8))
-def test_the_byte_counts_bound_the_depth_and_the_walk_is_exact(value: Any, limit: int) -> None:
+def test_openers_bound_depth_and_walk_is_exact(value: Any, limit: int) -> None:
+    """The byte counts bound the depth, and the walk is exact."""
     as_json, as_msgpack = msgspec.json.encode(value), msgspec.msgpack.encode(value)
     assert json_openers(as_json) >= depth(value)
     assert msgpack_openers(as_msgpack) >= depth(value)
@@ -163,7 +165,8 @@ def test_the_byte_counts_bound_the_depth_and_the_walk_is_exact(value: Any, limit
             assert decode(decoder, data, limit=limit) == value
 
 
-def test_the_head_of_a_document_is_its_members_before_the_first_nested_value() -> None:
+def test_head_is_members_before_first_nested() -> None:
+    """The head of a document is its members before the first nested value."""
     assert json_head('{"v":1,"id":"c[1]{","data":[[[') == '{"v":1,"id":"c[1]{","data":null}'
     assert json_head(b' {"id":"c\\"1", "x": {') == b' {"id":"c\\"1", "x": null}'
     for flat in ('{"id":"c1"}', '[[1]]', '{"id":"unterminated [', "", "[]"):

@@ -32,7 +32,8 @@ def reply(world: World, who: str, message_id: str, text: str = "a reply",
                          message_id=message_id, text=text, **kw)
 
 
-async def test_a_reply_reaches_every_member_but_its_sender(engine: Engine, world: World) -> None:
+async def test_reply_reaches_every_member_but_sender(engine: Engine, world: World) -> None:
+    """A reply reaches every member but its sender."""
     root = await send(engine, world, "alice", "general", "root")
     replied = await engine.submit(reply(world, "bob", root, "on it"))
     assert (replied.thread_id, replied.channel_name, replied.agent_name) == (
@@ -48,7 +49,8 @@ async def test_a_reply_reaches_every_member_but_its_sender(engine: Engine, world
     assert msgspec.json.decode(payload)["data"]["thread_id"] == root
 
 
-async def test_a_reply_to_a_reply_joins_the_roots_thread(engine: Engine, world: World) -> None:
+async def test_reply_to_reply_joins_roots_thread(engine: Engine, world: World) -> None:
+    """A reply to a reply joins the root's thread."""
     root = await send(engine, world, "alice", "general", "root")
     first = await engine.submit(reply(world, "bob", root, "first"))
     second = await engine.submit(reply(world, "carol", first.id, "second"))
@@ -60,7 +62,8 @@ async def test_a_reply_to_a_reply_joins_the_roots_thread(engine: Engine, world: 
                               root)).reply_count == 2
 
 
-async def test_muted_members_get_a_reply_only_when_mentioned(engine: Engine, world: World) -> None:
+async def test_reply_reaches_muted_only_when_mentioned(engine: Engine, world: World) -> None:
+    """Muted members get a reply only when mentioned."""
     await engine.submit(MuteChannel(workspace_id=world.workspace_id,
                                     agent_id=world.agents["dave"], channel="general"))
     root = await send(engine, world, "alice", "general", "root")
@@ -71,7 +74,8 @@ async def test_muted_members_get_a_reply_only_when_mentioned(engine: Engine, wor
     assert dave in [a for a, _, _ in await deliveries_of(engine, mention.id)]
 
 
-async def test_replies_in_a_dm_reach_the_other_participant(engine: Engine, world: World) -> None:
+async def test_reply_in_dm_reaches_other_participant(engine: Engine, world: World) -> None:
+    """Replies in a DM reach the other participant."""
     ws, alice, bob = world.workspace_id, world.agents["alice"], world.agents["bob"]
     dm = await engine.submit(OpenConversation(ws, "dm", (alice, bob)))
     root = await engine.submit(PostInConversation(ws, alice, dm, "psst"))
@@ -88,7 +92,8 @@ async def test_replies_in_a_dm_reach_the_other_participant(engine: Engine, world
     await expect_refused(engine, "message_not_found", reply(world, "carol", str(root)))
 
 
-async def test_replies_in_a_group_dm_skip_those_who_left(engine: Engine, world: World) -> None:
+async def test_reply_in_group_dm_skips_those_who_left(engine: Engine, world: World) -> None:
+    """Replies in a group DM skip those who left."""
     ws = world.workspace_id
     a, b, c, d = (world.agents[n] for n in ("alice", "bob", "carol", "dave"))
     group = await engine.submit(OpenConversation(ws, "group", (a, b, c, d)))
@@ -101,7 +106,8 @@ async def test_replies_in_a_group_dm_skip_those_who_left(engine: Engine, world: 
                                None, None, None)
 
 
-async def test_the_sender_never_gets_its_own_reply(engine: Engine, world: World) -> None:
+async def test_reply_never_reaches_its_sender(engine: Engine, world: World) -> None:
+    """The sender never gets its own reply."""
     root = await send(engine, world, "alice", "general", "root")
     own = await engine.submit(reply(world, "alice", root, "replying to myself @alice"))
     assert world.agents["alice"] not in [a for a, _, _ in await deliveries_of(engine, own.id)]
@@ -143,13 +149,15 @@ async def test_reply_validation_refuses_and_writes_nothing(engine: Engine, world
     assert (await engine.submit(reply(world, "bob", root, "x" * 32 * 1024))).id
 
 
-async def test_a_non_member_cannot_see_so_cannot_reply(engine: Engine, world: World) -> None:
+async def test_reply_refused_to_non_member(engine: Engine, world: World) -> None:
+    """A non-member cannot see, so cannot reply."""
     await new_channel(engine, world, "alice", "ops")
     root = await send(engine, world, "alice", "ops", "root")
     await expect_refused(engine, "message_not_found", reply(world, "bob", root))
 
 
-async def test_an_archived_channel_refuses_replies(engine: Engine, world: World) -> None:
+async def test_reply_refused_in_archived_channel(engine: Engine, world: World) -> None:
+    """An archived channel refuses replies."""
     await new_channel(engine, world, "alice", "ops", ("bob",))
     root = await send(engine, world, "alice", "ops", "root")
     await engine.submit(ArchiveChannel(workspace_id=world.workspace_id, agent_id=None,
@@ -157,9 +165,10 @@ async def test_an_archived_channel_refuses_replies(engine: Engine, world: World)
     await expect_refused(engine, "channel_archived", reply(world, "bob", root))
 
 
-async def test_a_replayed_reply_returns_the_first_and_writes_nothing(
+async def test_reply_replayed_returns_first(
     engine: Engine, world: World
 ) -> None:
+    """A replayed reply returns the first and writes nothing."""
     root = await send(engine, world, "alice", "general", "root")
     first = await engine.submit(reply(world, "bob", root, "once", idempotency_key="k1"))
     before = await engine.read(snapshot)

@@ -49,7 +49,8 @@ def count(engine: Engine, table: str) -> int:
 # -- the transactional outbox ----------------------------------------------------------
 
 
-async def test_the_outbox_row_commits_with_the_message(engine: Engine, world: World) -> None:
+async def test_outbox_row_commits_with_message(engine: Engine, world: World) -> None:
+    """The outbox row commits with the message."""
     sub = await subscribe(engine, world, ["message.created"])
     message = await send(engine, world, "alice", "hello")
     rows = outbox(engine)
@@ -73,7 +74,8 @@ class _RecordThenFail(msgspec.Struct, frozen=True):
         raise BrokerError("boom", "failed after recording")
 
 
-async def test_a_failed_command_leaves_no_outbox_row(engine: Engine, world: World) -> None:
+async def test_outbox_no_row_for_failed_command(engine: Engine, world: World) -> None:
+    """A failed command leaves no outbox row."""
     await subscribe(engine, world, ["message.created"])
     async with trio.open_nursery() as nursery:
         # In one batch with a good send: the failure must not take it along.
@@ -89,13 +91,15 @@ async def test_a_failed_command_leaves_no_outbox_row(engine: Engine, world: Worl
     assert count(engine, "message_log") == 1
 
 
-async def test_no_subscription_no_row(engine: Engine, world: World) -> None:
+async def test_outbox_no_subscription_no_row(engine: Engine, world: World) -> None:
+    """No subscription, no row."""
     await subscribe(engine, world, ["dm.received"])
     await send(engine, world, "alice", "nobody listens to channel messages")
     assert outbox(engine) == []
 
 
-async def test_every_kind_of_fact_is_enqueued(engine: Engine, world: World) -> None:
+async def test_outbox_enqueues_every_kind_of_fact(engine: Engine, world: World) -> None:
+    """Every kind of fact is enqueued."""
     await subscribe(engine, world, ["*"])
     wid, a = world.workspace_id, world.agents
     await engine.submit(CreateChannel(workspace_id=wid, agent_id=a["alice"], name="ops"))
@@ -119,9 +123,10 @@ async def test_every_kind_of_fact_is_enqueued(engine: Engine, world: World) -> N
         assert expected in types, (expected, types)
 
 
-async def test_channel_and_mention_filters_are_applied_in_sql(
+async def test_outbox_filters_in_sql(
     engine: Engine, world: World
 ) -> None:
+    """Channel and mention filters are applied in SQL."""
     wid, a = world.workspace_id, world.agents
     await engine.submit(CreateChannel(workspace_id=wid, agent_id=a["alice"], name="ops"))
     ops = await subscribe(engine, world, ["message.created"],
@@ -157,7 +162,8 @@ async def test_outbox_ids_are_unique_and_ahead_of_the_allocator(
     assert max(ids[:3]) < int(later.id)
 
 
-async def test_muted_members_and_deleted_subscriptions(engine: Engine, world: World) -> None:
+async def test_outbox_muted_members_and_deleted_subscriptions(engine: Engine, world: World) -> None:
+    """Muted members and deleted subscriptions."""
     sub = await subscribe(engine, world, ["message.created"])
     await engine.submit(MuteChannel(workspace_id=world.workspace_id, agent_id=world.agents["bob"],
                                     channel="general"))
@@ -199,9 +205,10 @@ async def test_muted_members_and_deleted_subscriptions(engine: Engine, world: Wo
     ({"secret": "whsec_not*base64*at*all"}, "invalid_secret"),
     ({"secret": "whsec_" + base64.b64encode(b"tiny").decode()}, "invalid_secret"),
 ])
-async def test_bad_subscriptions_are_refused_and_store_nothing(
+async def test_subscribe_refuses_bad_stores_nothing(
     engine: Engine, world: World, fields: dict[str, Any], code: str
 ) -> None:
+    """Bad subscriptions are refused and store nothing."""
     request: dict[str, Any] = {"url": "https://example.com/hook", "events": ["message.created"],
                                **fields}
     with pytest.raises(BrokerError) as caught:
@@ -210,7 +217,8 @@ async def test_bad_subscriptions_are_refused_and_store_nothing(
     assert count(engine, "webhook_subscriptions") == 0
 
 
-async def test_a_secret_is_generated_and_never_listed(engine: Engine, world: World) -> None:
+async def test_subscription_secret_generated_never_listed(engine: Engine, world: World) -> None:
+    """A secret is generated and never listed."""
     created = await subscribe(engine, world, ["message.created"],
                               headers={"Authorization": "Bearer abc"})
     assert created.secret.startswith("whsec_")
@@ -227,9 +235,10 @@ async def test_a_secret_is_generated_and_never_listed(engine: Engine, world: Wor
 # -- delivery state ----------------------------------------------------------------------
 
 
-async def test_attempts_move_rows_and_replay_brings_dead_letters_back(
+async def test_outbox_attempts_and_dead_letter_replay(
     engine: Engine, world: World
 ) -> None:
+    """Attempts move rows, and replay brings dead letters back."""
     sub = await subscribe(engine, world, ["message.created"])
     await send(engine, world, "alice", "one")
     await send(engine, world, "alice", "two")
@@ -275,9 +284,10 @@ async def test_due_rows_skip_busy_rows_and_saturated_subscriptions(
 # -- inbound hooks --------------------------------------------------------------------
 
 
-async def test_an_inbound_hook_posts_atomically_as_its_own_agent(
+async def test_inbound_hook_posts_atomically_as_own_agent(
     engine: Engine, world: World
 ) -> None:
+    """An inbound hook posts atomically as its own agent."""
     await subscribe(engine, world, ["message.created", "webhook.received"])
     hook = await engine.submit(inbound_hooks.CreateInboundWebhook(
         workspace_id=world.workspace_id, channel="general", name="GitHub CI"))
@@ -305,7 +315,8 @@ async def test_an_inbound_hook_posts_atomically_as_its_own_agent(
     assert sorted(r[2] for r in outbox(engine)) == ["message.created", "webhook.received"]
 
 
-async def test_a_wrong_hook_token_posts_nothing(engine: Engine, world: World) -> None:
+async def test_inbound_hook_wrong_token_posts_nothing(engine: Engine, world: World) -> None:
+    """A wrong hook token posts nothing."""
     hook = await engine.submit(inbound_hooks.CreateInboundWebhook(workspace_id=world.workspace_id,
                                                        channel="general"))
     other = await engine.submit(inbound_hooks.CreateInboundWebhook(workspace_id=world.workspace_id,
@@ -328,9 +339,10 @@ async def test_a_wrong_hook_token_posts_nothing(engine: Engine, world: World) ->
                                               world.workspace_id)] == ["other"]
 
 
-async def test_a_retried_trigger_with_an_idempotency_key_posts_once(
+async def test_inbound_hook_retry_with_key_posts_once(
     engine: Engine, world: World
 ) -> None:
+    """A retried trigger with an idempotency key posts once."""
     hook = await engine.submit(inbound_hooks.CreateInboundWebhook(workspace_id=world.workspace_id,
                                                        channel="general"))
     first, second = [

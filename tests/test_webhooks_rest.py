@@ -127,10 +127,11 @@ async def test_subscriptions_need_the_workspace_key(
     ({"filter": {"channel": "general", "sender": "x"}}, "invalid_request"),
     ({"secret": "short"}, "invalid_secret"),
 ])
-async def test_bad_subscriptions_get_400_and_store_nothing(
+async def test_subscriptions_bad_400_store_nothing(
     server: BrokerServer, client: httpx.AsyncClient, world: RestWorld, body: dict[str, Any],
     code: str,
 ) -> None:
+    """Bad subscriptions get 400 and store nothing."""
     request = {"events": ["message.created"], "url": "http://127.0.0.1:9/hook", **body}
     reply = await call(client, "POST", "/v1/subscriptions", world.key, json=request)
     assert (reply.status, reply.code) == (400, code), reply.body
@@ -141,9 +142,10 @@ async def test_bad_subscriptions_get_400_and_store_nothing(
 # -- end to end -------------------------------------------------------------------------
 
 
-async def test_a_rest_send_reaches_the_receiver_signed(
+async def test_rest_send_reaches_receiver_signed(
     server: BrokerServer, client: httpx.AsyncClient, world: RestWorld
 ) -> None:
+    """A REST send reaches the receiver, signed."""
     async with serving(Receiver()) as receiver:
         sub = await call(client, "POST", "/v1/subscriptions", world.key, json={
             "events": ["message.created"], "url": receiver.url})
@@ -185,9 +187,10 @@ async def test_dead_letters_are_listed_and_replayed(
 # -- inbound hooks --------------------------------------------------------------------
 
 
-async def test_an_inbound_hook_posts_into_its_channel(
+async def test_inbound_hook_posts_into_its_channel(
     server: BrokerServer, client: httpx.AsyncClient, world: RestWorld
 ) -> None:
+    """An inbound hook posts into its channel."""
     created = await call(client, "POST", "/v1/webhooks", world.key,
                          json={"channel": "general", "name": "CI"})
     assert created.status == 201, created.body
@@ -212,9 +215,10 @@ async def test_an_inbound_hook_posts_into_its_channel(
         ("deploy finished @bob", "hook.CI", '["bob"]'), (bare.data["text"], "hook.CI", None)]
 
 
-async def test_a_wrong_hook_token_is_401_and_posts_nothing(
+async def test_inbound_hook_wrong_token_401(
     server: BrokerServer, client: httpx.AsyncClient, world: RestWorld
 ) -> None:
+    """A wrong hook token is 401 and posts nothing."""
     hook = (await call(client, "POST", "/v1/webhooks", world.key,
                        json={"channel": "general"})).data
     before = count(server, "messages")
@@ -232,9 +236,10 @@ async def test_a_wrong_hook_token_is_401_and_posts_nothing(
     assert count(server, "messages") == before
 
 
-async def test_a_hook_on_a_missing_channel_is_404(
+async def test_inbound_hook_missing_channel_404(
     client: httpx.AsyncClient, world: RestWorld
 ) -> None:
+    """A hook on a missing channel is 404."""
     reply = await call(client, "POST", "/v1/webhooks", world.key, json={"channel": "nope"})
     assert (reply.status, reply.code) == (404, "channel_not_found")
 
@@ -265,7 +270,8 @@ def test_allow_hosts_come_from_the_file_and_the_environment(
 # -- a graceful stop ------------------------------------------------------------------
 
 
-async def test_a_stop_does_not_wait_on_a_hanging_endpoint(settings: Settings) -> None:
+async def test_dispatcher_stop_skips_hanging_endpoint(settings: Settings) -> None:
+    """A stop does not wait on a hanging endpoint."""
     # The request would take request_timeout (5 s); the stop takes the grace (0.5 s).
     async with serving(Receiver(hang=True)) as receiver:
         with trio.fail_after(settings.webhooks.request_timeout_seconds):
@@ -290,7 +296,8 @@ async def test_a_stop_does_not_wait_on_a_hanging_endpoint(settings: Settings) ->
 # -- kill -9 between commit and dispatch ---------------------------------------------
 
 
-async def test_events_survive_kill_9_between_commit_and_dispatch(tmp_path: Path) -> None:
+async def test_dispatcher_events_survive_kill_9(tmp_path: Path) -> None:
+    """Events survive kill -9 between commit and dispatch."""
     fast = "poll_interval_seconds = 0.05\nbackoff_base_seconds = 0.05\njitter = 0\n"
     off, on = tmp_path / "off.toml", tmp_path / "on.toml"
     off.write_text(f"[webhooks]\nenabled = false\n{fast}")

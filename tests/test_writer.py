@@ -66,9 +66,10 @@ def send(world: World, sender: str, text: str, channel: str = "general") -> Send
                               channel=channel, text=text)
 
 
-async def test_each_failing_statement_of_a_send_leaves_nothing(
+async def test_writer_failing_statement_of_send_leaves_nothing(
     engine: Engine, world: World
 ) -> None:
+    """Each failing statement of a send leaves nothing."""
     conn = engine.writer.connection
     statements: list[str] = []
 
@@ -103,7 +104,8 @@ async def test_each_failing_statement_of_a_send_leaves_nothing(
         assert counts(conn) != before
 
 
-async def test_batch_with_every_seventh_failing_commits_the_rest(engine: Engine) -> None:
+async def test_writer_batch_failure_isolated(engine: Engine) -> None:
+    """A batch with every seventh failing commits the rest."""
     results: dict[int, Any] = {}
 
     async def submit(i: int, command: Note) -> None:
@@ -142,7 +144,8 @@ async def test_batch_with_every_seventh_failing_commits_the_rest(engine: Engine)
     assert names == {f"n{i}" for i in range(50) if i not in failed}
 
 
-async def test_the_writer_counts_its_threads_cpu_apart_from_the_clock(engine: Engine) -> None:
+async def test_writer_thread_cpu_apart_from_clock(engine: Engine) -> None:
+    """The writer counts its thread's CPU apart from the clock."""
     stats = engine.writer.statistics
     wall_before, cpu_before = stats().apply_time.sum, stats().apply_cpu_seconds
     await engine.submit(Nap(0.05))
@@ -154,7 +157,8 @@ async def test_the_writer_counts_its_threads_cpu_apart_from_the_clock(engine: En
     assert 0 < cpu < wall - 0.04
 
 
-async def test_commit_failure_fails_the_whole_batch(engine: Engine, world: World) -> None:
+async def test_writer_commit_failure_fails_whole_batch(engine: Engine, world: World) -> None:
+    """Commit failure fails the whole batch."""
     conn = engine.writer.connection
     before = counts(conn)
     errors: list[BaseException] = []
@@ -208,7 +212,8 @@ async def test_submit_returns_after_commit(tmp_path: Path, engine: Engine, world
     assert row == (1, 3)
 
 
-async def test_concurrent_sends_give_gap_free_seqs_in_commit_order(engine: Engine) -> None:
+async def test_writer_concurrent_sends_gap_free_seqs(engine: Engine) -> None:
+    """Concurrent sends give gap free seqs in commit order."""
     names = tuple(f"a{i}" for i in range(10))
     world = await make_world(engine, "busy", names)
     await engine.submit(CreateChannel(workspace_id=world.workspace_id, agent_id=world.agents["a0"],
@@ -282,9 +287,10 @@ async def test_reader_connections_are_read_only(engine: Engine) -> None:
          "agent_not_found"),
     ],
 )
-async def test_unknown_ids_are_refused_and_write_nothing(
+async def test_writer_unknown_ids_refused(
     engine: Engine, world: World, command: Any, code: str
 ) -> None:
+    """Unknown ids are refused and write nothing."""
     conn = engine.writer.connection
     before = conn.total_changes()
     with pytest.raises(BrokerError) as info:
@@ -293,7 +299,8 @@ async def test_unknown_ids_are_refused_and_write_nothing(
     assert conn.total_changes() == before
 
 
-async def test_batching_happens_under_concurrency(tmp_path: Path) -> None:
+async def test_writer_batches_under_concurrency(tmp_path: Path) -> None:
+    """Batching happens under concurrency."""
     config = EngineConfig(synchronous="FULL")
     async with Engine.open(tmp_path, config) as engine:
         async with trio.open_nursery() as nursery:
@@ -343,7 +350,8 @@ class RollsBackItself(msgspec.Struct, frozen=True):
             " VALUES (?, 'w', x'02', 0)", (tx.new_id(),))
 
 
-async def test_a_transaction_sqlite_rolled_back_fails_only_its_command(engine: Engine) -> None:
+async def test_writer_sqlite_rollback_fails_only_its_command(engine: Engine) -> None:
+    """A transaction SQLite rolled back fails only its command."""
     results: dict[str, Any] = {}
 
     async def submit(name: str, command: Any) -> None:

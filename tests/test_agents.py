@@ -93,9 +93,10 @@ class TestNoGrace:
     def engine_config(self) -> EngineConfig:
         return EngineConfig(synchronous="NORMAL", limits=Limits(token_grace_seconds=0))
 
-    async def test_zero_grace_ends_the_old_token_at_once(
+    async def test_rotate_token_zero_grace_ends_old_at_once(
         self, engine: Engine, world: World
     ) -> None:
+        """Zero grace ends the old token at once."""
         alice = world.agents["alice"]
         await engine.submit(RotateToken(workspace_id=world.workspace_id, agent_id=alice))
         expires = await _prev_expiry(engine, alice)
@@ -137,9 +138,10 @@ async def test_update_agent_persona_and_metadata(engine: Engine, world: World) -
                   "invalid_metadata")
 
 
-async def test_deactivated_agent_gets_nothing_and_its_token_dies(
+async def test_deactivate_agent_gets_nothing_token_dies(
     engine: Engine, world: World
 ) -> None:
+    """A deactivated agent gets nothing, and its token dies."""
     wid, a = world.workspace_id, world.agents
     group = await engine.submit(conversations.CreateGroupDm(
         workspace_id=wid, agent_id=a["alice"], participants=["bob", "carol"]))

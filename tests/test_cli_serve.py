@@ -19,7 +19,8 @@ from tests.helpers.daemon import run_daemon
 PROCESS_DEADLINE_S = 30
 
 
-def test_toml_settings_and_flags_override_them(tmp_path: Path) -> None:
+def test_serve_toml_settings_flags_override(tmp_path: Path) -> None:
+    """TOML settings, and flags override them."""
     config = tmp_path / "broker.toml"
     config.write_text(
         'data_dir = "/var/lib/broker"\n'
@@ -46,7 +47,8 @@ def test_toml_settings_and_flags_override_them(tmp_path: Path) -> None:
         ("[http\n", "not valid TOML"),
     ],
 )
-def test_bad_configuration_names_the_problem(tmp_path: Path, text: str, fragment: str) -> None:
+def test_serve_bad_configuration_names_problem(tmp_path: Path, text: str, fragment: str) -> None:
+    """A bad configuration names the problem."""
     config = tmp_path / "broker.toml"
     config.write_text(text)
     with pytest.raises(ConfigError) as info:
@@ -55,7 +57,8 @@ def test_bad_configuration_names_the_problem(tmp_path: Path, text: str, fragment
     assert str(config) in str(info.value)
 
 
-def test_bad_configuration_exits_2_with_one_line(tmp_path: Path) -> None:
+def test_serve_bad_configuration_exits_2(tmp_path: Path) -> None:
+    """A bad configuration exits 2 with one line."""
     config = tmp_path / "broker.toml"
     config.write_text("[http]\nport = -1\n")
     done = subprocess.run(

@@ -25,7 +25,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
                           text=True, timeout=DEADLINE_S, env=dict(os.environ, **(env or {})))
 
 
-def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_layering(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file, then the environment, then the flags."""
     config = tmp_path / "broker.toml"
     config.write_text("[http]\nport = 9000\nmax_body_bytes = 2048\n"
                       "[engine.limits]\nmailbox_depth = 7\n")
@@ -52,9 +53,10 @@ def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.Mo
         ("[engine]\nreaders = 0\n", {}, "$.engine.readers"),
     ],
 )
-def test_bad_configuration_exits_2_with_one_line(
+def test_daemon_bad_configuration_exits_2(
     tmp_path: Path, toml: str, env: dict[str, str], fragment: str
 ) -> None:
+    """A bad configuration exits 2 with one line."""
     config = tmp_path / "broker.toml"
     config.write_text(toml)
     done = run_cli("serve", "--config", str(config), "--data-dir", str(tmp_path / "d"), env=env)
@@ -63,7 +65,8 @@ def test_bad_configuration_exits_2_with_one_line(
     assert not (tmp_path / "d" / "broker.db").exists()
 
 
-def test_unwritable_data_dir_exits_2(tmp_path: Path) -> None:
+def test_daemon_unwritable_data_dir_exits_2(tmp_path: Path) -> None:
+    """An unwritable data dir exits 2."""
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     done = run_cli("serve", "--data-dir", str(blocker / "data"))
@@ -72,7 +75,8 @@ def test_unwritable_data_dir_exits_2(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("content", [b"SQLite format 3\x00" + b"\xff" * 5000, b"hello" * 2000])
-def test_foreign_or_corrupt_database_is_refused_untouched(tmp_path: Path, content: bytes) -> None:
+def test_daemon_refuses_foreign_or_corrupt_database(tmp_path: Path, content: bytes) -> None:
+    """A foreign or corrupt database is refused, untouched."""
     (tmp_path / "broker.db").write_bytes(content)
     done = run_cli("serve", "--port", "0", "--data-dir", str(tmp_path))
     assert done.returncode == 2, done.stdout + done.stderr
@@ -80,7 +84,8 @@ def test_foreign_or_corrupt_database_is_refused_untouched(tmp_path: Path, conten
     assert (tmp_path / "broker.db").read_bytes() == content
 
 
-def test_secret_names_are_masked() -> None:
+def test_config_secret_names_are_masked() -> None:
+    """Secret names are masked."""
     for name in ("secret", "signing_secret", "api_key", "token", "password"):
         assert SECRET_NAME.search(name), name
     for name in ("max_body_bytes", "keys_per_page", "host", "token_grace_seconds"):
@@ -93,7 +98,8 @@ def test_config_show_prints_the_effective_settings(tmp_path: Path) -> None:
     assert '"port": 1234' in done.stdout and '"readers": 3' in done.stdout
 
 
-async def test_notify_graceful_stop_and_quiet_logs(tmp_path: Path) -> None:
+async def test_daemon_notify_graceful_stop_quiet_logs(tmp_path: Path) -> None:
+    """Notify, graceful stop and quiet logs."""
     data = tmp_path / "data"
     with trio.fail_after(DEADLINE_S):
         env = {"WATCHDOG_USEC": "200000"}
@@ -136,7 +142,8 @@ async def test_notify_graceful_stop_and_quiet_logs(tmp_path: Path) -> None:
     assert key not in log and agent["token"] not in log and "a very private body" not in log
 
 
-async def test_second_daemon_on_the_same_directory_is_refused(tmp_path: Path) -> None:
+async def test_daemon_second_on_same_directory_refused(tmp_path: Path) -> None:
+    """A second daemon on the same directory is refused."""
     with trio.fail_after(DEADLINE_S):
         async with run_daemon(tmp_path) as daemon:
             second = await trio.run_process(
@@ -176,14 +183,16 @@ def test_admin_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["check", "--data-dir", str(tmp_path / "empty")]) == 2
 
 
-def test_the_example_configuration_loads() -> None:
+def test_config_example_loads() -> None:
+    """The example configuration loads."""
     example = Path(__file__).resolve().parent.parent / "deploy" / "broker.toml"
     settings = load_settings(example, environ={})
     assert settings.data_dir == "/var/lib/agent-broker"
     assert settings.engine.limits.mailbox_depth == 10000
 
 
-async def test_presence_left_online_by_a_crash_is_reset_at_start(tmp_path: Path) -> None:
+async def test_daemon_resets_presence_left_by_crash(tmp_path: Path) -> None:
+    """Presence left online by a crash is reset at start."""
     from broker.config import HttpSettings, Settings
     from broker.engine.agents import SetAgentStatus
     from broker.engine.engine import Engine

@@ -64,9 +64,10 @@ def delivery() -> FactView:
     return FactView("message.created", 1, encode_payload("message.created", {"text": "hi"}))
 
 
-async def test_a_client_that_reads_nothing_is_closed_with_4008_then_reset(
+async def test_liveness_non_reader_closed_4008_then_reset(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    """A client that reads nothing is closed with 4008, then reset."""
     gw, ws = gateway(), FakeWebSocket()
     session = agent_session(gw, ws)
     async with trio.open_nursery() as nursery:
@@ -88,9 +89,10 @@ async def test_a_client_that_reads_nothing_is_closed_with_4008_then_reset(
                                    + DEFAULTS.close_grace_seconds)
 
 
-async def test_a_client_that_comes_back_within_the_grace_gets_the_close_frame(
+async def test_liveness_back_within_grace_gets_close_frame(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    """A client that comes back within the grace gets the close frame."""
     gw, ws = gateway(), FakeWebSocket()
     session = agent_session(gw, ws)
     async with trio.open_nursery() as nursery:
@@ -106,9 +108,10 @@ async def test_a_client_that_comes_back_within_the_grace_gets_the_close_frame(
     assert [f["seq"] for f in ws.sent if f["type"] == "deliver"] == [1]
 
 
-async def test_the_server_pings_and_closes_with_4408_without_a_pong(
+async def test_liveness_ping_without_pong_closes_4408(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    """The server pings, and closes with 4408 without a pong."""
     gw, ws = gateway(), FakeWebSocket()
     session = agent_session(gw, ws)
     async with trio.open_nursery() as nursery:
@@ -120,9 +123,10 @@ async def test_the_server_pings_and_closes_with_4408_without_a_pong(
     assert limit <= trio.current_time() <= limit + DEFAULTS.ping_interval_seconds
 
 
-async def test_a_client_that_answers_pings_stays(
+async def test_liveness_client_answering_pings_stays(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    """A client that answers pings stays."""
     gw, ws = gateway(), FakeWebSocket()
     session = agent_session(gw, ws)
 
@@ -170,9 +174,10 @@ async def test_relaycast_sockets_are_not_pinged_but_close_when_idle(
     assert quiet.sent == [] and chatty.sent == []  # no pings on Relaycast sockets
 
 
-async def test_a_client_that_sends_and_never_reads_is_not_read_either(
+async def test_liveness_sender_never_reading_not_read(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    """A client that sends and never reads is not read either."""
     # Pings and bad frames with an id each owe the client a frame back
     # (a pong, an error reply) and take no request slot: without a bound,
     # the outbox would hold one frame per frame sent until the 4008 close.
@@ -215,9 +220,10 @@ class ReadingStub:
         return self.answer(fn, *args)
 
 
-async def test_a_socket_of_a_rotated_out_token_closes_with_4401_when_the_grace_ends(
+async def test_liveness_rotated_token_closes_4401_at_grace_end(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    """A socket of a rotated out token closes with 4401 when the grace ends."""
     grace_s = 120
     settings = GatewaySettings(ping_interval_seconds=1000, pong_timeout_seconds=1000)
     expires: dict[bytes, int | None] = {b"old": None, b"new": None}  # both current at first
@@ -252,9 +258,10 @@ async def test_a_socket_of_a_rotated_out_token_closes_with_4401_when_the_grace_e
     assert events == ["agent.token_rotated"]  # the client is told; it may take the new token
 
 
-async def test_a_session_not_reading_ends_when_its_socket_fails_under_the_pump(
+async def test_liveness_non_reader_ends_when_socket_fails(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    """A session not reading ends when its socket fails under the pump."""
     # The receive loop waits for room; if the pump then loses the socket,
     # nobody would take the outbox again: the pump ends the session itself.
     spam = 300

@@ -56,9 +56,10 @@ async def request(ws: trio_websocket.WebSocketConnection, request_id: str, type_
             return cast(dict[str, Any], frame["data"])
 
 
-async def test_a_failed_or_deferred_delivery_comes_again_flagged_and_nothing_else_does(
+async def test_redelivery_of_failed_or_deferred_only(
     live: Live,
 ) -> None:
+    """A failed or deferred delivery comes again, flagged, and nothing else does."""
     async with raw_socket(live.server, live.world.tokens["bob"]) as bob:
         for text in ("one", "two", "three"):
             await live.post("alice", text)
@@ -96,9 +97,10 @@ async def _marked(live: Live, *seqs: int) -> bool:
     return set(seqs) <= {int(r[0]) for r in rows}
 
 
-async def test_the_python_client_takes_a_redelivery_below_its_last_seq_and_its_ack_settles_it(
+async def test_redelivery_below_last_seq_settled_by_client_ack(
     live: Live,
 ) -> None:
+    """The Python client takes a redelivery below its last seq, and its ack settles it."""
     engine, world = live.server.engine, live.world
     async with connect(ws_url(live.server), world.tokens["bob"]) as bob:
         for text in ("one", "two", "three"):
@@ -126,9 +128,10 @@ async def test_the_python_client_takes_a_redelivery_below_its_last_seq_and_its_a
         await eventually(settled)
 
 
-async def test_a_held_delivery_pushed_again_is_settled_by_an_ack_in_the_same_flush(
+async def test_redelivery_held_settled_by_ack_in_same_flush(
     live: Live,
 ) -> None:
+    """A held delivery pushed again is settled by an ack in the same flush."""
     # The push mark and the ack of one agent go out as one command, marks
     # first: the ack finds the pushed-again delivery `delivered`, not held.
     engine, wid, bob, recorder = await _three_pushes_recorded(live)
@@ -169,9 +172,10 @@ async def running(recorder: DeliveryRecorder) -> AsyncIterator[trio.Nursery]:
         nursery.cancel_scope.cancel()
 
 
-async def test_pushes_acked_within_the_fold_window_are_written_once_with_the_ack(
+async def test_recorder_folds_pushes_acked_in_window(
     live: Live,
 ) -> None:
+    """Pushes acked within the fold window are written once with the ack."""
     engine, wid, bob, recorder = await _three_pushes_recorded(live, fold_window=3600)
     async with trio.open_nursery() as nursery:
         await nursery.start(recorder.run)
@@ -190,9 +194,10 @@ async def test_pushes_acked_within_the_fold_window_are_written_once_with_the_ack
         (1, "acked", 1, 1, 1), (2, "acked", 1, 1, 1), (3, "delivered", 1, 1, 0)]
 
 
-async def test_acks_nobody_waits_for_are_held_and_an_awaited_ack_takes_them_along(
+async def test_recorder_holds_unawaited_acks(
     live: Live,
 ) -> None:
+    """Acks nobody waits for are held, and an awaited ack takes them along."""
     engine, world = live.server.engine, live.world
     wid, bob = world.workspace_id, world.agents["bob"]
     for text in ("one", "two", "three"):
@@ -209,9 +214,10 @@ async def test_acks_nobody_waits_for_are_held_and_an_awaited_ack_takes_them_alon
         assert recorder.statistics().commands == 1
 
 
-async def test_marks_leaving_at_the_end_of_their_window_take_the_held_ack_along(
+async def test_recorder_window_end_marks_take_held_ack(
     live: Live,
 ) -> None:
+    """Marks leaving at the end of their window take the held ack along."""
     # The client acked (the ack is held, not due for an hour) and the marks'
     # window ends: marks and ack go together, so the rows are folded.
     engine, world = live.server.engine, live.world
@@ -228,7 +234,8 @@ async def test_marks_leaving_at_the_end_of_their_window_take_the_held_ack_along(
         assert await delivery_rows(engine, bob) == [(1, "acked", 1, 1, 1), (2, "acked", 1, 1, 1)]
 
 
-async def test_flush_waits_for_receipts_the_actor_is_already_committing(live: Live) -> None:
+async def test_recorder_flush_waits_for_committing_receipts(live: Live) -> None:
+    """Flush waits for receipts the actor is already committing."""
     engine, world = live.server.engine, live.world
     wid, bob = world.workspace_id, world.agents["bob"]
     await live.post("alice", "one")
@@ -251,9 +258,10 @@ async def test_flush_waits_for_receipts_the_actor_is_already_committing(live: Li
         assert await delivery_rows(engine, bob) == [(1, "delivered", 1, 1, 0)]
 
 
-async def test_a_push_nobody_acks_is_marked_once_the_fold_window_has_passed(
+async def test_recorder_marks_unacked_push_after_window(
     live: Live,
 ) -> None:
+    """A push nobody acks is marked once the fold window has passed."""
     engine, world = live.server.engine, live.world
     wid, bob = world.workspace_id, world.agents["bob"]
     await live.post("alice", "one")
@@ -272,9 +280,10 @@ async def _acked_at_least(live: Live, seq: int) -> bool:
     return await live.acked("bob") >= seq
 
 
-async def test_a_late_mark_of_an_ordinary_push_does_not_release_a_row_failed_since(
+async def test_recorder_late_mark_keeps_row_failed_since(
     live: Live,
 ) -> None:
+    """A late mark of an ordinary push does not release a row failed since."""
     # Pushed, then failed by the agent before the recorder wrote the push's
     # mark: the mark must not turn the failed row back into `delivered`,
     # or the next cumulative ack would settle what the agent gave back.
@@ -329,9 +338,10 @@ def changed() -> FactView:
         "mailbox.changed", {"agent_id": "2", "seq": 2}))
 
 
-async def test_a_delivery_deferred_to_later_is_pushed_again_when_its_time_comes(
+async def test_redelivery_of_deferred_when_its_time_comes(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    """A delivery deferred to later is pushed again when its time comes."""
     later_s = 90
     settings = GatewaySettings(ping_interval_seconds=1000, pong_timeout_seconds=1000)
     engine = ScriptedEngine()
@@ -361,9 +371,10 @@ async def test_a_delivery_deferred_to_later_is_pushed_again_when_its_time_comes(
     assert session.statistics().redelivered == 1
 
 
-async def test_a_held_delivery_is_pushed_again_once_per_version(
+async def test_redelivery_held_once_per_version(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    """A held delivery is pushed again once per version."""
     engine = ScriptedEngine()
     gw = Gateway(cast(Engine, engine))
     ws = FakeWebSocket()

@@ -50,7 +50,8 @@ from tests.helpers.realtime import (
 # -- node tokens ----------------------------------------------------------------------------
 
 
-async def test_an_agent_gets_a_node_token_stored_only_hashed(live: Live) -> None:
+async def test_node_token_stored_only_hashed(live: Live) -> None:
+    """An agent gets a node token, stored only hashed."""
     issued = await live.node_token("bob")
     bob_id = live.world.agents["bob"]
     assert issued == {"node_id": f"node_{bob_id}", "node_name": "bob-direct",
@@ -80,7 +81,8 @@ async def test_node_tokens_need_an_agent_token(
 
 
 @pytest.mark.parametrize("token", [None, "nt_live_nope", "at_live_nope"])
-async def test_the_node_socket_refuses_bad_tokens(live: Live, token: str | None) -> None:
+async def test_node_socket_refuses_bad_tokens(live: Live, token: str | None) -> None:
+    """The node socket refuses bad tokens."""
     with pytest.raises(trio_websocket.ConnectionRejected) as refused:
         async with raw_socket(live.server, token, path="/v1/node/ws", subprotocols=[]):
             pass
@@ -143,9 +145,10 @@ async def test_node_register_deliver_and_ack_in_the_sdk_shapes(live: Live) -> No
     await eventually(acked)
 
 
-async def test_a_node_gets_dms_threads_and_reactions_and_events_as_context_updates(
+async def test_node_socket_context_updates(
     live: Live,
 ) -> None:
+    """A node gets DMs, threads, reactions and events as context updates."""
     engine, world = live.server.engine, live.world
     issued = await live.node_token("bob")
     async with raw_socket(live.server, issued["token"], path="/v1/node/ws",
@@ -180,7 +183,8 @@ async def test_a_node_gets_dms_threads_and_reactions_and_events_as_context_updat
 # -- the workspace observer --------------------------------------------------------------------
 
 
-async def test_the_observer_sees_flat_events_and_filters_by_subscription(live: Live) -> None:
+async def test_observer_flat_events_filtered_by_subscription(live: Live) -> None:
+    """The observer sees flat events and filters by subscription."""
     engine, world = live.server.engine, live.world
     async with raw_socket(live.server, world.key, subprotocols=[]) as observer:
         message_id = await post(engine, world.workspace_id, world.agents["alice"], "general",
@@ -224,7 +228,8 @@ async def test_the_observer_sees_flat_events_and_filters_by_subscription(live: L
         assert (await next_frame(observer, "message.created"))["message"]["text"] == "all again"
 
 
-async def test_the_observer_ignores_unknown_frames_and_closes_on_garbage(live: Live) -> None:
+async def test_observer_ignores_unknown_closes_on_garbage(live: Live) -> None:
+    """The observer ignores unknown frames and closes on garbage."""
     async with raw_socket(live.server, live.world.key, subprotocols=[]) as observer:
         await send_json(observer, {"type": "something.new"})
         await send_json(observer, {"type": "subscribe", "channels": "not-a-list"})
@@ -314,8 +319,10 @@ async def test_node_socket_stays_open_through_the_grace_and_closes_at_its_end(
     assert ws.close_code == CloseCode.UNAUTHORIZED
 
 
-async def test_a_node_token_minted_with_the_old_token_ends_with_its_grace(live: Live) -> None:
-    """`POST /v1/agent/node-token` with a token rotated out: the node token ends with the grace.
+async def test_node_token_minted_with_old_token_ends_with_grace(live: Live) -> None:
+    """A node token minted with the old token ends with its grace.
+
+    `POST /v1/agent/node-token` with a token rotated out: the node token ends with the grace.
 
     The old token may have leaked; during its grace it still mints, but not
     a credential that outlives it (before, it got the full 24 h that no

@@ -52,9 +52,10 @@ async def test_send_errors_write_nothing(server: BrokerServer, client: httpx.Asy
     assert await count(server, "deliveries") == 0
 
 
-async def test_idempotency_key_replays_the_first_result(
+async def test_send_idempotency_key_replays_first_result(
     server: BrokerServer, client: httpx.AsyncClient
 ) -> None:
+    """An idempotency key replays the first result."""
     world = await make_rest_world(client)
     alice = world.tokens["alice"]
     first = await call(client, "POST", GENERAL, alice, json={"text": "once"},

@@ -26,7 +26,8 @@ async def test_create_workspace_twice_is_409(client: httpx.AsyncClient) -> None:
     assert again.code == "workspace_already_exists"
 
 
-async def test_create_again_with_its_own_key_finds_it(client: httpx.AsyncClient) -> None:
+async def test_create_workspace_again_with_own_key_finds_it(client: httpx.AsyncClient) -> None:
+    """Create again with its own key finds it."""
     # What the SDK's ensureWorkspace does: 200 and no new key, nothing created.
     created = await call(client, "POST", "/v1/workspaces", json={"name": "acme"})
     key = created.data["api_key"]
@@ -95,7 +96,8 @@ async def test_update_workspace_name_and_system_prompt(client: httpx.AsyncClient
     assert cleared.data == {**reply.data, "system_prompt": None}
 
 
-async def test_renaming_to_a_taken_name_is_409(client: httpx.AsyncClient) -> None:
+async def test_update_workspace_taken_name_409(client: httpx.AsyncClient) -> None:
+    """Renaming to a taken name is 409."""
     world = await make_rest_world(client, agents=())
     await call(client, "POST", "/v1/workspaces", json={"name": "other"})
     reply = await call(client, "PATCH", "/v1/workspace", world.key, json={"name": "other"})
@@ -103,7 +105,8 @@ async def test_renaming_to_a_taken_name_is_409(client: httpx.AsyncClient) -> Non
     assert reply.code == "workspace_already_exists"
 
 
-async def test_update_with_a_wrong_type_is_invalid_request(client: httpx.AsyncClient) -> None:
+async def test_update_workspace_wrong_type_invalid_request(client: httpx.AsyncClient) -> None:
+    """An update with a wrong type is invalid_request."""
     world = await make_rest_world(client, agents=())
     reply = await call(client, "PATCH", "/v1/workspace", world.key, json={"name": 3})
     assert reply.status == 400

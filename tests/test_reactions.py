@@ -46,9 +46,10 @@ async def notices(engine: Engine, message_id: str) -> list[tuple[int, dict[str, 
     ]
 
 
-async def test_a_reaction_is_stored_and_the_author_is_told_durably(
+async def test_add_reaction_stores_and_tells_author_durably(
     engine: Engine, world: World
 ) -> None:
+    """A reaction is stored and the author is told durably."""
     message = await send(engine, world, "alice", "general", "ship it?")
     added = await engine.submit(react(world, "bob", message))
     assert (added.message_id, added.agent_name, added.emoji, added.created) == (
@@ -62,7 +63,8 @@ async def test_a_reaction_is_stored_and_the_author_is_told_durably(
                     "conversation_id": None}
 
 
-async def test_adding_twice_is_idempotent_and_notifies_once(engine: Engine, world: World) -> None:
+async def test_add_reaction_twice_idempotent_notifies_once(engine: Engine, world: World) -> None:
+    """Adding twice is idempotent and notifies once."""
     message = await send(engine, world, "alice", "general", "ship it?")
     first = await engine.submit(react(world, "bob", message))
     before = await engine.read(snapshot)
@@ -72,16 +74,18 @@ async def test_adding_twice_is_idempotent_and_notifies_once(engine: Engine, worl
     assert len(await notices(engine, message)) == 1
 
 
-async def test_reacting_to_ones_own_message_tells_nobody(engine: Engine, world: World) -> None:
+async def test_add_reaction_to_own_message_tells_nobody(engine: Engine, world: World) -> None:
+    """Reacting to one's own message tells nobody."""
     message = await send(engine, world, "alice", "general", "mine")
     await engine.submit(react(world, "alice", message))
     assert await notices(engine, message) == []
     assert await rows(engine, "SELECT count(*) FROM reactions") == [(1,)]
 
 
-async def test_remove_deletes_the_row_and_a_second_remove_is_refused(
+async def test_remove_reaction_deletes_row_second_refused(
     engine: Engine, world: World
 ) -> None:
+    """Remove deletes the row, and a second remove is refused."""
     message = await send(engine, world, "alice", "general", "hm")
     await engine.submit(react(world, "bob", message, "🎉"))
     await engine.submit(react(world, "carol", message, "🎉"))

@@ -78,7 +78,8 @@ async def test_mark_read_writes_receipt_acks_delivery_and_moves_pointer(
                                                                          "general")
 
 
-async def test_the_pointer_only_moves_forward(engine: Engine, world: World) -> None:
+async def test_mark_read_pointer_only_moves_forward(engine: Engine, world: World) -> None:
+    """The pointer only moves forward."""
     bob = world.agents["bob"]
     older = await send(engine, world, "alice", "general", "older")
     newer = await send(engine, world, "alice", "general", "newer")
@@ -102,7 +103,8 @@ async def test_mark_read_is_idempotent(engine: Engine, world: World) -> None:
     assert len(await read_notices(engine, message)) == 1
 
 
-async def test_reading_ones_own_message_tells_nobody(engine: Engine, world: World) -> None:
+async def test_mark_read_own_message_tells_nobody(engine: Engine, world: World) -> None:
+    """Reading one's own message tells nobody."""
     alice = world.agents["alice"]
     message = await send(engine, world, "alice", "general", "mine")
     await engine.submit(mark(world, "alice", message))
@@ -110,9 +112,10 @@ async def test_reading_ones_own_message_tells_nobody(engine: Engine, world: Worl
     assert await channel_pointer(engine, alice) == (int(message), 1)
 
 
-async def test_a_read_acks_the_message_not_the_notices_about_it(
+async def test_mark_read_acks_message_not_its_notices(
     engine: Engine, world: World
 ) -> None:
+    """A read acks the message, not the notices about it."""
     alice = world.agents["alice"]
     message = await send(engine, world, "alice", "general", "react to me")
     await engine.submit(AddReaction(workspace_id=world.workspace_id, agent_id=world.agents["bob"],
@@ -136,9 +139,10 @@ class FailDelivery(msgspec.Struct, frozen=True):
                         (self.state, self.agent_id, self.message_id))
 
 
-async def test_failed_deliveries_are_acked_dead_letters_are_left(
+async def test_mark_read_acks_failed_leaves_dead_letters(
     engine: Engine, world: World
 ) -> None:
+    """Failed deliveries are acked; dead letters are left."""
     bob, carol = world.agents["bob"], world.agents["carol"]
     message = await send(engine, world, "alice", "general", "x")
     await engine.submit(FailDelivery(bob, int(message), "failed"))
@@ -152,9 +156,10 @@ async def test_failed_deliveries_are_acked_dead_letters_are_left(
     assert await pending(engine, carol) == 1
 
 
-async def test_reading_a_thread_reply_leaves_the_channel_pointer(
+async def test_mark_read_thread_reply_leaves_channel_pointer(
     engine: Engine, world: World
 ) -> None:
+    """Reading a thread reply leaves the channel pointer."""
     bob = world.agents["bob"]
     root = await send(engine, world, "alice", "general", "root")
     await engine.submit(mark(world, "bob", root))
@@ -211,7 +216,8 @@ async def test_readers_and_channel_read_status(engine: Engine, world: World) -> 
         ("dave", None, False)]
 
 
-async def test_read_refusals_write_nothing(engine: Engine, world: World) -> None:
+async def test_mark_read_refusals_write_nothing(engine: Engine, world: World) -> None:
+    """Read refusals write nothing."""
     ws, bob = world.workspace_id, world.agents["bob"]
     for missing in ("999", "not-an-id", ""):
         await expect_refused(engine, "message_not_found", mark(world, "bob", missing))

@@ -38,7 +38,8 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_empty_file_migrates_to_current_version(tmp_path: Path) -> None:
+def test_open_writer_migrates_empty_file(tmp_path: Path) -> None:
+    """An empty file migrates to the current version."""
     path = tmp_path / "b.db"
     conn, lock = open_writer(path, CONFIG)
     conn.close()
@@ -53,8 +54,11 @@ def test_empty_file_migrates_to_current_version(tmp_path: Path) -> None:
         assert table in tables, table
 
 
-def test_a_version_1_file_gains_the_workspace_deletion_mark(tmp_path: Path) -> None:
-    """Version 2 adds workspaces.deleted_at (two-phase deletion); existing rows stay live."""
+def test_open_writer_migrates_version_1_deletion_mark(tmp_path: Path) -> None:
+    """A version 1 file gains the workspace deletion mark.
+
+    Version 2 adds workspaces.deleted_at (two-phase deletion); existing rows stay live.
+    """
     path = tmp_path / "b.db"
     conn = apsw.Connection(str(path))
     with conn:
@@ -77,8 +81,10 @@ def _plan(conn: apsw.Connection, sql: str, bindings: tuple[object, ...]) -> list
     return [str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql, bindings)]
 
 
-def test_every_foreign_key_child_column_is_indexed(tmp_path: Path) -> None:
-    """Deleting a parent finds its children by an index, never by scanning the child table.
+def test_schema_foreign_key_children_indexed(tmp_path: Path) -> None:
+    """Every foreign key child column is indexed.
+
+    Deleting a parent finds its children by an index, never by scanning the child table.
 
     For each foreign key of every table, SQLite looks up `child WHERE
     columns = ?` whenever a parent row is deleted; an unindexed child column
@@ -122,7 +128,8 @@ def test_workspace_purge_statements_scan_no_table(tmp_path: Path) -> None:
         lock.release()
 
 
-def test_reopening_changes_nothing(tmp_path: Path) -> None:
+def test_open_writer_again_changes_nothing(tmp_path: Path) -> None:
+    """Reopening changes nothing."""
     path = tmp_path / "b.db"
     for _ in range(2):
         conn, lock = open_writer(path, CONFIG)
@@ -137,7 +144,8 @@ def test_reopening_changes_nothing(tmp_path: Path) -> None:
     assert (schema_of(path), digest(path)) == first
 
 
-def test_newer_schema_is_refused_and_untouched(tmp_path: Path) -> None:
+def test_open_writer_refuses_newer_schema(tmp_path: Path) -> None:
+    """A newer schema is refused and untouched."""
     path = tmp_path / "b.db"
     conn = apsw.Connection(str(path))
     conn.execute(f"pragma user_version = {SCHEMA_VERSION + 1}")
@@ -150,7 +158,8 @@ def test_newer_schema_is_refused_and_untouched(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("content", [b"hello, not a database\n" * 400, b"\x00\xff" * 3000])
-def test_foreign_file_is_refused_and_untouched(tmp_path: Path, content: bytes) -> None:
+def test_open_writer_refuses_foreign_file(tmp_path: Path, content: bytes) -> None:
+    """A foreign file is refused and untouched."""
     path = tmp_path / "b.db"
     path.write_bytes(content)
     with pytest.raises(StartupError, match="not a SQLite database"):
@@ -159,7 +168,8 @@ def test_foreign_file_is_refused_and_untouched(tmp_path: Path, content: bytes) -
     assert not (tmp_path / "b.db-wal").exists()
 
 
-async def test_second_writer_on_the_same_file_is_refused(tmp_path: Path) -> None:
+async def test_open_writer_refuses_second_writer(tmp_path: Path) -> None:
+    """A second writer on the same file is refused."""
     async with Engine.open(tmp_path, CONFIG):
         second = WriterActor(tmp_path / DATABASE_FILE, CONFIG)
         with pytest.raises(StartupError, match="already opened for writing"):

@@ -23,6 +23,10 @@
   comes again once due, with a seq it may have seen, and is yielded again;
   after it is processed, the cumulative ack is sent again so that it
   covers the redelivered one too.
+- With `batch` (the default) the client asks for `deliver.batch` frames
+  (`?batch=1`): the server sends the deliveries it has queued together in
+  one frame, so a frame is read and parsed once per flush, not per
+  delivery. `batch=False` asks for one `deliver` frame each.
 - `events()` yields ephemeral events (presence, membership, channels);
   when the consumer falls behind by `event_buffer`, newer events are dropped
   (they have no seq to resume from), and counted in `events_dropped`.
@@ -125,9 +129,10 @@ class BrokerClient:
         reconnect: bool = True, request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         delivery_buffer: int = DEFAULT_DELIVERY_BUFFER, event_buffer: int = DEFAULT_EVENT_BUFFER,
-        receive_buffer: int | None = None,
+        receive_buffer: int | None = None, batch: bool = True,
     ) -> None:
         self.url = url
+        self.batch = batch
         self.token = token
         self.msgpack = msgpack
         self.auto_ack = auto_ack
@@ -230,8 +235,11 @@ class BrokerClient:
         if parts.scheme != "ws":
             raise ValueError(f"only ws:// URLs are supported, not {self.url!r}")
         resource = parts.path or "/"
-        if parts.query:
-            resource += "?" + parts.query
+        query = [parts.query] if parts.query else []
+        if self.batch:
+            query.append("batch=1")
+        if query:
+            resource += "?" + "&".join(query)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
         stream = self._stream = await open_stream(host, port, self.receive_buffer)
         return await trio_websocket.wrap_client_stream(
@@ -255,18 +263,11 @@ class BrokerClient:
             if not isinstance(frame, dict):
                 continue
             kind = frame.get("type")
-            if kind == "deliver":
-                seq = int(frame["seq"])
-                redelivery = frame.get("redelivery") is True
-                if redelivery:
-                    # Given back by the agent and pushed again: taken whatever its seq.
-                    self.redeliveries += 1
-                elif seq <= self.last_seq:
-                    self.duplicates += 1
-                    continue
-                self.last_seq = max(self.last_seq, seq)
-                await self._deliveries_send.send(
-                    Delivery(seq, str(frame["delivery_id"]), frame["payload"], redelivery))
+            if kind == "deliver.batch":
+                for item in frame["deliveries"]:
+                    await self._take(item)
+            elif kind == "deliver":
+                await self._take(frame)
             elif kind == "reply" or (kind == "pong" and frame.get("re") is not None):
                 pending = self._pending.pop(str(frame.get("re")), None)
                 if pending is not None:
@@ -284,6 +285,20 @@ class BrokerClient:
                     # closed under us: the next get_message reports how, and
                     # run() reconnects (or ends) from there
                     continue
+
+    async def _take(self, frame: dict[str, Any]) -> None:
+        """Hand one `deliver` frame to the consumer, unless it is a duplicate."""
+        seq = int(frame["seq"])
+        redelivery = frame.get("redelivery") is True
+        if redelivery:
+            # Given back by the agent and pushed again: taken whatever its seq.
+            self.redeliveries += 1
+        elif seq <= self.last_seq:
+            self.duplicates += 1
+            return
+        self.last_seq = max(self.last_seq, seq)
+        await self._deliveries_send.send(
+            Delivery(seq, str(frame["delivery_id"]), frame["payload"], redelivery))
 
     def _fail_pending(self) -> None:
         for pending in self._pending.values():

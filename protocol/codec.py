@@ -20,6 +20,7 @@ from typing import Any, Union
 
 import msgspec
 
+from protocol.frames import DeliverBatch
 from protocol.nesting import (
     MAX_NESTING_DEPTH,
     NestingTooDeep,
@@ -96,6 +97,10 @@ _msgpack_envelope = msgspec.msgpack.Decoder(_Envelope)
 _any_json = msgspec.json.Decoder()
 _any_msgpack = msgspec.msgpack.Decoder()
 _msgpack_encoder = msgspec.msgpack.Encoder()
+# Bytes of a `deliver.batch` frame besides its items: the JSON envelope
+# `{"v":1,"type":"deliver.batch","deliveries":[]}` is 46, MessagePack's
+# smaller; 8 more cover MessagePack's array header growing to 5 bytes.
+_BATCH_OVERHEAD = len(msgspec.json.encode(DeliverBatch(deliveries=[]))) + 8
 
 
 def json_to_msgpack(payload: bytes) -> bytes:
@@ -251,6 +256,38 @@ class Codec:
         if self.msgpack:
             return self._msgpack_encoder.encode(frame)
         return self._json_encoder.encode(frame).decode()
+
+    def encode_bytes(self, frame: Any) -> bytes:
+        """One outbound frame's bytes (JSON or MessagePack), to splice into a batch."""
+        if self.msgpack:
+            return self._msgpack_encoder.encode(frame)
+        return self._json_encoder.encode(frame)
+
+    def encode_batch(self, deliveries: Sequence[bytes], limit: int) -> list[str | bytes]:
+        """`deliver.batch` frames carrying these encoded `deliver` frames, in order.
+
+        Each frame is at most `limit` bytes: a delivery that would take a
+        frame past it starts the next one. A delivery too large for a frame
+        of its own still goes, alone in its batch (it would have gone as a
+        `deliver` frame of that size anyway). Empty `deliveries`: no frame.
+        """
+        frames: list[str | bytes] = []
+        chunk: list[msgspec.Raw] = []
+        size = _BATCH_OVERHEAD
+        for item in deliveries:
+            # One separator per item (a comma in JSON; MessagePack has none,
+            # and the array header's growth is inside the overhead).
+            if chunk and size + len(item) + 1 > limit:
+                frames.append(self._batch(chunk))
+                chunk, size = [], _BATCH_OVERHEAD
+            chunk.append(msgspec.Raw(item))
+            size += len(item) + 1
+        if chunk:
+            frames.append(self._batch(chunk))
+        return frames
+
+    def _batch(self, chunk: list[msgspec.Raw]) -> str | bytes:
+        return self.encode(DeliverBatch(deliveries=chunk))
 
     def payload(self, json_payload: bytes) -> msgspec.Raw:
         """A JSON payload as this codec embeds it (re-encoded once for MessagePack)."""

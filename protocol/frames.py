@@ -132,6 +132,19 @@ class Deliver(msgspec.Struct, kw_only=True):
     payload: Raw
 
 
+class DeliverBatch(msgspec.Struct, kw_only=True):
+    """Several durable deliveries in one frame, for a session that asked for batches.
+
+    Each item of `deliveries` is a whole `deliver` frame, exactly as it
+    would be sent alone (redeliveries included), spliced in already
+    encoded: the batch costs one frame, not one re-encoding per delivery.
+    """
+
+    v: int = PROTOCOL_VERSION
+    type: Literal["deliver.batch"] = "deliver.batch"
+    deliveries: list[Raw]
+
+
 class Event(msgspec.Struct, kw_only=True):
     """An ephemeral push (presence, membership, channel changes): no seq, no ack."""
 

@@ -31,8 +31,8 @@ GATEWAY = Gateway(cast(Engine, _StubEngine()))
 CODECS: dict[str, Codec] = {"C": GATEWAY.native_json, "NC": GATEWAY.node_codec,
                             "OC": GATEWAY.observer_codec}
 SERVER_TYPES: dict[str, dict[str, type[Any]]] = {
-    "S": {"reply": fr.Reply, "deliver": fr.Deliver, "event": fr.Event, "ping": fr.ServerPing,
-          "pong": fr.ServerPong},
+    "S": {"reply": fr.Reply, "deliver": fr.Deliver, "deliver.batch": fr.DeliverBatch,
+          "event": fr.Event, "ping": fr.ServerPing, "pong": fr.ServerPong},
     "NS": {"reply": fr.NodeReply, "deliver": fr.NodeDeliver, "error": fr.NodeError,
            "context.update": ContextUpdate},
     "OS": {"pong": fr.FlatPong, "resync_ack": fr.ResyncAck, "error": fr.FlatError},

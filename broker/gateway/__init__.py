@@ -66,6 +66,9 @@ log = logging.getLogger(__name__)
 SESSION_FRAME_TYPES = frozenset({"delivery.ack", "ping", "pong"})
 # Operations a socket may call: those an agent token may call.
 SOCKET_AUTH = frozenset({"agent", "any"})
+# Values of `/v1/ws?batch=`: absent or "0", one `deliver` frame per delivery;
+# "1", `deliver.batch` frames (docs/protocol.md). Anything else is refused.
+BATCH_VALUES = frozenset({None, "0", "1"})
 
 
 class GatewayStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -289,16 +292,27 @@ class Gateway:
         except BrokerError as exc:
             await ws.deny(status_for(exc.code), encode_error(exc.code, exc.message))
             return
+        batch = ws.query("batch")
+        if batch not in BATCH_VALUES:
+            # Before the upgrade, as a refused token is: the client asked for
+            # something this server does not have, and nothing was opened.
+            await ws.deny(status_for("invalid_request"), encode_error(
+                "invalid_request", f"batch must be 0 or 1, not {batch!r}"),
+                close_code=CloseCode.BAD_FRAME)
+            return
         refusal = self._admit(principal.agent_id)
         if refusal is not None:
             await self._refuse(ws, *refusal)
             return
         try:
-            await self._open_ws(ws, token, principal)
+            await self._open_ws(ws, token, principal, batch=batch == "1")
         finally:
             self._release(principal.agent_id)
 
-    async def _open_ws(self, ws: AsgiWebSocket, token: str | None, principal: Principal) -> None:
+    async def _open_ws(self, ws: AsgiWebSocket, token: str | None, principal: Principal, *,
+                       batch: bool = False) -> None:
+        """batch: the agent's deliveries go out as `deliver.batch` frames (an observer's
+        frames are Relaycast's flat events: it takes the option and has no deliveries)."""
         session: Session
         if principal.agent_id is None:
             await ws.accept(negotiate(ws.subprotocols))
@@ -311,7 +325,7 @@ class Gateway:
             assert token is not None
             session = AgentSession(self, ws, codec, workspace_id=principal.workspace_id,
                                    agent_id=principal.agent_id, agent_name=principal.agent_name,
-                                   credential=secrets.digest(token))
+                                   credential=secrets.digest(token), batch=batch)
         await self._run(session)
 
     async def _serve_node(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
@@ -30,13 +30,27 @@ from protocol.codec import CloseCode
 CREDENTIAL_GONE = frozenset({"agent_not_found", "workspace_not_found"})
 
 
+class Push(NamedTuple):
+    """One delivery to push: as read from the database (replay) or held and due again.
+
+    changed_at: a held row's `updated_at` as read (see `broker.gateway.redelivery`).
+    """
+
+    seq: int
+    view: FactView
+    redelivery: bool = False
+    changed_at: int | None = None
+
+
 class DeliverySession(Session):
     """A session that carries one agent's durable deliveries (native or Relaycast node)."""
 
     agent_id: int
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, batch: bool = False, **kwargs: Any) -> None:
+        """batch: send deliveries as `deliver.batch` frames (the client asked for them)."""
         super().__init__(*args, **kwargs)
+        self.batch = batch
         # Held deliveries this session pushed again, as they were then (see redelivery).
         self._held_pushed: dict[int, Held] = {}
         self._connected = False  # the replay on connect is done
@@ -100,15 +114,16 @@ class DeliverySession(Session):
         while True:
             page = await self.engine.read(held_deliveries, self.workspace_id, self.agent_id,
                                           after, up_to, int(time.time() * 1000), page_size)
+            pushes: list[Push] = []
             for row in page.rows:
                 seen[row.seq] = row.version
                 if self._held_pushed.get(row.seq) == row.version:
                     continue  # pushed already; its mark is on its way
                 view = FactView(row.type, self.workspace_id, row.payload,
                                 message_id=row.message_id)
-                await self.send_delivery(row.seq, view, redelivery=True,
-                                         changed_at=row.updated_at)
-                self.redelivered += 1
+                pushes.append(Push(row.seq, view, True, row.updated_at))
+            await self.send_deliveries(pushes)
+            self.redelivered += len(pushes)
             if len(page.rows) < page_size:
                 break
             after = page.rows[-1].seq
@@ -131,17 +146,20 @@ class DeliverySession(Session):
                     list_pending, self.workspace_id, self.agent_id, queue.cursor, page_size,
                     int(time.time() * 1000),
                 )
+                pushes: list[Push] = []
                 for row in page:
                     view = FactView(row.type, self.workspace_id, bytes(row.payload),
                                     message_id=row.message_id)
                     held = is_held(row.state, row.available_at)
-                    await self.send_delivery(row.seq, view, redelivery=held,
-                                             changed_at=row.updated_at if held else None)
+                    pushes.append(Push(row.seq, view, held, row.updated_at if held else None))
                     if held:
                         self._held_pushed[row.seq] = (row.state, row.attempts, row.available_at,
                                                       row.updated_at)
-                    queue.advance(row.seq)
-                    self.replayed += 1
+                # One page is one flush: with batches, its deliveries share frames.
+                await self.send_deliveries(pushes)
+                if page:
+                    queue.advance(page[-1].seq)
+                self.replayed += len(page)
                 if len(page) < page_size:
                     # Nothing else is pending up to `hi` (acked, dead or deferred).
                     queue.advance(marks.last_seq)
@@ -151,8 +169,26 @@ class DeliverySession(Session):
 
     async def send_delivery(self, seq: int, view: FactView, redelivery: bool = False,
                             changed_at: int | None = None) -> None:
+        if self.batch:
+            await self.send_deliveries([Push(seq, view, redelivery, changed_at)])
+            return
         await self.send_bytes(self.codec.encode(self.delivery_frame(seq, view, redelivery)))
         self.delivered(seq, redelivery, changed_at)
+
+    async def send_deliveries(self, pushes: list[Push]) -> None:
+        """Push these deliveries in order: in `deliver.batch` frames when the client asked
+        for batches (split at `max_frame_bytes`), otherwise one `deliver` frame each."""
+        if not self.batch:
+            for push in pushes:
+                await self.send_delivery(*push)
+            return
+        if not pushes:
+            return
+        encode, frame = self.codec.encode_bytes, self.delivery_frame
+        items = [encode(frame(p.seq, p.view, p.redelivery)) for p in pushes]
+        await self.send_frames(self.codec.encode_batch(items, self.settings.max_frame_bytes))
+        for push in pushes:
+            self.delivered(push.seq, push.redelivery, push.changed_at)
 
     def delivered(self, seq: int, redelivery: bool = False,
                   changed_at: int | None = None) -> None:

@@ -94,6 +94,12 @@ _session_ids = itertools.count(1)
 MAX_REASON_BYTES = 123
 # Frames the pump writes with one socket write when it finds several queued.
 WRITE_BATCH = 64
+# Queued frames one flush of a session that asked for batches takes (its
+# deliveries then travel as `deliver.batch` frames): more than WRITE_BATCH,
+# since a run of deliveries costs one frame, but bounded so that one write
+# stays a bounded piece of the stall deadline and a client sees the first
+# delivery of a flush without parsing a thousand (docs/protocol.md).
+BATCHED_FLUSH = 256
 
 
 class SessionState(enum.Enum):
@@ -167,6 +173,8 @@ class Session:
     kind = "session"
     # Native sessions are pinged; Relaycast ones only have an idle timeout.
     pings = True
+    # Deliveries go out as `deliver.batch` frames (a native client asked for them).
+    batch = False
 
     def __init__(
         self, gateway: SessionHost, ws: WebSocket, codec: Codec, *, workspace_id: int,
@@ -440,17 +448,13 @@ class Session:
             await self.send_frame(item)
 
     async def _write_batch(self, first: Any) -> None:
-        """`first` and what else is queued (up to WRITE_BATCH) in one socket write."""
+        """`first` and what else is queued (up to WRITE_BATCH, BATCHED_FLUSH with batches)
+        in one socket write."""
+        limit = BATCHED_FLUSH if self.batch else WRITE_BATCH
         items = [first]
-        while len(items) < WRITE_BATCH and (item := self.queue.take_nowait()) is not None:
+        while len(items) < limit and (item := self.queue.take_nowait()) is not None:
             items.append(item)
-        frames = [data for data in map(self._encode_item, items) if data is not None]
-        self._writing()
-        try:
-            await self.ws.send_many(frames)
-        finally:
-            self._send_started = None
-        self.frames_sent += len(frames)
+        await self.send_frames(self._encode_items(items))
         for item in items:
             if isinstance(item, DeliverItem):
                 self.delivered(item.seq)
@@ -471,6 +475,27 @@ class Session:
         if self._stall.when == math.inf:
             self._stall.move(now + self.settings.slow_client_timeout_seconds)
 
+    def _encode_items(self, items: list[Any]) -> list[str | bytes]:
+        """The frames of `items`, in order; with batches, each run of deliveries is spliced
+        into `deliver.batch` frames (an event or an own frame between two ends a run)."""
+        if not self.batch:
+            return [data for data in map(self._encode_item, items) if data is not None]
+        frames: list[str | bytes] = []
+        run: list[bytes] = []
+        for item in items:
+            if isinstance(item, DeliverItem):
+                run.append(self.codec.encode_bytes(self.delivery_frame(item.seq, item.view)))
+                continue
+            if run:
+                frames += self.codec.encode_batch(run, self.settings.max_frame_bytes)
+                run = []
+            data = self._encode_item(item)
+            if data is not None:
+                frames.append(data)
+        if run:
+            frames += self.codec.encode_batch(run, self.settings.max_frame_bytes)
+        return frames
+
     def _encode_item(self, item: Any) -> str | bytes | None:
         if isinstance(item, DeliverItem):
             return self.codec.encode(self.delivery_frame(item.seq, item.view))
@@ -481,6 +506,19 @@ class Session:
 
     async def send_frame(self, frame: Any) -> None:
         await self.send_bytes(self.codec.encode(frame))
+
+    async def send_frames(self, frames: list[str | bytes]) -> None:
+        """Write encoded frames in order, with one socket write where the socket allows."""
+        if len(frames) == 1 or not self._batches:
+            for data in frames:
+                await self.send_bytes(data)
+            return
+        self._writing()
+        try:
+            await self.ws.send_many(frames)
+        finally:
+            self._send_started = None
+        self.frames_sent += len(frames)
 
     async def send_bytes(self, data: str | bytes) -> None:
         """Write one frame; the stall deadline measures how long the socket takes it."""

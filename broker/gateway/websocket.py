@@ -111,8 +111,10 @@ class AsgiWebSocket:
         await self._send({"type": "websocket.accept", "subprotocol": subprotocol})
         self.accepted = True
 
-    async def deny(self, status: int, body: bytes, content_type: str = "application/json") -> None:
-        """Refuse the handshake with an HTTP response (or close 4401 if the server cannot)."""
+    async def deny(self, status: int, body: bytes, content_type: str = "application/json", *,
+                   close_code: int = 4401) -> None:
+        """Refuse the handshake with an HTTP response (or close with `close_code`, 4401
+        unless told, if the server cannot)."""
         if "websocket.http.response" in self.scope.get("extensions", {}):
             await self._send({
                 "type": "websocket.http.response.start", "status": status,
@@ -122,7 +124,7 @@ class AsgiWebSocket:
             await self._send({"type": "websocket.http.response.body", "body": body})
         else:
             await self.accept(None)
-            await self.close(4401, "unauthorized")
+            await self.close(close_code, "unauthorized" if close_code == 4401 else "refused")
 
     # -- an open connection -------------------------------------------------------------
 

@@ -66,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="fraction of sends that are DMs to the sender's partner (default 0)")
     shape.add_argument("--text-bytes", type=int, default=32, help="message text length")
     shape.add_argument("--msgpack", action="store_true", help="MessagePack frames, not JSON")
+    shape.add_argument("--no-batch", dest="batch", action="store_false",
+                       help="one deliver frame per delivery, not deliver.batch frames")
     shape.add_argument("--procs", type=int, default=2,
                        help="generator processes (default 2; 0 = in this process)")
     target = parser.add_argument_group("target")
@@ -98,6 +100,7 @@ def spec_from(args: argparse.Namespace) -> LoadSpec:
         agents=args.agents, channel_size=args.channel_size, senders=args.senders,
         window=args.window, duration=duration, messages=args.messages, rate=args.rate,
         dm_share=args.dm_share, text_bytes=args.text_bytes, msgpack=args.msgpack,
+        batch=args.batch,
     )
 
 

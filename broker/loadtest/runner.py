@@ -225,6 +225,7 @@ class Shard:
         async def connect(index: int) -> None:
             client = BrokerClient(
                 self.url, self.topology.agents[index].token, msgpack=spec.msgpack,
+                batch=spec.batch,
                 request_timeout=spec.request_timeout, reconnect=True,
                 connect_timeout=CONNECT_TIMEOUT_S, delivery_buffer=DELIVERY_BUFFER)
             async with limiter:

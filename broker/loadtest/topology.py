@@ -38,6 +38,8 @@ class LoadSpec(msgspec.Struct, frozen=True, kw_only=True):
     dm_share: float = 0.0
     text_bytes: int = 32
     msgpack: bool = False
+    # Deliveries in `deliver.batch` frames (the Python client's default).
+    batch: bool = True
     request_timeout: float = 30.0
 
     def __post_init__(self) -> None:

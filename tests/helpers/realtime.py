@@ -107,13 +107,18 @@ async def raw_socket(
     server: BrokerServer, token: str | None, *, path: str = "/v1/ws",
     subprotocols: list[str] | None = None, queue: int = 10_000,
     receive_buffer: int | None = None, headers: list[tuple[bytes, bytes]] | None = None,
+    batch: str | None = None,
 ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
     """A plain trio-websocket connection (token in the query), for frame-level tests.
 
-    queue: messages trio-websocket reads ahead; receive_buffer: SO_RCVBUF.
+    queue: messages trio-websocket reads ahead; receive_buffer: SO_RCVBUF;
+    batch: the `batch` query parameter ("1": deliver.batch frames), if any.
     """
     assert server.port is not None
-    resource = path if token is None else f"{path}?token={token}"
+    query = [] if token is None else [f"token={token}"]
+    if batch is not None:
+        query.append(f"batch={batch}")
+    resource = f"{path}?{'&'.join(query)}" if query else path
     try:
         async with _raw(server.port, resource, subprotocols, queue, receive_buffer,
                         headers) as ws:
@@ -165,6 +170,15 @@ async def next_frame(ws: trio_websocket.WebSocketConnection, *types: str) -> dic
         assert isinstance(frame, dict)
         if not types or frame.get("type") in types:
             return frame
+
+
+async def next_deliveries(ws: trio_websocket.WebSocketConnection) -> list[dict[str, Any]]:
+    """The `deliver` frames of the next delivery frame (a `deliver.batch` or a `deliver`)."""
+    frame = await next_frame(ws, "deliver", "deliver.batch")
+    if frame["type"] == "deliver.batch":
+        items: list[dict[str, Any]] = frame["deliveries"]
+        return items
+    return [frame]
 
 
 async def send_json(ws: trio_websocket.WebSocketConnection, frame: Any) -> None:

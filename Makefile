@@ -1,5 +1,6 @@
 # Two set-up commands: `make run` and `make test`. Both create the virtual
-# environment when it is missing and install the project with its test extras.
+# environment when it is missing and install the project with its test extras
+# and its bench extra (the peers that tests/test_loadtest_peers.py runs).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,7 +14,7 @@ DATA_DIR ?= ./data
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $(STAMP)
 
 run: $(STAMP)

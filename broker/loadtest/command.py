@@ -4,6 +4,8 @@
         --duration 10 --procs 2 --json result.json
     broker loadtest --agents 100 --channel-size 10 --senders 20 --window 8 \\
         --duration 8 --procs 2 --latency-at 0.1,0.5
+    broker loadtest --agents 12 --channel-size 12 --senders 2 --window 50 \\
+        --duration 8 --procs 2 --peer jetstream --peer jetstream-default
     broker loadtest --idle 1000,5000
     broker loadtest --history 10000,1000000
 
@@ -14,6 +16,8 @@ echo server in its own process), then the broker phase, and prints the
 summary table. Progress goes to stderr. `--latency-at` makes it a curve:
 a closed-loop run finds the maximum, then an open-loop run at each fraction
 of it, each phase on a fresh daemon (the same one with `--url`).
+`--peer` runs the same topology against NATS JetStream or Mosquitto
+afterwards and prints the rows side by side (broker.loadtest.peers).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import httpx
 import msgspec
 import trio
 
+from broker.loadtest.peers import PEERS, format_peers, peer_topology, run_peer, unavailable
 from broker.loadtest.processes import ServerProcess, raise_fd_limit, start_daemon, start_echo
 from broker.loadtest.report import build_report, format_curve, format_table
 from broker.loadtest.runner import BROKER, ECHO, ShardResult, run_local, run_processes
@@ -76,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--config", type=Path,
                         help="TOML configuration for the daemon the run starts")
     target.add_argument("--no-echo", action="store_true", help="skip the echo ceiling")
+    target.add_argument("--peer", action="append", choices=PEERS, default=[],
+                        help="then run the same topology against this peer, started for the "
+                             "run, and print both rows (repeatable; one channel, no DMs; "
+                             "pip install '.[bench]'; mosquitto needs its binary)")
     target.add_argument("--profile", type=Path, metavar="FILE",
                         help="sample the daemon with py-spy during the broker phase (pip install "
                              "'.[bench]'); FILE.txt: collapsed stacks, .json: speedscope, "
@@ -176,8 +185,12 @@ async def run_traffic(spec: LoadSpec, *, procs: int, url: str | None = None,
             extra.update(daemon_figures(metrics_before, await scrape_metrics(url)))
             if daemon is not None:
                 wall = time.monotonic() - started
-                extra["daemon_cpu_percent"] = round(
-                    100 * (daemon.cpu_seconds() - cpu_before) / wall, 1)
+                daemon_cpu = daemon.cpu_seconds() - cpu_before
+                extra["daemon_cpu_percent"] = round(100 * daemon_cpu / wall, 1)
+                extra["daemon_cpu_seconds"] = round(daemon_cpu, 2)
+                acked = sum(r.sends_acked for r in broker_results)
+                extra["daemon_cpu_ms_per_send"] = (round(1000 * daemon_cpu / acked, 3)
+                                                   if acked else None)
                 extra["daemon_rss_mib"] = round(daemon.rss_bytes() / 2**20, 1)
         finally:
             if daemon is not None:
@@ -378,8 +391,9 @@ def run(args: argparse.Namespace) -> int:
     """Run what the options ask for; the exit status.
 
     0; 1 when a traffic run (any phase of a latency curve) lost messages;
-    2 for refused options, a failed run, or a curve with a failed point
-    (its JSON is still written).
+    2 for refused options, a failed run, a curve with a failed point or a
+    failed peer (its JSON is still written). A peer's losses do not count:
+    the peer rows are there to compare, and MQTT at QoS 1 drops by design.
     """
     try:
         if args.latency_at is not None:
@@ -390,6 +404,7 @@ def run(args: argparse.Namespace) -> int:
                     raise ValueError(f"--latency-at runs a curve of its own; give it without "
                                      f"{option}")
             fractions = parse_fractions(args.latency_at)
+        skipped = check_peers(args)
         if args.idle:
             report = trio.run(idle_memory, parse_counts(args.idle))
         elif args.history:
@@ -407,14 +422,53 @@ def run(args: argparse.Namespace) -> int:
                 spec, procs=args.procs, url=args.url, config=args.config,
                 echo=not args.no_echo, profile=args.profile))
             print(format_table(report))
+            if args.peer:
+                report["peers"] = run_peers(args.peer, spec, args.procs, skipped)
+                print(format_peers(report))
     except (ValueError, RuntimeError) as exc:
         print(f"broker loadtest: {exc}", file=sys.stderr)
         return 2
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if report.get("failed_points"):
+    if report.get("failed_points") or any("failed" in p for p in report.get("peers", ())):
         return 2
     return 1 if report.get("lost_all_phases", report.get("lost")) else 0
+
+
+def check_peers(args: argparse.Namespace) -> dict[str, str]:
+    """Refuse `--peer` with what it does not model, before anything starts; the peers to skip.
+
+    Returns peer -> why it is skipped (its binary is missing). Raises
+    ValueError for options a peer run cannot mirror, RuntimeError when a
+    package a peer needs is not installed.
+    """
+    if not args.peer:
+        return {}
+    for option, given in (("--latency-at", args.latency_at is not None),
+                          ("--idle", args.idle), ("--history", args.history)):
+        if given:
+            raise ValueError(f"--peer compares a traffic run; give it without {option}")
+    peer_topology(spec_from(args))
+    return {peer: why for peer in dict.fromkeys(args.peer)
+            if (why := unavailable(peer)) is not None}
+
+
+def run_peers(peers: list[str], spec: LoadSpec, procs: int,
+              skipped: dict[str, str]) -> list[dict[str, Any]]:
+    """Each peer's report, in order; a skipped or failed peer says why instead."""
+    reports: list[dict[str, Any]] = []
+    for peer in dict.fromkeys(peers):
+        if peer in skipped:
+            print(f"loadtest: --peer {peer} skipped: {skipped[peer]}", file=sys.stderr)
+            reports.append({"system": peer, "skipped": skipped[peer]})
+            continue
+        print(f"loadtest: the same topology against {peer}", file=sys.stderr)
+        try:
+            reports.append(run_peer(peer, spec, procs=procs, progress=Progress(peer)))
+        except RuntimeError as exc:
+            print(f"loadtest: --peer {peer} failed: {exc}", file=sys.stderr)
+            reports.append({"system": peer, "failed": str(exc)})
+    return reports
 
 
 def main(argv: list[str] | None = None) -> int:

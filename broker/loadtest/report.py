@@ -17,6 +17,7 @@ received from that sender.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
@@ -87,8 +88,14 @@ class Loss(msgspec.Struct, kw_only=True):
     unacked_delivered: int = 0
 
 
-def count_loss(topology: Topology, results: list[ShardResult]) -> Loss:
-    """Acknowledged sends that some intended recipient never received (see the module doc)."""
+def count_loss(topology: Topology, results: list[ShardResult], *,
+               recipients: Callable[[int, bool], Iterable[int]] | None = None) -> Loss:
+    """Acknowledged sends that some intended recipient never received (see the module doc).
+
+    `recipients(sender, dm)` names who must receive; by default the
+    topology's (a peer run's receivers are only the agents that do not send).
+    """
+    recipients = recipients or topology.recipients
     share = topology.spec.dm_share
     acked: dict[int, int] = {}
     counts: dict[int, int] = {}
@@ -116,7 +123,7 @@ def count_loss(topology: Topology, results: list[ShardResult]) -> Loss:
         for kind_bits, dm in ((channel_messages, False), (dms, True)):
             if not kind_bits:
                 continue
-            for recipient in topology.recipients(sender, dm):
+            for recipient in recipients(sender, dm):
                 key = (recipient, sender)
                 wanted = kind_bits & ~excused.get(key, 0)
                 loss.expected_deliveries += wanted.bit_count()
@@ -168,6 +175,8 @@ def build_report(topology: Topology, broker: list[ShardResult], echo: list[Shard
         "echo_seconds": round(e.send_seconds, 3),
         "connections": b.connections,
         "generator_cpu_seconds": round(b.generator_cpu_seconds, 2),
+        "generator_cpu_ms_per_send": (round(1000 * b.generator_cpu_seconds / b.sends_acked, 3)
+                                      if b.sends_acked else None),
         "spec": msgspec.to_builtins(topology.spec),
         "cpus": os.cpu_count(),
         "loadavg_1m": round(os.getloadavg()[0], 2),
@@ -230,10 +239,14 @@ def format_table(report: dict[str, Any]) -> str:
                                   + ("over the last bucket" if longest is None
                                      else f"<= {longest} ms")))
     if "daemon_cpu_percent" in report:
+        per_send = report.get("daemon_cpu_ms_per_send")
         rows.append(("daemon cpu", f"{report['daemon_cpu_percent']:.0f}% of one core, "
-                                   f"RSS {report['daemon_rss_mib']:.0f} MiB"))
+                                   + (f"{per_send:.2f} ms per send, " if per_send else "")
+                                   + f"RSS {report['daemon_rss_mib']:.0f} MiB"))
+    per_send = report.get("generator_cpu_ms_per_send")
     rows.append(("generator cpu", f"{report['generator_cpu_seconds']:.1f} s over "
-                                  f"{report['send_seconds']:.1f} s"))
+                                  f"{report['send_seconds']:.1f} s"
+                                  + (f", {per_send:.2f} ms per send" if per_send else "")))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 

@@ -7,9 +7,10 @@ import pytest
 from broker.bench import main
 
 
-def test_the_writer_benchmark_compares_the_same_statements(
+def test_bench_writer_compares_same_statements(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """The writer benchmark compares the same statements."""
     # The benchmark refuses (exit 1) when the raw apsw loop and a trace of
     # SendChannelMessage differ, so a change to the send path that is not
     # mirrored in the raw loop fails here rather than in a report.

@@ -67,7 +67,8 @@ async def send_until_killed(ws_url: str, token: str, name: str, cycle: int,
             raise
 
 
-async def test_acknowledged_messages_survive_repeated_sigkill(tmp_path: Path) -> None:
+async def test_daemon_sigkill_loses_no_acked_message(tmp_path: Path) -> None:
+    """Acknowledged messages survive repeated SIGKILL."""
     data = tmp_path / "data"
     rng = random.Random(20261129)
     acked: dict[str, str] = {}

@@ -23,9 +23,10 @@ def open_fds_of(directory: str) -> int:
     return count
 
 
-async def test_abandoned_downloads_close_their_files(
+async def test_download_abandoned_closes_file(
     client: httpx.AsyncClient, server: BrokerServer
 ) -> None:
+    """Abandoned downloads close their files."""
     objects = os.path.join(server.settings.data_dir, "files", "objects")
     world = await make_rest_world(client)
     done = await uploaded(client, world.tokens["alice"], b"x" * 3_000_000)

@@ -72,9 +72,10 @@ CLOSING = [
 
 
 @pytest.mark.parametrize(("frame", "close", "code"), CLOSING)
-async def test_unanswerable_frames_close_with_a_documented_code(
+async def test_socket_unanswerable_frames_close_documented(
     live: Live, frame: str, close: CloseCode, code: str
 ) -> None:
+    """Unanswerable frames close with a documented code."""
     before = await written(live.server)
     async with raw_socket(live.server, live.world.tokens["alice"]) as alice:
         await alice.send_message(frame)
@@ -102,9 +103,10 @@ ANSWERED = [
 
 
 @pytest.mark.parametrize(("frame", "code"), ANSWERED)
-async def test_answerable_bad_frames_get_an_error_reply_and_the_session_goes_on(
+async def test_socket_answerable_bad_frames_get_error_reply(
     live: Live, frame: dict[str, Any], code: str
 ) -> None:
+    """Answerable bad frames get an error reply, and the session goes on."""
     before = await written(live.server)
     async with raw_socket(live.server, live.world.tokens["alice"]) as alice:
         await send_json(alice, frame)
@@ -117,7 +119,8 @@ async def test_answerable_bad_frames_get_an_error_reply_and_the_session_goes_on(
     await others_still_work(live)
 
 
-async def test_an_oversized_frame_closes_with_1009(live: Live) -> None:
+async def test_socket_oversized_frame_closes_1009(live: Live) -> None:
+    """An oversized frame closes with 1009."""
     before = await written(live.server)
     async with raw_socket(live.server, live.world.tokens["alice"]) as alice:
         await send_json(alice, {"v": 1, "id": "big", "type": "message.send",
@@ -127,9 +130,10 @@ async def test_an_oversized_frame_closes_with_1009(live: Live) -> None:
     await others_still_work(live)
 
 
-async def test_a_binary_frame_without_the_msgpack_subprotocol_closes_with_1003(
+async def test_socket_binary_without_msgpack_closes_1003(
     live: Live,
 ) -> None:
+    """A binary frame without the MessagePack subprotocol closes with 1003."""
     async with raw_socket(live.server, live.world.tokens["alice"]) as alice:
         await alice.send_message(msgspec.msgpack.encode(
             {"v": 1, "id": "b", "type": "message.send", "channel": "general", "text": "hi"}))
@@ -138,7 +142,8 @@ async def test_a_binary_frame_without_the_msgpack_subprotocol_closes_with_1003(
     await others_still_work(live)
 
 
-async def test_garbage_binary_on_a_msgpack_session_closes_with_1007(live: Live) -> None:
+async def test_socket_garbage_binary_on_msgpack_closes_1007(live: Live) -> None:
+    """Garbage binary on a MessagePack session closes with 1007."""
     async with raw_socket(live.server, live.world.tokens["alice"],
                           subprotocols=[MSGPACK_SUBPROTOCOL]) as alice:
         await alice.send_message(b"\xc1\xc1")
@@ -243,10 +248,13 @@ def _sessions(draw: st.DrawFn) -> tuple[bool, list[str | bytes]]:
 @settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(session=_sessions())
-async def test_random_frames_get_errors_or_a_documented_close_and_others_keep_working(
+async def test_socket_random_frames_errors_or_documented_close(
     tmp_path_factory: pytest.TempPathFactory, session: tuple[bool, list[str | bytes]]
 ) -> None:
-    """JSON and MessagePack sessions, with frames nested around the depth limit among them."""
+    """Random frames get errors or a documented close, and others keep working.
+
+    JSON and MessagePack sessions, with frames nested around the depth limit among them.
+    """
     packed, frames = session
     with trio.fail_after(TEST_DEADLINE_S):
         async with serve(tmp_path_factory.mktemp("fuzz"), SMALL_FRAMES) as server:

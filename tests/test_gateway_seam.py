@@ -119,9 +119,10 @@ async def _at_least(value: Callable[[], int], target: int) -> bool:
     return value() >= target
 
 
-async def test_messages_to_an_offline_agent_survive_a_restart_and_acked_ones_never_return(
+async def test_restart_keeps_offline_messages(
     tmp_path: Path,
 ) -> None:
+    """Messages to an offline agent survive a restart, and acked ones never return."""
     count, acked = 1000, 600
     data_dir = tmp_path / "data"
     with trio.fail_after(SEAM_DEADLINE_S):

@@ -82,9 +82,10 @@ async def chat(engine: Engine, world: World, client: BrokerClient, channel: str,
                 text=f"{me}:{n}"))
 
 
-async def test_a_slow_consumer_does_not_slow_the_others_and_catches_up_later(
+async def test_slow_consumer_isolated_and_catches_up(
     tmp_path: Path,
 ) -> None:
+    """A slow consumer does not slow the others, and catches up later."""
     settings = GatewaySettings(outbox_frames=OUTBOX, slow_client_timeout_seconds=SLOW_DEADLINE_S)
     names = [f"a{i}" for i in range(2 * PAIRS)]
     with trio.fail_after(SLOW_DEADLINE_S):
@@ -182,9 +183,10 @@ def _pair_index(name: str) -> int:
     return int(name[1:]) // 2
 
 
-async def test_a_client_that_reads_nothing_is_closed_with_4008_and_loses_nothing(
+async def test_slow_consumer_closed_4008_loses_nothing(
     tmp_path: Path,
 ) -> None:
+    """A client that reads nothing is closed with 4008 and loses nothing."""
     settings = GatewaySettings(outbox_frames=16, slow_client_timeout_seconds=0.5,
                                close_grace_seconds=30)
     with trio.fail_after(SLOW_DEADLINE_S):
@@ -223,9 +225,10 @@ async def _firehose_some(engine: Engine, world: World, count: int) -> None:
             text=f"{n}:{BIG_TEXT}"))
 
 
-async def test_a_client_that_never_reads_again_is_reset_and_its_session_ends(
+async def test_slow_consumer_never_reading_is_reset(
     tmp_path: Path,
 ) -> None:
+    """A client that never reads again is reset and its session ends."""
     # hypercorn writes inside a shielded scope: without the reset, the stuck
     # write would hold the session (and a graceful stop) forever.
     settings = GatewaySettings(outbox_frames=16, slow_client_timeout_seconds=0.5,

@@ -46,7 +46,8 @@ def _hypercorn_connection(sock: socket.socket) -> tuple[WSStream, TCPServer]:
     return stream, server
 
 
-async def test_a_frame_cut_by_a_full_socket_is_finished_even_when_cancelled() -> None:
+async def test_write_now_finishes_cut_frame_when_cancelled() -> None:
+    """A frame cut by a full socket is finished even when cancelled."""
     ours, theirs = socket.socketpair()
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -74,9 +75,10 @@ async def test_a_frame_cut_by_a_full_socket_is_finished_even_when_cancelled() ->
     assert received[10:] == b"x" * FRAME_PAYLOAD
 
 
-async def test_a_websocket_over_http2_gets_its_frames_inside_http2_data_frames(
+async def test_write_now_http2_frames_inside_data_frames(
     tmp_path: Path,
 ) -> None:
+    """A WebSocket over HTTP/2 gets its frames inside HTTP/2 DATA frames."""
     with trio.fail_after(TEST_DEADLINE_S):
         async with serve(tmp_path) as server:
             world = await make_world(server.engine)

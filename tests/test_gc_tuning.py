@@ -47,7 +47,8 @@ def _samples_of(text: str) -> dict[str, float]:
     return {name: float(value) for name, value in samples}
 
 
-def test_pauses_are_counted_by_generation_while_installed() -> None:
+def test_gc_pauses_counted_by_generation() -> None:
+    """Pauses are counted by generation while installed."""
     registry = CollectorRegistry()
     pauses = CollectorPauses()
     registry.register(pauses)
@@ -92,9 +93,10 @@ def _pause_hooks() -> list[CollectorPauses]:
             if isinstance(getattr(hook, "__self__", None), CollectorPauses)]
 
 
-async def test_a_server_times_collections_while_it_runs_and_lets_go_when_it_stops(
+async def test_server_times_collections_while_running(
     tmp_path: Path,
 ) -> None:
+    """A server times collections while it runs, and lets go when it stops."""
     with trio.fail_after(TEST_DEADLINE_S):
         async with serve(tmp_path) as server:
             assert len(_pause_hooks()) == 1

@@ -188,7 +188,8 @@ FOREIGN: dict[str, tuple[int, str | None]] = {
 AUTHENTICATED = [r for r in ROUTES if OPERATIONS[r.operation].auth != "none"]
 
 
-def test_every_authenticated_route_is_in_the_matrix() -> None:
+def test_auth_matrix_covers_every_route() -> None:
+    """Every authenticated route is in the matrix."""
     assert {r.operation for r in AUTHENTICATED} == set(FOREIGN)
 
 
@@ -241,9 +242,10 @@ async def test_auth_matrix(client: httpx.AsyncClient, route: Any) -> None:
     assert results == expected
 
 
-async def test_another_workspaces_search_and_lists_show_nothing_of_it(
+async def test_auth_foreign_workspace_search_and_lists_empty(
     client: httpx.AsyncClient,
 ) -> None:
+    """Another workspace's search and lists show nothing of it."""
     target = await make_target(client)
     xavier = target.b.tokens["xavier"]
     found = await call(client, "GET", "/v1/search", xavier, params={"q": "hello"})

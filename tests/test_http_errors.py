@@ -52,9 +52,10 @@ def test_status_for_code(code: str, status: int) -> None:
     assert status_for(code) == status
 
 
-async def test_an_unexpected_exception_is_500_and_the_daemon_keeps_serving(
+async def test_server_unexpected_exception_500_keeps_serving(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """An unexpected exception is 500 and the daemon keeps serving."""
     world = await make_rest_world(client, agents=("alice",))
 
     async def broken(engine: Any, call: Any, req: Any) -> Any:
@@ -71,9 +72,10 @@ async def test_an_unexpected_exception_is_500_and_the_daemon_keeps_serving(
     assert (await call(client, "GET", "/v1/agents", world.key)).status == 200
 
 
-async def test_a_write_after_the_writer_closed_is_503_shutting_down(
+async def test_server_write_after_writer_closed_503(
     server: BrokerServer, client: httpx.AsyncClient
 ) -> None:
+    """A write after the writer closed is 503 shutting_down."""
     world = await make_rest_world(client, agents=("alice",))
     await server.engine.writer.aclose()
     reply = await call(client, "POST", "/v1/channels/general/messages", world.tokens["alice"],
@@ -83,7 +85,8 @@ async def test_a_write_after_the_writer_closed_is_503_shutting_down(
     assert (await call(client, "GET", "/v1/agent", world.tokens["alice"])).status == 200
 
 
-async def test_success_and_error_envelopes(client: httpx.AsyncClient) -> None:
+async def test_envelopes_success_and_error(client: httpx.AsyncClient) -> None:
+    """Success and error envelopes."""
     ok = await client.post("/v1/workspaces", json={"name": "acme"})
     assert ok.headers["content-type"] == "application/json"
     assert ok.json()["ok"] is True
@@ -108,10 +111,11 @@ PAST_MAX_ID = str(2**63)
     ("GET", f"/v1/messages/{PAST_MAX_ID}", {}, 404, "message_not_found"),
     ("POST", f"/v1/messages/{PAST_MAX_ID}/reactions", {}, 404, "message_not_found"),
 ])
-async def test_ids_and_cursors_past_the_largest_integer_are_refused_not_500(
+async def test_server_refuses_ids_past_largest_integer(
     client: httpx.AsyncClient, method: str, path: str, params: dict[str, str], status: int,
     code: str | None,
 ) -> None:
+    """Ids and cursors past the largest integer are refused, not 500."""
     world = await make_rest_world(client, agents=("alice",))
     alice = world.tokens["alice"]
     sent = await call(client, "POST", "/v1/channels/general/messages", alice, json={"text": "x"})

@@ -40,9 +40,10 @@ def _senders(world: World, group_id: str) -> dict[str, Any]:
     }
 
 
-async def test_replay_returns_the_first_result_and_writes_nothing(
+async def test_idempotency_replay_returns_first_result(
     engine: Engine, world: World
 ) -> None:
+    """Replay returns the first result and writes nothing."""
     senders = _senders(world, await _group(engine, world))
     for kind, make in senders.items():
         first = await engine.submit(make("hello", f"{kind}-1"))
@@ -57,7 +58,8 @@ async def test_replay_returns_the_first_result_and_writes_nothing(
         assert other.id != first.id
 
 
-async def test_a_key_belongs_to_one_operation_and_one_agent(engine: Engine, world: World) -> None:
+async def test_idempotency_key_per_operation_and_agent(engine: Engine, world: World) -> None:
+    """A key belongs to one operation and one agent."""
     wid, a = world.workspace_id, world.agents
     await engine.submit(SendDm(workspace_id=wid, agent_id=a["alice"], to="bob", text="x",
                                idempotency_key="k"))
@@ -95,9 +97,10 @@ async def race(engine: Engine, command: Any) -> list[Message]:
     return results
 
 
-async def test_concurrent_sends_with_one_key_make_one_message(
+async def test_idempotency_concurrent_sends_one_message(
     engine: Engine, world: World
 ) -> None:
+    """Concurrent sends with one key make one message."""
     senders = _senders(world, await _group(engine, world))
     for kind, make in senders.items():
         first, second = await race(engine, make("race", f"{kind}-race"))
@@ -186,9 +189,10 @@ PATHS = ("channel, archived", "channel, sender left", "thread, archived", "threa
 
 
 @pytest.mark.parametrize("path", PATHS)
-async def test_a_retry_after_the_state_changed_returns_the_first_result(
+async def test_idempotency_retry_after_change_returns_first(
     engine: Engine, world: World, path: str
 ) -> None:
+    """A retry after the state changed returns the first result."""
     cases = await _cases(engine, world)
     assert sorted(cases) == sorted(PATHS)
     case = cases[path]

@@ -18,9 +18,10 @@ def post(world: World, sender: str, text: str, channel: str = "general") -> Send
                               channel=channel, text=text)
 
 
-async def test_unread_channels_count_new_messages_and_replies(
+async def test_inbox_unread_channels_count_new_and_replies(
     engine: Engine, world: World
 ) -> None:
+    """Unread channels count new messages and replies."""
     wid, a = world.workspace_id, world.agents
     first = await engine.submit(post(world, "alice", "one"))
     await engine.submit(post(world, "alice", "two"))
@@ -35,7 +36,8 @@ async def test_unread_channels_count_new_messages_and_replies(
     assert [c.unread_count for c in box.unread_channels] == [2]  # "two" and the reply
 
 
-async def test_unread_starts_at_joining(engine: Engine, world: World) -> None:
+async def test_inbox_unread_starts_at_joining(engine: Engine, world: World) -> None:
+    """Unread starts at joining."""
     wid, a = world.workspace_id, world.agents
     clock = engine.writer.clock = WallClock()
     await engine.submit(CreateChannel(workspace_id=wid, agent_id=a["alice"], name="ops"))
@@ -50,7 +52,8 @@ async def test_unread_starts_at_joining(engine: Engine, world: World) -> None:
     assert [(c.channel_name, c.unread_count) for c in box.unread_channels] == [("ops", 1)]
 
 
-async def test_unread_dms_and_groups(engine: Engine, world: World) -> None:
+async def test_inbox_unread_dms_and_groups(engine: Engine, world: World) -> None:
+    """Unread DMs and groups."""
     wid, a = world.workspace_id, world.agents
     first = await engine.submit(SendDm(workspace_id=wid, agent_id=a["alice"], to="bob",
                                        text="dm one"))
@@ -75,7 +78,8 @@ async def test_unread_dms_and_groups(engine: Engine, world: World) -> None:
     assert [(d.from_, d.unread_count) for d in alice.unread_dms] == [("bob", 1)]
 
 
-async def test_mentions_are_unread_mentions_in_my_channels(engine: Engine, world: World) -> None:
+async def test_inbox_mentions_are_unread_in_my_channels(engine: Engine, world: World) -> None:
+    """Mentions are unread mentions in my channels."""
     wid, a = world.workspace_id, world.agents
     await engine.submit(CreateChannel(workspace_id=wid, agent_id=a["alice"], name="private"))
     older = await engine.submit(post(world, "alice", "hey @bob look"))
@@ -97,7 +101,8 @@ async def test_mentions_are_unread_mentions_in_my_channels(engine: Engine, world
     await query_refused(engine, "invalid_limit", inbox, wid, a["bob"], 101)
 
 
-async def test_recent_reactions_to_my_messages(engine: Engine, world: World) -> None:
+async def test_inbox_recent_reactions_to_my_messages(engine: Engine, world: World) -> None:
+    """Recent reactions to my messages."""
     wid, a = world.workspace_id, world.agents
     mine = await engine.submit(post(world, "bob", "bob wrote this"))
     dm = await engine.submit(SendDm(workspace_id=wid, agent_id=a["bob"], to="alice",

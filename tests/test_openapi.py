@@ -71,8 +71,11 @@ def documented(doc: dict[str, Any]) -> set[tuple[str, str]]:
             if m in METHODS}
 
 
-def test_every_operation_declares_what_it_returns() -> None:
-    """Each route's operation names its output type, and 204 routes exactly return nothing."""
+def test_operations_declare_what_they_return() -> None:
+    """Every operation declares what it returns.
+
+    Each route's operation names its output type, and 204 routes exactly return nothing.
+    """
     for route in ROUTES:
         op = OPERATIONS[route.operation]
         assert op.output is not typing.Any, op.name
@@ -80,8 +83,11 @@ def test_every_operation_declares_what_it_returns() -> None:
         assert returns_nothing == (route.status == 204), (route, op.output)
 
 
-def test_the_document_refuses_a_route_it_cannot_describe() -> None:
-    """A route with no description fails the build instead of going undocumented."""
+def test_openapi_refuses_undescribable_route() -> None:
+    """The document refuses a route it cannot describe.
+
+    A route with no description fails the build instead of going undocumented.
+    """
     from starlette.responses import Response
     from starlette.routing import Route
 

@@ -57,7 +57,8 @@ def examples() -> list[tuple[str, str]]:
 EXAMPLES = examples()
 
 
-def test_the_document_has_examples_of_every_kind() -> None:
+def test_protocol_docs_examples_of_every_kind() -> None:
+    """The document has examples of every kind."""
     kinds = {prefix for prefix, _ in EXAMPLES}
     assert kinds == {"C", "S", "NC", "NS", "OC", "OS"}
     assert len(EXAMPLES) >= 25
@@ -77,7 +78,8 @@ def _answer_to(index: int) -> dict[str, Any] | None:
 
 
 @pytest.mark.parametrize("index", [i for i, (p, _) in enumerate(EXAMPLES) if p.endswith("C")])
-def test_client_examples_are_taken_or_refused_as_shown(index: int) -> None:
+def test_protocol_docs_client_examples_as_shown(index: int) -> None:
+    """Client examples are taken or refused as shown."""
     prefix, frame = EXAMPLES[index]
     answer = _answer_to(index)
     codec = CODECS[prefix]
@@ -97,7 +99,8 @@ _CODEC_CODES = {"invalid_json", "invalid_msgpack", "invalid_frame", "unknown_typ
 
 
 @pytest.mark.parametrize("index", [i for i, (p, _) in enumerate(EXAMPLES) if p.endswith("S")])
-def test_server_examples_are_what_the_server_encodes(index: int) -> None:
+def test_protocol_docs_server_examples_as_encoded(index: int) -> None:
+    """Server examples are what the server encodes."""
     prefix, frame = EXAMPLES[index]
     raw = msgspec.json.decode(frame)
     kind = SERVER_TYPES[prefix].get(raw["type"])

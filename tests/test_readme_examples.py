@@ -38,7 +38,8 @@ async def register(base: str, workspace: str, *names: str) -> dict[str, str]:
     return tokens
 
 
-async def test_python_client_example(server: BrokerServer, tmp_path: Path) -> None:
+async def test_readme_python_client_example(server: BrokerServer, tmp_path: Path) -> None:
+    """The Python client example."""
     assert server.url is not None
     tokens = await register(server.url, "readme", "alice", "bob")
     script = tmp_path / "example.py"
@@ -56,7 +57,8 @@ async def test_python_client_example(server: BrokerServer, tmp_path: Path) -> No
 
 
 @pytest.mark.skipif(NODE is None, reason="node is not installed")
-async def test_relaycast_sdk_example(server: BrokerServer) -> None:
+async def test_readme_relaycast_sdk_example(server: BrokerServer) -> None:
+    """The Relaycast SDK example."""
     assert server.url is not None and NODE is not None
     await ensure_sdk_installed()
     code = example("js")

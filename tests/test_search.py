@@ -21,7 +21,8 @@ async def texts(engine: Engine, world: World, agent: str, query: str, *args: obj
     return [m.text for m in found]
 
 
-async def test_finds_only_what_the_agent_may_read(engine: Engine, world: World) -> None:
+async def test_search_finds_only_readable(engine: Engine, world: World) -> None:
+    """Search finds only what the agent may read."""
     wid, a = world.workspace_id, world.agents
     await engine.submit(CreateChannel(workspace_id=wid, agent_id=a["alice"], name="secret"))
     await engine.submit(post(world, "alice", "deploy in general"))
@@ -46,7 +47,8 @@ async def test_finds_only_what_the_agent_may_read(engine: Engine, world: World) 
     assert "deploy in the group" not in await texts(engine, world, "bob", "deploy")
 
 
-async def test_filters_ranking_and_limit(engine: Engine, world: World) -> None:
+async def test_search_filters_ranking_and_limit(engine: Engine, world: World) -> None:
+    """Filters, ranking and limit."""
     wid, a = world.workspace_id, world.agents
     await engine.submit(CreateChannel(workspace_id=wid, agent_id=a["alice"], name="ops"))
     await engine.submit(post(world, "alice", "rollback the release, then rollback again"))
@@ -76,7 +78,8 @@ async def test_filters_ranking_and_limit(engine: Engine, world: World) -> None:
                         101)
 
 
-async def test_query_syntax(engine: Engine, world: World) -> None:
+async def test_search_query_syntax(engine: Engine, world: World) -> None:
+    """Query syntax."""
     wid, a = world.workspace_id, world.agents
     await engine.submit(post(world, "alice", "see foo:bar and C++ notes"))
     await engine.submit(post(world, "alice", "deployment finished"))

@@ -139,9 +139,10 @@ def test_config_refuses_a_log_retention_shorter_than_deliveries() -> None:
                         EngineConfig)
 
 
-async def test_log_is_not_pruned_while_expiry_has_a_backlog(
+async def test_message_log_prune_waits_for_expiry_backlog(
     engine: Engine, world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The log is not pruned while expiry has a backlog."""
     import broker.sweeps
 
     for i in range(3):

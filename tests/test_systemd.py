@@ -17,7 +17,8 @@ from broker.systemd import SystemdNotifier, run_watchdog, watchdog_interval
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def test_ready_and_stopping_reach_the_socket(tmp_path: Path) -> None:
+async def test_notify_ready_and_stopping_reach_socket(tmp_path: Path) -> None:
+    """READY and STOPPING reach the socket."""
     path = str(tmp_path / "notify.sock")
     with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         await sock.bind(path)
@@ -33,7 +34,8 @@ async def test_ready_and_stopping_reach_the_socket(tmp_path: Path) -> None:
     assert second == ["STOPPING=1", "STATUS=stopping"]
 
 
-async def test_abstract_socket_names_are_supported() -> None:
+async def test_notify_abstract_socket_names_supported() -> None:
+    """Abstract socket names are supported."""
     name = f"broker-test-{os.getpid()}"
     with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         await sock.bind("\0" + name)
@@ -44,7 +46,8 @@ async def test_abstract_socket_names_are_supported() -> None:
         notifier.close()
 
 
-async def test_without_notify_socket_nothing_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_notify_without_socket_sends_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without NOTIFY_SOCKET, nothing is sent."""
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     notifier = SystemdNotifier()
     assert not notifier.enabled

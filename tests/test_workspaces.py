@@ -314,20 +314,23 @@ def _queries(t: Two) -> list[tuple[str, Callable[..., Any], tuple[Any, ...], str
     ]
 
 
-async def test_isolation_commands(engine: Engine, two: Two) -> None:
+async def test_workspace_isolation_commands(engine: Engine, two: Two) -> None:
+    """Isolation: commands."""
     for label, command, code in _commands(two):
         error = await refused(engine, command, code)
         assert "secret" not in error.message, label
 
 
-async def test_isolation_queries(engine: Engine, two: Two) -> None:
+async def test_workspace_isolation_queries(engine: Engine, two: Two) -> None:
+    """Isolation: queries."""
     for label, fn, args, code in _queries(two):
         with pytest.raises(BrokerError) as caught:
             await engine.read(fn, *args)
         assert caught.value.code == code, label
 
 
-async def test_isolation_reads_never_return_b_data(engine: Engine, two: Two) -> None:
+async def test_workspace_isolation_reads_never_return_b_data(engine: Engine, two: Two) -> None:
+    """Isolation: reads never return B data."""
     wa, alice = two.a.workspace_id, two.a.agents["alice"]
     await engine.submit(SendChannelMessage(workspace_id=wa, agent_id=alice, channel="general",
                                            text="secret a text"))

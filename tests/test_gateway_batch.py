@@ -74,7 +74,8 @@ def test_encode_batch_splits_in_order_within_the_limit(msgpack: bool) -> None:
     assert codec.encode_batch([], limit) == []
 
 
-def test_a_batch_item_is_the_deliver_frame_as_sent_alone() -> None:
+def test_batch_item_is_deliver_frame_as_sent_alone() -> None:
+    """A batch item is the deliver frame as sent alone."""
     codec = Codec(fr.NATIVE_CONTROL_FRAMES)
     item = _deliver(codec, 7)
     (frame,) = codec.encode_batch([item], 1 << 20)
@@ -84,10 +85,13 @@ def test_a_batch_item_is_the_deliver_frame_as_sent_alone() -> None:
 # -- over real sockets ------------------------------------------------------------------------
 
 
-async def test_batches_keep_seq_order_across_batches_and_replay_shares_a_frame(
+async def test_batch_seq_order_and_replay_shares_frame(
     live: Live,
 ) -> None:
-    """Deliveries pending on connect come in one frame; later ones follow in seq order."""
+    """Batches keep seq order across batches, and replay shares a frame.
+
+    Deliveries pending on connect come in one frame; later ones follow in seq order.
+    """
     for n in range(20):
         await live.post("alice", f"m{n}")
     async with raw_socket(live.server, live.token("bob"), batch="1") as bob:
@@ -180,9 +184,10 @@ async def _at_least(value: Callable[[], int], target: int) -> bool:
     return value() >= target
 
 
-async def test_a_batched_and_a_plain_session_of_one_agent_each_get_everything_once(
+async def test_batch_and_plain_sessions_each_get_everything_once(
     live: Live,
 ) -> None:
+    """A batched and a plain session of one agent each get everything once."""
     for n in range(10):
         await live.post("alice", f"m{n}")
     async with raw_socket(live.server, live.token("bob"), batch="1") as batched, \
@@ -205,7 +210,8 @@ async def test_a_batched_and_a_plain_session_of_one_agent_each_get_everything_on
             assert (await next_frame(ws, "pong", "deliver", "deliver.batch"))["type"] == "pong"
 
 
-async def test_msgpack_sessions_get_binary_batches(live: Live) -> None:
+async def test_batch_msgpack_sessions_get_binary(live: Live) -> None:
+    """MessagePack sessions get binary batches."""
     for n in range(5):
         await live.post("alice", f"m{n}")
     async with raw_socket(live.server, live.token("bob"), batch="1",
@@ -220,7 +226,8 @@ async def test_msgpack_sessions_get_binary_batches(live: Live) -> None:
         assert all(d["type"] == "deliver" for d in frame["deliveries"])
 
 
-async def test_a_batch_over_the_frame_limit_is_split_in_order(tmp_path: Path) -> None:
+async def test_batch_over_frame_limit_split_in_order(tmp_path: Path) -> None:
+    """A batch over the frame limit is split in order."""
     limit = 2048
     async with serve(tmp_path, GatewaySettings(max_frame_bytes=limit)) as server:
         world = await make_world(server.engine)
@@ -250,7 +257,8 @@ async def test_a_batch_over_the_frame_limit_is_split_in_order(tmp_path: Path) ->
     assert max(len(batch) for _, batch in sizes) > 1
 
 
-async def test_a_held_delivery_comes_again_flagged_inside_a_batch(live: Live) -> None:
+async def test_batch_held_delivery_comes_again_flagged(live: Live) -> None:
+    """A held delivery comes again flagged inside a batch."""
     async with raw_socket(live.server, live.token("bob"), batch="1") as bob:
         for text in ("one", "two", "three"):
             await live.post("alice", text)
@@ -273,7 +281,8 @@ async def test_a_held_delivery_comes_again_flagged_inside_a_batch(live: Live) ->
         assert fresh["seq"] == 4 and "redelivery" not in fresh
 
 
-async def test_a_replay_sends_a_held_delivery_flagged_in_its_batch(live: Live) -> None:
+async def test_batch_replay_sends_held_delivery_flagged(live: Live) -> None:
+    """A replay sends a held delivery flagged in its batch."""
     for text in ("one", "two", "three"):
         await live.post("alice", text)
     async with raw_socket(live.server, live.token("bob")) as bob:  # plain, to mark them
@@ -290,7 +299,8 @@ async def test_a_replay_sends_a_held_delivery_flagged_in_its_batch(live: Live) -
             (1, False), (2, True), (3, False)]
 
 
-async def test_the_python_client_asks_for_batches_by_default(live: Live) -> None:
+async def test_client_asks_for_batches_by_default(live: Live) -> None:
+    """The Python client asks for batches by default."""
     for n in range(20):
         await live.post("alice", f"m{n}")
     gateway = gateway_of(live.server)
@@ -310,9 +320,10 @@ async def test_the_python_client_asks_for_batches_by_default(live: Live) -> None
 
 
 @pytest.mark.parametrize("value", ["2", "yes", "true", "01"])
-async def test_a_batch_value_other_than_0_or_1_is_refused_at_the_handshake(
+async def test_handshake_refuses_batch_other_than_0_or_1(
     live: Live, value: str,
 ) -> None:
+    """A batch value other than 0 or 1 is refused at the handshake."""
     with pytest.raises(trio_websocket.ConnectionRejected) as refused:
         async with raw_socket(live.server, live.token("bob"), batch=value):
             pass

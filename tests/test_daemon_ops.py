@@ -104,8 +104,7 @@ async def test_daemon_notify_graceful_stop_quiet_logs(tmp_path: Path) -> None:
     with trio.fail_after(DEADLINE_S):
         env = {"WATCHDOG_USEC": "200000"}
         async with run_daemon(data, env=env) as daemon:
-            sock, ready = daemon.notifications, daemon.ready
-            assert daemon.url.encode() in ready  # sent once the port listens
+            sock = daemon.notifications
             async with httpx.AsyncClient(base_url=daemon.url) as http:
                 created = (await http.post("/v1/workspaces", json={"name": "ops"})).json()
                 key = created["data"]["api_key"]
@@ -138,6 +137,8 @@ async def test_daemon_notify_graceful_stop_quiet_logs(tmp_path: Path) -> None:
     wal = data / "broker.db-wal"
     assert not wal.exists() or wal.stat().st_size == 0  # checkpointed on the way out
     log = daemon.output.decode()
+    # READY=1 named the URL the daemon listened on (the helper took it from there).
+    assert f"broker listening on {daemon.url}" in log
     assert "stopped" in log
     assert key not in log and agent["token"] not in log and "a very private body" not in log
 

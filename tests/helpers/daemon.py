@@ -130,7 +130,7 @@ async def run_daemon(
 
                     nursery.start_soon(exited)
                     await daemon._wait_ready()
-                if not daemon.ready:
+                if not daemon.ready.startswith(b"READY=1"):
                     output = await daemon.finished()
                     raise RuntimeError(f"daemon exited before READY=1:\n{output.decode()}")
                 yield daemon

@@ -140,7 +140,11 @@ async def test_redelivery_held_settled_by_ack_in_same_flush(
                                      delivery_id=live.delivery_id("bob", 2)))
     assert (await engine.submit(AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=3))
             ).acked_seq == 1  # 2 is held
-    recorder.delivered(wid, bob, 2, redelivery=True)  # pushed again...
+    # Pushed again, stamped after the fail as a session stamps it (at least 1 ms
+    # after the updated_at it read: within one millisecond the mark would be late)...
+    (failed_at,) = engine.writer.connection.execute(
+        "SELECT updated_at FROM deliveries WHERE agent_id = ? AND seq = 2", (bob,)).fetchone()
+    recorder.delivered(wid, bob, 2, redelivery=True, pushed_at=int(failed_at) + 1)
     recorder.ack_nowait(wid, bob, 3)  # ...and acked, before the recorder ran
     await recorder.flush()
     assert await live.acked("bob") == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import cast
 
 import trio
@@ -9,9 +10,10 @@ import trio.testing
 
 from broker.engine.engine import Engine
 from broker.gateway import Gateway
+from broker.gateway.deadline import Alarms
 from broker.gateway.frame_queue import Mode
 from broker.gateway.native import AgentSession
-from broker.gateway.session import Deadline, SessionState
+from broker.gateway.session import SessionState
 from protocol.codec import CloseCode
 from tests.helpers.realtime import FakeWebSocket
 
@@ -33,24 +35,41 @@ def agent_session(ws: FakeWebSocket) -> AgentSession:
 async def test_deadline_moves_earlier_and_later_while_waited_on(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """A move takes effect on a waiter at once, earlier or later; never means never."""
-    deadline = Deadline()
+    """A move takes effect on the waiting task at once, earlier or later; never means never."""
+    alarms = Alarms()
     passed_at: list[float] = []
-
-    async def wait() -> None:
-        await deadline.wait_passed()
-        passed_at.append(trio.current_time())
+    deadline = alarms.deadline(lambda: passed_at.append(trio.current_time()))
+    other = alarms.deadline(lambda: passed_at.append(-trio.current_time()))
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(wait)
+        nursery.start_soon(alarms.run)
         await trio.sleep(100)
         assert passed_at == []  # at infinity: never
         deadline.move(500)
+        other.move(400)
         await trio.sleep(1)
         deadline.move(150)  # earlier
         await trio.sleep(1)
         deadline.move(200)  # later again, before it passed
-    assert passed_at == [200]
+        other.move(math.inf)  # and the other one never
+        await trio.sleep(1000)
+        nursery.cancel_scope.cancel()
+    assert passed_at == [200]  # once: back at infinity after it fired
+
+
+async def test_session_runs_one_task_for_all_its_deadlines(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An idle native session: receive loop, pump and one deadline task (memory per socket)."""
+    ws = FakeWebSocket()
+    session = agent_session(ws)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.serve)
+        await trio.testing.wait_all_tasks_blocked()
+        assert session._work is not None
+        names = sorted(t.name.rsplit(".", 1)[-1] for t in session._work.child_tasks)
+        assert names == ["_pump", "_receive_loop", "run"]
+        nursery.cancel_scope.cancel()
 
 
 async def test_session_close_then_peer_close_is_one_transition(

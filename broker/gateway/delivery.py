@@ -20,7 +20,7 @@ import trio
 from broker.engine.errors import BrokerError
 from broker.engine.mailbox import MAILBOX_CHANGED, list_pending, seq_marks
 from broker.gateway.redelivery import Held, held_deliveries, is_held
-from broker.gateway.session import Deadline, Session
+from broker.gateway.session import Session
 from broker.gateway.views import FactView
 from protocol.codec import CloseCode
 
@@ -55,18 +55,8 @@ class DeliverySession(Session):
         self._held_pushed: dict[int, Held] = {}
         self._connected = False  # the replay on connect is done
         # When a deferred delivery falls due and must be pushed again (trio time).
-        self._redeliver_due = Deadline()
-
-    def start_tasks(self, nursery: trio.Nursery) -> None:
-        super().start_tasks(nursery)
-        nursery.start_soon(self._redeliver_when_due)
-
-    async def _redeliver_when_due(self) -> None:
-        """Ask the pump to push again each time a deferred delivery falls due."""
-        while True:
-            await self._redeliver_due.wait_passed()
-            self._redeliver_due.move(math.inf)
-            self.queue.want_redelivery()
+        # Fired by the session's deadline task: ask the pump to push again.
+        self._redeliver_due = self.alarm(self.queue.want_redelivery)
 
     def offer_event(self, view: FactView) -> None:
         if view.type == MAILBOX_CHANGED:

@@ -13,12 +13,12 @@ writes to the socket but the pump (and, once, the closer):
 - the pump takes frames from the session's bounded `FrameQueue`
   (`broker.gateway.frame_queue`) and writes them, and when the queue says
   so, catches up from the database;
-- one task per deadline closes the session when it passes: a socket that
-  accepts nothing for `slow_client_timeout` (4008), a client silent after
-  a ping or, unpinged, silent for `idle_timeout` (4408), a credential that
-  expires (`expire_credential_at`, 4401). Each deadline is a `Deadline`
-  that its owner moves, not a clock polled on a tick; native sessions
-  also run a plain ping loop.
+- one task fires the session's deadlines (`broker.gateway.deadline`) as
+  they pass: close a socket that accepts nothing for `slow_client_timeout`
+  (4008), a client silent after a ping or, unpinged, silent for
+  `idle_timeout` (4408), a credential that expires (`expire_credential_at`,
+  4401); queue the next ping (native sessions). Each is a `Deadline` the
+  session moves, not a clock polled on a tick.
 
 A session is OPEN, then CLOSING (it decided to close: the close frame is
 on its way) or CLOSED (the peer went away, or the close is done). Leaving
@@ -48,6 +48,7 @@ import msgspec
 import trio
 
 from broker.engine.engine import Engine
+from broker.gateway.deadline import Alarms, Deadline
 from broker.gateway.frame_queue import (
     DeliverItem,
     EventItem,
@@ -138,35 +139,6 @@ class SessionStatistics(msgspec.Struct, frozen=True, kw_only=True):
     queue: FrameQueueStatistics
 
 
-class Deadline:
-    """A point in trio time that its owner moves; `wait_passed` returns once it has passed.
-
-    The waiter sleeps in a cancel scope whose deadline is this one, so a
-    move (earlier or later) takes effect at once and nothing wakes up only
-    to compare clocks. Starts at infinity (never).
-    """
-
-    def __init__(self) -> None:
-        self.when = math.inf
-        self._scope: trio.CancelScope | None = None
-
-    def move(self, when: float) -> None:
-        """Set the deadline to `when` (trio time; math.inf: never)."""
-        self.when = when
-        if self._scope is not None:
-            self._scope.deadline = when
-
-    async def wait_passed(self) -> None:
-        """Until the deadline has passed; a move later while waiting waits longer."""
-        while trio.current_time() < self.when:
-            self._scope = trio.CancelScope(deadline=self.when)
-            try:
-                with self._scope:
-                    await trio.sleep_forever()
-            finally:
-                self._scope = None
-
-
 class Session:
     """One accepted socket. Subclasses decide what frames mean (`handle`) and look like."""
 
@@ -203,12 +175,15 @@ class Session:
         self._send_started: float | None = None
         self._ping_written_at = -math.inf
         self._ping_queued = False
+        self._alarms = Alarms()
         # When the credential the socket opened with stops working.
-        self._credential_expiry = Deadline()
+        self._credential_expiry = self._alarms.deadline(self._credential_expired)
         # When the client must have sent a frame (a pong, or anything at all).
-        self._silence = Deadline()
+        self._silence = self._alarms.deadline(self._silence_passed)
         # When the write in progress makes the client a slow one.
-        self._stall = Deadline()
+        self._stall = self._alarms.deadline(self._stall_passed)
+        # When the next ping is queued (native sessions).
+        self._next_ping = self._alarms.deadline(self._ping_due)
         self._requests = trio.Semaphore(self.settings.max_requests_in_flight)
         self._outer: trio.Nursery | None = None
         self._work: trio.Nursery | None = None
@@ -275,11 +250,15 @@ class Session:
         """Start the session's tasks in `nursery`, its work nursery (subclasses add theirs)."""
         nursery.start_soon(self._receive_loop)
         nursery.start_soon(self._pump)
-        nursery.start_soon(self._close_when_stalled)
-        nursery.start_soon(self._close_when_silent)
-        nursery.start_soon(self._close_when_credential_expires)
+        nursery.start_soon(self._alarms.run)
         if self.pings:
-            nursery.start_soon(self._ping_loop)
+            self._next_ping.move(trio.current_time() + self.settings.ping_interval_seconds)
+        else:
+            self._silence.move(self.last_received + self.settings.idle_timeout_seconds)
+
+    def alarm(self, on_pass: Callable[[], object]) -> Deadline:
+        """A deadline of this session's, fired by its one deadline task (subclasses' own)."""
+        return self._alarms.deadline(on_pass)
 
     async def on_attach(self) -> None:
         """Runs once beside the session's tasks, after it is attached to the hub (subclasses)."""
@@ -577,59 +556,47 @@ class Session:
     # deadline passes, the recorded time decides, and the deadline is moved
     # to where it belongs.
 
-    async def _close_when_stalled(self) -> None:
+    def _stall_passed(self) -> None:
         """Close with 4008 once one socket write has taken slow_client_timeout."""
         timeout = self.settings.slow_client_timeout_seconds
-        while True:
-            await self._stall.wait_passed()
-            started = self._send_started
-            if started is None:
-                self._stall.move(math.inf)  # the next write arms it again
-            elif trio.current_time() < started + timeout:
-                self._stall.move(started + timeout)
-            else:
-                self.gateway.slow_closes += 1
-                self.close(CloseCode.SLOW_CLIENT,
-                           f"slow client: nothing read for {timeout:g} s")
-                return
+        started = self._send_started
+        if started is None:
+            return  # no write under way; the next one arms it again
+        if trio.current_time() < started + timeout:
+            self._stall.move(started + timeout)
+            return
+        self.gateway.slow_closes += 1
+        self.close(CloseCode.SLOW_CLIENT, f"slow client: nothing read for {timeout:g} s")
 
-    async def _close_when_silent(self) -> None:
+    def _silence_passed(self) -> None:
         """Close with 4408 when the client is silent: after a ping, or at all (not pinged).
 
         A pinged session's deadline is set when a ping is written (pong_timeout
         later); any frame received after that ping answers it. A session
         that is not pinged must send some frame every idle_timeout.
         """
-        idle = self.settings.idle_timeout_seconds
-        if not self.pings:
-            self._silence.move(self.last_received + idle)
-        while True:
-            await self._silence.wait_passed()
-            if self.pings:
-                if self.last_received >= self._ping_written_at:
-                    self._silence.move(math.inf)  # answered: the next ping sets it
-                    continue
-                reason = "no pong in time"
-            else:
-                if trio.current_time() < self.last_received + idle:
-                    self._silence.move(self.last_received + idle)
-                    continue
-                reason = "no frame received in time"
-            self.close(CloseCode.PONG_TIMEOUT, reason)
-            return
+        if self.pings:
+            if self.last_received >= self._ping_written_at:
+                return  # answered: the next ping sets it
+            reason = "no pong in time"
+        else:
+            idle = self.settings.idle_timeout_seconds
+            if trio.current_time() < self.last_received + idle:
+                self._silence.move(self.last_received + idle)
+                return
+            reason = "no frame received in time"
+        self.close(CloseCode.PONG_TIMEOUT, reason)
 
-    async def _close_when_credential_expires(self) -> None:
-        await self._credential_expiry.wait_passed()
+    def _credential_expired(self) -> None:
         self.close(CloseCode.UNAUTHORIZED, "the token was rotated and its grace ended")
 
-    async def _ping_loop(self) -> None:
+    def _ping_due(self) -> None:
         """Queue a ping every ping_interval (native sessions)."""
-        while True:
-            await trio.sleep(self.settings.ping_interval_seconds)
-            # One ping queued at most: a socket that takes nothing gets 4008, not pings.
-            if not self._ping_queued:
-                self._ping_queued = True
-                self.queue.put(fr.ServerPing())
+        self._next_ping.move(trio.current_time() + self.settings.ping_interval_seconds)
+        # One ping queued at most: a socket that takes nothing gets 4008, not pings.
+        if not self._ping_queued:
+            self._ping_queued = True
+            self.queue.put(fr.ServerPing())
 
     def expire_credential_at(self, wall_ms: int) -> None:
         """The credential stops working at `wall_ms` (epoch ms): close with 4401 then.

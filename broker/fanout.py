@@ -5,7 +5,11 @@ hub's one task takes them in commit order and, for each fact, hands it to
 every session that must see it: the sessions of each agent that got a
 durable delivery (with that delivery's seq), and, for an ephemeral event,
 the sessions of its audience or of the whole workspace. Workspace
-observers see every fact of their workspace.
+observers see every fact of their workspace. Presence events
+(`agent.status.*` for the whole workspace) go to the owner's `presence`
+route instead, when it gives one: one frame per connect to every session
+of a workspace is O(N^2) frames when N agents connect, so the gateway
+coalesces them (`broker.gateway.presence.PresenceFeed`).
 
 Handing over is a synchronous, bounded operation (a session's
 `offer_*` puts it in its frame queue, `broker.gateway.frame_queue`), so a
@@ -31,6 +35,9 @@ import trio
 from broker.engine.facts import Fact
 
 log = logging.getLogger(__name__)
+
+# The ephemeral events of presence, which the `presence` route takes when given.
+PRESENCE_PREFIX = "agent.status."
 
 View = TypeVar("View")
 ViewIn = TypeVar("ViewIn", contravariant=True)
@@ -62,6 +69,7 @@ class HubStatistics(msgspec.Struct, frozen=True, kw_only=True):
     batches, facts: committed batches and facts routed since start.
     deliveries_routed: durable deliveries offered to sessions (one per session).
     events_routed: ephemeral events offered to sessions (one per session).
+    presence_routed: presence events handed to the presence route (one per event).
     """
 
     sessions: int
@@ -71,6 +79,7 @@ class HubStatistics(msgspec.Struct, frozen=True, kw_only=True):
     facts: int
     deliveries_routed: int
     events_routed: int
+    presence_routed: int
 
 
 class FanoutHub(Generic[View]):
@@ -78,19 +87,26 @@ class FanoutHub(Generic[View]):
 
     wrap: makes the one view of a fact that all its subscribers get
     (none: they get the `Fact` itself).
+    presence: takes the view of every workspace-wide presence event
+    (`agent.status.*`) in place of the workspace's sessions (observers
+    still get it); none: the sessions get it like any other event.
 
     `attach` / `detach` return True when they change whether the agent has
     any session at all (first connect, last disconnect), for presence.
     """
 
     @overload
-    def __init__(self: FanoutHub[Fact]) -> None: ...
+    def __init__(self: FanoutHub[Fact], *,
+                 presence: Callable[[Fact], object] | None = None) -> None: ...
 
     @overload
-    def __init__(self, wrap: Callable[[Fact], View]) -> None: ...
+    def __init__(self, wrap: Callable[[Fact], View], *,
+                 presence: Callable[[View], object] | None = None) -> None: ...
 
-    def __init__(self, wrap: Callable[[Fact], Any] | None = None) -> None:
+    def __init__(self, wrap: Callable[[Fact], Any] | None = None, *,
+                 presence: Callable[[Any], object] | None = None) -> None:
         self._wrap: Callable[[Fact], Any] = wrap if wrap is not None else _as_is
+        self._presence = presence
         self._by_agent: dict[int, set[Subscriber[View]]] = {}
         self._by_workspace: dict[int, set[Subscriber[View]]] = {}
         self._observers: dict[int, set[Subscriber[View]]] = {}
@@ -98,6 +114,7 @@ class FanoutHub(Generic[View]):
         self.facts = 0
         self.deliveries_routed = 0
         self.events_routed = 0
+        self.presence_routed = 0
 
     def attach(self, sub: Subscriber[View]) -> bool:
         """Start routing to `sub`; True if it is its agent's first session."""
@@ -161,6 +178,10 @@ class FanoutHub(Generic[View]):
                             self.events_routed += 1
                             sub.offer_event(view)
             elif not fact.log_id:
+                if self._presence is not None and fact.type.startswith(PRESENCE_PREFIX):
+                    self.presence_routed += 1
+                    self._presence(view)
+                    continue
                 for sub in tuple(self._by_workspace.get(fact.workspace_id, ())):
                     self.events_routed += 1
                     sub.offer_event(view)
@@ -173,6 +194,7 @@ class FanoutHub(Generic[View]):
             observers=sum(len(s) for s in self._observers.values()),
             batches=self.batches, facts=self.facts,
             deliveries_routed=self.deliveries_routed, events_routed=self.events_routed,
+            presence_routed=self.presence_routed,
         )
 
 

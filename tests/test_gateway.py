@@ -318,21 +318,22 @@ async def next_event(ws: trio_websocket.WebSocketConnection, event_type: str) ->
 
 
 async def test_events_presence_and_channel_reach_workspace(live: Live) -> None:
-    """Presence and channel events reach the workspace."""
-    async with raw_socket(live.server, live.token("alice")) as alice:
+    """Presence (to a session that asked, coalesced) and channel events reach the workspace."""
+    asked = f"/v1/ws?presence=1&token={live.token('alice')}"
+    async with raw_socket(live.server, None, path=asked) as alice:
         async with connect(live.url, live.token("bob")) as bob:
-            data = await next_event(alice, "agent.status.active")
-            while data["agent"]["name"] != "bob":
-                data = await next_event(alice, "agent.status.active")
-            assert data["status"] == "active"
+            data = await next_event(alice, "presence")
+            while "bob" not in data["online"]:  # alice's own connect may come first
+                data = await next_event(alice, "presence")
+            assert data == {"online": ["bob"], "away": [], "offline": []}
             await bob.request("channel.create", name="ops")
             created = await next_event(alice, "channel.created")
             assert created["name"] == "ops"
             await bob.request("channel.leave", channel="ops")
             left = await next_event(alice, "member.left")
             assert left["agent_name"] == "bob"
-        offline = await next_event(alice, "agent.status.offline")
-        assert offline["agent"]["name"] == "bob"
+        offline = await next_event(alice, "presence")
+        assert offline == {"online": [], "away": [], "offline": ["bob"]}
 
 
 async def test_presence_ends_at_database_truth(

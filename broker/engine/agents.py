@@ -209,6 +209,57 @@ class SetAgentStatus(msgspec.Struct, frozen=True, kw_only=True):
                                   last_seen=iso(now), changed=changed)
 
 
+class SetPresence(msgspec.Struct, frozen=True, kw_only=True):
+    """Set the presence of many agents in one command (the gateway's connects and disconnects).
+
+    changes: (agent_id, status) pairs, one per agent. Each agent is handled
+    as `SetAgentStatus` handles one: last_seen moves to now, and the
+    `agent.status.*` event is emitted only when its status changes (in the
+    order of `changes`). Agents gone or deactivated since their socket
+    opened are skipped, not an error: a refusal would fail the whole batch
+    for the others. Returns the ids of the agents whose status changed.
+    Raises invalid_status (nothing written).
+    """
+
+    changes: tuple[tuple[int, str], ...]
+
+    def apply(self, tx: Tx) -> list[int]:
+        conn, now = tx.conn, tx.now_ms
+        by_status: dict[str, list[int]] = {}
+        for agent_id, status in self.changes:
+            if status not in STATUSES:
+                raise BrokerError("invalid_status", "status must be 'online', 'away' or 'offline'")
+            by_status.setdefault(status, []).append(agent_id)
+        changed: dict[int, tuple[int, str, str]] = {}
+        # Two set-based statements per status, not two per agent: each
+        # sqlite call hands the GIL to the event loop (see record_event).
+        for status, ids in by_status.items():
+            wanted = _encoder.encode(ids).decode()
+            rows = conn.execute(
+                "UPDATE agents SET status = ?1, last_seen = ?2"
+                " WHERE id IN (SELECT value FROM json_each(?3)) AND deactivated_at IS NULL"
+                " AND status <> ?1 RETURNING id, workspace_id, name",
+                (status, now, wanted),
+            ).fetchall()
+            for row in rows:
+                changed[int(cast(int, row[0]))] = (int(cast(int, row[1])), cast(str, row[2]),
+                                                   status)
+            conn.execute(
+                "UPDATE agents SET last_seen = ?2 WHERE id IN (SELECT value FROM json_each(?3))"
+                " AND deactivated_at IS NULL AND status = ?1 AND last_seen IS NOT ?2",
+                (status, now, wanted),
+            )
+        order = [agent_id for agent_id, _ in self.changes if agent_id in changed]
+        for agent_id in order:
+            workspace_id, name, status = changed[agent_id]
+            shown = EVENT_STATUS[status]
+            emit_ephemeral(
+                tx, workspace_id=workspace_id, event_type=f"agent.status.{shown}",
+                data={"agent": {"name": name}, "status": shown},
+            )
+        return order
+
+
 class ResetPresence(msgspec.Struct, frozen=True):
     """Mark every agent offline; returns how many were not.
 

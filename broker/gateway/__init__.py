@@ -45,7 +45,13 @@ from broker.fanout import FanoutHub, HubStatistics
 from broker.gateway.native import AgentSession
 from broker.gateway.node import NodeSession
 from broker.gateway.observer import ObserverSession
-from broker.gateway.presence import ACTIVE, OFFLINE, PresenceReporter
+from broker.gateway.presence import (
+    ACTIVE,
+    OFFLINE,
+    PresenceFeed,
+    PresenceFeedStatistics,
+    PresenceReporter,
+)
 from broker.gateway.recorder import DeliveryRecorder, RecorderStatistics
 from broker.gateway.session import MAX_REASON_BYTES, Session, SessionStatistics
 from broker.gateway.settings import GatewaySettings
@@ -69,6 +75,9 @@ SOCKET_AUTH = frozenset({"agent", "any"})
 # Values of `/v1/ws?batch=`: absent or "0", one `deliver` frame per delivery;
 # "1", `deliver.batch` frames (docs/protocol.md). Anything else is refused.
 BATCH_VALUES = frozenset({None, "0", "1"})
+# Values of `/v1/ws?presence=`: absent or "0", no presence events; "1", the
+# coalesced `presence` events (docs/protocol.md). Anything else is refused.
+PRESENCE_VALUES = frozenset({None, "0", "1"})
 
 
 class GatewayStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -79,6 +88,7 @@ class GatewayStatistics(msgspec.Struct, frozen=True, kw_only=True):
     sessions: sessions open now (every kind).
     slow_closes: sessions closed with 4008 (slow client) since start.
     presence_commands: presence commands submitted since start.
+    presence: the presence feed's (see `PresenceFeedStatistics`).
     """
 
     hub: HubStatistics
@@ -86,6 +96,7 @@ class GatewayStatistics(msgspec.Struct, frozen=True, kw_only=True):
     sessions: int
     slow_closes: int
     presence_commands: int
+    presence: PresenceFeedStatistics
 
 
 class _Endpoint:
@@ -120,7 +131,8 @@ class Gateway:
         self.admitted_by_agent: Counter[int] = Counter()
         self._on_sessions = on_sessions
         self.on_request = on_request
-        self.hub = FanoutHub(FactView.of)
+        self.presence_feed = PresenceFeed(self.settings.presence_interval_seconds)
+        self.hub = FanoutHub(FactView.of, presence=self.presence_feed.offer)
         self.recorder = DeliveryRecorder(engine)
         self.presence = PresenceReporter(
             engine, self.hub, heartbeat_timeout_seconds=self.settings.heartbeat_timeout_seconds)
@@ -155,6 +167,8 @@ class Gateway:
 
     def attach(self, session: Session) -> None:
         self.sessions.add(session)
+        if session.wants_presence:
+            self.presence_feed.subscribe(session)
         if self.hub.attach(session) and session.agent_id is not None:
             self.presence.report(session.workspace_id, session.agent_id, ACTIVE)
         self._sessions_changed()
@@ -163,6 +177,7 @@ class Gateway:
         if session in self.sessions:
             self.sessions.discard(session)
             self._sessions_changed()
+        self.presence_feed.unsubscribe(session)
         if self.hub.detach(session) and session.agent_id is not None:
             self.presence.report(session.workspace_id, session.agent_id, OFFLINE)
 
@@ -191,6 +206,7 @@ class Gateway:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.recorder.run)
             await nursery.start(self.presence.run)
+            await nursery.start(self.presence_feed.run)
             if stopping is not None:
                 nursery.start_soon(self._stop_on, stopping)
             await nursery.start(self._route, nursery.cancel_scope)
@@ -300,17 +316,24 @@ class Gateway:
                 "invalid_request", f"batch must be 0 or 1, not {batch!r}"),
                 close_code=CloseCode.BAD_FRAME)
             return
+        presence = ws.query("presence")
+        if presence not in PRESENCE_VALUES:
+            await ws.deny(status_for("invalid_request"), encode_error(
+                "invalid_request", f"presence must be 0 or 1, not {presence!r}"),
+                close_code=CloseCode.BAD_FRAME)
+            return
         refusal = self._admit(principal.agent_id)
         if refusal is not None:
             await self._refuse(ws, *refusal)
             return
         try:
-            await self._open_ws(ws, token, principal, batch=batch == "1")
+            await self._open_ws(ws, token, principal, batch=batch == "1",
+                                presence=presence == "1")
         finally:
             self._release(principal.agent_id)
 
     async def _open_ws(self, ws: AsgiWebSocket, token: str | None, principal: Principal, *,
-                       batch: bool = False) -> None:
+                       batch: bool = False, presence: bool = False) -> None:
         """batch: the agent's deliveries go out as `deliver.batch` frames (an observer's
         frames are Relaycast's flat events: it takes the option and has no deliveries)."""
         session: Session
@@ -325,7 +348,8 @@ class Gateway:
             assert token is not None
             session = AgentSession(self, ws, codec, workspace_id=principal.workspace_id,
                                    agent_id=principal.agent_id, agent_name=principal.agent_name,
-                                   credential=secrets.digest(token), batch=batch)
+                                   credential=secrets.digest(token), batch=batch,
+                                   presence=presence)
         await self._run(session)
 
     async def _serve_node(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -431,4 +455,5 @@ class Gateway:
             hub=self.hub.statistics(), recorder=self.recorder.statistics(),
             sessions=len(self.sessions), slow_closes=self.slow_closes,
             presence_commands=self.presence.commands,
+            presence=self.presence_feed.statistics(),
         )

@@ -71,13 +71,17 @@ class AgentSession(DeliverySession):
 
     credential: the digest of the agent token the socket was opened with
     (None: not followed, as in tests that drive a session directly).
+    presence: the client asked for presence (`?presence=1`): it gets the
+    coalesced `presence` events.
     """
 
     kind = "agent"
 
-    def __init__(self, *args: Any, credential: bytes | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, credential: bytes | None = None, presence: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.credential = credential
+        self.wants_presence = presence
 
     @property
     def principal(self) -> Principal:

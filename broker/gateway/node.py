@@ -39,6 +39,7 @@ import apsw
 from broker.engine.agents import TOKEN_ROTATED
 from broker.engine.errors import BrokerError
 from broker.gateway.delivery import CREDENTIAL_GONE, DeliverySession
+from broker.gateway.presence import PresenceBatch
 from broker.gateway.views import ContextUpdate, FactView
 from protocol import frames as fr
 from protocol.codec import CloseCode, FrameError
@@ -83,6 +84,10 @@ class NodeSession(DeliverySession):
 
     kind = "node"
     pings = False
+    # The SDK's agentActive / agentOffline handlers read presence from
+    # context.update frames, and it has no way to ask: a node socket always
+    # gets presence, one frame per agent whose state changed in the interval.
+    wants_presence = True
 
     def __init__(self, *args: Any, node_id: str, node_name: str,
                  credential: bytes | None = None, **kwargs: Any) -> None:
@@ -125,6 +130,10 @@ class NodeSession(DeliverySession):
             agent=self.agent_name, msg_id=view.message_id, seq=seq,
             mode="steer" if view.mode == "steer" else "wait", payload=view.node_payload(),
         )
+
+    def offer_presence(self, batch: PresenceBatch) -> None:
+        for view in batch.changes:
+            self.queue.offer_event(view)
 
     def event_frame(self, view: FactView) -> Any:
         return view.context_update()  # encoded once per fact, shared by every node

@@ -42,7 +42,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import trio
@@ -64,6 +64,9 @@ from broker.operations.registry import Operation
 from broker.ratelimit import RateLimiter
 from protocol import frames as fr
 from protocol.codec import CloseCode, Codec, FrameError
+
+if TYPE_CHECKING:
+    from broker.gateway.presence import PresenceBatch
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +148,9 @@ class Session:
     kind = "session"
     # Native sessions are pinged; Relaycast ones only have an idle timeout.
     pings = True
+    # Whether the gateway's presence feed gives this session presence
+    # batches (`offer_presence`); a native session asks for them.
+    wants_presence = False
     # Deliveries go out as `deliver.batch` frames (a native client asked for them).
     batch = False
 
@@ -205,6 +211,10 @@ class Session:
 
     def offer_fact(self, view: FactView) -> None:
         """Observers see every fact of their workspace; other sessions ignore this."""
+
+    def offer_presence(self, batch: PresenceBatch) -> None:
+        """The net presence changes of an interval: one coalesced `presence` event."""
+        self.queue.offer_event(batch.coalesced)
 
     def revoked_by(self, view: FactView) -> bool:
         """Close (4401) when the event takes this session's credential away.

@@ -37,6 +37,11 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # clients do every 30 s) is set offline once its last heartbeat is this
     # old: three missed heartbeats, like idle_timeout for sockets.
     heartbeat_timeout_seconds: Seconds = 90.0
+    # Presence transitions are coalesced: a session that asked for presence
+    # gets at most one `presence` frame per interval, listing the agents
+    # whose state changed, so a workspace of N agents connecting costs O(N)
+    # frames, not one frame per connect to every session (O(N^2)).
+    presence_interval_seconds: Seconds = 1.0
     # How long a close frame may take before the connection is reset.
     close_grace_seconds: Seconds = 5.0
     # Deliveries read per page while replaying from the database.

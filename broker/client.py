@@ -27,7 +27,9 @@
   (`?batch=1`): the server sends the deliveries it has queued together in
   one frame, so a frame is read and parsed once per flush, not per
   delivery. `batch=False` asks for one `deliver` frame each.
-- `events()` yields ephemeral events (presence, membership, channels);
+- `events()` yields ephemeral events (membership, channels, and with
+  `presence=True`, which asks for `?presence=1`, one coalesced `presence`
+  event per interval: who came online, went away or offline);
   when the consumer falls behind by `event_buffer`, newer events are dropped
   (they have no seq to resume from), and counted in `events_dropped`.
 - The connection is re-opened with exponential backoff and jitter when it
@@ -129,10 +131,11 @@ class BrokerClient:
         reconnect: bool = True, request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         delivery_buffer: int = DEFAULT_DELIVERY_BUFFER, event_buffer: int = DEFAULT_EVENT_BUFFER,
-        receive_buffer: int | None = None, batch: bool = True,
+        receive_buffer: int | None = None, batch: bool = True, presence: bool = False,
     ) -> None:
         self.url = url
         self.batch = batch
+        self.presence = presence
         self.token = token
         self.msgpack = msgpack
         self.auto_ack = auto_ack
@@ -238,6 +241,8 @@ class BrokerClient:
         query = [parts.query] if parts.query else []
         if self.batch:
             query.append("batch=1")
+        if self.presence:
+            query.append("presence=1")
         if query:
             resource += "?" + "&".join(query)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80

@@ -104,7 +104,7 @@ async def test_client_msgpack(live: Live) -> None:
 
 async def test_client_events_on_their_own_iterator(live: Live) -> None:
     """Events arrive on their own iterator."""
-    async with connect(f"{live.url}?presence=1", live.world.tokens["bob"]) as bob:
+    async with connect(live.url, live.world.tokens["bob"], presence=True) as bob:
         async with connect(live.url, live.world.tokens["carol"]):
             about_carol = []
             async for event in bob.events():

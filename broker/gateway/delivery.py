@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import apsw
 import trio
 
+from broker.engine.agents import TOKEN_ROTATED
 from broker.engine.errors import BrokerError
 from broker.engine.mailbox import MAILBOX_CHANGED, list_pending, seq_marks
 from broker.gateway.redelivery import Held, held_deliveries, is_held
@@ -43,14 +46,23 @@ class Push(NamedTuple):
 
 
 class DeliverySession(Session):
-    """A session that carries one agent's durable deliveries (native or Relaycast node)."""
+    """A session that carries one agent's durable deliveries (native or Relaycast node).
+
+    credential: the digest of the token the socket was opened with (None: a
+    test's session, never cut). `credential_expiry` is the read that says
+    when that token stops working (epoch ms; None: it does not), asked on
+    attach and on each `agent.token_rotated` event: a token rotated out
+    closes the socket with 4401 at the end of its grace.
+    """
 
     agent_id: int
 
-    def __init__(self, *args: Any, batch: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, batch: bool = False, credential: bytes | None = None,
+                 **kwargs: Any) -> None:
         """batch: send deliveries as `deliver.batch` frames (the client asked for them)."""
         super().__init__(*args, **kwargs)
         self.batch = batch
+        self.credential = credential
         # Held deliveries this session pushed again, as they were then (see redelivery).
         self._held_pushed: dict[int, Held] = {}
         self._connected = False  # the replay on connect is done
@@ -58,11 +70,36 @@ class DeliverySession(Session):
         # Fired by the session's deadline task: ask the pump to push again.
         self._redeliver_due = self.alarm(self.queue.want_redelivery)
 
+    async def on_attach(self) -> None:
+        await super().on_attach()
+        await self._check_credential()
+
     def offer_event(self, view: FactView) -> None:
         if view.type == MAILBOX_CHANGED:
             # Audience: this agent. The event still goes out: it is documented.
             self.queue.want_redelivery()
+        elif view.type == TOKEN_ROTATED:
+            # Audience: this agent. Read where its token stands now; the
+            # event still goes to the client, which may want the new token.
+            self.spawn(self._check_credential)
         super().offer_event(view)
+
+    def credential_expiry(self) -> Callable[[apsw.Connection, int, int, bytes], int | None]:
+        """The read of when this kind of socket's token stops working (each kind its own)."""
+        raise NotImplementedError
+
+    async def _check_credential(self) -> None:
+        """Close (4401) at the end of the grace if the socket's token was rotated out."""
+        if self.credential is None:
+            return
+        try:
+            expires = await self.engine.read(self.credential_expiry(), self.workspace_id,
+                                             self.agent_id, self.credential)
+        except BrokerError as exc:
+            self._read_refused(exc)
+            return
+        if expires is not None:
+            self.expire_credential_at(expires)
 
     async def catch_up(self) -> None:
         """Replay from the database up to the highest seq known, then go live (no gap, in order).

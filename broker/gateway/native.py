@@ -18,21 +18,20 @@ is in the row) and again on each `agent.token_rotated` event (one after).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import apsw
 import msgspec
 import trio
 
-from broker.engine.agents import TOKEN_ROTATED
 from broker.engine.errors import BrokerError
 from broker.engine.workspaces import Principal
-from broker.gateway.delivery import CREDENTIAL_GONE, DeliverySession
+from broker.gateway.delivery import DeliverySession
 from broker.gateway.views import FactView
 from broker.operations.registry import Call, Operation
 from broker.ratelimit import RateLimited
 from protocol import frames as fr
-from protocol.codec import CloseCode
 
 log = logging.getLogger(__name__)
 
@@ -77,41 +76,16 @@ class AgentSession(DeliverySession):
 
     kind = "agent"
 
-    def __init__(self, *args: Any, credential: bytes | None = None, presence: bool = False,
-                 **kwargs: Any) -> None:
+    def __init__(self, *args: Any, presence: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.credential = credential
         self.wants_presence = presence
+
+    def credential_expiry(self) -> Callable[[apsw.Connection, int, int, bytes], int | None]:
+        return token_expiry
 
     @property
     def principal(self) -> Principal:
         return Principal(self.workspace_id, self.agent_id, self.agent_name)
-
-    async def on_attach(self) -> None:
-        await super().on_attach()
-        await self._check_credential()
-
-    def offer_event(self, view: FactView) -> None:
-        if view.type == TOKEN_ROTATED:
-            # Audience: this agent. Read where its token stands now; the
-            # event still goes to the client, which may want the new token.
-            self.spawn(self._check_credential)
-        super().offer_event(view)
-
-    async def _check_credential(self) -> None:
-        """Close (4401) at the end of the grace if the socket's token was rotated out."""
-        if self.credential is None:
-            return
-        try:
-            expires = await self.engine.read(token_expiry, self.workspace_id, self.agent_id,
-                                             self.credential)
-        except BrokerError as exc:
-            if exc.code not in CREDENTIAL_GONE:
-                raise
-            self.close(CloseCode.UNAUTHORIZED, "the agent or its workspace is gone")
-            return
-        if expires is not None:
-            self.expire_credential_at(expires)
 
     def delivery_frame(self, seq: int, view: FactView, redelivery: bool = False) -> Any:
         if redelivery:

@@ -32,17 +32,17 @@ Frames of the fleet protocol that this broker does not implement
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import apsw
 
-from broker.engine.agents import TOKEN_ROTATED
 from broker.engine.errors import BrokerError
-from broker.gateway.delivery import CREDENTIAL_GONE, DeliverySession
+from broker.gateway.delivery import DeliverySession
 from broker.gateway.presence import PresenceBatch
 from broker.gateway.views import ContextUpdate, FactView
 from protocol import frames as fr
-from protocol.codec import CloseCode, FrameError
+from protocol.codec import FrameError
 
 __all__ = ["ContextUpdate", "NodeSession"]
 
@@ -89,38 +89,14 @@ class NodeSession(DeliverySession):
     # gets presence, one frame per agent whose state changed in the interval.
     wants_presence = True
 
-    def __init__(self, *args: Any, node_id: str, node_name: str,
-                 credential: bytes | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, node_id: str, node_name: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.node_id = node_id
         self.node_name = node_name
-        self.credential = credential
         self.registered = False
 
-    async def on_attach(self) -> None:
-        await super().on_attach()
-        await self._check_credential()
-
-    def offer_event(self, view: FactView) -> None:
-        if view.type == TOKEN_ROTATED:
-            # Audience: this agent. Its node tokens were cut to the grace end.
-            self.spawn(self._check_credential)
-        super().offer_event(view)
-
-    async def _check_credential(self) -> None:
-        """Close (4401) at the end of the grace if a rotation cut the socket's node token."""
-        if self.credential is None:
-            return
-        try:
-            cut = await self.engine.read(node_token_cut, self.workspace_id, self.agent_id,
-                                         self.credential)
-        except BrokerError as exc:
-            if exc.code not in CREDENTIAL_GONE:
-                raise
-            self.close(CloseCode.UNAUTHORIZED, "the agent or its workspace is gone")
-            return
-        if cut is not None:
-            self.expire_credential_at(cut)
+    def credential_expiry(self) -> Callable[[apsw.Connection, int, int, bytes], int | None]:
+        return node_token_cut
 
     def delivery_frame(self, seq: int, view: FactView, redelivery: bool = False) -> Any:
         # A redelivery looks like any other: the fleet frame has no field for it.

@@ -57,6 +57,28 @@ async def test_deadline_moves_earlier_and_later_while_waited_on(
     assert passed_at == [200]  # once: back at infinity after it fired
 
 
+async def test_alarms_stopped_by_a_handler_fire_nothing_more_in_that_pass(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two deadlines pass together and the first handler ends the owner: the second never
+    fires (a close followed by a stall would have counted a slow client that was not)."""
+    alarms = Alarms()
+    fired: list[str] = []
+
+    def first() -> None:
+        fired.append("first")
+        alarms.stop()
+
+    early = alarms.deadline(first)
+    late = alarms.deadline(lambda: fired.append("second"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(alarms.run)
+        early.move(10)
+        late.move(10)
+        await trio.sleep(20)
+    assert fired == ["first"]
+
+
 async def test_session_runs_one_task_for_all_its_deadlines(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -45,6 +45,13 @@ class Alarms:
     def __init__(self) -> None:
         self._deadlines: list[Deadline] = []
         self._scope: trio.CancelScope | None = None
+        self.stopped = False
+
+    def stop(self) -> None:
+        """Fire nothing from now on (the owner is ending: a deadline has nothing left to do)."""
+        self.stopped = True
+        if self._scope is not None:
+            self._scope.cancel()
 
     def deadline(self, on_pass: Callable[[], object]) -> Deadline:
         """A new deadline, at infinity, whose passing calls `on_pass()` (in the `run` task)."""
@@ -60,10 +67,17 @@ class Alarms:
             self._scope.deadline = self.earliest()
 
     async def run(self) -> None:
-        """Fire each deadline as it passes, in the order of the list; runs until cancelled."""
-        while True:
+        """Fire each deadline as it passes, in the order of the list; until cancelled or stopped.
+
+        A handler that ends the owner (a close) stops the others of the same
+        pass: the second of two deadlines that passed together finds nothing
+        to do, and must not count or act as if it had.
+        """
+        while not self.stopped:
             now = trio.current_time()
             for deadline in self._deadlines:
+                if self.stopped:
+                    return
                 if deadline.when <= now:
                     deadline.when = math.inf
                     deadline.on_pass()

@@ -307,6 +307,7 @@ class Session:
                      self.agent_id, code, reason)
         self.gateway.detach(self)
         self.queue.close()
+        self._alarms.stop()
         if self._work is not None:
             self._work.cancel_scope.cancel()
         if send_close and code is not None and self._outer is not None:

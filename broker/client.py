@@ -50,7 +50,7 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 import trio
@@ -239,9 +239,11 @@ class BrokerClient:
             raise ValueError(f"only ws:// URLs are supported, not {self.url!r}")
         resource = parts.path or "/"
         query = [parts.query] if parts.query else []
-        if self.batch:
+        given = parse_qs(parts.query, keep_blank_values=True)
+        # An option already in the URL is the caller's choice; a second one would be refused.
+        if self.batch and "batch" not in given:
             query.append("batch=1")
-        if self.presence:
+        if self.presence and "presence" not in given:
             query.append("presence=1")
         if query:
             resource += "?" + "&".join(query)

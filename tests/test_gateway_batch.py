@@ -36,7 +36,6 @@ from tests.helpers.realtime import (
     next_deliveries,
     next_frame,
     raw_socket,
-    send_json,
 )
 from tests.helpers.rest import call
 from tests.test_gateway_redelivery import _marked, request
@@ -171,8 +170,13 @@ async def test_replay_seam_under_concurrent_sends_with_batches(tmp_path: Path) -
                     reading.cancel_scope.cancel()
                 (session,) = gateway.sessions
                 stats = session.statistics()
-                await send_json(bob, {"v": 1, "id": "end", "type": "ping"})
-                assert (await next_frame(bob, "pong", "deliver", "deliver.batch"))["type"] == "pong"
+                # Nothing more was queued for bob: the next delivery is a marker sent now
+                # (a pong would not tell, since replies go out before queued deliveries).
+                await engine.submit(SendChannelMessage(
+                    workspace_id=world.workspace_id, agent_id=world.agents["alice"],
+                    channel="pair", text="marker"))
+                marker = await next_frame(bob, "deliver", "deliver.batch")
+                assert [d["seq"] for d in marker["deliveries"]] == [sent + 1]
     assert seqs == list(range(1, sent + 1))
     assert stats.replayed >= pending
     assert stats.queue.live_deliveries >= after_seam
@@ -204,10 +208,13 @@ async def test_batch_and_plain_sessions_each_get_everything_once(
                 items = frame["deliveries"] if kind == "deliver.batch" else [frame]
                 got[kind] += [d["seq"] for d in items]
         assert got["deliver.batch"] == got["deliver"] == list(range(1, 41))
-        # Nothing more on either: no duplicate.
-        for ws in (batched, plain):
-            await send_json(ws, {"v": 1, "id": "end", "type": "ping"})
-            assert (await next_frame(ws, "pong", "deliver", "deliver.batch"))["type"] == "pong"
+        # Nothing more on either, no duplicate: the next delivery of each is a marker sent now
+        # (a pong would not tell, since replies go out before queued deliveries).
+        await live.post("alice", "marker")
+        for ws, kind in ((batched, "deliver.batch"), (plain, "deliver")):
+            frame = await next_frame(ws, "deliver", "deliver.batch")
+            items = frame["deliveries"] if kind == "deliver.batch" else [frame]
+            assert [d["seq"] for d in items] == [41]
 
 
 async def test_batch_msgpack_sessions_get_binary(live: Live) -> None:
@@ -319,17 +326,19 @@ async def test_client_asks_for_batches_by_default(live: Live) -> None:
         assert session.batch is False
 
 
-@pytest.mark.parametrize("value", ["2", "yes", "true", "01"])
+@pytest.mark.parametrize("value", ["2", "yes", "true", "01", "", "1&batch=2", "1&batch=1"])
 async def test_handshake_refuses_batch_other_than_0_or_1(
     live: Live, value: str,
 ) -> None:
-    """A batch value other than 0 or 1 is refused at the handshake."""
+    """A batch value other than 0 or 1 is refused at the handshake: a blank one, and one given
+    twice (even twice the same: an ambiguous option is not guessed at), too."""
     with pytest.raises(trio_websocket.ConnectionRejected) as refused:
         async with raw_socket(live.server, live.token("bob"), batch=value):
             pass
     assert refused.value.status_code == 400
     body: dict[str, Any] = msgspec.json.decode(refused.value.body or b"{}")
     assert body == {"ok": False, "error": {
-        "code": "invalid_request", "message": f"batch must be 0 or 1, not {value!r}"}}
+        "code": "invalid_request",
+        "message": f"batch must be 0 or 1, not {value.replace('&batch=', ',')!r}"}}
     assert not gateway_of(live.server).sessions
     assert gateway_of(live.server).admitted == 0

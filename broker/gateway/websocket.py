@@ -90,10 +90,17 @@ class AsgiWebSocket:
     # -- the handshake -------------------------------------------------------------------
 
     def query(self, name: str) -> str | None:
+        """The query parameter `name`: None when absent, "" when blank.
+
+        Given more than once, its values joined by commas: an ambiguous
+        option then matches no valid value and is refused, rather than one
+        of its values being picked silently.
+        """
         from urllib.parse import parse_qs
 
-        values = parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get(name)
-        return values[0] if values else None
+        query = self.scope.get("query_string", b"").decode("latin-1")
+        values = parse_qs(query, keep_blank_values=True).get(name)
+        return None if values is None else ",".join(values)
 
     def header(self, name: str) -> str | None:
         wanted = name.lower().encode("latin-1")

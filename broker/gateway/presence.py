@@ -109,6 +109,7 @@ class PresenceReporter:
         self._wanted: dict[int, tuple[int, str]] = {}
         self._wake = trio.Event()
         self._flushing = 0  # flushes running (the actor's, a caller's)
+        self._flush_lock = trio.Lock()
         self._idle = trio.Event()
         self._idle.set()
         self.commands = 0
@@ -196,11 +197,14 @@ class PresenceReporter:
         """Commit every pending transition (what piles up meanwhile goes in the next command)."""
         self._flushing += 1
         try:
-            while self._wanted:
-                wanted, self._wanted = self._wanted, {}
-                changes = [(agent_id, status) for agent_id, (_, status) in wanted.items()]
-                for start in range(0, len(changes), PRESENCE_BATCH):
-                    await self._commit(tuple(changes[start:start + PRESENCE_BATCH]))
+            # One flush at a time (the actor's, and the one at shutdown): two would
+            # commit their snapshots in any order, an older status after a newer one.
+            async with self._flush_lock:
+                while self._wanted:
+                    wanted, self._wanted = self._wanted, {}
+                    changes = [(agent_id, status) for agent_id, (_, status) in wanted.items()]
+                    for start in range(0, len(changes), PRESENCE_BATCH):
+                        await self._commit(tuple(changes[start:start + PRESENCE_BATCH]))
         finally:
             self._flushing -= 1
             if not self._flushing and not self._wanted:

@@ -286,7 +286,7 @@ async def test_presence_agent_that_comes_and_goes_within_an_interval_is_not_repo
 # -- on real sessions: the frames on the socket ---------------------------------------------
 
 
-async def test_presence_frames_on_native_and_node_sockets(
+async def test_presence_frames_on_native_sessions_and_observers(
     tmp_path: Path, mock_clock: trio.testing.MockClock,
 ) -> None:
     """The coalesced frame a native session writes; the per-agent frames of an observer.

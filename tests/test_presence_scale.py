@@ -32,7 +32,7 @@ from broker.gateway import Gateway
 from broker.gateway.frame_queue import Mode
 from broker.gateway.native import AgentSession
 from broker.gateway.observer import ObserverSession
-from broker.gateway.presence import PRESENCE_BATCH, PresenceBatch
+from broker.gateway.presence import PRESENCE_BATCH, PresenceBatch, PresenceReporter
 from broker.gateway.session import Session
 from broker.gateway.settings import GatewaySettings
 from broker.gateway.views import FactView
@@ -379,3 +379,29 @@ async def test_presence_query_other_than_0_or_1_is_refused_before_the_upgrade(
                               path=f"/v1/ws?presence={value}&token={token}") as ws:
             await send_json(ws, {"v": 1, "id": "p", "type": "ping"})
             assert (await next_frame(ws, "pong"))["re"] == "p"
+
+
+async def test_presence_reporter_flushes_one_at_a_time_in_report_order() -> None:
+    """A flush while another is committing (the shutdown's, beside the actor's) waits for it:
+    the newer status is committed last, never overwritten by the older one."""
+    committed: list[tuple[tuple[int, str], ...]] = []
+    first_held = trio.Event()
+    release = trio.Event()
+
+    class HeldEngine:
+        async def submit(self, command: SetPresence) -> None:
+            if not committed and not first_held.is_set():
+                first_held.set()
+                await release.wait()  # the first commit is slow
+            committed.append(command.changes)
+
+    reporter = PresenceReporter(cast(Engine, HeldEngine()))
+    async with trio.open_nursery() as nursery:
+        reporter.report(1, 7, "active")
+        nursery.start_soon(reporter.flush)
+        await first_held.wait()
+        reporter.report(1, 7, "offline")
+        nursery.start_soon(reporter.flush)
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+    assert committed == [((7, "active"),), ((7, "offline"),)]

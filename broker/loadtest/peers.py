@@ -36,7 +36,6 @@ their processes (`broker.loadtest.peer_clients`), the server's path in
 from __future__ import annotations
 
 import importlib.util
-import multiprocessing
 import queue as queue_module
 import re
 import shutil
@@ -58,7 +57,7 @@ from broker.loadtest.peer_clients import (
 )
 from broker.loadtest.processes import ServerProcess
 from broker.loadtest.report import count_loss, merge
-from broker.loadtest.runner import ShardResult
+from broker.loadtest.runner import ShardProcesses, ShardResult
 from broker.loadtest.topology import Agent, LoadSpec, Topology
 
 PEERS = (JETSTREAM, JETSTREAM_DEFAULT, MOSQUITTO)
@@ -228,43 +227,20 @@ def run_peer_processes(peer: str, address: str, topology: Topology, procs: int,
 
     Raises RuntimeError with a process's traceback when one fails.
     """
-    context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(procs + 1)
-    messages = context.Queue()
     encoded = msgspec.msgpack.encode(topology)
-    workers = [context.Process(target=peer_process, name=f"loadtest-{peer}-{shard}",
-                               args=(peer, address, encoded, shard, procs, barrier, messages),
-                               daemon=True)
-               for shard in range(procs + 1)]
-    for worker in workers:
-        worker.start()
-    results: dict[int, ShardResult] = {}
-    failure: str | None = None
+    processes = ShardProcesses(f"loadtest-{peer}", peer_process,
+                               lambda shard: (peer, address, encoded, shard, procs), procs + 1)
+    processes.start()
     try:
-        while len(results) < len(workers) and failure is None:
+        while processes.waiting:
             try:
-                item = messages.get(True, PROGRESS_INTERVAL_S)
+                item = processes.messages.get(True, PROGRESS_INTERVAL_S)
             except queue_module.Empty:
-                dead = [w for w in workers if w.exitcode not in (None, 0)]
-                if dead:
-                    failure = f"peer process {dead[0].name} died with {dead[0].exitcode}"
-                continue
-            if item[0] == "progress" and progress is not None:
-                progress(item[1], item[2], item[3])
-            elif item[0] == "result":
-                results[item[1]] = msgspec.msgpack.decode(item[2], type=ShardResult)
-            elif item[0] == "error":
-                failure = f"peer process {item[1]} failed:\n{item[2]}"
+                item = None
+            processes.take(item, progress)
     finally:
-        for worker in workers:
-            worker.join(timeout=10 if failure is None else 1)
-            if worker.is_alive():
-                worker.kill()
-                worker.join()
-        messages.close()
-    if failure is not None:
-        raise RuntimeError(failure)
-    return [results[shard] for shard in range(len(workers))]
+        processes.stop()
+    return processes.collected()
 
 
 def format_peers(report: dict[str, Any]) -> str:

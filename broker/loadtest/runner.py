@@ -477,6 +477,68 @@ def shard_process(topology_bytes: bytes, url: str, mode: str, shard: int, procs:
         messages.put(("error", shard, traceback.format_exc()))
 
 
+class ShardProcesses:
+    """Client processes spawned for one run, reporting on one queue; their results.
+
+    Each process gets (its shard, the run's barrier, the queue) appended to
+    `args(shard)` and puts ("progress", shard, sends, deliveries), ("result",
+    shard, an encoded ShardResult) or ("error", shard, a traceback) on the
+    queue. The broker's shards and a peer's clients are both run this way.
+    """
+
+    def __init__(self, name: str, target: Callable[..., None],
+                 args: Callable[[int], tuple[Any, ...]], count: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.barrier = context.Barrier(count)
+        self.messages = context.Queue()
+        self.workers = [
+            context.Process(target=target, name=f"{name}-{shard}",
+                            args=(*args(shard), self.barrier, self.messages), daemon=True)
+            for shard in range(count)
+        ]
+        self.results: dict[int, ShardResult] = {}
+        self.failure: str | None = None
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+    @property
+    def waiting(self) -> bool:
+        """Some process has not reported its result, and none has failed."""
+        return len(self.results) < len(self.workers) and self.failure is None
+
+    def take(self, item: tuple[Any, ...] | None,
+             report: Callable[[int, int, int], None] | None) -> None:
+        """One message from the queue; None: none came within PROGRESS_INTERVAL_S."""
+        if item is None:
+            dead = [w for w in self.workers if w.exitcode not in (None, 0)]
+            if dead:
+                self.failure = f"process {dead[0].name} died with {dead[0].exitcode}"
+        elif item[0] == "progress":
+            if report is not None:
+                report(item[1], item[2], item[3])
+        elif item[0] == "result":
+            self.results[item[1]] = msgspec.msgpack.decode(item[2], type=ShardResult)
+        elif item[0] == "error":
+            self.failure = f"process {self.workers[item[1]].name} failed:\n{item[2]}"
+
+    def stop(self) -> None:
+        """Join every process (killing one that does not end), and close the queue."""
+        for worker in self.workers:
+            worker.join(timeout=10 if self.failure is None else 1)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+        self.messages.close()
+
+    def collected(self) -> list[ShardResult]:
+        """The results in shard order. Raises RuntimeError with the failure, if one failed."""
+        if self.failure is not None:
+            raise RuntimeError(self.failure)
+        return [self.results[shard] for shard in range(len(self.workers))]
+
+
 async def run_processes(topology: Topology, url: str, mode: str, procs: int,
                         report: Callable[[int, int, int], None] | None = None,
                         ) -> list[ShardResult]:
@@ -484,43 +546,18 @@ async def run_processes(topology: Topology, url: str, mode: str, procs: int,
 
     Raises RuntimeError with the shard's traceback when one fails.
     """
-    context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(procs)
-    messages = context.Queue()
     encoded = _encoder.encode(topology)
-    workers = [
-        context.Process(target=shard_process, name=f"loadtest-{mode}-{shard}",
-                        args=(encoded, url, mode, shard, procs, barrier, messages), daemon=True)
-        for shard in range(procs)
-    ]
-    for worker in workers:
-        worker.start()
-    results: dict[int, ShardResult] = {}
-    failure: str | None = None
+    processes = ShardProcesses(f"loadtest-{mode}", shard_process,
+                               lambda shard: (encoded, url, mode, shard, procs), procs)
+    processes.start()
     try:
-        while len(results) < procs and failure is None:
+        while processes.waiting:
             try:
                 item = await trio.to_thread.run_sync(
-                    messages.get, True, PROGRESS_INTERVAL_S, abandon_on_cancel=True)
+                    processes.messages.get, True, PROGRESS_INTERVAL_S, abandon_on_cancel=True)
             except queue_module.Empty:
-                dead = [w for w in workers if w.exitcode not in (None, 0)]
-                if dead:
-                    failure = f"shard process {dead[0].name} died with {dead[0].exitcode}"
-                continue
-            kind = item[0]
-            if kind == "progress" and report is not None:
-                report(item[1], item[2], item[3])
-            elif kind == "result":
-                results[item[1]] = msgspec.msgpack.decode(item[2], type=ShardResult)
-            elif kind == "error":
-                failure = f"shard {item[1]} failed:\n{item[2]}"
+                item = None
+            processes.take(item, report)
     finally:
-        for worker in workers:
-            worker.join(timeout=10 if failure is None else 1)
-            if worker.is_alive():
-                worker.kill()
-                worker.join()
-        messages.close()
-    if failure is not None:
-        raise RuntimeError(failure)
-    return [results[shard] for shard in range(procs)]
+        processes.stop()
+    return processes.collected()

@@ -20,6 +20,7 @@ more, untyped, to be walked.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -117,26 +118,23 @@ def decode_json(
     ran out of recursion), else what the decoder raises (DecodeError,
     ValidationError).
     """
-    try:
-        value = decoder.decode(data)
-        if json_openers(data) > limit:
-            # A typed decoder drops unknown fields: walk the document, not what was kept.
-            whole = value if decoder.type is Any else _ANY_JSON.decode(data)
-            if nesting_exceeds(whole, limit):
-                raise NestingTooDeep(limit)
-    except RecursionError:
-        raise NestingTooDeep(limit) from None
-    return value
+    return _decode(decoder, data, json_openers, _ANY_JSON, limit)
 
 
 def decode_msgpack(
     decoder: msgspec.msgpack.Decoder[Any], data: bytes, *, limit: int = MAX_NESTING_DEPTH
 ) -> Any:
     """`decoder.decode(data)`, refusing documents nested deeper than `limit` (as decode_json)."""
+    return _decode(decoder, data, msgpack_openers, _ANY_MSGPACK, limit)
+
+
+def _decode(decoder: Any, data: Any, openers: Callable[[Any], int], whole_decoder: Any,
+            limit: int) -> Any:
     try:
         value = decoder.decode(data)
-        if msgpack_openers(data) > limit:
-            whole = value if decoder.type is Any else _ANY_MSGPACK.decode(data)
+        if openers(data) > limit:
+            # A typed decoder drops unknown fields: walk the document, not what was kept.
+            whole = value if decoder.type is Any else whole_decoder.decode(data)
             if nesting_exceeds(whole, limit):
                 raise NestingTooDeep(limit)
     except RecursionError:

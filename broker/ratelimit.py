@@ -24,7 +24,8 @@ from __future__ import annotations
 import ipaddress
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import msgspec
@@ -284,6 +285,24 @@ class RateLimiter:
         """Count a refused token from `address`."""
         if self.auth_failures is not None:
             self.auth_failures.take(address, self._now())
+
+    @contextmanager
+    def guarding_tokens(self, address: str, presented: bool = True,
+                        refusal: str = "invalid_token") -> Iterator[None]:
+        """Around reading a credential that `address` presented (`presented`: it did).
+
+        Refused first (RateLimited) while the address is blocked, so the
+        answer cannot tell a good credential from a bad one; a BrokerError
+        with code `refusal` raised inside counts towards the block.
+        """
+        if presented:
+            self.check_auth(address)
+        try:
+            yield
+        except BrokerError as exc:
+            if exc.code == refusal:
+                self.auth_failed(address)
+            raise
 
     def statistics(self) -> RefusalStatistics:
         tables = (self.workspaces, self.agents, self.anonymous, self.auth_failures)

@@ -282,15 +282,8 @@ class Gateway:
 
         Raises RateLimited while the address is blocked, BrokerError from `resolve`.
         """
-        address = client_address(ws.scope)
-        if token is not None:
-            self.limiter.check_auth(address)
-        try:
+        with self.limiter.guarding_tokens(client_address(ws.scope), presented=token is not None):
             return await resolve(token)
-        except BrokerError as exc:
-            if exc.code == "invalid_token":
-                self.limiter.auth_failed(address)
-            raise
 
     async def _serve_ws(self, scope: Scope, receive: Receive, send: Send) -> None:
         ws = AsgiWebSocket(scope, receive, send)
@@ -416,15 +409,10 @@ class Gateway:
         limits = None
         try:
             address = client_address(request.scope)
-            if request.headers.get("authorization"):
-                self.limiter.check_auth(address)
-            try:
-                token = bearer_token(request.headers.get("authorization"))
+            header = request.headers.get("authorization")
+            with self.limiter.guarding_tokens(address, presented=bool(header)):
+                token = bearer_token(header)
                 principal = await resolve_token(self.engine, token)
-            except BrokerError as exc:
-                if exc.code == "invalid_token":
-                    self.limiter.auth_failed(address)
-                raise
             authorize("agent", principal)
             assert principal.agent_id is not None and token is not None
             limits = self.limiter.take_request("agent.node_token", principal.workspace_id,

@@ -134,15 +134,9 @@ async def _checked_principal(
     Raises RateLimited while the caller's address is blocked, even for a
     good token: that is what makes guessing slow.
     """
-    address = client_address(request.scope)
-    if request.headers.get("authorization"):
-        limiter.check_auth(address)
-    try:
+    with limiter.guarding_tokens(client_address(request.scope),
+                                 presented=bool(request.headers.get("authorization"))):
         return await _principal(engine, op, request)
-    except BrokerError as exc:
-        if exc.code == "invalid_token":
-            limiter.auth_failed(address)
-        raise
 
 
 def operation_endpoint(

@@ -89,13 +89,8 @@ async def _signed(engine: Engine, limiter: RateLimiter, address: str, purpose: f
     blocked, url_token_invalid, url_token_expired (not counted: the
     signature was ours).
     """
-    limiter.check_auth(address)
-    try:
+    with limiter.guarding_tokens(address, refusal="url_token_invalid"):
         return files.verify(await engine.read(files.url_secret), purpose, file_id, token, now_ms)
-    except BrokerError as exc:
-        if exc.code == "url_token_invalid":
-            limiter.auth_failed(address)
-        raise
 
 
 async def _upload(engine: Engine, store: FileStore, limiter: RateLimiter,
@@ -162,16 +157,9 @@ async def _download(engine: Engine, store: FileStore, limiter: RateLimiter,
         # As the REST operations do (`_checked_principal`): a blocked address
         # is refused before the token is looked at, so the answer cannot tell
         # a good token from a bad one, and a refused token counts.
-        if request.headers.get("authorization"):
-            limiter.check_auth(address)
-        try:
-            principal = await resolve_token(
-                engine, bearer_token(request.headers.get("authorization"))
-            )
-        except BrokerError as exc:
-            if exc.code == "invalid_token":
-                limiter.auth_failed(address)
-            raise
+        header = request.headers.get("authorization")
+        with limiter.guarding_tokens(address, presented=bool(header)):
+            principal = await resolve_token(engine, bearer_token(header))
         limits = limiter.take_request("file.download_content", principal.workspace_id,
                                       principal.agent_id, address)
         row = await engine.read(files.require_file, principal.workspace_id, file_id)

@@ -69,9 +69,9 @@ def inbound_routes(
         limits: Verdict | None = None
         try:
             address = client_address(request.scope)
-            if request.headers.get("authorization") or request.query_params.get("token"):
-                limiter.check_auth(address)
-            try:
+            presented = bool(request.headers.get("authorization")
+                             or request.query_params.get("token"))
+            with limiter.guarding_tokens(address, presented=presented):
                 token = hook_token(request)
                 if token is None:
                     raise BrokerError(
@@ -79,10 +79,6 @@ def inbound_routes(
                     )
                 caller = await engine.read(
                     hook_caller, str(request.path_params["webhook_id"]), token)
-            except BrokerError as exc:
-                if exc.code == "invalid_token":
-                    limiter.auth_failed(address)
-                raise
             limits = limiter.take_request("webhook.trigger", caller.workspace_id,
                                           caller.agent_id, address)
             body = parse_body(await read_body(request, settings.http.max_body_bytes))

@@ -155,11 +155,3 @@ def outbox_backlog(conn: apsw.Connection) -> OutboxBacklog:
     ).fetchone()
     assert row is not None
     return OutboxBacklog(int(cast(int, row[0])), cast("int | None", row[1]))
-
-
-def outbox_counts(conn: apsw.Connection) -> dict[str, int]:
-    """Outbox rows by state, over every workspace (for metrics)."""
-    counts = {"pending": 0, "delivered": 0, "dead": 0}
-    for state, count in conn.execute("SELECT state, count(*) FROM outbox GROUP BY state"):
-        counts[cast(str, state)] = cast(int, count)
-    return counts

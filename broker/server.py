@@ -42,6 +42,8 @@ from broker.ratelimit import RateLimiter
 from broker.sweeps import Sweeper
 from broker.webhooks.dispatcher import WebhookDispatcher, attach
 from broker.webhooks.inbound import inbound_routes
+from broker.workers import WorkerInfo
+from broker.workers.writer_side import GatewayPool, WriterHost, WriterMetrics
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ class BrokerServer:
         """limiter: the rate limits of the REST app and the gateway (one from
         `settings.rate_limits` when None; tests pass one with a fake clock)."""
         self.settings = settings
+        if limiter is not None and settings.server.gateway_processes():
+            raise ValueError("a RateLimiter object serves one process: pass none with workers")
         self.limiter = limiter or RateLimiter(settings.rate_limits)
         self.port: int | None = None
         self.url: str | None = None
@@ -71,8 +75,11 @@ class BrokerServer:
         self._engine: Engine | None = None
         self._metrics: BrokerMetrics | None = None
         self._stop = trio.Event()
+        # In one process only (none with gateway processes: `broker.workers`).
         self.gateway: Gateway | None = None
         self.webhooks: WebhookDispatcher | None = None
+        # With gateway processes: their pool (pids, gateway 0's private socket).
+        self.pool: GatewayPool | None = None
 
     @property
     def engine(self) -> Engine:
@@ -93,19 +100,15 @@ class BrokerServer:
 
         Each service is started as `nursery.start(service)` before the port opens.
         """
+        gateway, routes, realtime = gateway_front(
+            engine, self.settings, metrics, self.limiter, self._stop)
+        self.gateway = gateway
+        return routes, (realtime, *self.writer_services(engine, metrics))
 
-        gateway = self.gateway = Gateway(engine, self.settings.gateway,
-                                         on_sessions=metrics.open_sessions.set,
-                                         on_request=metrics.observe_socket_request,
-                                         limiter=self.limiter)
-        # Read at scrape time, so the gauge can never drift from the sessions.
-        metrics.open_sessions.set_function(lambda: len(gateway.sessions))
-
-        async def realtime(
-            *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-        ) -> None:
-            await gateway.run(stopping=self._stop, task_status=task_status)
-
+    def writer_services(self, engine: Engine, metrics: BrokerMetrics) -> tuple[Service, ...]:
+        """The services of the process that holds the writer: the file sweep, the
+        sweeps and the webhook dispatcher (everything that writes on its own or
+        watches the writer's commit signals)."""
         store = FileStore(Path(self.settings.data_dir))
 
         async def file_sweep(
@@ -145,14 +148,10 @@ class BrokerServer:
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()
 
-        services: tuple[Service, ...] = (realtime, file_sweep, sweeps)
+        services: tuple[Service, ...] = (file_sweep, sweeps)
         if self.settings.webhooks.enabled:
             services = (*services, webhooks)
-        return (
-            (*gateway.routes(), *file_routes(engine, store, self.limiter),
-             *inbound_routes(engine, self.settings, self.limiter)),
-            services,
-        )
+        return services
 
     @property
     def stopping(self) -> bool:
@@ -164,15 +163,16 @@ class BrokerServer:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the engine, serve until `stop()`, then shut down in order."""
+        if self.settings.server.gateway_processes():
+            await self._run_with_workers(task_status=task_status)
+            return
         settings = self.settings
         async with trio.open_nursery() as services:
             async with Engine.open(
                 Path(settings.data_dir), settings.engine, with_facts=True
             ) as engine:
                 self._engine = engine
-                stale = await engine.submit(ResetPresence())
-                if stale:
-                    log.info("presence: %d agents left online by the last run set offline", stale)
+                await reset_presence(engine)
                 self._metrics = metrics = BrokerMetrics(engine)
                 extra_routes, background = self.compose(engine, metrics)
                 for service in background:
@@ -180,7 +180,8 @@ class BrokerServer:
                 metrics.count_refusals(self.limiter)
                 app = self.app = create_app(engine, settings, metrics, extra_routes,
                                             self.limiter)
-                config = self._hypercorn_config()
+                app.state.worker = WorkerInfo(index=0, count=1)
+                config = hypercorn_config(settings)
                 metrics.gc_pauses.install()
                 try:
                     async with trio.open_nursery() as http:
@@ -201,18 +202,83 @@ class BrokerServer:
             self._engine = None
         log.info("broker %s: stopped", self.url)
 
-    def _hypercorn_config(self) -> HypercornConfig:
-        http = self.settings.http
-        config = HypercornConfig()
-        host = f"[{http.host}]" if ":" in http.host else http.host
-        config.bind = [f"{host}:{http.port}"]
-        config.graceful_timeout = http.shutdown_grace_seconds
-        config.accesslog = None
-        # Larger WebSocket frames are refused (1009) before they are buffered whole,
-        # by a buffer that survives the refusal (broker.gateway.frame_buffer).
-        config.websocket_max_message_size = self.settings.gateway.max_frame_bytes
-        frame_buffer.install()
-        # hypercorn logs through this logger only (not its own stderr handler);
-        # the entry point configures handlers.
-        config.errorlog = logging.getLogger("hypercorn.error")
-        return config
+    async def _run_with_workers(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """This process holds the writer and its services; gateway processes serve the port
+        (`broker.workers`). Ends after the gateways have drained and exited."""
+        settings = self.settings
+        count = settings.server.gateway_processes()
+        async with trio.open_nursery() as services:
+            async with Engine.open(
+                Path(settings.data_dir), settings.engine, with_facts=True
+            ) as engine:
+                self._engine = engine
+                await reset_presence(engine)
+                self._metrics = metrics = WriterMetrics(engine)
+                host = metrics.host = WriterHost(engine, metrics.render_process)
+                await services.start(host.distribute)
+                for service in self.writer_services(engine, metrics):
+                    await services.start(service)
+                self.pool = pool = GatewayPool(settings, host, count)
+                metrics.gc_pauses.install()
+                try:
+                    async with trio.open_nursery() as gateways:
+                        self.url = await gateways.start(pool.run, self._stop)
+                        self.port = int(self.url.rsplit(":", 1)[1])
+                        task_status.started()
+                finally:
+                    metrics.gc_pauses.remove()
+                log.info("broker %s: gateways stopped; closing the engine", self.url)
+            self._engine = None
+        log.info("broker %s: stopped", self.url)
+
+
+async def reset_presence(engine: Engine) -> None:
+    """Everyone offline: no socket survives a restart."""
+    stale = await engine.submit(ResetPresence())
+    if stale:
+        log.info("presence: %d agents left online by the last run set offline", stale)
+
+
+def gateway_front(
+    engine: Engine, settings: Settings, metrics: BrokerMetrics, limiter: RateLimiter,
+    stopping: trio.Event,
+) -> tuple[Gateway, tuple[BaseRoute, ...], Service]:
+    """What serves clients besides the REST routes: the WebSocket gateway, its routes,
+    the file and inbound-hook routes, and the gateway's service (run it before
+    the port opens). The same in one process and in each gateway process."""
+    gateway = Gateway(engine, settings.gateway,
+                      on_sessions=metrics.open_sessions.set,
+                      on_request=metrics.observe_socket_request,
+                      limiter=limiter)
+    # Read at scrape time, so the gauge can never drift from the sessions.
+    metrics.open_sessions.set_function(lambda: len(gateway.sessions))
+
+    async def realtime(
+        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        await gateway.run(stopping=stopping, task_status=task_status)
+
+    store = FileStore(Path(settings.data_dir))
+    routes = (*gateway.routes(), *file_routes(engine, store, limiter),
+              *inbound_routes(engine, settings, limiter))
+    return gateway, routes, realtime
+
+
+def hypercorn_config(settings: Settings, binds: Sequence[str] | None = None) -> HypercornConfig:
+    """hypercorn's configuration; binds: where to listen (default: settings.http)."""
+    http = settings.http
+    config = HypercornConfig()
+    host = f"[{http.host}]" if ":" in http.host else http.host
+    config.bind = list(binds) if binds is not None else [f"{host}:{http.port}"]
+    config.graceful_timeout = http.shutdown_grace_seconds
+    config.accesslog = None
+    # Larger WebSocket frames are refused (1009) before they are buffered whole,
+    # by a buffer that survives the refusal (broker.gateway.frame_buffer).
+    config.websocket_max_message_size = settings.gateway.max_frame_bytes
+    frame_buffer.install()
+    # hypercorn logs through this logger only (not its own stderr handler);
+    # the entry point configures handlers.
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config

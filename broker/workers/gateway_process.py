@@ -36,6 +36,7 @@ from broker.engine.readers import ReaderPool
 from broker.engine.writer import Command
 from broker.gateway import Gateway
 from broker.gateway.delivery import DeliverySession
+from broker.gc_tuning import settle_heap
 from broker.http.app import create_app
 from broker.http.metrics import BrokerMetrics
 from broker.ratelimit import RateLimiter
@@ -222,6 +223,7 @@ class GatewayProcess:
                         cast(Any, app), config, shutdown_trigger=self.stop.wait,
                         task_status=task_status))
                 self.link.send_nowait(("listening", bound[0]))
+                settle_heap()  # start-up is over, as in the writer process (broker.gc_tuning)
             # hypercorn stopped accepting and let requests in flight
             # finish; the gateway closes its sessions (1001) on `stop`:
             # wait for that, and commit what they acked.

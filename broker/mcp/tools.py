@@ -3,10 +3,10 @@
 A tool's name is Relaycast's MCP name where Relaycast has one
 (`message.post` for the operation `message.send`), else the operation's
 own name; its input schema is the operation's input Struct as msgspec
-describes it; its description is a line of `DESCRIPTIONS`. So a new
-operation gets its tool with no code here: only a description line, which
-a test asks for. Relaycast's legacy names (`post_message`, `check_inbox`,
-...) are accepted on calls and never listed, as Relaycast does.
+describes it; its description is a line of `DESCRIPTIONS`, written for an
+LLM choosing a tool, or else the first line of the handler's docstring. So a
+new operation gets its tool with no code here. Relaycast's legacy names
+(`post_message`, `check_inbox`, ...) are accepted on calls and never listed, as Relaycast does.
 
 Who sees which tools follows the operation's `auth`: an agent token sees
 the agent's and the open ones, a workspace key the workspace's and the
@@ -138,6 +138,9 @@ DESCRIPTIONS: dict[str, str] = {
     "inbox.get": "Check your inbox: unread channels, mentions, unread DMs, reactions.",
     "search": "Search the messages you can see.",
     "delivery.list": "List your deliveries (unacked ones in order).",
+    "agent.deliveries": "List an agent's deliveries (the workspace owner's view).",
+    "mailbox.list": "Summarize every agent's mailbox: presence, delivery counts, oldest unacked.",
+    "agent.mailbox": "Summarize one agent's mailbox.",
     "delivery.ack_one": "Acknowledge one delivery.",
     "delivery.ack_up_to": "Acknowledge every delivery up to a seq.",
     "delivery.fail": "Give a delivery back as failed (it is retried or dead-lettered).",
@@ -213,7 +216,7 @@ def tools() -> dict[str, Tool]:
     """Every tool by name, in the operation table's order, the wait last."""
     table: dict[str, Tool] = {}
     for name, op in OPERATIONS.items():
-        table[tool_name(name)] = Tool(tool_name(name), DESCRIPTIONS.get(name, name), op.input, op)
+        table[tool_name(name)] = Tool(tool_name(name), _description(op), op.input, op)
     table[WAIT_TOOL] = Tool(WAIT_TOOL, WAIT_DESCRIPTION, WaitInput, None)
     return table
 
@@ -222,6 +225,13 @@ def resolve(name: str) -> Tool | None:
     """The tool called `name` or by one of its legacy names; None when there is none."""
     table = tools()
     return table.get(name) or table.get(LEGACY_ALIASES.get(name, ""))
+
+
+def _description(op: Operation[Any]) -> str:
+    if op.name in DESCRIPTIONS:
+        return DESCRIPTIONS[op.name]
+    doc = (op.handler.__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else op.name
 
 
 _schemas: dict[type[Any], dict[str, Any]] = {}

@@ -31,8 +31,8 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.auth import authorize, bearer_token, resolve_token
-from broker.console import console_routes
 from broker.config import Settings
+from broker.console import console_routes
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
 from broker.engine.health import Probe

@@ -1,5 +1,5 @@
 // DOM helpers. Text always goes in through textContent (or Text nodes), never
-// through innerHTML: a message that holds markup is shown as the characters it is.
+// parsed as HTML: a message that holds markup is shown as the characters it is.
 
 /** An element: el("a", {href, class: "x", onclick: fn}, child, "text", ...). */
 export function el(tag, attrs = {}, ...children) {

@@ -7,7 +7,7 @@
 
 import { $, clear } from "./dom.js";
 
-const SAMPLE_MS = 2000;
+const SAMPLE_MS = 1000;
 const WINDOW_MS = 5 * 60 * 1000;
 const SVG = "http://www.w3.org/2000/svg";
 const WIDTH = 300;
@@ -137,9 +137,17 @@ export class HealthView {
       svg.setAttribute("viewBox", `0 0 ${WIDTH} ${HEIGHT}`);
       svg.setAttribute("preserveAspectRatio", "none");
       svg.setAttribute("aria-hidden", "true");
+      const base = document.createElementNS(SVG, "line");
+      base.setAttribute("class", "base");
+      base.setAttribute("x1", "0");
+      base.setAttribute("x2", String(WIDTH));
+      base.setAttribute("y1", String(HEIGHT - 0.5));
+      base.setAttribute("y2", String(HEIGHT - 0.5));
+      const area = document.createElementNS(SVG, "polygon");
+      area.setAttribute("class", "area");
       const line = document.createElementNS(SVG, "polyline");
       line.setAttribute("class", "line");
-      svg.append(line);
+      svg.append(base, area, line);
       const figure = document.createElement("figure");
       figure.className = "chart";
       figure.dataset.chart = chart.id;
@@ -195,6 +203,10 @@ export class HealthView {
         return `${x.toFixed(1)},${y.toFixed(1)}`;
       });
       figure.querySelector("polyline").setAttribute("points", coords.join(" "));
+      const area = coords.length
+        ? `${coords[0].split(",")[0]},${HEIGHT} ${coords.join(" ")} ${coords[coords.length - 1].split(",")[0]},${HEIGHT}`
+        : "";
+      figure.querySelector("polygon").setAttribute("points", area);
       const last = points.length ? points[points.length - 1].value : null;
       figure.querySelector("output").textContent = format(last, chart.unit);
       figure.querySelector(".scale").textContent =

@@ -189,6 +189,7 @@ class Console {
 
   select(name) {
     this.current = name;
+    $("notice").hidden = true; // a notice belongs to the view it came from
     for (const tab of TABS) {
       const selected = tab === name;
       const button = $(`tab-${tab}`);

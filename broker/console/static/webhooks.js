@@ -73,7 +73,7 @@ export class WebhooksView {
     }
     if (!before) {
       clear(box);
-      box.append(el("button", { type: "button", class: "replay-all",
+      box.append(el("button", { type: "button", class: "quiet replay-all",
         text: "Replay all dead letters", onclick: () => this.replay(sub, null) }));
     }
     const table = box.querySelector("table") || box.appendChild(el("table", { class: "grid" },

@@ -17,7 +17,7 @@ const HISTORY_PAGE = 50;
 const THREAD_PAGE = 100;
 const MAX_SHOWN = 500;
 // A longer text is cut to this many characters until "Show all" is pressed.
-const FOLD_CHARS = 2000;
+const FOLD_CHARS = 800;
 const MESSAGE_EVENTS = new Set(["message.created", "thread.reply", "dm.received",
   "group_dm.received"]);
 

@@ -10,6 +10,7 @@ import { $, clear } from "./dom.js";
 const SAMPLE_MS = 1000;
 const WINDOW_MS = 5 * 60 * 1000;
 const SVG = "http://www.w3.org/2000/svg";
+const MIN_SPAN_MS = 10 * 1000;
 const WIDTH = 300;
 const HEIGHT = 80;
 
@@ -98,6 +99,11 @@ function delta(a, b, name) {
 function rate(a, b, dt, name) {
   const change = delta(a, b, name);
   return change === null || dt <= 0 ? null : change / dt;
+}
+
+function spanText(ms) {
+  const seconds = Math.round(ms / 1000);
+  return seconds < 120 ? `${seconds} s` : `${Math.round(seconds / 60)} min`;
 }
 
 function format(value, unit) {
@@ -197,8 +203,10 @@ export class HealthView {
       const points = this.points[chart.id];
       const known = points.filter((p) => p.value !== null);
       const top = Math.max(1, ...known.map((p) => p.value)) * 1.1;
+      // Until the window is full, the history there is fills the width.
+      const span = Math.max(MIN_SPAN_MS, Math.min(WINDOW_MS, now - (points[0]?.at ?? now)));
       const coords = known.map((p) => {
-        const x = WIDTH - ((now - p.at) / WINDOW_MS) * WIDTH;
+        const x = WIDTH - ((now - p.at) / span) * WIDTH;
         const y = HEIGHT - (p.value / top) * HEIGHT;
         return `${x.toFixed(1)},${y.toFixed(1)}`;
       });
@@ -210,7 +218,7 @@ export class HealthView {
       const last = points.length ? points[points.length - 1].value : null;
       figure.querySelector("output").textContent = format(last, chart.unit);
       figure.querySelector(".scale").textContent =
-        `max ${format(top / 1.1, chart.unit)} · last 5 min`;
+        `max ${format(top / 1.1, chart.unit)} · last ${spanText(span)}`;
     }
   }
 }

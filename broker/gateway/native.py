@@ -129,7 +129,8 @@ class AgentSession(DeliverySession):
 
     async def _request(self, op: Operation[Any], frame: Any, received: float) -> None:
         """Run one request and queue its reply; `received`: trio time the frame was read."""
-        call = Call(self.principal, idempotency_key=frame.idempotency_key)
+        call = Call(self.principal, idempotency_key=frame.idempotency_key,
+                    base_url=self.gateway.public_url)
         try:
             result = await op.handler(self.engine, call, frame)
         except BrokerError as exc:

@@ -82,6 +82,8 @@ class SessionHost(Protocol):
     settings: GatewaySettings
     recorder: DeliveryRecorder
     limiter: RateLimiter
+    # The base of absolute URLs in replies (`http.public_url`; None: root-relative).
+    public_url: str | None
     # Socket request frame type -> the operation it runs.
     request_operations: dict[type, Operation[Any]]
     # Told each socket request's operation and seconds, when set.

@@ -12,6 +12,7 @@ import trio
 
 from broker.client import connect
 from broker.config import HttpSettings, Settings
+from broker.console import CONTENT_SECURITY_POLICY
 from broker.engine.engine import Engine
 from broker.engine.mailbox import seq_marks
 from broker.ratelimit import RateLimiter, RateLimitSettings
@@ -71,6 +72,12 @@ async def test_nginx_proxies_rest_files_sockets_and_client_address(tmp_path: Pat
                     moved = await plain.get(f"http://127.0.0.1:{http_port}/v1/agents")
                 assert moved.status_code == 301
                 assert moved.headers["location"] == "https://127.0.0.1/v1/agents"
+
+                # The console at /, with its own security headers unchanged.
+                page = await http.get("/")
+                assert page.status_code == 200
+                assert page.headers["content-type"].startswith("text/html")
+                assert page.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
 
                 # REST over https; nginx is trusted, so the daemon sees the client.
                 created = await call(http, "POST", "/v1/workspaces", json={"name": "acme"})

@@ -13,6 +13,7 @@ import { ApiError, seg } from "./api.js";
 import { $, bytes, clear, el, when } from "./dom.js";
 
 const CHANNEL_PAGE = 50;
+const DM_PAGE = 50;
 const HISTORY_PAGE = 50;
 const THREAD_PAGE = 100;
 const MAX_SHOWN = 500;
@@ -34,6 +35,7 @@ export class ConversationsView {
     this.channels = [];
     this.channelLimit = CHANNEL_PAGE;
     this.conversations = [];
+    this.moreConversations = false;
     this.selected = null; // {kind: "channel"|"dm", id, name}
     this.messages = new Map(); // id -> {message, node}
     this.unread = new Map(); // channel name -> count of live messages not seen
@@ -44,6 +46,7 @@ export class ConversationsView {
       this.renderChannels();
     });
     $("show-archived").addEventListener("change", () => this.renderChannels());
+    $("dms-more").addEventListener("click", () => this.loadConversations(true));
     $("channels-more").addEventListener("click", () => {
       this.channelLimit += CHANNEL_PAGE;
       this.renderChannels();
@@ -115,13 +118,18 @@ export class ConversationsView {
     more.textContent = `Show more (${shown.length - this.channelLimit} left)`;
   }
 
-  async loadConversations() {
+  async loadConversations(more = false) {
     const note = $("dm-note");
+    // Most recent activity first; the next page starts below the last one's activity.
+    const last = more ? this.conversations[this.conversations.length - 1] : null;
+    const before = last ? (last.last_message?.id || last.id) : null;
     try {
-      this.conversations = await this.api.get("/v1/dm/conversations");
+      const page = await this.api.get("/v1/dm/conversations", { limit: DM_PAGE, before });
+      this.conversations = more ? this.conversations.concat(page) : page;
+      this.moreConversations = page.length === DM_PAGE;
       note.hidden = true;
     } catch (error) {
-      this.conversations = [];
+      if (!more) this.conversations = [];
       note.hidden = false;
       note.textContent = describeError(error, "Direct messages");
     }
@@ -145,6 +153,7 @@ export class ConversationsView {
     if (!this.conversations.length && $("dm-note").hidden) {
       list.append(el("li", { class: "muted", text: "None yet." }));
     }
+    $("dms-more").hidden = !this.moreConversations;
   }
 
   scheduleSidebarRefresh() {

@@ -157,7 +157,8 @@ class BrokerServer:
             *inbound_routes(engine, self.settings, self.limiter))
         if self.settings.mcp.enabled:
             # MCP (/mcp): its waits and resource notifications follow the gateway's hub.
-            surface = self.mcp = McpSurface(engine, gateway.hub, self.settings.mcp, self.limiter)
+            surface = self.mcp = McpSurface(engine, gateway.hub, self.settings.mcp, self.limiter,
+                                            self.settings.http.base_url)
 
             async def mcp(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
                 # Ends when a stop begins: its sessions and long requests end with it.

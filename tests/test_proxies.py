@@ -22,6 +22,7 @@ from broker.ratelimit import RateLimiter, RateLimitSettings
 from broker.server import BrokerServer
 from tests.helpers.daemon import run_server
 from tests.helpers.engine import TEST_DEADLINE_S
+from tests.helpers.mcp import SDK_CLIENT_STREAMS, data, mcp_client, mcp_url
 from tests.helpers.realtime import raw_socket
 from tests.helpers.rest import Reply, call, make_rest_world
 
@@ -172,8 +173,10 @@ def test_proxies_forwarded_grammar() -> None:
             node_address(node)
 
 
+@SDK_CLIENT_STREAMS
 async def test_proxies_public_url_in_handed_out_urls(settings: Settings) -> None:
-    """With public_url, file URLs over REST and WebSocket and the OpenAPI `servers` use it."""
+    """With public_url, file URLs over REST, WebSocket and MCP and the OpenAPI `servers`
+    use it."""
     base = "https://broker.example.com/agents"
     async with serving(settings, public_url=base + "/") as s:
         world = await make_rest_world(s.http, agents=("alice",))
@@ -188,6 +191,10 @@ async def test_proxies_public_url_in_handed_out_urls(settings: Settings) -> None
             over_ws = await alice.request("file.upload", filename="b.txt",
                                           content_type="text/plain", size_bytes=1)
         assert over_ws["upload_url"].startswith(f"{base}/v1/files/{over_ws['id']}/")
+        async with mcp_client(mcp_url(s.server), world.tokens["alice"]) as tools:
+            over_mcp = data(await tools.call_tool("file.upload", {
+                "filename": "c.txt", "content_type": "text/plain", "size_bytes": 1}))
+        assert over_mcp["upload_url"].startswith(f"{base}/v1/files/{over_mcp['id']}/")
 
 
 @pytest.mark.parametrize(("variable", "value", "message"), [

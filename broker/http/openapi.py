@@ -281,6 +281,26 @@ def _openapi(schemas: _Schemas) -> Finish:
 FILE_ID = {"name": "file_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
+def _console_page(schemas: _Schemas) -> Finish:
+    return lambda resolved, components: {
+        "operationId": "console", "summary": "console: the web console's page (README)",
+        "tags": ["console"], "security": [],
+        "responses": {"200": {"description": "The page.", "content": {
+            "text/html": {"schema": {"type": "string"}}}}},
+    }
+
+
+def _console_file(schemas: _Schemas) -> Finish:
+    return lambda resolved, components: {
+        "operationId": "console.file", "summary": "console.file: a script or style of the console",
+        "tags": ["console"], "security": [],
+        "parameters": [{"name": "name", "in": "path", "required": True,
+                        "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "The file, with its own content type.", "content": {
+            "*/*": {"schema": {"type": "string"}}}}, **_errors({404})},
+    }
+
+
 def _put_content(schemas: _Schemas) -> Finish:
     at = schemas.ref(UploadReceived)
     return lambda resolved, components: {
@@ -376,6 +396,8 @@ SERVICE_ROUTES: tuple[ServiceRoute, ...] = (
     ServiceRoute("GET", CONTENT_PATH, _get_content),
     ServiceRoute("POST", "/v1/hooks/{webhook_id}", _trigger),
     ServiceRoute("POST", "/v1/agent/node-token", _node_token),
+    ServiceRoute("GET", "/", _console_page),
+    ServiceRoute("GET", "/console/{name}", _console_file),
 )
 
 

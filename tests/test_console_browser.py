@@ -7,6 +7,7 @@ two of them are committed under docs/ for the README.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -90,13 +91,16 @@ async def post(client: httpx.AsyncClient, token: str, text: str, **body: Any) ->
 
 async def test_console_form_refuses_bad_keys_then_shows_history_threads_and_live_messages(
     browser: BrowserThread, page: Any, server: BrokerServer, client: httpx.AsyncClient,
-    world: RestWorld,
+    world: RestWorld, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Sign in by form (a wrong key and an agent token are refused, nothing stored); the
     channel's history with a thread, a reaction, an attachment, a long text and markup shown
     as text; then a message sent over the native WebSocket, a reply and a reaction arrive live.
+    The key never appears in a log line.
     """
     from playwright.sync_api import expect
+
+    caplog.set_level(logging.DEBUG)
 
     alice, bob = world.tokens["alice"], world.tokens["bob"]
     file = await uploaded(client, alice, b"the quarterly numbers\n", filename="numbers.txt")
@@ -185,6 +189,7 @@ async def test_console_form_refuses_bad_keys_then_shows_history_threads_and_live
             screenshot(page, "conversations-phone")
 
         await browser.run(phone)
+    assert caplog.records and world.key not in caplog.text
 
 
 # -- sign in by fragment, presence, mailboxes, rotate and deactivate ---------------------
@@ -232,7 +237,7 @@ async def test_console_fragment_sign_in_presence_flips_live_and_agent_actions_co
         token = secret.text_content() or ""
         page.get_by_role("button", name="Done").click()
         expect(page.locator("#secret")).to_be_hidden()
-        assert page.locator("#secret-value").text_content() == ""  # shown once
+        expect(page.locator("#secret-value")).to_have_text("")  # shown once
         return token
 
     def deactivate_carol(confirm: bool) -> None:
@@ -383,5 +388,96 @@ async def test_console_reconnects_after_a_restart_and_signs_out_when_the_workspa
                 expect(page.locator("#signin")).to_be_visible()
                 expect(page.locator("#signin-error")).to_contain_text("no longer accepts")
                 assert stored_key(page) is None
+                # The deleted workspace's key is refused by the form too.
+                page.fill("#key-input", world.key)
+                page.click("#signin-submit")
+                expect(page.locator("#signin-error")).to_contain_text("refused this key")
+                assert stored_key(page) is None
 
             await browser.run(signed_out)
+
+
+# -- many channels and a long history, paged; DMs and group DMs; search; the keyboard -----
+
+
+async def test_console_pages_many_channels_and_history_shows_dms_and_searches(
+    browser: BrowserThread, page: Any, server: BrokerServer, client: httpx.AsyncClient,
+    world: RestWorld,
+) -> None:
+    """61 channels show 50 at a time (and filter); a 60-message history shows 50, then the
+    rest on "Load older"; a DM and a group DM are listed and open, and a new DM arrives
+    live; search finds a message and opens its channel; the views' tabs take arrow keys."""
+    from playwright.sync_api import expect
+
+    alice, bob = world.tokens["alice"], world.tokens["bob"]
+    async with trio.open_nursery() as nursery:
+        for n in range(60):
+            nursery.start_soon(call, client, "POST", "/v1/channels", world.key,
+                               {"name": f"room-{n:02}"})
+    for n in range(60):
+        await post(client, alice, "needle in the history" if n == 0 else f"message {n}")
+    dm = await call(client, "POST", "/v1/dm", alice, json={"to": "bob", "text": "psst, bob"})
+    group = await call(client, "POST", "/v1/dm/group", alice,
+                       json={"participants": ["bob", "carol"], "name": "the three"})
+    assert (dm.status, group.status) == (201, 201), (dm.body, group.body)
+    said = await call(client, "POST", f"/v1/dm/{group.data['id']}/messages", alice,
+                      json={"text": "hello, you two"})
+    assert said.status == 201, said.body
+    url = server.url
+
+    def channels_and_history() -> None:
+        page.goto(f"{url}/#key={world.key}")
+        channels = page.locator("#channel-list button.pick")
+        expect(channels).to_have_count(50)
+        more = page.locator("#channels-more")
+        expect(more).to_have_text("Show more (11 left)")
+        more.click()
+        expect(channels).to_have_count(61)
+        page.fill("#channel-filter", "room-4")
+        expect(channels).to_have_count(10)
+        page.fill("#channel-filter", "")
+        messages = page.locator("#pane-body .messages > li.message")
+        expect(messages).to_have_count(50)
+        expect(messages.last.locator(".text")).to_have_text("message 59")
+        page.get_by_role("button", name="Load older").click()
+        expect(messages).to_have_count(60)
+        expect(messages.first.locator(".text")).to_have_text("needle in the history")
+        expect(page.get_by_role("button", name="Load older")).to_be_hidden()
+
+    def dms() -> None:
+        listed = page.locator("#dm-list button.pick")
+        expect(listed).to_have_count(2)
+        page.locator(f'[data-conversation="{group.data["id"]}"]').click()
+        expect(page.locator("#pane-header h2")).to_have_text("the three")
+        expect(page.locator("#pane-body li.message .text")).to_have_text(["hello, you two"])
+        page.locator(f'[data-conversation="{dm.data["conversation_id"]}"]').click()
+        expect(page.locator("#pane-body li.message .text")).to_have_text(["psst, bob"])
+
+    def dm_arrived() -> None:
+        expect(page.locator("#pane-body li.message .text")).to_have_text(
+            ["psst, bob", "back at you"])
+
+    def search_and_keyboard() -> None:
+        page.fill("#search-input", "needle")
+        page.press("#search-input", "Enter")
+        result = page.locator("#pane-body li.result")
+        expect(result).to_have_count(1)
+        expect(result.locator(".text")).to_have_text("needle in the history")
+        result.get_by_role("button", name="#general").click()
+        expect(page.locator("#pane-header h2")).to_have_text("#general")
+        page.focus("#tab-conversations")
+        page.keyboard.press("ArrowRight")
+        expect(page.locator("#tab-agents")).to_be_focused()
+        expect(page.locator("#view-agents")).to_be_visible()
+        page.keyboard.press("End")
+        expect(page.locator("#view-health")).to_be_visible()
+        assert page.errors == []
+
+    with trio.fail_after(DEADLINE_S):
+        await browser.run(channels_and_history)
+        await browser.run(dms)
+        again = await call(client, "POST", "/v1/dm", bob,
+                           json={"to": "alice", "text": "back at you"})
+        assert again.status == 201, again.body
+        await browser.run(dm_arrived)
+        await browser.run(search_and_keyboard)

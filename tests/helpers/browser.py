@@ -24,7 +24,8 @@ import trio
 
 T = TypeVar("T")
 
-CHROMIUM = os.environ.get("CONSOLE_CHROMIUM", "/usr/bin/chromium")
+# Debian's chromium; CONSOLE_CHROMIUM names another binary (and only that one).
+CHROMIUM = "/usr/bin/chromium"
 # Headless as root in a container: no sandbox, no GPU (RESEARCH.md).
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
 # Each Playwright wait gives up after this long (ms); the test's own deadline is longer.
@@ -38,9 +39,17 @@ def browser_missing() -> str | None:
         import playwright.sync_api  # noqa: F401
     except ImportError:
         return "Playwright for Python is not installed (pip install -e '.[test]')"
-    if not (Path(CHROMIUM).exists() or shutil.which("chromium")):
-        return f"no chromium at {CHROMIUM} (apt-get install chromium)"
+    if chromium_path() is None:
+        wanted = os.environ.get("CONSOLE_CHROMIUM", CHROMIUM)
+        return f"no chromium at {wanted} (apt-get install chromium)"
     return None
+
+
+def chromium_path() -> str | None:
+    chosen = os.environ.get("CONSOLE_CHROMIUM")
+    if chosen is not None:
+        return chosen if Path(chosen).exists() else None
+    return CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
 
 
 def require_browser() -> None:
@@ -69,9 +78,8 @@ class BrowserThread:
         from playwright.sync_api import sync_playwright
 
         self._playwright = sync_playwright().start()
-        path = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
         self.browser = self._playwright.chromium.launch(
-            executable_path=path, headless=True, args=LAUNCH_ARGS)
+            executable_path=chromium_path(), headless=True, args=LAUNCH_ARGS)
 
     def close(self) -> None:
         def shut() -> None:

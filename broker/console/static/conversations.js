@@ -13,6 +13,7 @@ import { ApiError, seg } from "./api.js";
 import { $, bytes, clear, el, when } from "./dom.js";
 
 const CHANNEL_PAGE = 50;
+const DM_PAGE = 50;
 const HISTORY_PAGE = 50;
 const THREAD_PAGE = 100;
 const MAX_SHOWN = 500;
@@ -34,6 +35,7 @@ export class ConversationsView {
     this.channels = [];
     this.channelLimit = CHANNEL_PAGE;
     this.conversations = [];
+    this.moreConversations = false;
     this.selected = null; // {kind: "channel"|"dm", id, name}
     this.messages = new Map(); // id -> {message, node}
     this.unread = new Map(); // channel name -> count of live messages not seen
@@ -44,6 +46,7 @@ export class ConversationsView {
       this.renderChannels();
     });
     $("show-archived").addEventListener("change", () => this.renderChannels());
+    $("dms-more").addEventListener("click", () => this.loadConversations(true));
     $("channels-more").addEventListener("click", () => {
       this.channelLimit += CHANNEL_PAGE;
       this.renderChannels();
@@ -115,13 +118,18 @@ export class ConversationsView {
     more.textContent = `Show more (${shown.length - this.channelLimit} left)`;
   }
 
-  async loadConversations() {
+  async loadConversations(more = false) {
     const note = $("dm-note");
+    // Most recent activity first; the next page starts below the last one's activity.
+    const last = more ? this.conversations[this.conversations.length - 1] : null;
+    const before = last ? (last.last_message?.id || last.id) : null;
     try {
-      this.conversations = await this.api.get("/v1/dm/conversations");
+      const page = await this.api.get("/v1/dm/conversations", { limit: DM_PAGE, before });
+      this.conversations = more ? this.conversations.concat(page) : page;
+      this.moreConversations = page.length === DM_PAGE;
       note.hidden = true;
     } catch (error) {
-      this.conversations = [];
+      if (!more) this.conversations = [];
       note.hidden = false;
       note.textContent = describeError(error, "Direct messages");
     }
@@ -145,6 +153,7 @@ export class ConversationsView {
     if (!this.conversations.length && $("dm-note").hidden) {
       list.append(el("li", { class: "muted", text: "None yet." }));
     }
+    $("dms-more").hidden = !this.moreConversations;
   }
 
   scheduleSidebarRefresh() {
@@ -176,7 +185,7 @@ export class ConversationsView {
     this.renderConversations();
     const header = clear($("pane-header"));
     const body = clear($("pane-body"));
-    const list = el("ol", { class: "messages", "aria-label": "Messages", "aria-live": "polite" });
+    const list = el("ol", { class: "messages", "aria-label": "Messages" });
     const older = el("button", { type: "button", class: "quiet older", text: "Load older",
       onclick: () => this.loadOlder() });
     body.append(older, list);
@@ -222,23 +231,25 @@ export class ConversationsView {
   }
 
   async loadPage(before) {
-    const target = this.selected;
+    const list = this.list; // the pane this page is for (another may replace it meanwhile)
     let page;
     try {
       page = await this.api.get(this.historyPath(), { limit: HISTORY_PAGE, before });
     } catch (error) {
-      if (target !== this.selected) return;
-      this.list.append(el("li", { class: "error", text: describeError(error, "History") }));
+      if (list !== this.list) return;
+      list.append(el("li", { class: "error", text: describeError(error, "History") }));
       this.olderButton.hidden = true;
       return;
     }
-    if (target !== this.selected) return;
-    // A page comes newest first; the pane shows oldest at the top.
-    const nodes = page.slice().reverse().map((message) => this.messageNode(message));
-    this.list.prepend(...nodes);
+    if (list !== this.list) return;
+    // A page comes newest first; the pane shows oldest at the top. A message that
+    // arrived live while the page was on its way is already shown.
+    const nodes = page.slice().reverse().filter((message) => !this.messages.has(message.id))
+      .map((message) => this.messageNode(message));
+    list.prepend(...nodes);
     this.olderButton.hidden = page.length < HISTORY_PAGE;
-    if (!this.list.childElementCount) {
-      this.list.append(el("li", { class: "muted empty", text: "No messages yet." }));
+    if (!list.childElementCount) {
+      list.append(el("li", { class: "muted empty", text: "No messages yet." }));
     }
   }
 
@@ -252,6 +263,8 @@ export class ConversationsView {
 
   appendLive(message) {
     if (!this.list) return;
+    // One short line for screen readers, not the whole list read again.
+    $("announce").textContent = `New message from ${message.agent_name || "someone"}`;
     this.list.querySelector("li.empty")?.remove();
     const body = $("pane-body");
     const atBottom = body.scrollHeight - body.scrollTop - body.clientHeight < 40;

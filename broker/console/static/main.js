@@ -100,6 +100,7 @@ class Console {
       return;
     }
     $("signin-submit").disabled = false;
+    $("key-input").value = "";
     sessionStorage.setItem(KEY_STORAGE, key);
     this.start(key, workspace);
   }

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -38,6 +38,8 @@ from broker.gateway import Gateway, frame_buffer
 from broker.http.app import create_app
 from broker.http.files import file_routes
 from broker.http.metrics import BrokerMetrics
+from broker.http.tls import check_tls, configure_tls
+from broker.mcp import McpSurface
 from broker.ratelimit import RateLimiter
 from broker.sweeps import Sweeper
 from broker.webhooks.dispatcher import WebhookDispatcher, attach
@@ -77,6 +79,7 @@ class BrokerServer:
         self._stop = trio.Event()
         # In one process only (none with gateway processes: `broker.workers`).
         self.gateway: Gateway | None = None
+        self.mcp: McpSurface | None = None
         self.webhooks: WebhookDispatcher | None = None
         # With gateway processes: their pool (pids, gateway 0's private socket).
         self.pool: GatewayPool | None = None
@@ -100,10 +103,9 @@ class BrokerServer:
 
         Each service is started as `nursery.start(service)` before the port opens.
         """
-        gateway, routes, realtime = gateway_front(
-            engine, self.settings, metrics, self.limiter, self._stop)
-        self.gateway = gateway
-        return routes, (realtime, *self.writer_services(engine, metrics))
+        front = gateway_front(engine, self.settings, metrics, self.limiter, self._stop)
+        self.gateway, self.mcp = front.gateway, front.mcp
+        return front.routes, (*front.services, *self.writer_services(engine, metrics))
 
     def writer_services(self, engine: Engine, metrics: BrokerMetrics) -> tuple[Service, ...]:
         """The services of the process that holds the writer: the file sweep, the
@@ -162,7 +164,11 @@ class BrokerServer:
         self._stop.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Open the engine, serve until `stop()`, then shut down in order."""
+        """Open the engine, serve until `stop()`, then shut down in order.
+
+        Raises ConfigError (before the database is opened) for an unusable TLS file.
+        """
+        check_tls(self.settings.http.tls)
         if self.settings.server.gateway_processes():
             await self._run_with_workers(task_status=task_status)
             return
@@ -241,17 +247,27 @@ async def reset_presence(engine: Engine) -> None:
         log.info("presence: %d agents left online by the last run set offline", stale)
 
 
+class Front(NamedTuple):
+    """What serves clients besides the REST routes (see `gateway_front`)."""
+
+    gateway: Gateway
+    mcp: McpSurface | None
+    routes: tuple[BaseRoute, ...]
+    services: tuple[Service, ...]
+
+
 def gateway_front(
     engine: Engine, settings: Settings, metrics: BrokerMetrics, limiter: RateLimiter,
-    stopping: trio.Event,
-) -> tuple[Gateway, tuple[BaseRoute, ...], Service]:
-    """What serves clients besides the REST routes: the WebSocket gateway, its routes,
-    the file and inbound-hook routes, and the gateway's service (run it before
-    the port opens). The same in one process and in each gateway process."""
+    stopping: trio.Event, *, mcp: bool = True,
+) -> Front:
+    """The WebSocket gateway, MCP (when enabled and `mcp`), the file and inbound-hook
+    routes, and their services (run them before the port opens). The same in one
+    process and in each gateway process (MCP only in gateway 0: `broker.workers`)."""
     gateway = Gateway(engine, settings.gateway,
                       on_sessions=metrics.open_sessions.set,
                       on_request=metrics.observe_socket_request,
-                      limiter=limiter)
+                      limiter=limiter,
+                      public_url=settings.http.base_url)
     # Read at scrape time, so the gauge can never drift from the sessions.
     metrics.open_sessions.set_function(lambda: len(gateway.sessions))
 
@@ -261,17 +277,46 @@ def gateway_front(
         await gateway.run(stopping=stopping, task_status=task_status)
 
     store = FileStore(Path(settings.data_dir))
-    routes = (*gateway.routes(), *file_routes(engine, store, limiter),
-              *inbound_routes(engine, settings, limiter))
-    return gateway, routes, realtime
+    routes: tuple[BaseRoute, ...] = (
+        *gateway.routes(), *file_routes(engine, store, limiter),
+        *inbound_routes(engine, settings, limiter))
+    services: tuple[Service, ...] = (realtime,)
+    surface = None
+    if mcp and settings.mcp.enabled:
+        # MCP (/mcp): its waits and resource notifications follow the gateway's hub.
+        surface = McpSurface(engine, gateway.hub, settings.mcp, limiter,
+                             settings.http.base_url)
+
+        async def run_mcp(
+            *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        ) -> None:
+            # Ends when a stop begins: its sessions and long requests end with it.
+            assert surface is not None
+            async with trio.open_nursery() as nursery:
+                await nursery.start(surface.run)
+                task_status.started()
+                await stopping.wait()
+                nursery.cancel_scope.cancel()
+
+        routes, services = (*routes, *surface.routes()), (*services, run_mcp)
+    return Front(gateway, surface, routes, services)
 
 
-def hypercorn_config(settings: Settings, binds: Sequence[str] | None = None) -> HypercornConfig:
-    """hypercorn's configuration; binds: where to listen (default: settings.http)."""
+def hypercorn_config(
+    settings: Settings, binds: Sequence[str] | None = None, private: Sequence[str] = (),
+) -> HypercornConfig:
+    """hypercorn's configuration; binds: where to listen (default: settings.http);
+    private: binds served without TLS even when the port has it (gateway 0's
+    Unix socket, reached from the other gateways only)."""
     http = settings.http
     config = HypercornConfig()
     host = f"[{http.host}]" if ":" in http.host else http.host
     config.bind = list(binds) if binds is not None else [f"{host}:{http.port}"]
+    configure_tls(config, http.tls)
+    if config.ssl_enabled:
+        config.insecure_bind = list(private)
+    else:
+        config.bind += private
     config.graceful_timeout = http.shutdown_grace_seconds
     config.accesslog = None
     # Larger WebSocket frames are refused (1009) before they are buffered whole,

@@ -2,9 +2,10 @@
 
 Started by the writer process (`broker.workers.writer_side.GatewayPool`) as
 
-    python -m broker.workers.gateway_process INDEX COUNT LINK_FD LISTEN_FD
+    python -m broker.workers.gateway_process INDEX COUNT LINK_FD
 
-The first message on the link is the daemon's settings. The process then
+The first message on the link is the daemon's settings (with the port the
+writer process holds: every gateway listens on it with SO_REUSEPORT). The process then
 opens its own reader pool, builds the same app as one process does (REST,
 the WebSocket gateway, files, inbound hooks, health and metrics) on a
 `GatewayEngine`, listens, says so on the link, and serves until the
@@ -26,6 +27,7 @@ from typing import Any, cast
 import msgspec
 import trio
 from hypercorn.trio import serve
+from starlette.routing import Route
 
 from broker.config import Settings
 from broker.engine.config import EngineConfig
@@ -39,11 +41,13 @@ from broker.gateway.delivery import DeliverySession
 from broker.gc_tuning import settle_heap
 from broker.http.app import create_app
 from broker.http.metrics import BrokerMetrics
+from broker.mcp import MCP_PATH
 from broker.ratelimit import RateLimiter
 from broker.server import gateway_front, hypercorn_config
 from broker.webhooks.dispatcher import WebhookDispatcher, attach
 from broker.workers import WorkerInfo
 from broker.workers.channel import Link, LinkClosed
+from broker.workers.forward import ForwardToGateway0
 from broker.workers.writer_side import EXIT_WRITER_LOST
 
 log = logging.getLogger("broker.workers.gateway_process")  # also when run as __main__
@@ -153,12 +157,10 @@ class GatewayMetrics(BrokerMetrics):
 class GatewayProcess:
     """One gateway process's lifetime; `run` until the writer says stop."""
 
-    def __init__(self, index: int, count: int, link: Link, listen_fd: int) -> None:
-        """listen_fd: the shared listening socket (hypercorn owns and closes it)."""
+    def __init__(self, index: int, count: int, link: Link) -> None:
         self.index = index
         self.count = count
         self.link = link
-        self.listen_fd = listen_fd
         self.stop = trio.Event()
         self.commit = 0
         self.gaps = 0
@@ -200,22 +202,29 @@ class GatewayProcess:
         # The subscription operations consult the allow list through a
         # dispatcher; this one never runs (the writer process's delivers).
         attach(engine, WebhookDispatcher(engine, settings.webhooks))
-        binds = [f"fd://{self.listen_fd}"]
+        private: list[str] = []
+        forward: ForwardToGateway0 | None = None
         if self.index == 0:
-            private = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            private.bind(gateway0_socket)
-            private.listen(socket.SOMAXCONN)
-            binds.append(f"fd://{private.detach()}")  # hypercorn owns and closes it
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(gateway0_socket)
+            sock.listen(socket.SOMAXCONN)
+            private.append(f"fd://{sock.detach()}")  # hypercorn owns and closes it
         async with trio.open_nursery() as services:
-            gateway, routes, realtime = gateway_front(
-                engine, settings, metrics, limiter, self.stop)
-            self.gateway = gateway
-            await services.start(realtime)
+            # MCP lives in gateway 0; the others forward /mcp to it (broker.workers.forward).
+            front = gateway_front(engine, settings, metrics, limiter, self.stop,
+                                  mcp=self.index == 0)
+            gateway = self.gateway = front.gateway
+            routes = front.routes
+            if self.index != 0 and settings.mcp.enabled:
+                forward = ForwardToGateway0(gateway0_socket)
+                routes = (*routes, Route(MCP_PATH, forward, name="mcp"))
+            for service in front.services:
+                await services.start(service)
             metrics.count_refusals(limiter)
             app = create_app(engine, settings, metrics, routes, limiter)
             app.state.worker = WorkerInfo(index=self.index, count=self.count,
                                           gateway0_socket=gateway0_socket)
-            config = hypercorn_config(settings, binds)
+            config = hypercorn_config(settings, [f"fd://{shared_port(settings)}"], private)
             metrics.gc_pauses.install()
             async with trio.open_nursery() as http:
                 bound: list[str] = await http.start(
@@ -232,6 +241,8 @@ class GatewayProcess:
                 await gateway.recorder.flush()
                 await gateway.presence.flush()
             metrics.gc_pauses.remove()
+            if forward is not None:
+                await forward.aclose()
             services.cancel_scope.cancel()
         log.info("gateway %d: stopped", self.index)
 
@@ -285,6 +296,21 @@ class GatewayProcess:
                 session.queue.fall_behind()
 
 
+def shared_port(settings: Settings) -> int:
+    """A listening socket on the daemon's port, beside the other gateways' (SO_REUSEPORT):
+    its descriptor, which hypercorn then owns."""
+    http = settings.http
+    sock = socket.socket(socket.AF_INET6 if ":" in http.host else socket.AF_INET,
+                         socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    # Accepted sockets inherit it: as hypercorn sets it on the sockets it makes.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((http.host, http.port))
+    sock.listen(socket.SOMAXCONN)
+    return sock.detach()
+
+
 def configure_logging(level: str) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(stream=sys.stdout, level=level,
@@ -292,7 +318,7 @@ def configure_logging(level: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    index, count, link_fd, listen_fd = (int(a) for a in argv[:4])
+    index, count, link_fd = (int(a) for a in argv[:3])
     # A terminal's Ctrl-C, `timeout` or systemd's KillMode=control-group
     # signal the whole group: the writer process alone decides when the
     # gateways stop (over the link), so that they drain before it does.
@@ -302,7 +328,7 @@ def main(argv: list[str]) -> int:
 
     async def run() -> None:
         link = Link(trio.SocketStream(trio.socket.from_stdlib_socket(link_sock)))
-        await GatewayProcess(index, count, link, listen_fd).run()
+        await GatewayProcess(index, count, link).run()
 
     trio.run(run)
     return 0

@@ -20,7 +20,7 @@ connected. The host keeps which gateways hold each agent and drops the
 heartbeat timeout (`ExpirePresence`) of one gateway never expires an agent
 connected to another.
 
-`GatewayPool` starts the gateway processes on one listening socket, waits
+`GatewayPool` starts the gateway processes on one port (SO_REUSEPORT), waits
 until every one listens, and watches them: one that exits while the daemon
 is not stopping raises `WorkerDied`, so the daemon exits non-zero.
 """
@@ -263,26 +263,32 @@ class GatewayPool:
 
     async def run(self, stopping: trio.Event, *,
                   task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start every gateway on one listening socket; `started(url)` once all listen.
+        """Start every gateway on the port; `started(url)` once all listen.
 
         After `stopping` is set, tell each gateway to stop and wait until
         they have exited. Raises WorkerDied if one exits before that.
         """
         http = self.settings.http
         family = socket.AF_INET6 if ":" in http.host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
+        # Holds the port (port 0 picks one) without listening: each gateway
+        # binds its own listening socket to it with SO_REUSEPORT, and the
+        # kernel spreads new connections over them evenly (one shared
+        # listening socket would hand most of them to whichever process
+        # waits in accept first).
+        holder = socket.socket(family, socket.SOCK_STREAM)
         # A private directory (0700) for gateway 0's Unix socket.
         self.run_dir = Path(tempfile.mkdtemp(prefix="broker-run-"))
         links: list[Link] = []
         ends: list[socket.socket] = []
         try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((http.host, http.port))
-            listener.listen(socket.SOMAXCONN)
-            host, port = listener.getsockname()[:2]
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            holder.bind((http.host, http.port))
+            host, port = holder.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
-            url = f"http://{shown}:{port}"
-            hello = msgspec.json.encode(self.settings)
+            url = f"{'https' if http.tls.enabled else 'http'}://{shown}:{port}"
+            listen = msgspec.structs.replace(http, port=port)
+            settings = msgspec.structs.replace(self.settings, http=listen)
+            hello = msgspec.json.encode(settings)
             environ = {k: v for k, v in os.environ.items()
                        if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
             async with trio.open_nursery() as nursery:
@@ -291,9 +297,8 @@ class GatewayPool:
                     try:
                         process = await trio.lowlevel.open_process(
                             [sys.executable, "-m", "broker.workers.gateway_process",
-                             str(index), str(self.count), str(theirs.fileno()),
-                             str(listener.fileno())],
-                            pass_fds=(theirs.fileno(), listener.fileno()), env=environ,
+                             str(index), str(self.count), str(theirs.fileno())],
+                            pass_fds=(theirs.fileno(),), env=environ,
                             stdin=subprocess.DEVNULL)
                     finally:
                         theirs.close()
@@ -307,9 +312,7 @@ class GatewayPool:
                     nursery.start_soon(self._watch, index, process, stopping)
                 with trio.fail_after(START_TIMEOUT_S):
                     await self._all_listening.wait()
-                # Every gateway holds the socket now: once they all close it,
-                # the port is closed (no backlog left with nobody to accept).
-                listener.close()
+                holder.close()  # every gateway listens on the port now
                 log.info("broker listening on %s: %d gateway processes (pids %s)", url,
                          self.count, " ".join(str(p.pid) for p in self.processes))
                 task_status.started(url)
@@ -329,7 +332,7 @@ class GatewayPool:
                     link.close()
                 nursery.cancel_scope.cancel()
         finally:
-            listener.close()
+            holder.close()
             for end in ends:
                 end.close()
             for process in self.processes:

@@ -11,6 +11,11 @@ so a stop first stops accepting, then lets queued commands commit, then
 closes the database, and only then ends the services that consume the
 writer's committed facts (the writer never blocks on a missing consumer).
 
+With `server.workers` >= 2 this process keeps the engine and the writer's
+services (`writer_services`) and the gateway processes serve the port
+(`broker.workers`): the same nesting, with "HTTP nursery" read as "the
+gateway processes, which drain before the engine closes".
+
 The gateway seam: `compose()` returns the extra routes to mount (`/v1/ws`,
 `/v1/node/ws`, `/v1/agent/node-token`) and the services to run beside the
 server: the WebSocket gateway (`broker.gateway`), whose fanout hub consumes

@@ -21,7 +21,10 @@ from broker.cli import build_parser, settings_for
 from broker.client import connect
 from broker.config import ConfigError, ServerSettings, load_settings
 from broker.engine.agents import SetPresence
+from broker.engine.errors import BrokerError
+from broker.engine.messages import SendChannelMessage
 from broker.workers import writer_side
+from broker.workers.channel import pack_command, unpack_command
 from tests.helpers.daemon import run_daemon, serve
 from tests.helpers.engine import TEST_DEADLINE_S, make_world
 from tests.helpers.mcp import SDK_CLIENT_STREAMS, data, mcp_client
@@ -170,3 +173,16 @@ async def test_workers_mcp_answers_on_every_gateway(tmp_path: Path) -> None:
                     assert refused.json()["error"]["data"]["code"] == "unauthorized"
             async with mcp_client(f"{server.url}/mcp", world.tokens["alice"]) as alice:
                 assert data(await alice.call_tool("agent.me", {}))["name"] == "alice"
+
+
+def test_link_commands_round_trip_and_only_engine_commands_are_taken() -> None:
+    """A command crosses the link as itself; a name that is not a command Struct of the
+    engine (another module, a non-command class, a missing one) is refused."""
+    command = SendChannelMessage(workspace_id=1, agent_id=2, channel="general", text="hi",
+                                 idempotency_key="k1")
+    assert unpack_command(*pack_command(command)) == command
+    for name in ("os:system", "broker.engine.facts:Fact", "broker.engine.nope:Send",
+                 "broker.engine.messages:Nope", "broker.engine.messages:"):
+        with pytest.raises(BrokerError) as refused:
+            unpack_command(name, b"\x80")
+        assert refused.value.code == "internal"

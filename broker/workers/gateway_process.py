@@ -46,7 +46,13 @@ from broker.ratelimit import RateLimiter
 from broker.server import gateway_front, hypercorn_config
 from broker.webhooks.dispatcher import WebhookDispatcher, attach
 from broker.workers import WorkerInfo
-from broker.workers.channel import Link, LinkClosed
+from broker.workers.channel import (
+    Link,
+    LinkClosed,
+    pack_command,
+    unpack_facts,
+    unpack_result,
+)
 from broker.workers.forward import ForwardToGateway0
 from broker.workers.writer_side import EXIT_WRITER_LOST
 
@@ -90,7 +96,7 @@ class RemoteWriter:
         call_id = next(self._ids)
         call = self._calls[call_id] = _Call()
         try:
-            self.link.send_nowait(("submit", call_id, command))
+            self.link.send_nowait(("submit", call_id, *pack_command(command)))
             self.commands += 1
             await call.done.wait()
         except LinkClosed:
@@ -254,9 +260,9 @@ class GatewayProcess:
                 message = await link.receive()
                 kind = message[0]
                 if kind == "result":
-                    writer.answer(message[1], message[2], message[3])
+                    writer.answer(message[1], message[2], unpack_result(message[3]))
                 elif kind == "facts":
-                    self._facts(message[1], message[2], facts)
+                    self._facts(message[1], unpack_facts(message[2]), facts)
                 elif kind == "collect":
                     assert self.metrics is not None
                     link.send_nowait(("report", message[1], self.metrics.render_local()))

@@ -47,7 +47,14 @@ from broker.engine.agents import ExpirePresence, SetPresence
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
 from broker.http.metrics import BrokerMetrics
-from broker.workers.channel import Link, LinkClosed, encode
+from broker.workers.channel import (
+    Link,
+    LinkClosed,
+    encode,
+    pack_facts,
+    pack_result,
+    unpack_command,
+)
 from broker.workers.metrics import merge_expositions
 
 log = logging.getLogger(__name__)
@@ -115,7 +122,7 @@ class WriterHost:
             task_status.started()
             async for batch in facts:
                 self.commit += 1
-                frame = encode(("facts", self.commit, batch))
+                frame = encode(("facts", self.commit, pack_facts(batch)))
                 for index, link in tuple(self.links.items()):
                     if link.pending_bytes > MAX_LINK_BACKLOG:
                         self.missed_batches += 1
@@ -142,7 +149,8 @@ class WriterHost:
                         break
                     kind = message[0]
                     if kind == "submit":
-                        nursery.start_soon(self._submit, index, link, message[1], message[2])
+                        nursery.start_soon(self._submit, index, link, message[1],
+                                           message[2], message[3])
                     elif kind == "metrics":
                         nursery.start_soon(self._metrics, link, message[1])
                     elif kind == "report":
@@ -154,17 +162,18 @@ class WriterHost:
             for agent_id in [a for a, held in self.holders.items() if index in held]:
                 self._release(agent_id, index)
 
-    async def _submit(self, index: int, link: Link, call: int, command: Any) -> None:
+    async def _submit(self, index: int, link: Link, call: int, name: str,
+                      data: bytes) -> None:
         answer: tuple[Any, ...]
         try:
-            command = self._presence_across_gateways(index, command)
+            command = self._presence_across_gateways(index, unpack_command(name, data))
             result = [] if command is None else await self.engine.submit(command)
-            answer = ("result", call, True, result)
+            answer = ("result", call, True, pack_result(result))
         except BrokerError as exc:
-            answer = ("result", call, False, BrokerError(exc.code, exc.message))
+            answer = ("result", call, False, pack_result(BrokerError(exc.code, exc.message)))
         except Exception as exc:  # a bug in a command: the caller's 500, as in one process
-            log.exception("gateway %d: command %s failed", index, type(command).__name__)
-            answer = ("result", call, False, BrokerError("internal", repr(exc)))
+            log.exception("gateway %d: command %s failed", index, name)
+            answer = ("result", call, False, pack_result(BrokerError("internal", repr(exc))))
         try:
             link.send_nowait(answer)
         except LinkClosed:

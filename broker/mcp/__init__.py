@@ -47,13 +47,16 @@ class McpSurface:
     """Start with `await nursery.start(surface.run)`; mount `surface.routes()`."""
 
     def __init__(self, engine: Engine, hub: FanoutHub[Any], settings: McpSettings,
-                 limiter: RateLimiter) -> None:
+                 limiter: RateLimiter, public_url: str | None = None) -> None:
+        """public_url: the base of the absolute URLs tools hand out (`http.public_url`;
+        None: the request's own)."""
         self.engine = engine
         self.settings = settings
         self.watches = Watches(hub, on_changed=self._changed, on_revoked=self._revoked,
                                on_rotated=self._rotated)
         self.notifier = ResourceNotifier(self.watches, settings.notify_timeout_seconds)
-        self.server = McpHandlers(engine, self.watches, self.notifier, limiter).build()
+        self.server = McpHandlers(engine, self.watches, self.notifier, limiter,
+                                  public_url).build()
         self.manager = StreamableHTTPSessionManager(
             app=self.server, stateless=False,
             session_idle_timeout=settings.session_idle_timeout_seconds,

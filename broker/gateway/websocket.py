@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Protocol
+from urllib.parse import parse_qs
 
 from starlette.types import Receive, Scope, Send
 
@@ -63,6 +64,7 @@ class AsgiWebSocket:
         self.closing = False
         self.accepted = False
         self._disconnected = False
+        self._query: dict[str, list[str]] | None = None  # parsed on first use
         transport = (scope.get("extensions") or {}).get(TRANSPORT_EXTENSION)
         self.transport: Transport | None = (
             transport if isinstance(transport, Transport) else None)
@@ -77,10 +79,10 @@ class AsgiWebSocket:
         option then matches no valid value and is refused, rather than one
         of its values being picked silently.
         """
-        from urllib.parse import parse_qs
-
-        query = self.scope.get("query_string", b"").decode("latin-1")
-        values = parse_qs(query, keep_blank_values=True).get(name)
+        if self._query is None:
+            query = self.scope.get("query_string", b"").decode("latin-1")
+            self._query = parse_qs(query, keep_blank_values=True)
+        values = self._query.get(name)
         return None if values is None else ",".join(values)
 
     def header(self, name: str) -> str | None:

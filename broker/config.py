@@ -26,6 +26,7 @@ import msgspec
 
 from broker.engine.config import EngineConfig
 from broker.gateway.settings import GatewaySettings
+from broker.mcp.settings import McpSettings
 from broker.ratelimit import RateLimitSettings
 from broker.webhooks.settings import WebhookSettings
 from protocol.nesting import MAX_NESTING_DEPTH, NestingTooDeep, check_nesting
@@ -61,6 +62,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
     webhooks: WebhookSettings = msgspec.field(default_factory=WebhookSettings)
     rate_limits: RateLimitSettings = msgspec.field(default_factory=RateLimitSettings)
+    mcp: McpSettings = msgspec.field(default_factory=McpSettings)
 
 
 class ConfigError(Exception):
@@ -68,6 +70,8 @@ class ConfigError(Exception):
 
 
 ENV_PREFIX = "BROKER_"
+# Variables of the client commands (`broker mcp`), not settings of the daemon.
+CLIENT_VARIABLES = frozenset({"BROKER_URL", "BROKER_TOKEN"})
 # Setting names whose values `broker config show` masks.
 SECRET_NAME = re.compile(r"secret|password|(^|_)(token|key)$")
 
@@ -126,7 +130,7 @@ def environment_overrides(
     """
     found: dict[tuple[str, ...], tuple[str, str | list[str]]] = {}
     for variable, value in environ.items():
-        if not variable.startswith(ENV_PREFIX):
+        if not variable.startswith(ENV_PREFIX) or variable in CLIENT_VARIABLES:
             continue
         match = _setting_path(Settings, variable[len(ENV_PREFIX):].lower())
         if match is None:

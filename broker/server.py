@@ -38,6 +38,7 @@ from broker.gateway import Gateway, frame_buffer, transport
 from broker.http.app import create_app
 from broker.http.files import file_routes
 from broker.http.metrics import BrokerMetrics
+from broker.mcp import McpSurface
 from broker.ratelimit import RateLimiter
 from broker.sweeps import Sweeper
 from broker.webhooks.dispatcher import WebhookDispatcher, attach
@@ -73,6 +74,7 @@ class BrokerServer:
         self._stop = trio.Event()
         self.gateway: Gateway | None = None
         self.webhooks: WebhookDispatcher | None = None
+        self.mcp: McpSurface | None = None
 
     @property
     def engine(self) -> Engine:
@@ -148,11 +150,23 @@ class BrokerServer:
         services: tuple[Service, ...] = (realtime, file_sweep, sweeps)
         if self.settings.webhooks.enabled:
             services = (*services, webhooks)
-        return (
-            (*gateway.routes(), *file_routes(engine, store, self.limiter),
-             *inbound_routes(engine, self.settings, self.limiter)),
-            services,
-        )
+        routes: tuple[BaseRoute, ...] = (
+            *gateway.routes(), *file_routes(engine, store, self.limiter),
+            *inbound_routes(engine, self.settings, self.limiter))
+        if self.settings.mcp.enabled:
+            # MCP (/mcp): its waits and resource notifications follow the gateway's hub.
+            surface = self.mcp = McpSurface(engine, gateway.hub, self.settings.mcp, self.limiter)
+
+            async def mcp(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                # Ends when a stop begins: its sessions and long requests end with it.
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(surface.run)
+                    task_status.started()
+                    await self._stop.wait()
+                    nursery.cancel_scope.cancel()
+
+            routes, services = (*routes, *surface.routes()), (*services, mcp)
+        return routes, services
 
     @property
     def stopping(self) -> bool:

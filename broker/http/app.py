@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.auth import authorize, bearer_token, resolve_token
 from broker.config import Settings
+from broker.console import console_routes
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
 from broker.engine.health import Probe
@@ -278,7 +279,7 @@ def create_app(
     limiter: RateLimiter | None = None,
 ) -> Starlette:
     """The broker's ASGI app: REST under /v1, health, readiness, metrics, `/openapi.json`,
-    and `extra_routes`.
+    the web console at `/`, and `extra_routes`.
 
     metrics: the registry to report into (one is made when None); it is kept
     on `app.state.metrics`. limiter: the rate limits (one from `settings`
@@ -287,7 +288,7 @@ def create_app(
     metrics = metrics or BrokerMetrics(engine)
     limiter = limiter or RateLimiter(settings.rate_limits)
     routes = [*service_routes(engine, settings, metrics),
-              *rest_routes(engine, settings, limiter), *extra_routes]
+              *rest_routes(engine, settings, limiter), *extra_routes, *console_routes()]
     # Built once, from the routes just made: a route it cannot describe is an error here.
     document = msgspec.json.encode(build_openapi(routes))
 

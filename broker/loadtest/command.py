@@ -28,9 +28,6 @@ import argparse
 import json
 import math
 import re
-import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +39,14 @@ import msgspec
 import trio
 
 from broker.loadtest.peers import PEERS, format_peers, peer_topology, run_peer, unavailable
-from broker.loadtest.processes import ServerProcess, raise_fd_limit, start_daemon, start_echo
+from broker.loadtest.processes import (
+    ServerProcess,
+    raise_fd_limit,
+    start_daemon,
+    start_echo,
+    start_profiler,
+    stop_profiler,
+)
 from broker.loadtest.report import build_report, format_curve, format_table
 from broker.loadtest.runner import BROKER, ECHO, ShardResult, run_local, run_processes
 from broker.loadtest.scenarios import history_latency, idle_memory, parse_counts
@@ -372,26 +376,6 @@ def daemon_figures(before: dict[str, float], after: dict[str, float]) -> dict[st
         figures["gc_pause_longest_ms_at_most"] = (
             0.0 if pauses == 0 else bound_ms("broker_gc_pause_seconds", pauses))
     return figures
-
-
-def start_profiler(pid: int, output: Path) -> subprocess.Popen[bytes]:
-    """py-spy sampling `pid` (without pausing it) until `stop_profiler`."""
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not Path(py_spy).exists():
-        raise RuntimeError("--profile needs py-spy: pip install '.[bench]'")
-    kind = {".txt": "raw", ".json": "speedscope"}.get(output.suffix, "flamegraph")
-    return subprocess.Popen([py_spy, "record", "--nonblocking", "--pid", str(pid), "--format",
-                             kind, "--output", str(output)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def stop_profiler(sampler: subprocess.Popen[bytes]) -> None:
-    sampler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-    try:
-        sampler.wait(30)
-    except subprocess.TimeoutExpired:
-        sampler.kill()
-        sampler.wait()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from typing import Any
 import trio
 
 from broker.client import BrokerClient
-from broker.loadtest.processes import raise_fd_limit, start_daemon
+from broker.loadtest.processes import raise_fd_limit, start_daemon, start_profiler, stop_profiler
 from broker.loadtest.topology import LoadSpec, build_topology
 
 STORM_CONCURRENCY = 64
@@ -50,8 +50,6 @@ async def connect_storm(counts: list[int], profile: Path | None = None) -> dict[
 
 
 async def _storm(count: int, profile: Path | None) -> dict[str, Any]:
-    from broker.loadtest.command import start_profiler, stop_profiler
-
     with tempfile.TemporaryDirectory(prefix="broker-storm-") as tmp:
         daemon = start_daemon(Path(tmp) / "data")
         try:

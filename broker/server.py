@@ -38,6 +38,7 @@ from broker.gateway import Gateway, frame_buffer
 from broker.http.app import create_app
 from broker.http.files import file_routes
 from broker.http.metrics import BrokerMetrics
+from broker.http.tls import check_tls, configure_tls
 from broker.mcp import McpSurface
 from broker.ratelimit import RateLimiter
 from broker.sweeps import Sweeper
@@ -99,7 +100,8 @@ class BrokerServer:
         gateway = self.gateway = Gateway(engine, self.settings.gateway,
                                          on_sessions=metrics.open_sessions.set,
                                          on_request=metrics.observe_socket_request,
-                                         limiter=self.limiter)
+                                         limiter=self.limiter,
+                                         public_url=self.settings.http.base_url)
         # Read at scrape time, so the gauge can never drift from the sessions.
         metrics.open_sessions.set_function(lambda: len(gateway.sessions))
 
@@ -155,7 +157,8 @@ class BrokerServer:
             *inbound_routes(engine, self.settings, self.limiter))
         if self.settings.mcp.enabled:
             # MCP (/mcp): its waits and resource notifications follow the gateway's hub.
-            surface = self.mcp = McpSurface(engine, gateway.hub, self.settings.mcp, self.limiter)
+            surface = self.mcp = McpSurface(engine, gateway.hub, self.settings.mcp, self.limiter,
+                                            self.settings.http.base_url)
 
             async def mcp(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
                 # Ends when a stop begins: its sessions and long requests end with it.
@@ -177,8 +180,12 @@ class BrokerServer:
         self._stop.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Open the engine, serve until `stop()`, then shut down in order."""
+        """Open the engine, serve until `stop()`, then shut down in order.
+
+        Raises ConfigError (before the database is opened) for an unusable TLS file.
+        """
         settings = self.settings
+        check_tls(settings.http.tls)
         async with trio.open_nursery() as services:
             async with Engine.open(
                 Path(settings.data_dir), settings.engine, with_facts=True
@@ -220,6 +227,7 @@ class BrokerServer:
         config = HypercornConfig()
         host = f"[{http.host}]" if ":" in http.host else http.host
         config.bind = [f"{host}:{http.port}"]
+        configure_tls(config, http.tls)
         config.graceful_timeout = http.shutdown_grace_seconds
         config.accesslog = None
         # Larger WebSocket frames are refused (1009) before they are buffered whole,

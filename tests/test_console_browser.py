@@ -7,6 +7,7 @@ two of them are committed under docs/ for the README.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -90,13 +91,16 @@ async def post(client: httpx.AsyncClient, token: str, text: str, **body: Any) ->
 
 async def test_console_form_refuses_bad_keys_then_shows_history_threads_and_live_messages(
     browser: BrowserThread, page: Any, server: BrokerServer, client: httpx.AsyncClient,
-    world: RestWorld,
+    world: RestWorld, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Sign in by form (a wrong key and an agent token are refused, nothing stored); the
     channel's history with a thread, a reaction, an attachment, a long text and markup shown
     as text; then a message sent over the native WebSocket, a reply and a reaction arrive live.
+    The key never appears in a log line.
     """
     from playwright.sync_api import expect
+
+    caplog.set_level(logging.DEBUG)
 
     alice, bob = world.tokens["alice"], world.tokens["bob"]
     file = await uploaded(client, alice, b"the quarterly numbers\n", filename="numbers.txt")
@@ -185,6 +189,7 @@ async def test_console_form_refuses_bad_keys_then_shows_history_threads_and_live
             screenshot(page, "conversations-phone")
 
         await browser.run(phone)
+    assert caplog.records and world.key not in caplog.text
 
 
 # -- sign in by fragment, presence, mailboxes, rotate and deactivate ---------------------
@@ -232,7 +237,7 @@ async def test_console_fragment_sign_in_presence_flips_live_and_agent_actions_co
         token = secret.text_content() or ""
         page.get_by_role("button", name="Done").click()
         expect(page.locator("#secret")).to_be_hidden()
-        assert page.locator("#secret-value").text_content() == ""  # shown once
+        expect(page.locator("#secret-value")).to_have_text("")  # shown once
         return token
 
     def deactivate_carol(confirm: bool) -> None:

@@ -122,12 +122,15 @@ class Gateway:
         self, engine: Engine, settings: GatewaySettings | None = None,
         on_sessions: Callable[[int], object] | None = None,
         on_request: Callable[[str, float], object] | None = None,
-        limiter: RateLimiter | None = None,
+        limiter: RateLimiter | None = None, public_url: str | None = None,
     ) -> None:
         """on_sessions: told the number of open sessions whenever it changes (a gauge);
         on_request: told each socket request's operation and seconds (a histogram);
-        limiter: the rate limits, shared with the REST app (None: no limits)."""
+        limiter: the rate limits, shared with the REST app (None: no limits);
+        public_url: the base of the absolute URLs that replies hand out (`http.public_url`;
+        None: root-relative URLs)."""
         self.engine = engine
+        self.public_url = public_url
         self.settings = settings or GatewaySettings()
         self.limiter = limiter or RateLimiter(UNLIMITED)
         # Sockets admitted and not yet ended: all of them, and by agent. Taken

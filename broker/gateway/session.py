@@ -85,6 +85,8 @@ class SessionHost(Protocol):
     settings: GatewaySettings
     recorder: DeliveryRecorder
     limiter: RateLimiter
+    # The base of absolute URLs in replies (`http.public_url`; None: root-relative).
+    public_url: str | None
     # Socket request frame type -> the operation it runs.
     request_operations: dict[type, Operation[Any]]
     # Told each socket request's operation and seconds, when set.
@@ -417,7 +419,8 @@ class Session:
 
     async def _request(self, op: Operation[Any], frame: Any, received: float) -> None:
         """Run one request and queue its reply; `received`: trio time the frame was read."""
-        call = Call(self.principal, idempotency_key=frame.idempotency_key)
+        call = Call(self.principal, idempotency_key=frame.idempotency_key,
+                    base_url=self.gateway.public_url)
         try:
             result = await op.handler(self.engine, call, frame)
         except BrokerError as exc:

@@ -41,6 +41,7 @@ from broker.http.errors import encode_error, encode_success, status_for
 from broker.http.keepalive import CloseWhenBodyUnread
 from broker.http.metrics import CONTENT_TYPE, BrokerMetrics
 from broker.http.openapi import OPENAPI_PATH, build_openapi
+from broker.http.proxies import TrustedProxies
 from broker.http.routes import ROUTES, RestRoute
 from broker.operations import OPERATIONS
 from broker.operations.registry import Call, Existing, Operation, invoke
@@ -142,9 +143,10 @@ async def _checked_principal(
 
 def operation_endpoint(
     engine: Engine, route: RestRoute, op: Operation[Any], max_body_bytes: int,
-    limiter: RateLimiter | None = None,
+    limiter: RateLimiter | None = None, base_url: str | None = None,
 ) -> Callable[[Request], Awaitable[Response]]:
-    """The request handler that binds `route` to `op`; `limiter`: the rate limits (None: none)."""
+    """The request handler that binds `route` to `op`; `limiter`: the rate limits (None:
+    none); `base_url`: the daemon's public URL (None: the request's own)."""
     limiter = limiter or RateLimiter(UNLIMITED)
 
     async def endpoint(request: Request) -> Response:
@@ -161,7 +163,7 @@ def operation_endpoint(
                 fields.update(parse_body(await read_body(request, max_body_bytes)))
             fields.update(request.path_params)
             call = Call(principal, idempotency_key(request),
-                        base_url=str(request.base_url).rstrip("/"))
+                        base_url=base_url or str(request.base_url).rstrip("/"))
             result = await invoke(engine, op.name, call, fields)
             status = route.status
             if isinstance(result, Existing):
@@ -192,7 +194,8 @@ def rest_routes(
         op = OPERATIONS[route.operation]
         routes.append(Route(
             route.path,
-            operation_endpoint(engine, route, op, settings.http.max_body_bytes, limiter),
+            operation_endpoint(engine, route, op, settings.http.max_body_bytes, limiter,
+                               settings.http.base_url),
             methods=[route.method],
             name=f"{route.method} {route.path}",
         ))
@@ -290,7 +293,7 @@ def create_app(
     routes = [*service_routes(engine, settings, metrics),
               *rest_routes(engine, settings, limiter), *extra_routes, *console_routes()]
     # Built once, from the routes just made: a route it cannot describe is an error here.
-    document = msgspec.json.encode(build_openapi(routes))
+    document = msgspec.json.encode(build_openapi(routes, public_url=settings.http.base_url))
 
     async def openapi(request: Request) -> Response:
         return Response(document, media_type=JSON)
@@ -303,6 +306,9 @@ def create_app(
     app.router.redirect_slashes = False
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(CloseWhenBodyUnread)
+    if settings.http.trusted_proxies:
+        # Outermost, so every part of the app keys by the real client.
+        app.add_middleware(TrustedProxies, trusted=settings.http.trusted_proxies)
     app.state.metrics = metrics
     app.state.limiter = limiter
     return app

@@ -411,8 +411,9 @@ def served(routes: Sequence[BaseRoute]) -> list[tuple[str, str]]:
 
 
 def build_openapi(routes: Sequence[BaseRoute], *, title: str = "agent-broker",
-                  version: str = "1") -> dict[str, Any]:
-    """The OpenAPI 3.1 document of `routes` (and of `/openapi.json` itself).
+                  version: str = "1", public_url: str | None = None) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of `routes` (and of `/openapi.json` itself); `public_url`
+    (`http.public_url`) is its `servers` entry (none: relative to the document).
 
     Raises ValueError for an HTTP route that neither `ROUTES` nor
     `SERVICE_ROUTES` describes, or whose declared status and output disagree.
@@ -445,7 +446,7 @@ def build_openapi(routes: Sequence[BaseRoute], *, title: str = "agent-broker",
     responses["Error429"]["headers"] = {
         "Retry-After": {"description": "Seconds until a request may succeed.",
                         "schema": {"type": "integer"}}}
-    return {
+    document: dict[str, Any] = {
         "openapi": OPENAPI_VERSION,
         "info": {"title": title, "version": version, "description": (
             "The REST API of the broker. Every answer is `{\"ok\": true, \"data\": ...}` or "
@@ -455,3 +456,6 @@ def build_openapi(routes: Sequence[BaseRoute], *, title: str = "agent-broker",
         "components": {"schemas": components, "responses": responses,
                        "securitySchemes": SECURITY_SCHEMES},
     }
+    if public_url is not None:
+        document["servers"] = [{"url": public_url}]
+    return document

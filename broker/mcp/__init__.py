@@ -20,6 +20,7 @@ fanout hub).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import trio
@@ -27,11 +28,13 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from starlette.routing import BaseRoute, Route
 
 from broker.engine.engine import Engine
+from broker.engine.errors import BrokerError
 from broker.fanout import FanoutHub
+from broker.gateway.native import token_expiry
 from broker.mcp.endpoint import McpEndpoint, McpService
 from broker.mcp.notify import ResourceNotifier
 from broker.mcp.server import McpHandlers
-from broker.mcp.sessions import McpSessions
+from broker.mcp.sessions import McpSessions, SessionEntry
 from broker.mcp.settings import McpSettings
 from broker.mcp.watch import AgentWatch, Watches
 from broker.ratelimit import RateLimiter
@@ -47,13 +50,16 @@ class McpSurface:
     """Start with `await nursery.start(surface.run)`; mount `surface.routes()`."""
 
     def __init__(self, engine: Engine, hub: FanoutHub[Any], settings: McpSettings,
-                 limiter: RateLimiter) -> None:
+                 limiter: RateLimiter, public_url: str | None = None) -> None:
+        """public_url: the base of the absolute URLs tools hand out (`http.public_url`;
+        None: the request's own)."""
         self.engine = engine
         self.settings = settings
         self.watches = Watches(hub, on_changed=self._changed, on_revoked=self._revoked,
                                on_rotated=self._rotated)
         self.notifier = ResourceNotifier(self.watches, settings.notify_timeout_seconds)
-        self.server = McpHandlers(engine, self.watches, self.notifier, limiter).build()
+        self.server = McpHandlers(engine, self.watches, self.notifier, limiter,
+                                  public_url).build()
         self.manager = StreamableHTTPSessionManager(
             app=self.server, stateless=False,
             session_idle_timeout=settings.session_idle_timeout_seconds,
@@ -83,13 +89,13 @@ class McpSurface:
 
     # -- sessions hold their agent's watch, to hear of revocations ---------------------------
 
-    def _opened(self, entry: Any) -> None:
+    def _opened(self, entry: SessionEntry) -> None:
         agent_id = entry.caller.principal.agent_id
         if agent_id is not None:
             self._session_watches[entry.session_id] = self.watches.acquire(
                 entry.caller.principal.workspace_id, agent_id)
 
-    def _closed(self, entry: Any) -> None:
+    def _closed(self, entry: SessionEntry) -> None:
         self.notifier.drop_session(entry.session_id)
         watch = self._session_watches.pop(entry.session_id, None)
         if watch is not None:
@@ -110,9 +116,6 @@ class McpSurface:
 
     async def _expire_rotated(self, workspace_id: int, agent_id: int) -> None:
         """Close what the agent's old token opened when its grace ends (the new token's stay)."""
-        from broker.engine.errors import BrokerError
-        from broker.gateway.native import token_expiry
-
         for credential in self.sessions.credentials_of(agent_id):
             try:
                 expires = await self.engine.read(token_expiry, workspace_id, agent_id, credential)
@@ -124,7 +127,5 @@ class McpSurface:
             self._nursery.start_soon(self._close_at, agent_id, credential, expires)
 
     async def _close_at(self, agent_id: int, credential: bytes, expires_ms: int) -> None:
-        import time
-
         await trio.sleep(max(0.0, expires_ms / 1000 - time.time()))
         await self.sessions.close_agent(agent_id, credential, "its token was rotated out")

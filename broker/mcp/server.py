@@ -52,8 +52,9 @@ class McpHandlers:
     """The handlers of the server (`build` makes the SDK's `Server` of them)."""
 
     def __init__(self, engine: Engine, watches: Watches, notifier: ResourceNotifier,
-                 limiter: RateLimiter) -> None:
+                 limiter: RateLimiter, public_url: str | None = None) -> None:
         self.engine = engine
+        self.public_url = public_url
         self.watches = watches
         self.notifier = notifier
         self.limiter = limiter
@@ -98,7 +99,8 @@ class McpHandlers:
                 self.limiter.take_request(op.name, caller.principal.workspace_id,
                                           caller.principal.agent_id, _address(ctx))
                 result = await invoke(self.engine, op.name,
-                                      Call(caller.principal, base_url=_base_url(ctx)), arguments)
+                                      Call(caller.principal,
+                                           base_url=self.public_url or _base_url(ctx)), arguments)
                 if isinstance(result, Existing):
                     result = result.value
         except RateLimited as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import mcp_types as types
 import pytest
 from mcp.client import Client
+from mcp.client.stdio import StdioServerParameters, get_default_environment
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
@@ -58,3 +60,14 @@ def error_code(result: types.CallToolResult) -> str:
 
 def texts(result: types.CallToolResult) -> list[str]:
     return [c.text for c in result.content if isinstance(c, types.TextContent)]
+
+
+@asynccontextmanager
+async def stdio_client(url: str, token: str, mode: str = MODERN,
+                       **kwargs: Any) -> AsyncIterator[Client]:
+    """The SDK's client on `broker mcp` run as a subprocess (the stdio bridge to `url`)."""
+    env = {**get_default_environment(), "BROKER_TOKEN": token}
+    params = StdioServerParameters(command=sys.executable,
+                                   args=["-m", "broker", "mcp", "--url", url], env=env)
+    async with Client(params, mode=mode, cache=None, **kwargs) as client:
+        yield client

@@ -185,7 +185,7 @@ export class ConversationsView {
     this.renderConversations();
     const header = clear($("pane-header"));
     const body = clear($("pane-body"));
-    const list = el("ol", { class: "messages", "aria-label": "Messages", "aria-live": "polite" });
+    const list = el("ol", { class: "messages", "aria-label": "Messages" });
     const older = el("button", { type: "button", class: "quiet older", text: "Load older",
       onclick: () => this.loadOlder() });
     body.append(older, list);
@@ -231,23 +231,25 @@ export class ConversationsView {
   }
 
   async loadPage(before) {
-    const target = this.selected;
+    const list = this.list; // the pane this page is for (another may replace it meanwhile)
     let page;
     try {
       page = await this.api.get(this.historyPath(), { limit: HISTORY_PAGE, before });
     } catch (error) {
-      if (target !== this.selected) return;
-      this.list.append(el("li", { class: "error", text: describeError(error, "History") }));
+      if (list !== this.list) return;
+      list.append(el("li", { class: "error", text: describeError(error, "History") }));
       this.olderButton.hidden = true;
       return;
     }
-    if (target !== this.selected) return;
-    // A page comes newest first; the pane shows oldest at the top.
-    const nodes = page.slice().reverse().map((message) => this.messageNode(message));
-    this.list.prepend(...nodes);
+    if (list !== this.list) return;
+    // A page comes newest first; the pane shows oldest at the top. A message that
+    // arrived live while the page was on its way is already shown.
+    const nodes = page.slice().reverse().filter((message) => !this.messages.has(message.id))
+      .map((message) => this.messageNode(message));
+    list.prepend(...nodes);
     this.olderButton.hidden = page.length < HISTORY_PAGE;
-    if (!this.list.childElementCount) {
-      this.list.append(el("li", { class: "muted empty", text: "No messages yet." }));
+    if (!list.childElementCount) {
+      list.append(el("li", { class: "muted empty", text: "No messages yet." }));
     }
   }
 
@@ -261,6 +263,8 @@ export class ConversationsView {
 
   appendLive(message) {
     if (!this.list) return;
+    // One short line for screen readers, not the whole list read again.
+    $("announce").textContent = `New message from ${message.agent_name || "someone"}`;
     this.list.querySelector("li.empty")?.remove();
     const body = $("pane-body");
     const atBottom = body.scrollHeight - body.scrollTop - body.clientHeight < 40;

@@ -227,6 +227,7 @@ class BrokerServer:
         config = HypercornConfig()
         host = f"[{http.host}]" if ":" in http.host else http.host
         config.bind = [f"{host}:{http.port}"]
+        # Every process that serves the port speaks TLS when it is set.
         configure_tls(config, http.tls)
         config.graceful_timeout = http.shutdown_grace_seconds
         config.accesslog = None

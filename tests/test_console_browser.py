@@ -315,6 +315,26 @@ async def test_console_replays_a_dead_letter_and_draws_health(
         def health_open() -> None:
             page.click("#tab-health")
             expect(page.locator("figure.chart")).to_have_count(6)
+            # The chart arithmetic, on known input: a p99 inside a bucket, a rate.
+            checked = page.evaluate("""async () => {
+                const m = await import("/console/health.js");
+                const text = [
+                  "# TYPE broker_writer_commit_seconds histogram",
+                  'broker_writer_commit_seconds_bucket{le="0.001"} 50.0',
+                  'broker_writer_commit_seconds_bucket{le="0.01"} 100.0',
+                  'broker_writer_commit_seconds_bucket{le="+Inf"} 100.0',
+                  "broker_writer_messages_total 30.0",
+                ].join("\\n");
+                const parsed = m.parseMetrics(text);
+                const buckets = parsed.broker_writer_commit_seconds_bucket.map(
+                  (r) => ({le: Number(r.labels.le === "+Inf" ? Infinity : r.labels.le),
+                           count: r.value}));
+                const none = buckets.map((b) => ({le: b.le, count: 0}));
+                return [m.quantile(none, buckets, 0.99), m.quantile(buckets, buckets, 0.99),
+                        parsed.broker_writer_messages_total[0].value];
+            }""")
+            assert checked[0] == pytest.approx(0.001 + 0.009 * (99 - 50) / 50)
+            assert checked[1:] == [None, 30]
 
         def health_drawn() -> None:
             sends = page.locator('figure[data-chart="sends"]')

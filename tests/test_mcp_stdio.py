@@ -71,6 +71,14 @@ async def test_mcp_stdio_bridge_carries_a_conversation_a_wait_and_notifications(
             assert data(reply)["thread_id"] == posted["id"]
             checked = await alice.call_tool("message.inbox.check", {})
             assert texts(checked)[-1] == "1 unread: 1 in #plan"
+            dm = data(await alice.call_tool("message.dm.send", {"to": "bob", "text": "thanks"}))
+            data(await bob.call_tool("message.reaction.add",
+                                     {"message_id": posted["id"], "emoji": "tada"}))
+            data(await bob.call_tool("message.inbox.mark_read",
+                                     {"message_id": dm["message"]["id"]}))
+            readers = data(await alice.call_tool("message.inbox.get_readers",
+                                                 {"message_id": dm["message"]["id"]}))
+            assert [r["agent_name"] for r in readers] == ["bob"]
             tools = {tool.name for tool in (await bob.list_tools()).tools}
             assert {"message.post", "message.inbox.wait"} <= tools
             await inbox_updated.wait()

@@ -24,7 +24,7 @@ from tests.helpers.engine import Gate, World, hold_writer, make_world, wait_queu
 ROW_COUNTS = (
     "SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM deliveries),"
     " (SELECT count(*) FROM message_log), (SELECT count(*) FROM messages_fts),"
-    " (SELECT sum(last_seq) FROM agents), (SELECT sum(pending_count) FROM agents)"
+    " (SELECT sum(last_seq) FROM mailboxes), (SELECT sum(pending_count) FROM mailboxes)"
 )
 
 

@@ -24,7 +24,8 @@ from broker.engine.outbox import enqueue_webhooks
 from broker.engine.writer import Tx
 
 _encoder = msgspec.json.Encoder()
-_pairs = msgspec.json.Decoder(list[tuple[int, int]])
+# `[[agent_id, seq], ...]` straight into the facts' Delivery structs (array-like)
+_allocated = msgspec.json.Decoder(tuple[Delivery, ...])
 # Recipients (?1, a JSON array of agent ids) whose mailbox has room (?2: the depth).
 _ROOM = "agent_id IN (SELECT value FROM json_each(?1)) AND pending_count < ?2"
 
@@ -83,8 +84,9 @@ def record_event(
             "SELECT json_group_array(json_array(agent_id, last_seq + 1)) FROM mailboxes"
             f" WHERE {_ROOM}", room,
         ).fetchone()
-        allocated = _pairs.decode(cast(str, row[0])) if row is not None else []
-        if allocated:
+        if row is not None:
+            deliveries = _allocated.decode(cast(str, row[0]))
+        if deliveries:
             expires = now + tx.limits.delivery_ttl_seconds * 1000
             conn.execute(
                 "INSERT INTO deliveries(agent_id, seq, log_id, message_id, expires_at, created_at)"
@@ -95,7 +97,6 @@ def record_event(
                 "UPDATE mailboxes SET last_seq = last_seq + 1, pending_count = pending_count + 1"
                 f" WHERE {_ROOM}", room,
             )
-        deliveries = tuple([Delivery(a, s) for a, s in allocated])
         if len(deliveries) < len(wanted):
             got = {d.agent_id for d in deliveries}
             full = tuple(a for a in wanted if a not in got)

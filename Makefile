@@ -26,8 +26,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# The real @relaycast/sdk for tests/test_interop_sdk.py, from the committed lock
-# file; without npm the step is skipped (the test skips when node is missing).
+# The real @relaycast/sdk for tests/test_interop_sdk.py and the MCP Inspector CLI for
+# tests/test_mcp_inspector.py, from the committed lock file; without npm the step is
+# skipped (the tests skip when node is missing).
 INTEROP := tests/interop
 INTEROP_STAMP := $(INTEROP)/node_modules/.package-lock.json
 

@@ -7,6 +7,8 @@
     broker stats             counts and sizes, read-only (daemon may run)
     broker workspace create NAME           (daemon stopped; prints the key)
     broker agent register --workspace W N  (daemon stopped; prints the token)
+    broker mcp --url URL --token T         MCP on stdio, bridged to the daemon's /mcp
+    broker mcp config --editor E           an editor's MCP configuration snippet
 
 Logging is configured here and nowhere else; under systemd, stdout goes to
 the journal, which adds the time. `serve` speaks the systemd notify
@@ -15,7 +17,8 @@ writer runs, STOPPING=1 when a stop begins, WATCHDOG=1 from the event loop.
 
 Exit status: 0 on success and after a clean stop (SIGINT or SIGTERM; a
 second signal stops at once), 1 when `check` finds a problem, 2 for a bad
-configuration, an unusable data directory, or a database the broker
+configuration (a TLS file that cannot be used included), an unusable data
+directory, or a database the broker
 refuses to open (each reported as one line on stderr).
 """
 
@@ -41,8 +44,11 @@ from broker.engine.stats import database_stats
 from broker.engine.workspaces import CreateWorkspace, RegisterAgent, workspace_by_name
 from broker.filestore import OBJECTS_DIR
 from broker.gc_tuning import settle_heap
+from broker.http.tls import check_tls
 from broker.loadtest.command import add_arguments as add_loadtest_arguments
 from broker.loadtest.command import run as run_loadtest
+from broker.mcp.command import add_arguments as add_mcp_arguments
+from broker.mcp.command import run as run_mcp
 from broker.server import BrokerServer
 from broker.systemd import SystemdNotifier, run_watchdog, watchdog_interval
 
@@ -96,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest = commands.add_parser("loadtest", help="load generator and benchmarks "
                                    "(BENCHMARKS.md)")
     add_loadtest_arguments(loadtest)
+    add_mcp_arguments(commands.add_parser("mcp", help="MCP on stdio for editors (docs/mcp.md)"))
     return parser
 
 
@@ -234,6 +241,7 @@ def dispatch(args: argparse.Namespace) -> int:
     settings = settings_for(args)
     if args.command == "serve":
         usable_data_dir(settings)
+        check_tls(settings.http.tls)  # here too: before any process of the daemon starts
         configure_logging(settings.log_level)
         trio.run(serve, settings)
     elif args.command == "config":
@@ -261,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "loadtest":
         return run_loadtest(args)
+    if args.command == "mcp":
+        return run_mcp(args)
     try:
         return dispatch(args)
     except (ConfigError, StartupError, BrokerError, FileExistsError) as exc:

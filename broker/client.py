@@ -1,6 +1,6 @@
 """A Python client for the native agent protocol (docs/protocol.md), on trio-websocket.
 
-    async with connect("ws://127.0.0.1:8787/v1/ws", token) as client:
+    async with connect("ws://127.0.0.1:8787/v1/ws", token) as client:  # or wss://
         sent = await client.request("message.send", channel="general", text="hi")
         async for delivery in client.deliveries():
             print(delivery.seq, delivery.type, delivery.data)
@@ -32,6 +32,8 @@
   event per interval: who came online, went away or offline);
   when the consumer falls behind by `event_buffer`, newer events are dropped
   (they have no seq to resume from), and counted in `events_dropped`.
+- A `wss://` URL speaks TLS, verified against the system's CAs or the
+  given `ssl_context` (a private CA: `ssl.create_default_context(cafile=...)`).
 - The connection is re-opened with exponential backoff and jitter when it
   drops, unless the server refused the token (4401, HTTP 401) or `close()`
   was called. Each new connection replays the unacked deliveries.
@@ -47,6 +49,7 @@ import itertools
 import logging
 import random
 import socket
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -132,8 +135,10 @@ class BrokerClient:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         delivery_buffer: int = DEFAULT_DELIVERY_BUFFER, event_buffer: int = DEFAULT_EVENT_BUFFER,
         receive_buffer: int | None = None, batch: bool = True, presence: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.url = url
+        self.ssl_context = ssl_context
         self.batch = batch
         self.presence = presence
         self.token = token
@@ -149,7 +154,7 @@ class BrokerClient:
             delivery_buffer)
         self._events_send, self._events = trio.open_memory_channel[dict[str, Any]](event_buffer)
         self._ws: trio_websocket.WebSocketConnection | None = None
-        self._stream: trio.SocketStream | None = None
+        self._stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] | None = None
         self._connected = trio.Event()
         self._closing = False
         self._json = msgspec.json.Encoder()
@@ -235,8 +240,8 @@ class BrokerClient:
 
     async def _open(self, nursery: trio.Nursery) -> trio_websocket.WebSocketConnection:
         parts = urlsplit(self.url)
-        if parts.scheme != "ws":
-            raise ValueError(f"only ws:// URLs are supported, not {self.url!r}")
+        if parts.scheme not in ("ws", "wss"):
+            raise ValueError(f"only ws:// and wss:// URLs are supported, not {self.url!r}")
         resource = parts.path or "/"
         query = [parts.query] if parts.query else []
         given = parse_qs(parts.query, keep_blank_values=True)
@@ -247,8 +252,14 @@ class BrokerClient:
             query.append("presence=1")
         if query:
             resource += "?" + "&".join(query)
-        host, port = parts.hostname or "127.0.0.1", parts.port or 80
-        stream = self._stream = await open_stream(host, port, self.receive_buffer)
+        secure = parts.scheme == "wss"
+        host, port = parts.hostname or "127.0.0.1", parts.port or (443 if secure else 80)
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+        stream = await open_stream(host, port, self.receive_buffer)
+        if secure:
+            stream = trio.SSLStream(stream, self.ssl_context or ssl.create_default_context(),
+                                    server_hostname=host, https_compatible=True)
+        self._stream = stream
         return await trio_websocket.wrap_client_stream(
             nursery, stream, f"{host}:{port}", resource,
             subprotocols=[MSGPACK_SUBPROTOCOL if self.msgpack else JSON_SUBPROTOCOL],
@@ -485,7 +496,7 @@ async def open_stream(host: str, port: int, receive_buffer: int | None = None) -
 
 @asynccontextmanager
 async def connect(url: str, token: str, **options: Any) -> AsyncIterator[BrokerClient]:
-    """Open a client on `url` (`ws://host:port/v1/ws`) with an agent token.
+    """Open a client on `url` (`ws://host:port/v1/ws` or `wss://...`) with an agent token.
 
     Options are BrokerClient's. Raises trio_websocket.ConnectionRejected
     (HTTP 401 for a bad token) or OSError when the first connection fails.

@@ -14,6 +14,7 @@ silently falls back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -21,11 +22,13 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
 from broker.engine.config import EngineConfig
 from broker.gateway.settings import GatewaySettings
+from broker.mcp.settings import McpSettings
 from broker.ratelimit import RateLimitSettings
 from broker.webhooks.settings import WebhookSettings
 from protocol.nesting import MAX_NESTING_DEPTH, NestingTooDeep, check_nesting
@@ -41,14 +44,70 @@ DEFAULT_SHUTDOWN_GRACE_S = 10.0
 DEFAULT_READY_TIMEOUT_S = 2.0
 
 
+class TlsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """TLS on the daemon's own port (`[http.tls]`; docs/operations.md, "Serving beyond
+    loopback"). Off unless certfile and keyfile are both set.
+
+    certfile: PEM certificate chain, the server's certificate first; keyfile:
+    its unencrypted PEM private key; client_cafile: PEM CA certificates that
+    client certificates must chain to (set: every client must present one).
+    The files are read when the daemon starts: a missing, unreadable or
+    mismatched one stops it with one line naming the file.
+    """
+
+    certfile: str | None = None
+    keyfile: str | None = None
+    client_cafile: str | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.certfile) != bool(self.keyfile):
+            raise ValueError("certfile and keyfile go together: set both or neither")
+        if self.client_cafile and not self.certfile:
+            raise ValueError("client_cafile needs certfile and keyfile")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.certfile and self.keyfile)
+
+
 class HttpSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Where the server listens and how it treats requests."""
+    """Where the server listens and how it treats requests.
+
+    tls: TLS on this port. trusted_proxies: addresses or networks (CIDR) of
+    reverse proxies whose `Forwarded` / `X-Forwarded-For` /
+    `X-Forwarded-Proto` are believed (broker.http.proxies); from anyone
+    else those headers are ignored. public_url: the URL clients reach the
+    daemon at (`https://broker.example.com`, maybe with a path prefix), used
+    for every absolute URL it hands out; unset, those are built from the request.
+    """
 
     host: str = DEFAULT_HOST
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = DEFAULT_PORT
+    tls: TlsSettings = msgspec.field(default_factory=TlsSettings)
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
+    public_url: str | None = None
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_MAX_BODY_BYTES
     shutdown_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = DEFAULT_SHUTDOWN_GRACE_S
     ready_timeout_seconds: Annotated[float, msgspec.Meta(gt=0)] = DEFAULT_READY_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        for entry in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {entry!r} is not an address or a network"
+                                 " (CIDR)") from None
+        if self.public_url is not None:
+            url = urlsplit(self.public_url)
+            if url.scheme not in ("http", "https") or not url.hostname or url.query \
+                    or url.fragment or self.public_url != self.public_url.strip():
+                raise ValueError(f"public_url: {self.public_url!r} is not an http:// or"
+                                 " https:// URL without query or fragment")
+
+    @property
+    def base_url(self) -> str | None:
+        """public_url without its trailing slash (None when unset)."""
+        return None if self.public_url is None else self.public_url.rstrip("/")
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -61,6 +120,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
     webhooks: WebhookSettings = msgspec.field(default_factory=WebhookSettings)
     rate_limits: RateLimitSettings = msgspec.field(default_factory=RateLimitSettings)
+    mcp: McpSettings = msgspec.field(default_factory=McpSettings)
 
 
 class ConfigError(Exception):
@@ -68,6 +128,8 @@ class ConfigError(Exception):
 
 
 ENV_PREFIX = "BROKER_"
+# Variables of the client commands (`broker mcp`), not settings of the daemon.
+CLIENT_VARIABLES = frozenset({"BROKER_URL", "BROKER_TOKEN"})
 # Setting names whose values `broker config show` masks.
 SECRET_NAME = re.compile(r"secret|password|(^|_)(token|key)$")
 
@@ -126,7 +188,7 @@ def environment_overrides(
     """
     found: dict[tuple[str, ...], tuple[str, str | list[str]]] = {}
     for variable, value in environ.items():
-        if not variable.startswith(ENV_PREFIX):
+        if not variable.startswith(ENV_PREFIX) or variable in CLIENT_VARIABLES:
             continue
         match = _setting_path(Settings, variable[len(ENV_PREFIX):].lower())
         if match is None:

@@ -110,6 +110,9 @@ class FanoutHub(Generic[View]):
         self._by_agent: dict[int, set[Subscriber[View]]] = {}
         self._by_workspace: dict[int, set[Subscriber[View]]] = {}
         self._observers: dict[int, set[Subscriber[View]]] = {}
+        # Watchers (`watch`): see what their agent's sessions see, count as none.
+        self._watchers_by_agent: dict[int, set[Subscriber[View]]] = {}
+        self._watchers_by_workspace: dict[int, set[Subscriber[View]]] = {}
         self.batches = 0
         self.facts = 0
         self.deliveries_routed = 0
@@ -141,6 +144,24 @@ class FanoutHub(Generic[View]):
         del self._by_agent[sub.agent_id]
         return True
 
+    def watch(self, sub: Subscriber[View]) -> None:
+        """Route an agent's deliveries and events to `sub` without counting it as a session.
+
+        For listeners that are not connections (the MCP surface's waits and
+        resource subscriptions): they never make their agent online or keep
+        it so, and `sessions_of` does not list them. `sub.agent_id` is required.
+        """
+        if sub.agent_id is None:
+            raise ValueError("a watcher follows one agent")
+        self._watchers_by_workspace.setdefault(sub.workspace_id, set()).add(sub)
+        self._watchers_by_agent.setdefault(sub.agent_id, set()).add(sub)
+
+    def unwatch(self, sub: Subscriber[View]) -> None:
+        """Stop routing to the watcher `sub` (idempotent)."""
+        _discard(self._watchers_by_workspace, sub.workspace_id, sub)
+        if sub.agent_id is not None:
+            _discard(self._watchers_by_agent, sub.agent_id, sub)
+
     def sessions_of(self, agent_id: int) -> frozenset[Subscriber[View]]:
         """The subscribers of `agent_id` attached now."""
         return frozenset(self._by_agent.get(agent_id, ()))
@@ -171,13 +192,23 @@ class FanoutHub(Generic[View]):
                     for sub in tuple(self._by_agent.get(delivery.agent_id, ())):
                         self.deliveries_routed += 1
                         sub.offer_delivery(delivery.seq, view)
+                    if self._watchers_by_agent:
+                        for sub in tuple(self._watchers_by_agent.get(delivery.agent_id, ())):
+                            sub.offer_delivery(delivery.seq, view)
             elif fact.audience is not None:
                 for agent_id in fact.audience:
                     for sub in tuple(self._by_agent.get(agent_id, ())):
                         if sub.workspace_id == fact.workspace_id:
                             self.events_routed += 1
                             sub.offer_event(view)
+                    for sub in tuple(self._watchers_by_agent.get(agent_id, ())):
+                        if sub.workspace_id == fact.workspace_id:
+                            sub.offer_event(view)
             elif not fact.log_id:
+                # Watchers follow workspace events (a deactivation), not presence.
+                if not fact.type.startswith(PRESENCE_PREFIX):
+                    for sub in tuple(self._watchers_by_workspace.get(fact.workspace_id, ())):
+                        sub.offer_event(view)
                 if self._presence is not None and fact.type.startswith(PRESENCE_PREFIX):
                     self.presence_routed += 1
                     self._presence(view)

@@ -184,10 +184,12 @@ class Bucket:
 
 
 def client_address(scope: object) -> str:
-    """The key of the peer that opened an ASGI connection: its IP address, IPv6 by /64.
+    """The key of the client that opened an ASGI connection: its IP address, IPv6 by /64.
 
-    The TCP peer only: X-Forwarded-For is not trusted (any client can send
-    it). An IPv6 host usually holds a whole /64, so that is one key.
+    `scope["client"]`: the TCP peer, or the client a trusted proxy named
+    (`http.trusted_proxies`, broker.http.proxies); forwarding headers from
+    anyone else are never read. An IPv6 host usually holds a whole /64, so
+    that is one key.
     """
     client = scope.get("client") if isinstance(scope, dict) else None
     host = client[0] if client else None

@@ -34,10 +34,12 @@ from broker.config import Settings
 from broker.engine.agents import ResetPresence
 from broker.engine.engine import Engine
 from broker.filestore import FILE_SWEEP_INTERVAL_S, FileStore, run_file_sweep
-from broker.gateway import Gateway, frame_buffer
+from broker.gateway import Gateway, frame_buffer, transport
 from broker.http.app import create_app
 from broker.http.files import file_routes
 from broker.http.metrics import BrokerMetrics
+from broker.http.tls import check_tls, configure_tls
+from broker.mcp import McpSurface
 from broker.ratelimit import RateLimiter
 from broker.sweeps import Sweeper
 from broker.webhooks.dispatcher import WebhookDispatcher, attach
@@ -73,6 +75,7 @@ class BrokerServer:
         self._stop = trio.Event()
         self.gateway: Gateway | None = None
         self.webhooks: WebhookDispatcher | None = None
+        self.mcp: McpSurface | None = None
 
     @property
     def engine(self) -> Engine:
@@ -97,7 +100,8 @@ class BrokerServer:
         gateway = self.gateway = Gateway(engine, self.settings.gateway,
                                          on_sessions=metrics.open_sessions.set,
                                          on_request=metrics.observe_socket_request,
-                                         limiter=self.limiter)
+                                         limiter=self.limiter,
+                                         public_url=self.settings.http.base_url)
         # Read at scrape time, so the gauge can never drift from the sessions.
         metrics.open_sessions.set_function(lambda: len(gateway.sessions))
 
@@ -148,11 +152,24 @@ class BrokerServer:
         services: tuple[Service, ...] = (realtime, file_sweep, sweeps)
         if self.settings.webhooks.enabled:
             services = (*services, webhooks)
-        return (
-            (*gateway.routes(), *file_routes(engine, store, self.limiter),
-             *inbound_routes(engine, self.settings, self.limiter)),
-            services,
-        )
+        routes: tuple[BaseRoute, ...] = (
+            *gateway.routes(), *file_routes(engine, store, self.limiter),
+            *inbound_routes(engine, self.settings, self.limiter))
+        if self.settings.mcp.enabled:
+            # MCP (/mcp): its waits and resource notifications follow the gateway's hub.
+            surface = self.mcp = McpSurface(engine, gateway.hub, self.settings.mcp, self.limiter,
+                                            self.settings.http.base_url)
+
+            async def mcp(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                # Ends when a stop begins: its sessions and long requests end with it.
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(surface.run)
+                    task_status.started()
+                    await self._stop.wait()
+                    nursery.cancel_scope.cancel()
+
+            routes, services = (*routes, *surface.routes()), (*services, mcp)
+        return routes, services
 
     @property
     def stopping(self) -> bool:
@@ -163,8 +180,12 @@ class BrokerServer:
         self._stop.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Open the engine, serve until `stop()`, then shut down in order."""
+        """Open the engine, serve until `stop()`, then shut down in order.
+
+        Raises ConfigError (before the database is opened) for an unusable TLS file.
+        """
         settings = self.settings
+        check_tls(settings.http.tls)
         async with trio.open_nursery() as services:
             async with Engine.open(
                 Path(settings.data_dir), settings.engine, with_facts=True
@@ -206,12 +227,16 @@ class BrokerServer:
         config = HypercornConfig()
         host = f"[{http.host}]" if ":" in http.host else http.host
         config.bind = [f"{host}:{http.port}"]
+        # Every process that serves the port speaks TLS when it is set.
+        configure_tls(config, http.tls)
         config.graceful_timeout = http.shutdown_grace_seconds
         config.accesslog = None
         # Larger WebSocket frames are refused (1009) before they are buffered whole,
         # by a buffer that survives the refusal (broker.gateway.frame_buffer).
         config.websocket_max_message_size = self.settings.gateway.max_frame_bytes
         frame_buffer.install()
+        # Each plain-TCP WebSocket gets its transport in the scope (direct writes, abort).
+        transport.install()
         # hypercorn logs through this logger only (not its own stderr handler);
         # the entry point configures handlers.
         config.errorlog = logging.getLogger("hypercorn.error")

@@ -341,6 +341,32 @@ class DeliveriesMarked(msgspec.Struct, kw_only=True):
     seqs: list[int]
 
 
+class MailboxSummary(msgspec.Struct, kw_only=True):
+    """One agent's mailbox as its workspace's owner sees it: presence and delivery counts.
+
+    pending: unacked rows (queued + delivered + failed); deferred: the queued
+    ones held until a later time; dead_lettered: dead letters still kept
+    (until the retention sweep). oldest_unacked_*: the oldest pending row
+    (null when none). last_seq / acked_seq: the highest seq allocated and the
+    cumulative ack mark.
+    """
+
+    agent_id: str
+    agent_name: str
+    status: str
+    last_seen: str | None
+    pending: int
+    queued: int
+    delivered: int
+    failed: int
+    deferred: int
+    dead_lettered: int
+    oldest_unacked_at: str | None
+    oldest_unacked_age_ms: int | None
+    last_seq: int
+    acked_seq: int
+
+
 class UnreadChannel(msgspec.Struct, kw_only=True):
     channel_id: str
     channel_name: str

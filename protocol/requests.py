@@ -171,6 +171,17 @@ class SendDm(Request):
     attachments: list[str] = msgspec.field(default_factory=list)
 
 
+class ListConversations(Request):
+    """A page of conversations: `before` is an activity id (exclusive), no limit: all.
+
+    agent: the workspace key's filter, only the conversations of this agent.
+    """
+
+    agent: str | None = None
+    before: str | None = None
+    limit: int | None = None
+
+
 class DmMessages(Page, kw_only=True):
     conversation_id: str
 
@@ -220,6 +231,12 @@ class ListDeliveries(Request):
     limit: int | None = None
     after_seq: int | None = None
     before: str | None = None
+
+
+class AgentDeliveries(ListDeliveries, kw_only=True):
+    """The deliveries of the agent called `name` (the workspace key's read)."""
+
+    name: str
 
 
 class DeliveryRef(Request):

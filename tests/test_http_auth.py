@@ -6,7 +6,8 @@ agent's token and a deleted workspace's key (401 invalid_token), the wrong
 kind of token (403 forbidden, for routes that take only one kind), and a
 valid token of another workspace aimed at this workspace's channels,
 messages, conversations, agents and deliveries (404, never the data; routes
-that name nothing of the first workspace act on the caller's own workspace).
+that name nothing of the first workspace act on the caller's own workspace);
+on the reads both kinds take, another workspace's agent token and its key.
 """
 
 from __future__ import annotations
@@ -132,6 +133,9 @@ FOREIGN: dict[str, tuple[int, str | None]] = {
     "agent.update": (404, "agent_not_found"),
     "agent.deactivate": (404, "agent_not_found"),
     "agent.rotate_token": (404, "agent_not_found"),
+    "agent.mailbox": (404, "agent_not_found"),
+    "agent.deliveries": (404, "agent_not_found"),
+    "mailbox.list": (200, None),
     "channel.create": (201, None),
     "channel.list": (200, None),
     "channel.get": (404, "channel_not_found"),
@@ -239,6 +243,10 @@ async def test_auth_matrix(client: httpx.AsyncClient, route: Any) -> None:
     foreign = target.b.key if auth == "workspace" else target.b.tokens["xavier"]
     results["another workspace's token"] = await attempt(bearer(foreign))
     expected["another workspace's token"] = FOREIGN[route.operation]
+    if auth == "any" and route.method == "GET":
+        # The workspace key reads all of its own workspace, and no more of another.
+        results["another workspace's key"] = await attempt(bearer(target.b.key))
+        expected["another workspace's key"] = FOREIGN[route.operation]
     assert results == expected
 
 

@@ -130,7 +130,11 @@ async def test_sdk_drives_the_rest_api(server: BrokerServer) -> None:
 
 
 def test_lockfile_pins_the_sdk() -> None:
+    """Exact versions, locked: the Relaycast SDK and the MCP Inspector CLI
+    (tests/test_mcp_inspector.py)."""
     lock = json.loads((INTEROP / "package-lock.json").read_text())
     assert lock["packages"]["node_modules/@relaycast/sdk"]["version"] == "6.0.2"
+    assert lock["packages"]["node_modules/@modelcontextprotocol/inspector-cli"]["version"] \
+        == "1.0.3"
     assert json.loads((INTEROP / "package.json").read_text())["dependencies"] == {
-        "@relaycast/sdk": "6.0.2"}
+        "@relaycast/sdk": "6.0.2", "@modelcontextprotocol/inspector-cli": "1.0.3"}

@@ -35,7 +35,8 @@ SERVER_TYPES: dict[str, dict[str, type[Any]]] = {
           "event": fr.Event, "ping": fr.ServerPing, "pong": fr.ServerPong},
     "NS": {"reply": fr.NodeReply, "deliver": fr.NodeDeliver, "error": fr.NodeError,
            "context.update": ContextUpdate},
-    "OS": {"pong": fr.FlatPong, "resync_ack": fr.ResyncAck, "error": fr.FlatError},
+    "OS": {"pong": fr.FlatPong, "resync_ack": fr.ResyncAck, "error": fr.FlatError,
+           "reply": fr.Reply},
 }
 
 

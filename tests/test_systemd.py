@@ -102,3 +102,21 @@ def test_unit_passes_verify_and_security_rating(tmp_path: Path) -> None:
     line = [x for x in security.stdout.splitlines() if "Overall exposure level" in x][0]
     score = float(line.split(":")[1].split()[0])
     assert score <= 2.0, line
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze is not installed on this machine")
+def test_unit_tls_credentials_pass_verify(tmp_path: Path) -> None:
+    """The unit's commented TLS lines (LoadCredential=, %d) are valid once uncommented."""
+    unit = unit_for_this_machine(tmp_path)
+    text = unit.read_text()
+    tls_lines = [line for line in text.splitlines()
+                 if line.startswith(("#LoadCredential=", "#Environment=BROKER_HTTP_TLS_"))]
+    assert len(tls_lines) == 3, tls_lines
+    for line in tls_lines:
+        text = text.replace(line, line[1:])
+    unit.write_text(text)
+    verify = subprocess.run(["systemd-analyze", "verify", str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0, verify.stderr
+    assert verify.stderr.strip() == "", verify.stderr

@@ -5,15 +5,18 @@ a message of a channel is visible to the channel's current members, a
 message of a DM or group DM conversation to its active participants (not
 those who left). Everything else, including a message of another workspace,
 is `message_not_found`, so an error never tells an outsider that the id
-exists. The write commands (thread reply, reactions, mark read) use the same
-function inside the writer's transaction.
+exists. The write commands (thread reply, reactions, mark read) use the
+same function inside the writer's transaction. The workspace's owner (its
+key: `OWNER`, no agent, in the reads) sees every message of its workspace,
+and still nothing of another.
 
 Channel history is for members only (`not_a_member` otherwise), although
 channels are public and anyone in the workspace may join: reading is what
 membership is for, and the same rule keeps search, history and the thread
 reads consistent (an agent reads what it could be delivered). An agent that
 wants the history joins first; `get_channel` and `list_channels` describe a
-channel to any agent of the workspace without its messages.
+channel to any agent of the workspace without its messages. The owner (the
+workspace key) reads every channel's history, archived ones too.
 
 Pages: cursors are message ids (exclusive bounds; they need not exist).
 Channel history comes newest first; with `after` the page is the `limit`
@@ -32,7 +35,7 @@ import msgspec
 from broker.engine import validation
 from broker.engine.errors import BrokerError
 from broker.engine.history import cursor, load_messages, page_limit, top_level_page
-from broker.engine.lookups import require_agent, require_channel
+from broker.engine.lookups import ChannelRow, require_agent, require_channel
 from protocol.objects import Channel, ChannelMember, Message, Thread, iso
 
 _metadata_decoder = msgspec.json.Decoder(dict[str, Any])
@@ -56,10 +59,14 @@ class MessageRow(msgspec.Struct, frozen=True):
         return self.id if self.thread_id is None else self.thread_id
 
 
+# The reader of a query that is the workspace's owner (its key), not an agent.
+OWNER = None
+
+
 def require_visible_message(
-    conn: apsw.Connection, workspace_id: int, agent_id: int, message_id: str | int
+    conn: apsw.Connection, workspace_id: int, agent_id: int | None, message_id: str | int
 ) -> MessageRow:
-    """The message `message_id` of this workspace, if `agent_id` may see it.
+    """The message `message_id` of this workspace, if `agent_id` may see it (OWNER: any).
 
     Raises BrokerError("message_not_found") for a malformed or unknown id, a
     message of another workspace, or one the agent may not see.
@@ -70,13 +77,13 @@ def require_visible_message(
         " m.thread_id, m.agent_id, a.id IS NOT NULL AND a.deactivated_at IS NULL"
         " FROM messages m LEFT JOIN channels c ON c.id = m.channel_id"
         " LEFT JOIN agents a ON a.id = m.agent_id"
-        " WHERE m.id = ? AND m.workspace_id = ? AND ("
-        "  EXISTS (SELECT 1 FROM channel_members cm"
-        "          WHERE cm.channel_id = m.channel_id AND cm.agent_id = ?)"
+        " WHERE m.id = ?1 AND m.workspace_id = ?2 AND (?3 IS NULL"
+        "  OR EXISTS (SELECT 1 FROM channel_members cm"
+        "          WHERE cm.channel_id = m.channel_id AND cm.agent_id = ?3)"
         "  OR EXISTS (SELECT 1 FROM conversation_participants p"
-        "          WHERE p.conversation_id = m.conversation_id AND p.agent_id = ?"
+        "          WHERE p.conversation_id = m.conversation_id AND p.agent_id = ?3"
         "          AND p.left_at IS NULL))",
-        (mid, workspace_id, agent_id, agent_id),
+        (mid, workspace_id, agent_id),
     ).fetchone()
     if row is None:
         raise BrokerError("message_not_found", f"message {message_id!r} not found")
@@ -166,35 +173,49 @@ def get_channel(conn: apsw.Connection, workspace_id: int, name: str) -> Channel:
 # -- messages ------------------------------------------------------------------------
 
 
+def require_readable_channel(
+    conn: apsw.Connection, workspace_id: int, agent_id: int | None, channel: str
+) -> ChannelRow:
+    """Channel `channel`, if the reader may read its messages (a member; OWNER: any).
+
+    Raises agent_not_found, channel_not_found, not_a_member.
+    """
+    if agent_id is OWNER:
+        return require_channel(conn, workspace_id, channel)
+    require_agent(conn, workspace_id, agent_id)
+    found = require_channel(conn, workspace_id, channel, agent_id)
+    if not found.is_member:
+        raise BrokerError("not_a_member", f"you are not a member of channel {found.name!r}")
+    return found
+
+
 def channel_messages(
-    conn: apsw.Connection, workspace_id: int, agent_id: int, channel: str,
+    conn: apsw.Connection, workspace_id: int, agent_id: int | None, channel: str,
     before: str | None = None, after: str | None = None, limit: int | None = None,
 ) -> list[Message]:
     """A page of a channel's top-level messages, newest first (replies are in threads).
 
+    agent_id: the reader, or OWNER (any channel of the workspace, archived too).
     Raises agent_not_found, channel_not_found, not_a_member, invalid_limit,
     invalid_cursor (a cursor that is not an id).
     """
     size = page_limit(limit)
     low, high = cursor(after), cursor(before)
-    require_agent(conn, workspace_id, agent_id)
-    found = require_channel(conn, workspace_id, channel, agent_id)
-    if not found.is_member:
-        raise BrokerError("not_a_member", f"you are not a member of channel {found.name!r}")
+    found = require_readable_channel(conn, workspace_id, agent_id, channel)
     return top_level_page(conn, "channel_id", found.id, low, high, size)
 
 
 def get_message(
-    conn: apsw.Connection, workspace_id: int, agent_id: int, message_id: str
+    conn: apsw.Connection, workspace_id: int, agent_id: int | None, message_id: str
 ) -> Message:
-    """One message the agent may see. Raises message_not_found."""
+    """One message the agent (or OWNER) may see. Raises message_not_found."""
     found = require_visible_message(conn, workspace_id, agent_id, message_id)
     (message,) = load_messages(conn, [found.id])
     return message
 
 
 def get_thread(
-    conn: apsw.Connection, workspace_id: int, agent_id: int, message_id: str,
+    conn: apsw.Connection, workspace_id: int, agent_id: int | None, message_id: str,
     before: str | None = None, after: str | None = None, limit: int | None = None,
 ) -> Thread:
     """The thread of `message_id` (a root or any reply): the root and a page of replies.

@@ -40,7 +40,7 @@ import msgspec
 from broker.engine import validation
 from broker.engine.errors import BrokerError
 from broker.engine.events import emit_ephemeral
-from broker.engine.history import cursor, load_messages, page_limit, top_level_page
+from broker.engine.history import MAX_LIMIT, cursor, load_messages, page_limit, top_level_page
 from broker.engine.idempotency import once
 from broker.engine.ids import COUNTER_BITS
 from broker.engine.lookups import AgentRow, agent_by_name, require_agent
@@ -87,7 +87,7 @@ class ConversationRow(msgspec.Struct, frozen=True):
 
 
 def require_conversation(
-    conn: apsw.Connection, workspace_id: int, conversation_id: str | int, agent_id: int
+    conn: apsw.Connection, workspace_id: int, conversation_id: str | int, agent_id: int | None
 ) -> ConversationRow:
     """The conversation `conversation_id` of this workspace, with `agent_id`'s participation.
 
@@ -451,21 +451,47 @@ def last_message(message: Message) -> DmLastMessage:
 
 
 def dm_conversations(
-    conn: apsw.Connection, workspace_id: int, agent_id: int
+    conn: apsw.Connection, workspace_id: int, agent_id: int | None, member: str | None = None,
+    before: str | None = None, limit: int | None = None,
 ) -> list[DmConversationSummary]:
-    """The agent's 1:1 and group conversations, most recent activity first.
+    """The reader's 1:1 and group conversations, most recent activity first.
 
+    agent_id: the reader, or None for the workspace's owner, who sees every
+    conversation of the workspace (or, with `member`, those the agent of that
+    name is an active participant of) with an unread count of 0.
+    A conversation's activity is the id of its newest top-level message, or
+    its own id while it has none (both are time-ordered ids). before: only
+    conversations whose activity is below it (a page's last activity);
+    limit: at most this many (1..MAX_LIMIT; None: all of them).
     Each has its active participants, its newest top-level message and the
-    agent's unread count. Raises agent_not_found.
+    agent's unread count. Raises agent_not_found, invalid_cursor, invalid_limit.
     """
-    require_agent(conn, workspace_id, agent_id)
+    size = None if limit is None else page_limit(limit, maximum=MAX_LIMIT)
+    below = cursor(before)
+    if agent_id is not None:
+        require_agent(conn, workspace_id, agent_id)
+        participant: int | None = agent_id
+    elif member is not None:
+        participant = agent_by_name(conn, workspace_id, member).id
+    else:
+        participant = None
+    # Every conversation of the workspace (conversations_workspace), or one
+    # agent's participations (conversation_participants_agent).
+    source = (
+        "FROM conversations c WHERE c.workspace_id = ?1"
+        if participant is None else
+        "FROM conversation_participants p JOIN conversations c ON c.id = p.conversation_id"
+        " WHERE p.agent_id = ?2 AND p.left_at IS NULL AND c.workspace_id = ?1"
+    )
     rows = conn.execute(
-        "SELECT c.id, c.kind, c.name, c.created_at,"
+        "SELECT id, kind, name, created_at, last FROM ("
+        " SELECT c.id, c.kind, c.name, c.created_at,"
         " (SELECT max(m.id) FROM messages m"
-        "  WHERE m.conversation_id = c.id AND m.thread_id IS NULL)"
-        " FROM conversation_participants p JOIN conversations c ON c.id = p.conversation_id"
-        " WHERE p.agent_id = ? AND p.left_at IS NULL AND c.workspace_id = ?",
-        (agent_id, workspace_id),
+        "  WHERE m.conversation_id = c.id AND m.thread_id IS NULL) AS last "
+        + source + ") WHERE max(id, coalesce(last, 0)) < ?3"
+        " ORDER BY max(id, coalesce(last, 0)) DESC LIMIT ?4",
+        (workspace_id, participant, 2**63 - 1 if below is None else below,
+         -1 if size is None else size),
     ).fetchall()
     if not rows:
         return []
@@ -482,10 +508,7 @@ def dm_conversations(
             ConversationParticipant(agent_id=str(pid), agent_name=cast(str, pname)))
     last_ids = [cast(int, r[4]) for r in rows if r[4] is not None]
     last = {int(m.id): last_message(m) for m in load_messages(conn, last_ids)}
-    unread = unread_conversations(conn, workspace_id, agent_id)
-    # Conversation ids are time-ordered too, so an empty conversation sorts
-    # by its creation among the others' newest messages.
-    rows.sort(key=lambda r: max(cast(int, r[0]), cast("int | None", r[4]) or 0), reverse=True)
+    unread = {} if agent_id is None else unread_conversations(conn, workspace_id, agent_id)
     return [
         DmConversationSummary(
             id=str(r[0]), type=CONVERSATION_TYPES[cast(str, r[1])], name=cast("str | None", r[2]),
@@ -499,11 +522,13 @@ def dm_conversations(
 
 
 def dm_messages(
-    conn: apsw.Connection, workspace_id: int, agent_id: int, conversation_id: str,
+    conn: apsw.Connection, workspace_id: int, agent_id: int | None, conversation_id: str,
     before: str | None = None, after: str | None = None, limit: int | None = None,
 ) -> list[Message]:
     """A page of a 1:1 or group conversation's top-level messages, newest first.
 
+    agent_id: the reader (an active participant), or None for the
+    workspace's owner (any conversation of the workspace).
     Cursors are message ids (exclusive, need not exist); with `after`, the
     page is the `limit` messages right after it, still newest first (as
     channel history). Raises agent_not_found, conversation_not_found,
@@ -511,6 +536,9 @@ def dm_messages(
     """
     size = page_limit(limit)
     low, high = cursor(after), cursor(before)
-    require_agent(conn, workspace_id, agent_id)
-    conversation = require_participant(conn, workspace_id, conversation_id, agent_id)
+    if agent_id is None:
+        conversation = require_conversation(conn, workspace_id, conversation_id, None)
+    else:
+        require_agent(conn, workspace_id, agent_id)
+        conversation = require_participant(conn, workspace_id, conversation_id, agent_id)
     return top_level_page(conn, "conversation_id", conversation.id, low, high, size)

@@ -68,7 +68,13 @@ from broker.engine.events import notify_sessions
 from broker.engine.history import page_limit
 from broker.engine.validation import MAX_ID
 from broker.engine.writer import Tx
-from protocol.objects import AckResult, DeliveriesMarked, DeliveryTransition
+from protocol.objects import (
+    AckResult,
+    DeliveriesMarked,
+    DeliveryTransition,
+    MailboxSummary,
+    iso,
+)
 
 State = Literal["queued", "delivered", "acked", "failed", "dead_lettered"]
 PENDING_STATES: tuple[State, ...] = ("queued", "delivered", "failed")
@@ -258,6 +264,49 @@ def list_settled(
         )
         for (seq, attempts, type_, message_id, log_id, payload, available_at, expires_at,
              created_at, updated_at) in rows
+    ]
+
+
+# The pending rows of each agent are those above its ack mark (the mark's
+# invariant), a range of the primary key as deep as the mailbox; dead letters
+# (below the mark too) are counted in their partial index.
+_SUMMARY_SQL = (
+    "SELECT a.id, a.name, a.status, a.last_seen, a.last_seq, a.acked_seq,"
+    " count(d.seq), coalesce(sum(d.state = 'queued'), 0),"
+    " coalesce(sum(d.state = 'delivered'), 0), coalesce(sum(d.state = 'failed'), 0),"
+    " coalesce(sum(d.state = 'queued' AND d.available_at > ?3), 0), min(d.created_at),"
+    " (SELECT count(*) FROM deliveries x INDEXED BY deliveries_dead_lettered"
+    "  WHERE x.agent_id = a.id AND x.state = 'dead_lettered')"
+    " FROM agents a LEFT JOIN deliveries d ON d.agent_id = a.id AND d.seq > a.acked_seq"
+    f" AND d.state IN {_PENDING_SQL}"
+    " WHERE a.workspace_id = ?1 AND a.deactivated_at IS NULL AND (?2 IS NULL OR a.name = ?2)"
+    " GROUP BY a.id ORDER BY a.name"
+)
+
+
+def mailbox_summaries(
+    conn: apsw.Connection, workspace_id: int, now_ms: int, name: str | None = None
+) -> list[MailboxSummary]:
+    """Each active agent's mailbox (only the agent called `name`, if given), by agent name.
+
+    now_ms: the time the ages and the deferred count are taken at (epoch ms).
+    Raises agent_not_found when `name` names no active agent of the workspace.
+    """
+    rows = conn.execute(_SUMMARY_SQL, (workspace_id, name, now_ms)).fetchall()
+    if name is not None and not rows:
+        raise BrokerError("agent_not_found", f"agent {name!r} not found")
+    return [
+        MailboxSummary(
+            agent_id=str(agent_id), agent_name=cast(str, agent_name), status=cast(str, status),
+            last_seen=iso(cast("int | None", last_seen)), pending=cast(int, pending),
+            queued=cast(int, queued), delivered=cast(int, delivered), failed=cast(int, failed),
+            deferred=cast(int, deferred), dead_lettered=cast(int, dead),
+            oldest_unacked_at=iso(cast("int | None", oldest)),
+            oldest_unacked_age_ms=None if oldest is None else max(0, now_ms - cast(int, oldest)),
+            last_seq=cast(int, last_seq), acked_seq=cast(int, acked_seq),
+        )
+        for (agent_id, agent_name, status, last_seen, last_seq, acked_seq, pending, queued,
+             delivered, failed, deferred, oldest, dead) in rows
     ]
 
 

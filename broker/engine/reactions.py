@@ -138,9 +138,9 @@ class RemoveReaction(_Reaction, frozen=True, kw_only=True):
 
 
 def list_reactions(
-    conn: apsw.Connection, workspace_id: int, agent_id: int, message_id: str
+    conn: apsw.Connection, workspace_id: int, agent_id: int | None, message_id: str
 ) -> list[ReactionGroup]:
-    """The reactions of a message the agent can see, grouped by emoji in order of first use.
+    """The reactions of a message the agent (or OWNER) can see, by emoji in order of first use.
 
     Raises message_not_found.
     """

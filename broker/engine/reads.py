@@ -29,10 +29,9 @@ from typing import cast
 import apsw
 import msgspec
 
-from broker.engine.channel_queries import require_visible_message
-from broker.engine.errors import BrokerError
+from broker.engine.channel_queries import OWNER, require_readable_channel, require_visible_message
 from broker.engine.events import record_event
-from broker.engine.lookups import require_agent, require_channel
+from broker.engine.lookups import require_agent
 from broker.engine.writer import Tx
 from protocol.objects import (
     MESSAGE_EVENTS,
@@ -131,13 +130,14 @@ class MarkRead(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def readers(
-    conn: apsw.Connection, workspace_id: int, agent_id: int, message_id: str
+    conn: apsw.Connection, workspace_id: int, agent_id: int | None, message_id: str
 ) -> list[ReaderInfo]:
-    """Who has read a message the agent can see, first reader first.
+    """Who has read a message the agent (or OWNER) can see, first reader first.
 
     Raises agent_not_found, message_not_found.
     """
-    require_agent(conn, workspace_id, agent_id)
+    if agent_id is not OWNER:
+        require_agent(conn, workspace_id, agent_id)
     message = require_visible_message(conn, workspace_id, agent_id, message_id)
     rows = conn.execute(
         "SELECT r.agent_id, a.name, r.read_at FROM read_receipts r"
@@ -152,16 +152,13 @@ def readers(
 
 
 def channel_read_status(
-    conn: apsw.Connection, workspace_id: int, agent_id: int, channel: str
+    conn: apsw.Connection, workspace_id: int, agent_id: int | None, channel: str
 ) -> list[ChannelReadStatus]:
-    """Each member's last-read pointer in a channel the agent is a member of, by name.
+    """Each member's last-read pointer in a channel the agent is a member of (OWNER: any), by name.
 
     Raises agent_not_found, channel_not_found, not_a_member.
     """
-    require_agent(conn, workspace_id, agent_id)
-    found = require_channel(conn, workspace_id, channel, agent_id)
-    if not found.is_member:
-        raise BrokerError("not_a_member", f"you are not a member of channel {found.name!r}")
+    found = require_readable_channel(conn, workspace_id, agent_id, channel)
     rows = conn.execute(
         "SELECT a.name, m.last_read_id, m.last_read_at FROM channel_members m"
         " JOIN agents a ON a.id = m.agent_id WHERE m.channel_id = ? ORDER BY a.name",

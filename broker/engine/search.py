@@ -4,7 +4,8 @@ The FTS5 index `messages_fts` (kept in sync with `messages` by triggers)
 finds the candidates; the same visibility rule as every other read keeps the
 results to messages the agent could be delivered: the channels it is a
 member of, and the conversations it is an active participant of (see
-`channel_queries.require_visible_message`). Results are ranked by bm25,
+`channel_queries.require_visible_message`); the workspace's owner (OWNER)
+searches every channel and conversation of its workspace. Results are ranked by bm25,
 best first; `relevance_score` is the negated rank, so higher is better.
 
 Query syntax: the query is first given to FTS5 as written, so agents that
@@ -23,9 +24,10 @@ from typing import cast
 import apsw
 import msgspec
 
+from broker.engine.channel_queries import OWNER, require_readable_channel
 from broker.engine.errors import BrokerError
 from broker.engine.history import load_messages, page_limit
-from broker.engine.lookups import require_agent, require_channel
+from broker.engine.lookups import require_agent
 from protocol.objects import SearchResult
 
 DEFAULT_RESULTS = 20
@@ -35,14 +37,15 @@ MAX_QUERY_CHARS = 1000
 _SEARCH = (
     "SELECT m.id, bm25(messages_fts) FROM messages_fts"
     " JOIN messages m ON m.id = messages_fts.rowid"
-    " WHERE messages_fts MATCH ? AND m.workspace_id = ?"
-    " AND (? IS NULL OR m.channel_id = ?) AND (? IS NULL OR m.agent_id = ?)"
-    " AND (EXISTS (SELECT 1 FROM channel_members cm"
-    "              WHERE cm.channel_id = m.channel_id AND cm.agent_id = ?)"
+    " WHERE messages_fts MATCH ?1 AND m.workspace_id = ?2"
+    " AND (?3 IS NULL OR m.channel_id = ?3) AND (?4 IS NULL OR m.agent_id = ?4)"
+    " AND (?5 IS NULL"
+    "      OR EXISTS (SELECT 1 FROM channel_members cm"
+    "              WHERE cm.channel_id = m.channel_id AND cm.agent_id = ?5)"
     "      OR EXISTS (SELECT 1 FROM conversation_participants p"
-    "              WHERE p.conversation_id = m.conversation_id AND p.agent_id = ?"
+    "              WHERE p.conversation_id = m.conversation_id AND p.agent_id = ?5"
     "              AND p.left_at IS NULL))"
-    " ORDER BY bm25(messages_fts), m.id DESC LIMIT ?"
+    " ORDER BY bm25(messages_fts), m.id DESC LIMIT ?6"
 )
 
 
@@ -52,10 +55,10 @@ def as_plain_words(query: str) -> str:
 
 
 def search_messages(
-    conn: apsw.Connection, workspace_id: int, agent_id: int, query: str,
+    conn: apsw.Connection, workspace_id: int, agent_id: int | None, query: str,
     channel: str | None = None, author: str | None = None, limit: int | None = None,
 ) -> list[SearchResult]:
-    """Messages the agent may read that match `query`, best match first.
+    """Messages the agent (or OWNER: the whole workspace) may read that match `query`, best first.
 
     channel: only this channel (the agent must be a member).
     author: only messages by the agent of this name (deactivated ones too).
@@ -68,13 +71,11 @@ def search_messages(
     if not text or len(text) > MAX_QUERY_CHARS:
         raise BrokerError("invalid_query",
                           f"a search query is 1-{MAX_QUERY_CHARS} characters and not blank")
-    require_agent(conn, workspace_id, agent_id)
+    if agent_id is not OWNER:
+        require_agent(conn, workspace_id, agent_id)
     channel_id: int | None = None
     if channel is not None:
-        found = require_channel(conn, workspace_id, channel, agent_id)
-        if not found.is_member:
-            raise BrokerError("not_a_member", f"you are not a member of channel {found.name!r}")
-        channel_id = found.id
+        channel_id = require_readable_channel(conn, workspace_id, agent_id, channel).id
     author_id: int | None = None
     if author is not None:
         row = conn.execute(
@@ -87,8 +88,7 @@ def search_messages(
     def run(match: str) -> list[apsw.SQLiteValues]:
         return conn.execute(
             _SEARCH,
-            (match, workspace_id, channel_id, channel_id, author_id, author_id, agent_id,
-             agent_id, size),
+            (match, workspace_id, channel_id, author_id, agent_id, size),
         ).fetchall()
 
     try:

@@ -46,7 +46,7 @@ from broker.engine.errors import BrokerError
 from broker.engine.facts import Fact
 from broker.engine.histogram import Histogram, HistogramSnapshot
 from broker.engine.ids import IdAllocator
-from protocol.objects import iso
+from protocol.objects import MESSAGE_EVENTS, iso
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,9 @@ class WriterStatistics:
     callers blocked because it is full. batches, commands: committed so
     far; failed_commands: commands that raised (their writes undone);
     failed_commits: batches whose COMMIT failed; replays: transactions
-    rolled back and applied again without a failed command.
+    rolled back and applied again without a failed command. messages:
+    messages committed (channel messages, thread replies, DMs, group DMs);
+    deliveries: durable delivery rows committed.
     mean_batch_size: commands per batch. batch_sizes: that distribution.
     commit_latency: seconds per batch from the event loop; queue_wait:
     seconds a command waited for its batch; apply_time and sync_time:
@@ -164,6 +166,8 @@ class WriterStatistics:
     failed_commands: int
     failed_commits: int
     replays: int
+    messages: int
+    deliveries: int
     mean_batch_size: float
     batch_sizes: HistogramSnapshot
     commit_latency: HistogramSnapshot
@@ -224,6 +228,10 @@ class WriterActor:
         self.failed_commands = 0
         self.failed_commits = 0
         self.replays = 0
+        # Committed messages (channel, thread, DM, group DM) and the durable
+        # deliveries written for them: the console's sends/s and deliveries/s.
+        self.messages = 0
+        self.deliveries = 0
         self.batch_sizes = Histogram(BATCH_SIZE_BUCKETS)
         self.commit_latency = Histogram(COMMIT_LATENCY_BUCKETS)
         # Where a command's time goes: waiting in the queue for its batch,
@@ -398,6 +406,10 @@ class WriterActor:
             else:
                 self.failed_commands += 1
             pending.done.set()
+        for fact in facts:
+            self.deliveries += len(fact.deliveries)
+            if fact.type in MESSAGE_EVENTS:
+                self.messages += 1
         for name in sorted(signals):
             for callback in tuple(self._on_commit.get(name, ())):
                 callback()
@@ -500,6 +512,8 @@ class WriterActor:
             failed_commands=self.failed_commands,
             failed_commits=self.failed_commits,
             replays=self.replays,
+            messages=self.messages,
+            deliveries=self.deliveries,
             mean_batch_size=self.batch_sizes.mean,
             batch_sizes=self.batch_sizes.snapshot(),
             commit_latency=self.commit_latency.snapshot(),

@@ -12,6 +12,8 @@ The token decides the role of a socket at the handshake: an agent token on
 opens an observer (`broker.gateway.observer`), a node token on
 `/v1/node/ws` opens a node socket (`broker.gateway.node`). A missing or
 refused token gets HTTP 401 with the REST error body, before any upgrade.
+An agent's socket answers the requests of the operations an agent token may
+call, an observer's those of the workspace key (docs/protocol.md).
 
 Caps and limits (`broker.ratelimit`, docs/operations.md): a socket past
 `max_sessions_per_agent` (native and node sockets of one agent) is accepted
@@ -72,6 +74,10 @@ log = logging.getLogger(__name__)
 SESSION_FRAME_TYPES = frozenset({"delivery.ack", "ping", "pong"})
 # Operations a socket may call: those an agent token may call.
 SOCKET_AUTH = frozenset({"agent", "any"})
+# An observer's requests: every operation that takes a token, so that one an
+# agent token needs is answered `forbidden` (Session.answer), not ignored as
+# an unknown type; the workspace key's run.
+OBSERVER_AUTH = frozenset({"agent", "workspace", "any"})
 # Values of `/v1/ws?batch=`: absent or "0", one `deliver` frame per delivery;
 # "1", `deliver.batch` frames (docs/protocol.md). Anything else is refused.
 BATCH_VALUES = frozenset({None, "0", "1"})
@@ -116,12 +122,15 @@ class Gateway:
         self, engine: Engine, settings: GatewaySettings | None = None,
         on_sessions: Callable[[int], object] | None = None,
         on_request: Callable[[str, float], object] | None = None,
-        limiter: RateLimiter | None = None,
+        limiter: RateLimiter | None = None, public_url: str | None = None,
     ) -> None:
         """on_sessions: told the number of open sessions whenever it changes (a gauge);
         on_request: told each socket request's operation and seconds (a histogram);
-        limiter: the rate limits, shared with the REST app (None: no limits)."""
+        limiter: the rate limits, shared with the REST app (None: no limits);
+        public_url: the base of the absolute URLs that replies hand out (`http.public_url`;
+        None: root-relative URLs)."""
         self.engine = engine
+        self.public_url = public_url
         self.settings = settings or GatewaySettings()
         self.limiter = limiter or RateLimiter(UNLIMITED)
         # Sockets admitted and not yet ended: all of them, and by agent. Taken
@@ -138,30 +147,41 @@ class Gateway:
             engine, self.hub, heartbeat_timeout_seconds=self.settings.heartbeat_timeout_seconds)
         self.sessions: set[Session] = set()
         self.slow_closes = 0
+        # Request frame type -> its operation, for both kinds of socket (each
+        # kind's frames are classes of their own).
         self.request_operations: dict[type, Operation[Any]] = {}
-        request_frames: list[type[msgspec.Struct]] = []
-        for name, op in sorted(OPERATIONS.items()):
-            if op.auth not in SOCKET_AUTH or name in SESSION_FRAME_TYPES:
-                continue
-            try:
-                frame = fr.request_frame(name, op.input)
-            except ValueError as exc:
-                log.error("gateway: operation %s is not available on sockets: %s", name, exc)
-                continue
-            request_frames.append(frame)
-            self.request_operations[frame] = op
-        native = (*fr.NATIVE_CONTROL_FRAMES, *request_frames)
+        native = (*fr.NATIVE_CONTROL_FRAMES, *self._request_frames(SOCKET_AUTH))
+        observer = (*fr.OBSERVER_INBOUND_FRAMES, *self._request_frames(OBSERVER_AUTH))
         limit = self.settings.max_frame_bytes
         self.native_json = Codec(native, max_frame_bytes=limit)
         self.native_msgpack = Codec(native, msgpack=True, max_frame_bytes=limit)
         self.node_codec = Codec(fr.NODE_INBOUND_FRAMES, max_frame_bytes=limit)
-        self.observer_codec = Codec(fr.OBSERVER_INBOUND_FRAMES, max_frame_bytes=limit,
-                                    version=None)
+        self.observer_codec = Codec(observer, max_frame_bytes=limit, version=None)
+
+    def _request_frames(self, auth: frozenset[str]) -> list[type[msgspec.Struct]]:
+        """A request frame for each operation of `auth`, each kept in `request_operations`."""
+        frames: list[type[msgspec.Struct]] = []
+        for name, op in sorted(OPERATIONS.items()):
+            if op.auth not in auth or name in SESSION_FRAME_TYPES:
+                continue
+            try:
+                frame = fr.request_frame(name, op.input)
+            except ValueError as exc:
+                # An agent's operation missing on its socket is a bug; one only the
+                # key calls may stay REST-only (agent.register: its `type` field is
+                # the frame's tag).
+                if op.auth in SOCKET_AUTH:
+                    log.error("gateway: operation %s is not available on sockets: %s", name, exc)
+                continue
+            frames.append(frame)
+            self.request_operations[frame] = op
+        return frames
 
     @property
     def request_types(self) -> frozenset[str]:
         """The request types a native session answers besides its own frames."""
-        return frozenset(op.name for op in self.request_operations.values())
+        return frozenset(op.name for op in self.request_operations.values()
+                         if op.auth in SOCKET_AUTH)
 
     # -- sessions ------------------------------------------------------------------------
 
@@ -286,7 +306,8 @@ class Gateway:
             return await resolve(token)
 
     async def _serve_ws(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ws = AsgiWebSocket(scope, receive, send)
+        ws = AsgiWebSocket(scope, receive, send,
+                           direct_writes=self.settings.direct_writes)
         try:
             await ws.wait_connect()
         except ConnectionClosed:
@@ -346,7 +367,8 @@ class Gateway:
         await self._run(session)
 
     async def _serve_node(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ws = AsgiWebSocket(scope, receive, send)
+        ws = AsgiWebSocket(scope, receive, send,
+                           direct_writes=self.settings.direct_writes)
         try:
             await ws.wait_connect()
         except ConnectionClosed:

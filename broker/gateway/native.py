@@ -23,14 +23,10 @@ from typing import Any, Literal
 
 import apsw
 import msgspec
-import trio
 
 from broker.engine.errors import BrokerError
-from broker.engine.workspaces import Principal
 from broker.gateway.delivery import DeliverySession
 from broker.gateway.views import FactView
-from broker.operations.registry import Call, Operation
-from broker.ratelimit import RateLimited
 from protocol import frames as fr
 
 log = logging.getLogger(__name__)
@@ -83,10 +79,6 @@ class AgentSession(DeliverySession):
     def credential_expiry(self) -> Callable[[apsw.Connection, int, int, bytes], int | None]:
         return token_expiry
 
-    @property
-    def principal(self) -> Principal:
-        return Principal(self.workspace_id, self.agent_id, self.agent_name)
-
     def delivery_frame(self, seq: int, view: FactView, redelivery: bool = False) -> Any:
         if redelivery:
             return Redeliver(seq=seq, delivery_id=fr.delivery_id(self.agent_id, seq),
@@ -105,17 +97,7 @@ class AgentSession(DeliverySession):
         elif isinstance(frame, fr.Pong):
             pass  # its arrival is what counts (last_received)
         else:
-            op = self.gateway.request_operations[type(frame)]
-            try:
-                # Before the request runs: a refused request writes nothing.
-                self.gateway.limiter.take_request(op.name, self.workspace_id, self.agent_id,
-                                                  "")
-            except RateLimited as exc:
-                # An error reply like any other; the session stays open.
-                self.queue.put(fr.Reply(re=frame.id, ok=False, error=fr.ErrorBody(
-                    exc.code, exc.message, retry_after_ms=exc.verdict.retry_after_ms)))
-                return
-            await self.spawn_request(self._request, op, frame, trio.current_time())
+            await self.answer(self.gateway.request_operations[type(frame)], frame)
 
     async def _ack(self, frame: fr.DeliveryAck) -> None:
         assert frame.id is not None
@@ -126,18 +108,3 @@ class AgentSession(DeliverySession):
             self.refuse(frame.id, exc.code, exc.message)
         else:
             self.queue.put(fr.Reply(re=frame.id, ok=True, data=result))
-
-    async def _request(self, op: Operation[Any], frame: Any, received: float) -> None:
-        """Run one request and queue its reply; `received`: trio time the frame was read."""
-        call = Call(self.principal, idempotency_key=frame.idempotency_key)
-        try:
-            result = await op.handler(self.engine, call, frame)
-        except BrokerError as exc:
-            self.refuse(frame.id, exc.code, exc.message)
-        except Exception:
-            log.exception("session %d: request %s (%s) failed", self.id, frame.id, op.name)
-            self.refuse(frame.id, "internal_error", "the broker failed to handle this request")
-        else:
-            self.queue.put(fr.Reply(re=frame.id, ok=True, data=result))
-        if self.gateway.on_request is not None:
-            self.gateway.on_request(op.name, trio.current_time() - received)

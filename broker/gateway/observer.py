@@ -11,7 +11,16 @@ Client frames (@relaycast/types `ClientEvent`): `subscribe` and
 (answered by `pong`), `resync` (answered by `resync_ack`; nothing is
 replayed, since the observer stream has no seq to resume from). A frame
 of a known type with wrong fields is answered with
-`{"type":"error","code":"invalid_request","message":...}`. Filter
+`{"type":"error","code":"invalid_request","message":...}`.
+
+Requests: the observer also answers the native request frames
+(`{"v":1,"id":"r1","type":"message.list","channel":"ops"}`, docs/protocol.md)
+of every operation the workspace key may call, with the native `reply`
+frame; the key is the workspace's owner, so these are its reads of every
+channel, conversation and mailbox of the workspace (and its management
+operations). A request of an operation that needs an agent token is
+answered `forbidden`; one that cannot be decoded but has an `id`, with the
+error as a `reply`. Filter
 rule: with no subscription the observer sees everything; once it has
 subscribed to channels, events that concern another channel are left out,
 and events that concern no channel (DMs, presence) still pass.
@@ -52,7 +61,10 @@ class ObserverSession(Session):
         return msgspec.Raw(view.flat_event()[0])
 
     async def handle(self, frame: Any) -> None:
-        if isinstance(frame, fr.Subscribe):
+        op = self.gateway.request_operations.get(type(frame))
+        if op is not None:
+            await self.answer(op, frame)
+        elif isinstance(frame, fr.Subscribe):
             self.channels.update(_names(frame.channels))
         elif isinstance(frame, fr.Unsubscribe):
             self.channels.difference_update(_names(frame.channels))
@@ -63,11 +75,16 @@ class ObserverSession(Session):
                                          replayed=0, gap_detected=False))
 
     def frame_error(self, err: FrameError) -> bool:
-        """Observer frames carry no id: a readable but wrong frame gets an error frame.
+        """A request's error is its reply; Relaycast frames carry no id: a readable but
+        wrong one gets an error frame.
 
-        Unknown types (a newer SDK's) are ignored; only bytes that are not a
-        document at all, or too large, close the socket.
+        Unknown types without an id (a newer SDK's) are ignored; only bytes
+        that are not a document at all, or too large, close the socket.
         """
+        if err.request_id is not None:
+            # A request (it has an id): its error is its reply.
+            self.refuse(err.request_id, err.code, err.message)
+            return True
         if err.code == "unknown_type":
             return True
         if err.code in ("invalid_request", "invalid_frame"):
@@ -76,7 +93,11 @@ class ObserverSession(Session):
         return super().frame_error(err)
 
     def refuse(self, request_id: str | None, code: str, message: str) -> None:
-        self.queue.put(fr.FlatError(code=code, message=message))
+        """A request's refusal is its `reply`; any other frame's a flat `error`."""
+        if request_id is not None:
+            super().refuse(request_id, code, message)
+        else:
+            self.queue.put(fr.FlatError(code=code, message=message))
 
     def final_error(self, code: str, message: str) -> Any:
         return fr.FlatError(code=code, message=message)

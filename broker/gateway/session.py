@@ -47,7 +47,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 import trio
 
+from broker.auth import authorize
 from broker.engine.engine import Engine
+from broker.engine.errors import BrokerError
+from broker.engine.workspaces import Principal
 from broker.gateway.deadline import Alarms, Deadline
 from broker.gateway.frame_queue import (
     DeliverItem,
@@ -60,8 +63,8 @@ from broker.gateway.recorder import DeliveryRecorder
 from broker.gateway.settings import GatewaySettings
 from broker.gateway.views import FactView
 from broker.gateway.websocket import ConnectionClosed, WebSocket
-from broker.operations.registry import Operation
-from broker.ratelimit import RateLimiter
+from broker.operations.registry import Call, Operation
+from broker.ratelimit import RateLimited, RateLimiter
 from protocol import frames as fr
 from protocol.codec import CloseCode, Codec, FrameError
 
@@ -82,6 +85,8 @@ class SessionHost(Protocol):
     settings: GatewaySettings
     recorder: DeliveryRecorder
     limiter: RateLimiter
+    # The base of absolute URLs in replies (`http.public_url`; None: root-relative).
+    public_url: str | None
     # Socket request frame type -> the operation it runs.
     request_operations: dict[type, Operation[Any]]
     # Told each socket request's operation and seconds, when set.
@@ -387,6 +392,46 @@ class Session:
     def final_error(self, code: str, message: str) -> Any:
         """The frame sent before closing on an unanswerable frame (None: send none)."""
         return fr.Reply(re=None, ok=False, error=fr.ErrorBody(code, message))
+
+    @property
+    def principal(self) -> Principal:
+        """Who the socket's requests run as (no agent: the workspace key)."""
+        return Principal(self.workspace_id, self.agent_id, self.agent_name)
+
+    async def answer(self, op: Operation[Any], frame: Any) -> None:
+        """Run request `frame` as operation `op` in a request task; its reply is queued.
+
+        The socket's token must be of a kind `op` takes (`forbidden`), and the
+        rate limits are taken first: a refused request writes nothing and gets
+        an error reply like any other (the session stays open).
+        """
+        try:
+            authorize(op.auth, self.principal)
+            self.gateway.limiter.take_request(op.name, self.workspace_id, self.agent_id, "")
+        except RateLimited as exc:
+            self.queue.put(fr.Reply(re=frame.id, ok=False, error=fr.ErrorBody(
+                exc.code, exc.message, retry_after_ms=exc.verdict.retry_after_ms)))
+            return
+        except BrokerError as exc:
+            self.refuse(frame.id, exc.code, exc.message)
+            return
+        await self.spawn_request(self._request, op, frame, trio.current_time())
+
+    async def _request(self, op: Operation[Any], frame: Any, received: float) -> None:
+        """Run one request and queue its reply; `received`: trio time the frame was read."""
+        call = Call(self.principal, idempotency_key=frame.idempotency_key,
+                    base_url=self.gateway.public_url)
+        try:
+            result = await op.handler(self.engine, call, frame)
+        except BrokerError as exc:
+            self.refuse(frame.id, exc.code, exc.message)
+        except Exception:
+            log.exception("session %d: request %s (%s) failed", self.id, frame.id, op.name)
+            self.refuse(frame.id, "internal_error", "the broker failed to handle this request")
+        else:
+            self.queue.put(fr.Reply(re=frame.id, ok=True, data=result))
+        if self.gateway.on_request is not None:
+            self.gateway.on_request(op.name, trio.current_time() - received)
 
     async def spawn_request(self, fn: Any, *args: Any) -> None:
         """Run `fn(*args)` as a request task, waiting while too many are in flight."""

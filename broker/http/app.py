@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.auth import authorize, bearer_token, resolve_token
 from broker.config import Settings
+from broker.console import console_routes
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
 from broker.engine.health import Probe
@@ -40,6 +41,7 @@ from broker.http.errors import encode_error, encode_success, status_for
 from broker.http.keepalive import CloseWhenBodyUnread
 from broker.http.metrics import CONTENT_TYPE, BrokerMetrics
 from broker.http.openapi import OPENAPI_PATH, build_openapi
+from broker.http.proxies import TrustedProxies
 from broker.http.routes import ROUTES, RestRoute
 from broker.operations import OPERATIONS
 from broker.operations.registry import Call, Existing, Operation, invoke
@@ -141,9 +143,10 @@ async def _checked_principal(
 
 def operation_endpoint(
     engine: Engine, route: RestRoute, op: Operation[Any], max_body_bytes: int,
-    limiter: RateLimiter | None = None,
+    limiter: RateLimiter | None = None, base_url: str | None = None,
 ) -> Callable[[Request], Awaitable[Response]]:
-    """The request handler that binds `route` to `op`; `limiter`: the rate limits (None: none)."""
+    """The request handler that binds `route` to `op`; `limiter`: the rate limits (None:
+    none); `base_url`: the daemon's public URL (None: the request's own)."""
     limiter = limiter or RateLimiter(UNLIMITED)
 
     async def endpoint(request: Request) -> Response:
@@ -160,7 +163,7 @@ def operation_endpoint(
                 fields.update(parse_body(await read_body(request, max_body_bytes)))
             fields.update(request.path_params)
             call = Call(principal, idempotency_key(request),
-                        base_url=str(request.base_url).rstrip("/"))
+                        base_url=base_url or str(request.base_url).rstrip("/"))
             result = await invoke(engine, op.name, call, fields)
             status = route.status
             if isinstance(result, Existing):
@@ -191,7 +194,8 @@ def rest_routes(
         op = OPERATIONS[route.operation]
         routes.append(Route(
             route.path,
-            operation_endpoint(engine, route, op, settings.http.max_body_bytes, limiter),
+            operation_endpoint(engine, route, op, settings.http.max_body_bytes, limiter,
+                               settings.http.base_url),
             methods=[route.method],
             name=f"{route.method} {route.path}",
         ))
@@ -278,7 +282,7 @@ def create_app(
     limiter: RateLimiter | None = None,
 ) -> Starlette:
     """The broker's ASGI app: REST under /v1, health, readiness, metrics, `/openapi.json`,
-    and `extra_routes`.
+    the web console at `/`, and `extra_routes`.
 
     metrics: the registry to report into (one is made when None); it is kept
     on `app.state.metrics`. limiter: the rate limits (one from `settings`
@@ -287,9 +291,9 @@ def create_app(
     metrics = metrics or BrokerMetrics(engine)
     limiter = limiter or RateLimiter(settings.rate_limits)
     routes = [*service_routes(engine, settings, metrics),
-              *rest_routes(engine, settings, limiter), *extra_routes]
+              *rest_routes(engine, settings, limiter), *extra_routes, *console_routes()]
     # Built once, from the routes just made: a route it cannot describe is an error here.
-    document = msgspec.json.encode(build_openapi(routes))
+    document = msgspec.json.encode(build_openapi(routes, public_url=settings.http.base_url))
 
     async def openapi(request: Request) -> Response:
         return Response(document, media_type=JSON)
@@ -302,6 +306,9 @@ def create_app(
     app.router.redirect_slashes = False
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(CloseWhenBodyUnread)
+    if settings.http.trusted_proxies:
+        # Outermost, so every part of the app keys by the real client.
+        app.add_middleware(TrustedProxies, trusted=settings.http.trusted_proxies)
     app.state.metrics = metrics
     app.state.limiter = limiter
     return app

@@ -35,6 +35,7 @@ EXACT_STATUS: dict[str, int] = {
     "file_deleted": 410,
     "payload_too_large": 413,
     "unsupported_media_type": 415,
+    "range_not_satisfiable": 416,
     "rate_limit_exceeded": 429,
     "internal_error": 500,
     "file_missing": 500,

@@ -16,11 +16,26 @@ than elsewhere; a request is counted in its workspace's bucket (and its
 agent's, with an agent token). The upload is written to disk while it
 streams in (never held in memory) and is recorded on the row only once it
 is durably in place (see broker.filestore).
+
+Downloads serve `HEAD`, byte ranges and conditional requests, as proxies,
+resuming clients and large files need. The bytes under a storage key never
+change (a new upload gets a new key), so the key makes a strong `ETag`.
+This module parses `Range` itself (RFC 9110 section 14) and hands
+starlette's FileResponse only a range it already normalized: starlette
+answers a range it cannot parse with a plain-text 400, refuses a whole set
+when one range in it is unsatisfiable, and does not read `If-None-Match`.
+Here an unparsable `Range` is ignored (the whole file, as the RFC allows),
+unsatisfiable ranges are dropped from a set (416 `range_not_satisfiable`
+only when none is left), overlapping or adjacent ranges are merged, and a
+set of more than MAX_RANGES is ignored (so a request cannot ask for the
+same bytes thousands of times).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
 from contextlib import aclosing
 from urllib.parse import quote
@@ -29,6 +44,7 @@ import trio
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from broker.auth import bearer_token, resolve_token
 from broker.engine import files
@@ -40,6 +56,10 @@ from broker.ratelimit import UNLIMITED, RateLimited, RateLimiter, Verdict, clien
 from protocol.files import CONTENT_PATH, UploadReceived
 
 log = logging.getLogger(__name__)
+
+# Ranges one request may ask for; a longer set is ignored (the whole file is sent).
+MAX_RANGES = 16
+_RANGE_SPEC = re.compile(r"([0-9]*)-([0-9]*)", re.ASCII)
 
 
 def file_routes(
@@ -168,24 +188,120 @@ async def _download(engine: Engine, store: FileStore, limiter: RateLimiter,
     if row.state != "complete" or row.storage_key is None:
         raise BrokerError("file_not_complete", f"file {file_id} has not finished uploading")
     path = store.path_of(row.storage_key)
-    if not await trio.to_thread.run_sync(path.is_file):
+    try:
+        stat = await trio.to_thread.run_sync(os.stat, path)
+    except FileNotFoundError:
         log.error("file %d is complete but its bytes %s are missing", row.id, row.storage_key)
-        raise BrokerError("file_missing", f"the bytes of file {file_id} are missing")
+        raise BrokerError("file_missing", f"the bytes of file {file_id} are missing") from None
+    etag = _etag(row.storage_key)
+    headers = {
+        "etag": etag,
+        "accept-ranges": "bytes",
+        # a deleted file must stop being served at once, from caches too
+        "cache-control": "private, no-store",
+    }
+    if limits is not None:
+        headers.update(limits.headers())
+    if _etag_matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers=headers)
+    ranges: list[tuple[int, int]] | None = None
+    asked = request.headers.get("range")
+    if asked is not None and request.headers.get("if-range", etag) == etag:
+        ranges = byte_ranges(asked, stat.st_size)
+        if ranges == []:
+            headers["content-range"] = f"bytes */{stat.st_size}"
+            return error_response("range_not_satisfiable",
+                                  f"no range of {asked!r} is within the file's"
+                                  f" {stat.st_size} bytes", headers=headers)
     # FileResponse opens the file only while it sends it and always closes
     # it, also when the client goes away before the body starts.
-    response = FileResponse(
-        path,
-        media_type=row.content_type,
+    return _FileRange(
+        path, ranges, stat_result=stat, media_type=row.content_type,
         headers={
+            **headers,
             "content-disposition": _attachment(row.filename),
             # never let a browser render an uploaded file as something else
             "x-content-type-options": "nosniff",
-            # a deleted file must stop being served at once, from caches too
-            "cache-control": "private, no-store",
         },
     )
-    _limit_headers(response, limits)
-    return response
+
+
+def byte_ranges(header: str, size: int) -> list[tuple[int, int]] | None:
+    """The byte ranges a `Range` header asks of `size` bytes, as sorted, disjoint
+    (first, last) pairs, inclusive.
+
+    None: the header is to be ignored (not bytes, unparsable, a last byte
+    before its first, more than MAX_RANGES). []: every range is unsatisfiable
+    (answer 416). Ranges past the end are dropped, ends past it are cut,
+    overlapping or adjacent ranges are merged.
+    """
+    unit, sep, specs = header.partition("=")
+    if not sep or unit.strip().lower() != "bytes":
+        return None
+    parts = [part.strip() for part in specs.split(",") if part.strip()]
+    if not parts or len(parts) > MAX_RANGES:
+        return None
+    wanted: list[tuple[int, int]] = []
+    for part in parts:
+        spec = _RANGE_SPEC.fullmatch(part)
+        if spec is None or spec.group(1) == spec.group(2) == "":
+            return None
+        first, last = spec.group(1), spec.group(2)
+        if first == "":  # the last N bytes
+            length = int(last)
+            if length > 0 and size > 0:
+                wanted.append((max(0, size - length), size - 1))
+            continue
+        start = int(first)
+        end = size - 1 if last == "" else int(last)
+        if last != "" and end < start:
+            return None
+        if start < size:
+            wanted.append((start, min(end, size - 1)))
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(wanted):
+        if merged and start <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+class _FileRange(FileResponse):
+    """A FileResponse that sends `ranges` (None: the whole file), already decided here.
+
+    It hands starlette the normalized ranges as the request's only range
+    header, so starlette's own parsing (which this module does not share)
+    never sees what the client sent.
+    """
+
+    def __init__(self, path: os.PathLike[str], ranges: list[tuple[int, int]] | None, *,
+                 stat_result: os.stat_result, media_type: str,
+                 headers: dict[str, str]) -> None:
+        super().__init__(path, stat_result=stat_result, media_type=media_type, headers=headers)
+        self.range = None if ranges is None else "bytes=" + ",".join(
+            f"{start}-{end}" for start, end in ranges)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(name, value) for name, value in scope["headers"]
+                   if name not in (b"range", b"if-range")]
+        if self.range is not None:
+            headers.append((b"range", self.range.encode("latin-1")))
+        await super().__call__({**scope, "headers": headers}, receive, send)
+
+
+def _etag(storage_key: str) -> str:
+    """A strong validator: the bytes under a storage key never change."""
+    return '"' + storage_key.replace("/", "-") + '"'
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    """`If-None-Match` by weak comparison (RFC 9110 section 13.1.2)."""
+    if header is None:
+        return False
+    if header.strip() == "*":
+        return True
+    return any(tag.strip().removeprefix("W/") == etag for tag in header.split(","))
 
 
 def _limit_headers(response: Response, limits: Verdict | None) -> None:

@@ -70,6 +70,14 @@ class WriterCollector:
             "broker_writer_commands", "Commands applied by the writer", value=stats.commands
         )
         yield CounterMetricFamily(
+            "broker_writer_messages", "Messages committed (channel, thread, DM, group DM)",
+            value=stats.messages,
+        )
+        yield CounterMetricFamily(
+            "broker_writer_deliveries", "Durable deliveries committed, over every recipient",
+            value=stats.deliveries,
+        )
+        yield CounterMetricFamily(
             "broker_writer_failed_commands", "Commands that raised and were rolled back",
             value=stats.failed_commands,
         )

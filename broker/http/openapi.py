@@ -75,6 +75,7 @@ ERROR_STATUSES: dict[int, str] = {
     409: "`*_already_exists`, `idempotency_key_reused`, `channel_archived`, file states.",
     410: "`file_deleted`.",
     413: "`payload_too_large`: the body is over `http.max_body_bytes`.",
+    416: "`range_not_satisfiable`: no range asked for is within the file.",
     429: "`rate_limit_exceeded`; `Retry-After` says when to try again.",
     503: "`shutting_down`, `commit_failed`, `writer_failed`, `not_ready`.",
 }
@@ -280,6 +281,26 @@ def _openapi(schemas: _Schemas) -> Finish:
 FILE_ID = {"name": "file_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
+def _console_page(schemas: _Schemas) -> Finish:
+    return lambda resolved, components: {
+        "operationId": "console", "summary": "console: the web console's page (README)",
+        "tags": ["console"], "security": [],
+        "responses": {"200": {"description": "The page.", "content": {
+            "text/html": {"schema": {"type": "string"}}}}},
+    }
+
+
+def _console_file(schemas: _Schemas) -> Finish:
+    return lambda resolved, components: {
+        "operationId": "console.file", "summary": "console.file: a script or style of the console",
+        "tags": ["console"], "security": [],
+        "parameters": [{"name": "name", "in": "path", "required": True,
+                        "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "The file, with its own content type.", "content": {
+            "*/*": {"schema": {"type": "string"}}}}, **_errors({404})},
+    }
+
+
 def _put_content(schemas: _Schemas) -> Finish:
     at = schemas.ref(UploadReceived)
     return lambda resolved, components: {
@@ -299,16 +320,27 @@ def _put_content(schemas: _Schemas) -> Finish:
 def _get_content(schemas: _Schemas) -> Finish:
     return lambda resolved, components: {
         "operationId": "file.get_content", "summary": "file.get_content: download the bytes",
-        "description": "With the `download_url`'s signed token, or a token of the workspace.",
+        "description": "With the `download_url`'s signed token, or a token of the workspace. "
+                       "`HEAD` answers the headers alone. A `Range` of bytes answers 206 "
+                       "(several ranges: `multipart/byteranges`); an unparsable one is "
+                       "ignored. `ETag` is strong: `If-None-Match` answers 304, `If-Range` "
+                       "sends the whole file when it does not match.",
         "tags": ["file"],
         # Either token kind, or none when the URL carries its signed token.
         "security": [*SECURITY["any"], {}],
         "parameters": [FILE_ID, {"name": "token", "in": "query", "required": False,
-                                 "schema": {"type": "string"}}],
+                                 "schema": {"type": "string"}},
+                       *({"name": name, "in": "header", "required": False,
+                          "schema": {"type": "string"}}
+                         for name in ("Range", "If-Range", "If-None-Match"))],
         "responses": {"200": {"description": "The file, with its own content type.",
                               "content": {"*/*": {"schema": {"type": "string",
                                                              "format": "binary"}}}},
-                      **_errors({400, 401, 403, 404, 409, 410, 429, 503})},
+                      "206": {"description": "The ranges asked for, with `Content-Range`.",
+                              "content": {"*/*": {"schema": {"type": "string",
+                                                             "format": "binary"}}}},
+                      "304": {"description": "`If-None-Match` matched the `ETag`."},
+                      **_errors({400, 401, 403, 404, 409, 410, 416, 429, 503})},
     }
 
 
@@ -364,6 +396,8 @@ SERVICE_ROUTES: tuple[ServiceRoute, ...] = (
     ServiceRoute("GET", CONTENT_PATH, _get_content),
     ServiceRoute("POST", "/v1/hooks/{webhook_id}", _trigger),
     ServiceRoute("POST", "/v1/agent/node-token", _node_token),
+    ServiceRoute("GET", "/", _console_page),
+    ServiceRoute("GET", "/console/{name}", _console_file),
 )
 
 
@@ -377,8 +411,9 @@ def served(routes: Sequence[BaseRoute]) -> list[tuple[str, str]]:
 
 
 def build_openapi(routes: Sequence[BaseRoute], *, title: str = "agent-broker",
-                  version: str = "1") -> dict[str, Any]:
-    """The OpenAPI 3.1 document of `routes` (and of `/openapi.json` itself).
+                  version: str = "1", public_url: str | None = None) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of `routes` (and of `/openapi.json` itself); `public_url`
+    (`http.public_url`) is its `servers` entry (none: relative to the document).
 
     Raises ValueError for an HTTP route that neither `ROUTES` nor
     `SERVICE_ROUTES` describes, or whose declared status and output disagree.
@@ -411,7 +446,7 @@ def build_openapi(routes: Sequence[BaseRoute], *, title: str = "agent-broker",
     responses["Error429"]["headers"] = {
         "Retry-After": {"description": "Seconds until a request may succeed.",
                         "schema": {"type": "integer"}}}
-    return {
+    document: dict[str, Any] = {
         "openapi": OPENAPI_VERSION,
         "info": {"title": title, "version": version, "description": (
             "The REST API of the broker. Every answer is `{\"ok\": true, \"data\": ...}` or "
@@ -421,3 +456,6 @@ def build_openapi(routes: Sequence[BaseRoute], *, title: str = "agent-broker",
         "components": {"schemas": components, "responses": responses,
                        "securitySchemes": SECURITY_SCHEMES},
     }
+    if public_url is not None:
+        document["servers"] = [{"url": public_url}]
+    return document

@@ -39,6 +39,8 @@ ROUTES: tuple[RestRoute, ...] = (
     RestRoute("PATCH", "/v1/agents/{name}", "agent.update"),
     RestRoute("DELETE", "/v1/agents/{name}", "agent.deactivate"),
     RestRoute("POST", "/v1/agents/{name}/rotate-token", "agent.rotate_token"),
+    RestRoute("GET", "/v1/agents/{name}/mailbox", "agent.mailbox"),
+    RestRoute("GET", "/v1/agents/{name}/deliveries", "agent.deliveries"),
     RestRoute("GET", "/v1/agent", "agent.me"),
     # channels
     RestRoute("POST", "/v1/channels", "channel.create", 201),
@@ -80,6 +82,7 @@ ROUTES: tuple[RestRoute, ...] = (
     RestRoute("GET", "/v1/search", "search"),
     # the delivery mailbox
     RestRoute("GET", "/v1/deliveries", "delivery.list"),
+    RestRoute("GET", "/v1/mailboxes", "mailbox.list"),
     RestRoute("POST", "/v1/deliveries/ack", "delivery.ack_up_to"),
     RestRoute("POST", "/v1/deliveries/{delivery_id}/ack", "delivery.ack_one"),
     RestRoute("POST", "/v1/deliveries/{delivery_id}/fail", "delivery.fail"),

@@ -98,8 +98,9 @@ async def unmute_channel(engine: Engine, call: Call, req: rq.ChannelRef) -> Any:
         workspace_id=workspace_id, agent_id=agent_id, channel=req.channel))
 
 
-@operation("channel.read_status", rq.ChannelRef, auth="agent",
+@operation("channel.read_status", rq.ChannelRef, auth="any",
            output=list[ob.ChannelReadStatus])
 async def channel_read_status(engine: Engine, call: Call, req: rq.ChannelRef) -> Any:
-    workspace_id, agent_id = agent_of(call)
+    """Each member's last-read message in a channel (an agent must be a member)."""
+    workspace_id, agent_id = caller_of(call)
     return await engine.read(reads.channel_read_status, workspace_id, agent_id, req.channel)

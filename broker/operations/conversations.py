@@ -1,4 +1,9 @@
-"""Conversation operations: DMs and group DMs (create, send, list, participants)."""
+"""Conversation operations: DMs and group DMs (create, send, list, participants).
+
+The writes are an agent's; the reads (the conversation list, a
+conversation's messages) also take the workspace key, the workspace's
+owner, which reads every conversation of its workspace.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ from typing import Any
 
 from broker.engine import conversations
 from broker.engine.engine import Engine
-from broker.operations.registry import Call, agent_of, operation
+from broker.engine.errors import BrokerError
+from broker.operations.registry import Call, agent_of, caller_of, operation
 from protocol import objects as ob
 from protocol import requests as rq
 from protocol.objects import Message
@@ -27,15 +33,28 @@ async def send_dm(engine: Engine, call: Call, req: rq.SendDm) -> Any:
         data=req.data, attachments=req.attachments, idempotency_key=call.idempotency_key)))
 
 
-@operation("dm.conversations", rq.Empty, auth="agent", output=list[ob.DmConversationSummary])
-async def dm_conversations(engine: Engine, call: Call, req: rq.Empty) -> Any:
-    workspace_id, agent_id = agent_of(call)
-    return await engine.read(conversations.dm_conversations, workspace_id, agent_id)
+@operation("dm.conversations", rq.ListConversations, auth="any",
+           output=list[ob.DmConversationSummary])
+async def dm_conversations(engine: Engine, call: Call, req: rq.ListConversations) -> Any:
+    """DMs and group DMs, most recent activity first (the workspace key: all of the workspace).
+
+    With the workspace key, `agent` keeps only that agent's conversations. Paged with
+    `limit` and `before` (the last item's `last_message.id`, or its `id` when it has no
+    message). Raises forbidden (`agent` with an agent token), agent_not_found,
+    invalid_limit, invalid_cursor.
+    """
+    workspace_id, agent_id = caller_of(call)
+    if agent_id is not None and req.agent is not None:
+        raise BrokerError("forbidden", "only the workspace key lists another agent's "
+                          "conversations (agent=...)")
+    return await engine.read(conversations.dm_conversations, workspace_id, agent_id, req.agent,
+                             req.before, req.limit)
 
 
-@operation("dm.messages", rq.DmMessages, auth="agent", output=list[Message])
+@operation("dm.messages", rq.DmMessages, auth="any", output=list[Message])
 async def dm_messages(engine: Engine, call: Call, req: rq.DmMessages) -> Any:
-    workspace_id, agent_id = agent_of(call)
+    """A page of a DM or group DM's messages, newest first (the workspace key: any of them)."""
+    workspace_id, agent_id = caller_of(call)
     return await engine.read(conversations.dm_messages, workspace_id, agent_id,
                              req.conversation_id, req.before, req.after, req.limit)
 

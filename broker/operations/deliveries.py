@@ -1,12 +1,14 @@
 """Delivery operations: the calling agent's mailbox (list, ack one or up to a seq, fail, defer).
 
 The same delivery rows that a WebSocket session pushes, listed and settled
-by request instead.
+by request instead. The workspace key, the workspace's owner, reads every
+agent's mailbox (its summary, its deliveries) and settles none.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any
 
 import msgspec
@@ -15,7 +17,7 @@ from broker.engine import mailbox
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
 from broker.engine.history import page_limit
-from broker.operations.registry import Call, agent_of, operation
+from broker.operations.registry import Call, agent_id_of, agent_of, operation, workspace_of
 from protocol import objects as ob
 from protocol import requests as rq
 from protocol.objects import iso
@@ -52,6 +54,23 @@ async def list_deliveries(engine: Engine, call: Call, req: rq.ListDeliveries) ->
     of list).
     """
     workspace_id, agent_id = agent_of(call)
+    return await _deliveries(engine, workspace_id, agent_id, req)
+
+
+@operation("agent.deliveries", rq.AgentDeliveries, auth="workspace", output=list[DeliveryItem])
+async def agent_deliveries(engine: Engine, call: Call, req: rq.AgentDeliveries) -> Any:
+    """An agent's deliveries, by status, as `delivery.list` gives them to the agent itself.
+
+    Raises agent_not_found, and the errors of `delivery.list`.
+    """
+    workspace_id = workspace_of(call)
+    agent_id = await agent_id_of(engine, workspace_id, req.name)
+    return await _deliveries(engine, workspace_id, agent_id, req)
+
+
+async def _deliveries(
+    engine: Engine, workspace_id: int, agent_id: int, req: rq.ListDeliveries
+) -> list[DeliveryItem]:
     if req.status in mailbox.SETTLED_STATES:
         if req.after_seq is not None:
             raise BrokerError("invalid_cursor", "acked and dead_lettered deliveries are listed "
@@ -73,6 +92,24 @@ async def list_deliveries(engine: Engine, call: Call, req: rq.ListDeliveries) ->
             break
         after = page[-1].seq
     return items[:size]
+
+
+@operation("mailbox.list", rq.Empty, auth="workspace", output=list[ob.MailboxSummary])
+async def list_mailboxes(engine: Engine, call: Call, req: rq.Empty) -> Any:
+    """Every active agent's mailbox: presence, last seen, delivery counts, oldest unacked age."""
+    return await engine.read(mailbox.mailbox_summaries, workspace_of(call), _now_ms())
+
+
+@operation("agent.mailbox", rq.AgentByName, auth="workspace", output=ob.MailboxSummary)
+async def agent_mailbox(engine: Engine, call: Call, req: rq.AgentByName) -> Any:
+    """One agent's mailbox summary (as `mailbox.list`). Raises agent_not_found."""
+    (summary,) = await engine.read(mailbox.mailbox_summaries, workspace_of(call), _now_ms(),
+                                   req.name)
+    return summary
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 @operation("delivery.ack_one", rq.DeliveryRef, auth="agent", output=ob.DeliveryTransition)

@@ -1,7 +1,9 @@
 """Message operations: channel messages, thread replies, read receipts and reactions.
 
-All of them are an agent's: what it may read or react to is decided by its
-memberships. The sends carry the call's idempotency key into the command.
+The writes are an agent's: what it may write or react to is decided by its
+memberships. The reads take an agent token (the same rule) or the workspace
+key, the workspace's owner, which reads every message of its workspace. The
+sends carry the call's idempotency key into the command.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from typing import Any
 
 from broker.engine import channel_queries, messages, reactions, reads, threads
 from broker.engine.engine import Engine
-from broker.operations.registry import Call, agent_of, operation
+from broker.operations.registry import Call, agent_of, caller_of, operation
 from protocol import objects as ob
 from protocol import requests as rq
 from protocol.objects import Message
@@ -25,16 +27,18 @@ async def send_message(engine: Engine, call: Call, req: rq.SendMessage) -> Any:
         idempotency_key=call.idempotency_key))
 
 
-@operation("message.list", rq.ListMessages, auth="agent", output=list[Message])
+@operation("message.list", rq.ListMessages, auth="any", output=list[Message])
 async def list_messages(engine: Engine, call: Call, req: rq.ListMessages) -> Any:
-    workspace_id, agent_id = agent_of(call)
+    """A page of a channel's messages, newest first (an agent must be a member)."""
+    workspace_id, agent_id = caller_of(call)
     return await engine.read(channel_queries.channel_messages, workspace_id, agent_id,
                              req.channel, req.before, req.after, req.limit)
 
 
-@operation("message.get", rq.MessageRef, auth="agent", output=Message)
+@operation("message.get", rq.MessageRef, auth="any", output=Message)
 async def get_message(engine: Engine, call: Call, req: rq.MessageRef) -> Any:
-    workspace_id, agent_id = agent_of(call)
+    """One message, of a channel or a conversation the caller may read."""
+    workspace_id, agent_id = caller_of(call)
     return await engine.read(channel_queries.get_message, workspace_id, agent_id, req.message_id)
 
 
@@ -47,9 +51,10 @@ async def reply_to_thread(engine: Engine, call: Call, req: rq.ReplyToThread) -> 
         idempotency_key=call.idempotency_key))
 
 
-@operation("thread.get", rq.GetThread, auth="agent", output=ob.Thread)
+@operation("thread.get", rq.GetThread, auth="any", output=ob.Thread)
 async def get_thread(engine: Engine, call: Call, req: rq.GetThread) -> Any:
-    workspace_id, agent_id = agent_of(call)
+    """A thread: its root message and a page of its replies, oldest first."""
+    workspace_id, agent_id = caller_of(call)
     return await engine.read(channel_queries.get_thread, workspace_id, agent_id, req.message_id,
                              req.before, req.after, req.limit)
 
@@ -61,9 +66,10 @@ async def mark_read(engine: Engine, call: Call, req: rq.MessageRef) -> Any:
         workspace_id=workspace_id, agent_id=agent_id, message_id=req.message_id))
 
 
-@operation("message.readers", rq.MessageRef, auth="agent", output=list[ob.ReaderInfo])
+@operation("message.readers", rq.MessageRef, auth="any", output=list[ob.ReaderInfo])
 async def message_readers(engine: Engine, call: Call, req: rq.MessageRef) -> Any:
-    workspace_id, agent_id = agent_of(call)
+    """Who has read a message, first reader first."""
+    workspace_id, agent_id = caller_of(call)
     return await engine.read(reads.readers, workspace_id, agent_id, req.message_id)
 
 
@@ -86,7 +92,8 @@ async def remove_reaction(engine: Engine, call: Call, req: rq.Reaction) -> Any:
         emoji=req.emoji))
 
 
-@operation("reaction.list", rq.MessageRef, auth="agent", output=list[ob.ReactionGroup])
+@operation("reaction.list", rq.MessageRef, auth="any", output=list[ob.ReactionGroup])
 async def list_reactions(engine: Engine, call: Call, req: rq.MessageRef) -> Any:
-    workspace_id, agent_id = agent_of(call)
+    """A message's reactions, grouped by emoji in order of first use."""
+    workspace_id, agent_id = caller_of(call)
     return await engine.read(reactions.list_reactions, workspace_id, agent_id, req.message_id)

@@ -10,9 +10,11 @@ Handlers are transport-neutral: they translate the input into one engine
 command (`engine.submit`) or one query (`engine.read`) and return a wire
 object; the bindings encode it. A handler that returns None has nothing to
 say (REST answers 204). Reads of messages, threads, reactions, receipts,
-DMs, the inbox, search and the mailbox are per agent (what an agent may see
-is decided by its memberships), so they take an agent token; a workspace
-key may read the workspace's channels and agents.
+DMs and search take an agent token, and then what it may see is decided by
+its memberships, or the workspace key, the workspace's owner, which reads
+all of its workspace (the handler passes no agent to the query); the inbox
+and an agent's own mailbox are the agent's, and the owner reads every
+agent's mailbox by name.
 
 This module imports no handler: the handlers live in one module per area
 (broker/operations/*.py) and register themselves with `operation`; the

@@ -1,5 +1,5 @@
-"""The Node interop setup: the Relaycast SDK installed under tests/interop, and a mark
-that skips where node is missing."""
+"""The Node interop setup: the Relaycast SDK and the MCP Inspector CLI installed under
+tests/interop, and a mark that skips where node is missing."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ NODE = shutil.which("node")
 INSTALL_DEADLINE_S = 300
 
 
-async def ensure_sdk_installed() -> None:
-    if (INTEROP / "node_modules" / "@relaycast" / "sdk" / "package.json").exists():
+async def ensure_sdk_installed(package: str = "@relaycast/sdk") -> None:
+    """Install tests/interop's packages from the lock file unless `package` is there."""
+    if (INTEROP / "node_modules" / package / "package.json").exists():
         return
     npm = shutil.which("npm")
     if npm is None:

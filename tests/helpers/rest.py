@@ -91,3 +91,40 @@ async def uploaded(
     done = await call(client, "POST", f"/v1/files/{ticket['id']}/complete", token)
     assert done.status == 200, done.body
     return dict(done.data)
+
+
+class Scene(msgspec.Struct):
+    """acme: #ops (alice, bob; carol is not in it), a thread, a reaction, a read,
+    a DM alice-bob and a group DM alice-bob-carol; globex: another workspace."""
+
+    acme: RestWorld
+    globex: RestWorld
+    root: str
+    reply: str
+    dm: str
+    dm_message: str
+    group: str
+
+
+async def make_scene(client: httpx.AsyncClient) -> Scene:
+    acme = await make_rest_world(client)
+    alice, bob = acme.tokens["alice"], acme.tokens["bob"]
+    assert (await call(client, "POST", "/v1/channels", alice, json={"name": "ops"})).status == 201
+    assert (await call(client, "POST", "/v1/channels/ops/join", bob)).status == 200
+    root = (await call(client, "POST", "/v1/channels/ops/messages", alice,
+                       json={"text": "deploying now"})).data["id"]
+    reply = (await call(client, "POST", f"/v1/messages/{root}/replies", bob,
+                        json={"text": "ack from bob"})).data["id"]
+    reacted = await call(client, "POST", f"/v1/messages/{root}/reactions", bob,
+                         json={"emoji": "+1"})
+    assert reacted.status == 201
+    assert (await call(client, "POST", f"/v1/messages/{root}/read", bob)).status == 200
+    dm = (await call(client, "POST", "/v1/dm", alice, json={"to": "bob", "text": "psst"})).data
+    group = (await call(client, "POST", "/v1/dm/group", alice,
+                        json={"participants": ["bob", "carol"], "name": "standup"})).data
+    sent = await call(client, "POST", f"/v1/dm/{group['id']}/messages", acme.tokens["carol"],
+                      json={"text": "standup at ten"})
+    assert sent.status == 201
+    globex = await make_rest_world(client, "globex", agents=("zed",))
+    return Scene(acme, globex, root, reply, dm["conversation_id"], dm["message"]["id"],
+                 group["id"])

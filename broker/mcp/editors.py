@@ -1,0 +1,41 @@
+"""`broker mcp config --editor NAME`: the snippet of that editor's MCP configuration file.
+
+Each editor spawns `broker mcp` (the stdio bridge, broker.mcp.bridge) with
+the daemon's URL and the agent's token in its environment. The snippet is
+printed, never written: the file may hold other servers, and the token is
+a credential the user decides where to keep (docs/mcp.md).
+"""
+
+from __future__ import annotations
+
+import json
+
+EDITORS = ("claude-code", "cursor", "codex", "vscode")
+# Where each editor reads the snippet from (project scope; each also has a user scope).
+CONFIG_FILES = {
+    "claude-code": ".mcp.json",
+    "cursor": ".cursor/mcp.json",
+    "codex": "~/.codex/config.toml",
+    "vscode": ".vscode/mcp.json",
+}
+SERVER_NAME = "broker"
+TOKEN_PLACEHOLDER = "at_live_..."
+
+
+def snippet(editor: str, url: str, token: str | None, command: str = "broker") -> str:
+    """The configuration for `editor` that runs `command mcp` against `url` as `token`."""
+    env = {"BROKER_URL": url, "BROKER_TOKEN": token or TOKEN_PLACEHOLDER}
+    server = {"command": command, "args": ["mcp"], "env": env}
+    if editor in ("claude-code", "cursor"):
+        return json.dumps({"mcpServers": {SERVER_NAME: server}}, indent=2)
+    if editor == "vscode":
+        return json.dumps({"servers": {SERVER_NAME: {"type": "stdio", **server}}}, indent=2)
+    if editor == "codex":
+        pairs = ", ".join(f"{key} = {json.dumps(value)}" for key, value in env.items())
+        return "\n".join([
+            f"[mcp_servers.{SERVER_NAME}]",
+            f"command = {json.dumps(command)}",
+            'args = ["mcp"]',
+            f"env = {{ {pairs} }}",
+        ])
+    raise ValueError(f"unknown editor {editor!r}: one of {', '.join(EDITORS)}")

@@ -1,0 +1,73 @@
+"""Helpers for MCP tests: the SDK's client on /mcp with a bearer token, and tool results."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import mcp_types as types
+import pytest
+from mcp.client import Client
+from mcp.client.stdio import StdioServerParameters, get_default_environment
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+
+from broker.server import BrokerServer
+
+# The two protocol revisions a test runs against: the 2025 handshake
+# (initialize, a session id, a GET stream) and the 2026 one (no session).
+LEGACY = "legacy"
+MODERN = "2026-07-28"
+
+# The SDK's client leaves its own HTTP response streams (httpx2's) to the garbage
+# collector when a session ends: client side, the daemon is not involved.
+SDK_CLIENT_STREAMS = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in.*(PoolByteStream|Response.aiter_|EventSource)"
+    ":pytest.PytestUnraisableExceptionWarning")
+
+
+def mcp_url(server: BrokerServer) -> str:
+    assert server.url is not None
+    return f"{server.url}/mcp"
+
+
+@asynccontextmanager
+async def mcp_client(url: str, token: str, mode: str = MODERN,
+                     **kwargs: Any) -> AsyncIterator[Client]:
+    """The SDK's client on `url` as the holder of `token`, in protocol `mode`."""
+    async with create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}) as http:
+        async with Client(streamable_http_client(url, http_client=http), mode=mode,
+                          cache=None, **kwargs) as client:
+            yield client
+
+
+def data(result: types.CallToolResult) -> Any:
+    """A successful tool result's structured content (a list comes back as `items`)."""
+    assert not result.is_error, result.content
+    content = result.structured_content
+    assert content is not None
+    return content["items"] if set(content) == {"items"} else content
+
+
+def error_code(result: types.CallToolResult) -> str:
+    """A failed tool result's error code."""
+    assert result.is_error, result.structured_content
+    assert result.structured_content is not None
+    return str(result.structured_content["error"]["code"])
+
+
+def texts(result: types.CallToolResult) -> list[str]:
+    return [c.text for c in result.content if isinstance(c, types.TextContent)]
+
+
+@asynccontextmanager
+async def stdio_client(url: str, token: str, mode: str = MODERN,
+                       **kwargs: Any) -> AsyncIterator[Client]:
+    """The SDK's client on `broker mcp` run as a subprocess (the stdio bridge to `url`)."""
+    env = {**get_default_environment(), "BROKER_TOKEN": token}
+    params = StdioServerParameters(command=sys.executable,
+                                   args=["-m", "broker", "mcp", "--url", url], env=env)
+    async with Client(params, mode=mode, cache=None, **kwargs) as client:
+        yield client

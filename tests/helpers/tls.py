@@ -1,0 +1,44 @@
+"""Certificates for TLS tests: a private CA made by the test (trustme), a server
+certificate for 127.0.0.1 in PEM files, and client contexts that trust the CA."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import msgspec
+import trustme
+
+from broker.config import TlsSettings
+
+
+class Certificates(msgspec.Struct, frozen=True):
+    """PEM files in a directory: the CA (`cafile`), the server's chain and key."""
+
+    ca: trustme.CA
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+
+    def settings(self, client_cafile: Path | None = None) -> TlsSettings:
+        return TlsSettings(certfile=str(self.certfile), keyfile=str(self.keyfile),
+                           client_cafile=None if client_cafile is None else str(client_cafile))
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client context that trusts the CA (and checks the host name)."""
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return context
+
+
+def make_certificates(directory: Path) -> Certificates:
+    """A new CA and a certificate for 127.0.0.1 and localhost, written under `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    cafile, certfile, keyfile = (directory / name for name in ("ca.pem", "cert.pem", "key.pem"))
+    ca.cert_pem.write_to_path(str(cafile))
+    server.private_key_pem.write_to_path(str(keyfile))
+    for blob in server.cert_chain_pems:
+        blob.write_to_path(str(certfile), append=True)
+    return Certificates(ca, cafile, certfile, keyfile)

@@ -1,0 +1,101 @@
+"""`broker mcp`: the stdio bridge as a subprocess, driven by the SDK's stdio client."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+import warnings
+from typing import Any
+
+import httpx
+import mcp_types as types
+import pytest
+import trio
+from mcp.shared.exceptions import MCPDeprecationWarning
+
+from broker.cli import main
+from broker.server import BrokerServer
+from tests.helpers.mcp import LEGACY, MODERN, SDK_CLIENT_STREAMS, data, stdio_client, texts
+from tests.helpers.realtime import eventually
+from tests.helpers.rest import make_rest_world
+
+pytestmark = [SDK_CLIENT_STREAMS]
+
+
+async def test_mcp_stdio_bridge_carries_a_conversation_a_wait_and_notifications(
+    server: BrokerServer, client: httpx.AsyncClient
+) -> None:
+    """alice (2026 revision) and bob (2025) each through their own `broker mcp`: bob's
+    wait returns when alice posts, his resource subscription hears of it, he answers in
+    the thread and alice's result carries the unread notice."""
+    assert server.url is not None
+    world = await make_rest_world(client)
+    updated: list[str] = []
+    inbox_updated = trio.Event()
+    bob_id = int(world.agents["bob"])
+    assert server.mcp is not None
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ResourceUpdatedNotification):
+            updated.append(str(message.params.uri))
+            if updated[-1] == "broker://inbox":
+                inbox_updated.set()
+
+    with trio.fail_after(60):
+        async with stdio_client(server.url, world.tokens["alice"], MODERN) as alice, \
+                stdio_client(server.url, world.tokens["bob"], LEGACY,
+                             message_handler=on_message) as bob:
+            data(await alice.call_tool("channel.create", {"name": "plan"}))
+            data(await bob.call_tool("channel.join", {"channel": "plan"}))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", MCPDeprecationWarning)
+                await bob.subscribe_resource("broker://inbox")
+            waited: list[Any] = []
+
+            async def wait() -> None:
+                waited.append(data(await bob.call_tool(
+                    "message.inbox.wait", {"timeout_seconds": 30, "ack": True})))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait)
+                # The wait is in flight: it follows bob on the hub.
+                await eventually(lambda: _true(server.mcp.watches.get(bob_id) is not None
+                                               and server.mcp.watches.get(bob_id).holders > 1))
+                posted = data(await alice.call_tool("message.post",
+                                                    {"channel": "plan", "text": "ready?"}))
+            (result,) = waited
+            assert [d["message"]["id"] for d in result["deliveries"]] == [posted["id"]]
+            reply = await bob.call_tool("message.reply", {"message_id": posted["id"],
+                                                          "text": "yes"})
+            assert data(reply)["thread_id"] == posted["id"]
+            checked = await alice.call_tool("message.inbox.check", {})
+            assert texts(checked)[-1] == "1 unread: 1 in #plan"
+            tools = {tool.name for tool in (await bob.list_tools()).tools}
+            assert {"message.post", "message.inbox.wait"} <= tools
+            await inbox_updated.wait()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+def test_mcp_config_prints_each_editors_snippet(capsys: pytest.CaptureFixture[str]) -> None:
+    """`broker mcp config --editor E` prints a snippet that E's file format parses, with the
+    daemon's URL and the token in the bridge's environment."""
+    for editor in ("claude-code", "cursor", "codex", "vscode"):
+        assert main(["mcp", "config", "--editor", editor, "--url", "http://10.0.0.5:8787",
+                     "--token", "at_live_abc"]) == 0
+        out = capsys.readouterr().out
+        header, body = out.split("\n", 1)
+        assert header.startswith("# ")
+        if editor == "codex":
+            server = tomllib.loads(body)["mcp_servers"]["broker"]
+        else:
+            parsed = json.loads(body)
+            server = (parsed["servers"] if editor == "vscode" else parsed["mcpServers"])["broker"]
+        assert server["args"] == ["mcp"]
+        assert server["env"] == {"BROKER_URL": "http://10.0.0.5:8787",
+                                 "BROKER_TOKEN": "at_live_abc"}
+    with pytest.raises(SystemExit) as refused:
+        main(["mcp", "config", "--editor", "vi"])
+    assert refused.value.code == 2 and "invalid choice" in capsys.readouterr().err

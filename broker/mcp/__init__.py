@@ -24,6 +24,7 @@ import logging
 import time
 from typing import Any
 
+import msgspec
 import trio
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from starlette.routing import BaseRoute, Route
@@ -41,11 +42,32 @@ from broker.mcp.settings import McpSettings
 from broker.mcp.watch import AgentWatch, Watches
 from broker.ratelimit import RateLimiter
 
-__all__ = ["McpSettings", "McpSurface"]
+__all__ = ["McpSettings", "McpStatistics", "McpSurface"]
 
 log = logging.getLogger(__name__)
 
 MCP_PATH = "/mcp"
+
+
+class McpStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of the MCP surface (`McpSurface.statistics()`).
+
+    sessions: stateful (2025) sessions open in this process.
+    watched_agents: agents followed on the hub (by waits, subscriptions, sessions).
+    subscribed_sessions: sessions with resource subscriptions; listening_agents:
+    agents with a 2026 listen stream open.
+    notifications_sent / notifications_dropped: resource notifications since start
+    (dropped: a session did not take one within the notify timeout).
+    forwarded: requests relayed to the serving gateway (a forwarding gateway only).
+    """
+
+    sessions: int
+    watched_agents: int
+    subscribed_sessions: int
+    listening_agents: int
+    notifications_sent: int
+    notifications_dropped: int
+    forwarded: int
 
 
 class McpSurface:
@@ -102,6 +124,14 @@ class McpSurface:
                 await nursery.start(self.sessions.run)
                 await nursery.start(self.notifier.run)
                 task_status.started()
+
+    def statistics(self) -> McpStatistics:
+        return McpStatistics(
+            sessions=len(self.sessions.sessions), watched_agents=len(self.watches),
+            subscribed_sessions=self.notifier.subscribed_sessions,
+            listening_agents=self.notifier.listening_agents,
+            notifications_sent=self.notifier.sent, notifications_dropped=self.notifier.dropped,
+            forwarded=0 if self.forwarder is None else self.forwarder.forwarded)
 
     # -- sessions hold their agent's watch, to hear of revocations ---------------------------
 

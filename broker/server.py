@@ -34,7 +34,7 @@ from broker.config import Settings
 from broker.engine.agents import ResetPresence
 from broker.engine.engine import Engine
 from broker.filestore import FILE_SWEEP_INTERVAL_S, FileStore, run_file_sweep
-from broker.gateway import Gateway, frame_buffer
+from broker.gateway import Gateway, frame_buffer, transport
 from broker.http.app import create_app
 from broker.http.files import file_routes
 from broker.http.metrics import BrokerMetrics
@@ -235,6 +235,8 @@ class BrokerServer:
         # by a buffer that survives the refusal (broker.gateway.frame_buffer).
         config.websocket_max_message_size = self.settings.gateway.max_frame_bytes
         frame_buffer.install()
+        # Each plain-TCP WebSocket gets its transport in the scope (direct writes, abort).
+        transport.install()
         # hypercorn logs through this logger only (not its own stderr handler);
         # the entry point configures handlers.
         config.errorlog = logging.getLogger("hypercorn.error")

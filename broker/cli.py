@@ -20,7 +20,8 @@ when a stop begins, WATCHDOG=1 from the event loop.
 Exit status: 0 on success and after a clean stop (SIGINT or SIGTERM; a
 second signal stops at once), 1 when `check` finds a problem or a gateway
 process of `serve` died (the daemon never runs half alive), 2 for a bad
-configuration, an unusable data directory, or a database the broker
+configuration (a TLS file that cannot be used included), an unusable data
+directory, or a database the broker
 refuses to open (each reported as one line on stderr).
 """
 
@@ -46,6 +47,7 @@ from broker.engine.stats import database_stats
 from broker.engine.workspaces import CreateWorkspace, RegisterAgent, workspace_by_name
 from broker.filestore import OBJECTS_DIR
 from broker.gc_tuning import settle_heap
+from broker.http.tls import check_tls
 from broker.loadtest.command import add_arguments as add_loadtest_arguments
 from broker.loadtest.command import run as run_loadtest
 from broker.mcp.command import add_arguments as add_mcp_arguments
@@ -253,6 +255,7 @@ def dispatch(args: argparse.Namespace) -> int:
     settings = settings_for(args)
     if args.command == "serve":
         usable_data_dir(settings)
+        check_tls(settings.http.tls)  # here too: before any process of the daemon starts
         configure_logging(settings.log_level)
         trio.run(serve, settings)
     elif args.command == "config":

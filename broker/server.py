@@ -39,7 +39,7 @@ from broker.config import Settings
 from broker.engine.agents import ResetPresence
 from broker.engine.engine import Engine
 from broker.filestore import FILE_SWEEP_INTERVAL_S, FileStore, run_file_sweep
-from broker.gateway import Gateway, frame_buffer
+from broker.gateway import Gateway, frame_buffer, transport
 from broker.http.app import create_app
 from broker.http.files import file_routes
 from broker.http.metrics import BrokerMetrics
@@ -317,6 +317,7 @@ def hypercorn_config(
     config = HypercornConfig()
     host = f"[{http.host}]" if ":" in http.host else http.host
     config.bind = list(binds) if binds is not None else [f"{host}:{http.port}"]
+    # Every process that serves the port speaks TLS when it is set.
     configure_tls(config, http.tls)
     if config.ssl_enabled:
         config.insecure_bind = list(private)
@@ -328,6 +329,8 @@ def hypercorn_config(
     # by a buffer that survives the refusal (broker.gateway.frame_buffer).
     config.websocket_max_message_size = settings.gateway.max_frame_bytes
     frame_buffer.install()
+    # Each plain-TCP WebSocket gets its transport in the scope (direct writes, abort).
+    transport.install()
     # hypercorn logs through this logger only (not its own stderr handler);
     # the entry point configures handlers.
     config.errorlog = logging.getLogger("hypercorn.error")

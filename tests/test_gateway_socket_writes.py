@@ -1,6 +1,6 @@
-"""Edges of the direct socket write (`AsgiWebSocket._write_now`): bytes stay whole frames.
+"""Edges of the direct socket write (`Transport.send_frames`): bytes stay whole frames.
 
-The adapter writes WebSocket frames straight to hypercorn's socket when it
+The transport writes WebSocket frames straight to hypercorn's socket when it
 takes them and hands the rest to hypercorn. Two ways that could put bad
 bytes on the wire, each checked here: a session cancelled between the part
 written and the rest (the rest must still follow, or the next frame lands
@@ -26,6 +26,7 @@ from wsproto import ConnectionType
 from wsproto.connection import Connection
 from wsproto.events import TextMessage
 
+from broker.gateway.transport import TRANSPORT_EXTENSION, Transport
 from broker.gateway.websocket import AsgiWebSocket
 from tests.helpers.daemon import serve
 from tests.helpers.engine import TEST_DEADLINE_S, make_world
@@ -52,7 +53,10 @@ async def test_write_now_finishes_cut_frame_when_cancelled() -> None:
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stream, server = _hypercorn_connection(ours)
-    ws = AsgiWebSocket({"type": "websocket"}, None, stream.app_send)  # type: ignore[arg-type]
+    assert isinstance(server.stream, trio.SocketStream)
+    transport = Transport(server, stream, server.stream)
+    ws = AsgiWebSocket({"type": "websocket", "extensions": {TRANSPORT_EXTENSION: transport}},
+                       None, stream.app_send)  # type: ignore[arg-type]
     peer = trio.SocketStream(trio.socket.from_stdlib_socket(theirs))
     received = bytearray()
 

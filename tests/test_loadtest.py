@@ -20,6 +20,7 @@ from broker.loadtest.processes import start_daemon
 from broker.loadtest.report import build_report, count_loss, format_table
 from broker.loadtest.runner import ShardResult
 from broker.loadtest.stats import Bits, Histogram
+from broker.loadtest.storm import connect_storm
 from broker.loadtest.topology import Agent, LoadSpec, Topology, dm_mask, is_dm
 from broker.server import BrokerServer
 
@@ -307,3 +308,16 @@ def test_start_daemon_runs_the_daemon_under_test_without_request_limits(tmp_path
     finally:
         daemon.stop()
     assert statuses == {404}
+
+
+async def test_connect_storm_reports_connect_time_and_presence_frames() -> None:
+    """`--connect 12`: twelve agents of one workspace, each asking for presence, all connected
+    and each offered at least the one presence frame listing the others."""
+    with trio.fail_after(SUBPROCESS_DEADLINE_S):
+        report = await connect_storm([12])
+    (step,) = report["steps"]
+    assert step["agents"] == 12
+    assert 0 < step["connect_seconds"] <= step["until_quiet_seconds"]
+    assert 12 <= step["frames"] <= 12 * 20
+    assert step["frames_per_agent"] == round(step["frames"] / 12, 2)
+    assert step["daemon_cpu_seconds"] > 0

@@ -1,14 +1,19 @@
-"""The daemon behind the shipped deploy/nginx.conf, run by the test on loopback: REST over
-https, a file upload and a Range download, a wss:// session that is replayed after the
-daemon restarts behind nginx, and the client address the daemon sees: the real one only
-while nginx is a trusted proxy."""
+"""The daemon behind the shipped deploy/nginx.conf, run by the test on loopback: the console
+and REST over https, a file upload and a Range download, an MCP event stream passed at
+once, a wss:// session that is replayed after the daemon restarts behind nginx, and the
+client address the daemon sees: the real one only while nginx is a trusted proxy."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
+import httpx2
 import trio
+from mcp.client import Client
+from mcp.client.streamable_http import streamable_http_client
 
 from broker.client import connect
 from broker.config import HttpSettings, ServerSettings, Settings
@@ -19,10 +24,11 @@ from broker.ratelimit import RateLimiter, RateLimitSettings
 from broker.server import BrokerServer
 from tests.helpers.daemon import FAST_ENGINE
 from tests.helpers.engine import make_world
+from tests.helpers.mcp import MODERN, SDK_CLIENT_STREAMS, data
 from tests.helpers.nginx import free_port, nginx_binary, run_nginx, site_config
 from tests.helpers.realtime import post
 from tests.helpers.rest import call
-from tests.helpers.tls import make_certificates
+from tests.helpers.tls import Certificates, make_certificates
 
 # The address the test's client connects to nginx from: not nginx's own (127.0.0.1).
 CLIENT_ADDRESS = "127.0.0.2"
@@ -36,6 +42,18 @@ def remaining(limiter: RateLimiter, address: str) -> int:
     return limiter.auth_failures.peek(address, limiter._now()).remaining
 
 
+@asynccontextmanager
+async def mcp_over(url: str, token: str, certs: Certificates) -> AsyncIterator[Client]:
+    """The MCP SDK's client on `url` over https trusting the test CA."""
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"},
+                                  verify=certs.client_context(),
+                                  timeout=httpx2.Timeout(30, read=300)) as http:
+        async with Client(streamable_http_client(url, http_client=http), mode=MODERN,
+                          cache=None) as client:
+            yield client
+
+
+@SDK_CLIENT_STREAMS
 async def test_nginx_proxies_rest_files_sockets_and_client_address(tmp_path: Path) -> None:
     nginx_binary()  # skips (or fails in CI) before anything starts
     certs = make_certificates(tmp_path / "tls")
@@ -91,21 +109,37 @@ async def test_nginx_proxies_rest_files_sockets_and_client_address(tmp_path: Pat
                     == remaining(trusting, "127.0.0.1") - 1
 
                 # A file through nginx: the URLs handed out are nginx's https ones.
-                data = bytes(range(256)) * 1000
+                blob = bytes(range(256)) * 1000
                 ticket = await call(http, "POST", "/v1/files/upload", token, json={
                     "filename": "blob.bin", "content_type": "application/octet-stream",
-                    "size_bytes": len(data)})
+                    "size_bytes": len(blob)})
                 assert ticket.data["upload_url"].startswith(
                     f"{base}/v1/files/{ticket.data['id']}/content?token=")
-                put = await http.put(ticket.data["upload_url"], content=data)
+                put = await http.put(ticket.data["upload_url"], content=blob)
                 assert put.status_code == 200, put.text
                 done = await call(http, "POST", f"/v1/files/{ticket.data['id']}/complete",
                                   token)
                 part = await http.get(done.data["download_url"],
                                       headers={"Range": "bytes=1000-1999"})
                 assert part.status_code == 206
-                assert part.headers["content-range"] == f"bytes 1000-1999/{len(data)}"
-                assert part.content == data[1000:2000]
+                assert part.headers["content-range"] == f"bytes 1000-1999/{len(blob)}"
+                assert part.content == blob[1000:2000]
+
+                # MCP through nginx: a listen stream hears of a post at once (unbuffered).
+                carol = await call(http, "POST", "/v1/agents", created.data["api_key"],
+                                   json={"name": "carol"})
+                mcp = f"{base}/mcp"
+                async with mcp_over(mcp, token, certs) as bob_mcp, \
+                        mcp_over(mcp, carol.data["token"], certs) as carol_mcp:
+                    data(await bob_mcp.call_tool("channel.create", {"name": "plan"}))
+                    data(await carol_mcp.call_tool("channel.join", {"channel": "plan"}))
+                    async with bob_mcp.listen(
+                            resource_subscriptions=["broker://channels/plan"]) as stream:
+                        data(await carol_mcp.call_tool("message.post",
+                                                       {"channel": "plan", "text": "news"}))
+                        with trio.fail_after(10):
+                            event = await anext(aiter(stream))
+                        assert str(getattr(event, "uri", "")) == "broker://channels/plan"
 
                 # A wss:// session through nginx; the daemon behind it restarts.
                 world = await make_world(first.engine, name="socket", agents=("ann", "ben"))
@@ -140,5 +174,5 @@ async def test_nginx_proxies_rest_files_sockets_and_client_address(tmp_path: Pat
                 assert remaining(untrusting, "127.0.0.1") \
                     == remaining(untrusting, CLIENT_ADDRESS) - 1
                 listed = await call(http, "GET", "/v1/agents", token)
-                assert [a["name"] for a in listed.data] == ["bob"]
+                assert [a["name"] for a in listed.data] == ["bob", "carol"]
                 second.stop()

@@ -351,7 +351,15 @@ class WriterActor:
         Raises the command's own exception (a BrokerError for refused input),
         or BrokerError("commit_failed") when the batch could not be committed,
         or BrokerError("shutting_down") once the writer is closing.
+
+        A command with a `prepare(limits)` method (messages.Send) has it called
+        here, in the caller's task, and the command it returns is the one
+        applied: checks that need no transaction run outside the writer
+        thread, and input they refuse never enters the queue.
         """
+        prepare = getattr(command, "prepare", None)
+        if prepare is not None:
+            command = prepare(self.config.limits)
         pending: _Pending[T] = _Pending(command)
         try:
             await self._send.send(pending)

@@ -306,7 +306,8 @@ class Gateway:
             return await resolve(token)
 
     async def _serve_ws(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ws = AsgiWebSocket(scope, receive, send)
+        ws = AsgiWebSocket(scope, receive, send,
+                           direct_writes=self.settings.direct_writes)
         try:
             await ws.wait_connect()
         except ConnectionClosed:
@@ -366,7 +367,8 @@ class Gateway:
         await self._run(session)
 
     async def _serve_node(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ws = AsgiWebSocket(scope, receive, send)
+        ws = AsgiWebSocket(scope, receive, send,
+                           direct_writes=self.settings.direct_writes)
         try:
             await ws.wait_connect()
         except ConnectionClosed:

@@ -6,7 +6,7 @@ push from the hub after, and catching up again after an overflow, all
 through the seam described in `broker.gateway.frame_queue.FrameQueue`. It
 also pushes again what the agent gave back (failed or deferred), below the
 stream's cursor: on `mailbox.changed`, when a deferral falls due, and once
-after connecting (see `broker.gateway.redelivery`).
+after connecting if anything was unacked (see `broker.gateway.redelivery`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import trio
 
 from broker.engine.agents import TOKEN_ROTATED
 from broker.engine.errors import BrokerError
-from broker.engine.mailbox import MAILBOX_CHANGED, list_pending, seq_marks
+from broker.engine.mailbox import MAILBOX_CHANGED, SeqMarks, list_pending, seq_marks
 from broker.gateway.redelivery import Held, held_deliveries, is_held
 from broker.gateway.session import Session
 from broker.gateway.views import FactView
@@ -45,13 +45,22 @@ class Push(NamedTuple):
     changed_at: int | None = None
 
 
+def marks_and_expiry(
+    conn: apsw.Connection, workspace_id: int, agent_id: int,
+    expiry: Callable[[apsw.Connection, int, int, bytes], int | None], credential: bytes,
+) -> tuple[SeqMarks, int | None]:
+    """The agent's delivery marks and when its credential stops working, in one snapshot."""
+    return seq_marks(conn, workspace_id, agent_id), expiry(conn, workspace_id, agent_id,
+                                                           credential)
+
+
 class DeliverySession(Session):
     """A session that carries one agent's durable deliveries (native or Relaycast node).
 
     credential: the digest of the token the socket was opened with (None: a
     test's session, never cut). `credential_expiry` is the read that says
-    when that token stops working (epoch ms; None: it does not), asked on
-    attach and on each `agent.token_rotated` event: a token rotated out
+    when that token stops working (epoch ms; None: it does not), asked with
+    the replay's first read on connect and on each `agent.token_rotated` event: a token rotated out
     closes the socket with 4401 at the end of its grace.
     """
 
@@ -66,13 +75,13 @@ class DeliverySession(Session):
         # Held deliveries this session pushed again, as they were then (see redelivery).
         self._held_pushed: dict[int, Held] = {}
         self._connected = False  # the replay on connect is done
+        self._checked = False  # the credential was read on connect
         # When a deferred delivery falls due and must be pushed again (trio time).
         # Fired by the session's deadline task: ask the pump to push again.
         self._redeliver_due = self.alarm(self.queue.want_redelivery)
 
-    async def on_attach(self) -> None:
-        await super().on_attach()
-        await self._check_credential()
+    # The credential is first read with the replay's first marks, in one read
+    # (`_replay`): after the session is attached, as a separate read would be.
 
     def offer_event(self, view: FactView) -> None:
         if view.type == MAILBOX_CHANGED:
@@ -109,14 +118,19 @@ class DeliverySession(Session):
         handshake and the replay).
         """
         try:
-            await self._replay()
+            marks = await self._replay()
         except BrokerError as exc:
             self._read_refused(exc)
             return
         if not self._connected:
-            # The replay skipped deliveries deferred past now: find when to come back.
             self._connected = True
-            self.queue.want_redelivery()
+            # The replay skipped deliveries held (failed, or deferred past
+            # now): push the due ones again and find when to come back. Held
+            # rows are above the acked seq, so where the replay's snapshot
+            # had nothing unacked there are none to read; a row held later
+            # comes with `mailbox.changed`, which asks again.
+            if marks.acked_seq < marks.last_seq:
+                self.queue.want_redelivery()
 
     async def redeliver(self) -> None:
         """Push again the held deliveries due, at or below the cursor; note the next due time.
@@ -161,13 +175,23 @@ class DeliverySession(Session):
             self._redeliver_due.move(trio.current_time() + max(
                 0.0, page.next_due / 1000 - time.time()))
 
-    async def _replay(self) -> None:
+    async def _replay(self) -> SeqMarks:
+        """Replay up to the high seq; the marks read last (the snapshot the replay ended on)."""
         queue = self.queue
         page_size = self.settings.replay_page
         queue.start_catch_up()
         while True:
             # Read `hi` only after buffering started: see FrameQueue.
-            marks = await self.engine.read(seq_marks, self.workspace_id, self.agent_id)
+            if not self._connected and self.credential is not None and not self._checked:
+                # On connect, with the credential's expiry: one read, not two.
+                self._checked = True
+                marks, expires = await self.engine.read(
+                    marks_and_expiry, self.workspace_id, self.agent_id,
+                    self.credential_expiry(), self.credential)
+                if expires is not None:
+                    self.expire_credential_at(expires)
+            else:
+                marks = await self.engine.read(seq_marks, self.workspace_id, self.agent_id)
             while queue.cursor < marks.last_seq:
                 page = await self.engine.read(
                     list_pending, self.workspace_id, self.agent_id, queue.cursor, page_size,
@@ -192,7 +216,7 @@ class DeliverySession(Session):
                     queue.advance(marks.last_seq)
                 await self.flush_queued()
             if queue.finish_catch_up():
-                return
+                return marks
 
     async def send_delivery(self, seq: int, view: FactView, redelivery: bool = False,
                             changed_at: int | None = None) -> None:

@@ -42,6 +42,11 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # whose state changed, so a workspace of N agents connecting costs O(N)
     # frames, not one frame per connect to every session (O(N^2)).
     presence_interval_seconds: Seconds = 1.0
+    # Data frames go out through the connection's transport, as one write
+    # per flush straight to the socket when it takes them, where the server
+    # hands one over (broker.gateway.transport: plain-TCP HTTP/1.1); false:
+    # one ASGI `websocket.send` per frame everywhere.
+    direct_writes: bool = True
     # How long a close frame may take before the connection is reset.
     close_grace_seconds: Seconds = 5.0
     # Deliveries read per page while replaying from the database.

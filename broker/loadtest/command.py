@@ -1,4 +1,5 @@
-"""`broker loadtest`: the traffic run with its echo ceiling, and the idle and history scenarios.
+"""`broker loadtest`: the traffic run with its echo ceiling, and the idle, history and
+connect-storm scenarios.
 
     broker loadtest --agents 100 --channel-size 10 --senders 20 --window 8 \\
         --duration 10 --procs 2 --json result.json
@@ -8,6 +9,7 @@
         --duration 8 --procs 2 --peer jetstream --peer jetstream-default
     broker loadtest --idle 1000,5000
     broker loadtest --history 10000,1000000
+    broker loadtest --connect 1000,5000
 
 A traffic run starts a daemon of its own (`broker serve` on a temporary
 data directory, port 0) unless `--url` names one, builds the topology over
@@ -26,9 +28,6 @@ import argparse
 import json
 import math
 import re
-import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,10 +39,18 @@ import msgspec
 import trio
 
 from broker.loadtest.peers import PEERS, format_peers, peer_topology, run_peer, unavailable
-from broker.loadtest.processes import ServerProcess, raise_fd_limit, start_daemon, start_echo
+from broker.loadtest.processes import (
+    ServerProcess,
+    raise_fd_limit,
+    start_daemon,
+    start_echo,
+    start_profiler,
+    stop_profiler,
+)
 from broker.loadtest.report import build_report, format_curve, format_table
 from broker.loadtest.runner import BROKER, ECHO, ShardResult, run_local, run_processes
 from broker.loadtest.scenarios import history_latency, idle_memory, parse_counts
+from broker.loadtest.storm import connect_storm
 from broker.loadtest.topology import LoadSpec, Topology, build_topology
 
 
@@ -96,6 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     other.add_argument("--history", metavar="SIZES",
                        help="history-page latency with these numbers of stored messages, e.g. "
                             "10000,1000000 (bulk-loaded through the writer)")
+    other.add_argument("--connect", metavar="COUNTS",
+                       help="connect storm: that many agents of one workspace connecting at "
+                            "once, each asking for presence, on a fresh daemon per count, e.g. "
+                            "1000,5000 (with --profile: py-spy on the largest)")
     other.add_argument("--history-dir", type=Path,
                        help="keep the bulk-loaded history databases here")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
@@ -367,26 +378,6 @@ def daemon_figures(before: dict[str, float], after: dict[str, float]) -> dict[st
     return figures
 
 
-def start_profiler(pid: int, output: Path) -> subprocess.Popen[bytes]:
-    """py-spy sampling `pid` (without pausing it) until `stop_profiler`."""
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not Path(py_spy).exists():
-        raise RuntimeError("--profile needs py-spy: pip install '.[bench]'")
-    kind = {".txt": "raw", ".json": "speedscope"}.get(output.suffix, "flamegraph")
-    return subprocess.Popen([py_spy, "record", "--nonblocking", "--pid", str(pid), "--format",
-                             kind, "--output", str(output)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def stop_profiler(sampler: subprocess.Popen[bytes]) -> None:
-    sampler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-    try:
-        sampler.wait(30)
-    except subprocess.TimeoutExpired:
-        sampler.kill()
-        sampler.wait()
-
-
 def run(args: argparse.Namespace) -> int:
     """Run what the options ask for; the exit status.
 
@@ -399,13 +390,16 @@ def run(args: argparse.Namespace) -> int:
         if args.latency_at is not None:
             for option, given in (("--rate", args.rate is not None),
                                   ("--profile", args.profile is not None),
-                                  ("--idle", args.idle), ("--history", args.history)):
+                                  ("--idle", args.idle), ("--history", args.history),
+                                  ("--connect", args.connect)):
                 if given:
                     raise ValueError(f"--latency-at runs a curve of its own; give it without "
                                      f"{option}")
             fractions = parse_fractions(args.latency_at)
         skipped = check_peers(args)
-        if args.idle:
+        if args.connect:
+            report = trio.run(connect_storm, parse_counts(args.connect), args.profile)
+        elif args.idle:
             report = trio.run(idle_memory, parse_counts(args.idle))
         elif args.history:
             report = trio.run(history_latency, parse_counts(args.history), 300,
@@ -445,7 +439,8 @@ def check_peers(args: argparse.Namespace) -> dict[str, str]:
     if not args.peer:
         return {}
     for option, given in (("--latency-at", args.latency_at is not None),
-                          ("--idle", args.idle), ("--history", args.history)):
+                          ("--idle", args.idle), ("--history", args.history),
+                          ("--connect", args.connect)):
         if given:
             raise ValueError(f"--peer compares a traffic run; give it without {option}")
     peer_topology(spec_from(args))

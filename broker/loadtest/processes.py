@@ -4,7 +4,8 @@
 directory, or the echo server), waits for the line that names its port,
 and keeps reading its output in a thread so that a chatty server never
 blocks on a full pipe. `rss_bytes` and `cpu_seconds` read /proc, so the
-memory and CPU figures are those of the server process alone.
+memory and CPU figures are those of the server process alone. `start_profiler`
+samples one with py-spy.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -143,3 +145,23 @@ def raise_fd_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
+
+
+def start_profiler(pid: int, output: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling `pid` (without pausing it) until `stop_profiler`."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(py_spy).exists():
+        raise RuntimeError("--profile needs py-spy: pip install '.[bench]'")
+    kind = {".txt": "raw", ".json": "speedscope"}.get(output.suffix, "flamegraph")
+    return subprocess.Popen([py_spy, "record", "--nonblocking", "--pid", str(pid), "--format",
+                             kind, "--output", str(output)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_profiler(sampler: subprocess.Popen[bytes]) -> None:
+    sampler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+    try:
+        sampler.wait(30)
+    except subprocess.TimeoutExpired:
+        sampler.kill()
+        sampler.wait()

@@ -11,6 +11,7 @@ export class WebhooksView {
   constructor(api) {
     this.api = api;
     this.visible = false;
+    $("webhooks-refresh").addEventListener("click", () => this.reload());
   }
 
   show() {

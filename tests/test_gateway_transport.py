@@ -1,0 +1,124 @@
+"""The transport seam (`broker.gateway.transport`): hypercorn hands each WebSocket its
+transport in the scope, and a session without one still gets every frame.
+
+Sessions write data frames through the transport the server puts in the
+WebSocket scope's `extensions` (one write per flush, straight to the socket
+when it takes them). These tests check that it reaches a session on the
+hypercorn installed, that frames go through it, and that without it (a
+server that does not hand one over, TLS, or `gateway.direct_writes = false`)
+the same frames arrive through plain ASGI sends.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Sequence
+from pathlib import Path
+
+import hypercorn.trio.run as hypercorn_run
+import pytest
+import trio
+from hypercorn.trio.tcp_server import TCPServer
+
+from broker.gateway import transport
+from broker.gateway.settings import GatewaySettings
+from broker.gateway.transport import Transport, TransportServer
+from broker.server import BrokerServer
+from tests.helpers.daemon import serve
+from tests.helpers.engine import TEST_DEADLINE_S, make_world
+from tests.helpers.realtime import (
+    gateway_of,
+    next_deliveries,
+    next_frame,
+    post,
+    raw_socket,
+    send_json,
+)
+
+
+@pytest.fixture
+def sent_through_transport(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The frame count of each `Transport.send_frames` call from now on."""
+    calls: list[int] = []
+    send_frames = Transport.send_frames
+
+    async def counting(self: Transport, frames: Sequence[str | bytes]) -> None:
+        calls.append(len(frames))
+        await send_frames(self, frames)
+
+    monkeypatch.setattr(Transport, "send_frames", counting)
+    return calls
+
+
+async def _frames_arrive(server: BrokerServer) -> Transport | None:
+    """Connect bob, check a pong and a delivery arrive; the transport bob's session got."""
+    world = await make_world(server.engine)
+    async with raw_socket(server, world.tokens["bob"], batch="1") as ws:
+        await send_json(ws, {"v": 1, "id": "p1", "type": "ping"})
+        assert (await next_frame(ws, "pong"))["re"] == "p1"
+        (session,) = gateway_of(server).sessions
+        await post(server.engine, world.workspace_id, world.agents["alice"], "general", "hi")
+        (delivery,) = await next_deliveries(ws)
+        assert delivery["payload"]["data"]["text"] == "hi"
+        return session.ws.transport  # type: ignore[attr-defined, no-any-return]
+
+
+def test_transport_checked_against_installed_hypercorn() -> None:
+    """The hypercorn installed is one the transport was read against.
+
+    When this fails, hypercorn changed: read broker/gateway/transport.py
+    against the new version (what it relies on is listed in its docstring)
+    and add the version to CHECKED_VERSIONS. Until then sessions use plain
+    ASGI sends, correct but slower.
+    """
+    assert transport.unchecked() is None
+    assert transport.install() is True
+    assert hypercorn_run.TCPServer is TransportServer  # type: ignore[attr-defined]
+
+
+async def test_transport_reaches_session_and_carries_its_frames(
+    tmp_path: Path, sent_through_transport: list[int]
+) -> None:
+    """A plain-TCP WebSocket's session gets a transport, and its frames go through it."""
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with serve(tmp_path) as server:
+            given = await _frames_arrive(server)
+    assert isinstance(given, Transport)
+    assert len(sent_through_transport) >= 2  # the pong, the delivery
+    assert all(count >= 1 for count in sent_through_transport)
+
+
+async def test_transport_absent_frames_arrive_through_asgi(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sent_through_transport: list[int]
+) -> None:
+    """Under hypercorn's own TCPServer (no transport handed over) frames still arrive."""
+    monkeypatch.setattr(hypercorn_run, "TCPServer", TCPServer)
+    monkeypatch.setattr(transport, "install", lambda: False)
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with serve(tmp_path) as server:
+            given = await _frames_arrive(server)
+    assert given is None
+    assert sent_through_transport == []
+
+
+async def test_transport_direct_writes_off_frames_arrive_through_asgi(
+    tmp_path: Path, sent_through_transport: list[int]
+) -> None:
+    """`gateway.direct_writes = false`: the transport is there, frames go through ASGI."""
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with serve(tmp_path, GatewaySettings(direct_writes=False)) as server:
+            given = await _frames_arrive(server)
+    assert isinstance(given, Transport)
+    assert sent_through_transport == []
+
+
+def test_transport_none_over_tls() -> None:
+    """A connection whose stream is TLS gets no transport: its bytes are not the frames."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        plain = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+        server = TransportServer.__new__(TransportServer)
+        server.stream = trio.SSLStream(  # type: ignore[assignment]
+            plain, ssl.create_default_context(ssl.Purpose.CLIENT_AUTH), server_side=True)
+        assert server.transport_for({"type": "websocket"}) is None

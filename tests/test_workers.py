@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from broker.cli import build_parser, settings_for
 from broker.client import connect
@@ -28,7 +29,7 @@ from broker.workers.channel import pack_command, unpack_command
 from tests.helpers.daemon import run_daemon, serve
 from tests.helpers.engine import TEST_DEADLINE_S, make_world
 from tests.helpers.mcp import SDK_CLIENT_STREAMS, data, mcp_client
-from tests.helpers.realtime import _raw, closed_with, post
+from tests.helpers.realtime import _raw, closed_with, eventually, post
 
 PROCESS_DEADLINE_S = 60
 
@@ -123,14 +124,23 @@ async def test_workers_gap_in_commit_numbers_sends_sessions_to_the_database(
                 await post(engine, wid, alice, "general", "before")
                 before = await deliveries.__anext__()
                 assert before.data["text"] == "before"
-                # Every link counts as full: the next batch reaches no gateway.
+                # Every link counts as full: the next batches reach no gateway.
+                assert server.pool is not None
+                host = server.pool.host
                 monkeypatch.setattr(writer_side, "MAX_LINK_BACKLOG", -1)
                 await post(engine, wid, alice, "general", "missed")
-                monkeypatch.undo()
-                # both links missed it (and maybe a batch committed meanwhile)
-                assert server.pool is not None and server.pool.host.missed_batches >= 2
-                # A batch that delivers nothing to bob: only its number shows the gap.
+                # The writer publishes a batch's facts before it takes the next
+                # command: once this one returns, "missed" is in the facts channel.
                 await engine.submit(SetPresence(changes=((alice, "online"),)))
+                facts = engine.facts
+                assert facts is not None
+                await eventually(lambda: _true(facts.statistics().current_buffer_used == 0))
+                await trio.testing.wait_all_tasks_blocked()
+                monkeypatch.undo()
+                # both links missed them
+                assert host.missed_batches >= 2
+                # A batch that delivers nothing to bob: only its number shows the gap.
+                await engine.submit(SetPresence(changes=((alice, "offline"),)))
                 missed = await deliveries.__anext__()
                 assert (missed.seq, missed.data["text"]) == (before.seq + 1, "missed")
                 await post(engine, wid, alice, "general", "after")
@@ -186,3 +196,7 @@ def test_link_commands_round_trip_and_only_engine_commands_are_taken() -> None:
         with pytest.raises(BrokerError) as refused:
             unpack_command(name, b"\x80")
         assert refused.value.code == "internal"
+
+
+async def _true(value: bool) -> bool:
+    return value

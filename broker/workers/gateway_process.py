@@ -290,6 +290,8 @@ class GatewayProcess:
             facts.send_nowait(batch)
         except trio.WouldBlock:
             self.fall_behind(f"the hub's queue is full at batch {commit}")
+        except trio.BrokenResourceError:
+            pass  # the hub has ended: this gateway is stopping, its sessions are closed
 
     def fall_behind(self, why: str) -> None:
         """Live facts were lost: every delivery session resumes from the database."""

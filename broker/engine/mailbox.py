@@ -271,13 +271,14 @@ def list_settled(
 # invariant), a range of the primary key as deep as the mailbox; dead letters
 # (below the mark too) are counted in their partial index.
 _SUMMARY_SQL = (
-    "SELECT a.id, a.name, a.status, a.last_seen, a.last_seq, a.acked_seq,"
+    "SELECT a.id, a.name, a.status, a.last_seen, m.last_seq, m.acked_seq,"
     " count(d.seq), coalesce(sum(d.state = 'queued'), 0),"
     " coalesce(sum(d.state = 'delivered'), 0), coalesce(sum(d.state = 'failed'), 0),"
     " coalesce(sum(d.state = 'queued' AND d.available_at > ?3), 0), min(d.created_at),"
     " (SELECT count(*) FROM deliveries x INDEXED BY deliveries_dead_lettered"
     "  WHERE x.agent_id = a.id AND x.state = 'dead_lettered')"
-    " FROM agents a LEFT JOIN deliveries d ON d.agent_id = a.id AND d.seq > a.acked_seq"
+    " FROM agents a JOIN mailboxes m ON m.agent_id = a.id"
+    " LEFT JOIN deliveries d ON d.agent_id = a.id AND d.seq > m.acked_seq"
     f" AND d.state IN {_PENDING_SQL}"
     " WHERE a.workspace_id = ?1 AND a.deactivated_at IS NULL AND (?2 IS NULL OR a.name = ?2)"
     " GROUP BY a.id ORDER BY a.name"

@@ -4,7 +4,7 @@ For each path: count the SQL statements the command runs (an exec tracer
 that lets everything through), then, for every N, run the command with a
 tracer that refuses its Nth statement (apsw raises ExecTraceAbort). After
 each failure no row of any table has changed (message, attachments,
-deliveries, log, receipts, pointers, agents.last_seq / pending_count,
+deliveries, log, receipts, pointers, mailboxes.last_seq / pending_count,
 idempotency record, FTS index), and the same command without the fault
 then succeeds and writes everything.
 

@@ -361,8 +361,16 @@ class WriterActor:
         if prepare is not None:
             command = prepare(self.config.limits)
         pending: _Pending[T] = _Pending(command)
+        # A cancelled caller sends nothing, as `send` would refuse it; with
+        # room in the queue the command goes in without a trip through the
+        # scheduler (`send` yields even then): `done.wait()` below is this
+        # call's schedule point, one per command instead of two.
+        await trio.lowlevel.checkpoint_if_cancelled()
         try:
-            await self._send.send(pending)
+            try:
+                self._send.send_nowait(pending)
+            except trio.WouldBlock:
+                await self._send.send(pending)
         except trio.ClosedResourceError:
             raise BrokerError("shutting_down", "the broker is shutting down") from None
         except trio.BrokenResourceError:

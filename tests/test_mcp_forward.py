@@ -84,7 +84,7 @@ async def test_mcp_forwarded_session_wait_and_notifications(
                                                    "method": "tools/list"})
             assert refused.status_code == 401
             async with mcp_client(f"{server.url}/mcp", world.tokens["alice"], MODERN) as alice, \
-                    mcp_client(url, world.tokens["bob"], LEGACY,
+                    mcp_client(url, world.tokens["bob"], LEGACY, fresh_connections=True,
                                message_handler=on_message) as bob:
                 data(await alice.call_tool("channel.create", {"name": "plan"}))
                 data(await bob.call_tool("channel.join", {"channel": "plan"}))

@@ -29,7 +29,7 @@ from broker.client import ConnectionLost, RequestError, connect
 from broker.engine.backup import check
 from tests.helpers.daemon import Daemon, run_daemon
 
-GATEWAY_PIDS = re.compile(rb"gateway processes \(pids ([\d ]+)\)")
+GATEWAY_PIDS = re.compile(rb"gateway processes, pids ([\d ]+);")
 SENDERS = ("s1", "s2", "s3")
 RECIPIENTS = ("r1", "r2")
 DEADLINE_S = 300

@@ -100,7 +100,7 @@ async def test_workers_ready_after_every_gateway_listens_and_sigterm_drains_in_o
         assert found, (pattern, output)
         return found.start()
 
-    ready = at(r"broker listening on http://\S+: 2 gateway processes")
+    ready = at(r"broker listening on http://\S+ \(2 gateway processes")
     assert at(r"gateway 0 listening on") < ready and at(r"gateway 1 listening on") < ready
     exits = at(r"gateway processes stopped: exit statuses 0 0")
     assert at(r"gateway 0: stopped") < exits and at(r"gateway 1: stopped") < exits

@@ -322,8 +322,9 @@ class GatewayPool:
                 with trio.fail_after(START_TIMEOUT_S):
                     await self._all_listening.wait()
                 holder.close()  # every gateway listens on the port now
-                log.info("broker listening on %s: %d gateway processes (pids %s)", url,
-                         self.count, " ".join(str(p.pid) for p in self.processes))
+                log.info("broker listening on %s (%d gateway processes, pids %s; data in %s)",
+                         url, self.count, " ".join(str(p.pid) for p in self.processes),
+                         self.settings.data_dir)
                 task_status.started(url)
                 await stopping.wait()
                 log.info("stopping %d gateway processes", self.count)

@@ -145,18 +145,19 @@ def raw_send(conn: apsw.Connection, ids: IdAllocator, topology: Topology, i: int
         (log_id, wid, "message.created", message_id, channel_id, None, sender, payload, now),
     )
     room = (_encoder.encode(sorted(recipients)).decode(), depth)
-    where = "id IN (SELECT value FROM json_each(?1)) AND pending_count < ?2"
+    where = "agent_id IN (SELECT value FROM json_each(?1)) AND pending_count < ?2"
     picked = conn.execute(
-        f"SELECT json_group_array(json_array(id, last_seq + 1)) FROM agents WHERE {where}", room,
+        f"SELECT json_group_array(json_array(agent_id, last_seq + 1)) FROM mailboxes WHERE {where}",
+        room,
     ).fetchone()
     assert picked is not None and picked[0] != "[]", "a mailbox is full"
     conn.execute(
         "INSERT INTO deliveries(agent_id, seq, log_id, message_id, expires_at, created_at)"
-        f" SELECT id, last_seq + 1, ?3, ?4, ?5, ?6 FROM agents WHERE {where}",
+        f" SELECT agent_id, last_seq + 1, ?3, ?4, ?5, ?6 FROM mailboxes WHERE {where}",
         (*room, log_id, message_id, now + ttl_ms, now),
     )
     conn.execute(
-        "UPDATE agents SET last_seq = last_seq + 1, pending_count = pending_count + 1"
+        "UPDATE mailboxes SET last_seq = last_seq + 1, pending_count = pending_count + 1"
         f" WHERE {where}", room,
     )
     # the webhook outbox enqueue of record_event (no subscription here: it writes no row)

@@ -150,7 +150,8 @@ async def test_deactivate_agent_gets_nothing_token_dies(
     done = await engine.submit(DeactivateAgent(workspace_id=wid, agent_id=a["bob"]))
     assert (done.name, done.dead_lettered) == ("bob", 1)
     row = await engine.read(lambda c: c.execute(
-        "SELECT deactivated_at IS NOT NULL, pending_count, status FROM agents WHERE id = ?",
+        "SELECT deactivated_at IS NOT NULL, pending_count, status FROM agents"
+        " JOIN mailboxes ON agent_id = id WHERE id = ?",
         (a["bob"],)).fetchone())
     assert row == (1, 0, "offline")
     states = await engine.read(lambda c: c.execute(
@@ -168,7 +169,7 @@ async def test_deactivate_agent_gets_nothing_token_dies(
     await engine.submit(conversations.SendGroupDm(workspace_id=wid, agent_id=a["alice"],
                                                   conversation_id=group.id, text="after"))
     count = await engine.read(lambda c: c.execute(
-        "SELECT count(*), (SELECT last_seq FROM agents WHERE id = ?1) FROM deliveries"
+        "SELECT count(*), (SELECT last_seq FROM mailboxes WHERE agent_id = ?1) FROM deliveries"
         " WHERE agent_id = ?1", (a["bob"],)).fetchone())
     assert count == (1, 1)
     carol = await engine.read(lambda c: c.execute(

@@ -4,7 +4,7 @@ For each path: count the SQL statements the command runs (an exec tracer
 that lets everything through), then, for every N, run the command with a
 tracer that refuses its Nth statement (apsw raises ExecTraceAbort). After
 each failure no row of any table has changed (message, attachments,
-deliveries, log, receipts, pointers, agents.last_seq / pending_count,
+deliveries, log, receipts, pointers, mailboxes.last_seq / pending_count,
 idempotency record, FTS index), and the same command without the fault
 then succeeds and writes everything.
 
@@ -134,7 +134,7 @@ async def test_channel_send_is_atomic(engine: Engine, world: World) -> None:
     # validation reads, attachment, mentions, insert, link, recipients, log,
     # seq allocation, one insert per delivery, idempotency record
     await assert_atomic(engine, prepare, make, check, at_least=12)
-    seqs = await rows(engine, "SELECT last_seq, pending_count FROM agents WHERE id = ?",
+    seqs = await rows(engine, "SELECT last_seq, pending_count FROM mailboxes WHERE agent_id = ?",
                       world.agents["bob"])
     # Failed attempts allocated no seq: one per successful send (count + retries).
     sends = await rows(engine, "SELECT count(*) FROM messages")
@@ -201,7 +201,8 @@ async def test_mark_read_is_atomic(engine: Engine, world: World, where: str) -> 
                           message_id) == [(bob,)]
         mine = [(t, s) for a, t, s in await deliveries_of(engine, message_id) if a == bob]
         assert mine == [("message.created" if where == "channel" else "dm.received", "acked")]
-        assert await rows(engine, "SELECT pending_count FROM agents WHERE id = ?", bob) == [(0,)]
+        assert await rows(engine, "SELECT pending_count FROM mailboxes WHERE agent_id = ?",
+                          bob) == [(0,)]
         assert await pointer() == message_id
         notices = [a for a, t, _ in await deliveries_of(engine, message_id) if t == "message.read"]
         assert notices == [alice]

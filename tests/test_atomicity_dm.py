@@ -83,7 +83,7 @@ async def test_dm_send_creating_the_conversation_is_atomic(engine: Engine, world
     body = await statements_of(engine, await fresh_pair(-1))
     joined = "\n".join(body)
     for table in ("INSERT INTO conversations", "INSERT INTO conversation_participants",
-                  "INSERT INTO messages", "INSERT INTO message_log", "UPDATE agents",
+                  "INSERT INTO messages", "INSERT INTO message_log", "UPDATE mailboxes",
                   "INSERT INTO deliveries", "idempotency_keys"):
         assert table in joined, table
 

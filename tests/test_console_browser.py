@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from broker.client import connect
-from broker.config import HttpSettings, Settings
+from broker.config import HttpSettings, ServerSettings, Settings
 from broker.engine.config import EngineConfig
 from broker.server import BrokerServer
 from broker.webhooks.settings import WebhookSettings
@@ -31,7 +31,7 @@ from tests.helpers.webhooks import Receiver, serving
 KEY_STORAGE = "broker.console.key"
 DEADLINE_S = 60
 XSS = '<script>window.__pwned = 1</script><img src="x" onerror="window.__pwned = 2"> hi'
-LONG = "long " * 2000
+LONG = "long " * 1900 + "x" * 500  # ends with a word longer than any screen
 
 WEBHOOKS = WebhookSettings(
     allow_hosts=("127.0.0.1",), poll_interval_seconds=0.05, backoff_base_seconds=0.05,
@@ -51,7 +51,7 @@ def browser() -> Iterator[BrowserThread]:
 @pytest.fixture
 def settings(tmp_path: Path, engine_config: EngineConfig) -> Settings:
     return Settings(
-        data_dir=str(tmp_path / "data"), engine=engine_config,
+        data_dir=str(tmp_path / "data"), engine=engine_config, server=ServerSettings(workers=1),
         http=HttpSettings(host="127.0.0.1", port=0, shutdown_grace_seconds=0.5),
         webhooks=WEBHOOKS,
     )
@@ -159,6 +159,7 @@ async def test_console_form_refuses_bad_keys_then_shows_history_threads_and_live
         screenshot(page, "conversations")
         messages.nth(2).get_by_role("button", name=re.compile("Show all")).click()
         expect(long_text).to_have_text(LONG)
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1280
 
     def live_arrived(text: str) -> None:
         expect(page.locator("#pane-body .messages > li.message .text").last).to_have_text(text)
@@ -186,6 +187,8 @@ async def test_console_form_refuses_bad_keys_then_shows_history_threads_and_live
         def phone() -> None:
             page.set_viewport_size({"width": 390, "height": 844})
             expect(page.locator("#channel-list")).to_be_visible()
+            # Readable at phone width: nothing wider than the screen (long words wrap).
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390
             screenshot(page, "conversations-phone")
 
         await browser.run(phone)
@@ -366,6 +369,7 @@ async def test_console_reconnects_after_a_restart_and_signs_out_when_the_workspa
 
     def settings(port: int) -> Settings:
         return Settings(data_dir=str(tmp_path / "data"), engine=engine_config,
+                        server=ServerSettings(workers=1),
                         http=HttpSettings(host="127.0.0.1", port=port,
                                           shutdown_grace_seconds=0.5))
 

@@ -10,7 +10,10 @@ import os
 import httpx
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
+from broker.http.files import MAX_RANGES, byte_ranges
 from broker.server import BrokerServer
 from tests.helpers.rest import make_rest_world, uploaded
 
@@ -188,3 +191,35 @@ async def test_download_etag_conditional(
     other = await client.get(f"/v1/files/{again['id']}/content", headers=headers)
     assert other.content == DATA
     assert other.headers["etag"] != etag
+
+
+Spec = tuple[int | None, int | None]
+
+
+@given(size=st.integers(0, 40), specs=st.lists(
+    st.tuples(st.none() | st.integers(0, 50), st.none() | st.integers(0, 50)),
+    min_size=1, max_size=MAX_RANGES + 2))
+def test_byte_ranges_cover_exactly_what_was_asked(size: int, specs: list[Spec]) -> None:
+    """byte_ranges against a model: the bytes each spec names within the file, as sorted
+    ranges with gaps between them; None for a header to ignore; [] when nothing is left."""
+    header = "bytes=" + ", ".join(
+        f"{'' if first is None else first}-{'' if last is None else last}"
+        for first, last in specs)
+    ranges = byte_ranges(header, size)
+    if len(specs) > MAX_RANGES or any(
+            (first is None and last is None)
+            or (first is not None and last is not None and last < first)
+            for first, last in specs):
+        assert ranges is None
+        return
+    wanted: set[int] = set()
+    for first, last in specs:
+        if first is None:
+            assert last is not None
+            wanted.update(range(max(0, size - last), size))
+        else:
+            wanted.update(range(first, size if last is None else min(last + 1, size)))
+    assert ranges is not None
+    covered = [i for first, last in ranges for i in range(first, last + 1)]
+    assert covered == sorted(wanted)
+    assert all(ranges[i][1] + 1 < ranges[i + 1][0] for i in range(len(ranges) - 1))

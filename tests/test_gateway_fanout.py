@@ -347,3 +347,47 @@ def test_hub_empty_audience_reaches_only_observers() -> None:
     hub.publish([fact("group_dm.participant_removed", audience=())])
     assert bob.got == []  # not "the whole workspace"
     assert observer.got == [("fact", "group_dm.participant_removed")]
+
+
+class _Watcher:
+    def __init__(self, workspace_id: int, agent_id: int) -> None:
+        self.workspace_id, self.agent_id = workspace_id, agent_id
+        self.seen: list[tuple[str, int | None]] = []
+
+    def offer_delivery(self, seq: int, view: Any) -> None:
+        self.seen.append((view.type, seq))
+
+    def offer_event(self, view: Any) -> None:
+        self.seen.append((view.type, None))
+
+    def offer_fact(self, view: Any) -> None:
+        self.seen.append(("fact", None))
+
+
+def test_fanout_watcher_sees_its_agent_and_counts_as_no_session() -> None:
+    """A watcher gets its agent's deliveries, audience events and workspace events (not
+    presence, not other agents'); it never makes the agent online or keeps it so."""
+    hub: FanoutHub[Fact] = FanoutHub()
+    watcher = _Watcher(1, 7)
+    hub.watch(cast(Any, watcher))
+    payload = encode_payload("message.created", _MESSAGE)
+    hub.publish([
+        Fact(type="message.created", workspace_id=1, payload=payload, log_id=1,
+             deliveries=(Delivery(7, 3), Delivery(8, 5))),
+        Fact(type="agent.token_rotated", workspace_id=1, payload=payload, audience=(7,),
+             internal=True),
+        Fact(type="agent.deactivated", workspace_id=1, payload=payload),
+        Fact(type="agent.status.active", workspace_id=1, payload=payload),
+        Fact(type="message.created", workspace_id=2, payload=payload, log_id=2,
+             deliveries=(Delivery(9, 1),)),
+    ])
+    assert watcher.seen == [("message.created", 3), ("agent.token_rotated", None),
+                            ("agent.deactivated", None)]
+    assert hub.statistics().sessions == 0 and not hub.sessions_of(7)
+    session = _Watcher(1, 7)
+    assert hub.attach(cast(Any, session)) is True  # still the agent's first session
+    assert hub.detach(cast(Any, session)) is True  # and its last
+    hub.unwatch(cast(Any, watcher))
+    hub.publish([Fact(type="message.created", workspace_id=1, payload=payload, log_id=3,
+                      deliveries=(Delivery(7, 4),))])
+    assert len(watcher.seen) == 3

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import pytest
 import trio_websocket
 
 from broker.server import BrokerServer
@@ -114,6 +115,14 @@ async def test_observer_requests_refused(server: BrokerServer, client: httpx.Asy
             "agent.deliveries": "agent_not_found"}
         assert (await request(other, "dm.conversations"))["data"] == []
         assert (await request(other, "search", q="deploying"))["data"] == []
+
+    # A deleted workspace's key, and one never minted, open no socket to ask on.
+    assert (await call(client, "DELETE", "/v1/workspace", scene.globex.key)).status == 200
+    for dead in (scene.globex.key, "rk_live_" + "0" * 40):
+        with pytest.raises(trio_websocket.ConnectionRejected) as refused:
+            async with raw_socket(server, dead, subprotocols=[]):
+                pass
+        assert refused.value.status_code == 401
 
 
 async def test_agent_sockets_keep_their_rules(

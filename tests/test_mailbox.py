@@ -64,7 +64,7 @@ def pushed_now() -> int:
 
 async def marks(engine: Engine, agent_id: int) -> tuple[Any, ...]:
     row = await engine.read(lambda c: c.execute(
-        "SELECT last_seq, acked_seq, pending_count FROM agents WHERE id = ?",
+        "SELECT last_seq, acked_seq, pending_count FROM mailboxes WHERE agent_id = ?",
         (agent_id,)).fetchone())
     assert row is not None
     return tuple(row)
@@ -539,3 +539,37 @@ async def test_socket_ack_holds_deferred_row_for_replay(
                                          "up_to_seq": 3})
                 assert (await next_frame(second, "reply"))["data"] == {
                     "acked": 1, "acked_seq": 3, "changed": True}
+
+
+async def test_every_agent_has_one_mailbox_row(engine: Engine, world: World) -> None:
+    """Registered agents and an inbound hook's own agent each get exactly one mailbox row."""
+    from broker.engine.inbound_hooks import CreateInboundWebhook
+
+    await engine.submit(CreateInboundWebhook(workspace_id=world.workspace_id, channel="general"))
+    agents, joined = await engine.read(lambda c: c.execute(
+        "SELECT (SELECT count(*) FROM agents),"
+        " (SELECT count(*) FROM agents a JOIN mailboxes m ON m.agent_id = a.id)").fetchone())
+    assert agents == joined == len(world.agents) + 1
+    assert await engine.read(lambda c: c.execute(
+        "SELECT count(*) FROM mailboxes").fetchone()) == (agents,)
+
+
+async def test_concurrent_sends_allocate_each_mailbox_gap_free_in_order(
+    engine: Engine, world: World
+) -> None:
+    """Sends from every member at once (few batches): each recipient's seqs are 1..n, in
+    the order of the events, and its marks count them."""
+    wid = world.workspace_id
+    senders = list(world.agents.values())
+    async with trio.open_nursery() as nursery:
+        for i in range(40):
+            nursery.start_soon(engine.submit, SendChannelMessage(
+                workspace_id=wid, agent_id=senders[i % len(senders)], channel="general",
+                text=f"burst {i}"))
+    assert engine.writer.statistics().mean_batch_size > 1
+    for agent_id in senders:
+        seqs = await engine.read(lambda c, a=agent_id: [r[0] for r in c.execute(
+            "SELECT seq FROM deliveries WHERE agent_id = ? ORDER BY log_id", (a,))])
+        assert seqs == list(range(1, len(seqs) + 1))
+        assert len(seqs) == 30  # 40 sends, 10 of them its own
+        assert await marks(engine, agent_id) == (30, 0, 30)

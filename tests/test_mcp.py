@@ -36,6 +36,7 @@ async def count(server: BrokerServer, sql: str, *args: Any) -> int:
     return int(await server.engine.read(lambda c: c.execute(sql, args).fetchone()[0]))
 
 
+@pytest.mark.both_process_models  # MCP in gateway 0, forwarded by the others
 @BOTH
 async def test_mcp_two_agents_converse(
     server: BrokerServer, client: httpx.AsyncClient, mode: str
@@ -146,10 +147,16 @@ async def test_mcp_resource_subscription_gets_updated_2025(
         with trio.fail_after(10):
             await arrived.wait()
         assert updated == ["broker://inbox"]
+        assert server.mcp is not None
+        stats = server.mcp.statistics()
+        assert (stats.subscribed_sessions, stats.notifications_sent) == (1, 1)
         resource = await bob.read_resource("broker://inbox")
         assert resource.contents[0].text == "1 unread: 1 in #plan"  # type: ignore[union-attr]
         channel = await bob.read_resource("broker://channels/plan")
         assert "#plan alice: news" in channel.contents[0].text  # type: ignore[union-attr]
+    # Both sessions ended (the clients' DELETE): nothing is held any more.
+    stats = server.mcp.statistics()
+    assert (stats.sessions, stats.subscribed_sessions, stats.watched_agents) == (0, 0, 0)
 
 
 async def test_mcp_resource_listen_gets_updated_2026(

@@ -44,6 +44,9 @@ async def test_mcp_inspector_lists_the_tools_and_posts(
     assert {"message.post", "message.inbox.check", "message.inbox.wait"} <= names
     post = next(tool for tool in listed["tools"] if tool["name"] == "message.post")
     assert set(post["inputSchema"]["required"]) == {"channel", "text"}
+    assert post["annotations"] == {"readOnlyHint": False, "destructiveHint": False}
+    listing = next(tool for tool in listed["tools"] if tool["name"] == "message.list")
+    assert listing["annotations"]["readOnlyHint"] is True
     await inspect(url, alice, "--method", "tools/call", "--tool-name", "channel.create",
                   "--tool-arg", "name=plan")
     posted = await inspect(url, alice, "--method", "tools/call", "--tool-name", "message.post",

@@ -14,6 +14,7 @@ from broker.config import Settings
 from broker.engine.config import EngineConfig, Limits
 from broker.mcp.settings import McpSettings
 from broker.server import BrokerServer
+from tests.helpers.daemon import run_server
 from tests.helpers.mcp import LEGACY, SDK_CLIENT_STREAMS, data, mcp_client, mcp_url
 from tests.helpers.realtime import eventually
 from tests.helpers.rest import call, make_rest_world
@@ -92,3 +93,34 @@ async def test_mcp_token_rotation_closes_the_old_tokens_session_and_wait(
             await bob.call_tool("agent.me", {})
     async with mcp_client(url, rotated.data["token"], LEGACY) as bob:
         assert data(await bob.call_tool("agent.me", {}))["name"] == "bob"
+
+
+async def test_mcp_stop_ends_waits_and_streams_within_the_grace(settings: Settings) -> None:
+    """A stop while an agent waits (and holds a GET stream) ends them: the daemon stops
+    within its grace period instead of waiting out the wait's timeout."""
+    with trio.fail_after(30):
+        async with run_server(settings) as server:
+            assert server.url is not None
+            async with httpx.AsyncClient(base_url=server.url) as http:
+                world = await make_rest_world(http)
+            bob_id = int(world.agents["bob"])
+            outcome: list[Any] = []
+
+            async def wait() -> None:
+                try:
+                    async with mcp_client(mcp_url(server), world.tokens["bob"], LEGACY) as bob:
+                        outcome.append(await bob.call_tool("message.inbox.wait",
+                                                           {"timeout_seconds": 300}))
+                except Exception as exc:  # the daemon went away under the client
+                    outcome.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait)
+                assert server.mcp is not None
+                await eventually(lambda: _true(server.mcp.watches.get(bob_id) is not None
+                                               and server.mcp.watches.get(bob_id).holders > 1))
+                stopped_at = trio.current_time()
+                server.stop()
+        # The wait did not run to its 300 s: the stop ended it.
+        assert trio.current_time() - stopped_at < settings.http.shutdown_grace_seconds + 5
+        assert outcome

@@ -14,6 +14,7 @@ import trio
 from mcp.shared.exceptions import MCPDeprecationWarning
 
 from broker.cli import main
+from broker.config import ConfigError, load_settings
 from broker.server import BrokerServer
 from tests.helpers.mcp import LEGACY, MODERN, SDK_CLIENT_STREAMS, data, stdio_client, texts
 from tests.helpers.realtime import eventually
@@ -70,6 +71,14 @@ async def test_mcp_stdio_bridge_carries_a_conversation_a_wait_and_notifications(
             assert data(reply)["thread_id"] == posted["id"]
             checked = await alice.call_tool("message.inbox.check", {})
             assert texts(checked)[-1] == "1 unread: 1 in #plan"
+            dm = data(await alice.call_tool("message.dm.send", {"to": "bob", "text": "thanks"}))
+            data(await bob.call_tool("message.reaction.add",
+                                     {"message_id": posted["id"], "emoji": "tada"}))
+            data(await bob.call_tool("message.inbox.mark_read",
+                                     {"message_id": dm["message"]["id"]}))
+            readers = data(await alice.call_tool("message.inbox.get_readers",
+                                                 {"message_id": dm["message"]["id"]}))
+            assert [r["agent_name"] for r in readers] == ["bob"]
             tools = {tool.name for tool in (await bob.list_tools()).tools}
             assert {"message.post", "message.inbox.wait"} <= tools
             await inbox_updated.wait()
@@ -99,3 +108,14 @@ def test_mcp_config_prints_each_editors_snippet(capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit) as refused:
         main(["mcp", "config", "--editor", "vi"])
     assert refused.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_mcp_bridge_variables_are_not_daemon_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BROKER_URL and BROKER_TOKEN belong to `broker mcp`: a daemon started in the same
+    shell does not refuse them as unknown settings (it still refuses a real typo)."""
+    monkeypatch.setenv("BROKER_URL", "http://127.0.0.1:8787")
+    monkeypatch.setenv("BROKER_TOKEN", "at_live_x")
+    assert load_settings(None).mcp.enabled is True
+    monkeypatch.setenv("BROKER_MCP_MAX_SESIONS", "3")
+    with pytest.raises(ConfigError, match="BROKER_MCP_MAX_SESIONS"):
+        load_settings(None)

@@ -17,7 +17,12 @@ import trio_websocket
 
 from broker.client import connect
 from broker.config import ConfigError, Settings, load_settings
-from broker.http.proxies import MalformedForwarding, node_address, parse_forwarded
+from broker.http.proxies import (
+    MalformedForwarding,
+    TrustedProxies,
+    node_address,
+    parse_forwarded,
+)
 from broker.ratelimit import RateLimiter, RateLimitSettings
 from broker.server import BrokerServer
 from tests.helpers.daemon import run_server
@@ -207,3 +212,23 @@ def test_proxies_bad_settings_refused(variable: str, value: str, message: str) -
     with pytest.raises(ConfigError, match=message) as refused:
         load_settings(None, {variable: value})
     assert str(refused.value).startswith(variable)
+
+
+async def test_proxies_unix_socket_peer_is_trusted() -> None:
+    """A request over a Unix socket (no peer address: one of the daemon's own processes
+    passing a request on) names its client in Forwarded, even with no trusted proxies;
+    over TCP the same header is ignored."""
+    seen: list[tuple[Any, str]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append((scope["client"], scope["scheme"]))
+
+    middleware = TrustedProxies(app, trusted=[])
+    headers = [(b"forwarded", b'for="[2001:db8::5]";proto=https')]
+    for client in (None, ("198.51.100.4", 5000)):
+        await middleware({"type": "http", "client": client, "scheme": "http",
+                          "headers": headers}, None, None)  # type: ignore[arg-type]
+    await middleware({"type": "http", "client": None, "scheme": "http", "headers": []},
+                     None, None)  # type: ignore[arg-type]
+    assert seen == [(("2001:db8::5", 0), "https"), (("198.51.100.4", 5000), "http"),
+                    (None, "http")]

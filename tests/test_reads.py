@@ -33,7 +33,7 @@ def mark(world: World, who: str, message_id: str | int) -> MarkRead:
 
 
 async def pending(engine: Engine, agent_id: int) -> int:
-    return int((await rows(engine, "SELECT pending_count FROM agents WHERE id = ?",
+    return int((await rows(engine, "SELECT pending_count FROM mailboxes WHERE agent_id = ?",
                            agent_id))[0][0])
 
 

@@ -45,12 +45,12 @@ def test_open_writer_migrates_empty_file(tmp_path: Path) -> None:
     conn.close()
     lock.release()
     version, schema = schema_of(path)
-    assert version == SCHEMA_VERSION == 2
+    assert version == SCHEMA_VERSION == 3
     tables = {name for name, _ in schema}
     for table in ("workspaces", "agents", "channels", "channel_members", "messages",
                   "messages_fts", "files", "message_attachments", "deliveries", "message_log",
                   "read_receipts", "reactions", "conversations", "conversation_participants",
-                  "idempotency_keys", "outbox"):
+                  "idempotency_keys", "outbox", "mailboxes"):
         assert table in tables, table
 
 
@@ -69,7 +69,7 @@ def test_open_writer_migrates_version_1_deletion_mark(tmp_path: Path) -> None:
     conn.close()
     conn, lock = open_writer(path, CONFIG)
     try:
-        assert conn.execute("pragma user_version").fetchone() == (2,)
+        assert conn.execute("pragma user_version").fetchone() == (SCHEMA_VERSION,)
         assert conn.execute("SELECT name, deleted_at FROM workspaces").fetchall() == [("old", None)]
     finally:
         conn.close()
@@ -215,3 +215,95 @@ def test_dead_letter_page_reads_no_kept_acked_row(tmp_path: Path) -> None:
     """A page of dead letters costs the same with 50 or 5000 acked rows kept in between."""
     assert _dead_letter_page_steps(tmp_path / "a.db", 50) == \
         _dead_letter_page_steps(tmp_path / "b.db", 5000)
+
+
+def _version_2_file(path: Path) -> None:
+    """A file as the previous broker left it: marks on the agents rows, deliveries pending."""
+    conn = apsw.Connection(str(path))
+    with conn:
+        conn.execute(MIGRATIONS[0])
+        conn.execute(MIGRATIONS[1])
+        conn.execute("pragma user_version = 2")
+        conn.execute("INSERT INTO workspaces(id, name, key_hash, created_at)"
+                     " VALUES (1, 'old', x'00', 0)")
+        # bob: 5 seqs allocated, 2 acked, 3 pending; carol: nothing yet; dave: deactivated
+        conn.executemany(
+            "INSERT INTO agents(id, workspace_id, name, token_hash, last_seq, acked_seq,"
+            " pending_count, deactivated_at, created_at) VALUES (?, 1, ?, ?, ?, ?, ?, ?, 0)",
+            [(10, "alice", b"\x01", 0, 0, 0, None), (11, "bob", b"\x02", 5, 2, 3, None),
+             (12, "carol", b"\x03", 0, 0, 0, None), (13, "dave", b"\x04", 7, 7, 0, 5)])
+        conn.execute("INSERT INTO channels(id, workspace_id, name, created_at)"
+                     " VALUES (20, 1, 'general', 0)")
+        conn.executemany("INSERT INTO channel_members(channel_id, agent_id, joined_at)"
+                         " VALUES (20, ?, 0)", [(10,), (11,), (12,)])
+        conn.execute("INSERT INTO message_log(id, workspace_id, type, payload, created_at)"
+                     " VALUES (30, 1, 'message.created', x'7b7d', 0)")
+        conn.executemany(
+            "INSERT INTO deliveries(agent_id, seq, log_id, state, expires_at, created_at)"
+            " VALUES (11, ?, 30, ?, 9999999999999, 0)",
+            [(1, "acked"), (2, "acked"), (3, "queued"), (4, "delivered"), (5, "failed")])
+    conn.close()
+
+
+async def test_version_2_file_upgrades_its_marks_to_mailboxes(tmp_path: Path) -> None:
+    """Version 3 moves each agent's marks to its `mailboxes` row; sends go on from them.
+
+    The agents table loses the three columns; every agent, deactivated ones
+    included, has its marks as they were; the next send gives bob seq 6
+    (not 1: the high-water mark survived) and carol seq 1; the mailbox and
+    its replay read the old rows; an agent registered after the upgrade has a
+    mailbox row of its own.
+    """
+    from broker.engine.mailbox import AckUpTo, list_pending
+    from broker.engine.messages import SendChannelMessage
+    from broker.engine.workspaces import RegisterAgent
+
+    path = tmp_path / DATABASE_FILE
+    _version_2_file(path)
+    async with Engine.open(tmp_path, CONFIG) as engine:
+        conn = engine.writer.connection
+        assert conn.execute("pragma user_version").fetchone() == (SCHEMA_VERSION,)
+        columns = {str(r[1]) for r in conn.execute("pragma table_info(agents)")}
+        assert not columns & {"last_seq", "acked_seq", "pending_count"}
+        assert conn.execute(
+            "SELECT agent_id, last_seq, acked_seq, pending_count FROM mailboxes ORDER BY agent_id"
+        ).fetchall() == [(10, 0, 0, 0), (11, 5, 2, 3), (12, 0, 0, 0), (13, 7, 7, 0)]
+        assert [d.seq for d in await engine.read(list_pending, 1, 11)] == [3, 4, 5]
+
+        await engine.submit(SendChannelMessage(workspace_id=1, agent_id=10, channel="general",
+                                               text="after the upgrade"))
+        assert conn.execute(
+            "SELECT agent_id, seq, state FROM deliveries WHERE seq > 2 OR agent_id <> 11"
+            " ORDER BY agent_id, seq"
+        ).fetchall() == [(11, 3, "queued"), (11, 4, "delivered"), (11, 5, "failed"),
+                         (11, 6, "queued"), (12, 1, "queued")]
+        ack = await engine.submit(AckUpTo(workspace_id=1, agent_id=11, up_to_seq=6))
+        # seq 5 failed is held: the mark stops below it, 3 rows (3, 4, 6) are acked
+        assert (ack.acked, ack.acked_seq) == (3, 4)
+        assert conn.execute(
+            "SELECT last_seq, acked_seq, pending_count FROM mailboxes WHERE agent_id = 11"
+        ).fetchone() == (6, 4, 1)
+
+        erin = await engine.submit(RegisterAgent(workspace_id=1, name="erin"))
+        assert conn.execute("SELECT last_seq, acked_seq, pending_count FROM mailboxes"
+                            " WHERE agent_id = ?", (int(erin.id),)).fetchone() == (0, 0, 0)
+
+
+def test_version_3_step_is_atomic(tmp_path: Path) -> None:
+    """A version 3 step that fails leaves the file at version 2 with its marks on agents."""
+    path = tmp_path / "b.db"
+    _version_2_file(path)
+    conn = apsw.Connection(str(path))
+    # a table of that name in the way makes the step's first statement fail
+    with conn:
+        conn.execute("CREATE TABLE mailboxes(x)")
+    conn.close()
+    with pytest.raises(apsw.SQLError):
+        open_writer(path, CONFIG)
+    conn = apsw.Connection(str(path))
+    try:
+        assert conn.execute("pragma user_version").fetchone() == (2,)
+        assert conn.execute("SELECT last_seq, acked_seq, pending_count FROM agents"
+                            " WHERE id = 11").fetchone() == (5, 2, 3)
+    finally:
+        conn.close()

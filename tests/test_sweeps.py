@@ -32,8 +32,8 @@ class SettleAll(msgspec.Struct, frozen=True):
     def apply(self, tx: Tx) -> None:
         tx.conn.execute("UPDATE deliveries SET state = 'acked' WHERE agent_id = ?",
                         (self.agent_id,))
-        tx.conn.execute("UPDATE agents SET pending_count = 0, acked_seq = last_seq WHERE id = ?",
-                        (self.agent_id,))
+        tx.conn.execute("UPDATE mailboxes SET pending_count = 0, acked_seq = last_seq"
+                        " WHERE agent_id = ?", (self.agent_id,))
 
 
 def rows(conn: apsw.Connection, sql: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -64,7 +64,8 @@ async def test_expiry_dead_letters_and_tells_the_sender_once(engine: Engine, wor
     assert sorted(states) == sorted(
         (world.agents[n], "dead_lettered", "expired") for n in ("bob", "carol", "dave"))
     assert sweeper.stats.expired == 3  # in steps of 2: the sweep repeated a full step
-    pending = rows(conn, "SELECT name, pending_count FROM agents WHERE name <> 'alice'")
+    pending = rows(conn, "SELECT name, pending_count FROM agents JOIN mailboxes ON agent_id = id"
+                   " WHERE name <> 'alice'")
     assert all(count == 0 for _, count in pending)
     notices = rows(conn, "SELECT l.type, l.payload, d.seq FROM deliveries d"
                    " JOIN message_log l ON l.id = d.log_id WHERE d.agent_id = ? ORDER BY d.seq",
@@ -94,7 +95,7 @@ async def test_retention_prunes_settled_rows_and_never_reuses_a_seq(
     conn = engine.writer.connection
     assert rows(conn, "SELECT count(*) FROM deliveries WHERE agent_id = ?", bob) == [(0,)]
     # carol never acked: her deliveries were expired, and are settled now
-    assert rows(conn, "SELECT last_seq FROM agents WHERE id = ?", bob) == [(5,)]
+    assert rows(conn, "SELECT last_seq FROM mailboxes WHERE agent_id = ?", bob) == [(5,)]
     await send(engine, world, "after pruning")
     assert rows(conn, "SELECT seq FROM deliveries WHERE agent_id = ?", bob) == [(6,)]
 

@@ -24,7 +24,7 @@ from tests.helpers.engine import Gate, World, hold_writer, make_world, wait_queu
 ROW_COUNTS = (
     "SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM deliveries),"
     " (SELECT count(*) FROM message_log), (SELECT count(*) FROM messages_fts),"
-    " (SELECT sum(last_seq) FROM agents), (SELECT sum(pending_count) FROM agents)"
+    " (SELECT sum(last_seq) FROM mailboxes), (SELECT sum(pending_count) FROM mailboxes)"
 )
 
 
@@ -399,3 +399,26 @@ async def test_submit_cancelled_caller_still_commits(engine: Engine) -> None:
     names = await engine.read(lambda c: [r[0] for r in c.execute(
         "SELECT name FROM workspaces WHERE name IN ('abandoned', 'after')")])
     assert sorted(names) == ["abandoned", "after"]
+
+
+async def test_send_input_refused_before_the_queue(engine: Engine, world: World) -> None:
+    """A send's input checks run in the submitting task: refused input is never a writer
+    command and writes nothing; the same send, valid, is applied by the writer."""
+    wid, alice = world.workspace_id, world.agents["alice"]
+    before = engine.writer.statistics().commands
+    rows_before = counts(engine.writer.connection)
+    for bad, code in ((dict(text=""), "invalid_text"),
+                      (dict(text="x" * (engine.limits.max_text_bytes + 1)), "text_too_long"),
+                      (dict(text="hi", mode="loud"), "invalid_mode"),
+                      (dict(text="hi", data={"x": "y" * engine.limits.max_data_bytes}),
+                       "data_too_large")):
+        with pytest.raises(BrokerError) as refused:
+            await engine.submit(SendChannelMessage(workspace_id=wid, agent_id=alice,
+                                                   channel="general", **bad))
+        assert refused.value.code == code
+    assert engine.writer.statistics().commands == before
+    assert counts(engine.writer.connection) == rows_before
+    sent = await engine.submit(SendChannelMessage(workspace_id=wid, agent_id=alice,
+                                                  channel="general", text="hi @bob"))
+    assert (sent.text, sent.mentions) == ("hi @bob", ["bob"])
+    assert engine.writer.statistics().commands == before + 1

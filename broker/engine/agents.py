@@ -412,10 +412,11 @@ class DeactivateAgent(msgspec.Struct, frozen=True, kw_only=True):
         )
         dead_count = conn.changes()
         conn.execute(
-            "UPDATE agents SET deactivated_at = ?, status = 'offline', pending_count = 0,"
+            "UPDATE agents SET deactivated_at = ?, status = 'offline',"
             " prev_token_hash = NULL, prev_token_expires_at = NULL WHERE id = ?",
             (now, agent.id),
         )
+        conn.execute("UPDATE mailboxes SET pending_count = 0 WHERE agent_id = ?", (agent.id,))
         result = AgentDeactivated(agent_id=str(agent.id), name=agent.name,
                                   deactivated_at=iso(now) or "", dead_lettered=dead_count)
         emit_ephemeral(tx, workspace_id=self.workspace_id, event_type="agent.deactivated",

@@ -15,7 +15,8 @@ channels are public and anyone in the workspace may join: reading is what
 membership is for, and the same rule keeps search, history and the thread
 reads consistent (an agent reads what it could be delivered). An agent that
 wants the history joins first; `get_channel` and `list_channels` describe a
-channel to any agent of the workspace without its messages.
+channel to any agent of the workspace without its messages. The owner (the
+workspace key) reads every channel's history, archived ones too.
 
 Pages: cursors are message ids (exclusive bounds; they need not exist).
 Channel history comes newest first; with `after` the page is the `limit`

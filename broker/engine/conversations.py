@@ -45,6 +45,7 @@ from broker.engine.idempotency import once
 from broker.engine.ids import COUNTER_BITS
 from broker.engine.lookups import AgentRow, agent_by_name, require_agent
 from broker.engine.messages import (
+    Checked,
     Send,
     conversation_recipients,
     post_message,
@@ -174,9 +175,9 @@ class SendDm(Send, frozen=True, kw_only=True):
 
     to: str
 
-    def apply(self, tx: Tx) -> Message:
-        limits, conn = tx.limits, tx.conn
-        text, mode, data = self.checked(limits)
+    def apply_checked(self, tx: Tx, checked: Checked) -> Message:
+        conn = tx.conn
+        text, mode, data = checked
 
         def send() -> Message:
             author = require_agent(conn, self.workspace_id, self.agent_id)
@@ -290,9 +291,9 @@ class SendGroupDm(Send, frozen=True, kw_only=True):
 
     conversation_id: str
 
-    def apply(self, tx: Tx) -> Message:
-        limits, conn = tx.limits, tx.conn
-        text, mode, data = self.checked(limits)
+    def apply_checked(self, tx: Tx, checked: Checked) -> Message:
+        conn = tx.conn
+        text, mode, data = checked
 
         def send() -> Message:
             author = require_agent(conn, self.workspace_id, self.agent_id)

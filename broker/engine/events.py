@@ -4,11 +4,12 @@ Every send path (channel, DM, group DM, thread reply) and every notice
 (reaction, read) ends here, inside its command's transaction, so an event
 can never exist without its deliveries or the other way round.
 
-Sequence numbers come from `agents.last_seq`: the recipients that still
+Sequence numbers come from `mailboxes.last_seq`: the recipients that still
 have room in their mailbox get `last_seq + 1`, and their marks advance, in
 the same transaction (the writer is the only one changing those rows):
 gap-free per agent, strictly increasing, and never reused, because the
-high-water mark lives on the agent row, not in the (prunable) deliveries.
+high-water mark lives on the agent's mailbox row, not in the (prunable)
+deliveries.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from broker.engine.outbox import enqueue_webhooks
 from broker.engine.writer import Tx
 
 _encoder = msgspec.json.Encoder()
-_pairs = msgspec.json.Decoder(list[tuple[int, int]])
+# `[[agent_id, seq], ...]` straight into the facts' Delivery structs (array-like)
+_allocated = msgspec.json.Decoder(tuple[Delivery, ...])
 # Recipients (?1, a JSON array of agent ids) whose mailbox has room (?2: the depth).
-_ROOM = "id IN (SELECT value FROM json_each(?1)) AND pending_count < ?2"
+_ROOM = "agent_id IN (SELECT value FROM json_each(?1)) AND pending_count < ?2"
 
 
 class Recorded(msgspec.Struct, frozen=True):
@@ -79,22 +81,22 @@ def record_event(
         # same filter in each, on rows nothing else changes in between.
         room = (_encoder.encode(wanted).decode(), tx.limits.mailbox_depth)
         row = conn.execute(
-            "SELECT json_group_array(json_array(id, last_seq + 1)) FROM agents"
+            "SELECT json_group_array(json_array(agent_id, last_seq + 1)) FROM mailboxes"
             f" WHERE {_ROOM}", room,
         ).fetchone()
-        allocated = _pairs.decode(cast(str, row[0])) if row is not None else []
-        if allocated:
+        if row is not None:
+            deliveries = _allocated.decode(cast(str, row[0]))
+        if deliveries:
             expires = now + tx.limits.delivery_ttl_seconds * 1000
             conn.execute(
                 "INSERT INTO deliveries(agent_id, seq, log_id, message_id, expires_at, created_at)"
-                f" SELECT id, last_seq + 1, ?3, ?4, ?5, ?6 FROM agents WHERE {_ROOM}",
+                f" SELECT agent_id, last_seq + 1, ?3, ?4, ?5, ?6 FROM mailboxes WHERE {_ROOM}",
                 (*room, log_id, message_id, expires, now),
             )
             conn.execute(
-                "UPDATE agents SET last_seq = last_seq + 1, pending_count = pending_count + 1"
+                "UPDATE mailboxes SET last_seq = last_seq + 1, pending_count = pending_count + 1"
                 f" WHERE {_ROOM}", room,
             )
-        deliveries = tuple([Delivery(a, s) for a, s in allocated])
         if len(deliveries) < len(wanted):
             got = {d.agent_id for d in deliveries}
             full = tuple(a for a in wanted if a not in got)

@@ -9,8 +9,8 @@ from broker.engine.writer import Tx
 
 
 def pending_deliveries_total(conn: apsw.Connection) -> int:
-    """Deliveries not yet acknowledged, over every agent (the sum of agents.pending_count)."""
-    row = conn.execute("SELECT coalesce(sum(pending_count), 0) FROM agents").fetchone()
+    """Deliveries not yet acknowledged, over every agent (the sum of mailboxes.pending_count)."""
+    row = conn.execute("SELECT coalesce(sum(pending_count), 0) FROM mailboxes").fetchone()
     return 0 if row is None else int(row[0])
 
 

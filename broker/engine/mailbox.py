@@ -8,7 +8,7 @@ A delivery row moves through these states:
        `----(defer until T)---------'          (back to queued, not before T)
     any unacked state --(fail, not retryable)--> dead_lettered (final)
 
-`pending_count` on the agent counts its rows in queued, delivered or
+`pending_count` on the agent's `mailboxes` row counts its rows in queued, delivered or
 failed; every transition into acked or dead_lettered decrements it, so the
 mailbox limit in `record_event` stays exact without a count query.
 
@@ -37,7 +37,7 @@ cumulative ack would settle what the agent gave back. The gateway stamps a
 push of a held row at least 1 ms after the `updated_at` it read the row
 with, so a push that follows the fail in the same millisecond still counts.
 
-The ack mark `agents.acked_seq` (the replay mark) keeps one invariant that
+The ack mark `mailboxes.acked_seq` (the replay mark) keeps one invariant that
 makes acks and the replay cheap: every row with seq <= the mark is final
 (acked or dead_lettered). An ack therefore only touches the rows between
 the old mark and its target, and `list_pending` starts scanning after the
@@ -138,8 +138,8 @@ class SeqMarks(msgspec.Struct, frozen=True):
 def seq_marks(conn: apsw.Connection, workspace_id: int, agent_id: int) -> SeqMarks:
     """The active agent's delivery marks. Raises agent_not_found."""
     row = conn.execute(
-        "SELECT last_seq, acked_seq FROM agents"
-        " WHERE id = ? AND workspace_id = ? AND deactivated_at IS NULL",
+        "SELECT m.last_seq, m.acked_seq FROM agents a JOIN mailboxes m ON m.agent_id = a.id"
+        " WHERE a.id = ? AND a.workspace_id = ? AND a.deactivated_at IS NULL",
         (agent_id, workspace_id),
     ).fetchone()
     if row is None:
@@ -271,13 +271,14 @@ def list_settled(
 # invariant), a range of the primary key as deep as the mailbox; dead letters
 # (below the mark too) are counted in their partial index.
 _SUMMARY_SQL = (
-    "SELECT a.id, a.name, a.status, a.last_seen, a.last_seq, a.acked_seq,"
+    "SELECT a.id, a.name, a.status, a.last_seen, m.last_seq, m.acked_seq,"
     " count(d.seq), coalesce(sum(d.state = 'queued'), 0),"
     " coalesce(sum(d.state = 'delivered'), 0), coalesce(sum(d.state = 'failed'), 0),"
     " coalesce(sum(d.state = 'queued' AND d.available_at > ?3), 0), min(d.created_at),"
     " (SELECT count(*) FROM deliveries x INDEXED BY deliveries_dead_lettered"
     "  WHERE x.agent_id = a.id AND x.state = 'dead_lettered')"
-    " FROM agents a LEFT JOIN deliveries d ON d.agent_id = a.id AND d.seq > a.acked_seq"
+    " FROM agents a JOIN mailboxes m ON m.agent_id = a.id"
+    " LEFT JOIN deliveries d ON d.agent_id = a.id AND d.seq > m.acked_seq"
     f" AND d.state IN {_PENDING_SQL}"
     " WHERE a.workspace_id = ?1 AND a.deactivated_at IS NULL AND (?2 IS NULL OR a.name = ?2)"
     " GROUP BY a.id ORDER BY a.name"
@@ -360,7 +361,7 @@ def _ack_up_to(tx: Tx, agent_id: int, marks: SeqMarks, up_to: int, folded: int =
     if acked == 0 and mark == marks.acked_seq:
         return AckResult(acked=0, acked_seq=mark, changed=False)
     conn.execute(
-        "UPDATE agents SET acked_seq = ?, pending_count = pending_count - ? WHERE id = ?",
+        "UPDATE mailboxes SET acked_seq = ?, pending_count = pending_count - ? WHERE agent_id = ?",
         (mark, acked, agent_id),
     )
     return AckResult(acked=acked, acked_seq=mark, changed=True)
@@ -425,7 +426,7 @@ def _finish(tx: Tx, agent_id: int, row: _Row, state: State, error: str | None,
     if row.seq == mark + 1:
         mark = _final_up_to(tx, agent_id, mark, row.marks.last_seq)
     tx.conn.execute(
-        "UPDATE agents SET pending_count = pending_count - 1, acked_seq = ? WHERE id = ?",
+        "UPDATE mailboxes SET pending_count = pending_count - 1, acked_seq = ? WHERE agent_id = ?",
         (mark, agent_id),
     )
 

@@ -61,7 +61,7 @@ class ExpireDeliveries(msgspec.Struct, frozen=True):
         for agent_id, *_ in rows:
             per_agent[agent_id] = per_agent.get(agent_id, 0) + 1
         conn.executemany(
-            "UPDATE agents SET pending_count = max(pending_count - ?, 0) WHERE id = ?",
+            "UPDATE mailboxes SET pending_count = max(pending_count - ?, 0) WHERE agent_id = ?",
             [(n, agent_id) for agent_id, n in per_agent.items()],
         )
         for agent_id, seq, message_id, event_type, sender, workspace_id, name in rows:
@@ -191,6 +191,9 @@ _PURGE_STATEMENTS: tuple[tuple[str, str], ...] = (
                  "SELECT id FROM channels WHERE workspace_id = ?1 LIMIT ?2)"),
     ("conversations", "DELETE FROM conversations WHERE id IN ("
                       "SELECT id FROM conversations WHERE workspace_id = ?1 LIMIT ?2)"),
+    ("mailboxes", "DELETE FROM mailboxes WHERE agent_id IN (SELECT m.agent_id"
+                  " FROM agents a JOIN mailboxes m ON m.agent_id = a.id"
+                  " WHERE a.workspace_id = ?1 LIMIT ?2)"),
     ("agents", "DELETE FROM agents WHERE id IN ("
                "SELECT id FROM agents WHERE workspace_id = ?1 LIMIT ?2)"),
 )

@@ -217,11 +217,45 @@ class Send(msgspec.Struct, frozen=True, kw_only=True):
     attachments: list[str] = msgspec.field(default_factory=list)
     idempotency_key: str | None = None
 
-    def checked(self, limits: Limits) -> tuple[str, str, str | None]:
+    def checked(self, limits: Limits) -> Checked:
         """The text, mode and data as stored; raises invalid_text, text_too_long,
         invalid_mode, invalid_data, data_too_large."""
         return (validation.text(self.text, limits), validation.mode(self.mode),
                 validation.data(self.data, limits))
+
+    def prepare(self, limits: Limits) -> CheckedSend:
+        """The send with its input checked, before it reaches the writer.
+
+        `WriterActor.submit` calls it in the submitting task, so the checks
+        (pure functions of the command and the limits) cost the writer
+        thread nothing, and refused input never enters the queue. Raises
+        what `checked` raises.
+        """
+        return CheckedSend(self, self.checked(limits))
+
+    def apply(self, tx: Tx) -> Message:
+        return self.apply_checked(tx, self.checked(tx.limits))
+
+    def apply_checked(self, tx: Tx, checked: Checked) -> Message:
+        """The send, its input already checked (`checked` as `self.checked` returned it)."""
+        raise NotImplementedError
+
+
+# The text, mode and data of a send as stored (Send.checked).
+Checked = tuple[str, str, "str | None"]
+
+
+class CheckedSend:
+    """A send whose input was checked before the writer took it (Send.prepare)."""
+
+    __slots__ = ("send", "checked")
+
+    def __init__(self, send: Send, checked: Checked) -> None:
+        self.send = send
+        self.checked = checked
+
+    def apply(self, tx: Tx) -> Message:
+        return self.send.apply_checked(tx, self.checked)
 
 
 class SendChannelMessage(Send, frozen=True, kw_only=True):
@@ -240,9 +274,9 @@ class SendChannelMessage(Send, frozen=True, kw_only=True):
 
     channel: str
 
-    def apply(self, tx: Tx) -> Message:
-        limits, conn = tx.limits, tx.conn
-        text, mode, data = self.checked(limits)
+    def apply_checked(self, tx: Tx, checked: Checked) -> Message:
+        conn = tx.conn
+        text, mode, data = checked
 
         def send() -> Message:
             author = require_agent(conn, self.workspace_id, self.agent_id)

@@ -85,7 +85,7 @@ class MarkRead(msgspec.Struct, frozen=True, kw_only=True):
         ).fetchall()
         if acked:
             conn.execute(
-                "UPDATE agents SET pending_count = pending_count - ? WHERE id = ?",
+                "UPDATE mailboxes SET pending_count = pending_count - ? WHERE agent_id = ?",
                 (len(acked), reader.id),
             )
         if message.thread_id is None:

@@ -9,7 +9,8 @@ from `broker.engine.ids` (decimal strings on the wire). Secrets (workspace
 keys, agent tokens) are stored only as SHA-256 digests.
 
 Hot paths and their keys:
-- the mailbox of an agent is a range scan of `deliveries` by (agent_id, seq);
+- the mailbox of an agent is a range scan of `deliveries` by (agent_id, seq),
+  its marks (last seq, ack mark, unsettled count) one narrow `mailboxes` row;
 - mark read finds a delivery by (message_id, agent_id);
 - a channel send reads `channel_members` by channel, a join reads it by agent;
 - a history page is a range scan of messages by (channel_id | conversation_id
@@ -215,8 +216,8 @@ CREATE INDEX message_log_workspace ON message_log(workspace_id, id);
 CREATE INDEX message_log_created ON message_log(created_at);
 
 -- One row per (recipient, event). seq is per agent, allocated from
--- agents.last_seq inside the writing transaction: gap-free, strictly
--- increasing, never reused.
+-- agents.last_seq (mailboxes.last_seq since version 3) inside the writing
+-- transaction: gap-free, strictly increasing, never reused.
 CREATE TABLE deliveries (
     agent_id     INTEGER NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
     seq          INTEGER NOT NULL,
@@ -378,8 +379,36 @@ CREATE INDEX node_tokens_workspace ON node_tokens(workspace_id);
 CREATE INDEX deliveries_dead_lettered ON deliveries(agent_id, seq) WHERE state = 'dead_lettered';
 """
 
+# An agent's delivery marks move to a narrow table of their own: every send
+# advanced `last_seq` and `pending_count` of each recipient by rewriting its
+# whole `agents` row (token hashes, persona, metadata: a few to tens of rows
+# per page), and every ack its `acked_seq`; a `mailboxes` row is four
+# integers, hundreds to a page, so a send's recipients share a page or two
+# and a commit writes fewer of them to the WAL (BENCHMARKS.md, Tuning,
+# session 7). Every agent has exactly one mailbox row: the trigger makes it
+# with the agent, the foreign key removes it with the agent. The marks keep
+# their meaning: `last_seq` the highest seq allocated (never reused, survives
+# pruning), `acked_seq` the cumulative ack mark, `pending_count` the agent's
+# unsettled deliveries.
+_V3 = """
+CREATE TABLE mailboxes (
+    agent_id      INTEGER PRIMARY KEY REFERENCES agents(id) ON DELETE CASCADE,
+    last_seq      INTEGER NOT NULL DEFAULT 0,
+    acked_seq     INTEGER NOT NULL DEFAULT 0,
+    pending_count INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO mailboxes(agent_id, last_seq, acked_seq, pending_count)
+    SELECT id, last_seq, acked_seq, pending_count FROM agents;
+ALTER TABLE agents DROP COLUMN last_seq;
+ALTER TABLE agents DROP COLUMN acked_seq;
+ALTER TABLE agents DROP COLUMN pending_count;
+CREATE TRIGGER agents_mailbox AFTER INSERT ON agents BEGIN
+    INSERT INTO mailboxes(agent_id) VALUES (new.id);
+END;
+"""
+
 # Each entry migrates from version i to i + 1.
-MIGRATIONS: tuple[str, ...] = (_V1, _V2)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

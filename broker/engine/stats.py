@@ -38,7 +38,7 @@ def database_stats(path: Path) -> DatabaseStats:
             " (SELECT count(*) FROM agents WHERE deactivated_at IS NULL),"
             " (SELECT count(*) FROM channels), (SELECT count(*) FROM conversations),"
             " (SELECT count(*) FROM messages),"
-            " (SELECT coalesce(sum(pending_count), 0) FROM agents),"
+            " (SELECT coalesce(sum(pending_count), 0) FROM mailboxes),"
             " (SELECT count(*) FROM deliveries WHERE state = 'dead_lettered'),"
             " (SELECT count(*) FROM message_log),"
             " (SELECT count(*) FROM outbox WHERE state = 'pending')"

@@ -19,6 +19,7 @@ from broker.engine.channel_queries import refuse_archived, require_visible_messa
 from broker.engine.idempotency import once
 from broker.engine.lookups import require_agent
 from broker.engine.messages import (
+    Checked,
     Send,
     channel_recipients,
     conversation_recipients,
@@ -43,9 +44,9 @@ class ReplyToThread(Send, frozen=True, kw_only=True):
 
     message_id: str
 
-    def apply(self, tx: Tx) -> Message:
-        limits, conn = tx.limits, tx.conn
-        text, mode, data = self.checked(limits)
+    def apply_checked(self, tx: Tx, checked: Checked) -> Message:
+        conn = tx.conn
+        text, mode, data = checked
 
         def reply() -> Message:
             author = require_agent(conn, self.workspace_id, self.agent_id)

@@ -126,6 +126,8 @@ def _unprintable(char: str) -> bool:
 def mention_candidates(body: str) -> list[str]:
     """Names that `@name` tokens in body may refer to (trailing '.', '-', '_' also tried)."""
     names: list[str] = []
+    if "@" not in body:
+        return names  # most texts: no scan at all
     for match in MENTION.finditer(body):
         raw = match.group(1)
         names.append(raw)

@@ -351,10 +351,26 @@ class WriterActor:
         Raises the command's own exception (a BrokerError for refused input),
         or BrokerError("commit_failed") when the batch could not be committed,
         or BrokerError("shutting_down") once the writer is closing.
+
+        A command with a `prepare(limits)` method (messages.Send) has it called
+        here, in the caller's task, and the command it returns is the one
+        applied: checks that need no transaction run outside the writer
+        thread, and input they refuse never enters the queue.
         """
+        prepare = getattr(command, "prepare", None)
+        if prepare is not None:
+            command = prepare(self.config.limits)
         pending: _Pending[T] = _Pending(command)
+        # A cancelled caller sends nothing, as `send` would refuse it; with
+        # room in the queue the command goes in without a trip through the
+        # scheduler (`send` yields even then): `done.wait()` below is this
+        # call's schedule point, one per command instead of two.
+        await trio.lowlevel.checkpoint_if_cancelled()
         try:
-            await self._send.send(pending)
+            try:
+                self._send.send_nowait(pending)
+            except trio.WouldBlock:
+                await self._send.send(pending)
         except trio.ClosedResourceError:
             raise BrokerError("shutting_down", "the broker is shutting down") from None
         except trio.BrokenResourceError:

@@ -306,9 +306,8 @@ def create_app(
     app.router.redirect_slashes = False
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(CloseWhenBodyUnread)
-    if settings.http.trusted_proxies:
-        # Outermost, so every part of the app keys by the real client.
-        app.add_middleware(TrustedProxies, trusted=settings.http.trusted_proxies)
+    # Outermost, so every part of the app keys by the real client.
+    app.add_middleware(TrustedProxies, trusted=settings.http.trusted_proxies)
     app.state.metrics = metrics
     app.state.limiter = limiter
     return app

@@ -24,6 +24,12 @@ peer (a bad address in the part that is read, broken quoting, an unknown
 protocol) is refused: 400 `invalid_forwarded`, since the client cannot be
 told. The scheme (`https` behind a TLS-terminating proxy) comes from the
 same hop as the client address.
+
+A peer with no IP address is trusted too: the daemon serves clients on TCP
+only, so a Unix socket peer is one of its own processes (a gateway passing
+a request on to gateway 0's private socket, `broker.workers.forward`,
+names the client it resolved in `Forwarded`). So the middleware is always
+installed; with no trusted proxies a TCP request passes straight through.
 """
 
 from __future__ import annotations
@@ -126,8 +132,9 @@ class TrustedProxies:
         return any(address in network for network in self.networks)
 
     def forwarded_for(self, headers: Sequence[tuple[bytes, bytes]],
-                      peer: IPAddress) -> tuple[IPAddress, str | None]:
-        """(client address, its protocol or None) from a trusted peer's headers.
+                      peer: IPAddress | None) -> tuple[IPAddress | None, str | None]:
+        """(client address, its protocol or None) from a trusted peer's headers
+        (`peer` None: a Unix socket peer; the client is None when the headers name none).
 
         Raises MalformedForwarding.
         """
@@ -146,7 +153,8 @@ class TrustedProxies:
             # One protocol per hop, or one set by the nearest proxy for all of them.
             hops = [(node, protos[i] if len(protos) == len(chain) else
                      (protos[-1] if protos else None)) for i, node in enumerate(chain)]
-        client, proto = peer, None
+        client: IPAddress | None = peer
+        proto = None
         for node, hop_proto in reversed(hops):
             if node is None:
                 break
@@ -162,25 +170,32 @@ class TrustedProxies:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
+        if kind not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
         peer = scope.get("client")
-        if kind not in ("http", "websocket") or not peer:
-            await self.app(scope, receive, send)
-            return
-        try:
-            address = ipaddress.ip_address(peer[0])
-        except ValueError:
-            address = None
-        if address is None or not self.trusts(address):
-            await self.app(scope, receive, send)
-            return
+        address: IPAddress | None = None
+        if peer:  # a Unix socket has no peer address: trusted (see the module's comment)
+            if not self.networks:
+                await self.app(scope, receive, send)
+                return
+            try:
+                address = ipaddress.ip_address(peer[0])
+            except ValueError:
+                await self.app(scope, receive, send)
+                return
+            if not self.trusts(address):
+                await self.app(scope, receive, send)
+                return
         try:
             client, proto = self.forwarded_for(scope["headers"], address)
         except MalformedForwarding as exc:
-            log.debug("refused a request from proxy %s: %s", peer[0], exc)
+            log.debug("refused a request from proxy %s: %s", peer[0] if peer else "unix", exc)
             await _refuse(scope, receive, send, str(exc))
             return
         scope = dict(scope)
-        scope["client"] = (str(client), 0)
+        if client is not None:
+            scope["client"] = (str(client), 0)
         if proto is not None:
             scope["scheme"] = SCHEMES[proto][kind == "websocket"]
         await self.app(scope, receive, send)

@@ -10,6 +10,7 @@ One job per module:
 - `notify`: resource subscriptions of both protocol revisions and their notifications;
 - `sessions`: who holds which session and request, and closing them;
 - `endpoint`: the ASGI endpoint (the token check, then the SDK's session manager);
+- `forward`: a gateway that does not serve MCP hands its `/mcp` requests to the one that does;
 - `bridge`, `editors`: `broker mcp` (stdio to /mcp) and editor configuration snippets.
 
 `McpSurface` puts them together: the server mounts `surface.routes()` and
@@ -23,6 +24,7 @@ import logging
 import time
 from typing import Any
 
+import msgspec
 import trio
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from starlette.routing import BaseRoute, Route
@@ -31,7 +33,8 @@ from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
 from broker.fanout import FanoutHub
 from broker.gateway.native import token_expiry
-from broker.mcp.endpoint import McpEndpoint, McpService
+from broker.mcp.endpoint import McpEndpoint, McpService, TokenCheck
+from broker.mcp.forward import McpForwarder
 from broker.mcp.notify import ResourceNotifier
 from broker.mcp.server import McpHandlers
 from broker.mcp.sessions import McpSessions, SessionEntry
@@ -39,22 +42,48 @@ from broker.mcp.settings import McpSettings
 from broker.mcp.watch import AgentWatch, Watches
 from broker.ratelimit import RateLimiter
 
-__all__ = ["McpSettings", "McpSurface"]
+__all__ = ["McpSettings", "McpStatistics", "McpSurface"]
 
 log = logging.getLogger(__name__)
 
 MCP_PATH = "/mcp"
 
 
+class McpStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of the MCP surface (`McpSurface.statistics()`).
+
+    sessions: stateful (2025) sessions open in this process.
+    watched_agents: agents followed on the hub (by waits, subscriptions, sessions).
+    subscribed_sessions: sessions with resource subscriptions; listening_agents:
+    agents with a 2026 listen stream open.
+    notifications_sent / notifications_dropped: resource notifications since start
+    (dropped: a session did not take one within the notify timeout).
+    forwarded: requests relayed to the serving gateway (a forwarding gateway only).
+    """
+
+    sessions: int
+    watched_agents: int
+    subscribed_sessions: int
+    listening_agents: int
+    notifications_sent: int
+    notifications_dropped: int
+    forwarded: int
+
+
 class McpSurface:
     """Start with `await nursery.start(surface.run)`; mount `surface.routes()`."""
 
     def __init__(self, engine: Engine, hub: FanoutHub[Any], settings: McpSettings,
-                 limiter: RateLimiter, public_url: str | None = None) -> None:
+                 limiter: RateLimiter, public_url: str | None = None,
+                 forward_to: str | None = None) -> None:
         """public_url: the base of the absolute URLs tools hand out (`http.public_url`;
-        None: the request's own)."""
+        None: the request's own). forward_to: the Unix socket of the gateway process that
+        serves MCP, when it is another one (broker.mcp.forward); None: serve it here."""
         self.engine = engine
         self.settings = settings
+        self.check = TokenCheck(engine, limiter)
+        self.forwarder = None if forward_to is None else McpForwarder(forward_to,
+                                                                      self.check.passes)
         self.watches = Watches(hub, on_changed=self._changed, on_revoked=self._revoked,
                                on_rotated=self._rotated)
         self.notifier = ResourceNotifier(self.watches, settings.notify_timeout_seconds)
@@ -67,9 +96,9 @@ class McpSurface:
         self.sessions = McpSessions(self.manager.handle_request,
                                     settings.session_idle_timeout_seconds,
                                     on_opened=self._opened, on_closed=self._closed)
-        self.service = McpService(engine, self.manager, self.sessions, limiter,
+        self.service = McpService(self.check, self.manager, self.sessions,
                                   settings.max_sessions_per_agent)
-        self.endpoint = McpEndpoint(self.service)
+        self.endpoint = McpEndpoint(self.service if self.forwarder is None else self.forwarder)
         self._session_watches: dict[str, AgentWatch] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -80,12 +109,29 @@ class McpSurface:
         return [Route(MCP_PATH, self.endpoint, name="mcp")]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the session manager, the registry and the notifier until cancelled."""
-        async with self.manager.run(), trio.open_nursery() as nursery:
-            self._nursery = nursery
-            await nursery.start(self.sessions.run)
-            await nursery.start(self.notifier.run)
-            task_status.started()
+        """Run the session manager, the registry and the notifier until cancelled (a
+        forwarding gateway runs none of them: it only closes its connection at the end)."""
+        if self.forwarder is not None:
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.forwarder.aclose()
+        else:
+            async with self.manager.run(), trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self.sessions.run)
+                await nursery.start(self.notifier.run)
+                task_status.started()
+
+    def statistics(self) -> McpStatistics:
+        return McpStatistics(
+            sessions=len(self.sessions.sessions), watched_agents=len(self.watches),
+            subscribed_sessions=self.notifier.subscribed_sessions,
+            listening_agents=self.notifier.listening_agents,
+            notifications_sent=self.notifier.sent, notifications_dropped=self.notifier.dropped,
+            forwarded=0 if self.forwarder is None else self.forwarder.forwarded)
 
     # -- sessions hold their agent's watch, to hear of revocations ---------------------------
 

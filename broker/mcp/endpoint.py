@@ -66,19 +66,15 @@ def jsonrpc_error(status: int, code: str, message: str, rpc_code: int,
     return respond
 
 
-class McpService:
-    """Serves /mcp in this process: authentication, the registry, the SDK's manager."""
+class TokenCheck:
+    """The token check of `/mcp`, before any MCP message is read (see the module docstring)."""
 
-    def __init__(self, engine: Engine, manager: StreamableHTTPSessionManager,
-                 sessions: McpSessions, limiter: RateLimiter,
-                 max_sessions_per_agent: int) -> None:
+    def __init__(self, engine: Engine, limiter: RateLimiter) -> None:
         self.engine = engine
-        self.manager = manager
-        self.sessions = sessions
         self.limiter = limiter
-        self.max_sessions_per_agent = max_sessions_per_agent
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> Caller | None:
+        """The caller; None when the request was refused (the answer is sent)."""
         headers = Headers(scope=scope)
         token = bearer_token(headers.get("authorization"))
         try:
@@ -88,18 +84,38 @@ class McpService:
         except RateLimited as exc:
             await jsonrpc_error(429, exc.code, exc.message, RATE_LIMITED,
                                 exc.verdict.headers())(scope, receive, send)
-            return
+            return None
         except BrokerError as exc:
             await jsonrpc_error(401, exc.code, exc.message, UNAUTHORIZED,
                                 {"www-authenticate": 'Bearer realm="broker"'})(
                 scope, receive, send)
-            return
+            return None
         assert token is not None
         credential = secrets.digest(token)
         owner = f"{principal.workspace_id}:{principal.agent_id or '-'}"
         user = AuthenticatedUser(AccessToken(token=credential.hex(), client_id=owner,
                                              scopes=[], subject=credential.hex()))
-        caller = Caller(principal, credential, user)
+        return Caller(principal, credential, user)
+
+    async def passes(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        return await self(scope, receive, send) is not None
+
+
+class McpService:
+    """Serves /mcp in this process: the token check, the registry, the SDK's manager."""
+
+    def __init__(self, check: TokenCheck, manager: StreamableHTTPSessionManager,
+                 sessions: McpSessions, max_sessions_per_agent: int) -> None:
+        self.check = check
+        self.manager = manager
+        self.sessions = sessions
+        self.max_sessions_per_agent = max_sessions_per_agent
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        caller = await self.check(scope, receive, send)
+        if caller is None:
+            return
+        headers = Headers(scope=scope)
         session_id = headers.get(SESSION_HEADER)
         opening = session_id is None and scope["method"] == "POST" \
             and headers.get("mcp-protocol-version") in (None, *HANDSHAKE_PROTOCOL_VERSIONS)
@@ -109,7 +125,7 @@ class McpService:
                 f"this caller holds its limit of {self.max_sessions_per_agent} MCP sessions",
                 RATE_LIMITED)(scope, receive, send)
             return
-        scope = {**scope, "user": user, CALLER_KEY: caller}
+        scope = {**scope, "user": caller.user, CALLER_KEY: caller}
 
         async def watch_session(message: Message) -> None:
             if opening and message["type"] == "http.response.start" \
@@ -126,7 +142,7 @@ class McpService:
 
 
 class McpEndpoint:
-    """The route's endpoint: serve here (`serve`), or forward to the serving process."""
+    """The route's endpoint: `McpService` here, or `McpForwarder` to the serving process."""
 
     def __init__(self, serve: ASGI) -> None:
         self.serve = serve

@@ -55,8 +55,9 @@ class ResourceNotifier:
     def __init__(self, watches: Watches, notify_timeout: float) -> None:
         self.watches = watches
         self.notify_timeout = notify_timeout
-        # session id -> its subscriptions (2025)
+        # session id -> its subscriptions (2025), and the session ids by agent
         self._sessions: dict[str, _Subscriber] = {}
+        self._sessions_of: dict[int, set[str]] = {}
         # agent id -> its listen streams (2026)
         self._listeners: dict[int, _Listeners] = {}
         self._changed: dict[int, set[str]] = {}
@@ -72,6 +73,7 @@ class ResourceNotifier:
         if sub is None:
             watch = self.watches.acquire(workspace_id, agent_id)
             sub = self._sessions[session_id] = _Subscriber(session, watch)
+            self._sessions_of.setdefault(agent_id, set()).add(session_id)
         sub.uris.add(uri)
 
     def unsubscribe(self, session_id: str, uri: str) -> None:
@@ -84,6 +86,10 @@ class ResourceNotifier:
     def drop_session(self, session_id: str) -> None:
         sub = self._sessions.pop(session_id, None)
         if sub is not None:
+            ids = self._sessions_of.get(sub.watch.agent, set())
+            ids.discard(session_id)
+            if not ids:
+                self._sessions_of.pop(sub.watch.agent, None)
             self.watches.release(sub.watch)
 
     # -- 2026: subscriptions/listen --------------------------------------------------------
@@ -106,8 +112,18 @@ class ResourceNotifier:
 
     # -- what the hub's watch calls --------------------------------------------------------
 
+    @property
+    def subscribed_sessions(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def listening_agents(self) -> int:
+        return len(self._listeners)
+
     def changed(self, watch: AgentWatch, uri: str) -> None:
         """A resource of the watched agent changed (synchronous, coalesced)."""
+        if watch.agent not in self._sessions_of and watch.agent not in self._listeners:
+            return
         self._changed.setdefault(watch.agent, set()).add(uri)
         self._wake.set()
 
@@ -128,8 +144,9 @@ class ResourceNotifier:
             for uri in sorted(uris):
                 await listeners.bus.publish(ResourceUpdated(uri=uri))
                 self.sent += 1
-        for session_id, sub in list(self._sessions.items()):
-            if sub.watch.agent != agent_id:
+        for session_id in sorted(self._sessions_of.get(agent_id, ())):
+            sub = self._sessions.get(session_id)
+            if sub is None:
                 continue
             for uri in sorted(uris & sub.uris):
                 with trio.move_on_after(self.notify_timeout) as scope:

@@ -108,7 +108,9 @@ class McpHandlers:
         except BrokerError as exc:
             return _tool_error(exc.code, exc.message)
         content = [types.TextContent(type="text", text=render.text(result))]
-        notice = await self._notice(caller)
+        # The inbox check has just read what the notice says.
+        notice = render.notice(result) if isinstance(result, ob.Inbox) else \
+            await self._notice(caller)
         if notice is not None:
             content.append(types.TextContent(type="text", text=notice))
         return types.CallToolResult(content=list(content),
@@ -299,7 +301,8 @@ def _base_url(ctx: ServerRequestContext[Any]) -> str | None:
 
 def _tool(tool: Tool) -> types.Tool:
     return types.Tool(name=tool.name, description=tool.description,
-                      input_schema=tool.input_schema)
+                      input_schema=tool.input_schema, annotations=types.ToolAnnotations(
+                          read_only_hint=tool.read_only, destructive_hint=tool.destructive))
 
 
 def _tool_error(code: str, message: str) -> types.CallToolResult:

@@ -22,6 +22,7 @@ from typing import Any
 
 import msgspec
 
+from broker.http.routes import ROUTES
 from broker.operations import OPERATIONS
 from broker.operations.registry import Operation
 
@@ -191,6 +192,16 @@ class Tool:
     input: type[Any]
     operation: Operation[Any] | None
 
+    @property
+    def read_only(self) -> bool:
+        """Whether the tool only reads (its REST route is a GET; the wait only waits)."""
+        return self.operation is None or _METHODS.get(self.operation.name) == "GET"
+
+    @property
+    def destructive(self) -> bool:
+        """Whether the tool deletes (its REST route is a DELETE)."""
+        return self.operation is not None and _METHODS.get(self.operation.name) == "DELETE"
+
     def visible_to(self, agent: bool) -> bool:
         """Whether an agent token (agent=True) or a workspace key sees this tool."""
         if self.operation is None:
@@ -204,6 +215,10 @@ class Tool:
         if schema is None:
             schema = _schemas[self.input] = _input_schema(self.input)
         return schema
+
+
+# Each operation's REST method: what the tool annotations (read only, destructive) say.
+_METHODS = {route.operation: route.method for route in ROUTES}
 
 
 def tool_name(operation: str) -> str:

@@ -75,8 +75,10 @@ class BrowserThread:
         self._thread.submit(self._launch).result()
 
     def _launch(self) -> None:
-        from playwright.sync_api import sync_playwright
+        from playwright.sync_api import expect, sync_playwright
 
+        # The same patience for assertions as for actions (on a loaded CI machine).
+        expect.set_options(timeout=STEP_TIMEOUT_MS)
         self._playwright = sync_playwright().start()
         self.browser = self._playwright.chromium.launch(
             executable_path=chromium_path(), headless=True, args=LAUNCH_ARGS)

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx2
 import mcp_types as types
 import pytest
 from mcp.client import Client
@@ -34,10 +35,18 @@ def mcp_url(server: BrokerServer) -> str:
 
 
 @asynccontextmanager
-async def mcp_client(url: str, token: str, mode: str = MODERN,
-                     **kwargs: Any) -> AsyncIterator[Client]:
-    """The SDK's client on `url` as the holder of `token`, in protocol `mode`."""
-    async with create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}) as http:
+async def mcp_client(url: str, token: str, mode: str = MODERN, *,
+                     fresh_connections: bool = False, **kwargs: Any) -> AsyncIterator[Client]:
+    """The SDK's client on `url` as the holder of `token`, in protocol `mode`.
+
+    fresh_connections: a new TCP connection for every request (with several gateway
+    processes on one port, each request may then reach any of them).
+    """
+    headers = {"Authorization": f"Bearer {token}"}
+    http = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300),
+                              limits=httpx2.Limits(max_keepalive_connections=0)) \
+        if fresh_connections else create_mcp_http_client(headers=headers)
+    async with http:
         async with Client(streamable_http_client(url, http_client=http), mode=mode,
                           cache=None, **kwargs) as client:
             yield client

@@ -1,0 +1,112 @@
+"""/mcp through a gateway that does not serve MCP: every request is relayed, streaming,
+to the one that does, over a private Unix socket (broker.mcp.forward)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import mcp_types as types
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from mcp.shared.exceptions import MCPDeprecationWarning
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from broker.mcp.endpoint import TokenCheck
+from broker.mcp.forward import McpForwarder
+from broker.ratelimit import UNLIMITED, RateLimiter
+from broker.server import BrokerServer
+from tests.helpers.mcp import LEGACY, MODERN, SDK_CLIENT_STREAMS, data, mcp_client
+from tests.helpers.realtime import eventually
+from tests.helpers.rest import make_rest_world
+
+pytestmark = [SDK_CLIENT_STREAMS]
+
+
+@asynccontextmanager
+async def serving(app: Any, bind: str) -> AsyncIterator[str]:
+    """`app` served by hypercorn on `bind` until the block ends; yields the bound address."""
+    config = Config()
+    config.bind = [bind]
+    config.graceful_timeout = 0.5
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(lambda task_status: serve(
+            app, config, shutdown_trigger=stop.wait, task_status=task_status))
+        try:
+            yield binds[0]
+        finally:
+            stop.set()
+
+
+@asynccontextmanager
+async def forwarding_gateway(server: BrokerServer, socket: Path) -> AsyncIterator[str]:
+    """The server's app on `socket`, and a second gateway that only forwards /mcp to it;
+    yields the second gateway's /mcp URL."""
+    forwarder = McpForwarder(str(socket), TokenCheck(server.engine, RateLimiter(UNLIMITED)).passes)
+    gateway = Starlette(routes=[Route("/mcp", forwarder)])
+    try:
+        async with serving(server.app, f"unix:{socket}"), \
+                serving(gateway, "127.0.0.1:0") as address:
+            yield f"{address}/mcp"
+    finally:
+        await forwarder.aclose()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_mcp_forwarded_session_wait_and_notifications(
+    server: BrokerServer, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """bob's 2025 session through the forwarding gateway: his wait returns when alice
+    (2026, straight to the serving gateway) posts, and his GET stream carries the
+    resources/updated of his inbox; a bad token is refused at the forwarding edge."""
+    world = await make_rest_world(client)
+    assert server.mcp is not None and server.url is not None
+    bob_id = int(world.agents["bob"])
+    updated = trio.Event()
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ResourceUpdatedNotification):
+            updated.set()
+
+    with trio.fail_after(30):
+        async with forwarding_gateway(server, tmp_path / "mcp.sock") as url:
+            refused = await client.post(url, json={"jsonrpc": "2.0", "id": 1,
+                                                   "method": "tools/list"})
+            assert refused.status_code == 401
+            async with mcp_client(f"{server.url}/mcp", world.tokens["alice"], MODERN) as alice, \
+                    mcp_client(url, world.tokens["bob"], LEGACY, fresh_connections=True,
+                               message_handler=on_message) as bob:
+                data(await alice.call_tool("channel.create", {"name": "plan"}))
+                data(await bob.call_tool("channel.join", {"channel": "plan"}))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", MCPDeprecationWarning)
+                    await bob.subscribe_resource("broker://inbox")
+                # The session lives in the serving gateway.
+                (session,) = server.mcp.sessions.of_agent(bob_id)
+                got: list[Any] = []
+
+                async def wait() -> None:
+                    got.append(data(await bob.call_tool("message.inbox.wait",
+                                                        {"timeout_seconds": 20})))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(wait)
+                    await eventually(lambda: _true(server.mcp.watches.get(bob_id) is not None
+                                                   and server.mcp.watches.get(bob_id).holders > 2))
+                    posted = data(await alice.call_tool("message.post",
+                                                        {"channel": "plan", "text": "hi"}))
+                (result,) = got
+                assert [d["message"]["id"] for d in result["deliveries"]] == [posted["id"]]
+                await updated.wait()
+            # bob's client said goodbye (DELETE) through the forwarder too.
+            await eventually(lambda: _true(session.session_id not in server.mcp.sessions.sessions))

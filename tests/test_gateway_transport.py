@@ -20,7 +20,7 @@ import trio
 from hypercorn.trio.tcp_server import TCPServer
 
 from broker.client import connect
-from broker.config import HttpSettings, Settings
+from broker.config import HttpSettings, ServerSettings, Settings
 from broker.gateway import transport
 from broker.gateway.settings import GatewaySettings
 from broker.gateway.transport import Transport, TransportServer
@@ -120,7 +120,7 @@ async def test_transport_none_over_tls_frames_arrive_through_asgi(
     """A wss:// session gets no transport (its bytes are not the frames); frames arrive."""
     certs = make_certificates(tmp_path / "tls")
     settings = Settings(
-        data_dir=str(tmp_path / "data"), engine=FAST_ENGINE,
+        data_dir=str(tmp_path / "data"), engine=FAST_ENGINE, server=ServerSettings(workers=1),
         http=HttpSettings(host="127.0.0.1", port=0, shutdown_grace_seconds=1.0,
                           tls=certs.settings()))
     with trio.fail_after(TEST_DEADLINE_S):

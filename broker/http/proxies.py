@@ -27,7 +27,7 @@ same hop as the client address.
 
 A peer with no IP address is trusted too: the daemon serves clients on TCP
 only, so a Unix socket peer is one of its own processes (a gateway passing
-a request on to gateway 0's private socket, `broker.workers.forward`,
+a request on to gateway 0's private socket, `broker.mcp.forward`,
 names the client it resolved in `Forwarded`). So the middleware is always
 installed; with no trusted proxies a TCP request passes straight through.
 """

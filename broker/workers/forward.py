@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator
 import httpx
 from starlette.types import Receive, Scope, Send
 
+from broker.http.proxies import forwarded_by_us
+
 # Headers of one hop, not of the request: the forwarding connection has its own.
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
@@ -43,7 +45,9 @@ class ForwardToGateway0:
                 if not message.get("more_body", False):
                     return
 
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP]
+        # Gateway 0 believes the client and scheme resolved here (broker.http.proxies).
+        headers = forwarded_by_us(
+            scope, [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP])
         path = scope.get("raw_path") or scope["path"].encode()
         if scope.get("query_string"):
             path += b"?" + scope["query_string"]

@@ -10,13 +10,16 @@
     broker mcp --url URL --token T         MCP on stdio, bridged to the daemon's /mcp
     broker mcp config --editor E           an editor's MCP configuration snippet
 
-Logging is configured here and nowhere else; under systemd, stdout goes to
+Logging is configured here and nowhere else (a gateway process of
+`serve --workers` configures its own the same way); under systemd, stdout goes to
 the journal, which adds the time. `serve` speaks the systemd notify
-protocol when $NOTIFY_SOCKET is set: READY=1 once the port listens and the
-writer runs, STOPPING=1 when a stop begins, WATCHDOG=1 from the event loop.
+protocol when $NOTIFY_SOCKET is set: READY=1 once the port listens (in
+every gateway process, with `--workers`) and the writer runs, STOPPING=1
+when a stop begins, WATCHDOG=1 from the event loop.
 
 Exit status: 0 on success and after a clean stop (SIGINT or SIGTERM; a
-second signal stops at once), 1 when `check` finds a problem, 2 for a bad
+second signal stops at once), 1 when `check` finds a problem or a gateway
+process of `serve` died (the daemon never runs half alive), 2 for a bad
 configuration (a TLS file that cannot be used included), an unusable data
 directory, or a database the broker
 refuses to open (each reported as one line on stderr).
@@ -36,7 +39,7 @@ from typing import Any
 import msgspec
 import trio
 
-from broker.config import ConfigError, Settings, load_settings, masked
+from broker.config import MAX_WORKERS, ConfigError, Settings, load_settings, masked
 from broker.engine.backup import backup, check
 from broker.engine.engine import DATABASE_FILE, Engine
 from broker.engine.errors import BrokerError, StartupError
@@ -51,6 +54,7 @@ from broker.mcp.command import add_arguments as add_mcp_arguments
 from broker.mcp.command import run as run_mcp
 from broker.server import BrokerServer
 from broker.systemd import SystemdNotifier, run_watchdog, watchdog_interval
+from broker.workers.writer_side import WorkerDied
 
 log = logging.getLogger("broker")
 
@@ -72,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8787; 0 = any)")
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default INFO)")
+    serve.add_argument("--workers", type=int, help="gateway processes beside the writer "
+                       "(default: the number of cores; 0 or 1: one process)")
 
     config = commands.add_parser("config", help="configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -80,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--host")
     show.add_argument("--port", type=int)
     show.add_argument("--log-level", choices=LOG_LEVELS)
+    show.add_argument("--workers", type=int)
 
     copy = commands.add_parser("backup", parents=[common],
                                help="online copy of the database and files into DIR")
@@ -117,9 +124,16 @@ def settings_for(args: argparse.Namespace) -> Settings:
         if not 0 <= port <= 65535:
             raise ConfigError(f"--port {port}: must be between 0 and 65535")
         http = msgspec.structs.replace(http, port=port)
+    server = settings.server
+    workers = getattr(args, "workers", None)
+    if workers is not None:
+        if not 0 <= workers <= MAX_WORKERS:
+            raise ConfigError(f"--workers {workers}: must be between 0 and {MAX_WORKERS}")
+        server = msgspec.structs.replace(server, workers=workers)
     data_dir = settings.data_dir if args.data_dir is None else str(args.data_dir)
     level = getattr(args, "log_level", None) or settings.log_level
-    return msgspec.structs.replace(settings, http=http, data_dir=data_dir, log_level=level)
+    return msgspec.structs.replace(settings, http=http, server=server, data_dir=data_dir,
+                                   log_level=level)
 
 
 def usable_data_dir(settings: Settings) -> Path:
@@ -276,8 +290,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, StartupError, BrokerError, FileExistsError) as exc:
         print(f"broker: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except WorkerDied as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return EXIT_PROBLEM
     except BaseExceptionGroup as group:
         # a startup failure inside the server's nurseries arrives wrapped
+        died = group.subgroup(WorkerDied)
+        if died is not None:
+            # no half-alive daemon: a gateway process died, so did the daemon
+            print(f"broker: {one_line(first_leaf(died))}", file=sys.stderr)
+            return EXIT_PROBLEM
         refused = group.subgroup((StartupError, ConfigError, BrokerError))
         if refused is None:
             raise

@@ -3,7 +3,8 @@
 The engine's own settings (`EngineConfig`) nest under `[engine]`, the HTTP
 server's under `[http]`, and so on. Precedence, lowest first: the defaults,
 the TOML file (`--config`), environment variables, command-line options
-(the CLI applies those). An environment variable is `BROKER_` followed by
+(the CLI applies those): `[server] workers` is `BROKER_SERVER_WORKERS` and
+`broker serve --workers`. An environment variable is `BROKER_` followed by
 the setting's path in upper case with `_` between the parts, matched
 against the Struct tree: `BROKER_HTTP_PORT=9000`,
 `BROKER_ENGINE_LIMITS_MAILBOX_DEPTH=500`, `BROKER_WEBHOOKS_ALLOW_HOSTS=a,b`
@@ -42,6 +43,8 @@ DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_SHUTDOWN_GRACE_S = 10.0
 # /readyz waits at most this long for the writer to commit an empty transaction.
 DEFAULT_READY_TIMEOUT_S = 2.0
+# Gateway processes at most: each holds its own reader connections and memory.
+MAX_WORKERS = 64
 
 
 class TlsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -110,10 +113,26 @@ class HttpSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         return None if self.public_url is None else self.public_url.rstrip("/")
 
 
+class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How the daemon spreads over processes (docs/operations.md, "Processes").
+
+    workers: gateway processes serving the port beside the writer process;
+    unset means the number of cores; 0 or 1 runs everything in one process.
+    """
+
+    workers: Annotated[int, msgspec.Meta(ge=0, le=MAX_WORKERS)] | None = None
+
+    def gateway_processes(self) -> int:
+        """The gateway processes to start: 0 when everything runs in one process."""
+        count = self.workers if self.workers is not None else (os.cpu_count() or 1)
+        return count if count > 1 else 0
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything the daemon needs to run."""
 
     data_dir: str = DEFAULT_DATA_DIR
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     http: HttpSettings = msgspec.field(default_factory=HttpSettings)

@@ -14,9 +14,10 @@ has passed is the same as no key at all, which is what makes eviction safe.
 A limit of L per minute is a bucket of L requests that refills one request
 every 60/L seconds: a client may burst L at once, then L per minute.
 
-`RateLimiter` is a plain object owned by the server (one per process; the
-REST app and the WebSocket gateway share it). Nothing here blocks or
-awaits: every check is a few dict operations on the event loop.
+`RateLimiter` is a plain object owned by the server (one per gateway
+process, enforcing the limits on what that process serves: docs/operations.md,
+"Processes"; the REST app and the WebSocket gateway share it). Nothing here
+blocks or awaits: every check is a few dict operations on the event loop.
 """
 
 from __future__ import annotations

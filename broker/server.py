@@ -11,6 +11,11 @@ so a stop first stops accepting, then lets queued commands commit, then
 closes the database, and only then ends the services that consume the
 writer's committed facts (the writer never blocks on a missing consumer).
 
+With `server.workers` >= 2 this process keeps the engine and the writer's
+services (`writer_services`) and the gateway processes serve the port
+(`broker.workers`): the same nesting, with "HTTP nursery" read as "the
+gateway processes, which drain before the engine closes".
+
 The gateway seam: `compose()` returns the extra routes to mount (`/v1/ws`,
 `/v1/node/ws`, `/v1/agent/node-token`) and the services to run beside the
 server: the WebSocket gateway (`broker.gateway`), whose fanout hub consumes
@@ -22,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -44,6 +49,8 @@ from broker.ratelimit import RateLimiter
 from broker.sweeps import Sweeper
 from broker.webhooks.dispatcher import WebhookDispatcher, attach
 from broker.webhooks.inbound import inbound_routes
+from broker.workers import WorkerInfo
+from broker.workers.writer_side import GatewayPool, WriterHost, WriterMetrics
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,8 @@ class BrokerServer:
         """limiter: the rate limits of the REST app and the gateway (one from
         `settings.rate_limits` when None; tests pass one with a fake clock)."""
         self.settings = settings
+        if limiter is not None and settings.server.gateway_processes():
+            raise ValueError("a RateLimiter object serves one process: pass none with workers")
         self.limiter = limiter or RateLimiter(settings.rate_limits)
         self.port: int | None = None
         self.url: str | None = None
@@ -73,9 +82,12 @@ class BrokerServer:
         self._engine: Engine | None = None
         self._metrics: BrokerMetrics | None = None
         self._stop = trio.Event()
+        # In one process only (none with gateway processes: `broker.workers`).
         self.gateway: Gateway | None = None
-        self.webhooks: WebhookDispatcher | None = None
         self.mcp: McpSurface | None = None
+        self.webhooks: WebhookDispatcher | None = None
+        # With gateway processes: their pool (pids, gateway 0's private socket).
+        self.pool: GatewayPool | None = None
 
     @property
     def engine(self) -> Engine:
@@ -96,20 +108,14 @@ class BrokerServer:
 
         Each service is started as `nursery.start(service)` before the port opens.
         """
+        front = gateway_front(engine, self.settings, metrics, self.limiter, self._stop)
+        self.gateway, self.mcp = front.gateway, front.mcp
+        return front.routes, (*front.services, *self.writer_services(engine, metrics))
 
-        gateway = self.gateway = Gateway(engine, self.settings.gateway,
-                                         on_sessions=metrics.open_sessions.set,
-                                         on_request=metrics.observe_socket_request,
-                                         limiter=self.limiter,
-                                         public_url=self.settings.http.base_url)
-        # Read at scrape time, so the gauge can never drift from the sessions.
-        metrics.open_sessions.set_function(lambda: len(gateway.sessions))
-
-        async def realtime(
-            *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-        ) -> None:
-            await gateway.run(stopping=self._stop, task_status=task_status)
-
+    def writer_services(self, engine: Engine, metrics: BrokerMetrics) -> tuple[Service, ...]:
+        """The services of the process that holds the writer: the file sweep, the
+        sweeps and the webhook dispatcher (everything that writes on its own or
+        watches the writer's commit signals)."""
         store = FileStore(Path(self.settings.data_dir))
 
         async def file_sweep(
@@ -149,27 +155,10 @@ class BrokerServer:
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()
 
-        services: tuple[Service, ...] = (realtime, file_sweep, sweeps)
+        services: tuple[Service, ...] = (file_sweep, sweeps)
         if self.settings.webhooks.enabled:
             services = (*services, webhooks)
-        routes: tuple[BaseRoute, ...] = (
-            *gateway.routes(), *file_routes(engine, store, self.limiter),
-            *inbound_routes(engine, self.settings, self.limiter))
-        if self.settings.mcp.enabled:
-            # MCP (/mcp): its waits and resource notifications follow the gateway's hub.
-            surface = self.mcp = McpSurface(engine, gateway.hub, self.settings.mcp, self.limiter,
-                                            self.settings.http.base_url)
-
-            async def mcp(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-                # Ends when a stop begins: its sessions and long requests end with it.
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(surface.run)
-                    task_status.started()
-                    await self._stop.wait()
-                    nursery.cancel_scope.cancel()
-
-            routes, services = (*routes, *surface.routes()), (*services, mcp)
-        return routes, services
+        return services
 
     @property
     def stopping(self) -> bool:
@@ -184,16 +173,17 @@ class BrokerServer:
 
         Raises ConfigError (before the database is opened) for an unusable TLS file.
         """
+        check_tls(self.settings.http.tls)
+        if self.settings.server.gateway_processes():
+            await self._run_with_workers(task_status=task_status)
+            return
         settings = self.settings
-        check_tls(settings.http.tls)
         async with trio.open_nursery() as services:
             async with Engine.open(
                 Path(settings.data_dir), settings.engine, with_facts=True
             ) as engine:
                 self._engine = engine
-                stale = await engine.submit(ResetPresence())
-                if stale:
-                    log.info("presence: %d agents left online by the last run set offline", stale)
+                await reset_presence(engine)
                 self._metrics = metrics = BrokerMetrics(engine)
                 extra_routes, background = self.compose(engine, metrics)
                 for service in background:
@@ -201,7 +191,8 @@ class BrokerServer:
                 metrics.count_refusals(self.limiter)
                 app = self.app = create_app(engine, settings, metrics, extra_routes,
                                             self.limiter)
-                config = self._hypercorn_config()
+                app.state.worker = WorkerInfo(index=0, count=1)
+                config = hypercorn_config(settings)
                 metrics.gc_pauses.install()
                 try:
                     async with trio.open_nursery() as http:
@@ -222,22 +213,125 @@ class BrokerServer:
             self._engine = None
         log.info("broker %s: stopped", self.url)
 
-    def _hypercorn_config(self) -> HypercornConfig:
-        http = self.settings.http
-        config = HypercornConfig()
-        host = f"[{http.host}]" if ":" in http.host else http.host
-        config.bind = [f"{host}:{http.port}"]
-        # Every process that serves the port speaks TLS when it is set.
-        configure_tls(config, http.tls)
-        config.graceful_timeout = http.shutdown_grace_seconds
-        config.accesslog = None
-        # Larger WebSocket frames are refused (1009) before they are buffered whole,
-        # by a buffer that survives the refusal (broker.gateway.frame_buffer).
-        config.websocket_max_message_size = self.settings.gateway.max_frame_bytes
-        frame_buffer.install()
-        # Each plain-TCP WebSocket gets its transport in the scope (direct writes, abort).
-        transport.install()
-        # hypercorn logs through this logger only (not its own stderr handler);
-        # the entry point configures handlers.
-        config.errorlog = logging.getLogger("hypercorn.error")
-        return config
+    async def _run_with_workers(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """This process holds the writer and its services; gateway processes serve the port
+        (`broker.workers`). Ends after the gateways have drained and exited."""
+        settings = self.settings
+        count = settings.server.gateway_processes()
+        async with trio.open_nursery() as services:
+            async with Engine.open(
+                Path(settings.data_dir), settings.engine, with_facts=True
+            ) as engine:
+                self._engine = engine
+                await reset_presence(engine)
+                self._metrics = metrics = WriterMetrics(engine)
+                host = metrics.host = WriterHost(engine, metrics.render_process)
+                await services.start(host.distribute)
+                for service in self.writer_services(engine, metrics):
+                    await services.start(service)
+                self.pool = pool = GatewayPool(settings, host, count)
+                metrics.gc_pauses.install()
+                try:
+                    async with trio.open_nursery() as gateways:
+                        self.url = await gateways.start(pool.run, self._stop)
+                        self.port = int(self.url.rsplit(":", 1)[1])
+                        task_status.started()
+                finally:
+                    metrics.gc_pauses.remove()
+                log.info("broker %s: gateways stopped; closing the engine", self.url)
+            self._engine = None
+        log.info("broker %s: stopped", self.url)
+
+
+async def reset_presence(engine: Engine) -> None:
+    """Everyone offline: no socket survives a restart."""
+    stale = await engine.submit(ResetPresence())
+    if stale:
+        log.info("presence: %d agents left online by the last run set offline", stale)
+
+
+class Front(NamedTuple):
+    """What serves clients besides the REST routes (see `gateway_front`)."""
+
+    gateway: Gateway
+    mcp: McpSurface | None
+    routes: tuple[BaseRoute, ...]
+    services: tuple[Service, ...]
+
+
+def gateway_front(
+    engine: Engine, settings: Settings, metrics: BrokerMetrics, limiter: RateLimiter,
+    stopping: trio.Event, *, mcp: bool = True,
+) -> Front:
+    """The WebSocket gateway, MCP (when enabled and `mcp`), the file and inbound-hook
+    routes, and their services (run them before the port opens). The same in one
+    process and in each gateway process (MCP only in gateway 0: `broker.workers`)."""
+    gateway = Gateway(engine, settings.gateway,
+                      on_sessions=metrics.open_sessions.set,
+                      on_request=metrics.observe_socket_request,
+                      limiter=limiter,
+                      public_url=settings.http.base_url)
+    # Read at scrape time, so the gauge can never drift from the sessions.
+    metrics.open_sessions.set_function(lambda: len(gateway.sessions))
+
+    async def realtime(
+        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        await gateway.run(stopping=stopping, task_status=task_status)
+
+    store = FileStore(Path(settings.data_dir))
+    routes: tuple[BaseRoute, ...] = (
+        *gateway.routes(), *file_routes(engine, store, limiter),
+        *inbound_routes(engine, settings, limiter))
+    services: tuple[Service, ...] = (realtime,)
+    surface = None
+    if mcp and settings.mcp.enabled:
+        # MCP (/mcp): its waits and resource notifications follow the gateway's hub.
+        surface = McpSurface(engine, gateway.hub, settings.mcp, limiter,
+                             settings.http.base_url)
+
+        async def run_mcp(
+            *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        ) -> None:
+            # Ends when a stop begins: its sessions and long requests end with it.
+            assert surface is not None
+            async with trio.open_nursery() as nursery:
+                await nursery.start(surface.run)
+                task_status.started()
+                await stopping.wait()
+                nursery.cancel_scope.cancel()
+
+        routes, services = (*routes, *surface.routes()), (*services, run_mcp)
+    return Front(gateway, surface, routes, services)
+
+
+def hypercorn_config(
+    settings: Settings, binds: Sequence[str] | None = None, private: Sequence[str] = (),
+) -> HypercornConfig:
+    """hypercorn's configuration; binds: where to listen (default: settings.http);
+    private: binds served without TLS even when the port has it (gateway 0's
+    Unix socket, reached from the other gateways only)."""
+    http = settings.http
+    config = HypercornConfig()
+    host = f"[{http.host}]" if ":" in http.host else http.host
+    config.bind = list(binds) if binds is not None else [f"{host}:{http.port}"]
+    # Every process that serves the port speaks TLS when it is set.
+    configure_tls(config, http.tls)
+    if config.ssl_enabled:
+        config.insecure_bind = list(private)
+    else:
+        config.bind += private
+    config.graceful_timeout = http.shutdown_grace_seconds
+    config.accesslog = None
+    # Larger WebSocket frames are refused (1009) before they are buffered whole,
+    # by a buffer that survives the refusal (broker.gateway.frame_buffer).
+    config.websocket_max_message_size = settings.gateway.max_frame_bytes
+    frame_buffer.install()
+    # Each plain-TCP WebSocket gets its transport in the scope (direct writes, abort).
+    transport.install()
+    # hypercorn logs through this logger only (not its own stderr handler);
+    # the entry point configures handlers.
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import trio
 
-from broker.config import HttpSettings, Settings
+from broker.config import HttpSettings, ServerSettings, Settings
 from broker.engine.config import EngineConfig
 from broker.engine.engine import Engine
 from broker.gateway.settings import GatewaySettings
@@ -42,6 +42,23 @@ async def world(engine: Engine) -> World:
 # -- a live server on 127.0.0.1, port 0, and an HTTP client for it -----------------
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module marked `both_process_models` runs its server tests twice: in one
+    process (workers=1) and with two gateway processes (workers=2), but for
+    tests marked `one_process` (they reach into the in-process gateway)."""
+    if "workers" in metafunc.fixturenames and \
+            metafunc.definition.get_closest_marker("both_process_models") and \
+            not metafunc.definition.get_closest_marker("one_process"):
+        metafunc.parametrize("workers", [1, 2], indirect=True, ids=["1proc", "2workers"])
+
+
+@pytest.fixture
+def workers(request: pytest.FixtureRequest) -> int:
+    """Gateway processes of the `server` fixture: 1 (one process) unless parametrized."""
+    return int(getattr(request, "param", 1))
+
+
+
 @pytest.fixture
 def gateway_settings() -> GatewaySettings:
     """The `settings` fixture's gateway settings; a test module may override this fixture."""
@@ -50,11 +67,13 @@ def gateway_settings() -> GatewaySettings:
 
 @pytest.fixture
 def settings(
-    tmp_path: Path, engine_config: EngineConfig, gateway_settings: GatewaySettings
+    tmp_path: Path, engine_config: EngineConfig, gateway_settings: GatewaySettings,
+    workers: int,
 ) -> Settings:
     """The `server` fixture's settings; a test module may override this fixture."""
     return Settings(
         data_dir=str(tmp_path / "data"), engine=engine_config,
+        server=ServerSettings(workers=workers),
         http=HttpSettings(host="127.0.0.1", port=0, shutdown_grace_seconds=1.0),
         gateway=gateway_settings,
     )

@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from broker.client import connect
-from broker.config import HttpSettings, Settings
+from broker.config import HttpSettings, ServerSettings, Settings
 from broker.engine.config import EngineConfig
 from broker.server import BrokerServer
 from broker.webhooks.settings import WebhookSettings
@@ -51,7 +51,7 @@ def browser() -> Iterator[BrowserThread]:
 @pytest.fixture
 def settings(tmp_path: Path, engine_config: EngineConfig) -> Settings:
     return Settings(
-        data_dir=str(tmp_path / "data"), engine=engine_config,
+        data_dir=str(tmp_path / "data"), engine=engine_config, server=ServerSettings(workers=1),
         http=HttpSettings(host="127.0.0.1", port=0, shutdown_grace_seconds=0.5),
         webhooks=WEBHOOKS,
     )
@@ -369,6 +369,7 @@ async def test_console_reconnects_after_a_restart_and_signs_out_when_the_workspa
 
     def settings(port: int) -> Settings:
         return Settings(data_dir=str(tmp_path / "data"), engine=engine_config,
+                        server=ServerSettings(workers=1),
                         http=HttpSettings(host="127.0.0.1", port=port,
                                           shutdown_grace_seconds=0.5))
 

@@ -1,29 +1,78 @@
 """No acknowledged message is lost when the daemon is killed with SIGKILL, again and again.
 
 The daemon runs as a subprocess; three agents send over WebSocket while it
-is killed at random moments, twelve times, and restarted. At the end every
-send that got a reply exists with all its delivery rows, no message exists
-without its deliveries, the integrity check passes, and every recipient
-receives every acknowledged message, in seq order, exactly once per seq.
+is killed at random moments, and restarted. At the end every send that got
+a reply exists with all its delivery rows, no message exists without its
+deliveries, the integrity check passes, and every recipient receives every
+acknowledged message, in seq order, exactly once per seq.
+
+In one process the daemon is killed twelve times. With two gateway
+processes (`--workers 2`), three times each: every process at once; the
+writer process alone (its gateways must exit on their own); one gateway
+alone (the daemon must exit non-zero on its own, never half alive).
 """
 
 from __future__ import annotations
 
+import os
 import random
+import re
+import signal
 from pathlib import Path
 
 import apsw
 import httpx
+import pytest
 import trio
 
 from broker.client import ConnectionLost, RequestError, connect
 from broker.engine.backup import check
-from tests.helpers.daemon import run_daemon
+from tests.helpers.daemon import Daemon, run_daemon
 
-KILLS = 12
+GATEWAY_PIDS = re.compile(rb"gateway processes \(pids ([\d ]+)\)")
 SENDERS = ("s1", "s2", "s3")
 RECIPIENTS = ("r1", "r2")
-DEADLINE_S = 240
+DEADLINE_S = 300
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def gateway_pids(daemon: Daemon) -> list[int]:
+    """The gateway processes the daemon logged before READY=1."""
+    while True:  # logged before READY=1; the output is read by another task
+        found = GATEWAY_PIDS.search(daemon.output)
+        if found is not None:
+            return [int(pid) for pid in found.group(1).split()]
+        await trio.sleep(0.01)
+
+
+async def kill(daemon: Daemon, victim: str, workers: int) -> None:
+    """SIGKILL `victim`: the daemon (every process of it), the writer process or a gateway;
+    then wait until none of its processes is left."""
+    gateways = await gateway_pids(daemon) if workers > 1 else []
+    if victim == "gateway":
+        os.kill(gateways[0], signal.SIGKILL)
+    else:
+        daemon.kill()
+        if victim == "daemon":
+            for pid in gateways:
+                os.kill(pid, signal.SIGKILL)
+    status = await daemon.process.wait()
+    assert status != 0, "killed, not a clean exit"
+    if victim == "gateway":
+        # the writer process saw its gateway die and stopped the daemon itself
+        assert status == 1, (status, daemon.output.decode()[-2000:])
+    while True:  # a gateway never outlives its writer (/proc says when: polled)
+        if not any(alive(pid) for pid in gateways):
+            return
+        await trio.sleep(0.02)
 
 
 async def register(url: str) -> dict[str, str]:
@@ -67,26 +116,30 @@ async def send_until_killed(ws_url: str, token: str, name: str, cycle: int,
             raise
 
 
-async def test_daemon_sigkill_loses_no_acked_message(tmp_path: Path) -> None:
-    """Acknowledged messages survive repeated SIGKILL."""
+@pytest.mark.parametrize(("workers", "victim", "kills"), [
+    (1, "daemon", 12), (2, "daemon", 3), (2, "writer", 3), (2, "gateway", 3),
+], ids=["one-process", "workers-all", "workers-writer", "workers-gateway"])
+async def test_daemon_sigkill_loses_no_acked_message(
+    tmp_path: Path, workers: int, victim: str, kills: int
+) -> None:
+    """Acknowledged messages survive repeated SIGKILL, of any of the daemon's processes."""
     data = tmp_path / "data"
     rng = random.Random(20261129)
     acked: dict[str, str] = {}
     with trio.fail_after(DEADLINE_S):
-        async with run_daemon(data) as daemon:
+        async with run_daemon(data, workers=workers) as daemon:
             tokens = await register(daemon.url)
-            daemon.kill()
-        for cycle in range(KILLS):
-            async with run_daemon(data) as daemon:
+            await kill(daemon, "daemon", workers)
+        for cycle in range(kills):
+            async with run_daemon(data, workers=workers) as daemon:
                 async with trio.open_nursery() as nursery:
                     for name in SENDERS:
                         nursery.start_soon(send_until_killed, daemon.ws_url, tokens[name], name,
                                            cycle, acked)
                     await trio.sleep(rng.uniform(0.2, 0.8))
-                    daemon.kill()
-                assert await daemon.process.wait() != 0  # killed, not a clean exit
-        assert len(acked) > KILLS * 3, len(acked)  # sends really happened in the cycles
-        print(f"{len(acked)} acknowledged sends over {KILLS} kills")
+                    await kill(daemon, victim, workers)
+        assert len(acked) > kills * 3, len(acked)  # sends really happened in the cycles
+        print(f"{len(acked)} acknowledged sends over {kills} kills of the {victim}")
 
         db = apsw.Connection(str(data / "broker.db"), flags=apsw.SQLITE_OPEN_READONLY)
         try:
@@ -105,7 +158,7 @@ async def test_daemon_sigkill_loses_no_acked_message(tmp_path: Path) -> None:
         report = check(data / "broker.db")
         assert report.ok, report
 
-        async with run_daemon(data) as daemon:
+        async with run_daemon(data, workers=workers) as daemon:
             for name in RECIPIENTS:
                 seen: list[tuple[int, str]] = []
                 async with connect(daemon.ws_url, tokens[name]) as client:
@@ -118,4 +171,4 @@ async def test_daemon_sigkill_loses_no_acked_message(tmp_path: Path) -> None:
                 seqs = [s for s, _ in seen]
                 assert seqs == sorted(set(seqs)), f"{name}: out of order or repeated"
                 assert {t for _, t in seen} >= set(acked), name
-            daemon.kill()
+            await kill(daemon, "daemon", workers)

@@ -194,7 +194,7 @@ def test_config_example_loads() -> None:
 
 async def test_daemon_resets_presence_left_by_crash(tmp_path: Path) -> None:
     """Presence left online by a crash is reset at start."""
-    from broker.config import HttpSettings, Settings
+    from broker.config import HttpSettings, ServerSettings, Settings
     from broker.engine.agents import SetAgentStatus
     from broker.engine.engine import Engine
     from tests.helpers.engine import make_world
@@ -204,7 +204,8 @@ async def test_daemon_resets_presence_left_by_crash(tmp_path: Path) -> None:
         world = await make_world(engine, agents=("alice", "bob"))
         await engine.submit(SetAgentStatus(workspace_id=world.workspace_id,
                                            agent_id=world.agents["alice"], status="online"))
-    settings = Settings(data_dir=str(data), http=HttpSettings(host="127.0.0.1", port=0))
+    settings = Settings(data_dir=str(data), http=HttpSettings(host="127.0.0.1", port=0),
+                        server=ServerSettings(workers=1))
     with trio.fail_after(DEADLINE_S):
         async with run_server(settings) as server:
             statuses = await server.engine.read(

@@ -16,7 +16,7 @@ import msgspec
 import pytest
 import trio
 
-from broker.config import HttpSettings, Settings
+from broker.config import HttpSettings, ServerSettings, Settings
 from broker.engine import files
 from broker.engine.config import EngineConfig
 from broker.engine.history import load_messages
@@ -464,7 +464,7 @@ async def test_files_list_filters_by_uploader_and_pages(
 @asynccontextmanager
 async def running(data_dir: Path, config: EngineConfig) -> AsyncIterator[BrokerServer]:
     async with run_server(Settings(
-        data_dir=str(data_dir), engine=config,
+        data_dir=str(data_dir), engine=config, server=ServerSettings(workers=1),
         http=HttpSettings(host="127.0.0.1", port=0, shutdown_grace_seconds=1.0))) as srv:
         yield srv
 

@@ -34,6 +34,10 @@ from tests.helpers.realtime import (
     send_json,
 )
 
+# Over real sockets in one process and with two gateway processes (conftest.py);
+# tests marked one_process read the in-process gateway.
+pytestmark = pytest.mark.both_process_models
+
 
 async def acked_at_least(live: Live, name: str, seq: int) -> bool:
     return (await live.marks(name))[1] >= seq
@@ -135,6 +139,7 @@ async def test_socket_send_idempotency_key(live: Live) -> None:
     assert await count(live.server, "messages") == 1
 
 
+@pytest.mark.one_process
 async def test_socket_request_types_all_available(live: Live) -> None:
     """The issue's request types are all available."""
     wanted = {
@@ -162,6 +167,7 @@ async def test_deliver_frame_documented_shape(live: Live) -> None:
     assert frame["payload"]["data"]["text"] == "hello"
 
 
+@pytest.mark.one_process
 async def test_socket_writes_frames_directly(
     live: Live, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -254,6 +260,7 @@ async def test_ack_duplicates_ignored_and_above_highest_clamped(
         assert (await next_frame(again, "deliver"))["seq"] == 3
 
 
+@pytest.mark.one_process
 async def test_ack_without_id_coalesced(live: Live) -> None:
     """Acks without id are coalesced into few commands."""
     gateway = gateway_of(live.server)
@@ -269,6 +276,7 @@ async def test_ack_without_id_coalesced(live: Live) -> None:
     assert stats.commands < stats.acks_received
 
 
+@pytest.mark.one_process
 async def test_delivery_marks_in_batches(live: Live) -> None:
     """Delivered deliveries are marked in batches."""
     pushed = 50
@@ -414,6 +422,7 @@ async def test_sockets_closed_on_deactivate_or_workspace_delete(
         assert await closed_with(observer) == CloseCode.UNAUTHORIZED
 
 
+@pytest.mark.one_process
 @pytest.mark.parametrize("revoke", ["deactivate", "delete-workspace"])
 async def test_handshake_revoked_before_replay_closes_4401(
     live: Live, revoke: str,

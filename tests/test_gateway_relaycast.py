@@ -47,6 +47,9 @@ from tests.helpers.realtime import (
     send_json,
 )
 
+# The same tests in one process and with two gateway processes (conftest.py).
+pytestmark = pytest.mark.both_process_models
+
 # -- node tokens ----------------------------------------------------------------------------
 
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from broker.server import BrokerServer
 from tests.helpers.rest import call, make_rest_world
+
+# The same tests in one process and with two gateway processes (conftest.py).
+pytestmark = pytest.mark.both_process_models
 
 GENERAL = "/v1/channels/general/messages"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 import trio
 
 from broker.server import BrokerServer
@@ -21,7 +22,7 @@ from tests.helpers.interop import INTEROP, NODE, ensure_sdk_installed, needs_nod
 
 FLOW_DEADLINE_S = 60
 
-pytestmark = needs_node
+pytestmark = [needs_node, pytest.mark.both_process_models]
 
 
 async def run_flow(base_url: str) -> dict[str, Any]:

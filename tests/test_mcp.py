@@ -36,6 +36,7 @@ async def count(server: BrokerServer, sql: str, *args: Any) -> int:
     return int(await server.engine.read(lambda c: c.execute(sql, args).fetchone()[0]))
 
 
+@pytest.mark.both_process_models  # MCP in gateway 0, forwarded by the others
 @BOTH
 async def test_mcp_two_agents_converse(
     server: BrokerServer, client: httpx.AsyncClient, mode: str

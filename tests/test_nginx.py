@@ -16,7 +16,7 @@ from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from broker.client import connect
-from broker.config import HttpSettings, Settings
+from broker.config import HttpSettings, ServerSettings, Settings
 from broker.console import CONTENT_SECURITY_POLICY
 from broker.engine.engine import Engine
 from broker.engine.mailbox import seq_marks
@@ -64,6 +64,7 @@ async def test_nginx_proxies_rest_files_sockets_and_client_address(tmp_path: Pat
 
     def settings(port: int, trusted: list[str]) -> Settings:
         return Settings(data_dir=str(data_dir), engine=FAST_ENGINE, rate_limits=limits,
+                        server=ServerSettings(workers=1),
                         http=HttpSettings(host="127.0.0.1", port=port, trusted_proxies=trusted,
                                           shutdown_grace_seconds=1.0))
 

@@ -31,7 +31,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from broker.config import HttpSettings, Settings
+from broker.config import HttpSettings, ServerSettings, Settings
 from broker.engine.config import EngineConfig
 from broker.http.openapi import OPENAPI_PATH, SERVICE_ROUTES, build_openapi, served
 from broker.http.routes import ROUTES
@@ -62,6 +62,7 @@ def settings(tmp_path: Path, engine_config: EngineConfig) -> Settings:
     the limits have their own tests."""
     return Settings(
         data_dir=str(tmp_path / "data"), engine=engine_config, rate_limits=UNLIMITED,
+        server=ServerSettings(workers=1),
         http=HttpSettings(host="127.0.0.1", port=0, shutdown_grace_seconds=1.0),
     )
 

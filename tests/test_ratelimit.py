@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio_websocket
 
-from broker.config import HttpSettings, Settings, load_settings
+from broker.config import HttpSettings, ServerSettings, Settings, load_settings
 from broker.gateway.settings import GatewaySettings
 from broker.ratelimit import (
     UNLIMITED,
@@ -168,7 +168,7 @@ async def limited(
     gateway: GatewaySettings | None = None,
 ) -> AsyncIterator[Limited]:
     settings = Settings(
-        data_dir=str(tmp_path / "data"), engine=FAST_ENGINE,
+        data_dir=str(tmp_path / "data"), engine=FAST_ENGINE, server=ServerSettings(workers=1),
         http=HttpSettings(host="127.0.0.1", port=0, shutdown_grace_seconds=1.0),
         gateway=gateway or GatewaySettings(), rate_limits=limits,
     )

@@ -14,6 +14,9 @@ import trio
 from broker.server import BrokerServer
 from tests.helpers.interop import INTEROP, NODE, ensure_sdk_installed
 
+# The same tests in one process and with two gateway processes (conftest.py).
+pytestmark = pytest.mark.both_process_models
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 DEADLINE_S = 60
 DEFAULT_BASE = "http://127.0.0.1:8787"

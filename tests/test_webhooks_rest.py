@@ -12,7 +12,7 @@ import httpx
 import pytest
 import trio
 
-from broker.config import ConfigError, HttpSettings, Settings, load_settings
+from broker.config import ConfigError, HttpSettings, ServerSettings, Settings, load_settings
 from broker.engine.config import EngineConfig
 from broker.server import BrokerServer
 from broker.webhooks.settings import WebhookSettings
@@ -30,7 +30,7 @@ WEBHOOKS = WebhookSettings(
 @pytest.fixture
 def settings(tmp_path: Path, engine_config: EngineConfig) -> Settings:
     return Settings(
-        data_dir=str(tmp_path / "data"), engine=engine_config,
+        data_dir=str(tmp_path / "data"), engine=engine_config, server=ServerSettings(workers=1),
         http=HttpSettings(host="127.0.0.1", port=0, shutdown_grace_seconds=0.5),
         webhooks=WEBHOOKS,
     )

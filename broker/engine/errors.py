@@ -16,6 +16,11 @@ class BrokerError(Exception):
         self.code = code
         self.message = message
 
+    def __reduce__(self) -> tuple[type[BrokerError], tuple[str, str]]:
+        # Rebuilt from (code, message) when it crosses a process boundary
+        # (the writer answers a gateway process with it: broker.workers).
+        return (BrokerError, (self.code, self.message))
+
 
 class StartupError(Exception):
     """The broker cannot start on this data: a foreign file, a newer schema, a held lock."""

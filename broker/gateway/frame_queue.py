@@ -212,6 +212,23 @@ class FrameQueue:
         self._wake.set()
         self._room.set()
 
+    def fall_behind(self) -> None:
+        """Live deliveries may have been lost before they reached the hub (a gateway
+        process missed a batch of the writer's facts): resume from the database.
+
+        LIVE: lag, as after an overflow. CATCHING_UP: the buffer may lack one,
+        so the catch-up goes round again. LAGGING: the next catch-up reads
+        the database anyway.
+        """
+        if self.closed:
+            return
+        self.gaps += 1
+        if self.mode is Mode.LIVE:
+            self._lag()
+        elif self.mode is Mode.CATCHING_UP:
+            self._buffer.clear()
+            self._buffer_lost = True
+
     def _append(self, item: DeliverItem | EventItem) -> None:
         self._items.append(item)
         self._queued()

@@ -211,7 +211,7 @@ async def _download(engine: Engine, store: FileStore, limiter: RateLimiter,
         if ranges == []:
             headers["content-range"] = f"bytes */{stat.st_size}"
             return error_response("range_not_satisfiable",
-                                  f"no range of {asked!r} is within the file's"
+                                  f"no range of {asked[:100]!r} is within the file's"
                                   f" {stat.st_size} bytes", headers=headers)
     # FileResponse opens the file only while it sends it and always closes
     # it, also when the client goes away before the body starts.

@@ -185,8 +185,12 @@ class WebhookCollector:
 class BrokerMetrics:
     """The server's metrics registry and the instruments other layers update."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, daemon_wide: bool = True) -> None:
+        """daemon_wide: this registry reports the writer, pending deliveries and the
+        webhook outbox (False in a gateway process, which asks the writer
+        process for those: `broker.workers`)."""
         self.engine = engine
+        self.daemon_wide = daemon_wide
         self.registry = CollectorRegistry(auto_describe=False)
         self.requests = Counter(
             "broker_http_requests", "HTTP requests answered, by route template and status",
@@ -209,7 +213,8 @@ class BrokerMetrics:
             "broker_pending_deliveries", "Deliveries not yet acknowledged, over every agent",
             registry=self.registry,
         )
-        self.registry.register(WriterCollector(engine.writer))
+        if daemon_wide:
+            self.registry.register(WriterCollector(engine.writer))
         # Set by `watch_webhooks`; the queue gauges are refreshed by a query per scrape.
         self.webhooks: WebhookDispatcher | None = None
         self.webhook_queue_depth = Gauge(
@@ -241,8 +246,15 @@ class BrokerMetrics:
         self.requests.labels(method, route, str(status)).inc()
         self.request_seconds.labels(route).observe(seconds)
 
+    def render_local(self) -> bytes:
+        """This process's registry as Prometheus text, as it stands (no query)."""
+        data: bytes = generate_latest(self.registry)
+        return data
+
     async def render(self) -> bytes:
         """Refresh the values that need a query, then the whole registry as Prometheus text."""
+        if not self.daemon_wide:
+            return self.render_local()
         self.pending_deliveries.set(await self.engine.read(pending_deliveries_total))
         backlog = await self.engine.read(outbox_backlog)
         self.webhook_queue_depth.set(backlog.pending)

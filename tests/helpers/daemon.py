@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from broker.config import HttpSettings, Settings
+from broker.config import HttpSettings, ServerSettings, Settings
 from broker.engine.config import EngineConfig
 from broker.gateway.settings import GatewaySettings
 from broker.server import BrokerServer
@@ -48,11 +48,13 @@ async def run_server(settings: Settings, **kwargs: Any) -> AsyncIterator[BrokerS
 @asynccontextmanager
 async def serve(
     data_dir: Path, gateway: GatewaySettings | None = None, engine: EngineConfig = FAST_ENGINE,
-    port: int = 0,
+    port: int = 0, workers: int = 1,
 ) -> AsyncIterator[BrokerServer]:
-    """A BrokerServer on 127.0.0.1 (port 0 unless given) until the block ends (graceful stop)."""
+    """A BrokerServer on 127.0.0.1 (port 0 unless given) until the block ends (graceful stop).
+
+    workers: gateway processes (1: everything in this process, as `server.gateway`)."""
     settings = Settings(
-        data_dir=str(data_dir), engine=engine,
+        data_dir=str(data_dir), engine=engine, server=ServerSettings(workers=workers),
         http=HttpSettings(host="127.0.0.1", port=port, shutdown_grace_seconds=2.0),
         gateway=gateway or GatewaySettings(),
     )
@@ -105,9 +107,12 @@ class Daemon:
 
 @asynccontextmanager
 async def run_daemon(
-    data_dir: Path, *extra: str, env: dict[str, str] | None = None
+    data_dir: Path, *extra: str, env: dict[str, str] | None = None, workers: int = 1,
 ) -> AsyncIterator[Daemon]:
-    """Start the daemon, yield once it has sent READY=1; on exit kill it if it still runs."""
+    """Start the daemon, yield once it has sent READY=1; on exit kill it if it still runs.
+
+    workers: `--workers` (1: one process; more: a writer process and that many gateways).
+    """
     # An abstract socket name: no file to clean up, no limit from a long tmp_path.
     address = f"broker-test-{secrets.token_hex(8)}"
     with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notifications:
@@ -118,7 +123,7 @@ async def run_daemon(
             process: trio.Process = await nursery.start(partial(
                 trio.run_process,
                 [sys.executable, "-m", "broker", "serve", "--host", "127.0.0.1", "--port", "0",
-                 "--data-dir", str(data_dir), *extra],
+                 "--data-dir", str(data_dir), "--workers", str(workers), *extra],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False, env=environ))
             daemon = Daemon(process, notifications)
             nursery.start_soon(daemon._drain)

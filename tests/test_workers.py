@@ -1,0 +1,202 @@
+"""The daemon over processes (`--workers`): settings, lifecycle, and a gap in the facts.
+
+The wire-level behaviour with gateway processes is tested by running the
+REST, WebSocket, Relaycast and README test modules in both process models
+(conftest.py, `both_process_models`); the kills by tests/test_crash_safety.py.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from broker.cli import build_parser, settings_for
+from broker.client import connect
+from broker.config import ConfigError, ServerSettings, load_settings
+from broker.engine.agents import SetPresence
+from broker.engine.errors import BrokerError
+from broker.engine.messages import SendChannelMessage
+from broker.workers import writer_side
+from broker.workers.channel import pack_command, unpack_command
+from tests.helpers.daemon import run_daemon, serve
+from tests.helpers.engine import TEST_DEADLINE_S, make_world
+from tests.helpers.mcp import SDK_CLIENT_STREAMS, data, mcp_client
+from tests.helpers.realtime import _raw, closed_with, eventually, post
+
+PROCESS_DEADLINE_S = 60
+
+
+def test_workers_setting_from_toml_environment_and_flag(tmp_path: Path) -> None:
+    """`[server] workers`, BROKER_SERVER_WORKERS and --workers, in that precedence; unset
+    means the number of cores, 0 and 1 mean one process."""
+    config = tmp_path / "broker.toml"
+    config.write_text("[server]\nworkers = 3\n")
+    assert load_settings(config).server.workers == 3
+    assert load_settings(config, {"BROKER_SERVER_WORKERS": "4"}).server.workers == 4
+    args = build_parser().parse_args(["serve", "--config", str(config), "--workers", "0"])
+    assert settings_for(args).server.gateway_processes() == 0
+    assert ServerSettings(workers=1).gateway_processes() == 0
+    assert ServerSettings(workers=2).gateway_processes() == 2
+    assert ServerSettings().gateway_processes() in (0, *range(2, 1025))
+
+
+@pytest.mark.parametrize(("text", "environ", "fragment"), [
+    ("[server]\nworkers = -1\n", {}, "$.server.workers"),
+    ("[server]\nworkers = 65\n", {}, "$.server.workers"),
+    ('[server]\nworkers = "many"\n', {}, "$.server.workers"),
+    ("[server]\nprocesses = 2\n", {}, "processes"),
+    ("", {"BROKER_SERVER_WORKERS": "two"}, "BROKER_SERVER_WORKERS"),
+])
+def test_workers_bad_setting_names_it(
+    tmp_path: Path, text: str, environ: dict[str, str], fragment: str
+) -> None:
+    config = tmp_path / "broker.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, environ)
+    assert fragment in str(info.value)
+
+
+def test_workers_bad_flag_exits_2() -> None:
+    done = subprocess.run([sys.executable, "-m", "broker", "serve", "--workers", "-3"],
+                          capture_output=True, text=True, timeout=PROCESS_DEADLINE_S,
+                          check=False)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "--workers -3" in done.stderr, done.stderr
+
+
+async def test_workers_ready_after_every_gateway_listens_and_sigterm_drains_in_order(
+    tmp_path: Path,
+) -> None:
+    """READY=1 comes after both gateways listen. SIGTERM: the sessions are closed with
+    1001 by their gateways, the gateways exit 0, and only then the writer closes."""
+    with trio.fail_after(PROCESS_DEADLINE_S):
+        async with run_daemon(tmp_path / "data", workers=2) as daemon:
+            async with httpx.AsyncClient(base_url=daemon.url) as http:
+                created = (await http.post("/v1/workspaces", json={"name": "w"})).json()
+                agent = await http.post(
+                    "/v1/agents", json={"name": "a"},
+                    headers={"Authorization": f"Bearer {created['data']['api_key']}"})
+                token = agent.json()["data"]["token"]
+            port = int(daemon.url.rsplit(":", 1)[1])
+            async with _raw(port, f"/v1/ws?token={token}", None, 100, None, None) as ws:
+                daemon.process.send_signal(signal.SIGTERM)
+                assert await closed_with(ws) == 1001
+            assert await daemon.process.wait() == 0
+            output = (await daemon.finished()).decode()
+            stopping = await daemon.notifications.recv(4096)
+    assert stopping.startswith(b"STOPPING=1")
+
+    def at(pattern: str) -> int:
+        found = re.search(pattern, output, re.MULTILINE)
+        assert found, (pattern, output)
+        return found.start()
+
+    ready = at(r"broker listening on http://\S+: 2 gateway processes")
+    assert at(r"gateway 0 listening on") < ready and at(r"gateway 1 listening on") < ready
+    exits = at(r"gateway processes stopped: exit statuses 0 0")
+    assert at(r"gateway 0: stopped") < exits and at(r"gateway 1: stopped") < exits
+    assert exits < at(r"gateways stopped; closing the engine") < at(r"broker \S+: stopped$")
+
+
+async def test_workers_gap_in_commit_numbers_sends_sessions_to_the_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch of facts that no gateway received (its link was full) is seen as a gap at
+    the next batch, and the sessions catch up from the database: the missed delivery
+    arrives although nothing later was sent to its agent, once, in seq order."""
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with serve(tmp_path / "data", workers=2) as server:
+            engine = server.engine
+            world = await make_world(engine)
+            wid, alice = world.workspace_id, world.agents["alice"]
+            ws_url = f"ws://127.0.0.1:{server.port}/v1/ws"
+            async with connect(ws_url, world.tokens["bob"]) as client:
+                deliveries = client.deliveries()
+                await post(engine, wid, alice, "general", "before")
+                before = await deliveries.__anext__()
+                assert before.data["text"] == "before"
+                # Every link counts as full: the next batches reach no gateway.
+                assert server.pool is not None
+                host = server.pool.host
+                monkeypatch.setattr(writer_side, "MAX_LINK_BACKLOG", -1)
+                await post(engine, wid, alice, "general", "missed")
+                # The writer publishes a batch's facts before it takes the next
+                # command: once this one returns, "missed" is in the facts channel.
+                await engine.submit(SetPresence(changes=((alice, "online"),)))
+                facts = engine.facts
+                assert facts is not None
+                await eventually(lambda: _true(facts.statistics().current_buffer_used == 0))
+                await trio.testing.wait_all_tasks_blocked()
+                monkeypatch.undo()
+                # both links missed them
+                assert host.missed_batches >= 2
+                # A batch that delivers nothing to bob: only its number shows the gap.
+                await engine.submit(SetPresence(changes=((alice, "offline"),)))
+                missed = await deliveries.__anext__()
+                assert (missed.seq, missed.data["text"]) == (before.seq + 1, "missed")
+                await post(engine, wid, alice, "general", "after")
+                after = await deliveries.__anext__()
+                assert (after.seq, after.data["text"]) == (before.seq + 2, "after")
+
+
+async def test_workers_metrics_describe_the_whole_daemon(tmp_path: Path) -> None:
+    """/metrics on any gateway sums every gateway's requests and adds the writer's figures."""
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with serve(tmp_path / "data", workers=2) as server:
+            requests = 12
+            for _ in range(requests):  # new connections: the kernel spreads them
+                async with httpx.AsyncClient(base_url=str(server.url)) as http:
+                    assert (await http.get("/healthz")).status_code == 200
+            await make_world(server.engine)
+            async with httpx.AsyncClient(base_url=str(server.url)) as http:
+                text = (await http.get("/metrics")).text
+    found = re.search(r'^broker_http_requests_total\{method="GET",route="/healthz",'
+                      r'status="200"\} (\S+)$', text, re.MULTILINE)
+    assert found and float(found.group(1)) == requests, text
+    batches = re.search(r"^broker_writer_commands_total (\S+)$", text, re.MULTILINE)
+    assert batches and float(batches.group(1)) >= 5, text  # ResetPresence + the world
+
+
+@SDK_CLIENT_STREAMS
+async def test_workers_mcp_answers_on_every_gateway(tmp_path: Path) -> None:
+    """MCP lives in gateway 0; the other gateways forward /mcp to it, so every connection
+    gets MCP's own answers (SO_REUSEPORT spreads 16 fresh connections over both gateways:
+    all on one would be a 1 in 2^15 chance), and a session opened through one
+    connection is known through any other."""
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with serve(tmp_path / "data", workers=2) as server:
+            world = await make_world(server.engine)
+            for _ in range(16):
+                async with httpx.AsyncClient(base_url=str(server.url)) as http:
+                    refused = await http.post("/mcp", json=body)
+                    assert refused.status_code == 401, refused.text
+                    assert refused.json()["error"]["data"]["code"] == "unauthorized"
+            async with mcp_client(f"{server.url}/mcp", world.tokens["alice"]) as alice:
+                assert data(await alice.call_tool("agent.me", {}))["name"] == "alice"
+
+
+def test_link_commands_round_trip_and_only_engine_commands_are_taken() -> None:
+    """A command crosses the link as itself; a name that is not a command Struct of the
+    engine (another module, a non-command class, a missing one) is refused."""
+    command = SendChannelMessage(workspace_id=1, agent_id=2, channel="general", text="hi",
+                                 idempotency_key="k1")
+    assert unpack_command(*pack_command(command)) == command
+    for name in ("os:system", "broker.engine.facts:Fact", "broker.engine.nope:Send",
+                 "broker.engine.messages:Nope", "broker.engine.messages:"):
+        with pytest.raises(BrokerError) as refused:
+            unpack_command(name, b"\x80")
+        assert refused.value.code == "internal"
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -14,9 +14,6 @@ address is known, so the per-address block on guessing works for
 forwarded requests too (behind the private socket every caller would have
 one address).
 
-The forwarded request names the client and scheme in `Forwarded`, which the
-serving gateway trusts from its private socket (broker.http.proxies).
-
 A client that goes away ends the forwarded request (the serving side sees
 its stream close, as it would without the hop).
 """
@@ -30,15 +27,14 @@ import httpx
 import trio
 from starlette.types import Message, Receive, Scope, Send
 
+from broker.http.proxies import forwarded_by_us
+
 log = logging.getLogger(__name__)
 
 # Headers that describe one hop, not the request (RFC 9110, 7.6.1).
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade", b"proxy-authenticate",
                         b"proxy-authorization"})
-# The client as this gateway resolved it replaces these (broker.http.proxies trusts a
-# Unix socket peer, one of the daemon's own processes, to name the client).
-FORWARDING = frozenset({b"forwarded", b"x-forwarded-for", b"x-forwarded-proto"})
 CONNECT_TIMEOUT_S = 5.0
 
 ASGI = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -81,9 +77,10 @@ class McpForwarder:
                     break
             body_done.set()
 
-        headers = [(k, v) for k, v in scope["headers"]
-                   if k.lower() not in HOP_BY_HOP and k.lower() not in FORWARDING]
-        headers.append((b"forwarded", _forwarded(scope)))
+        # The serving process believes the client and scheme resolved here
+        # (broker.http.proxies).
+        headers = forwarded_by_us(
+            scope, [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP])
         path = scope.get("raw_path") or scope["path"].encode()
         if scope.get("query_string"):
             path += b"?" + scope["query_string"]
@@ -120,14 +117,6 @@ class McpForwarder:
             if message["type"] == "http.disconnect":
                 done.cancel()
                 return
-
-
-def _forwarded(scope: Scope) -> bytes:
-    """`Forwarded: for=...;proto=...` naming the client and scheme this gateway saw."""
-    client = scope.get("client")
-    host = client[0] if client else "unknown"
-    node = f'"[{host}]"' if ":" in host else host
-    return f"for={node};proto={scope.get('scheme', 'http')}".encode("latin-1")
 
 
 async def _answer_unavailable(send: Send) -> None:

@@ -1,5 +1,5 @@
 """What a connect costs in database reads: each is a trip to a reader thread, which in a
-connect storm is a large share of the daemon's time (BENCHMARKS.md, "Tuning, session 7").
+connect storm is a large share of the daemon's time (BENCHMARKS.md, "Tuning, session 8").
 
 Counted on a live daemon: the reads the reader pool ran between before the
 handshake and the session going live.

@@ -11,8 +11,6 @@ the same frames arrive through plain ASGI sends.
 
 from __future__ import annotations
 
-import socket
-import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,11 +19,13 @@ import pytest
 import trio
 from hypercorn.trio.tcp_server import TCPServer
 
+from broker.client import connect
+from broker.config import HttpSettings, ServerSettings, Settings
 from broker.gateway import transport
 from broker.gateway.settings import GatewaySettings
 from broker.gateway.transport import Transport, TransportServer
 from broker.server import BrokerServer
-from tests.helpers.daemon import serve
+from tests.helpers.daemon import FAST_ENGINE, run_server, serve
 from tests.helpers.engine import TEST_DEADLINE_S, make_world
 from tests.helpers.realtime import (
     gateway_of,
@@ -35,6 +35,7 @@ from tests.helpers.realtime import (
     raw_socket,
     send_json,
 )
+from tests.helpers.tls import make_certificates
 
 
 @pytest.fixture
@@ -113,12 +114,25 @@ async def test_transport_direct_writes_off_frames_arrive_through_asgi(
     assert sent_through_transport == []
 
 
-def test_transport_none_over_tls() -> None:
-    """A connection whose stream is TLS gets no transport: its bytes are not the frames."""
-    ours, theirs = socket.socketpair()
-    with ours, theirs:
-        plain = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
-        server = TransportServer.__new__(TransportServer)
-        server.stream = trio.SSLStream(  # type: ignore[assignment]
-            plain, ssl.create_default_context(ssl.Purpose.CLIENT_AUTH), server_side=True)
-        assert server.transport_for({"type": "websocket"}) is None
+async def test_transport_none_over_tls_frames_arrive_through_asgi(
+    tmp_path: Path, sent_through_transport: list[int]
+) -> None:
+    """A wss:// session gets no transport (its bytes are not the frames); frames arrive."""
+    certs = make_certificates(tmp_path / "tls")
+    settings = Settings(
+        data_dir=str(tmp_path / "data"), engine=FAST_ENGINE, server=ServerSettings(workers=1),
+        http=HttpSettings(host="127.0.0.1", port=0, shutdown_grace_seconds=1.0,
+                          tls=certs.settings()))
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with run_server(settings) as server:
+            world = await make_world(server.engine)
+            url = f"wss://127.0.0.1:{server.port}/v1/ws"
+            async with connect(url, world.tokens["bob"], ssl_context=certs.client_context()) as bob:
+                await post(server.engine, world.workspace_id, world.agents["alice"], "general",
+                           "hi")
+                async for delivery in bob.deliveries():
+                    assert delivery.data["text"] == "hi"
+                    break
+                (session,) = gateway_of(server).sessions
+                assert session.ws.transport is None  # type: ignore[attr-defined]
+    assert sent_through_transport == []

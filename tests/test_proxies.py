@@ -20,6 +20,7 @@ from broker.config import ConfigError, Settings, load_settings
 from broker.http.proxies import (
     MalformedForwarding,
     TrustedProxies,
+    forwarded_by_us,
     node_address,
     parse_forwarded,
 )
@@ -232,3 +233,24 @@ async def test_proxies_unix_socket_peer_is_trusted() -> None:
                      None, None)  # type: ignore[arg-type]
     assert seen == [(("2001:db8::5", 0), "https"), (("198.51.100.4", 5000), "http"),
                     (None, "http")]
+
+
+async def test_proxies_forwarded_between_processes_keeps_the_client() -> None:
+    """A gateway passing a request on (forwarded_by_us) drops what the client sent and
+    names the client and scheme it resolved; gateway 0, reached over its Unix socket,
+    sees exactly those."""
+    seen: list[tuple[Any, str]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append((scope["client"], scope["scheme"]))
+
+    middleware = TrustedProxies(app, trusted=[])
+    spoofed = [(b"host", b"broker.example.com"), (b"x-forwarded-for", b"10.9.9.9"),
+               (b"forwarded", b"for=10.9.9.9;proto=http")]
+    for client, scheme in ((("2001:db8::7", 4000), "https"), (("198.51.100.8", 4000), "http")):
+        headers = forwarded_by_us({"client": client, "scheme": scheme}, spoofed)
+        assert [h for h in headers if h[0] in (b"x-forwarded-for", b"host")] == [
+            (b"host", b"broker.example.com")]
+        await middleware({"type": "http", "client": None, "scheme": "http",
+                          "headers": headers}, None, None)
+    assert seen == [(("2001:db8::7", 0), "https"), (("198.51.100.8", 0), "http")]

@@ -27,7 +27,7 @@ same hop as the client address.
 
 A peer with no IP address is trusted too: the daemon serves clients on TCP
 only, so a Unix socket peer is one of its own processes (a gateway passing
-a request on to gateway 0's private socket, `broker.workers.forward`,
+a request on to gateway 0's private socket, `broker.mcp.forward`,
 names the client it resolved in `Forwarded`). So the middleware is always
 installed; with no trusted proxies a TCP request passes straight through.
 """
@@ -116,6 +116,35 @@ def node_address(node: str) -> IPAddress | None:
         return ipaddress.ip_address(host)
     except ValueError:
         raise MalformedForwarding(f"{node!r} is not an address") from None
+
+
+FORWARDING_HEADERS = (b"forwarded", b"x-forwarded-for", b"x-forwarded-proto")
+
+
+def forwarded_by_us(scope: Scope,
+                    headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """`headers` for passing the request of `scope` on to another of the daemon's
+    processes over its Unix socket: the forwarding headers the client sent (already
+    read, or ignored, here) dropped, and one `Forwarded` naming the client this process
+    resolved and the scheme it used, which the receiving process believes.
+    """
+    kept = [(name, value) for name, value in headers if name.lower() not in FORWARDING_HEADERS]
+    client = scope.get("client")
+    scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"),
+                                                scope.get("scheme", "http"))
+    element = f"proto={scheme}"
+    if client and client[0]:
+        element = f'for="{_node(client[0])}";{element}'
+    kept.append((b"forwarded", element.encode("latin-1")))
+    return kept
+
+
+def _node(host: str) -> str:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return "unknown"
+    return f"[{address}]" if address.version == 6 else str(address)
 
 
 class TrustedProxies:

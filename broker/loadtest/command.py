@@ -107,6 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="connect storm: that many agents of one workspace connecting at "
                             "once, each asking for presence, on a fresh daemon per count, e.g. "
                             "1000,5000 (with --profile: py-spy on the largest)")
+    other.add_argument("--no-presence", dest="presence", action="store_false",
+                       help="with --connect: no agent asks for presence (the connect path "
+                            "alone)")
     other.add_argument("--history-dir", type=Path,
                        help="keep the bulk-loaded history databases here")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
@@ -398,7 +401,8 @@ def run(args: argparse.Namespace) -> int:
             fractions = parse_fractions(args.latency_at)
         skipped = check_peers(args)
         if args.connect:
-            report = trio.run(connect_storm, parse_counts(args.connect), args.profile)
+            report = trio.run(connect_storm, parse_counts(args.connect), args.profile,
+                              args.presence)
         elif args.idle:
             report = trio.run(idle_memory, parse_counts(args.idle))
         elif args.history:

@@ -30,7 +30,9 @@ STOP_TIMEOUT_S = 15.0
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
-DAEMON_LISTENING = re.compile(r"broker listening on (http://[^\s]+)")
+# One process: "... on http://host:port (data in ...)"; several: "... on http://host:port: N
+# gateway processes ...".
+DAEMON_LISTENING = re.compile(r"broker listening on (http://[^\s]+?):?(?:\s|$)")
 ECHO_LISTENING = re.compile(r"echo listening on (\d+)")
 
 

@@ -27,6 +27,8 @@ import httpx
 import trio
 from starlette.types import Message, Receive, Scope, Send
 
+from broker.http.proxies import forwarded_by_us
+
 log = logging.getLogger(__name__)
 
 # Headers that describe one hop, not the request (RFC 9110, 7.6.1).
@@ -75,7 +77,10 @@ class McpForwarder:
                     break
             body_done.set()
 
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP]
+        # The serving process believes the client and scheme resolved here
+        # (broker.http.proxies).
+        headers = forwarded_by_us(
+            scope, [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP])
         path = scope.get("raw_path") or scope["path"].encode()
         if scope.get("query_string"):
             path += b"?" + scope["query_string"]

@@ -42,6 +42,8 @@ from broker.gc_tuning import settle_heap
 from broker.http.app import create_app
 from broker.http.metrics import BrokerMetrics
 from broker.mcp import MCP_PATH
+from broker.mcp.endpoint import TokenCheck
+from broker.mcp.forward import McpForwarder
 from broker.ratelimit import RateLimiter
 from broker.server import gateway_front, hypercorn_config
 from broker.webhooks.dispatcher import WebhookDispatcher, attach
@@ -53,7 +55,6 @@ from broker.workers.channel import (
     unpack_facts,
     unpack_result,
 )
-from broker.workers.forward import ForwardToGateway0
 from broker.workers.writer_side import EXIT_WRITER_LOST
 
 log = logging.getLogger("broker.workers.gateway_process")  # also when run as __main__
@@ -209,20 +210,21 @@ class GatewayProcess:
         # dispatcher; this one never runs (the writer process's delivers).
         attach(engine, WebhookDispatcher(engine, settings.webhooks))
         private: list[str] = []
-        forward: ForwardToGateway0 | None = None
+        forward: McpForwarder | None = None
         if self.index == 0:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(gateway0_socket)
             sock.listen(socket.SOMAXCONN)
             private.append(f"fd://{sock.detach()}")  # hypercorn owns and closes it
         async with trio.open_nursery() as services:
-            # MCP lives in gateway 0; the others forward /mcp to it (broker.workers.forward).
+            # MCP lives in gateway 0; the others forward /mcp to it (broker.mcp.forward),
+            # checking the token first, where the client's address is known.
             front = gateway_front(engine, settings, metrics, limiter, self.stop,
                                   mcp=self.index == 0)
             gateway = self.gateway = front.gateway
             routes = front.routes
             if self.index != 0 and settings.mcp.enabled:
-                forward = ForwardToGateway0(gateway0_socket)
+                forward = McpForwarder(gateway0_socket, TokenCheck(engine, limiter).passes)
                 routes = (*routes, Route(MCP_PATH, forward, name="mcp"))
             for service in front.services:
                 await services.start(service)

@@ -4,6 +4,8 @@ intended recipient, once per seq, in order, and the report has every figure BENC
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,13 @@ import trio
 
 from broker.loadtest import command
 from broker.loadtest.command import daemon_figures, latency_curve, run_traffic
-from broker.loadtest.processes import start_daemon
+from broker.loadtest.processes import (
+    ECHO_LISTENING,
+    ServerProcess,
+    process_tree,
+    rss_bytes,
+    start_daemon,
+)
 from broker.loadtest.report import build_report, count_loss, format_table
 from broker.loadtest.runner import ShardResult
 from broker.loadtest.stats import Bits, Histogram
@@ -321,3 +329,27 @@ async def test_connect_storm_reports_connect_time_and_presence_frames() -> None:
     assert 12 <= step["frames"] <= 12 * 20
     assert step["frames_per_agent"] == round(step["frames"] / 12, 2)
     assert step["daemon_cpu_seconds"] > 0
+
+
+_PARENT_OF_A_BIG_CHILD = """
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c",
+    "import sys, time; block = bytearray(64 << 20); block[::4096] = b'x' * len(block[::4096]); "
+    "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+child.stdout.readline()
+print("echo listening on 1", flush=True)
+child.wait()
+"""
+
+
+def test_server_process_figures_count_its_children() -> None:
+    """A server's memory is its whole tree's: a daemon with gateway processes is several."""
+    server = ServerProcess.start([sys.executable, "-c", _PARENT_OF_A_BIG_CHILD], ECHO_LISTENING)
+    try:
+        alone = rss_bytes(server.pid)
+        assert server.rss_bytes() >= alone + (64 << 20)
+        assert server.cpu_seconds() > 0
+    finally:
+        for pid in reversed(process_tree(server.pid)):
+            os.kill(pid, signal.SIGKILL)
+        server.stop()

@@ -3,9 +3,10 @@
 `ServerProcess.start` runs a command (`broker serve` on a temporary data
 directory, or the echo server), waits for the line that names its port,
 and keeps reading its output in a thread so that a chatty server never
-blocks on a full pipe. `rss_bytes` and `cpu_seconds` read /proc, so the
-memory and CPU figures are those of the server process alone. `start_profiler`
-samples one with py-spy.
+blocks on a full pipe. `rss_bytes` and `cpu_seconds` read /proc; a
+server's figures sum its whole process tree (a daemon with `--workers N` is
+a writer process and N gateway children). `start_profiler` samples one with
+py-spy, children included.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 # How long a server may take to print its listening line.
 START_TIMEOUT_S = 30.0
@@ -34,6 +36,8 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 # gateway processes ...".
 DAEMON_LISTENING = re.compile(r"broker listening on (http://[^\s]+?):?(?:\s|$)")
 ECHO_LISTENING = re.compile(r"echo listening on (\d+)")
+
+_N = TypeVar("_N", int, float)
 
 
 class ServerProcess:
@@ -96,10 +100,12 @@ class ServerProcess:
         return self.process.returncode
 
     def rss_bytes(self) -> int:
-        return rss_bytes(self.pid)
+        """Resident memory of the server and every process under it."""
+        return sum(_alive(rss_bytes, pid) for pid in process_tree(self.pid))
 
     def cpu_seconds(self) -> float:
-        return cpu_seconds(self.pid)
+        """CPU time of the server and every process under it that is still running."""
+        return sum(_alive(cpu_seconds, pid) for pid in process_tree(self.pid))
 
 
 # A load run drives one workspace from one address far past what the request
@@ -139,6 +145,34 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants, from the parent ids in /proc/*/stat."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, ()))
+    return tree
+
+
+def _alive(read: Callable[[int], _N], pid: int) -> _N | int:
+    """read(pid), or 0 for a process that ended since the tree was listed."""
+    try:
+        return read(pid)
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def raise_fd_limit() -> int:
     """Raise the soft open-files limit to the hard one (children inherit it); the new limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -155,7 +189,8 @@ def start_profiler(pid: int, output: Path) -> subprocess.Popen[bytes]:
     if not Path(py_spy).exists():
         raise RuntimeError("--profile needs py-spy: pip install '.[bench]'")
     kind = {".txt": "raw", ".json": "speedscope"}.get(output.suffix, "flamegraph")
-    return subprocess.Popen([py_spy, "record", "--nonblocking", "--pid", str(pid), "--format",
+    return subprocess.Popen([py_spy, "record", "--nonblocking", "--subprocesses",
+                             "--pid", str(pid), "--format",
                              kind, "--output", str(output)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

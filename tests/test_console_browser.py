@@ -49,9 +49,10 @@ def browser() -> Iterator[BrowserThread]:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, engine_config: EngineConfig) -> Settings:
+def settings(tmp_path: Path, engine_config: EngineConfig, workers: int) -> Settings:
     return Settings(
-        data_dir=str(tmp_path / "data"), engine=engine_config, server=ServerSettings(workers=1),
+        data_dir=str(tmp_path / "data"), engine=engine_config,
+        server=ServerSettings(workers=workers),
         http=HttpSettings(host="127.0.0.1", port=0, shutdown_grace_seconds=0.5),
         webhooks=WEBHOOKS,
     )
@@ -89,6 +90,7 @@ async def post(client: httpx.AsyncClient, token: str, text: str, **body: Any) ->
 # -- sign in by form, history, threads, reactions, attachments, live, markup as text ----------
 
 
+@pytest.mark.both_process_models
 async def test_console_form_refuses_bad_keys_then_shows_history_threads_and_live_messages(
     browser: BrowserThread, page: Any, server: BrokerServer, client: httpx.AsyncClient,
     world: RestWorld, caplog: pytest.LogCaptureFixture,

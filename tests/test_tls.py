@@ -49,6 +49,7 @@ async def client(server: BrokerServer, certs: Certificates) -> AsyncIterator[htt
         yield http
 
 
+@pytest.mark.both_process_models
 async def test_tls_rest_over_https(server: BrokerServer, client: httpx.AsyncClient) -> None:
     """The port speaks https: REST works, and the URLs it hands out are https ones."""
     assert server.url is not None and server.url.startswith("https://127.0.0.1:")
@@ -83,6 +84,7 @@ async def test_tls_plain_http_client_refused(
     assert (await client.get("/healthz")).json() == {"ok": True, "data": {"status": "ok"}}
 
 
+@pytest.mark.both_process_models
 async def test_tls_wss_native_session_delivery_and_ack(
     server: BrokerServer, certs: Certificates
 ) -> None:

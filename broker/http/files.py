@@ -59,7 +59,9 @@ log = logging.getLogger(__name__)
 
 # Ranges one request may ask for; a longer set is ignored (the whole file is sent).
 MAX_RANGES = 16
-_RANGE_SPEC = re.compile(r"([0-9]*)-([0-9]*)", re.ASCII)
+# A position has at most 19 digits (below 2^63); a longer one makes the header
+# ignored, and never reaches int(), which refuses more than 4,300 digits.
+_RANGE_SPEC = re.compile(r"([0-9]{0,19})-([0-9]{0,19})", re.ASCII)
 
 
 def file_routes(

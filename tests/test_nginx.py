@@ -83,7 +83,9 @@ async def test_nginx_proxies_rest_files_sockets_and_client_address(tmp_path: Pat
             await daemons.start(run_first)
             port = first.port
             assert port is not None
-            site = site_config(port, https_port, http_port, certs.certfile, certs.keyfile)
+            access_log = tmp_path / "site-access.log"
+            site = site_config(port, https_port, http_port, certs.certfile, certs.keyfile,
+                               access_log)
             async with run_nginx(tmp_path / "nginx", site, https_port), \
                     httpx.AsyncClient(base_url=base, transport=transport, timeout=10) as http:
                 # Plain HTTP only redirects to https.
@@ -176,3 +178,9 @@ async def test_nginx_proxies_rest_files_sockets_and_client_address(tmp_path: Pat
                 listed = await call(http, "GET", "/v1/agents", token)
                 assert [a["name"] for a in listed.data] == ["bob", "carol"]
                 second.stop()
+
+            # The site's access log has the socket and the signed download, without
+            # the tokens their query strings carried.
+            logged = access_log.read_text()
+            assert " /v1/ws " in logged and "/content " in logged
+            assert "token=" not in logged and token not in logged

@@ -44,8 +44,9 @@ def free_port() -> int:
 
 
 def site_config(upstream_port: int, https_port: int, http_port: int, certfile: Path,
-                keyfile: Path) -> str:
-    """deploy/nginx.conf with loopback ports, the daemon's port and the test's certificate.
+                keyfile: Path, access_log: Path) -> str:
+    """deploy/nginx.conf with loopback ports, the daemon's port, the test's certificate
+    and the site's access log at `access_log`.
 
     Every replaced text must be found exactly once, so a change to the shipped file
     that this test would no longer exercise fails here.
@@ -59,6 +60,7 @@ def site_config(upstream_port: int, https_port: int, http_port: int, certfile: P
         ("server 127.0.0.1:8787;", f"server 127.0.0.1:{upstream_port};"),
         ("/etc/ssl/agent-broker/fullchain.pem", str(certfile)),
         ("/etc/ssl/agent-broker/privkey.pem", str(keyfile)),
+        ("/var/log/nginx/agent-broker.access.log", str(access_log)),
     ]:
         assert text.count(old) == 1, f"deploy/nginx.conf: expected {old!r} once"
         text = text.replace(old, new)

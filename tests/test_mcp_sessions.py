@@ -124,3 +124,38 @@ async def test_mcp_stop_ends_waits_and_streams_within_the_grace(settings: Settin
         # The wait did not run to its 300 s: the stop ended it.
         assert trio.current_time() - stopped_at < settings.http.shutdown_grace_seconds + 5
         assert outcome
+
+
+async def test_mcp_session_delete_by_another_agent_leaves_the_owners_session(
+    server: BrokerServer, client: httpx.AsyncClient
+) -> None:
+    """bob's DELETE with alice's session id is refused (404) and changes nothing: alice's
+    session still works, still counts toward her cap, and her deactivation still closes it."""
+    world = await make_rest_world(client)
+    url = mcp_url(server)
+    assert server.mcp is not None
+    alice_id = int(world.agents["alice"])
+    async with mcp_client(url, world.tokens["alice"], LEGACY) as alice:
+        data(await alice.call_tool("agent.me", {}))
+        (session,) = server.mcp.sessions.of_agent(alice_id)
+        refused = await client.delete("/mcp", headers={
+            "Authorization": f"Bearer {world.tokens['bob']}",
+            "mcp-session-id": session.session_id})
+        assert refused.status_code == 404
+        assert server.mcp.sessions.of_agent(alice_id) == [session]
+        assert data(await alice.call_tool("agent.me", {}))["name"] == "alice"
+        async with mcp_client(url, world.tokens["alice"], LEGACY):
+            third = await client.post("/mcp", json={
+                "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                    "protocolVersion": "2025-11-25", "capabilities": {},
+                    "clientInfo": {"name": "t", "version": "1"}}},
+                headers={"Authorization": f"Bearer {world.tokens['alice']}",
+                         "Accept": "application/json, text/event-stream"})
+            assert third.status_code == 429
+        deactivated = await call(client, "DELETE", "/v1/agents/alice", world.key)
+        assert deactivated.status == 200
+        with trio.fail_after(10):
+            await eventually(lambda: _true(not server.mcp.sessions.of_agent(alice_id)))
+        assert server.mcp.statistics().sessions == 0
+        with pytest.raises(MCPError):
+            await alice.call_tool("agent.me", {})

@@ -33,8 +33,7 @@ from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
 from broker.fanout import FanoutHub
 from broker.gateway.native import token_expiry
-from broker.mcp.endpoint import McpEndpoint, McpService, TokenCheck
-from broker.mcp.forward import McpForwarder
+from broker.mcp.endpoint import McpService, TokenCheck
 from broker.mcp.notify import ResourceNotifier
 from broker.mcp.server import McpHandlers
 from broker.mcp.sessions import McpSessions, SessionEntry
@@ -58,7 +57,6 @@ class McpStatistics(msgspec.Struct, frozen=True, kw_only=True):
     agents with a 2026 listen stream open.
     notifications_sent / notifications_dropped: resource notifications since start
     (dropped: a session did not take one within the notify timeout).
-    forwarded: requests relayed to the serving gateway (a forwarding gateway only).
     """
 
     sessions: int
@@ -67,23 +65,18 @@ class McpStatistics(msgspec.Struct, frozen=True, kw_only=True):
     listening_agents: int
     notifications_sent: int
     notifications_dropped: int
-    forwarded: int
 
 
 class McpSurface:
     """Start with `await nursery.start(surface.run)`; mount `surface.routes()`."""
 
     def __init__(self, engine: Engine, hub: FanoutHub[Any], settings: McpSettings,
-                 limiter: RateLimiter, public_url: str | None = None,
-                 forward_to: str | None = None) -> None:
+                 limiter: RateLimiter, public_url: str | None = None) -> None:
         """public_url: the base of the absolute URLs tools hand out (`http.public_url`;
-        None: the request's own). forward_to: the Unix socket of the gateway process that
-        serves MCP, when it is another one (broker.mcp.forward); None: serve it here."""
+        None: the request's own)."""
         self.engine = engine
         self.settings = settings
         self.check = TokenCheck(engine, limiter)
-        self.forwarder = None if forward_to is None else McpForwarder(forward_to,
-                                                                      self.check.passes)
         self.watches = Watches(hub, on_changed=self._changed, on_revoked=self._revoked,
                                on_rotated=self._rotated)
         self.notifier = ResourceNotifier(self.watches, settings.notify_timeout_seconds)
@@ -98,7 +91,6 @@ class McpSurface:
                                     on_opened=self._opened, on_closed=self._closed)
         self.service = McpService(self.check, self.manager, self.sessions,
                                   settings.max_sessions_per_agent)
-        self.endpoint = McpEndpoint(self.service if self.forwarder is None else self.forwarder)
         self._session_watches: dict[str, AgentWatch] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -106,32 +98,22 @@ class McpSurface:
         # A Route, not a Mount: a Mount answers /mcp with a redirect to /mcp/. No methods:
         # the SDK answers those it does not serve (405), and the OpenAPI document, which
         # describes the REST API, leaves this endpoint to docs/mcp.md.
-        return [Route(MCP_PATH, self.endpoint, name="mcp")]
+        return [Route(MCP_PATH, self.service, name="mcp")]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the session manager, the registry and the notifier until cancelled (a
-        forwarding gateway runs none of them: it only closes its connection at the end)."""
-        if self.forwarder is not None:
-            try:
-                task_status.started()
-                await trio.sleep_forever()
-            finally:
-                with trio.CancelScope(shield=True):
-                    await self.forwarder.aclose()
-        else:
-            async with self.manager.run(), trio.open_nursery() as nursery:
-                self._nursery = nursery
-                await nursery.start(self.sessions.run)
-                await nursery.start(self.notifier.run)
-                task_status.started()
+        """Run the session manager, the registry and the notifier until cancelled."""
+        async with self.manager.run(), trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.sessions.run)
+            await nursery.start(self.notifier.run)
+            task_status.started()
 
     def statistics(self) -> McpStatistics:
         return McpStatistics(
             sessions=len(self.sessions.sessions), watched_agents=len(self.watches),
             subscribed_sessions=self.notifier.subscribed_sessions,
             listening_agents=self.notifier.listening_agents,
-            notifications_sent=self.notifier.sent, notifications_dropped=self.notifier.dropped,
-            forwarded=0 if self.forwarder is None else self.forwarder.forwarded)
+            notifications_sent=self.notifier.sent, notifications_dropped=self.notifier.dropped)
 
     # -- sessions hold their agent's watch, to hear of revocations ---------------------------
 

@@ -11,12 +11,13 @@ come back with the session id, or the answer is 404), and the broker's
 Each request runs under the session registry's scope (broker.mcp.sessions),
 so closing an agent's sessions also ends its long requests. The session id
 that an `initialize` answer carries is how the registry learns of a
-session; a DELETE from the client is how it learns of its end.
+session; a DELETE from the session's owner that the SDK accepts is how it
+learns of its end (the SDK answers anyone else's DELETE 404, and the
+session stays theirs).
 
-`McpEndpoint` is the seam for several gateway processes: in the process
-that serves MCP it calls `McpService`; in the others it hands the whole
-request over to that process (broker.mcp.forward), so every request of a
-session meets the same session objects.
+With several gateway processes, `McpService` runs in the one that serves
+MCP; the others hand it every `/mcp` request (broker.mcp.forward), so every
+request of a session meets the same session objects.
 """
 
 from __future__ import annotations
@@ -127,25 +128,22 @@ class McpService:
             return
         scope = {**scope, "user": caller.user, CALLER_KEY: caller}
 
+        status = 0
+
         async def watch_session(message: Message) -> None:
-            if opening and message["type"] == "http.response.start" \
-                    and int(message["status"]) < 400:
-                for name, value in message.get("headers", ()):
-                    if name.lower() == SESSION_HEADER.encode():
-                        self.sessions.opened(value.decode(), caller)
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                if opening and status < 400:
+                    for name, value in message.get("headers", ()):
+                        if name.lower() == SESSION_HEADER.encode():
+                            self.sessions.opened(value.decode(), caller)
             await send(message)
 
         with self.sessions.request(caller, session_id):
             await self.manager.handle_request(scope, receive, watch_session)
-        if session_id is not None and scope["method"] == "DELETE":
-            self.sessions.forget(session_id)
+        # Only the owner's DELETE ends the session: the SDK refuses anyone else's (404),
+        # and the registry must keep the entry that caps, closes and notifies it.
+        if session_id is not None and scope["method"] == "DELETE" and 0 < status < 400:
+            self.sessions.forget(session_id, caller)
 
-
-class McpEndpoint:
-    """The route's endpoint: `McpService` here, or `McpForwarder` to the serving process."""
-
-    def __init__(self, serve: ASGI) -> None:
-        self.serve = serve
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.serve(scope, receive, send)

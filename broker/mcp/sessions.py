@@ -136,12 +136,16 @@ class McpSessions:
             await trio.sleep_forever()
         await self.close(entry.session_id)
 
-    def forget(self, session_id: str) -> None:
-        """The client ended the session itself (DELETE)."""
-        entry = self.sessions.pop(session_id, None)
-        if entry is not None:
-            entry.idle.cancel()
-            self._on_closed(entry)
+    def forget(self, session_id: str, caller: Caller) -> None:
+        """`caller` ended the session itself (a DELETE the SDK accepted); a no-op unless
+        `caller` opened it with the same token (the SDK ties a session to both)."""
+        entry = self.sessions.get(session_id)
+        if entry is None or entry.caller.owner != caller.owner \
+                or entry.caller.credential != caller.credential:
+            return
+        del self.sessions[session_id]
+        entry.idle.cancel()
+        self._on_closed(entry)
 
     async def close(self, session_id: str) -> None:
         """Close the session (its streams end; its id answers 404 from now on)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +110,72 @@ async def test_mcp_forwarded_session_wait_and_notifications(
                 await updated.wait()
             # bob's client said goodbye (DELETE) through the forwarder too.
             await eventually(lambda: _true(session.session_id not in server.mcp.sessions.sessions))
+
+
+@asynccontextmanager
+async def held_streams(tmp_path: Path, forwarder_options: dict[str, Any]
+                       ) -> AsyncIterator[tuple[str, trio.Event]]:
+    """A serving side that starts every answer and holds it open until the event is set (as
+    an SSE stream, a listen stream or a wait does), behind a forwarder made with
+    `forwarder_options`; yields the forwarding gateway's /mcp URL and the event."""
+    socket = tmp_path / "mcp.sock"
+    release = trio.Event()
+
+    async def holding(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b": open\n\n", "more_body": True})
+        await release.wait()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    forwarder = McpForwarder(str(socket), **forwarder_options)
+    gateway = Starlette(routes=[Route("/mcp", forwarder)])
+    try:
+        async with serving(holding, f"unix:{socket}"), \
+                serving(gateway, "127.0.0.1:0") as address:
+            try:
+                yield f"{address}/mcp", release
+            finally:
+                release.set()
+    finally:
+        await forwarder.aclose()
+
+
+async def test_mcp_forward_relays_more_long_requests_than_httpx_pools_by_default(
+    tmp_path: Path
+) -> None:
+    """150 long requests held open at once through the forwarder all get their answer
+    started (httpx's default pool of 100 connections would leave the 101st waiting for
+    good), and they all end when the serving side ends them."""
+    with trio.fail_after(60):
+        async with held_streams(tmp_path, {}) as (url, release), \
+                httpx.AsyncClient(limits=httpx.Limits(max_connections=None)) as client, \
+                AsyncExitStack() as streams:
+            responses = [await streams.enter_async_context(client.stream("GET", url))
+                         for _ in range(150)]
+            assert [r.status_code for r in responses] == [200] * 150
+            release.set()
+            bodies = [await r.aread() for r in responses]
+            assert bodies == [b": open\n\n"] * 150
+
+
+async def test_mcp_forward_with_every_connection_taken_answers_503(tmp_path: Path) -> None:
+    """With a connection limit of 1 held by a long request, the next request is answered
+    503 with a JSON-RPC error (not left waiting); once the first ends, requests go through."""
+    with trio.fail_after(30):
+        async with held_streams(tmp_path, {"max_connections": 1, "pool_timeout": 0.05}) \
+                as (url, release), httpx.AsyncClient() as client:
+            async with client.stream("GET", url) as held:
+                assert held.status_code == 200
+                busy = await client.get(url)
+                assert busy.status_code == 503
+                assert busy.json()["error"]["data"]["code"] == "unavailable"
+                release.set()
+                assert await held.aread() == b": open\n\n"
+            after = await client.get(url)
+            assert after.status_code == 200

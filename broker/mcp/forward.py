@@ -16,6 +16,17 @@ one address).
 
 A client that goes away ends the forwarded request (the serving side sees
 its stream close, as it would without the hop).
+
+Each forwarded request holds a connection to the serving process for as
+long as it lasts, and an SSE stream, a listen stream or a
+`message.inbox.wait` lasts long. So the pool has no limit by default: any
+fixed cap below what the serving process admits (its `mcp.max_sessions`,
+503, and `mcp.max_sessions_per_agent`, 429, bound the sessions; this
+gateway's own client connections bound the requests it relays) would stall
+requests the serving process would take. With a limit, a request waits at
+most `pool_timeout` for a connection and is then answered 503; that bounded
+wait is also when a client that left while waiting is noticed (its body has
+not been read yet, so nothing else listens for its disconnect).
 """
 
 from __future__ import annotations
@@ -36,6 +47,9 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te"
                         b"transfer-encoding", b"upgrade", b"proxy-authenticate",
                         b"proxy-authorization"})
 CONNECT_TIMEOUT_S = 5.0
+# How long a request waits for a free connection to the serving process (with a
+# connection limit) before it is answered 503.
+POOL_TIMEOUT_S = 10.0
 
 ASGI = Callable[[Scope, Receive, Send], Awaitable[None]]
 
@@ -45,16 +59,23 @@ class McpForwarder:
 
     check: the token check to run first (an ASGI app that answers a refusal
     and returns False, or returns True to let the request through).
+    max_connections: connections to the serving process at once (None: no
+    limit, see the module docstring); pool_timeout: how long a request waits
+    for one when they are all taken, before it is answered 503.
     """
 
     def __init__(self, socket_path: str,
-                 check: Callable[[Scope, Receive, Send], Awaitable[bool]] | None = None) -> None:
+                 check: Callable[[Scope, Receive, Send], Awaitable[bool]] | None = None, *,
+                 max_connections: int | None = None,
+                 pool_timeout: float = POOL_TIMEOUT_S) -> None:
         self.socket_path = socket_path
         self.check = check
         self.forwarded = 0
+        self.refused_busy = 0
         self._client = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=socket_path),
-            timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S))
+            transport=httpx.AsyncHTTPTransport(
+                uds=socket_path, limits=httpx.Limits(max_connections=max_connections)),
+            timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S, pool=pool_timeout))
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -91,6 +112,13 @@ class McpForwarder:
             nursery.start_soon(self._watch_disconnect, receive, body_done, nursery.cancel_scope)
             try:
                 response = await self._client.send(request, stream=True)
+            except httpx.PoolTimeout:
+                self.refused_busy += 1
+                log.warning("mcp: every connection to the serving process is taken; "
+                            "request refused (%d so far)", self.refused_busy)
+                await _answer_busy(send)
+                nursery.cancel_scope.cancel()
+                return
             except httpx.HTTPError as exc:
                 log.warning("mcp: the serving process did not answer: %r", exc)
                 await _answer_unavailable(send)
@@ -120,8 +148,16 @@ class McpForwarder:
 
 
 async def _answer_unavailable(send: Send) -> None:
+    await _answer_503(send, b"the MCP process did not answer")
+
+
+async def _answer_busy(send: Send) -> None:
+    await _answer_503(send, b"every connection to the MCP process is in use; retry later")
+
+
+async def _answer_503(send: Send, message: bytes) -> None:
     body = (b'{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":'
-            b'"unavailable: the MCP process did not answer","data":{"code":"unavailable"}}}')
+            b'"unavailable: ' + message + b'","data":{"code":"unavailable"}}}')
     await send({"type": "http.response.start", "status": 503,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})

@@ -11,21 +11,29 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
 import trio
 import trio.testing
+from starlette.applications import Starlette
 
 from broker.cli import build_parser, settings_for
 from broker.client import connect
-from broker.config import ConfigError, ServerSettings, load_settings
+from broker.config import ConfigError, ServerSettings, Settings, load_settings
 from broker.engine.agents import SetPresence
+from broker.engine.config import EngineConfig
 from broker.engine.errors import BrokerError
 from broker.engine.messages import SendChannelMessage
+from broker.http.app import service_routes
+from broker.http.errors import status_for
 from broker.workers import writer_side
-from broker.workers.channel import pack_command, unpack_command
+from broker.workers.channel import Link, LinkClosed, pack_command, unpack_command, unpack_result
+from broker.workers.gateway_process import RemoteWriter
 from tests.helpers.daemon import run_daemon, serve
 from tests.helpers.engine import TEST_DEADLINE_S, make_world
 from tests.helpers.mcp import SDK_CLIENT_STREAMS, data, mcp_client
@@ -193,10 +201,107 @@ def test_link_commands_round_trip_and_only_engine_commands_are_taken() -> None:
     assert unpack_command(*pack_command(command)) == command
     for name in ("os:system", "broker.engine.facts:Fact", "broker.engine.nope:Send",
                  "broker.engine.messages:Nope", "broker.engine.messages:"):
-        with pytest.raises(BrokerError) as refused:
+        with pytest.raises(TypeError):
             unpack_command(name, b"\x80")
-        assert refused.value.code == "internal"
 
 
 async def _true(value: bool) -> bool:
     return value
+
+
+class _FailingEngine:
+    """An engine whose every command hits a bug."""
+
+    async def submit(self, command: object) -> None:
+        raise RuntimeError("secret internals")
+
+
+@asynccontextmanager
+async def _linked_pair() -> AsyncIterator[tuple[Link, Link]]:
+    a, b = trio.socket.socketpair()
+    async with trio.SocketStream(a) as one, trio.SocketStream(b) as other:
+        yield Link(one), Link(other)
+
+
+async def test_writer_host_answers_a_bug_in_a_command_as_one_process_does(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A command that raises, or a name that is no command, reaches the gateway as
+    internal_error with the generic message (a 500, as in one process), not the
+    exception text; the traceback is logged in the writer process."""
+    host = writer_side.WriterHost(cast(Any, _FailingEngine()), _empty_metrics)
+    command = SendChannelMessage(workspace_id=1, agent_id=2, channel="general", text="hi",
+                                 idempotency_key="k1")
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with _linked_pair() as (ours, gateway), trio.open_nursery() as nursery:
+            await nursery.start(ours.run_sender)
+            await host._submit(0, ours, 1, *pack_command(command))
+            await host._submit(0, ours, 2, "os:system", b"\x80")
+            answers = [await gateway.receive(), await gateway.receive()]
+            ours.close()
+    for call, (kind, got_call, ok, value) in zip((1, 2), answers, strict=True):
+        error = unpack_result(value)
+        assert (kind, got_call, ok) == ("result", call, False)
+        assert (error.code, error.message) == writer_side.INTERNAL_ERROR
+        assert status_for(error.code) == 500
+    assert "secret internals" in caplog.text
+
+
+async def test_link_sender_returns_when_the_peer_is_gone() -> None:
+    """Frames queued to a link whose peer has closed end its sender quietly (the
+    receiving side reports the loss) and the link takes nothing more."""
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with _linked_pair() as (ours, peer):
+            await peer.stream.aclose()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(ours.run_sender)
+                ours.send_nowait(("facts", 1, b"x" * 1024))
+            with pytest.raises(LinkClosed):
+                ours.send_nowait(("facts", 2, b"x"))
+            with pytest.raises(LinkClosed):
+                await ours.receive()
+
+
+async def test_remote_writer_metrics_after_the_writer_is_lost_is_writer_failed() -> None:
+    """/metrics asked while the writer link ends, or after, raises writer_failed (a 503),
+    never hands back the error object as the body."""
+    outcomes: list[str] = []
+
+    async def ask(remote: RemoteWriter) -> None:
+        try:
+            await remote.daemon_metrics()
+        except BrokerError as exc:
+            outcomes.append(exc.code)
+
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with _linked_pair() as (ours, _writer):
+            remote = RemoteWriter(ours, EngineConfig())
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, remote)
+                await trio.testing.wait_all_tasks_blocked()
+                remote.lost()
+            await ask(remote)
+    assert outcomes == ["writer_failed", "writer_failed"]
+    assert status_for("writer_failed") == 503
+
+
+async def _empty_metrics() -> bytes:
+    return b""
+
+
+class _LostWriterMetrics:
+    """A gateway's metrics once its writer is gone."""
+
+    async def render(self) -> bytes:
+        raise BrokerError("writer_failed", "the writer has stopped")
+
+
+async def test_metrics_route_without_a_writer_is_503() -> None:
+    """/metrics on a gateway whose writer link ended answers 503 writer_failed."""
+    app = Starlette(routes=service_routes(cast(Any, None), Settings(),
+                                          cast(Any, _LostWriterMetrics())))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://gateway") as client:
+        response = await client.get("/metrics")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "writer_failed"

@@ -221,7 +221,11 @@ def service_routes(engine: Engine, settings: Settings, metrics: BrokerMetrics) -
         return success_response(ServiceStatus(status="ready"))
 
     async def metrics_endpoint(request: Request) -> Response:
-        return Response(await metrics.render(), media_type=CONTENT_TYPE)
+        try:
+            body = await metrics.render()
+        except BrokerError as exc:  # a gateway whose writer is gone: writer_failed, a 503
+            return error_response(exc.code, exc.message)
+        return Response(body, media_type=CONTENT_TYPE)
 
     return [
         Route("/healthz", healthz, methods=["GET"]),

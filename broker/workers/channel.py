@@ -33,7 +33,6 @@ from typing import Any
 import msgspec
 import trio
 
-from broker.engine.errors import BrokerError
 from broker.engine.facts import Fact
 
 HEADER = struct.Struct(">I")
@@ -66,8 +65,8 @@ def pack_command(command: object) -> tuple[str, bytes]:
 
 
 def unpack_command(name: str, data: bytes) -> Any:
-    """The command `pack_command` made. Raises BrokerError for a class that is not a
-    command Struct of the engine."""
+    """The command `pack_command` made. Raises TypeError for a class that is not a
+    command Struct of the engine (a bug of the sender: the caller's 500)."""
     decoder = _commands.get(name)
     if decoder is None:
         module, _, qualname = name.partition(":")
@@ -81,7 +80,7 @@ def unpack_command(name: str, data: bytes) -> Any:
                 kind = getattr(kind, part, None)
         if not (isinstance(kind, type) and issubclass(kind, msgspec.Struct)
                 and hasattr(kind, "apply")):
-            raise BrokerError("internal", f"{name} is not a command")
+            raise TypeError(f"{name} is not a command")
         decoder = _commands[name] = msgspec.msgpack.Decoder(kind)
     return decoder.decode(data)
 
@@ -140,7 +139,11 @@ class Link:
     async def run_sender(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Write queued frames until `close()`; what is queued at close is written first."""
+        """Write queued frames until `close()`; what is queued at close is written first.
+
+        A broken link closes it and returns: the receiving side reports the loss
+        (`receive` raises LinkClosed), so a peer gone during a stop is no crash.
+        """
         task_status.started()
         while True:
             if not self._out:
@@ -154,9 +157,9 @@ class Link:
             self._out_bytes = 0
             try:
                 await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._closed = True
-                raise LinkClosed(f"the link broke: {exc!r}") from None
+                return
             self.frames_sent += 1
 
     def close(self) -> None:

@@ -109,14 +109,23 @@ class RemoteWriter:
         return call.value
 
     async def daemon_metrics(self) -> bytes:
-        """The whole daemon's metrics, merged by the writer process."""
+        """The whole daemon's metrics, merged by the writer process.
+
+        Raises BrokerError("writer_failed") when the link to the writer is gone.
+        """
+        if not self.running:
+            raise BrokerError("writer_failed", "the writer has stopped")
         call_id = next(self._ids)
         call = self._calls[call_id] = _Call()
         try:
             self.link.send_nowait(("metrics", call_id))
             await call.done.wait()
+        except LinkClosed:
+            raise BrokerError("writer_failed", "the writer has stopped") from None
         finally:
             self._calls.pop(call_id, None)
+        if not call.ok:
+            raise call.value
         data: bytes = call.value
         return data
 

@@ -65,6 +65,9 @@ log = logging.getLogger(__name__)
 MAX_LINK_BACKLOG = 64 * 1024 * 1024
 # How long a /metrics waits for the other gateways' figures.
 COLLECT_TIMEOUT_S = 2.0
+# What a caller gets for a bug in a command: the code and message the HTTP app
+# answers an unexpected exception with in one process (a 500, no internals).
+INTERNAL_ERROR = ("internal_error", "the broker failed to handle this request")
 # How long a started gateway may take to listen (it imports the app first).
 START_TIMEOUT_S = 60.0
 # After the stop grace, how long a gateway may still take before it is killed.
@@ -171,9 +174,11 @@ class WriterHost:
             answer = ("result", call, True, pack_result(result))
         except BrokerError as exc:
             answer = ("result", call, False, pack_result(BrokerError(exc.code, exc.message)))
-        except Exception as exc:  # a bug in a command: the caller's 500, as in one process
+        except Exception:  # a bug in a command: the caller's 500, as in one process
+            # The traceback stays in this process's log; the caller gets the
+            # generic answer the HTTP app gives an unexpected exception.
             log.exception("gateway %d: command %s failed", index, name)
-            answer = ("result", call, False, pack_result(BrokerError("internal", repr(exc))))
+            answer = ("result", call, False, pack_result(BrokerError(*INTERNAL_ERROR)))
         try:
             link.send_nowait(answer)
         except LinkClosed:

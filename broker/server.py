@@ -49,7 +49,6 @@ from broker.ratelimit import RateLimiter
 from broker.sweeps import Sweeper
 from broker.webhooks.dispatcher import WebhookDispatcher, attach
 from broker.webhooks.inbound import inbound_routes
-from broker.workers import WorkerInfo
 from broker.workers.writer_side import GatewayPool, WriterHost, WriterMetrics
 
 log = logging.getLogger(__name__)
@@ -191,7 +190,6 @@ class BrokerServer:
                 metrics.count_refusals(self.limiter)
                 app = self.app = create_app(engine, settings, metrics, extra_routes,
                                             self.limiter)
-                app.state.worker = WorkerInfo(index=0, count=1)
                 config = hypercorn_config(settings)
                 metrics.gc_pauses.install()
                 try:

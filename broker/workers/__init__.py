@@ -39,27 +39,10 @@ writer thread share one GIL). With `server.workers` = N > 1
   writer). Rate limits and socket caps are each gateway's own
   (docs/operations.md, "Processes").
 
-The seam for a per-daemon service (the MCP endpoint): each gateway process
-knows its `WorkerInfo` (`app.state.worker`): its index, the number of
-gateways, and the path of gateway 0's private Unix socket, on which gateway
-0 serves the same app as on the shared port (in a 0700 directory of its
-own, removed at stop). A route that must live in one process answers in
-gateway 0 and, in the others, forwards its request to that socket (with
-`httpx.AsyncHTTPTransport(uds=...)`, say).
+The seam for a per-daemon service (the MCP endpoint): gateway 0 also serves
+the app on a private Unix socket (in a 0700 directory of its own, removed at
+stop), whose path every gateway gets from the writer process in its hello.
+A route that must live in one process answers in gateway 0 and, in the
+others, forwards its request to that socket (`broker.mcp.forward`).
 """
 
-from __future__ import annotations
-
-import msgspec
-
-
-class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """Which process serves a request: gateway `index` of `count` (0 of 1 in one process).
-
-    gateway0_socket: the Unix socket on which gateway 0 serves the app (None
-    in one process, where every request is already in "gateway 0").
-    """
-
-    index: int
-    count: int
-    gateway0_socket: str | None = None

@@ -47,7 +47,6 @@ from broker.mcp.forward import McpForwarder
 from broker.ratelimit import RateLimiter
 from broker.server import gateway_front, hypercorn_config
 from broker.webhooks.dispatcher import WebhookDispatcher, attach
-from broker.workers import WorkerInfo
 from broker.workers.channel import (
     Link,
     LinkClosed,
@@ -239,8 +238,6 @@ class GatewayProcess:
                 await services.start(service)
             metrics.count_refusals(limiter)
             app = create_app(engine, settings, metrics, routes, limiter)
-            app.state.worker = WorkerInfo(index=self.index, count=self.count,
-                                          gateway0_socket=gateway0_socket)
             config = hypercorn_config(settings, [f"fd://{shared_port(settings)}"], private)
             metrics.gc_pauses.install()
             async with trio.open_nursery() as http:

@@ -25,9 +25,10 @@ server: the WebSocket gateway (`broker.gateway`), whose fanout hub consumes
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -50,6 +51,8 @@ from broker.sweeps import Sweeper
 from broker.webhooks.dispatcher import WebhookDispatcher, attach
 from broker.webhooks.inbound import inbound_routes
 from broker.workers.writer_side import GatewayPool, WriterHost, WriterMetrics
+
+MetricsT = TypeVar("MetricsT", bound=BrokerMetrics)
 
 log = logging.getLogger(__name__)
 
@@ -178,12 +181,7 @@ class BrokerServer:
             return
         settings = self.settings
         async with trio.open_nursery() as services:
-            async with Engine.open(
-                Path(settings.data_dir), settings.engine, with_facts=True
-            ) as engine:
-                self._engine = engine
-                await reset_presence(engine)
-                self._metrics = metrics = BrokerMetrics(engine)
+            async with self._open_engine(BrokerMetrics) as (engine, metrics):
                 extra_routes, background = self.compose(engine, metrics)
                 for service in background:
                     await services.start(service)
@@ -191,24 +189,19 @@ class BrokerServer:
                 app = self.app = create_app(engine, settings, metrics, extra_routes,
                                             self.limiter)
                 config = hypercorn_config(settings)
-                metrics.gc_pauses.install()
-                try:
-                    async with trio.open_nursery() as http:
-                        binds: list[str] = await http.start(
-                            lambda task_status: serve(
-                                cast(Any, app), config, shutdown_trigger=self._stop.wait,
-                                task_status=task_status,
-                            )
+                async with trio.open_nursery() as http:
+                    binds: list[str] = await http.start(
+                        lambda task_status: serve(
+                            cast(Any, app), config, shutdown_trigger=self._stop.wait,
+                            task_status=task_status,
                         )
-                        self.url = binds[0]
-                        self.port = int(self.url.rsplit(":", 1)[1])
-                        log.info("broker listening on %s (data in %s)",
-                                 self.url, settings.data_dir)
-                        task_status.started()
-                finally:
-                    metrics.gc_pauses.remove()
+                    )
+                    self.url = binds[0]
+                    self.port = int(self.url.rsplit(":", 1)[1])
+                    log.info("broker listening on %s (data in %s)",
+                             self.url, settings.data_dir)
+                    task_status.started()
                 log.info("broker %s: stopped accepting; closing the engine", self.url)
-            self._engine = None
         log.info("broker %s: stopped", self.url)
 
     async def _run_with_workers(
@@ -219,28 +212,39 @@ class BrokerServer:
         settings = self.settings
         count = settings.server.gateway_processes()
         async with trio.open_nursery() as services:
-            async with Engine.open(
-                Path(settings.data_dir), settings.engine, with_facts=True
-            ) as engine:
-                self._engine = engine
-                await reset_presence(engine)
-                self._metrics = metrics = WriterMetrics(engine)
+            async with self._open_engine(WriterMetrics) as (engine, metrics):
                 host = metrics.host = WriterHost(engine, metrics.render_process)
                 await services.start(host.distribute)
                 for service in self.writer_services(engine, metrics):
                     await services.start(service)
                 self.pool = pool = GatewayPool(settings, host, count)
-                metrics.gc_pauses.install()
-                try:
-                    async with trio.open_nursery() as gateways:
-                        self.url = await gateways.start(pool.run, self._stop)
-                        self.port = int(self.url.rsplit(":", 1)[1])
-                        task_status.started()
-                finally:
-                    metrics.gc_pauses.remove()
+                async with trio.open_nursery() as gateways:
+                    self.url = await gateways.start(pool.run, self._stop)
+                    self.port = int(self.url.rsplit(":", 1)[1])
+                    task_status.started()
                 log.info("broker %s: gateways stopped; closing the engine", self.url)
-            self._engine = None
         log.info("broker %s: stopped", self.url)
+
+    @asynccontextmanager
+    async def _open_engine(
+        self, metrics_for: Callable[[Engine], MetricsT]
+    ) -> AsyncIterator[tuple[Engine, MetricsT]]:
+        """The engine, with presence reset, and its metrics (`metrics_for(engine)`),
+        timing collector pauses until the engine closes; both are this server's
+        while open. One process and the writer process start the same way."""
+        settings = self.settings
+        async with Engine.open(
+            Path(settings.data_dir), settings.engine, with_facts=True
+        ) as engine:
+            self._engine = engine
+            await reset_presence(engine)
+            self._metrics = metrics = metrics_for(engine)
+            metrics.gc_pauses.install()
+            try:
+                yield engine, metrics
+            finally:
+                metrics.gc_pauses.remove()
+        self._engine = None
 
 
 async def reset_presence(engine: Engine) -> None:

@@ -84,20 +84,31 @@ class RemoteWriter:
         self.running = True
         self._calls: dict[int, _Call] = {}
         self._ids = itertools.count(1)
-        self.commands = 0
 
     async def submit(self, command: Command[T]) -> T:
         """As `WriterActor.submit`: the result once the command is durable, or its error.
 
         Raises BrokerError("writer_failed") when the link to the writer is gone.
         """
+        result: T = await self._call("submit", *pack_command(command))
+        return result
+
+    async def daemon_metrics(self) -> bytes:
+        """The whole daemon's metrics, merged by the writer process.
+
+        Raises BrokerError("writer_failed") when the link to the writer is gone.
+        """
+        data: bytes = await self._call("metrics")
+        return data
+
+    async def _call(self, kind: str, *body: Any) -> Any:
+        """Send `(kind, call id, *body)` to the writer; its answer, or raise its error."""
         if not self.running:
             raise BrokerError("writer_failed", "the writer has stopped")
         call_id = next(self._ids)
         call = self._calls[call_id] = _Call()
         try:
-            self.link.send_nowait(("submit", call_id, *pack_command(command)))
-            self.commands += 1
+            self.link.send_nowait((kind, call_id, *body))
             await call.done.wait()
         except LinkClosed:
             raise BrokerError("writer_failed", "the writer has stopped") from None
@@ -106,27 +117,6 @@ class RemoteWriter:
         if not call.ok:
             raise call.value
         return call.value
-
-    async def daemon_metrics(self) -> bytes:
-        """The whole daemon's metrics, merged by the writer process.
-
-        Raises BrokerError("writer_failed") when the link to the writer is gone.
-        """
-        if not self.running:
-            raise BrokerError("writer_failed", "the writer has stopped")
-        call_id = next(self._ids)
-        call = self._calls[call_id] = _Call()
-        try:
-            self.link.send_nowait(("metrics", call_id))
-            await call.done.wait()
-        except LinkClosed:
-            raise BrokerError("writer_failed", "the writer has stopped") from None
-        finally:
-            self._calls.pop(call_id, None)
-        if not call.ok:
-            raise call.value
-        data: bytes = call.value
-        return data
 
     def answer(self, call_id: int, ok: bool, value: Any) -> None:
         call = self._calls.get(call_id)

@@ -3,7 +3,6 @@ to the one that does, over a private Unix socket (broker.mcp.forward)."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -14,7 +13,6 @@ import mcp_types as types
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
-from mcp.shared.exceptions import MCPDeprecationWarning
 from starlette.applications import Starlette
 from starlette.routing import Route
 
@@ -22,7 +20,14 @@ from broker.mcp.endpoint import TokenCheck
 from broker.mcp.forward import McpForwarder
 from broker.ratelimit import UNLIMITED, RateLimiter
 from broker.server import BrokerServer
-from tests.helpers.mcp import LEGACY, MODERN, SDK_CLIENT_STREAMS, data, mcp_client
+from tests.helpers.mcp import (
+    LEGACY,
+    MODERN,
+    SDK_CLIENT_STREAMS,
+    data,
+    mcp_client,
+    plan_with_bob_subscribed,
+)
 from tests.helpers.realtime import eventually
 from tests.helpers.rest import make_rest_world
 
@@ -86,11 +91,7 @@ async def test_mcp_forwarded_session_wait_and_notifications(
             async with mcp_client(f"{server.url}/mcp", world.tokens["alice"], MODERN) as alice, \
                     mcp_client(url, world.tokens["bob"], LEGACY, fresh_connections=True,
                                message_handler=on_message) as bob:
-                data(await alice.call_tool("channel.create", {"name": "plan"}))
-                data(await bob.call_tool("channel.join", {"channel": "plan"}))
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", MCPDeprecationWarning)
-                    await bob.subscribe_resource("broker://inbox")
+                await plan_with_bob_subscribed(alice, bob)
                 # The session lives in the serving gateway.
                 (session,) = server.mcp.sessions.of_agent(bob_id)
                 got: list[Any] = []

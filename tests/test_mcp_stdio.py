@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import json
 import tomllib
-import warnings
 from typing import Any
 
 import httpx
 import mcp_types as types
 import pytest
 import trio
-from mcp.shared.exceptions import MCPDeprecationWarning
 
 from broker.cli import main
 from broker.config import ConfigError, load_settings
 from broker.server import BrokerServer
-from tests.helpers.mcp import LEGACY, MODERN, SDK_CLIENT_STREAMS, data, stdio_client, texts
+from tests.helpers.mcp import (
+    LEGACY,
+    MODERN,
+    SDK_CLIENT_STREAMS,
+    data,
+    plan_with_bob_subscribed,
+    stdio_client,
+    texts,
+)
 from tests.helpers.realtime import eventually
 from tests.helpers.rest import make_rest_world
 
@@ -46,11 +52,7 @@ async def test_mcp_stdio_bridge_carries_a_conversation_a_wait_and_notifications(
         async with stdio_client(server.url, world.tokens["alice"], MODERN) as alice, \
                 stdio_client(server.url, world.tokens["bob"], LEGACY,
                              message_handler=on_message) as bob:
-            data(await alice.call_tool("channel.create", {"name": "plan"}))
-            data(await bob.call_tool("channel.join", {"channel": "plan"}))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", MCPDeprecationWarning)
-                await bob.subscribe_resource("broker://inbox")
+            await plan_with_bob_subscribed(alice, bob)
             waited: list[Any] = []
 
             async def wait() -> None:

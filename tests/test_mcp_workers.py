@@ -3,17 +3,22 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
 import mcp_types as types
 import trio
-from mcp.shared.exceptions import MCPDeprecationWarning
 
 from tests.helpers.daemon import serve
 from tests.helpers.engine import make_world
-from tests.helpers.mcp import LEGACY, MODERN, SDK_CLIENT_STREAMS, data, mcp_client
+from tests.helpers.mcp import (
+    LEGACY,
+    MODERN,
+    SDK_CLIENT_STREAMS,
+    data,
+    mcp_client,
+    plan_with_bob_subscribed,
+)
 
 pytestmark = [SDK_CLIENT_STREAMS]
 
@@ -39,11 +44,7 @@ async def test_mcp_two_workers_session_wait_and_notifications(tmp_path: Path) ->
                                   fresh_connections=True) as alice, \
                     mcp_client(url, world.tokens["bob"], LEGACY, fresh_connections=True,
                                message_handler=on_message) as bob:
-                data(await alice.call_tool("channel.create", {"name": "plan"}))
-                data(await bob.call_tool("channel.join", {"channel": "plan"}))
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", MCPDeprecationWarning)
-                    await bob.subscribe_resource("broker://inbox")
+                await plan_with_bob_subscribed(alice, bob)
                 for n in range(ROUNDS):
                     got: list[Any] = []
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,6 +15,7 @@ from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters, get_default_environment
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
+from mcp.shared.exceptions import MCPDeprecationWarning
 
 from broker.server import BrokerServer
 
@@ -80,3 +82,13 @@ async def stdio_client(url: str, token: str, mode: str = MODERN,
                                    args=["-m", "broker", "mcp", "--url", url], env=env)
     async with Client(params, mode=mode, cache=None, **kwargs) as client:
         yield client
+
+
+async def plan_with_bob_subscribed(alice: Client, bob: Client) -> None:
+    """alice creates #plan, bob joins it and subscribes to his inbox (the 2025
+    subscription call, which the SDK marks deprecated)."""
+    data(await alice.call_tool("channel.create", {"name": "plan"}))
+    data(await bob.call_tool("channel.join", {"channel": "plan"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MCPDeprecationWarning)
+        await bob.subscribe_resource("broker://inbox")

@@ -10,6 +10,7 @@ import mcp_types as types
 import pytest
 import trio
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
+from prometheus_client.parser import text_string_to_metric_families
 
 from broker.mcp import tools as mcp_tools
 from broker.operations import OPERATIONS
@@ -307,3 +308,46 @@ def test_mcp_tools_stay_in_step_with_the_operation_table() -> None:
     for tool in table.values():
         assert tool.input_schema["type"] == "object", tool.name
         assert tool.description and tool.description != tool.name, tool.name
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """A /metrics text as (sample name, labels) -> value."""
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+@pytest.mark.both_process_models  # gateway 0's figures reach /metrics through the writer process
+async def test_mcp_metrics_count_tool_calls_by_outcome_and_open_sessions(
+    server: BrokerServer, client: httpx.AsyncClient
+) -> None:
+    """/metrics counts each tool call under its tool's name (an alias under the tool it
+    names) and its outcome, `ok` or the error code, times it, and shows the open sessions."""
+    world = await make_rest_world(client)
+    async with mcp_client(mcp_url(server), world.tokens["alice"], LEGACY) as alice:
+        data(await alice.call_tool("channel.create", {"name": "plan"}))
+        data(await alice.call_tool("post_message", {"channel": "plan", "text": "one"}))
+        data(await alice.call_tool("message.post", {"channel": "plan", "text": "two"}))
+        assert error_code(await alice.call_tool("channel.join", {"channel": "nope"})) \
+            == "channel_not_found"
+        with pytest.raises(MCPError):
+            await alice.call_tool("no.such.tool", {})
+        during = samples((await client.get("/metrics")).text)
+    after = samples((await client.get("/metrics")).text)
+
+    def calls(tool: str, outcome: str) -> float:
+        key = ("broker_mcp_tool_calls_total",
+               frozenset({("tool", tool), ("outcome", outcome)}))
+        return during.get(key, 0.0)
+
+    assert calls("message.post", "ok") == 2
+    assert calls("channel.create", "ok") == 1
+    assert calls("channel.join", "channel_not_found") == 1
+    assert not any(name == "broker_mcp_tool_calls_total" and ("tool", "no.such.tool") in labels
+                   for name, labels in during)
+    assert during[("broker_mcp_tool_seconds_count",
+                   frozenset({("tool", "message.post")}))] == 2
+    assert during[("broker_mcp_sessions", frozenset())] == 1
+    assert after[("broker_mcp_sessions", frozenset())] == 0
+    # No resource subscriptions here: the notification counters are there, at zero.
+    assert after[("broker_mcp_notifications_total", frozenset())] == 0
+    assert after[("broker_mcp_notifications_dropped_total", frozenset())] == 0

@@ -8,14 +8,15 @@ before each scrape; open sessions is a gauge the WebSocket gateway moves;
 garbage-collector pauses are timed by a `gc.callbacks` hook
 (`broker.gc_tuning`); the webhook dispatcher's counts come from its
 `statistics()` snapshot, its queue depth and oldest pending age from a
-reader query per scrape.
+reader query per scrape; MCP's tool calls are counted as they end, its
+sessions and subscriptions read from the surface's `statistics()`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import (
@@ -182,6 +183,55 @@ class WebhookCollector:
         yield failures
 
 
+class McpFigures(Protocol):
+    """What the MCP collector reads (broker.mcp.McpStatistics has these fields)."""
+
+    @property
+    def sessions(self) -> int: ...
+    @property
+    def watched_agents(self) -> int: ...
+    @property
+    def subscribed_sessions(self) -> int: ...
+    @property
+    def listening_agents(self) -> int: ...
+    @property
+    def notifications_sent(self) -> int: ...
+    @property
+    def notifications_dropped(self) -> int: ...
+
+
+class McpCollector:
+    """Reports the MCP surface's statistics at scrape time."""
+
+    def __init__(self, statistics: Callable[[], McpFigures]) -> None:
+        self.statistics = statistics
+
+    def describe(self) -> Sequence[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.statistics()
+        for name, documentation, value in (
+            ("broker_mcp_sessions", "MCP sessions open now (stateful, 2025 revision)",
+             stats.sessions),
+            ("broker_mcp_watched_agents",
+             "Agents followed for MCP waits, resource subscriptions and sessions",
+             stats.watched_agents),
+            ("broker_mcp_subscribed_sessions", "MCP sessions with resource subscriptions",
+             stats.subscribed_sessions),
+            ("broker_mcp_listening_agents", "Agents with a subscriptions/listen stream open",
+             stats.listening_agents),
+        ):
+            yield GaugeMetricFamily(name, documentation, value=value)
+        yield CounterMetricFamily(
+            "broker_mcp_notifications", "MCP resource notifications sent",
+            value=stats.notifications_sent)
+        yield CounterMetricFamily(
+            "broker_mcp_notifications_dropped",
+            "MCP resource notifications dropped: a session did not take one in time",
+            value=stats.notifications_dropped)
+
+
 class BrokerMetrics:
     """The server's metrics registry and the instruments other layers update."""
 
@@ -204,6 +254,15 @@ class BrokerMetrics:
             "broker_ws_request_seconds",
             "WebSocket request latency by operation: the frame read to its reply queued",
             ["operation"], buckets=REQUEST_SECONDS_BUCKETS, registry=self.registry,
+        )
+        self.mcp_tool_calls = Counter(
+            "broker_mcp_tool_calls", "MCP tool calls, by tool and outcome (ok or the error code)",
+            ["tool", "outcome"], registry=self.registry,
+        )
+        self.mcp_tool_seconds = Histogram(
+            "broker_mcp_tool_seconds",
+            "MCP tool call latency by tool (message.inbox.wait's includes its wait)",
+            ["tool"], buckets=REQUEST_SECONDS_BUCKETS, registry=self.registry,
         )
         # Moved by the WebSocket gateway as sessions open and close.
         self.open_sessions = Gauge(
@@ -238,6 +297,14 @@ class BrokerMetrics:
         """Report `dispatcher`'s statistics and the outbox's backlog from now on."""
         self.webhooks = dispatcher
         self.registry.register(WebhookCollector(dispatcher))
+
+    def watch_mcp(self, statistics: Callable[[], McpFigures]) -> None:
+        """Report the MCP surface's `statistics()` from now on (the process that serves it)."""
+        self.registry.register(McpCollector(statistics))
+
+    def observe_tool_call(self, tool: str, outcome: str, seconds: float) -> None:
+        self.mcp_tool_calls.labels(tool, outcome).inc()
+        self.mcp_tool_seconds.labels(tool).observe(seconds)
 
     def observe_socket_request(self, operation: str, seconds: float) -> None:
         self.socket_request_seconds.labels(operation).observe(seconds)

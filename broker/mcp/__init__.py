@@ -35,7 +35,7 @@ from broker.fanout import FanoutHub
 from broker.gateway.native import token_expiry
 from broker.mcp.endpoint import McpService, TokenCheck
 from broker.mcp.notify import ResourceNotifier
-from broker.mcp.server import McpHandlers
+from broker.mcp.server import McpHandlers, ToolCallObserver
 from broker.mcp.sessions import McpSessions, SessionEntry
 from broker.mcp.settings import McpSettings
 from broker.mcp.watch import AgentWatch, Watches
@@ -71,9 +71,11 @@ class McpSurface:
     """Start with `await nursery.start(surface.run)`; mount `surface.routes()`."""
 
     def __init__(self, engine: Engine, hub: FanoutHub[Any], settings: McpSettings,
-                 limiter: RateLimiter, public_url: str | None = None) -> None:
+                 limiter: RateLimiter, public_url: str | None = None,
+                 on_tool_call: ToolCallObserver | None = None) -> None:
         """public_url: the base of the absolute URLs tools hand out (`http.public_url`;
-        None: the request's own)."""
+        None: the request's own). on_tool_call(tool, outcome, seconds): told of every
+        tool call (`ok` or its error code)."""
         self.engine = engine
         self.settings = settings
         self.check = TokenCheck(engine, limiter)
@@ -81,7 +83,7 @@ class McpSurface:
                                on_rotated=self._rotated)
         self.notifier = ResourceNotifier(self.watches, settings.notify_timeout_seconds)
         self.server = McpHandlers(engine, self.watches, self.notifier, limiter,
-                                  public_url).build()
+                                  public_url, on_tool_call).build()
         self.manager = StreamableHTTPSessionManager(
             app=self.server, stateless=False,
             session_idle_timeout=settings.session_idle_timeout_seconds,

@@ -14,6 +14,8 @@ domain error is a tool result with `isError` and `{"error": {"code",
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import mcp_types as types
@@ -46,18 +48,24 @@ INSTRUCTIONS = (
 # Messages a channel resource shows.
 CHANNEL_RESOURCE_MESSAGES = 20
 CALLER_KEY = "broker.mcp.caller"
+# Told of each tool call: the tool's name, `ok` or the error code, the seconds it took.
+ToolCallObserver = Callable[[str, str, float], None]
 
 
 class McpHandlers:
     """The handlers of the server (`build` makes the SDK's `Server` of them)."""
 
     def __init__(self, engine: Engine, watches: Watches, notifier: ResourceNotifier,
-                 limiter: RateLimiter, public_url: str | None = None) -> None:
+                 limiter: RateLimiter, public_url: str | None = None,
+                 on_tool_call: ToolCallObserver | None = None) -> None:
+        """on_tool_call(tool, outcome, seconds): told of every call of a known tool, with
+        `ok` or the error code as its outcome (the metrics)."""
         self.engine = engine
         self.public_url = public_url
         self.watches = watches
         self.notifier = notifier
         self.limiter = limiter
+        self.on_tool_call = on_tool_call
 
     def build(self) -> Server[Any]:
         server: Server[Any] = Server(
@@ -84,11 +92,27 @@ class McpHandlers:
 
     async def call_tool(self, ctx: ServerRequestContext[Any],
                         params: types.CallToolRequestParams) -> types.CallToolResult:
-        caller = _caller(ctx)
         tool = resolve(params.name)
         if tool is None:
             raise MCPError(types.INVALID_PARAMS, f"unknown tool: {params.name!r}",
                            {"code": "unknown_tool"})
+        if self.on_tool_call is None:
+            return await self._call_tool(ctx, tool, params)
+        started = time.perf_counter()
+        outcome = "internal_error"  # a bug: the SDK answers it as a JSON-RPC error
+        try:
+            result = await self._call_tool(ctx, tool, params)
+            outcome = _error_code(result) or "ok"
+            return result
+        except trio.Cancelled:
+            outcome = "cancelled"  # the client went away, or the daemon stops
+            raise
+        finally:
+            self.on_tool_call(tool.name, outcome, time.perf_counter() - started)
+
+    async def _call_tool(self, ctx: ServerRequestContext[Any], tool: Tool,
+                         params: types.CallToolRequestParams) -> types.CallToolResult:
+        caller = _caller(ctx)
         arguments = params.arguments or {}
         try:
             if tool.operation is None:
@@ -303,6 +327,14 @@ def _tool(tool: Tool) -> types.Tool:
     return types.Tool(name=tool.name, description=tool.description,
                       input_schema=tool.input_schema, annotations=types.ToolAnnotations(
                           read_only_hint=tool.read_only, destructive_hint=tool.destructive))
+
+
+def _error_code(result: types.CallToolResult) -> str | None:
+    """The error code of a tool result made by `_tool_error` (None: not an error)."""
+    if not result.is_error or not isinstance(result.structured_content, dict):
+        return None
+    error = result.structured_content.get("error")
+    return str(error["code"]) if isinstance(error, dict) and "code" in error else None
 
 
 def _tool_error(code: str, message: str) -> types.CallToolResult:

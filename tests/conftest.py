@@ -3,6 +3,7 @@ server with an HTTP client. Plain helpers live in tests/helpers/."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -42,10 +43,16 @@ async def world(engine: Engine) -> World:
 # -- a live server on 127.0.0.1, port 0, and an HTTP client for it -----------------
 
 
+# Gateway processes of the `server` fixture where a test does not choose:
+# `PYTEST_BROKER_WORKERS=2 make test` runs the whole suite with two (tests
+# marked `one_process` stay in one: they read or patch in-process objects).
+DEFAULT_WORKERS = int(os.environ.get("PYTEST_BROKER_WORKERS", "1"))
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """A module marked `both_process_models` runs its server tests twice: in one
     process (workers=1) and with two gateway processes (workers=2), but for
-    tests marked `one_process` (they reach into the in-process gateway)."""
+    tests marked `one_process` (they read or patch the in-process server)."""
     if "workers" in metafunc.fixturenames and \
             metafunc.definition.get_closest_marker("both_process_models") and \
             not metafunc.definition.get_closest_marker("one_process"):
@@ -54,8 +61,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture
 def workers(request: pytest.FixtureRequest) -> int:
-    """Gateway processes of the `server` fixture: 1 (one process) unless parametrized."""
-    return int(getattr(request, "param", 1))
+    """Gateway processes of the `server` fixture: as parametrized, else 1 for a test
+    marked `one_process`, else DEFAULT_WORKERS."""
+    if hasattr(request, "param"):
+        return int(request.param)
+    if request.node.get_closest_marker("one_process"):
+        return 1
+    return DEFAULT_WORKERS
 
 
 

@@ -16,6 +16,7 @@ from tests.helpers.engine import TEST_DEADLINE_S, make_world
 from tests.helpers.realtime import Live, eventually, gateway_of, post, ws_url
 
 
+@pytest.mark.one_process  # closes sockets through the in-process gateway
 async def test_client_reconnects_yields_each_once(live: Live) -> None:
     """Reconnects after a drop and yields each delivery once."""
     engine, world = live.server.engine, live.world

@@ -218,6 +218,7 @@ async def test_download_needs_token_or_bearer(
     assert upload_like.json()["error"]["code"] == "url_token_invalid"
 
 
+@pytest.mark.one_process  # patches the upload grace in the serving process
 async def test_upload_outliving_its_url_cut_off(
     server: BrokerServer, client: httpx.AsyncClient, world: RestWorld,
     monkeypatch: pytest.MonkeyPatch,

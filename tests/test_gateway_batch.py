@@ -84,6 +84,7 @@ def test_batch_item_is_deliver_frame_as_sent_alone() -> None:
 # -- over real sockets ------------------------------------------------------------------------
 
 
+@pytest.mark.one_process  # reads the in-process gateway
 async def test_batch_seq_order_and_replay_shares_frame(
     live: Live,
 ) -> None:
@@ -306,6 +307,7 @@ async def test_batch_replay_sends_held_delivery_flagged(live: Live) -> None:
             (1, False), (2, True), (3, False)]
 
 
+@pytest.mark.one_process  # reads the in-process gateway
 async def test_client_asks_for_batches_by_default(live: Live) -> None:
     """The Python client asks for batches by default."""
     for n in range(20):
@@ -326,6 +328,7 @@ async def test_client_asks_for_batches_by_default(live: Live) -> None:
         assert session.batch is False
 
 
+@pytest.mark.one_process  # reads the in-process gateway
 @pytest.mark.parametrize("value", ["2", "yes", "true", "01", "", "1&batch=2", "1&batch=1"])
 async def test_handshake_refuses_batch_other_than_0_or_1(
     live: Live, value: str,

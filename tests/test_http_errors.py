@@ -52,6 +52,7 @@ def test_status_for_code(code: str, status: int) -> None:
     assert status_for(code) == status
 
 
+@pytest.mark.one_process  # patches a handler in the serving process
 async def test_server_unexpected_exception_500_keeps_serving(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:

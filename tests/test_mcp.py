@@ -78,6 +78,7 @@ async def test_mcp_two_agents_converse(
     assert await count(server, "SELECT count(*) FROM read_receipts") == 1
 
 
+@pytest.mark.one_process  # reads the in-process MCP surface
 @BOTH
 async def test_mcp_inbox_wait_returns_when_the_other_agent_posts(
     server: BrokerServer, client: httpx.AsyncClient, mode: str
@@ -119,6 +120,7 @@ async def _true(value: bool) -> bool:
     return value
 
 
+@pytest.mark.one_process  # reads the in-process MCP surface
 async def test_mcp_resource_subscription_gets_updated_2025(
     server: BrokerServer, client: httpx.AsyncClient
 ) -> None:
@@ -231,6 +233,7 @@ async def test_mcp_workspace_key_gets_the_workspace_tools(
         assert error_code(refused) == "forbidden"
 
 
+@pytest.mark.one_process  # reads the in-process MCP surface
 async def test_mcp_http_refusals(server: BrokerServer, client: httpx.AsyncClient) -> None:
     """No token, a bad token, a deactivated agent's token: 401 before any MCP message; a
     malformed body, an unknown session, a closed session: JSON-RPC errors; the daemon
@@ -275,6 +278,7 @@ async def test_mcp_http_refusals(server: BrokerServer, client: httpx.AsyncClient
         assert data(await alice.call_tool("agent.me", {}))["name"] == "alice"
 
 
+@pytest.mark.one_process  # reads the in-process MCP surface
 async def test_mcp_closed_session_answers_404(
     server: BrokerServer, client: httpx.AsyncClient
 ) -> None:

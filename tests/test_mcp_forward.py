@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import mcp_types as types
+import pytest
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
@@ -68,6 +69,7 @@ async def _true(value: bool) -> bool:
     return value
 
 
+@pytest.mark.one_process  # reads the in-process MCP surface
 async def test_mcp_forwarded_session_wait_and_notifications(
     server: BrokerServer, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:

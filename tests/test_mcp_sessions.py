@@ -60,6 +60,7 @@ async def test_mcp_sessions_per_agent_are_capped(
         assert data(await alice.call_tool("agent.me", {}))["name"] == "alice"
 
 
+@pytest.mark.one_process  # reads the in-process MCP surface
 async def test_mcp_token_rotation_closes_the_old_tokens_session_and_wait(
     server: BrokerServer, client: httpx.AsyncClient
 ) -> None:
@@ -95,6 +96,7 @@ async def test_mcp_token_rotation_closes_the_old_tokens_session_and_wait(
         assert data(await bob.call_tool("agent.me", {}))["name"] == "bob"
 
 
+@pytest.mark.one_process  # reads the in-process MCP surface
 async def test_mcp_stop_ends_waits_and_streams_within_the_grace(settings: Settings) -> None:
     """A stop while an agent waits (and holds a GET stream) ends them: the daemon stops
     within its grace period instead of waiting out the wait's timeout."""
@@ -126,6 +128,7 @@ async def test_mcp_stop_ends_waits_and_streams_within_the_grace(settings: Settin
         assert outcome
 
 
+@pytest.mark.one_process  # reads the in-process MCP surface
 async def test_mcp_session_delete_by_another_agent_leaves_the_owners_session(
     server: BrokerServer, client: httpx.AsyncClient
 ) -> None:

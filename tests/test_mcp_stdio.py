@@ -29,6 +29,7 @@ from tests.helpers.rest import make_rest_world
 pytestmark = [SDK_CLIENT_STREAMS]
 
 
+@pytest.mark.one_process  # reads the in-process MCP surface
 async def test_mcp_stdio_bridge_carries_a_conversation_a_wait_and_notifications(
     server: BrokerServer, client: httpx.AsyncClient
 ) -> None:

@@ -68,6 +68,7 @@ async def status_event(ws: trio_websocket.WebSocketConnection, name: str) -> dic
             return {"type": payload["type"], "data": payload["data"]}
 
 
+@pytest.mark.one_process  # reads the in-process gateway
 async def test_presence_timeout_sets_a_rest_agent_offline_and_spares_a_socket(
     live: Live, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -95,6 +96,7 @@ async def test_presence_timeout_sets_a_rest_agent_offline_and_spares_a_socket(
         assert await live.timeout_pass() == 0
 
 
+@pytest.mark.one_process  # reads the in-process gateway
 async def test_presence_timeout_spares_an_agent_that_heartbeats_within_it(
     live: Live, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -111,6 +113,7 @@ async def test_presence_timeout_spares_an_agent_that_heartbeats_within_it(
     assert await live.status("bob") == "offline"
 
 
+@pytest.mark.one_process  # reads the in-process gateway
 async def test_presence_timeout_loses_to_a_heartbeat_between_its_read_and_its_command(
     live: Live, monkeypatch: pytest.MonkeyPatch
 ) -> None:

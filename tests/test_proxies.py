@@ -72,6 +72,7 @@ async def me(http: httpx.AsyncClient, token: str, headers: dict[str, str]) -> in
     return (await call(http, "GET", "/v1/agents", token, headers=headers)).status
 
 
+@pytest.mark.one_process  # an injected rate limiter with a fixed clock
 async def test_proxies_spoofed_headers_ignored_from_untrusted_peer(settings: Settings) -> None:
     """With no trusted proxy, a client that sends a new X-Forwarded-For or Forwarded on each
     request is still one address: the anonymous limit and the refused-token throttle stop it
@@ -95,6 +96,7 @@ async def test_proxies_spoofed_headers_ignored_from_untrusted_peer(settings: Set
         assert "servers" not in ticket.body
 
 
+@pytest.mark.one_process  # an injected rate limiter with a fixed clock
 async def test_proxies_trusted_peer_names_the_client(settings: Settings) -> None:
     """From a trusted proxy, the rightmost untrusted address of the chain is the client: the
     throttle blocks that address only, an address the client wrote to its left is not read,
@@ -141,6 +143,7 @@ async def test_proxies_trusted_peer_names_the_client(settings: Settings) -> None
     {"X-Forwarded-For": "198.51.100.1:99999"},
     {"X-Forwarded-For": "198.51.100.1", "X-Forwarded-Proto": "gopher"},
 ])
+@pytest.mark.one_process  # an injected rate limiter with a fixed clock
 async def test_proxies_malformed_header_from_trusted_proxy_refused(
     settings: Settings, headers: dict[str, str]
 ) -> None:
@@ -179,6 +182,7 @@ def test_proxies_forwarded_grammar() -> None:
             node_address(node)
 
 
+@pytest.mark.one_process  # an injected rate limiter with a fixed clock
 @SDK_CLIENT_STREAMS
 async def test_proxies_public_url_in_handed_out_urls(settings: Settings) -> None:
     """With public_url, file URLs over REST, WebSocket and MCP and the OpenAPI `servers`

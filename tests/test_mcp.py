@@ -295,6 +295,22 @@ async def test_mcp_closed_session_answers_404(
     assert late.status_code == 404
 
 
+async def test_mcp_tool_annotations_mark_only_pure_reads_read_only(
+    server: BrokerServer, client: httpx.AsyncClient
+) -> None:
+    """A GET is read-only, a DELETE destructive; the wait is neither (with `ack: true` it
+    acknowledges deliveries, and an editor may run a read-only tool without asking)."""
+    world = await make_rest_world(client)
+    async with mcp_client(mcp_url(server), world.tokens["alice"]) as alice:
+        hints = {tool.name: tool.annotations for tool in (await alice.list_tools()).tools}
+    wait, listing, delete = (hints["message.inbox.wait"], hints["message.list"],
+                             hints["file.delete"])
+    assert wait is not None and listing is not None and delete is not None
+    assert (wait.read_only_hint, wait.destructive_hint) == (False, False)
+    assert (listing.read_only_hint, listing.destructive_hint) == (True, False)
+    assert (delete.read_only_hint, delete.destructive_hint) == (False, True)
+
+
 def test_mcp_tools_stay_in_step_with_the_operation_table() -> None:
     """Every operation has a tool, described; every tool but the wait has an operation;
     every legacy name reaches a tool."""

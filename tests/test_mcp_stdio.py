@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 import tomllib
 from typing import Any
 
@@ -88,6 +91,43 @@ async def test_mcp_stdio_bridge_carries_a_conversation_a_wait_and_notifications(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+INITIALIZE = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+    "protocolVersion": "2025-11-25", "capabilities": {},
+    "clientInfo": {"name": "editor", "version": "1"}}})
+
+
+async def test_mcp_bridge_to_an_unreachable_daemon_says_so_in_one_line_and_exits() -> None:
+    """Nothing listens at the URL: at the editor's first message `broker mcp` writes one
+    line on stderr and exits non-zero, while the editor still holds stdin open (as an
+    editor waiting for its answer does)."""
+    with socket.socket() as refusing:
+        refusing.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        url = f"http://127.0.0.1:{refusing.getsockname()[1]}"
+        with trio.fail_after(30):
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "broker", "mcp", "--url", url, "--token", "at_live_x"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            assert process.stdin and process.stdout and process.stderr
+            outputs: dict[str, bytes] = {}
+
+            async def drain(name: str, stream: trio.abc.ReceiveStream) -> None:
+                chunks = [chunk async for chunk in stream]
+                outputs[name] = b"".join(chunks)
+
+            try:
+                async with process.stdin, trio.open_nursery() as nursery:
+                    nursery.start_soon(drain, "out", process.stdout)
+                    nursery.start_soon(drain, "err", process.stderr)
+                    await process.stdin.send_all(INITIALIZE.encode() + b"\n")
+                    status = await process.wait()
+            finally:
+                if process.returncode is None:
+                    process.kill()
+    assert status == 1
+    assert outputs["err"].decode() == f"broker mcp: cannot reach {url}/mcp: connection refused\n"
+    assert outputs["out"] == b""
 
 
 def snippet_server(editor: str, body: str) -> Any:

@@ -17,7 +17,7 @@ import sys
 
 import trio
 
-from broker.mcp.bridge import Bridge
+from broker.mcp.bridge import Bridge, Unreachable
 from broker.mcp.editors import CONFIG_FILES, EDITORS, snippet
 
 DEFAULT_URL = "http://127.0.0.1:8787"
@@ -64,5 +64,9 @@ def run(args: argparse.Namespace) -> int:
     # stdout carries the protocol: every log line goes to stderr.
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="broker mcp: %(levelname)s %(name)s: %(message)s")
-    trio.run(Bridge(endpoint(args.url), token).run)
+    try:
+        trio.run(Bridge(endpoint(args.url), token).run)
+    except Unreachable as exc:
+        print(f"broker mcp: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -72,10 +72,12 @@ class McpSurface:
 
     def __init__(self, engine: Engine, hub: FanoutHub[Any], settings: McpSettings,
                  limiter: RateLimiter, public_url: str | None = None,
-                 on_tool_call: ToolCallObserver | None = None) -> None:
+                 on_tool_call: ToolCallObserver | None = None, *,
+                 max_body_bytes: int) -> None:
         """public_url: the base of the absolute URLs tools hand out (`http.public_url`;
         None: the request's own). on_tool_call(tool, outcome, seconds): told of every
-        tool call (`ok` or its error code)."""
+        tool call (`ok` or its error code). max_body_bytes: the largest request body
+        taken (`http.max_body_bytes`, as for REST)."""
         self.engine = engine
         self.settings = settings
         self.check = TokenCheck(engine, limiter)
@@ -92,7 +94,7 @@ class McpSurface:
                                     settings.session_idle_timeout_seconds,
                                     on_opened=self._opened, on_closed=self._closed)
         self.service = McpService(self.check, self.manager, self.sessions,
-                                  settings.max_sessions_per_agent)
+                                  settings.max_sessions_per_agent, max_body_bytes)
         self._session_watches: dict[str, AgentWatch] = {}
         self._nursery: trio.Nursery | None = None
 

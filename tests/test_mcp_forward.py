@@ -183,6 +183,34 @@ def port_of(address: str) -> int:
     return int(address.rsplit(":", 1)[1])
 
 
+async def test_mcp_forward_answers_carry_the_relaying_servers_own_headers_once(
+    server: BrokerServer, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """Answers relayed from the serving gateway carry one `date` and one `server` line
+    (this gateway's), and no header of the serving hop: an SSE answer, a JSON error, a 405."""
+    world = await make_rest_world(client)
+    headers = [("authorization", f"Bearer {world.tokens['alice']}"),
+               ("content-type", "application/json"),
+               ("accept", "application/json, text/event-stream")]
+    initialize = (b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":'
+                  b'"2025-11-25","capabilities":{},"clientInfo":{"name":"raw","version":"1"}}}')
+    with trio.fail_after(30):
+        async with forwarding_gateway(server, tmp_path / "mcp.sock") as url:
+            port = port_of(url.removesuffix("/mcp"))
+            answers = [
+                await raw_request(port, "POST", "/mcp", headers, [initialize]),
+                await raw_request(port, "POST", "/mcp", headers, [b'{"foo": 1}']),
+                await raw_request(port, "PUT", "/mcp", headers),
+            ]
+    assert [answer.status for answer in answers] == [200, 400, 405]
+    for answer in answers:
+        for name in (b"date", b"server"):
+            assert len(answer.header_lines(name)) == 1, (answer.status, name, answer.headers)
+        assert answer.header_lines(b"connection") == [], answer.headers
+    assert answers[0].header_lines(b"content-type") == [b"text/event-stream"]
+    assert len(answers[0].header_lines(b"mcp-session-id")) == 1
+
+
 EARLY_ANSWER = b'{"early": true}'
 
 

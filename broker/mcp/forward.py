@@ -7,7 +7,8 @@ the others forward every `/mcp` request to it over a private Unix socket,
 unchanged and streaming both ways: the request body as it arrives, the
 answer (an SSE stream that may last as long as the session) as it is
 written. The client cannot tell, but for the headers that describe one hop
-(`Connection`, `Transfer-Encoding`, ...), which are not copied.
+(`Connection`, `Transfer-Encoding`, ...) and the ones this gateway's server
+writes itself (`Date`, `Server`), which are not copied from the answer.
 
 The relay speaks HTTP/1.1 itself (h11), one connection per request, and
 reads the answer while it sends the body: the serving process may answer
@@ -66,6 +67,9 @@ log = logging.getLogger(__name__)
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade", b"proxy-authenticate",
                         b"proxy-authorization"})
+# ... and those this gateway's server writes on every answer itself: copied from the
+# serving process's answer, the client would get each twice.
+SERVER_WRITTEN = frozenset({b"date", b"server"})
 CONNECT_TIMEOUT_S = 5.0
 # How long a request waits for a free connection to the serving process (with a
 # connection limit) before it is answered 503.
@@ -242,8 +246,10 @@ class Relay:
                 event = exc
             if isinstance(event, h11.Response):
                 self.state = RelayState.ANSWERING
+                headers = [(name, value) for name, value in end_to_end(event.headers)
+                           if name not in SERVER_WRITTEN]
                 await self.send({"type": "http.response.start", "status": event.status_code,
-                                 "headers": end_to_end(event.headers)})
+                                 "headers": headers})
             elif isinstance(event, h11.Data):
                 await self.send({"type": "http.response.body", "body": bytes(event.data),
                                  "more_body": True})

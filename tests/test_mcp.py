@@ -8,14 +8,18 @@ from typing import Any
 
 import httpx
 import mcp_types as types
+import msgspec
 import pytest
 import trio
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from prometheus_client.parser import text_string_to_metric_families
 
+from broker.config import Settings
 from broker.mcp import tools as mcp_tools
 from broker.operations import OPERATIONS
 from broker.server import BrokerServer
+from tests.helpers.daemon import run_server
+from tests.helpers.engine import TEST_DEADLINE_S, make_world
 from tests.helpers.mcp import (
     LEGACY,
     MODERN,
@@ -277,6 +281,7 @@ async def test_mcp_http_refusals(server: BrokerServer, client: httpx.AsyncClient
         assert data(await alice.call_tool("agent.me", {}))["name"] == "alice"
 
 
+MIB = 1 << 20
 INITIALIZE = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
     "protocolVersion": "2025-11-25", "capabilities": {},
     "clientInfo": {"name": "raw", "version": "1"}}}).encode()
@@ -314,6 +319,23 @@ async def test_mcp_body_over_max_body_bytes_is_refused_413(
     served = await raw_request(server.port, "POST", "/mcp", headers, [at_limit], chunked=True)
     assert served.status == 200
     assert served.header_lines(b"mcp-session-id")
+
+
+async def test_mcp_body_limit_set_above_the_sdks_default_is_the_limit(
+    settings: Settings
+) -> None:
+    """`http.max_body_bytes` set above the SDK's own default (4 MiB) is the limit: a 5 MiB
+    body is served (the SDK's bound follows the daemon's)."""
+    roomy = msgspec.structs.replace(
+        settings, http=msgspec.structs.replace(settings.http, max_body_bytes=6 * MIB))
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with run_server(roomy) as server:
+            world = await make_world(server.engine)
+            assert server.port is not None
+            body = INITIALIZE + b" " * (5 * MIB)
+            served = await raw_request(server.port, "POST", "/mcp",
+                                       post_headers(world.tokens["alice"]), [body])
+    assert served.status == 200
 
 
 async def test_mcp_body_that_is_not_a_jsonrpc_message_gets_a_short_error(

@@ -86,10 +86,12 @@ class McpSurface:
         self.notifier = ResourceNotifier(self.watches, settings.notify_timeout_seconds)
         self.server = McpHandlers(engine, self.watches, self.notifier, limiter,
                                   public_url, on_tool_call).build()
+        # The SDK's own bound on a body, kept equal to ours (broker.mcp.endpoint applies it
+        # first): a limit set above the SDK's default must not meet a second, smaller one.
         self.manager = StreamableHTTPSessionManager(
             app=self.server, stateless=False,
             session_idle_timeout=settings.session_idle_timeout_seconds,
-            max_sessions=settings.max_sessions)
+            max_sessions=settings.max_sessions, max_request_body_size=max_body_bytes)
         self.sessions = McpSessions(self.manager.handle_request,
                                     settings.session_idle_timeout_seconds,
                                     on_opened=self._opened, on_closed=self._closed)

@@ -37,7 +37,8 @@ from protocol.nesting import MAX_NESTING_DEPTH, NestingTooDeep, check_nesting
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8787
 DEFAULT_DATA_DIR = "./data"
-# Largest request body the REST API reads (larger ones get 413 before they are read whole).
+# Largest request body the REST API and /mcp read (larger ones get 413 before they are read
+# whole).
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 # How long in-flight requests may run after a stop was asked, before they are cancelled.
 DEFAULT_SHUTDOWN_GRACE_S = 10.0

@@ -292,7 +292,8 @@ def gateway_front(
     if mcp and settings.mcp.enabled:
         # MCP (/mcp): its waits and resource notifications follow the gateway's hub.
         surface = McpSurface(engine, gateway.hub, settings.mcp, limiter,
-                             settings.http.base_url, on_tool_call=metrics.observe_tool_call)
+                             settings.http.base_url, on_tool_call=metrics.observe_tool_call,
+                             max_body_bytes=settings.http.max_body_bytes)
         metrics.watch_mcp(surface.statistics)
 
         async def run_mcp(

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from typing import Any
 
 import httpx
 import mcp_types as types
+import msgspec
 import pytest
 import trio
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from prometheus_client.parser import text_string_to_metric_families
 
+from broker.config import Settings
 from broker.mcp import tools as mcp_tools
 from broker.operations import OPERATIONS
 from broker.server import BrokerServer
+from tests.helpers.daemon import run_server
+from tests.helpers.engine import TEST_DEADLINE_S, make_world
 from tests.helpers.mcp import (
     LEGACY,
     MODERN,
@@ -23,6 +28,7 @@ from tests.helpers.mcp import (
     error_code,
     mcp_client,
     mcp_url,
+    raw_request,
     texts,
 )
 from tests.helpers.realtime import eventually
@@ -278,6 +284,111 @@ async def test_mcp_http_refusals(server: BrokerServer, client: httpx.AsyncClient
         assert data(await alice.call_tool("agent.me", {}))["name"] == "alice"
 
 
+MIB = 1 << 20
+INITIALIZE = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+    "protocolVersion": "2025-11-25", "capabilities": {},
+    "clientInfo": {"name": "raw", "version": "1"}}}).encode()
+
+
+def post_headers(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}"), ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream")]
+
+
+@pytest.mark.both_process_models  # through the relay, the serving gateway's answer
+async def test_mcp_body_over_max_body_bytes_is_refused_413(
+    server: BrokerServer, client: httpx.AsyncClient
+) -> None:
+    """A body over `http.max_body_bytes`, declared or counted as a chunked one arrives, is
+    refused 413 with a JSON-RPC error naming `payload_too_large` and Connection: close
+    (the rest of it is never read); one at the limit is served."""
+    world = await make_rest_world(client)
+    limit = server.settings.http.max_body_bytes
+    assert server.port is not None
+    headers = post_headers(world.tokens["alice"])
+    # Eight times the limit: more than the buffers on the way take in, so the answer
+    # comes while the body is still being sent.
+    oversized = [INITIALIZE, *[b" " * 65536] * (8 * limit // 65536)]
+    for chunked in (False, True):
+        answer = await raw_request(server.port, "POST", "/mcp", headers, oversized,
+                                   chunked=chunked)
+        assert answer.status == 413, chunked
+        assert answer.header_lines(b"connection") == [b"close"]
+        assert json.loads(answer.body) == {"jsonrpc": "2.0", "id": None, "error": {
+            "code": types.INVALID_REQUEST,
+            "message": f"payload_too_large: the body is over the limit of {limit} bytes",
+            "data": {"code": "payload_too_large"}}}
+    at_limit = INITIALIZE + b" " * (limit - len(INITIALIZE))
+    served = await raw_request(server.port, "POST", "/mcp", headers, [at_limit], chunked=True)
+    assert served.status == 200
+    assert served.header_lines(b"mcp-session-id")
+
+
+async def test_mcp_body_limit_set_above_the_sdks_default_is_the_limit(
+    settings: Settings
+) -> None:
+    """`http.max_body_bytes` set above the SDK's own default (4 MiB) is the limit: a 5 MiB
+    body is served (the SDK's bound follows the daemon's)."""
+    roomy = msgspec.structs.replace(
+        settings, http=msgspec.structs.replace(settings.http, max_body_bytes=6 * MIB))
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with run_server(roomy) as server:
+            world = await make_world(server.engine)
+            assert server.port is not None
+            body = INITIALIZE + b" " * (5 * MIB)
+            served = await raw_request(server.port, "POST", "/mcp",
+                                       post_headers(world.tokens["alice"]), [body])
+    assert served.status == 200
+
+
+async def test_mcp_body_that_is_not_a_jsonrpc_message_gets_a_short_error(
+    server: BrokerServer, client: httpx.AsyncClient
+) -> None:
+    """A body that is not JSON is -32700 (`invalid_json`); JSON that is not one JSON-RPC
+    message is -32600 (`invalid_request`): each a one-line JSON-RPC error with its code."""
+    world = await make_rest_world(client)
+    headers = dict(post_headers(world.tokens["alice"]))
+    cases = [
+        (b"{not json", types.PARSE_ERROR, "invalid_json"),
+        (b'{"foo": 1}', types.INVALID_REQUEST, "invalid_request"),
+        (b'{"jsonrpc": "1.0", "id": 1, "method": "tools/list"}', types.INVALID_REQUEST,
+         "invalid_request"),
+        (b'{"jsonrpc": "2.0", "id": 1}', types.INVALID_REQUEST, "invalid_request"),
+        (b'[{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}]', types.INVALID_REQUEST,
+         "invalid_request"),
+        (b"5", types.INVALID_REQUEST, "invalid_request"),
+    ]
+    for body, rpc_code, code in cases:
+        refused = await client.post("/mcp", content=body, headers=headers)
+        assert refused.status_code == 400, body
+        error = refused.json()["error"]
+        assert (error["code"], error["data"]) == (rpc_code, {"code": code}), body
+        assert error["message"].startswith(f"{code}: the body ")
+        assert "\n" not in error["message"] and "http" not in error["message"], body
+
+
+async def test_mcp_arguments_not_an_object_is_an_invalid_params_error(
+    server: BrokerServer, client: httpx.AsyncClient
+) -> None:
+    """`arguments` that is not an object fails the SDK's own check of the request: a
+    JSON-RPC error -32602 with no broker code (docs/mcp.md says so), unlike a field of the
+    wrong type, which is the tool's `invalid_request` result."""
+    world = await make_rest_world(client)
+    headers = {**dict(post_headers(world.tokens["alice"])), "mcp-protocol-version": MODERN,
+               "mcp-method": "tools/call", "mcp-name": "message.post"}
+    meta = {"io.modelcontextprotocol/protocolVersion": MODERN,
+            "io.modelcontextprotocol/clientCapabilities": {}}
+    for arguments in ("oops", [1], 5):
+        answer = await client.post("/mcp", headers=headers, json={
+            "jsonrpc": "2.0", "id": 7, "method": "tools/call",
+            "params": {"name": "message.post", "arguments": arguments, "_meta": meta}})
+        error = answer.json()["error"]
+        assert (error["code"], error.get("data")) == (types.INVALID_PARAMS, ""), arguments
+    async with mcp_client(mcp_url(server), world.tokens["alice"]) as alice:
+        wrong = await alice.call_tool("message.post", {"channel": "general", "text": 5})
+        assert error_code(wrong) == "invalid_request"
+
+
 @pytest.mark.one_process  # reads the in-process MCP surface
 async def test_mcp_closed_session_answers_404(
     server: BrokerServer, client: httpx.AsyncClient
@@ -297,6 +408,22 @@ async def test_mcp_closed_session_answers_404(
                                       "mcp-session-id": session.session_id,
                                       "mcp-protocol-version": "2025-11-25"})
     assert late.status_code == 404
+
+
+async def test_mcp_tool_annotations_mark_only_pure_reads_read_only(
+    server: BrokerServer, client: httpx.AsyncClient
+) -> None:
+    """A GET is read-only, a DELETE destructive; the wait is neither (with `ack: true` it
+    acknowledges deliveries, and an editor may run a read-only tool without asking)."""
+    world = await make_rest_world(client)
+    async with mcp_client(mcp_url(server), world.tokens["alice"]) as alice:
+        hints = {tool.name: tool.annotations for tool in (await alice.list_tools()).tools}
+    wait, listing, delete = (hints["message.inbox.wait"], hints["message.list"],
+                             hints["file.delete"])
+    assert wait is not None and listing is not None and delete is not None
+    assert (wait.read_only_hint, wait.destructive_hint) == (False, False)
+    assert (listing.read_only_hint, listing.destructive_hint) == (True, False)
+    assert (delete.read_only_hint, delete.destructive_hint) == (False, True)
 
 
 def test_mcp_tools_stay_in_step_with_the_operation_table() -> None:

@@ -48,4 +48,7 @@ def test_mcp_docs_name_every_legacy_alias_and_show_a_real_snippet(
     example = re.search(r"```\n\$ (broker mcp config [^\n]+)\n(.*?)```", text, re.S)
     assert example is not None
     assert main(example.group(1).split()[1:]) == 0
-    assert capsys.readouterr().out == example.group(2)
+    out, err = capsys.readouterr()
+    assert out == example.group(2)
+    # Without --token, the line on stderr that the page quotes.
+    assert f"`{err.strip()}`" in " ".join(text.split())

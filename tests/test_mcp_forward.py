@@ -3,11 +3,13 @@ to the one that does, over a private Unix socket (broker.mcp.forward)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import h11
 import httpx
 import mcp_types as types
 import pytest
@@ -28,6 +30,7 @@ from tests.helpers.mcp import (
     data,
     mcp_client,
     plan_with_bob_subscribed,
+    raw_request,
 )
 from tests.helpers.realtime import eventually
 from tests.helpers.rest import make_rest_world
@@ -57,12 +60,9 @@ async def forwarding_gateway(server: BrokerServer, socket: Path) -> AsyncIterato
     yields the second gateway's /mcp URL."""
     forwarder = McpForwarder(str(socket), TokenCheck(server.engine, RateLimiter(UNLIMITED)).passes)
     gateway = Starlette(routes=[Route("/mcp", forwarder)])
-    try:
-        async with serving(server.app, f"unix:{socket}"), \
-                serving(gateway, "127.0.0.1:0") as address:
-            yield f"{address}/mcp"
-    finally:
-        await forwarder.aclose()
+    async with serving(server.app, f"unix:{socket}"), \
+            serving(gateway, "127.0.0.1:0") as address:
+        yield f"{address}/mcp"
 
 
 async def _true(value: bool) -> bool:
@@ -138,15 +138,12 @@ async def held_streams(tmp_path: Path, forwarder_options: dict[str, Any]
 
     forwarder = McpForwarder(str(socket), **forwarder_options)
     gateway = Starlette(routes=[Route("/mcp", forwarder)])
-    try:
-        async with serving(holding, f"unix:{socket}"), \
-                serving(gateway, "127.0.0.1:0") as address:
-            try:
-                yield f"{address}/mcp", release
-            finally:
-                release.set()
-    finally:
-        await forwarder.aclose()
+    async with serving(holding, f"unix:{socket}"), \
+            serving(gateway, "127.0.0.1:0") as address:
+        try:
+            yield f"{address}/mcp", release
+        finally:
+            release.set()
 
 
 async def test_mcp_forward_relays_more_long_requests_than_httpx_pools_by_default(
@@ -182,3 +179,110 @@ async def test_mcp_forward_with_every_connection_taken_answers_503(tmp_path: Pat
                 assert await held.aread() == b": open\n\n"
             after = await client.get(url)
             assert after.status_code == 200
+
+
+def port_of(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+async def test_mcp_forward_answers_carry_the_relaying_servers_own_headers_once(
+    server: BrokerServer, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """Answers relayed from the serving gateway carry one `date` and one `server` line
+    (this gateway's), and no header of the serving hop: an SSE answer, a JSON error, a 405."""
+    world = await make_rest_world(client)
+    headers = [("authorization", f"Bearer {world.tokens['alice']}"),
+               ("content-type", "application/json"),
+               ("accept", "application/json, text/event-stream")]
+    initialize = (b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":'
+                  b'"2025-11-25","capabilities":{},"clientInfo":{"name":"raw","version":"1"}}}')
+    with trio.fail_after(30):
+        async with forwarding_gateway(server, tmp_path / "mcp.sock") as url:
+            port = port_of(url.removesuffix("/mcp"))
+            answers = [
+                await raw_request(port, "POST", "/mcp", headers, [initialize]),
+                await raw_request(port, "POST", "/mcp", headers, [b'{"foo": 1}']),
+                await raw_request(port, "PUT", "/mcp", headers),
+            ]
+    assert [answer.status for answer in answers] == [200, 400, 405]
+    for answer in answers:
+        for name in (b"date", b"server"):
+            assert len(answer.header_lines(name)) == 1, (answer.status, name, answer.headers)
+        assert answer.header_lines(b"connection") == [], answer.headers
+    assert answers[0].header_lines(b"content-type") == [b"text/event-stream"]
+    assert len(answers[0].header_lines(b"mcp-session-id")) == 1
+
+
+EARLY_ANSWER = b'{"early": true}'
+
+
+@asynccontextmanager
+async def raw_serving_side(socket: Path, answer: bool) -> AsyncIterator[None]:
+    """A serving side on `socket` that reads each request's head and then reads nothing
+    more; answer: it answers 413 at once (as a server that refused a body by its length
+    may, without closing), else it never answers."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while not isinstance(event := conn.next_event(), h11.Request):
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+        if answer:
+            await stream.send_all(
+                conn.send(h11.Response(status_code=413, headers=[
+                    ("content-type", "application/json"),
+                    ("content-length", str(len(EARLY_ANSWER)))]))
+                + conn.send(h11.Data(data=EARLY_ANSWER)) + conn.send(h11.EndOfMessage()))
+        await trio.sleep_forever()
+
+    listening = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await listening.bind(str(socket))
+    listening.listen()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, handle, [trio.SocketListener(listening)])
+        yield
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def forwarding_to_raw(tmp_path: Path, answer: bool,
+                            **options: Any) -> AsyncIterator[tuple[int, McpForwarder]]:
+    """A forwarding gateway in front of `raw_serving_side`; yields its port and forwarder."""
+    socket = tmp_path / "mcp.sock"
+    forwarder = McpForwarder(str(socket), **options)
+    gateway = Starlette(routes=[Route("/mcp", forwarder)])
+    async with raw_serving_side(socket, answer), serving(gateway, "127.0.0.1:0") as address:
+        yield port_of(address), forwarder
+
+
+# Far more than the socket buffers on the way hold: most of it can only be sent if the
+# serving side reads it.
+LARGE_BODY = [b" " * 65536] * 128
+
+
+async def test_mcp_forward_relays_an_answer_that_comes_before_the_body_is_sent(
+    tmp_path: Path
+) -> None:
+    """The serving side answers after the head and reads no more of the 8 MiB body: the
+    client gets that answer (the relay stops sending the body), declared or chunked."""
+    with trio.fail_after(30):
+        async with forwarding_to_raw(tmp_path, answer=True) as (port, forwarder):
+            for chunked in (False, True):
+                answer = await raw_request(port, "POST", "/mcp", [], LARGE_BODY,
+                                           chunked=chunked)
+                assert (answer.status, answer.body) == (413, EARLY_ANSWER)
+            assert forwarder.forwarded == 2
+
+
+async def test_mcp_forward_answers_503_when_the_serving_side_takes_no_body(
+    tmp_path: Path
+) -> None:
+    """A serving side that takes none of the body for `stall_timeout` and gives no answer
+    gets the request answered 503 (the relay does not wait for it for good)."""
+    with trio.fail_after(30):
+        async with forwarding_to_raw(tmp_path, answer=False, stall_timeout=0.2) \
+                as (port, forwarder):
+            answer = await raw_request(port, "POST", "/mcp", [], LARGE_BODY)
+            assert answer.status == 503
+            assert json.loads(answer.body)["error"]["data"]["code"] == "unavailable"
+            assert forwarder.stalled == 1

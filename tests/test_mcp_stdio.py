@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 import tomllib
 from typing import Any
 
@@ -91,6 +94,51 @@ async def _true(value: bool) -> bool:
     return value
 
 
+INITIALIZE = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+    "protocolVersion": "2025-11-25", "capabilities": {},
+    "clientInfo": {"name": "editor", "version": "1"}}})
+
+
+async def test_mcp_bridge_to_an_unreachable_daemon_says_so_in_one_line_and_exits() -> None:
+    """Nothing listens at the URL: at the editor's first message `broker mcp` writes one
+    line on stderr and exits non-zero, while the editor still holds stdin open (as an
+    editor waiting for its answer does)."""
+    with socket.socket() as refusing:
+        refusing.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        url = f"http://127.0.0.1:{refusing.getsockname()[1]}"
+        with trio.fail_after(30):
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "broker", "mcp", "--url", url, "--token", "at_live_x"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            assert process.stdin and process.stdout and process.stderr
+            outputs: dict[str, bytes] = {}
+
+            async def drain(name: str, stream: trio.abc.ReceiveStream) -> None:
+                chunks = [chunk async for chunk in stream]
+                outputs[name] = b"".join(chunks)
+
+            try:
+                async with process.stdin, trio.open_nursery() as nursery:
+                    nursery.start_soon(drain, "out", process.stdout)
+                    nursery.start_soon(drain, "err", process.stderr)
+                    await process.stdin.send_all(INITIALIZE.encode() + b"\n")
+                    status = await process.wait()
+            finally:
+                if process.returncode is None:
+                    process.kill()
+    assert status == 1
+    assert outputs["err"].decode() == f"broker mcp: cannot reach {url}/mcp: connection refused\n"
+    assert outputs["out"] == b""
+
+
+def snippet_server(editor: str, body: str) -> Any:
+    """The broker's server entry in `editor`'s configuration snippet `body`."""
+    if editor == "codex":
+        return tomllib.loads(body)["mcp_servers"]["broker"]
+    parsed = json.loads(body)
+    return (parsed["servers"] if editor == "vscode" else parsed["mcpServers"])["broker"]
+
+
 def test_mcp_config_prints_each_editors_snippet(capsys: pytest.CaptureFixture[str]) -> None:
     """`broker mcp config --editor E` prints a snippet that E's file format parses, with the
     daemon's URL and the token in the bridge's environment."""
@@ -100,17 +148,31 @@ def test_mcp_config_prints_each_editors_snippet(capsys: pytest.CaptureFixture[st
         out = capsys.readouterr().out
         header, body = out.split("\n", 1)
         assert header.startswith("# ")
-        if editor == "codex":
-            server = tomllib.loads(body)["mcp_servers"]["broker"]
-        else:
-            parsed = json.loads(body)
-            server = (parsed["servers"] if editor == "vscode" else parsed["mcpServers"])["broker"]
+        server = snippet_server(editor, body)
         assert server["args"] == ["mcp"]
         assert server["env"] == {"BROKER_URL": "http://10.0.0.5:8787",
                                  "BROKER_TOKEN": "at_live_abc"}
     with pytest.raises(SystemExit) as refused:
         main(["mcp", "config", "--editor", "vi"])
     assert refused.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_mcp_config_without_a_token_leaves_it_to_the_environment(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --token the snippet has no BROKER_TOKEN (a placeholder pasted as is would
+    override the token the editor passes down; one from this shell stays out of a file),
+    and one line on stderr says where the token comes from."""
+    monkeypatch.setenv("BROKER_TOKEN", "at_live_from_this_shell")
+    for editor in ("claude-code", "cursor", "codex", "vscode"):
+        assert main(["mcp", "config", "--editor", editor, "--url", "http://10.0.0.5:8787"]) == 0
+        out, err = capsys.readouterr()
+        body = out.split("\n", 1)[1]
+        server = snippet_server(editor, body)
+        assert server["env"] == {"BROKER_URL": "http://10.0.0.5:8787"}
+        assert "at_live" not in out
+        (line,) = err.splitlines()
+        assert "BROKER_TOKEN" in line and "--token" in line
 
 
 def test_mcp_bridge_variables_are_not_daemon_settings(monkeypatch: pytest.MonkeyPatch) -> None:

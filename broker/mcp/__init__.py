@@ -72,10 +72,12 @@ class McpSurface:
 
     def __init__(self, engine: Engine, hub: FanoutHub[Any], settings: McpSettings,
                  limiter: RateLimiter, public_url: str | None = None,
-                 on_tool_call: ToolCallObserver | None = None) -> None:
+                 on_tool_call: ToolCallObserver | None = None, *,
+                 max_body_bytes: int) -> None:
         """public_url: the base of the absolute URLs tools hand out (`http.public_url`;
         None: the request's own). on_tool_call(tool, outcome, seconds): told of every
-        tool call (`ok` or its error code)."""
+        tool call (`ok` or its error code). max_body_bytes: the largest request body
+        taken (`http.max_body_bytes`, as for REST)."""
         self.engine = engine
         self.settings = settings
         self.check = TokenCheck(engine, limiter)
@@ -84,15 +86,17 @@ class McpSurface:
         self.notifier = ResourceNotifier(self.watches, settings.notify_timeout_seconds)
         self.server = McpHandlers(engine, self.watches, self.notifier, limiter,
                                   public_url, on_tool_call).build()
+        # The SDK's own bound on a body, kept equal to ours (broker.mcp.endpoint applies it
+        # first): a limit set above the SDK's default must not meet a second, smaller one.
         self.manager = StreamableHTTPSessionManager(
             app=self.server, stateless=False,
             session_idle_timeout=settings.session_idle_timeout_seconds,
-            max_sessions=settings.max_sessions)
+            max_sessions=settings.max_sessions, max_request_body_size=max_body_bytes)
         self.sessions = McpSessions(self.manager.handle_request,
                                     settings.session_idle_timeout_seconds,
                                     on_opened=self._opened, on_closed=self._closed)
         self.service = McpService(self.check, self.manager, self.sessions,
-                                  settings.max_sessions_per_agent)
+                                  settings.max_sessions_per_agent, max_body_bytes)
         self._session_watches: dict[str, AgentWatch] = {}
         self._nursery: trio.Nursery | None = None
 

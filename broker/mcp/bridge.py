@@ -10,14 +10,22 @@ lacks: the routing headers (`MCP-Protocol-Version`, `Mcp-Method`,
 the request itself, and the version a 2025 session negotiated.
 
 stdout is the protocol: logs go to stderr only.
+
+A daemon that cannot be reached (nothing listening, a wrong host) ends the
+bridge with `Unreachable`, which `broker mcp` reports in one line: the
+editor shows a server that stopped and why, not a transport's traceback.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any, cast
 
 import anyio
+import httpx2
 import trio
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.stdio import stdio_server
@@ -36,6 +44,38 @@ from mcp_types._types import PROTOCOL_VERSION_META_KEY
 log = logging.getLogger(__name__)
 
 
+class Unreachable(Exception):
+    """The daemon at `url` did not take a connection; `reason` says why, in a few words."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cannot reach {url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+class StdinLines:
+    """The process's stdin, line by line, for the SDK's stdio transport.
+
+    Each line is read in a worker thread that a cancellation abandons (trio's
+    threads are daemon threads): the bridge can end while the editor keeps
+    stdin open, as it does while it waits for an answer.
+    """
+
+    def __init__(self) -> None:
+        # Not sys.stdin: its platform encoding is unreliable, and it stays the interpreter's.
+        self._file = open(sys.stdin.fileno(), encoding="utf-8", errors="replace",
+                          closefd=False)
+
+    def __aiter__(self) -> StdinLines:
+        return self
+
+    async def __anext__(self) -> str:
+        line = await trio.to_thread.run_sync(self._file.readline, abandon_on_cancel=True)
+        if not line:
+            raise StopAsyncIteration
+        return line
+
+
 class Bridge:
     """One stdio connection relayed to `url` with `token` (see the module docstring)."""
 
@@ -48,9 +88,25 @@ class Bridge:
         self.relayed = 0
 
     async def run(self) -> None:
-        """Relay until stdin closes."""
+        """Relay until stdin closes.
+
+        Raises Unreachable when a connection to the daemon fails (at the
+        first message, or later if the daemon goes away).
+        """
+        failures: list[BaseException] = []
+        try:
+            await self._relay()
+        except* (httpx2.ConnectError, httpx2.ConnectTimeout) as group:
+            failures.extend(_leaves(group))
+        if failures:
+            raise Unreachable(self.url, _reason(failures[0])) from failures[0]
+
+    async def _relay(self) -> None:
         headers = {"Authorization": f"Bearer {self.token}"}
-        async with stdio_server() as (stdin, stdout), \
+        # Our own stdin reader: the SDK's waits in a thread that a cancellation cannot
+        # leave, so a bridge whose daemon failed would stay until the editor closed stdin.
+        lines = cast(anyio.AsyncFile[str], StdinLines())
+        async with stdio_server(stdin=lines) as (stdin, stdout), \
                 create_mcp_http_client(headers=headers) as http, \
                 streamable_http_client(self.url, http_client=http) as (upstream, downstream):
             async with trio.open_nursery() as nursery:
@@ -112,3 +168,26 @@ class Bridge:
             version = message.result.get("protocolVersion")
             if isinstance(version, str):
                 self.negotiated = version
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The system's words for the first OS error behind `exc` ("connection refused"),
+    else the exception's own message."""
+    pending = [exc]
+    while pending:
+        current = pending.pop(0)
+        if isinstance(current, OSError) and current.errno is not None:
+            text = os.strerror(current.errno) if current.errno > 0 else current.strerror
+            return (text or str(current)).lower()
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return str(exc) or type(exc).__name__

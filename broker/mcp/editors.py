@@ -1,9 +1,10 @@
 """`broker mcp config --editor NAME`: the snippet of that editor's MCP configuration file.
 
 Each editor spawns `broker mcp` (the stdio bridge, broker.mcp.bridge) with
-the daemon's URL and the agent's token in its environment. The snippet is
-printed, never written: the file may hold other servers, and the token is
-a credential the user decides where to keep (docs/mcp.md).
+the daemon's URL in its environment, and the agent's token when one is
+given; without one, the bridge takes the BROKER_TOKEN the editor inherits.
+The snippet is printed, never written: the file may hold other servers, and
+the token is a credential the user decides where to keep (docs/mcp.md).
 """
 
 from __future__ import annotations
@@ -19,12 +20,18 @@ CONFIG_FILES = {
     "vscode": ".vscode/mcp.json",
 }
 SERVER_NAME = "broker"
-TOKEN_PLACEHOLDER = "at_live_..."
 
 
 def snippet(editor: str, url: str, token: str | None, command: str = "broker") -> str:
-    """The configuration for `editor` that runs `command mcp` against `url` as `token`."""
-    env = {"BROKER_URL": url, "BROKER_TOKEN": token or TOKEN_PLACEHOLDER}
+    """The configuration for `editor` that runs `command mcp` against `url` as `token`.
+
+    token: None leaves BROKER_TOKEN out of the snippet's environment, so the
+    bridge takes the one the editor inherits (a placeholder pasted as is would
+    override it). Raises ValueError for an unknown editor.
+    """
+    env = {"BROKER_URL": url}
+    if token is not None:
+        env["BROKER_TOKEN"] = token
     server = {"command": command, "args": ["mcp"], "env": env}
     if editor in ("claude-code", "cursor"):
         return json.dumps({"mcpServers": {SERVER_NAME: server}}, indent=2)

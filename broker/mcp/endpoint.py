@@ -8,6 +8,15 @@ blocked for guessing is a 429. A good token puts the caller in the scope:
 come back with the session id, or the answer is 404), and the broker's
 `Caller` for the handlers (broker.mcp.server).
 
+A body is bounded by `http.max_body_bytes`, as REST's are: one declared
+larger is refused before it is read, a chunked one as soon as it passes the
+limit (413, `payload_too_large`; the connection then closes, as for REST's
+early answers, broker.http.keepalive). A POST's body is read here for that
+count (the SDK reads it whole anyway) and handed on; being read, it is also
+looked at once: a body that is not JSON, or not a JSON-RPC message at all,
+gets a short JSON-RPC error here (-32700, -32600) rather than the SDK's
+pages of validation text.
+
 Each request runs under the session registry's scope (broker.mcp.sessions),
 so closing an agent's sessions also ends its long requests. The session id
 that an `initialize` answer carries is how the registry learns of a
@@ -25,6 +34,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
+import mcp_types as types
 import msgspec
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
@@ -47,6 +57,12 @@ log = logging.getLogger(__name__)
 UNAUTHORIZED = -32001
 # ... and of a caller over its share of sessions or requests.
 RATE_LIMITED = -32029
+# The JSON-RPC code of a body refused before the SDK reads it, by its broker code.
+BODY_ERRORS = {"payload_too_large": types.INVALID_REQUEST, "invalid_json": types.PARSE_ERROR,
+               "invalid_request": types.INVALID_REQUEST}
+
+# A body's top level, its values left undecoded: enough to tell a JSON-RPC message.
+_envelope = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 ASGI = Callable[[Scope, Receive, Send], Awaitable[None]]
 
@@ -102,21 +118,96 @@ class TokenCheck:
         return await self(scope, receive, send) is not None
 
 
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """The request body; None when the client went away before sending it all.
+
+    Raises BrokerError `payload_too_large` as soon as the body passes `limit` bytes.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BrokerError("payload_too_large", f"the body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def check_envelope(body: bytes) -> None:
+    """Check that `body` is one JSON-RPC message: a JSON object with `"jsonrpc": "2.0"` and
+    a `method` (a request, a notification) or an `id` with a `result` or an `error` (a
+    response). Its fields' values are the SDK's to validate.
+
+    Raises BrokerError `invalid_json` (not JSON) or `invalid_request` (not such a message).
+    """
+    try:
+        fields = _envelope.decode(body)
+    except RecursionError:
+        return  # nested too deep to look at cheaply: the SDK's own parser decides
+    except msgspec.ValidationError:
+        raise BrokerError("invalid_request",
+                          "the body must be one JSON-RPC message (a JSON object)") from None
+    except msgspec.DecodeError as exc:
+        raise BrokerError("invalid_json", f"the body is not valid JSON: {exc}") from None
+    version = fields.get("jsonrpc")
+    if version is None or msgspec.json.decode(version) != "2.0":
+        raise BrokerError("invalid_request",
+                          'the body is not a JSON-RPC message: "jsonrpc" must be "2.0"')
+    if "method" not in fields and not ("id" in fields and ("result" in fields
+                                                           or "error" in fields)):
+        raise BrokerError("invalid_request", 'the body is not a JSON-RPC message: it needs a '
+                          '"method" (or an "id" with a "result" or an "error")')
+
+
+def replaying(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that hands out `body` (already read) once, then defers to `receive`."""
+    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
 class McpService:
-    """Serves /mcp in this process: the token check, the registry, the SDK's manager."""
+    """Serves /mcp in this process: the token check, the body's bound, the registry, the
+    SDK's manager."""
 
     def __init__(self, check: TokenCheck, manager: StreamableHTTPSessionManager,
-                 sessions: McpSessions, max_sessions_per_agent: int) -> None:
+                 sessions: McpSessions, max_sessions_per_agent: int,
+                 max_body_bytes: int) -> None:
         self.check = check
         self.manager = manager
         self.sessions = sessions
         self.max_sessions_per_agent = max_sessions_per_agent
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         caller = await self.check(scope, receive, send)
         if caller is None:
             return
         headers = Headers(scope=scope)
+        try:
+            declared = headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+                raise BrokerError("payload_too_large",
+                                  f"the body is over the limit of {self.max_body_bytes} bytes")
+            # Only a POST carries a message; the SDK reads no other method's body.
+            if scope["method"] == "POST":
+                body = await read_body(receive, self.max_body_bytes)
+                if body is None:
+                    return  # the client went away: no one to answer
+                check_envelope(body)
+                receive = replaying(body, receive)
+        except BrokerError as exc:
+            await jsonrpc_error(413 if exc.code == "payload_too_large" else 400, exc.code,
+                                exc.message, BODY_ERRORS[exc.code])(scope, receive, send)
+            return
         session_id = headers.get(SESSION_HEADER)
         opening = session_id is None and scope["method"] == "POST" \
             and headers.get("mcp-protocol-version") in (None, *HANDSHAKE_PROTOCOL_VERSIONS)

@@ -194,8 +194,10 @@ class Tool:
 
     @property
     def read_only(self) -> bool:
-        """Whether the tool only reads (its REST route is a GET; the wait only waits)."""
-        return self.operation is None or _METHODS.get(self.operation.name) == "GET"
+        """Whether the tool only reads (its REST route is a GET). Not the wait: with
+        `ack: true` it acknowledges what it returns, and an editor may run a read-only
+        tool without asking."""
+        return self.operation is not None and _METHODS.get(self.operation.name) == "GET"
 
     @property
     def destructive(self) -> bool:

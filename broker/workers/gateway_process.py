@@ -208,7 +208,6 @@ class GatewayProcess:
         # dispatcher; this one never runs (the writer process's delivers).
         attach(engine, WebhookDispatcher(engine, settings.webhooks))
         private: list[str] = []
-        forward: McpForwarder | None = None
         if self.index == 0:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(gateway0_socket)
@@ -245,8 +244,6 @@ class GatewayProcess:
                 await gateway.recorder.flush()
                 await gateway.presence.flush()
             metrics.gc_pauses.remove()
-            if forward is not None:
-                await forward.aclose()
             services.cancel_scope.cancel()
         log.info("gateway %d: stopped", self.index)
 

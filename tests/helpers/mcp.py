@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
+import h11
 import httpx2
 import mcp_types as types
 import pytest
+import trio
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters, get_default_environment
 from mcp.client.streamable_http import streamable_http_client
@@ -92,3 +94,60 @@ async def plan_with_bob_subscribed(alice: Client, bob: Client) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MCPDeprecationWarning)
         await bob.subscribe_resource("broker://inbox")
+
+
+class RawAnswer(NamedTuple):
+    """An HTTP answer as it came: the status, every header line in order (repeated ones
+    too, names in lower case) and the body."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    def header_lines(self, name: bytes) -> list[bytes]:
+        return [value for key, value in self.headers if key == name]
+
+
+async def raw_request(port: int, method: str, path: str, headers: Sequence[tuple[str, str]],
+                      body: Sequence[bytes] = (), *, chunked: bool = False) -> RawAnswer:
+    """`method path` to 127.0.0.1:`port` over a raw socket, one new connection.
+
+    The answer is read while the body is still being sent, as a client that
+    reads concurrently (curl) does: a server may answer before the body is
+    in, and then stop reading it. body: the chunks to send (with a
+    Content-Length of their sum, or chunked).
+    """
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    conn = h11.Connection(h11.CLIENT)
+    framing = ("transfer-encoding", "chunked") if chunked else \
+        ("content-length", str(sum(len(chunk) for chunk in body)))
+    await stream.send_all(conn.send(h11.Request(
+        method=method, target=path, headers=[("host", "broker"), *headers, framing])))
+
+    async def send_body() -> None:
+        try:
+            for chunk in body:
+                await stream.send_all(conn.send(h11.Data(data=chunk)))
+            await stream.send_all(conn.send(h11.EndOfMessage()))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the server answered and closed: the answer is what counts
+
+    status, lines, received = 0, [], bytearray()
+    async with stream, trio.open_nursery() as nursery:
+        nursery.start_soon(send_body)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    data = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    data = b""  # reset: as closed, whatever was left unread
+                conn.receive_data(data)
+            elif isinstance(event, h11.Response):
+                status, lines = event.status_code, list(event.headers)
+            elif isinstance(event, h11.Data):
+                received += event.data
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                break
+        nursery.cancel_scope.cancel()
+    return RawAnswer(status, lines, bytes(received))

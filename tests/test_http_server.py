@@ -7,6 +7,7 @@ from typing import Any
 
 import h11
 import httpx
+import pytest
 import trio
 import trio_websocket
 
@@ -73,6 +74,27 @@ async def test_server_wrong_method_405(client: httpx.AsyncClient) -> None:
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
     assert "POST" in response.headers["allow"]
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("PUT", "/v1/workspaces", "POST"),
+    ("PUT", "/v1/channels", "GET, HEAD, POST"),
+    ("PUT", "/v1/workspace", "GET, HEAD, PATCH, DELETE"),
+    ("PUT", "/v1/channels/ops", "GET, HEAD, PATCH, DELETE"),
+    ("DELETE", "/v1/channels/ops/messages", "GET, HEAD, POST"),
+    ("POST", "/v1/files/1/content", "GET, HEAD, PUT"),
+    ("POST", "/healthz", "GET, HEAD"),
+])
+async def test_server_405_allow_lists_every_method_of_the_path(
+    client: httpx.AsyncClient, method: str, path: str, allowed: str
+) -> None:
+    """A 405's Allow names every method the path serves, HEAD with GET; each is served."""
+    response = await client.request(method, path)
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == "method_not_allowed"
+    assert response.headers["allow"] == allowed
+    for other in allowed.split(", "):
+        assert (await client.request(other, path)).status_code != 405, other
 
 
 async def test_body_malformed_json_400(client: httpx.AsyncClient) -> None:

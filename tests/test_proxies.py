@@ -132,6 +132,41 @@ async def test_proxies_trusted_peer_names_the_client(settings: Settings) -> None
                 f"https://127.0.0.1:{s.server.port}/v1/files/"), headers
 
 
+@pytest.mark.parametrize(("headers", "scheme", "client"), [
+    ({"X-Forwarded-Proto": "https"}, "https", "127.0.0.1"),
+    ({"Forwarded": "proto=https"}, "https", "127.0.0.1"),
+    ({"X-Forwarded-Proto": "HTTPS"}, "https", "127.0.0.1"),
+    ({"X-Forwarded-For": "203.0.113.9"}, "http", "203.0.113.9"),
+    ({"Forwarded": "for=203.0.113.9"}, "http", "203.0.113.9"),
+    ({"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"}, "https", "203.0.113.9"),
+    ({"Forwarded": "for=203.0.113.9;proto=https"}, "https", "203.0.113.9"),
+    # The client's hop names no protocol: the nearest one that does is read.
+    ({"Forwarded": "for=203.0.113.9, for=10.0.0.1;proto=https"}, "https", "203.0.113.9"),
+    # Not one protocol per address: the nearest proxy's.
+    ({"X-Forwarded-For": "203.0.113.9, 10.0.0.1", "X-Forwarded-Proto": "https"}, "https",
+     "203.0.113.9"),
+])
+async def test_proxies_scheme_and_client_read_apart(
+    settings: Settings, headers: dict[str, str], scheme: str, client: str
+) -> None:
+    """From a trusted proxy the forwarded protocol sets the scheme of the URLs handed out with
+    or without a forwarded address, and the address sets the client with or without a
+    protocol."""
+    async with serving(settings, trusted_proxies=["127.0.0.1", "10.0.0.0/8"]) as s:
+        world = await make_rest_world(s.http, agents=("alice",))
+        ticket = await call(s.http, "POST", "/v1/files/upload", world.tokens["alice"],
+                            headers=headers, json={"filename": "a.txt",
+                                                   "content_type": "text/plain",
+                                                   "size_bytes": 1})
+        assert ticket.data["upload_url"].startswith(
+            f"{scheme}://127.0.0.1:{s.server.port}/v1/files/")
+        # The refused token counts against the client read, and only against it.
+        before = {address: s.remaining(address) for address in ("127.0.0.1", "203.0.113.9")}
+        assert await me(s.http, BAD_TOKEN, headers) == 401
+        assert {address: before[address] - s.remaining(address) for address in before} \
+            == {address: int(address == client) for address in before}
+
+
 @pytest.mark.parametrize("headers", [
     {"Forwarded": 'for="[2001:db8::1'},
     {"Forwarded": "for=198.51.100.999"},
@@ -142,6 +177,9 @@ async def test_proxies_trusted_peer_names_the_client(settings: Settings) -> None
     {"X-Forwarded-For": "not-an-address"},
     {"X-Forwarded-For": "198.51.100.1:99999"},
     {"X-Forwarded-For": "198.51.100.1", "X-Forwarded-Proto": "gopher"},
+    {"X-Forwarded-Proto": "gopher"},
+    {"Forwarded": "proto=gopher"},
+    {"Forwarded": "proto=gopher, for=127.0.0.1"},
 ])
 @pytest.mark.one_process  # an injected rate limiter with a fixed clock
 async def test_proxies_malformed_header_from_trusted_proxy_refused(

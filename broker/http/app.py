@@ -27,7 +27,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.auth import authorize, bearer_token, resolve_token
@@ -55,6 +55,8 @@ JSON = "application/json"
 IDEMPOTENCY_HEADERS = ("idempotency-key", "x-idempotency-key")
 # Methods whose body is never read (the SDK sends none).
 BODYLESS = frozenset({"GET", "HEAD"})
+# The order of the methods a 405's Allow header lists (others after these, by name).
+METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 _json_decoder = msgspec.json.Decoder()
 
@@ -234,14 +236,28 @@ def service_routes(engine: Engine, settings: Settings, metrics: BrokerMetrics) -
     ]
 
 
+def allowed_methods(routes: Sequence[BaseRoute], scope: Scope) -> list[str]:
+    """Every method that one of `routes` serves on the path of `scope` (HEAD with GET)."""
+    methods: set[str] = set()
+    for route in routes:
+        if isinstance(route, Route) and route.methods \
+                and route.matches(scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return sorted(methods, key=lambda method: (
+        METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method))
+
+
 async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         return error_response("not_found", f"no route for {request.method} {request.url.path}")
     if exc.status_code == 405:
+        # starlette's Allow names the methods of the one route that refused, and each
+        # route serves one method: list every method some route serves on this path.
+        allowed = allowed_methods(request.app.router.routes, request.scope)
         return error_response(
             "method_not_allowed", f"{request.method} is not allowed on {request.url.path}",
-            headers=dict(exc.headers or {}),
+            headers={**(exc.headers or {}), "Allow": ", ".join(allowed)},
         )
     return Response(
         encode_error("http_error", str(exc.detail)), status_code=exc.status_code, media_type=JSON

@@ -1,27 +1,45 @@
-"""Connection reuse after an early answer: say `Connection: close` when the body was not read.
+"""Connection reuse after an early answer: say `Connection: close`, then let the server close.
 
 A route may answer before it has read the request body: a body over
 `http.max_body_bytes` (413, refused as soon as it passes the limit), a bad
-token on a POST, a refused upload. hypercorn then cannot start the next
-request on that connection (the rest of the body is still on the wire, and
-reading it to the end could mean reading gigabytes for a refused request),
-so it closes the connection once the answer is sent. Without a header saying
-so, a client that keeps connections alive sends its next request on the
-closing socket and gets "server disconnected", depending on timing.
+token on a POST, a refused upload. The server cannot start the next request
+on that connection (the rest of the body is still on the wire, and reading
+it to the end could mean reading gigabytes for a refused request), so the
+answer must close it. Without a header saying so, a client that keeps
+connections alive sends its next request on the closing socket and gets
+"server disconnected", depending on timing. The middleware marks every such
+answer `Connection: close`; hypercorn's h11 protocol then closes the
+connection once the answer is sent. An answer sent after the body was read
+in full (or to a request without a body) is left alone and the connection
+stays alive.
 
-The middleware marks every such answer `Connection: close`, so clients open
-a new connection for the next request; an answer sent after the body was
-read in full (or to a request without a body) is left alone and the
-connection stays alive.
+That close only happens if hypercorn can tell the application the request
+is over. hypercorn (0.18) hands the body to the application through a
+bounded queue (`max_app_queue_size`, 10 messages), and its connection task
+keeps putting the chunks of the unread body into it after the early answer.
+When the answer is complete it puts `http.disconnect` into the same queue
+before it closes the socket. An application that answered early takes
+nothing more from that queue, so once ten chunks wait there both puts block
+for good: the socket is never closed (CLOSE-WAIT after the client gives up),
+its file stays open, and a graceful stop waits the whole grace for that
+connection. A larger queue only moves the threshold, and closing the socket
+ourselves would mean reaching into hypercorn's private state for it. So the
+middleware stays on the ASGI interface: while it sends the last message of
+an early answer it takes whatever the server hands over and drops it, until
+that send has returned, which is after hypercorn's `http.disconnect` got in
+and the close was done. That drops what was already queued and what arrives
+during one send, never the body to its end.
 """
 
 from __future__ import annotations
 
+import trio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class CloseWhenBodyUnread:
-    """ASGI middleware: an answer sent before its request body was read says Connection: close."""
+    """ASGI middleware: an answer sent before its request body was read says Connection: close,
+    and the unread body is dropped while that answer ends, so the server can close."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -31,6 +49,7 @@ class CloseWhenBodyUnread:
             await self.app(scope, receive, send)
             return
         body_read = False
+        answered_early = False
 
         async def receive_and_watch() -> Message:
             nonlocal body_read
@@ -40,12 +59,35 @@ class CloseWhenBodyUnread:
             return message
 
         async def send_and_mark(message: Message) -> None:
+            nonlocal answered_early
             if message["type"] == "http.response.start" and not body_read:
+                answered_early = True
                 headers = [(k, v) for k, v in message.get("headers", ()) if k != b"connection"]
                 message = {**message, "headers": [*headers, (b"connection", b"close")]}
-            await send(message)
+            if answered_early and message["type"] == "http.response.body" \
+                    and not message.get("more_body", False):
+                await send_dropping_body(send, message, receive)
+            else:
+                await send(message)
 
         await self.app(scope, receive_and_watch, send_and_mark)
+
+
+async def send_dropping_body(send: Send, message: Message, receive: Receive) -> None:
+    """`send(message)` while the request body still offered by `receive` is taken and dropped.
+
+    Ends when the send has returned (the server's close included); stops
+    taking early at `http.disconnect`. Raises what the send raises.
+    """
+
+    async def drop_body() -> None:
+        while (await receive())["type"] == "http.request":
+            pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drop_body)
+        await send(message)
+        nursery.cancel_scope.cancel()
 
 
 def has_body(scope: Scope) -> bool:

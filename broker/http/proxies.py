@@ -22,8 +22,14 @@ used to spoof. A hop reported as `unknown` or by an obfuscated name stops
 the walk at the proxy that reported it. A malformed header from a trusted
 peer (a bad address in the part that is read, broken quoting, an unknown
 protocol) is refused: 400 `invalid_forwarded`, since the client cannot be
-told. The scheme (`https` behind a TLS-terminating proxy) comes from the
-same hop as the client address.
+told. The scheme (`https` behind a TLS-terminating proxy) is read along the
+same walk but apart from the address: each hop read that names a protocol
+sets it, so the hop nearest the client that names one wins, and a hop with
+a protocol and no address (`Forwarded: proto=https`, or `X-Forwarded-Proto`
+without `X-Forwarded-For`) sets the scheme and leaves the client the peer.
+`X-Forwarded-Proto` belongs to the hops of `X-Forwarded-For` one to one when
+both list as many; otherwise only its last value is read, as the nearest
+hop's. Every protocol read is checked, with or without an address.
 
 A peer with no IP address is trusted too: the daemon serves clients on TCP
 only, so a Unix socket peer is one of its own processes (a gateway passing
@@ -171,6 +177,7 @@ class TrustedProxies:
         for name, value in headers:
             if name in (b"forwarded", b"x-forwarded-for", b"x-forwarded-proto"):
                 found.setdefault(name, []).append(value.decode("latin-1"))
+        hops: list[tuple[str | None, str | None]]
         if b"forwarded" in found:
             elements = parse_forwarded(",".join(found[b"forwarded"]))
             hops = [(element.get("for"), element.get("proto")) for element in elements]
@@ -179,23 +186,31 @@ class TrustedProxies:
                      for node in value.split(",") if node.strip()]
             protos = [proto.strip() for value in found.get(b"x-forwarded-proto", [])
                       for proto in value.split(",") if proto.strip()]
-            # One protocol per hop, or one set by the nearest proxy for all of them.
-            hops = [(node, protos[i] if len(protos) == len(chain) else
-                     (protos[-1] if protos else None)) for i, node in enumerate(chain)]
+            if len(protos) == len(chain):
+                hops = list(zip(chain, protos, strict=True))
+            else:
+                # Not one protocol per hop: only the nearest proxy's is read, with its hop
+                # (no address at all: a hop that names no client, as `Forwarded: proto=`).
+                hops = [(node, None) for node in chain] or [(None, None)]
+                hops[-1] = (hops[-1][0], protos[-1] if protos else None)
         client: IPAddress | None = peer
         proto = None
+        # The address and the protocol are read apart: each hop read gives the client's
+        # protocol when it names one, and the address when it names one.
         for node, hop_proto in reversed(hops):
+            if hop_proto is not None:
+                proto = hop_proto.lower()
+                if proto not in SCHEMES:
+                    raise MalformedForwarding(f"{hop_proto!r} is not a protocol of this server")
             if node is None:
                 break
             address = node_address(node)
             if address is None:
                 break
-            client, proto = address, hop_proto
+            client = address
             if not self.trusts(address):
                 break
-        if proto is not None and proto.lower() not in SCHEMES:
-            raise MalformedForwarding(f"{proto!r} is not a protocol of this server")
-        return client, None if proto is None else proto.lower()
+        return client, proto
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

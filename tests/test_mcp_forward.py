@@ -185,6 +185,7 @@ def port_of(address: str) -> int:
     return int(address.rsplit(":", 1)[1])
 
 
+@pytest.mark.one_process  # serves the in-process app behind a forwarder of its own
 async def test_mcp_forward_answers_carry_the_relaying_servers_own_headers_once(
     server: BrokerServer, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:

@@ -132,6 +132,7 @@ async def test_proxies_trusted_peer_names_the_client(settings: Settings) -> None
                 f"https://127.0.0.1:{s.server.port}/v1/files/"), headers
 
 
+@pytest.mark.one_process  # an injected rate limiter with a fixed clock
 @pytest.mark.parametrize(("headers", "scheme", "client"), [
     ({"X-Forwarded-Proto": "https"}, "https", "127.0.0.1"),
     ({"Forwarded": "proto=https"}, "https", "127.0.0.1"),

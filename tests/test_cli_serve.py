@@ -1,4 +1,5 @@
-"""`broker serve` as a process: settings from TOML and flags, start, answer, stop on SIGTERM."""
+"""`broker serve` as a process: settings from TOML and flags, start, answer, stop on SIGTERM,
+refuse a port in use."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import trio
 
 from broker.cli import build_parser, settings_for
 from broker.config import ConfigError, load_settings
-from tests.helpers.daemon import run_daemon
+from tests.helpers.daemon import refused_start, run_daemon
 
 PROCESS_DEADLINE_S = 30
 
@@ -96,3 +97,20 @@ async def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> Non
             assert await process.wait() == 0, output.decode()
     assert b"stopped" in output
     assert (tmp_path / "data" / "broker.db").exists()
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["1proc", "2workers"])
+async def test_serve_on_the_port_of_a_running_daemon_exits_2(tmp_path: Path, workers: int) -> None:
+    """A second daemon (its own data directory) on the port a `--workers 2` daemon serves
+    stops at start, in either process model: one line on stderr naming the address,
+    exit 2, its database never opened; the first daemon keeps the port."""
+    with trio.fail_after(2 * PROCESS_DEADLINE_S):
+        async with run_daemon(tmp_path / "first", workers=2) as daemon:
+            port = int(daemon.url.rsplit(":", 1)[1])
+            done = await refused_start(tmp_path / "second", port=port, workers=workers)
+            async with httpx.AsyncClient(base_url=daemon.url) as client:
+                created = await client.post("/v1/workspaces", json={"name": "first"})
+                assert created.status_code == 201
+    assert (done.returncode, done.stderr.decode()) == (
+        2, f"broker: cannot listen on 127.0.0.1:{port}: address already in use\n"), done
+    assert not (tmp_path / "second" / "broker.db").exists()

@@ -7,8 +7,10 @@ REST, WebSocket, Relaycast and README test modules in both process models
 
 from __future__ import annotations
 
+import errno
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -172,6 +174,24 @@ async def test_workers_metrics_describe_the_whole_daemon(tmp_path: Path) -> None
     assert found and float(found.group(1)) == requests, text
     batches = re.search(r"^broker_writer_commands_total (\S+)$", text, re.MULTILINE)
     assert batches and float(batches.group(1)) >= 5, text  # ResetPresence + the world
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["1proc", "2workers"])
+async def test_workers_port_is_held_alone(tmp_path: Path, workers: int) -> None:
+    """No other socket can join the daemon's port, not even one with SO_REUSEPORT (which
+    would share a port held with SO_REUSEPORT): the kernel would spread requests over
+    two daemons' databases."""
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with serve(tmp_path / "data", workers=workers) as server:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as intruder:
+                intruder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                intruder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                with pytest.raises(OSError) as refused:
+                    intruder.bind(("127.0.0.1", server.port))
+                    intruder.listen()
+            async with httpx.AsyncClient(base_url=str(server.url)) as http:
+                assert (await http.get("/healthz")).status_code == 200
+    assert refused.value.errno == errno.EADDRINUSE
 
 
 @SDK_CLIENT_STREAMS

@@ -2,15 +2,17 @@
 
 Started by the writer process (`broker.workers.writer_side.GatewayPool`) as
 
-    python -m broker.workers.gateway_process INDEX COUNT LINK_FD
+    python -m broker.workers.gateway_process INDEX COUNT LINK_FD LISTEN_FD
 
-The first message on the link is the daemon's settings (with the port the
-writer process holds: every gateway listens on it with SO_REUSEPORT). The process then
-opens its own reader pool, builds the same app as one process does (REST,
-the WebSocket gateway, files, inbound hooks, health and metrics) on a
-`GatewayEngine`, listens, says so on the link, and serves until the
-writer process says stop. It exits with EXIT_WRITER_LOST as soon as the
-link ends otherwise: a gateway never outlives its writer.
+LISTEN_FD is the port's listening socket, opened by the writer process and
+inherited by every gateway (`broker.http.listener`). The first message on
+the link is the daemon's settings (with the port the writer process
+listens on). The process then opens its own reader pool, builds the
+same app as one process does (REST, the WebSocket gateway, files, inbound
+hooks, health and metrics) on a `GatewayEngine`, listens, says so on the
+link, and serves until the writer process says stop. It exits with
+EXIT_WRITER_LOST as soon as the link ends otherwise: a gateway never
+outlives its writer.
 """
 
 from __future__ import annotations
@@ -162,10 +164,12 @@ class GatewayMetrics(BrokerMetrics):
 class GatewayProcess:
     """One gateway process's lifetime; `run` until the writer says stop."""
 
-    def __init__(self, index: int, count: int, link: Link) -> None:
+    def __init__(self, index: int, count: int, link: Link, listen_fd: int) -> None:
+        """listen_fd: the port's listening socket, which hypercorn takes over."""
         self.index = index
         self.count = count
         self.link = link
+        self.listen_fd = listen_fd
         self.stop = trio.Event()
         self.commit = 0
         self.gaps = 0
@@ -228,7 +232,7 @@ class GatewayProcess:
                 await services.start(service)
             metrics.count_refusals(limiter)
             app = create_app(engine, settings, metrics, routes, limiter)
-            config = hypercorn_config(settings, [f"fd://{shared_port(settings)}"], private)
+            config = hypercorn_config(settings, [f"fd://{self.listen_fd}"], private)
             metrics.gc_pauses.install()
             async with trio.open_nursery() as http:
                 bound: list[str] = await http.start(
@@ -302,21 +306,6 @@ class GatewayProcess:
                 session.queue.fall_behind()
 
 
-def shared_port(settings: Settings) -> int:
-    """A listening socket on the daemon's port, beside the other gateways' (SO_REUSEPORT):
-    its descriptor, which hypercorn then owns."""
-    http = settings.http
-    sock = socket.socket(socket.AF_INET6 if ":" in http.host else socket.AF_INET,
-                         socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    # Accepted sockets inherit it: as hypercorn sets it on the sockets it makes.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((http.host, http.port))
-    sock.listen(socket.SOMAXCONN)
-    return sock.detach()
-
-
 def configure_logging(level: str) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(stream=sys.stdout, level=level,
@@ -324,7 +313,7 @@ def configure_logging(level: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    index, count, link_fd = (int(a) for a in argv[:3])
+    index, count, link_fd, listen_fd = (int(a) for a in argv[:4])
     # A terminal's Ctrl-C, `timeout` or systemd's KillMode=control-group
     # signal the whole group: the writer process alone decides when the
     # gateways stop (over the link), so that they drain before it does.
@@ -334,7 +323,7 @@ def main(argv: list[str]) -> int:
 
     async def run() -> None:
         link = Link(trio.SocketStream(trio.socket.from_stdlib_socket(link_sock)))
-        await GatewayProcess(index, count, link).run()
+        await GatewayProcess(index, count, link, listen_fd).run()
 
     trio.run(run)
     return 0

@@ -20,9 +20,10 @@ connected. The host keeps which gateways hold each agent and drops the
 heartbeat timeout (`ExpirePresence`) of one gateway never expires an agent
 connected to another.
 
-`GatewayPool` starts the gateway processes on one port (SO_REUSEPORT), waits
-until every one listens, and watches them: one that exits while the daemon
-is not stopping raises `WorkerDied`, so the daemon exits non-zero.
+`GatewayPool` starts the gateway processes on the daemon's one listening
+socket (`broker.http.listener`: each inherits it), waits until every one
+listens, and watches them: one that exits while the daemon is not stopping
+raises `WorkerDied`, so the daemon exits non-zero.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from broker.config import Settings
 from broker.engine.agents import ExpirePresence, SetPresence
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
+from broker.http.listener import address
 from broker.http.metrics import BrokerMetrics
 from broker.workers.channel import (
     Link,
@@ -260,10 +262,14 @@ class WriterHost:
 class GatewayPool:
     """The gateway processes: start with `url = await nursery.start(pool.run, stopping)`."""
 
-    def __init__(self, settings: Settings, host: WriterHost, count: int) -> None:
+    def __init__(self, settings: Settings, host: WriterHost, count: int,
+                 listener: socket.socket) -> None:
+        """listener: the port's listening socket (`broker.http.listener.open_listener`),
+        which every gateway inherits; `run` closes this process's copy."""
         self.settings = settings
         self.host = host
         self.count = count
+        self.listener = listener
         self.processes: list[trio.Process] = []
         self.run_dir: Path | None = None
         self._listening: dict[int, str] = {}
@@ -277,29 +283,20 @@ class GatewayPool:
 
     async def run(self, stopping: trio.Event, *,
                   task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start every gateway on the port; `started(url)` once all listen.
+        """Start every gateway on the listening socket; `started(url)` once all listen.
 
         After `stopping` is set, tell each gateway to stop and wait until
         they have exited. Raises WorkerDied if one exits before that.
         """
         http = self.settings.http
-        family = socket.AF_INET6 if ":" in http.host else socket.AF_INET
-        # Holds the port (port 0 picks one) without listening: each gateway
-        # binds its own listening socket to it with SO_REUSEPORT, and the
-        # kernel spreads new connections over them evenly (one shared
-        # listening socket would hand most of them to whichever process
-        # waits in accept first).
-        holder = socket.socket(family, socket.SOCK_STREAM)
+        listener = self.listener
         # A private directory (0700) for gateway 0's Unix socket.
         self.run_dir = Path(tempfile.mkdtemp(prefix="broker-run-"))
         links: list[Link] = []
         ends: list[socket.socket] = []
         try:
-            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            holder.bind((http.host, http.port))
-            host, port = holder.getsockname()[:2]
-            shown = f"[{host}]" if ":" in host else host
-            url = f"{'https' if http.tls.enabled else 'http'}://{shown}:{port}"
+            host, port = listener.getsockname()[:2]
+            url = f"{'https' if http.tls.enabled else 'http'}://{address(host, port)}"
             listen = msgspec.structs.replace(http, port=port)
             settings = msgspec.structs.replace(self.settings, http=listen)
             hello = msgspec.json.encode(settings)
@@ -311,8 +308,9 @@ class GatewayPool:
                     try:
                         process = await trio.lowlevel.open_process(
                             [sys.executable, "-m", "broker.workers.gateway_process",
-                             str(index), str(self.count), str(theirs.fileno())],
-                            pass_fds=(theirs.fileno(),), env=environ,
+                             str(index), str(self.count), str(theirs.fileno()),
+                             str(listener.fileno())],
+                            pass_fds=(theirs.fileno(), listener.fileno()), env=environ,
                             stdin=subprocess.DEVNULL)
                     finally:
                         theirs.close()
@@ -326,7 +324,9 @@ class GatewayPool:
                     nursery.start_soon(self._watch, index, process, stopping)
                 with trio.fail_after(START_TIMEOUT_S):
                     await self._all_listening.wait()
-                holder.close()  # every gateway listens on the port now
+                # Every gateway holds the socket now: once they all close it at
+                # stop, the port is closed (no queue left that nobody accepts).
+                listener.close()
                 log.info("broker listening on %s (%d gateway processes, pids %s; data in %s)",
                          url, self.count, " ".join(str(p.pid) for p in self.processes),
                          self.settings.data_dir)
@@ -347,7 +347,7 @@ class GatewayPool:
                     link.close()
                 nursery.cancel_scope.cancel()
         finally:
-            holder.close()
+            listener.close()
             for end in ends:
                 end.close()
             for process in self.processes:

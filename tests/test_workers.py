@@ -163,7 +163,7 @@ async def test_workers_metrics_describe_the_whole_daemon(tmp_path: Path) -> None
     with trio.fail_after(TEST_DEADLINE_S):
         async with serve(tmp_path / "data", workers=2) as server:
             requests = 12
-            for _ in range(requests):  # new connections: the kernel spreads them
+            for _ in range(requests):  # new connections: either gateway may take each
                 async with httpx.AsyncClient(base_url=str(server.url)) as http:
                     assert (await http.get("/healthz")).status_code == 200
             await make_world(server.engine)
@@ -197,8 +197,8 @@ async def test_workers_port_is_held_alone(tmp_path: Path, workers: int) -> None:
 @SDK_CLIENT_STREAMS
 async def test_workers_mcp_answers_on_every_gateway(tmp_path: Path) -> None:
     """MCP lives in gateway 0; the other gateways forward /mcp to it, so every connection
-    gets MCP's own answers (SO_REUSEPORT spreads 16 fresh connections over both gateways:
-    all on one would be a 1 in 2^15 chance), and a session opened through one
+    gets MCP's own answers (16 fresh connections, each served by whichever gateway
+    accepts it first on the shared socket), and a session opened through one
     connection is known through any other."""
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
     with trio.fail_after(TEST_DEADLINE_S):

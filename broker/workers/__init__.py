@@ -13,12 +13,16 @@ writer thread share one GIL). With `server.workers` = N > 1
                   actor on the one write connection and its lock, the sweeps,
                   the file sweep, the webhook dispatcher
 
-- The writer process opens the engine, resets presence, starts its services,
-  binds the port, then starts the gateways (`GatewayPool`: fresh
-  interpreters, `python -m broker.workers.gateway_process`, the listening
-  socket and one end of a socketpair passed as file descriptors). It
-  reports started (and `broker serve` sends READY=1) only once every
-  gateway listens.
+- The writer process opens the port's one listening socket (before the
+  database, without SO_REUSEPORT: no other process can listen on the
+  address while it is open; `broker.http.listener`), opens the engine,
+  resets presence, starts its services, then starts the gateways
+  (`GatewayPool`: fresh interpreters, `python -m
+  broker.workers.gateway_process`, the listening socket and one end of a
+  socketpair passed as file descriptors), and closes its own copy of the
+  socket once every gateway listens. A new connection goes to whichever
+  gateway accepts it first. It reports started (and `broker serve` sends
+  READY=1) only once every gateway listens.
 - A gateway submits every write as a command over its link
   (`broker.workers.channel`) and reads through its own reader pool: the
   HTTP app and the gateway run on a `GatewayEngine`, which offers what

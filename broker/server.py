@@ -10,9 +10,9 @@ Lifetimes nest like this, outermost first:
 so a stop first stops accepting, then lets queued commands commit, then
 closes the database, and only then ends the services that consume the
 writer's committed facts (the writer never blocks on a missing consumer).
-Before all of them the port's listening socket is opened
-(`broker.http.listener`): a port in use stops the start before the
-database is opened; hypercorn, or every gateway process, serves that socket.
+Before all of them the daemon claims the port and binds it
+(`broker.http.listener`): a port in use, by another broker or not, stops
+the start before the database is opened.
 
 With `server.workers` >= 2 this process keeps the engine and the writer's
 services (`writer_services`) and the gateway processes serve the port
@@ -47,7 +47,7 @@ from broker.filestore import FILE_SWEEP_INTERVAL_S, FileStore, run_file_sweep
 from broker.gateway import Gateway, frame_buffer, transport
 from broker.http.app import create_app
 from broker.http.files import file_routes
-from broker.http.listener import LISTEN_BACKLOG, open_listener
+from broker.http.listener import LISTEN_BACKLOG, claim_and_bind
 from broker.http.metrics import BrokerMetrics
 from broker.http.tls import check_tls, configure_tls
 from broker.mcp import McpSurface
@@ -183,12 +183,14 @@ class BrokerServer:
         """
         check_tls(self.settings.http.tls)
         # The port first: a second daemon on it stops here, its database untouched.
-        listener = open_listener(self.settings.http)
-        with listener:
-            if self.settings.server.gateway_processes():
-                await self._run_with_workers(listener, task_status=task_status)
+        # The claim is held until the daemon ends (broker.http.listener).
+        workers = self.settings.server.gateway_processes()
+        claim, sock = claim_and_bind(self.settings.http, listen=not workers)
+        with claim, sock:
+            if workers:
+                await self._run_with_workers(sock, task_status=task_status)
             else:
-                await self._run_in_one_process(listener, task_status=task_status)
+                await self._run_in_one_process(sock, task_status=task_status)
 
     async def _run_in_one_process(
         self, listener: socket.socket, *,
@@ -223,12 +225,12 @@ class BrokerServer:
         log.info("broker %s: stopped", self.url)
 
     async def _run_with_workers(
-        self, listener: socket.socket, *,
+        self, holder: socket.socket, *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """This process holds the writer and its services; gateway processes serve
-        `listener`, which each inherits (`broker.workers`). Ends after the gateways
-        have drained and exited."""
+        """This process holds the writer and its services; gateway processes serve the
+        port that `holder` holds, each with a socket of its own (`broker.workers`).
+        Ends after the gateways have drained and exited."""
         settings = self.settings
         count = settings.server.gateway_processes()
         async with trio.open_nursery() as services:
@@ -237,7 +239,7 @@ class BrokerServer:
                 await services.start(host.distribute)
                 for service in self.writer_services(engine, metrics):
                     await services.start(service)
-                self.pool = pool = GatewayPool(settings, host, count, listener)
+                self.pool = pool = GatewayPool(settings, host, count, holder)
                 async with trio.open_nursery() as gateways:
                     self.url = await gateways.start(pool.run, self._stop)
                     self.port = int(self.url.rsplit(":", 1)[1])
@@ -334,8 +336,8 @@ def hypercorn_config(
     settings: Settings, binds: Sequence[str], private: Sequence[str] = (),
 ) -> HypercornConfig:
     """hypercorn's configuration; binds: the port's listening socket (`fd://N`, from
-    `broker.http.listener`); private: binds served without TLS even when the port
-    has it (gateway 0's Unix socket, reached from the other gateways only)."""
+    `broker.http.listener.open_listener`); private: binds served without TLS even when
+    the port has it (gateway 0's Unix socket, reached from the other gateways only)."""
     http = settings.http
     config = HypercornConfig()
     config.bind = list(binds)
@@ -346,7 +348,8 @@ def hypercorn_config(
     else:
         config.bind += private
     config.graceful_timeout = http.shutdown_grace_seconds
-    # hypercorn calls listen() again on a socket it is handed: keep its queue.
+    # hypercorn calls listen() again on every socket it serves, with a backlog of
+    # 100 unless told: keep the kernel's cap, in one process and in each gateway.
     config.backlog = LISTEN_BACKLOG
     config.accesslog = None
     # Larger WebSocket frames are refused (1009) before they are buffered whole,

@@ -27,8 +27,8 @@ ROUNDS = 3
 
 
 async def test_mcp_two_workers_session_wait_and_notifications(tmp_path: Path) -> None:
-    """bob (2025 session, a new connection per request, so his requests may land on
-    either gateway) waits, and each wait returns with alice's post; his GET stream hears of
+    """bob (2025 session, a new connection per request, so his requests land on both
+    gateways) waits, and each wait returns with alice's post; his GET stream hears of
     each; alice (2026) listens to her own inbox and hears of bob's DMs."""
     with trio.fail_after(DEADLINE_S):
         async with serve(tmp_path / "data", workers=2) as server:

@@ -2,17 +2,16 @@
 
 Started by the writer process (`broker.workers.writer_side.GatewayPool`) as
 
-    python -m broker.workers.gateway_process INDEX COUNT LINK_FD LISTEN_FD
+    python -m broker.workers.gateway_process INDEX COUNT LINK_FD
 
-LISTEN_FD is the port's listening socket, opened by the writer process and
-inherited by every gateway (`broker.http.listener`). The first message on
-the link is the daemon's settings (with the port the writer process
-listens on). The process then opens its own reader pool, builds the
-same app as one process does (REST, the WebSocket gateway, files, inbound
-hooks, health and metrics) on a `GatewayEngine`, listens, says so on the
-link, and serves until the writer process says stop. It exits with
-EXIT_WRITER_LOST as soon as the link ends otherwise: a gateway never
-outlives its writer.
+The first message on the link is the daemon's settings (with the port the
+writer process holds and has claimed: every gateway listens on it with a
+socket of its own and SO_REUSEPORT; `broker.http.listener`). The process then
+opens its own reader pool, builds the same app as one process does (REST,
+the WebSocket gateway, files, inbound hooks, health and metrics) on a
+`GatewayEngine`, listens, says so on the link, and serves until the
+writer process says stop. It exits with EXIT_WRITER_LOST as soon as the
+link ends otherwise: a gateway never outlives its writer.
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ from broker.gateway import Gateway
 from broker.gateway.delivery import DeliverySession
 from broker.gc_tuning import settle_heap
 from broker.http.app import create_app
+from broker.http.listener import open_listener
 from broker.http.metrics import BrokerMetrics
 from broker.mcp import MCP_PATH
 from broker.mcp.endpoint import TokenCheck
@@ -164,12 +164,10 @@ class GatewayMetrics(BrokerMetrics):
 class GatewayProcess:
     """One gateway process's lifetime; `run` until the writer says stop."""
 
-    def __init__(self, index: int, count: int, link: Link, listen_fd: int) -> None:
-        """listen_fd: the port's listening socket, which hypercorn takes over."""
+    def __init__(self, index: int, count: int, link: Link) -> None:
         self.index = index
         self.count = count
         self.link = link
-        self.listen_fd = listen_fd
         self.stop = trio.Event()
         self.commit = 0
         self.gaps = 0
@@ -232,7 +230,9 @@ class GatewayProcess:
                 await services.start(service)
             metrics.count_refusals(limiter)
             app = create_app(engine, settings, metrics, routes, limiter)
-            config = hypercorn_config(settings, [f"fd://{self.listen_fd}"], private)
+            # Beside the other gateways' sockets (SO_REUSEPORT); hypercorn owns it.
+            port = open_listener(settings.http, reuse_port=True).detach()
+            config = hypercorn_config(settings, [f"fd://{port}"], private)
             metrics.gc_pauses.install()
             async with trio.open_nursery() as http:
                 bound: list[str] = await http.start(
@@ -313,7 +313,7 @@ def configure_logging(level: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    index, count, link_fd, listen_fd = (int(a) for a in argv[:4])
+    index, count, link_fd = (int(a) for a in argv[:3])
     # A terminal's Ctrl-C, `timeout` or systemd's KillMode=control-group
     # signal the whole group: the writer process alone decides when the
     # gateways stop (over the link), so that they drain before it does.
@@ -323,7 +323,7 @@ def main(argv: list[str]) -> int:
 
     async def run() -> None:
         link = Link(trio.SocketStream(trio.socket.from_stdlib_socket(link_sock)))
-        await GatewayProcess(index, count, link, listen_fd).run()
+        await GatewayProcess(index, count, link).run()
 
     trio.run(run)
     return 0

@@ -20,10 +20,10 @@ connected. The host keeps which gateways hold each agent and drops the
 heartbeat timeout (`ExpirePresence`) of one gateway never expires an agent
 connected to another.
 
-`GatewayPool` starts the gateway processes on the daemon's one listening
-socket (`broker.http.listener`: each inherits it), waits until every one
-listens, and watches them: one that exits while the daemon is not stopping
-raises `WorkerDied`, so the daemon exits non-zero.
+`GatewayPool` starts the gateway processes on the daemon's port (each
+listens with a socket of its own and SO_REUSEPORT; `broker.http.listener`),
+waits until every one listens, and watches them: one that exits while the
+daemon is not stopping raises `WorkerDied`, so the daemon exits non-zero.
 """
 
 from __future__ import annotations
@@ -263,13 +263,13 @@ class GatewayPool:
     """The gateway processes: start with `url = await nursery.start(pool.run, stopping)`."""
 
     def __init__(self, settings: Settings, host: WriterHost, count: int,
-                 listener: socket.socket) -> None:
-        """listener: the port's listening socket (`broker.http.listener.open_listener`),
-        which every gateway inherits; `run` closes this process's copy."""
+                 holder: socket.socket) -> None:
+        """holder: a socket bound to the port, not listening (`broker.http.listener.
+        hold_port`), which keeps it until every gateway listens; `run` closes it."""
         self.settings = settings
         self.host = host
         self.count = count
-        self.listener = listener
+        self.holder = holder
         self.processes: list[trio.Process] = []
         self.run_dir: Path | None = None
         self._listening: dict[int, str] = {}
@@ -283,19 +283,24 @@ class GatewayPool:
 
     async def run(self, stopping: trio.Event, *,
                   task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start every gateway on the listening socket; `started(url)` once all listen.
+        """Start every gateway on the port; `started(url)` once all listen.
 
         After `stopping` is set, tell each gateway to stop and wait until
         they have exited. Raises WorkerDied if one exits before that.
         """
         http = self.settings.http
-        listener = self.listener
+        # The holder keeps the port (port 0: the one the kernel picked) without
+        # listening: each gateway binds its own listening socket to it with
+        # SO_REUSEPORT, and the kernel spreads new connections over them evenly
+        # (one shared listening socket hands most of them to whichever process
+        # waits in accept first). The daemon's claim keeps other brokers off it.
+        holder = self.holder
         # A private directory (0700) for gateway 0's Unix socket.
         self.run_dir = Path(tempfile.mkdtemp(prefix="broker-run-"))
         links: list[Link] = []
         ends: list[socket.socket] = []
         try:
-            host, port = listener.getsockname()[:2]
+            host, port = holder.getsockname()[:2]
             url = f"{'https' if http.tls.enabled else 'http'}://{address(host, port)}"
             listen = msgspec.structs.replace(http, port=port)
             settings = msgspec.structs.replace(self.settings, http=listen)
@@ -308,9 +313,8 @@ class GatewayPool:
                     try:
                         process = await trio.lowlevel.open_process(
                             [sys.executable, "-m", "broker.workers.gateway_process",
-                             str(index), str(self.count), str(theirs.fileno()),
-                             str(listener.fileno())],
-                            pass_fds=(theirs.fileno(), listener.fileno()), env=environ,
+                             str(index), str(self.count), str(theirs.fileno())],
+                            pass_fds=(theirs.fileno(),), env=environ,
                             stdin=subprocess.DEVNULL)
                     finally:
                         theirs.close()
@@ -324,9 +328,7 @@ class GatewayPool:
                     nursery.start_soon(self._watch, index, process, stopping)
                 with trio.fail_after(START_TIMEOUT_S):
                     await self._all_listening.wait()
-                # Every gateway holds the socket now: once they all close it at
-                # stop, the port is closed (no queue left that nobody accepts).
-                listener.close()
+                holder.close()  # every gateway listens on the port now
                 log.info("broker listening on %s (%d gateway processes, pids %s; data in %s)",
                          url, self.count, " ".join(str(p.pid) for p in self.processes),
                          self.settings.data_dir)
@@ -347,7 +349,7 @@ class GatewayPool:
                     link.close()
                 nursery.cancel_scope.cancel()
         finally:
-            listener.close()
+            holder.close()
             for end in ends:
                 end.close()
             for process in self.processes:

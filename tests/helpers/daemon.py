@@ -29,6 +29,7 @@ from broker.server import BrokerServer
 
 FAST_ENGINE = EngineConfig(synchronous="NORMAL")
 SERVING = re.compile(rb"^STATUS=serving on (http://127\.0\.0\.1:\d+)$", re.MULTILINE)
+GATEWAY_PIDS = re.compile(rb"gateway processes, pids ([\d ]+);")
 
 
 # -- in process ------------------------------------------------------------------------
@@ -66,6 +67,23 @@ async def serve(
 # -- as a subprocess ---------------------------------------------------------------------
 
 
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def wait_gone(pids: list[int]) -> None:
+    """Wait until none of `pids` is alive."""
+    while True:  # /proc says when: polled
+        if not any(alive(pid) for pid in pids):
+            return
+        await trio.sleep(0.02)
+
+
 class Daemon:
     """A running `broker serve`: its process, URL, output so far and notify socket.
 
@@ -84,6 +102,14 @@ class Daemon:
 
     def kill(self) -> None:
         self.process.kill()
+
+    async def gateway_pids(self) -> list[int]:
+        """The gateway processes (`--workers` > 1) the daemon logged before READY=1."""
+        while True:  # logged before READY=1; the output is read by another task
+            found = GATEWAY_PIDS.search(self.output)
+            if found is not None:
+                return [int(pid) for pid in found.group(1).split()]
+            await trio.sleep(0.01)
 
     async def finished(self) -> bytes:
         """Wait until the process has exited and its output ended; all of its output."""
@@ -127,16 +153,21 @@ def _serve_command(data_dir: Path, workers: int, port: int, extra: tuple[str, ..
 @asynccontextmanager
 async def run_daemon(
     data_dir: Path, *extra: str, env: dict[str, str] | None = None, workers: int = 1,
+    port: int = 0, new_session: bool = False,
 ) -> AsyncIterator[Daemon]:
     """Start the daemon, yield once it has sent READY=1; on exit kill it if it still runs.
 
     workers: `--workers` (1: one process; more: a writer process and that many gateways).
+    new_session: in a session and process group of its own, whose id is its pid
+    (`os.killpg` then reaches every process of the daemon, as systemd's
+    KillMode=control-group does).
     """
     async with _notify_socket(env) as (notifications, environ):
         async with trio.open_nursery() as nursery:
             process: trio.Process = await nursery.start(partial(
-                trio.run_process, _serve_command(data_dir, workers, 0, extra),
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False, env=environ))
+                trio.run_process, _serve_command(data_dir, workers, port, extra),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False, env=environ,
+                start_new_session=new_session))
             daemon = Daemon(process, notifications)
             nursery.start_soon(daemon._drain)
             try:

@@ -21,7 +21,9 @@ Exit status: 0 on success and after a clean stop (SIGINT or SIGTERM; a
 second signal stops at once), 1 when `check` finds a problem or a gateway
 process of `serve` died (the daemon never runs half alive), 2 for a bad
 configuration (a TLS file that cannot be used included), an unusable data
-directory, or a database the broker
+directory, a port it cannot listen on (in use: `broker: cannot listen on
+127.0.0.1:8787: address already in use`; by another broker: `... another
+broker daemon holds port 8787`), or a database the broker
 refuses to open (each reported as one line on stderr).
 """
 

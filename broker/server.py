@@ -10,6 +10,9 @@ Lifetimes nest like this, outermost first:
 so a stop first stops accepting, then lets queued commands commit, then
 closes the database, and only then ends the services that consume the
 writer's committed facts (the writer never blocks on a missing consumer).
+Before all of them the daemon claims the port and binds it
+(`broker.http.listener`): a port in use, by another broker or not, stops
+the start before the database is opened.
 
 With `server.workers` >= 2 this process keeps the engine and the writer's
 services (`writer_services`) and the gateway processes serve the port
@@ -25,6 +28,7 @@ server: the WebSocket gateway (`broker.gateway`), whose fanout hub consumes
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -43,6 +47,7 @@ from broker.filestore import FILE_SWEEP_INTERVAL_S, FileStore, run_file_sweep
 from broker.gateway import Gateway, frame_buffer, transport
 from broker.http.app import create_app
 from broker.http.files import file_routes
+from broker.http.listener import LISTEN_BACKLOG, claim_and_bind
 from broker.http.metrics import BrokerMetrics
 from broker.http.tls import check_tls, configure_tls
 from broker.mcp import McpSurface
@@ -173,12 +178,25 @@ class BrokerServer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the engine, serve until `stop()`, then shut down in order.
 
-        Raises ConfigError (before the database is opened) for an unusable TLS file.
+        Raises, before the database is opened, ConfigError for an unusable TLS
+        file and StartupError when the port cannot be listened on (in use).
         """
         check_tls(self.settings.http.tls)
-        if self.settings.server.gateway_processes():
-            await self._run_with_workers(task_status=task_status)
-            return
+        # The port first: a second daemon on it stops here, its database untouched.
+        # The claim is held until the daemon ends (broker.http.listener).
+        workers = self.settings.server.gateway_processes()
+        claim, sock = claim_and_bind(self.settings.http, listen=not workers)
+        with claim, sock:
+            if workers:
+                await self._run_with_workers(sock, task_status=task_status)
+            else:
+                await self._run_in_one_process(sock, task_status=task_status)
+
+    async def _run_in_one_process(
+        self, listener: socket.socket, *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Everything in this process: hypercorn serves `listener`."""
         settings = self.settings
         async with trio.open_nursery() as services:
             async with self._open_engine(BrokerMetrics) as (engine, metrics):
@@ -188,7 +206,9 @@ class BrokerServer:
                 metrics.count_refusals(self.limiter)
                 app = self.app = create_app(engine, settings, metrics, extra_routes,
                                             self.limiter)
-                config = hypercorn_config(settings)
+                # hypercorn owns the socket from here: once it stops accepting,
+                # the port is closed, not left queueing connections nobody accepts.
+                config = hypercorn_config(settings, [f"fd://{listener.detach()}"])
                 async with trio.open_nursery() as http:
                     binds: list[str] = await http.start(
                         lambda task_status: serve(
@@ -205,10 +225,12 @@ class BrokerServer:
         log.info("broker %s: stopped", self.url)
 
     async def _run_with_workers(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, holder: socket.socket, *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """This process holds the writer and its services; gateway processes serve the port
-        (`broker.workers`). Ends after the gateways have drained and exited."""
+        """This process holds the writer and its services; gateway processes serve the
+        port that `holder` holds, each with a socket of its own (`broker.workers`).
+        Ends after the gateways have drained and exited."""
         settings = self.settings
         count = settings.server.gateway_processes()
         async with trio.open_nursery() as services:
@@ -217,7 +239,7 @@ class BrokerServer:
                 await services.start(host.distribute)
                 for service in self.writer_services(engine, metrics):
                     await services.start(service)
-                self.pool = pool = GatewayPool(settings, host, count)
+                self.pool = pool = GatewayPool(settings, host, count, holder)
                 async with trio.open_nursery() as gateways:
                     self.url = await gateways.start(pool.run, self._stop)
                     self.port = int(self.url.rsplit(":", 1)[1])
@@ -312,15 +334,14 @@ def gateway_front(
 
 
 def hypercorn_config(
-    settings: Settings, binds: Sequence[str] | None = None, private: Sequence[str] = (),
+    settings: Settings, binds: Sequence[str], private: Sequence[str] = (),
 ) -> HypercornConfig:
-    """hypercorn's configuration; binds: where to listen (default: settings.http);
-    private: binds served without TLS even when the port has it (gateway 0's
-    Unix socket, reached from the other gateways only)."""
+    """hypercorn's configuration; binds: the port's listening socket (`fd://N`, from
+    `broker.http.listener.open_listener`); private: binds served without TLS even when
+    the port has it (gateway 0's Unix socket, reached from the other gateways only)."""
     http = settings.http
     config = HypercornConfig()
-    host = f"[{http.host}]" if ":" in http.host else http.host
-    config.bind = list(binds) if binds is not None else [f"{host}:{http.port}"]
+    config.bind = list(binds)
     # Every process that serves the port speaks TLS when it is set.
     configure_tls(config, http.tls)
     if config.ssl_enabled:
@@ -328,6 +349,9 @@ def hypercorn_config(
     else:
         config.bind += private
     config.graceful_timeout = http.shutdown_grace_seconds
+    # hypercorn calls listen() again on every socket it serves, with a backlog of
+    # 100 unless told: keep the kernel's cap, in one process and in each gateway.
+    config.backlog = LISTEN_BACKLOG
     config.accesslog = None
     # Larger WebSocket frames are refused (1009) before they are buffered whole,
     # by a buffer that survives the refusal (broker.gateway.frame_buffer).

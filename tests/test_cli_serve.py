@@ -1,9 +1,11 @@
-"""`broker serve` as a process: settings from TOML and flags, start, answer, stop on SIGTERM."""
+"""`broker serve` as a process: settings from TOML and flags, start, answer, stop on SIGTERM,
+refuse a port in use."""
 
 from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ import trio
 
 from broker.cli import build_parser, settings_for
 from broker.config import ConfigError, load_settings
-from tests.helpers.daemon import run_daemon
+from tests.helpers.daemon import refused_start, run_daemon
 
 PROCESS_DEADLINE_S = 30
 
@@ -96,3 +98,38 @@ async def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> Non
             assert await process.wait() == 0, output.decode()
     assert b"stopped" in output
     assert (tmp_path / "data" / "broker.db").exists()
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["1proc", "2workers"])
+async def test_serve_on_the_port_of_a_running_daemon_exits_2(tmp_path: Path, workers: int) -> None:
+    """A second daemon (its own data directory) on the port a `--workers 2` daemon serves
+    stops at start, in either process model: one line on stderr naming the address and
+    the other daemon, exit 2, its database never opened; the first daemon keeps the port."""
+    with trio.fail_after(2 * PROCESS_DEADLINE_S):
+        async with run_daemon(tmp_path / "first", workers=2) as daemon:
+            port = int(daemon.url.rsplit(":", 1)[1])
+            done = await refused_start(tmp_path / "second", port=port, workers=workers)
+            async with httpx.AsyncClient(base_url=daemon.url) as client:
+                created = await client.post("/v1/workspaces", json={"name": "first"})
+                assert created.status_code == 201
+    assert (done.returncode, done.stderr.decode()) == (
+        2, f"broker: cannot listen on 127.0.0.1:{port}: another broker daemon holds port "
+           f"{port}\n"), done
+    assert not (tmp_path / "second" / "broker.db").exists()
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["1proc", "2workers"])
+async def test_serve_on_a_port_another_program_listens_on_exits_2(
+    tmp_path: Path, workers: int,
+) -> None:
+    """A port that a program other than a broker listens on (no SO_REUSEPORT) stops the start
+    in either process model: one line with the kernel's reason, exit 2, no database."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with trio.fail_after(PROCESS_DEADLINE_S):
+            done = await refused_start(tmp_path / "data", port=port, workers=workers)
+    assert (done.returncode, done.stderr.decode()) == (
+        2, f"broker: cannot listen on 127.0.0.1:{port}: address already in use\n"), done
+    assert not (tmp_path / "data" / "broker.db").exists()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import signal
 from pathlib import Path
 
@@ -27,36 +26,17 @@ import trio
 
 from broker.client import ConnectionLost, RequestError, connect
 from broker.engine.backup import check
-from tests.helpers.daemon import Daemon, run_daemon
+from tests.helpers.daemon import Daemon, run_daemon, wait_gone
 
-GATEWAY_PIDS = re.compile(rb"gateway processes, pids ([\d ]+);")
 SENDERS = ("s1", "s2", "s3")
 RECIPIENTS = ("r1", "r2")
 DEADLINE_S = 300
 
 
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-async def gateway_pids(daemon: Daemon) -> list[int]:
-    """The gateway processes the daemon logged before READY=1."""
-    while True:  # logged before READY=1; the output is read by another task
-        found = GATEWAY_PIDS.search(daemon.output)
-        if found is not None:
-            return [int(pid) for pid in found.group(1).split()]
-        await trio.sleep(0.01)
-
-
 async def kill(daemon: Daemon, victim: str, workers: int) -> None:
     """SIGKILL `victim`: the daemon (every process of it), the writer process or a gateway;
     then wait until none of its processes is left."""
-    gateways = await gateway_pids(daemon) if workers > 1 else []
+    gateways = await daemon.gateway_pids() if workers > 1 else []
     if victim == "gateway":
         os.kill(gateways[0], signal.SIGKILL)
     else:
@@ -69,10 +49,7 @@ async def kill(daemon: Daemon, victim: str, workers: int) -> None:
     if victim == "gateway":
         # the writer process saw its gateway die and stopped the daemon itself
         assert status == 1, (status, daemon.output.decode()[-2000:])
-    while True:  # a gateway never outlives its writer (/proc says when: polled)
-        if not any(alive(pid) for pid in gateways):
-            return
-        await trio.sleep(0.02)
+    await wait_gone(gateways)  # a gateway never outlives its writer
 
 
 async def register(url: str) -> dict[str, str]:

@@ -7,6 +7,7 @@ REST, WebSocket, Relaycast and README test modules in both process models
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -24,17 +25,18 @@ from starlette.applications import Starlette
 
 from broker.cli import build_parser, settings_for
 from broker.client import connect
-from broker.config import ConfigError, ServerSettings, Settings, load_settings
+from broker.config import ConfigError, HttpSettings, ServerSettings, Settings, load_settings
 from broker.engine.agents import SetPresence
 from broker.engine.config import EngineConfig
-from broker.engine.errors import BrokerError
+from broker.engine.errors import BrokerError, StartupError
 from broker.engine.messages import SendChannelMessage
 from broker.http.app import service_routes
 from broker.http.errors import status_for
+from broker.http.listener import claim_and_bind
 from broker.workers import writer_side
 from broker.workers.channel import Link, LinkClosed, pack_command, unpack_command, unpack_result
 from broker.workers.gateway_process import RemoteWriter
-from tests.helpers.daemon import run_daemon, serve
+from tests.helpers.daemon import refused_start, run_daemon, serve, wait_gone
 from tests.helpers.engine import TEST_DEADLINE_S, make_world
 from tests.helpers.mcp import SDK_CLIENT_STREAMS, data, mcp_client
 from tests.helpers.realtime import _raw, closed_with, eventually, post
@@ -172,6 +174,75 @@ async def test_workers_metrics_describe_the_whole_daemon(tmp_path: Path) -> None
     assert found and float(found.group(1)) == requests, text
     batches = re.search(r"^broker_writer_commands_total (\S+)$", text, re.MULTILINE)
     assert batches and float(batches.group(1)) >= 5, text  # ResetPresence + the world
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["1proc", "2workers"])
+async def test_workers_port_is_held_alone(tmp_path: Path, workers: int) -> None:
+    """A second `broker serve --workers 2` (its gateways would join a port held with
+    SO_REUSEPORT, a kernel's matter of same user and same option) exits 2 on the port of a
+    running daemon, and the first daemon still answers every request: 20 fresh connections
+    (each hashed to a gateway by the kernel) all see its workspace."""
+    with trio.fail_after(PROCESS_DEADLINE_S):
+        async with serve(tmp_path / "first", workers=workers) as server:
+            async with httpx.AsyncClient(base_url=str(server.url)) as http:
+                created = await http.post("/v1/workspaces", json={"name": "first"})
+            key = created.json()["data"]["api_key"]
+            done = await refused_start(tmp_path / "second", port=server.port, workers=2)
+            names = []
+            for _ in range(20):
+                async with httpx.AsyncClient(
+                        base_url=str(server.url),
+                        headers={"Authorization": f"Bearer {key}"}) as http:
+                    names.append((await http.get("/v1/workspace")).json()["data"]["name"])
+    assert done.returncode == 2, done
+    assert b"another broker daemon holds port" in done.stderr, done
+    assert names == ["first"] * 20
+    assert not (tmp_path / "second" / "broker.db").exists()
+
+
+async def test_workers_port_claim_covers_every_host(tmp_path: Path) -> None:
+    """The claim names the port alone: a broker on 0.0.0.0 or [::] of the port that a daemon
+    serves on 127.0.0.1 is refused before it binds anything (with SO_REUSEPORT the kernel
+    would let the wildcard listen beside it, and hand it every connection to other local
+    addresses)."""
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with serve(tmp_path / "data", workers=2) as server:
+            refusals = []
+            for host in ("0.0.0.0", "::", "127.0.0.2"):
+                for listen in (False, True):
+                    with pytest.raises(StartupError) as refused:
+                        claim_and_bind(HttpSettings(host=host, port=server.port), listen=listen)
+                    refusals.append(str(refused.value))
+            async with httpx.AsyncClient(base_url=str(server.url)) as http:
+                assert (await http.get("/healthz")).status_code == 200
+    shown = {"0.0.0.0": "0.0.0.0", "::": "[::]", "127.0.0.2": "127.0.0.2"}
+    assert refusals == [
+        f"cannot listen on {address}:{server.port}: another broker daemon holds port "
+        f"{server.port}" for address in shown.values() for _ in (False, True)]
+
+
+async def test_workers_port_is_free_at_once_after_kill_9(tmp_path: Path) -> None:
+    """SIGKILL to every process of a `--workers 2` daemon (its process group) frees the
+    port and its claim with them: a new daemon on the same data and port starts at once
+    and serves the data of the first, though connections of the first were open."""
+    with trio.fail_after(2 * PROCESS_DEADLINE_S):
+        async with run_daemon(tmp_path / "data", workers=2, new_session=True) as first:
+            port = int(first.url.rsplit(":", 1)[1])
+            gateways = await first.gateway_pids()
+            async with httpx.AsyncClient(base_url=first.url) as http:
+                created = await http.post("/v1/workspaces", json={"name": "first"})
+                assert created.status_code == 201
+                os.killpg(first.process.pid, signal.SIGKILL)
+                assert await first.process.wait() == -signal.SIGKILL
+            await wait_gone(gateways)
+        async with run_daemon(tmp_path / "data", workers=2, port=port) as second:
+            assert second.url == first.url
+            async with httpx.AsyncClient(
+                    base_url=second.url,
+                    headers={"Authorization": f"Bearer {created.json()['data']['api_key']}"},
+            ) as http:
+                again = await http.get("/v1/workspace")
+    assert (again.status_code, again.json()["data"]["name"]) == (200, "first")
 
 
 @SDK_CLIENT_STREAMS

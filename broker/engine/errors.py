@@ -23,4 +23,5 @@ class BrokerError(Exception):
 
 
 class StartupError(Exception):
-    """The broker cannot start on this data: a foreign file, a newer schema, a held lock."""
+    """The broker cannot start on this data or this port: a foreign file, a newer schema,
+    a held lock, a port in use."""

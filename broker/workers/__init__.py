@@ -4,7 +4,7 @@ One process caps the daemon at about one core (the event loop and the
 writer thread share one GIL). With `server.workers` = N > 1
 (`broker serve --workers N`; unset: the number of cores):
 
-    clients --> one listening socket (bound once by the writer process)
+    clients --> the port: one listening socket per gateway (SO_REUSEPORT)
                 gateway process 0 .. N-1: hypercorn + starlette, sessions,
                   a reader pool (read-only connections), a fanout hub
                      |  commands, results           ^  committed facts, in commit
@@ -13,12 +13,17 @@ writer thread share one GIL). With `server.workers` = N > 1
                   actor on the one write connection and its lock, the sweeps,
                   the file sweep, the webhook dispatcher
 
-- The writer process opens the engine, resets presence, starts its services,
-  binds the port, then starts the gateways (`GatewayPool`: fresh
-  interpreters, `python -m broker.workers.gateway_process`, the listening
-  socket and one end of a socketpair passed as file descriptors). It
-  reports started (and `broker serve` sends READY=1) only once every
-  gateway listens.
+- The writer process first claims the port (an abstract Unix socket named
+  after it, held until the process ends: a second broker on the port exits
+  2) and holds it with a bound socket that does not listen
+  (`broker.http.listener`), both before the database. Then it opens the
+  engine, resets presence, starts its services and starts the gateways
+  (`GatewayPool`: fresh interpreters, `python -m
+  broker.workers.gateway_process`, one end of a socketpair passed as a file
+  descriptor). Each gateway listens on the port with a socket of its own
+  and SO_REUSEPORT, so the kernel spreads new connections evenly over them.
+  The writer process closes its holding socket, reports started (and
+  `broker serve` sends READY=1) only once every gateway listens.
 - A gateway submits every write as a command over its link
   (`broker.workers.channel`) and reads through its own reader pool: the
   HTTP app and the gateway run on a `GatewayEngine`, which offers what

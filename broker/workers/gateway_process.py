@@ -5,7 +5,8 @@ Started by the writer process (`broker.workers.writer_side.GatewayPool`) as
     python -m broker.workers.gateway_process INDEX COUNT LINK_FD
 
 The first message on the link is the daemon's settings (with the port the
-writer process holds: every gateway listens on it with SO_REUSEPORT). The process then
+writer process holds and has claimed: every gateway listens on it with a
+socket of its own and SO_REUSEPORT; `broker.http.listener`). The process then
 opens its own reader pool, builds the same app as one process does (REST,
 the WebSocket gateway, files, inbound hooks, health and metrics) on a
 `GatewayEngine`, listens, says so on the link, and serves until the
@@ -40,6 +41,7 @@ from broker.gateway import Gateway
 from broker.gateway.delivery import DeliverySession
 from broker.gc_tuning import settle_heap
 from broker.http.app import create_app
+from broker.http.listener import open_listener
 from broker.http.metrics import BrokerMetrics
 from broker.mcp import MCP_PATH
 from broker.mcp.endpoint import TokenCheck
@@ -227,7 +229,9 @@ class GatewayProcess:
                 await services.start(service)
             metrics.count_refusals(limiter)
             app = create_app(engine, settings, metrics, routes, limiter)
-            config = hypercorn_config(settings, [f"fd://{shared_port(settings)}"], private)
+            # Beside the other gateways' sockets (SO_REUSEPORT); hypercorn owns it.
+            port = open_listener(settings.http, reuse_port=True).detach()
+            config = hypercorn_config(settings, [f"fd://{port}"], private)
             metrics.gc_pauses.install()
             async with trio.open_nursery() as http:
                 bound: list[str] = await http.start(
@@ -297,21 +301,6 @@ class GatewayProcess:
         for session in tuple(self.gateway.sessions):
             if isinstance(session, DeliverySession):
                 session.queue.fall_behind()
-
-
-def shared_port(settings: Settings) -> int:
-    """A listening socket on the daemon's port, beside the other gateways' (SO_REUSEPORT):
-    its descriptor, which hypercorn then owns."""
-    http = settings.http
-    sock = socket.socket(socket.AF_INET6 if ":" in http.host else socket.AF_INET,
-                         socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    # Accepted sockets inherit it: as hypercorn sets it on the sockets it makes.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((http.host, http.port))
-    sock.listen(socket.SOMAXCONN)
-    return sock.detach()
 
 
 def configure_logging(level: str) -> None:

@@ -20,9 +20,10 @@ connected. The host keeps which gateways hold each agent and drops the
 heartbeat timeout (`ExpirePresence`) of one gateway never expires an agent
 connected to another.
 
-`GatewayPool` starts the gateway processes on one port (SO_REUSEPORT), waits
-until every one listens, and watches them: one that exits while the daemon
-is not stopping raises `WorkerDied`, so the daemon exits non-zero.
+`GatewayPool` starts the gateway processes on the daemon's port (each
+listens with a socket of its own and SO_REUSEPORT; `broker.http.listener`),
+waits until every one listens, and watches them: one that exits while the
+daemon is not stopping raises `WorkerDied`, so the daemon exits non-zero.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from broker.config import Settings
 from broker.engine.agents import ExpirePresence, SetPresence
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
+from broker.http.listener import address
 from broker.http.metrics import BrokerMetrics
 from broker.workers.channel import (
     Link,
@@ -260,10 +262,14 @@ class WriterHost:
 class GatewayPool:
     """The gateway processes: start with `url = await nursery.start(pool.run, stopping)`."""
 
-    def __init__(self, settings: Settings, host: WriterHost, count: int) -> None:
+    def __init__(self, settings: Settings, host: WriterHost, count: int,
+                 holder: socket.socket) -> None:
+        """holder: a socket bound to the port, not listening (`broker.http.listener.
+        hold_port`), which keeps it until every gateway listens; `run` closes it."""
         self.settings = settings
         self.host = host
         self.count = count
+        self.holder = holder
         self.processes: list[trio.Process] = []
         self.run_dir: Path | None = None
         self._listening: dict[int, str] = {}
@@ -283,23 +289,19 @@ class GatewayPool:
         they have exited. Raises WorkerDied if one exits before that.
         """
         http = self.settings.http
-        family = socket.AF_INET6 if ":" in http.host else socket.AF_INET
-        # Holds the port (port 0 picks one) without listening: each gateway
-        # binds its own listening socket to it with SO_REUSEPORT, and the
-        # kernel spreads new connections over them evenly (one shared
-        # listening socket would hand most of them to whichever process
-        # waits in accept first).
-        holder = socket.socket(family, socket.SOCK_STREAM)
+        # The holder keeps the port (port 0: the one the kernel picked) without
+        # listening: each gateway binds its own listening socket to it with
+        # SO_REUSEPORT, and the kernel spreads new connections over them evenly
+        # (one shared listening socket hands most of them to whichever process
+        # waits in accept first). The daemon's claim keeps other brokers off it.
+        holder = self.holder
         # A private directory (0700) for gateway 0's Unix socket.
         self.run_dir = Path(tempfile.mkdtemp(prefix="broker-run-"))
         links: list[Link] = []
         ends: list[socket.socket] = []
         try:
-            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            holder.bind((http.host, http.port))
             host, port = holder.getsockname()[:2]
-            shown = f"[{host}]" if ":" in host else host
-            url = f"{'https' if http.tls.enabled else 'http'}://{shown}:{port}"
+            url = f"{'https' if http.tls.enabled else 'http'}://{address(host, port)}"
             listen = msgspec.structs.replace(http, port=port)
             settings = msgspec.structs.replace(self.settings, http=listen)
             hello = msgspec.json.encode(settings)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import signal
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from tests.helpers.daemon import Daemon, run_daemon
@@ -124,4 +126,63 @@ async def test_keepalive_early_answers_close_their_connections(tmp_path: Path) -
             daemon.process.send_signal(signal.SIGTERM)
             output = await daemon.finished()
             assert await daemon.process.wait() == 0, output.decode()
+    assert b"stopped" in output
+
+
+INITIALIZE = (b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":'
+              b'"2025-11-25","capabilities":{},"clientInfo":{"name":"raw","version":"1"}}}')
+# Fresh connections, so that with two gateways SO_REUSEPORT sends some to gateway 1,
+# which relays /mcp to gateway 0 (all 16 on gateway 0: one run in 65,536, and then the
+# test proves less); each agent may hold 8 MCP sessions, so two agents.
+MCP_AGENTS = ("alice", "bob")
+SESSIONS_PER_AGENT = 8
+
+
+async def mcp_initialize(port: int, token: str, close: bool) -> trio.SocketStream:
+    """POST an MCP initialize on a new connection and read its answer; the stream.
+
+    close: the request says `Connection: close`.
+    """
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    head = (b"POST /mcp HTTP/1.1\r\nHost: broker\r\nContent-Type: application/json\r\n"
+            b"Accept: application/json, text/event-stream\r\n"
+            + f"Authorization: Bearer {token}\r\nContent-Length: {len(INITIALIZE)}\r\n".encode()
+            + (b"Connection: close\r\n" if close else b"") + b"\r\n")
+    await stream.send_all(head + INITIALIZE)
+    received = bytearray()
+    while b'"serverInfo"' not in received and (data := await stream.receive_some(65536)):
+        received += data
+    assert received.startswith(b"HTTP/1.1 200"), bytes(received[:200])
+    return stream
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_keepalive_mcp_answers_end_their_connections(tmp_path: Path, workers: int) -> None:
+    """/mcp answers end their connections as any answer does, served or relayed: one
+    that says `Connection: close` is closed by the server, and a stop with kept-alive
+    connections left idle is not held for the grace. (The SDK's SSE answer, and the
+    relay, used to cancel the server's own close on the disconnect it queues.)"""
+    config = tmp_path / "broker.toml"
+    config.write_text(CONFIG)
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with run_daemon(tmp_path / "data", "--config", str(config),
+                              workers=workers) as daemon:
+            async with httpx.AsyncClient(base_url=daemon.url,
+                                         headers={"connection": "close"}) as client:
+                world = await make_rest_world(client, agents=MCP_AGENTS)
+            port = int(daemon.url.rsplit(":", 1)[1])
+            for name in MCP_AGENTS:
+                for _ in range(SESSIONS_PER_AGENT // 2):
+                    async with await mcp_initialize(port, world.tokens[name], True) as stream:
+                        # The rest of the answer, then the end: the server closed it.
+                        while await stream.receive_some(65536):
+                            pass
+            async with AsyncExitStack() as idle:
+                for name in MCP_AGENTS:
+                    for _ in range(SESSIONS_PER_AGENT // 2):
+                        await idle.enter_async_context(
+                            await mcp_initialize(port, world.tokens[name], False))
+                daemon.process.send_signal(signal.SIGTERM)
+                output = await daemon.finished()
+                assert await daemon.process.wait() == 0, output.decode()
     assert b"stopped" in output

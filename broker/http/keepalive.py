@@ -29,6 +29,10 @@ an early answer it takes whatever the server hands over and drops it, until
 that send has returned, which is after hypercorn's `http.disconnect` got in
 and the close was done. That drops what was already queued and what arrives
 during one send, never the body to its end.
+
+`disconnect_after_last_send` is the other side of the same server
+behaviour: an app that cancels its answer on `http.disconnect` must not get
+it while its answer's last message is still being sent.
 """
 
 from __future__ import annotations
@@ -98,3 +102,37 @@ def has_body(scope: Scope) -> bool:
         if name == b"content-length":
             return bytes(value).strip() != b"0"
     return False
+
+
+def disconnect_after_last_send(receive: Receive, send: Send) -> tuple[Receive, Send]:
+    """`receive` and `send` for an app that watches for `http.disconnect` beside its answer.
+
+    hypercorn (0.18) queues `http.disconnect` from inside the send of an answer's
+    last message, and then closes the connection or starts its keep-alive
+    timer in that same call. An app that cancels its answer on the disconnect
+    (the MCP SDK's SSE responses do) cancels that send midway: the server then
+    neither closes the connection nor times it out, and a stop waits its whole
+    grace for it. The pair returned hands the disconnect over only once that
+    last send has returned.
+    """
+    sending_last = False
+    last_sent = trio.Event()
+
+    async def receive_after_last_send() -> Message:
+        message = await receive()
+        if message["type"] == "http.disconnect" and sending_last:
+            await last_sent.wait()
+        return message
+
+    async def send_last_apart(message: Message) -> None:
+        nonlocal sending_last
+        if message["type"] != "http.response.body" or message.get("more_body", False):
+            await send(message)
+            return
+        sending_last = True
+        try:
+            await send(message)
+        finally:
+            last_sent.set()
+
+    return receive_after_last_send, send_last_apart

@@ -47,6 +47,7 @@ from broker.auth import bearer_token, resolve_token
 from broker.engine import secrets
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
+from broker.http.keepalive import disconnect_after_last_send
 from broker.mcp.server import CALLER_KEY
 from broker.mcp.sessions import SESSION_HEADER, Caller, McpSessions
 from broker.ratelimit import RateLimited, RateLimiter, client_address
@@ -231,8 +232,9 @@ class McpService:
                             self.sessions.opened(value.decode(), caller)
             await send(message)
 
+        receive, send_answer = disconnect_after_last_send(receive, watch_session)
         with self.sessions.request(caller, session_id):
-            await self.manager.handle_request(scope, receive, watch_session)
+            await self.manager.handle_request(scope, receive, send_answer)
         # Only the owner's DELETE ends the session: the SDK refuses anyone else's (404),
         # and the registry must keep the entry that caps, closes and notifies it.
         if session_id is not None and scope["method"] == "DELETE" and 0 < status < 400:

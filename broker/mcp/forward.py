@@ -157,7 +157,7 @@ class RelayState(enum.Enum):
 
     WAITING = "waiting"  # no answer yet
     ANSWERING = "answering"  # the answer's head is relayed; its body follows
-    ANSWERED = "answered"  # the whole answer is relayed
+    ANSWERED = "answered"  # the answer's last message is being sent, or has been
     STALLED = "stalled"  # the serving process stopped taking the body, unanswered: a 503
     CUT = "cut"  # the serving process closed the connection before the answer ended
 
@@ -192,7 +192,7 @@ class Relay:
             while True:
                 message = await self.receive()
                 if message["type"] == "http.disconnect":
-                    done.cancel()  # the client left: nothing to relay to
+                    self._client_left(done)
                     return
                 chunk = message.get("body", b"")
                 if chunk:
@@ -214,7 +214,15 @@ class Relay:
         # The body is sent: the client's going away is now what ends the request.
         while (await self.receive())["type"] != "http.disconnect":
             pass
-        done.cancel()
+        self._client_left(done)
+
+    def _client_left(self, done: trio.CancelScope) -> None:
+        """The server said the client's request is over: end the relay, unless its last
+        message is being sent. hypercorn says so from inside that very send, as it
+        closes the connection or starts its keep-alive timer; cancelled there, it would
+        do neither, and the connection would stay open (a stop would wait its grace)."""
+        if self.state is not RelayState.ANSWERED:
+            done.cancel()
 
     async def _write(self, data: bytes | None) -> None:
         if data:
@@ -263,6 +271,7 @@ class Relay:
                 if self.state is RelayState.WAITING:
                     log.warning("mcp: the serving process closed the connection without "
                                 "answering: %r", event)
+                    self.state = RelayState.ANSWERED  # by the 503, whole in one send
                     await _answer_unavailable(self.send)
                 else:
                     # Too late for another status: the answer ends unfinished, and the

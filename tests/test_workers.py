@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -30,9 +31,10 @@ from broker.engine.agents import SetPresence
 from broker.engine.config import EngineConfig
 from broker.engine.errors import BrokerError, StartupError
 from broker.engine.messages import SendChannelMessage
+from broker.http import listener
 from broker.http.app import service_routes
 from broker.http.errors import status_for
-from broker.http.listener import claim_and_bind
+from broker.http.listener import CLAIM_PREFIX, claim_and_bind
 from broker.workers import writer_side
 from broker.workers.channel import Link, LinkClosed, pack_command, unpack_command, unpack_result
 from broker.workers.gateway_process import RemoteWriter
@@ -219,6 +221,42 @@ async def test_workers_port_claim_covers_every_host(tmp_path: Path) -> None:
     assert refusals == [
         f"cannot listen on {address}:{server.port}: another broker daemon holds port "
         f"{server.port}" for address in shown.values() for _ in (False, True)]
+
+
+def test_workers_port_claim_held_by_no_broker_is_passed_over(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An abstract name has no permissions: a process that binds a port's claim name but
+    takes no connections (no broker's claim does that) does not keep a daemon off the
+    port; the daemon says so and binds. And port 0 takes another port when the one the
+    kernel picked is claimed."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as squatter:
+        squatter.bind(CLAIM_PREFIX + str(port).encode())
+        claim, sock = claim_and_bind(HttpSettings(host="127.0.0.1", port=port), listen=True)
+        with claim, sock:
+            assert not claim.held
+            assert sock.getsockname()[1] == port
+    assert "not a broker daemon of this user" in caplog.text
+
+    first, first_sock = claim_and_bind(HttpSettings(host="127.0.0.1", port=0), listen=False)
+    with first, first_sock:
+        taken = first_sock.getsockname()[1]
+        picks = iter([taken, 0])
+        real_bound = listener._bound
+
+        def bound_taken_first(http: HttpSettings, *, reuse_port: bool) -> socket.socket:
+            return real_bound(HttpSettings(host=http.host, port=next(picks)),
+                              reuse_port=reuse_port)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(listener, "_bound", bound_taken_first)
+            second, second_sock = claim_and_bind(HttpSettings(host="127.0.0.1", port=0),
+                                                 listen=False)
+        with second, second_sock:
+            assert second.held and second_sock.getsockname()[1] not in (0, taken)
 
 
 async def test_workers_port_is_free_at_once_after_kill_9(tmp_path: Path) -> None:

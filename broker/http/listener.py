@@ -17,7 +17,11 @@ Linux abstract-namespace Unix socket named after the port. An abstract
 name is exclusive within a network namespace (the scope of the port
 itself), whoever asks, and the kernel frees it when the process that holds
 it dies, by kill -9 too: no lock file to go stale, no clean-up at start. A
-second broker cannot bind the name and stops at start with one line.
+second broker cannot bind the name and stops at start with one line. Any
+local user may bind an abstract name, though: a claim held by a process of
+another user, or by one that takes no connections (a broker's claim
+listens), is passed over with a warning, since SO_REUSEPORT never puts
+another user's socket beside this daemon's.
 
 The claim names the port alone, not the host: with SO_REUSEPORT the kernel
 lets 0.0.0.0:P, 127.0.0.1:P and [::]:P listen at once for one user and hands
@@ -32,10 +36,15 @@ are still in TIME_WAIT; it never lets two processes listen on one port.
 from __future__ import annotations
 
 import errno
+import logging
+import os
 import socket
+import struct
 
 from broker.config import HttpSettings
 from broker.engine.errors import StartupError
+
+log = logging.getLogger(__name__)
 
 # Connections the kernel queues on a listening socket before a gateway
 # accepts them: its own cap (net.core.somaxconn), so a burst of connects at a
@@ -45,26 +54,48 @@ LISTEN_BACKLOG = socket.SOMAXCONN
 
 # The claim's abstract name, followed by the port number.
 CLAIM_PREFIX = b"\0agent-broker:port:"
+# Ports the kernel picks for port 0 before giving up when each is another broker's.
+PORT_ZERO_ATTEMPTS = 5
 
 
 class PortClaim:
-    """This daemon's claim on a port, held until `close()` (or until the process dies)."""
+    """This daemon's claim on a port, held until `close()` (or until the process dies).
+
+    `held` is False when the name was taken by a process of another user (see
+    `__init__`): the daemon then goes on without a claim.
+    """
 
     def __init__(self, http: HttpSettings, port: int) -> None:
         """Take the claim on `port`, which `http.host` is served on.
 
-        Raises StartupError naming the address when another broker holds it.
+        Raises StartupError naming the address when a broker of this user holds it.
+        An abstract name has no permissions: any local user may bind it. A claim
+        held by another user's process is not a broker that could share the
+        port (SO_REUSEPORT joins sockets of one user only), so it is logged and
+        passed over rather than letting anyone keep the daemon from starting.
+        The claim listens, so that a second daemon can ask who holds it.
         """
         self.port = port
+        self.held = True
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        name = CLAIM_PREFIX + str(port).encode()
         try:
-            self._sock.bind(CLAIM_PREFIX + str(port).encode())
+            self._sock.bind(name)
+            # Nothing accepts: a probe's connection stays in the queue (see _holder_uid).
+            self._sock.listen(socket.SOMAXCONN)
         except OSError as exc:
             self._sock.close()
             if exc.errno != errno.EADDRINUSE:
                 raise
-            raise StartupError(f"cannot listen on {address(http.host, port)}: another "
-                               f"broker daemon holds port {port}") from None
+            holder = _holder_uid(name)
+            if holder == os.geteuid():
+                raise StartupError(f"cannot listen on {address(http.host, port)}: another "
+                                   f"broker daemon holds port {port}") from None
+            self.held = False
+            log.warning("the claim on port %d (%r) is held by %s, not a broker daemon of "
+                        "this user; going on without it", port, name,
+                        "a process that does not listen on it" if holder is None
+                        else f"a process of uid {holder}")
 
     def close(self) -> None:
         self._sock.close()
@@ -76,6 +107,31 @@ class PortClaim:
         self.close()
 
 
+def _holder_uid(name: bytes) -> int | None:
+    """The user id of the process that holds the abstract socket `name` (None: it does
+    not take connections, so it is no broker's claim).
+
+    A broker's claim listens but never accepts, so the probe's connection stays
+    in its queue, even once the probe is closed. The connect does not block: a
+    queue full of earlier probes (SOMAXCONN of them) is taken for a broker of
+    this user.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(name)
+        credentials = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                       struct.calcsize("3i"))
+    except BlockingIOError:
+        return os.geteuid()
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    _pid, uid, _gid = struct.unpack("3i", credentials)
+    return int(uid)
+
+
 def claim_and_bind(http: HttpSettings, *, listen: bool) -> tuple[PortClaim, socket.socket]:
     """The claim on `http.port`, then a socket bound to the address: (claim, socket).
 
@@ -84,20 +140,27 @@ def claim_and_bind(http: HttpSettings, *, listen: bool) -> tuple[PortClaim, sock
     the gateways (`hold_port`). Port 0 is claimed once the kernel has picked
     one. Raises StartupError as `PortClaim` and `open_listener` do.
     """
-    claim = PortClaim(http, http.port) if http.port else None
-    try:
-        sock = open_listener(http) if listen else hold_port(http)
-    except BaseException:
-        if claim is not None:
-            claim.close()
-        raise
-    if claim is None:
+    if http.port:
+        claim = PortClaim(http, http.port)
         try:
-            claim = PortClaim(http, sock.getsockname()[1])
+            return claim, open_listener(http) if listen else hold_port(http)
+        except BaseException:
+            claim.close()
+            raise
+    # Port 0: the kernel picks a port free on this host, which a broker on another of
+    # the machine's addresses may still hold; then take another.
+    for attempt in range(PORT_ZERO_ATTEMPTS):
+        sock = open_listener(http) if listen else hold_port(http)
+        try:
+            return PortClaim(http, sock.getsockname()[1]), sock
+        except StartupError:
+            sock.close()
+            if attempt == PORT_ZERO_ATTEMPTS - 1:
+                raise
         except BaseException:
             sock.close()
             raise
-    return claim, sock
+    raise AssertionError("unreachable")
 
 
 def open_listener(http: HttpSettings, *, reuse_port: bool = False) -> socket.socket:

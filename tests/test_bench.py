@@ -19,4 +19,4 @@ def test_bench_writer_compares_same_statements(
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "ratio: " in out.out
-    assert "statements per send: " in out.out
+    assert "statements of a sender's first two sends in a transaction: 14 " in out.out

@@ -50,6 +50,7 @@ from broker.engine.messages import (
     conversation_recipients,
     post_message,
     resolve_attachments,
+    sender,
 )
 from broker.engine.writer import Tx
 from protocol.objects import (
@@ -180,7 +181,7 @@ class SendDm(Send, frozen=True, kw_only=True):
         text, mode, data = checked
 
         def send() -> Message:
-            author = require_agent(conn, self.workspace_id, self.agent_id)
+            author = sender(tx, self.workspace_id, self.agent_id)
             recipient = agent_by_name(conn, self.workspace_id, self.to)
             if recipient.id == author.id:
                 raise BrokerError("cannot_dm_self", "you cannot send a direct message to yourself")
@@ -296,7 +297,7 @@ class SendGroupDm(Send, frozen=True, kw_only=True):
         text, mode, data = checked
 
         def send() -> Message:
-            author = require_agent(conn, self.workspace_id, self.agent_id)
+            author = sender(tx, self.workspace_id, self.agent_id)
             conversation = _require_group(conn, self.workspace_id, self.conversation_id,
                                           author.id)
             return post_message(

@@ -58,7 +58,7 @@ duplicates normal.
 
 from __future__ import annotations
 
-from typing import Literal, cast
+from typing import ClassVar, Literal, cast
 
 import apsw
 import msgspec
@@ -324,6 +324,9 @@ class AckUpTo(msgspec.Struct, frozen=True, kw_only=True):
     Raises agent_not_found, invalid_seq (negative).
     """
 
+    # writes deliveries and marks only (Tx.read_once)
+    keeps_topology: ClassVar[bool] = True
+
     workspace_id: int
     agent_id: int
     up_to_seq: int
@@ -547,6 +550,9 @@ class MarkDelivered(msgspec.Struct, frozen=True, kw_only=True):
     Raises agent_not_found, too_many_seqs (over MAX_MARK).
     """
 
+    # writes deliveries and marks only (Tx.read_once)
+    keeps_topology: ClassVar[bool] = True
+
     workspace_id: int
     agent_id: int
     seqs: list[int]
@@ -599,6 +605,9 @@ class RecordReceipts(msgspec.Struct, frozen=True):
     written, and the other agents' receipts commit. Each result is the
     agent's AckResult (None without an ack), in the order of `agents`.
     """
+
+    # writes deliveries and marks only (Tx.read_once)
+    keeps_topology: ClassVar[bool] = True
 
     agents: tuple[AgentReceipts, ...]
 

@@ -16,8 +16,8 @@ deactivated): the first send did happen.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, cast
 
 import apsw
 import msgspec
@@ -138,6 +138,21 @@ def channel_recipients(
     ).fetchone())
 
 
+def sender(tx: Tx, workspace_id: int, agent_id: int) -> AgentRow:
+    """require_agent, read once per batch of sends (Tx.read_once)."""
+    return tx.read_once(("agent", workspace_id, agent_id),
+                        lambda: require_agent(tx.conn, workspace_id, agent_id))
+
+
+def members_to_deliver(
+    tx: Tx, channel_id: int, author_id: int, mentions: list[str]
+) -> tuple[int, ...]:
+    """channel_recipients, read once per batch of sends (Tx.read_once)."""
+    return tx.read_once(
+        ("recipients", channel_id, author_id, tuple(mentions)),
+        lambda: tuple(channel_recipients(tx.conn, channel_id, author_id, mentions)))
+
+
 def conversation_recipients(
     conn: apsw.Connection, conversation_id: int, author_id: int
 ) -> list[int]:
@@ -167,7 +182,7 @@ def post_message(
     data: dict[str, Any] | None,
     stored_data: str | None,
     attachments: list[tuple[int, Attachment]],
-    recipients: Callable[[list[str]], list[int]],
+    recipients: Callable[[list[str]], Iterable[int]],
     channel_id: int | None = None,
     channel_name: str | None = None,
     conversation_id: int | None = None,
@@ -217,6 +232,11 @@ class Send(msgspec.Struct, frozen=True, kw_only=True):
     attachments: list[str] = msgspec.field(default_factory=list)
     idempotency_key: str | None = None
 
+    # A send writes messages, deliveries, marks and outbox rows, never
+    # agents, channels, memberships or subscriptions: what the batch's
+    # earlier sends read stays valid (Tx.read_once).
+    keeps_topology: ClassVar[bool] = True
+
     def checked(self, limits: Limits) -> Checked:
         """The text, mode and data as stored; raises invalid_text, text_too_long,
         invalid_mode, invalid_data, data_too_large."""
@@ -254,6 +274,11 @@ class CheckedSend:
         self.send = send
         self.checked = checked
 
+    @property
+    def keeps_topology(self) -> bool:
+        """As the send it wraps (Tx.read_once)."""
+        return self.send.keeps_topology
+
     def apply(self, tx: Tx) -> Message:
         return self.send.apply_checked(tx, self.checked)
 
@@ -279,8 +304,10 @@ class SendChannelMessage(Send, frozen=True, kw_only=True):
         text, mode, data = checked
 
         def send() -> Message:
-            author = require_agent(conn, self.workspace_id, self.agent_id)
-            channel = require_channel(conn, self.workspace_id, self.channel, self.agent_id)
+            author = sender(tx, self.workspace_id, self.agent_id)
+            channel = tx.read_once(
+                ("channel", self.workspace_id, self.channel, self.agent_id),
+                lambda: require_channel(conn, self.workspace_id, self.channel, self.agent_id))
             if channel.archived:
                 raise BrokerError("channel_archived", f"channel {channel.name!r} is archived")
             if not channel.is_member:
@@ -290,7 +317,7 @@ class SendChannelMessage(Send, frozen=True, kw_only=True):
                 tx, event_type="message.created", workspace_id=self.workspace_id,
                 author=author, text=text, mode=mode, data=self.data, stored_data=data,
                 attachments=resolve_attachments(conn, self.workspace_id, self.attachments),
-                recipients=lambda mentions: channel_recipients(conn, channel.id, author.id,
+                recipients=lambda mentions: members_to_deliver(tx, channel.id, author.id,
                                                                mentions),
                 channel_id=channel.id, channel_name=channel.name,
             )

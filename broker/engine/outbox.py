@@ -6,7 +6,10 @@ transaction (DESIGN.md, invariant 9): the outbox row commits with the fact
 or not at all. It is ONE `INSERT ... SELECT` from the workspace's active
 subscriptions, matching in SQL (event type or `*`, channel filter, mentions
 filter), so a fact nobody subscribed to costs one index probe and writes
-nothing. The matching uses `instr` on the JSON text rather than
+nothing; whether the workspace has an active subscription at all is
+remembered from one probe while only sends and receipts run (Tx.read_once),
+so a run of sends in a workspace without subscriptions skips the INSERT.
+The matching uses `instr` on the JSON text rather than
 `json_each`: a table-valued function in that statement costs more than
 the probe even with no subscription at all (BENCHMARKS.md, "Figures
 behind the code"). The rows' ids come from a block reserved from the
@@ -52,6 +55,13 @@ ENQUEUE_SQL = (
 )
 
 
+def _has_subscriptions(tx: Tx, workspace_id: int) -> bool:
+    return tx.conn.execute(
+        "SELECT 1 FROM webhook_subscriptions WHERE workspace_id = ? AND active LIMIT 1",
+        (workspace_id,),
+    ).fetchone() is not None
+
+
 def enqueue_webhooks(
     tx: Tx, *, workspace_id: int, event_type: str, payload: bytes,
     channel_id: int | None = None, log_id: int | None = None,
@@ -59,7 +69,14 @@ def enqueue_webhooks(
     """Write one outbox row per matching active subscription; returns how many.
 
     Called inside the fact's command, so the rows commit with the fact.
+    Whether the workspace has an active subscription at all is probed once
+    and remembered until a command that does not keep the topology runs
+    (Tx.read_once): in a workspace with none, a batch's sends write no
+    statement of their own here.
     """
+    if not tx.read_once(("subscribed", workspace_id),
+                        lambda: _has_subscriptions(tx, workspace_id)):
+        return 0
     first = tx.new_id()
     tx.conn.execute(
         ENQUEUE_SQL, (first, workspace_id, log_id, event_type, payload, tx.now_ms, channel_id)

@@ -15,16 +15,18 @@ reply_count / last_reply_at and the idempotency record commit together.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from broker.engine.channel_queries import refuse_archived, require_visible_message
 from broker.engine.idempotency import once
-from broker.engine.lookups import require_agent
 from broker.engine.messages import (
     Checked,
     Send,
-    channel_recipients,
     conversation_recipients,
+    members_to_deliver,
     post_message,
     resolve_attachments,
+    sender,
 )
 from broker.engine.writer import Tx
 from protocol.objects import Message
@@ -49,16 +51,16 @@ class ReplyToThread(Send, frozen=True, kw_only=True):
         text, mode, data = checked
 
         def reply() -> Message:
-            author = require_agent(conn, self.workspace_id, self.agent_id)
+            author = sender(tx, self.workspace_id, self.agent_id)
             parent = require_visible_message(conn, self.workspace_id, author.id,
                                              self.message_id)
             refuse_archived(parent)
             root = parent.root_id
             channel_id, conversation_id = parent.channel_id, parent.conversation_id
 
-            def recipients(mentions: list[str]) -> list[int]:
+            def recipients(mentions: list[str]) -> Iterable[int]:
                 if channel_id is not None:
-                    return channel_recipients(conn, channel_id, author.id, mentions)
+                    return members_to_deliver(tx, channel_id, author.id, mentions)
                 assert conversation_id is not None  # a message lives in one or the other
                 return conversation_recipients(conn, conversation_id, author.id)
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
@@ -66,6 +66,10 @@ _ID_TABLES = (
 )
 
 
+# What Tx.read_once has not read yet (None and False are values it remembers).
+_UNREAD = object()
+
+
 class Tx:
     """What a command sees while it runs inside the writer's transaction.
 
@@ -82,6 +86,7 @@ class Tx:
         self.signals: set[str] = set()
         self._iso_ms = -1
         self._iso = ""
+        self._reads: dict[Hashable, Any] = {}
 
     @property
     def now_iso(self) -> str:
@@ -92,6 +97,27 @@ class Tx:
 
     def new_id(self) -> int:
         return self.ids.next()
+
+    def read_once(self, key: Hashable, read: Callable[[], T]) -> T:
+        """`read()`, remembered under `key` while only commands that keep the topology run.
+
+        For the reads every send repeats (its author, its channel with the
+        author's membership, the channel's recipients, whether its workspace
+        has webhook subscriptions): a batch of sends to one channel reads
+        them once. The writer forgets every remembered read at each BEGIN (a
+        replayed batch reads again) and after every command whose class does
+        not declare `keeps_topology = True` (one that could change agents,
+        channels, memberships or subscriptions), so a read is never older
+        than the last write that could change it. A read that raises is not
+        remembered. The value is shared: callers must not mutate it.
+        """
+        value = self._reads.get(key, _UNREAD)
+        if value is _UNREAD:
+            value = self._reads[key] = read()
+        return value  # type: ignore[no-any-return]
+
+    def forget_reads(self) -> None:
+        self._reads.clear()
 
     def emit(self, fact: Fact) -> None:
         """Publish `fact` after COMMIT, if this command's writes are committed."""
@@ -104,7 +130,13 @@ class Tx:
 
 
 class Command(Protocol[T_co]):
-    """A write: everything it does in `apply` commits or rolls back as one."""
+    """A write: everything it does in `apply` commits or rolls back as one.
+
+    A command class may declare `keeps_topology = True`: it never changes
+    agents, channels, memberships or webhook subscriptions, so the reads
+    `Tx.read_once` remembered before it stay valid after it (the send paths,
+    the receipts).
+    """
 
     def apply(self, tx: Tx) -> T_co: ...
 
@@ -447,6 +479,7 @@ class WriterActor:
         tx.now_ms = int(self.clock() * 1000)
         excluded: set[int] = set()
         while True:
+            tx.forget_reads()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 if self._apply_all(conn, tx, batch, excluded):
@@ -497,6 +530,12 @@ class WriterActor:
                 if conn.total_changes() != before or conn.get_autocommit():
                     return False
                 continue
+            finally:
+                # What the batch read may be stale after a command that could
+                # change agents, channels, memberships or subscriptions
+                # (Tx.read_once).
+                if not getattr(pending.command, "keeps_topology", False):
+                    tx.forget_reads()
             pending.error = None
             pending.facts, pending.signals = tx.facts, tx.signals
         return True

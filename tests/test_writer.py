@@ -18,7 +18,7 @@ from broker.engine.config import EngineConfig
 from broker.engine.engine import DATABASE_FILE, Engine
 from broker.engine.errors import BrokerError
 from broker.engine.messages import SendChannelMessage
-from broker.engine.writer import Tx, WriterActor
+from broker.engine.writer import Tx, WriterActor, _OwnThread
 from tests.helpers.engine import Gate, World, hold_writer, make_world, wait_queued
 
 ROW_COUNTS = (
@@ -310,6 +310,20 @@ async def test_writer_batches_under_concurrency(tmp_path: Path) -> None:
     assert stats.commands == 200
     assert stats.mean_batch_size > 1
     assert stats.batches < 200
+
+
+async def test_writer_thread_token_refuses_a_second_borrower() -> None:
+    """The writer's own thread token is taken without a schedule point, one borrower at a time."""
+    token = _OwnThread()
+    first, second = object(), object()
+    await token.acquire_on_behalf_of(first)
+    with pytest.raises(RuntimeError, match="one thread at a time"):
+        await token.acquire_on_behalf_of(second)
+    with pytest.raises(RuntimeError, match="not held by this borrower"):
+        token.release_on_behalf_of(second)
+    token.release_on_behalf_of(first)
+    await token.acquire_on_behalf_of(second)
+    token.release_on_behalf_of(second)
 
 
 async def test_writer_closes_after_draining_queue(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar, cast
 
 import apsw
 import trio
@@ -219,6 +219,29 @@ class _BatchTimes(NamedTuple):
     sync_cpu: float
 
 
+class _OwnThread:
+    """The writer's thread limiter: one thread at a time, taken without a schedule point.
+
+    The writer task runs one batch at a time, so it never has two threads to
+    limit; `trio.CapacityLimiter.acquire_on_behalf_of` would yield to every
+    runnable task before the thread starts, with the writer thread idle
+    meanwhile (BENCHMARKS.md, Tuning, session 11).
+    """
+
+    def __init__(self) -> None:
+        self._borrower: object | None = None
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        if self._borrower is not None:
+            raise RuntimeError("the writer runs one thread at a time")
+        self._borrower = borrower
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        if self._borrower is not borrower:
+            raise RuntimeError("the writer's thread is not held by this borrower")
+        self._borrower = None
+
+
 def _wall_clock() -> float:
     # time.time looked up at each call, as a bare `time.time()` would be.
     return time.time()
@@ -250,7 +273,9 @@ class WriterActor:
         self._running = False
         # Its own thread token: a commit never waits for trio's default
         # limiter, which readers' and file uploads' threads also draw from.
-        self._thread = trio.CapacityLimiter(1)
+        # (A "CapacityLimiter-like object", as trio.to_thread.run_sync documents
+        # its `limiter`; its annotation names only the class.)
+        self._thread = cast(trio.CapacityLimiter, _OwnThread())
         self._on_commit: dict[str, list[Callable[[], None]]] = {}
         # The wall clock each batch's `tx.now_ms` and new ids come from; tests
         # that need timestamps to move (or stand still) replace it.
@@ -315,7 +340,15 @@ class WriterActor:
                         first, held = held, None
                     else:
                         try:
-                            first = await self._receive.receive()
+                            # What queued during the last batch starts at once:
+                            # `receive` would first let every task woken by
+                            # that batch run, with the writer thread idle.
+                            first = self._receive.receive_nowait()
+                        except trio.WouldBlock:
+                            try:
+                                first = await self._receive.receive()
+                            except trio.EndOfChannel:
+                                break
                         except trio.EndOfChannel:
                             break
                     if isinstance(first.command, Maintenance):
@@ -454,7 +487,10 @@ class WriterActor:
             for callback in tuple(self._on_commit.get(name, ())):
                 callback()
         if facts and self._facts is not None:
-            await self._facts.send(facts)
+            try:
+                self._facts.send_nowait(facts)  # no scheduling round while there is room
+            except trio.WouldBlock:
+                await self._facts.send(facts)
 
     async def _run_alone(self, pending: _Pending[Any]) -> None:
         job = pending.command

@@ -7,12 +7,14 @@ refuses) is checked without a peer; one tiny end-to-end run goes through
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -174,7 +176,46 @@ def test_cli_peer_jetstream_prints_both_rows(tmp_path: Path) -> None:
     assert peer["sends"] == peer["sends_acked"] == 200
     assert peer["receivers"] == 4
     assert peer["deliveries"] == peer["expected_deliveries"] == 800
-    assert peer["lost"] == 0 and peer["duplicates"] == 0 and peer["errors"] == 0
+    assert peer["lost"] == 0 and peer["duplicates"] == 0, peer
+    assert peer["errors"] == 0, peer["error_codes"]
     assert peer["server_cpu_ms_per_send"] > 0 and peer["generator_cpu_ms_per_send"] > 0
     assert "broker (fsync before ack)" in done.stdout
     assert "NATS JetStream, file store, sync always" in done.stdout
+
+
+def test_jetstream_drain_retries_an_unconfirmed_ack_and_names_a_consumer_error() -> None:
+    """An ack whose confirmation times out is sent again; a consumer's own error gets its
+    own code instead of reading as the drain's deadline."""
+    if importlib.util.find_spec("nats") is None and not os.environ.get("CI"):
+        pytest.skip("needs the bench extra (nats-py): pip install '.[bench]' (CI installs it)")
+    import nats.errors as nats_errors
+
+    from broker.loadtest.peer_clients import JetStreamShard
+
+    class Message:
+        def __init__(self) -> None:
+            self.attempts = 0
+
+        async def ack_sync(self, timeout: float) -> None:  # noqa: ASYNC109 (nats-py's)
+            self.attempts += 1
+            if self.attempts == 1:
+                raise nats_errors.TimeoutError
+
+    class Subscription:
+        async def fetch(self, batch: int, timeout: float) -> list[Any]:  # noqa: ASYNC109
+            raise nats_errors.NoRespondersError
+
+    class Part:
+        def __init__(self) -> None:
+            self.codes: list[str] = []
+
+        def error(self, code: str) -> None:
+            self.codes.append(code)
+
+    message = Message()
+    asyncio.run(JetStreamShard._ack_confirmed(message))
+    assert message.attempts == 2
+    part = Part()
+    shard = JetStreamShard(part, "127.0.0.1:4222")  # type: ignore[arg-type]
+    asyncio.run(shard._consume(0, Subscription()))
+    assert part.codes == ["consume_NoRespondersError"]

@@ -42,6 +42,10 @@ FETCH_WAIT_S = 0.5
 # (MQTT has no "pending" count to ask for, unlike a JetStream consumer).
 MQTT_QUIET_S = 1.0
 DRAIN_TIMEOUT_S = 120.0
+# How long a draining JetStream receiver waits for the server to confirm an
+# ack (nats-py's default for ack_sync is 1 s, which a loaded 2-core machine
+# can exceed; the drain as a whole is bounded by DRAIN_TIMEOUT_S).
+ACK_SYNC_TIMEOUT_S = 30.0
 BARRIER_TIMEOUT_S = 300.0
 PROGRESS_INTERVAL_S = 1.0
 CONNECT_TIMEOUT_S = 30.0
@@ -197,6 +201,9 @@ class JetStreamShard:
             await loop.run_in_executor(None, part.wait_others)
             self.draining = True
             try:
+                # Only the drain's own deadline ends up here: a consumer
+                # records its errors itself (nats-py's TimeoutError is a
+                # TimeoutError too, and would read as this one).
                 await asyncio.wait_for(asyncio.gather(*consumers), DRAIN_TIMEOUT_S)
             except TimeoutError:
                 part.error("drain_timeout")
@@ -250,6 +257,14 @@ class JetStreamShard:
         """Fetch, record, ack the batch by its last message; once draining, until none pend."""
         import nats.errors
 
+        try:
+            await self._consume_until_drained(subscription, receiver)
+        except nats.errors.Error as exc:
+            self.part.error(f"consume_{type(exc).__name__}")
+
+    async def _consume_until_drained(self, subscription: Any, receiver: int) -> None:
+        import nats.errors
+
         part = self.part
         while True:
             try:
@@ -263,11 +278,31 @@ class JetStreamShard:
                 if not self.draining:
                     await batch[-1].ack()
                     continue
-                await batch[-1].ack_sync()
+                await self._ack_confirmed(batch[-1])
             if self.draining:
-                info = await subscription.consumer_info()
+                try:
+                    # within the JetStream context's own timeout (5 s in nats-py)
+                    info = await subscription.consumer_info()
+                except nats.errors.TimeoutError:
+                    continue  # ask again (the drain's own deadline still holds)
                 if info.num_pending == 0 and info.num_ack_pending == 0:
                     return
+
+    @staticmethod
+    async def _ack_confirmed(message: Any) -> None:
+        """Ack `message` (and, by AckPolicy.ALL, all before it) until the server confirms.
+
+        An ack whose confirmation timed out may or may not have reached the
+        server; acking the same message again is harmless either way.
+        """
+        import nats.errors
+
+        while True:
+            try:
+                await message.ack_sync(timeout=ACK_SYNC_TIMEOUT_S)
+            except nats.errors.TimeoutError:
+                continue  # the drain's own deadline still holds
+            return
 
     async def _report_progress(self) -> None:
         while True:

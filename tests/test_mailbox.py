@@ -29,6 +29,7 @@ from broker.engine.mailbox import (
 )
 from broker.engine.maintenance import ExpireDeliveries
 from broker.engine.messages import SendChannelMessage
+from broker.engine.writer import Tx
 from tests.helpers.daemon import serve
 from tests.helpers.engine import (
     TEST_DEADLINE_S,
@@ -240,7 +241,11 @@ async def test_cumulative_ack_holds_failed_and_deferred_rows(engine: Engine, wor
 async def test_cumulative_ack_after_held_row_expires(
     engine: Engine, world: World
 ) -> None:
-    """A held row that expires lets the next ack move the mark."""
+    """A held row that expires takes the mark past itself and the acked rows behind it.
+
+    Expiry moves the mark like any other settling at the mark, so a later
+    cumulative ack below it changes nothing.
+    """
     wid, bob = world.workspace_id, world.agents["bob"]
     await send_to_bob(engine, world, 3)
     await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob,
@@ -250,9 +255,37 @@ async def test_cumulative_ack_after_held_row_expires(
     (row,) = await engine.read(list_pending, wid, bob, 0, 1)
     expired = await engine.submit(ExpireDeliveries(10, row.expires_at + 60_000))
     assert expired == 2  # seq 1 (held) and seq 3 (never acked)
+    assert await marks(engine, bob) == (3, 3, 0)
     done = await engine.submit(AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=2))
-    assert (done.acked, done.acked_seq, done.changed) == (0, 2, True)
-    assert await marks(engine, bob) == (3, 2, 0)
+    assert (done.acked, done.acked_seq, done.changed) == (0, 3, False)
+    assert await marks(engine, bob) == (3, 3, 0)
+    assert await engine.read(list_pending, wid, bob) == []
+
+
+async def test_expiry_stops_the_mark_at_a_held_row_it_leaves(
+    engine: Engine, world: World
+) -> None:
+    """Expiry moves the mark up to the next row still pending, not past it."""
+    wid, bob = world.workspace_id, world.agents["bob"]
+    await send_to_bob(engine, world, 2)
+    (first,) = await engine.read(list_pending, wid, bob, 0, 1)
+    await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob,
+                                     delivery_id=delivery_id(bob, 2)))
+    await engine.submit(SetExpiryLater(bob, 2))
+    assert await engine.submit(ExpireDeliveries(10, first.expires_at + 1)) == 1
+    assert await marks(engine, bob) == (2, 1, 1)
+    assert [p.seq for p in await engine.read(list_pending, wid, bob)] == [2]
+
+
+class SetExpiryLater(msgspec.Struct, frozen=True):
+    """Test command: one delivery expires a day later than it would."""
+
+    agent_id: int
+    seq: int
+
+    def apply(self, tx: Tx) -> None:
+        tx.conn.execute("UPDATE deliveries SET expires_at = expires_at + 86400000"
+                        " WHERE agent_id = ? AND seq = ?", (self.agent_id, self.seq))
 
 
 async def test_fail_and_defer_tell_the_agents_sessions(

@@ -45,8 +45,10 @@ def test_open_writer_migrates_empty_file(tmp_path: Path) -> None:
     conn.close()
     lock.release()
     version, schema = schema_of(path)
-    assert version == SCHEMA_VERSION == 3
+    assert version == SCHEMA_VERSION == 4
     tables = {name for name, _ in schema}
+    # version 4: expiry probes each mailbox (broker.engine.maintenance), no index on expires_at
+    assert "deliveries_expiry" not in tables
     for table in ("workspaces", "agents", "channels", "channel_members", "messages",
                   "messages_fts", "files", "message_attachments", "deliveries", "message_log",
                   "read_receipts", "reactions", "conversations", "conversation_participants",
@@ -283,6 +285,9 @@ async def test_version_2_file_upgrades_its_marks_to_mailboxes(tmp_path: Path) ->
         assert conn.execute(
             "SELECT last_seq, acked_seq, pending_count FROM mailboxes WHERE agent_id = 11"
         ).fetchone() == (6, 4, 1)
+
+        assert conn.execute("SELECT count(*) FROM sqlite_schema"
+                            " WHERE name = 'deliveries_expiry'").fetchone() == (0,)
 
         erin = await engine.submit(RegisterAgent(workspace_id=1, name="erin"))
         assert conn.execute("SELECT last_seq, acked_seq, pending_count FROM mailboxes"

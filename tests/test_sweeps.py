@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import apsw
@@ -9,8 +10,10 @@ import msgspec
 import pytest
 
 from broker.engine import maintenance as m
-from broker.engine.config import EngineConfig, Retention
+from broker.engine.config import EngineConfig, Limits, Retention
+from broker.engine.database import open_writer
 from broker.engine.engine import Engine
+from broker.engine.ids import IdAllocator
 from broker.engine.messages import SendChannelMessage
 from broker.engine.writer import Tx
 from broker.sweeps import Sweeper
@@ -116,12 +119,127 @@ async def test_prune_uses_the_settled_index(engine: Engine) -> None:
         " WHERE state IN ('acked', 'dead_lettered') AND created_at < ? LIMIT ?", (0, 1)
     ).fetchall())
     assert any("deliveries_settled" in str(step) for step in plan), plan
-    plan = await engine.read(lambda c: c.execute(
-        "EXPLAIN QUERY PLAN SELECT agent_id, seq FROM deliveries"
-        " WHERE expires_at <= ? AND state IN ('queued', 'delivered', 'failed')"
-        " ORDER BY expires_at LIMIT ?", (0, 1)
-    ).fetchall())
-    assert any("deliveries_expiry" in str(step) for step in plan), plan
+
+
+async def test_expiry_probes_each_mailbox_by_its_key(engine: Engine) -> None:
+    """The expiry probe and walk search deliveries by (agent_id, seq), never scan them."""
+    for sql, args in ((m._EXPIRED_MAILBOXES_SQL, (0, 1)), (m._ABOVE_MARK_SQL, (1, 0))):
+        plan = [str(step[-1]) for step in await engine.read(
+            lambda c, sql=sql, args=args: c.execute("EXPLAIN QUERY PLAN " + sql, args).fetchall())]
+        assert not [line for line in plan if line.startswith("SCAN d")], plan
+        assert any(line.startswith("SEARCH d USING PRIMARY KEY (agent_id=? AND seq>?)")
+                   for line in plan), plan
+
+
+def _expiry_steps(path: Path, backlog: int) -> int:
+    """VM steps of one expiry step over a mailbox: 3 expired rows, `backlog` unexpired behind."""
+    conn, lock = open_writer(path, EngineConfig(synchronous="OFF"))
+    try:
+        with conn:
+            conn.execute("INSERT INTO workspaces(id, name, key_hash, created_at)"
+                         " VALUES (1, 'w', x'00', 0)")
+            conn.executemany("INSERT INTO agents(id, workspace_id, name, token_hash, created_at)"
+                             " VALUES (?, 1, ?, ?, 0)", [(1, "a", b"\x01"), (2, "b", b"\x02")])
+            conn.execute("INSERT INTO message_log(id, workspace_id, type, message_id, agent_id,"
+                         " payload, created_at) VALUES (1, 1, 'message.created', 7, 1, x'7b7d', 0)")
+            conn.executemany(
+                "INSERT INTO deliveries(agent_id, seq, log_id, message_id, expires_at, created_at)"
+                " VALUES (2, ?, 1, 7, ?, 0)",
+                [(seq, 100 if seq <= 3 else 10**12) for seq in range(1, backlog + 4)])
+            conn.execute("UPDATE mailboxes SET last_seq = ?1, pending_count = ?1"
+                         " WHERE agent_id = 2", (backlog + 3,))
+        steps: list[int] = []
+
+        def profile(event: dict[str, Any]) -> None:
+            if "deliveries" in event["sql"]:
+                steps.append(event["stmt_status"]["SQLITE_STMTSTATUS_VM_STEP"])
+
+        conn.trace_v2(apsw.SQLITE_TRACE_PROFILE, profile)
+        tx = Tx(conn, IdAllocator(), Limits())
+        tx.now_ms = 1000
+        with conn:
+            assert m.ExpireDeliveries(100, 1000).apply(tx) == 3
+        conn.trace_v2(0, None)
+        assert conn.execute("SELECT acked_seq, pending_count FROM mailboxes WHERE agent_id = 2"
+                            ).fetchone() == (3, backlog)
+        assert conn.execute("SELECT count(*) FROM deliveries WHERE agent_id = 2"
+                            " AND state = 'dead_lettered'").fetchone() == (3,)
+        return sum(steps)
+    finally:
+        conn.close()
+        lock.release()
+
+
+def test_expiry_reads_no_unexpired_row_behind_the_first(tmp_path: Path) -> None:
+    """An expiry step costs the same with 50 or 5,000 unexpired deliveries waiting.
+
+    With no index on expires_at, the sweep relies on expiry times rising
+    with seq in a mailbox: it stops at the first row not yet expired.
+    """
+    assert _expiry_steps(tmp_path / "a.db", 50) == _expiry_steps(tmp_path / "b.db", 5000)
+
+
+async def test_expiry_moves_the_mark_and_resumes_inside_a_mailbox(
+    engine: Engine, world: World
+) -> None:
+    """A step that stops inside a mailbox (limit 2) leaves the rest for the next, in seq order.
+
+    Each step moves the ack mark past the rows it dead-lettered, so the
+    next probe starts at the next pending row.
+    """
+    clock = engine.writer.clock = WallClock()
+    for i in range(3):
+        await send(engine, world, f"old {i}")
+    clock.advance(10)  # the notices expire 10 s after the deliveries they report
+    conn = engine.writer.connection
+    later = rows(conn, "SELECT max(expires_at) FROM deliveries")[0][0] + 1
+    bob, carol = world.agents["bob"], world.agents["carol"]
+    marks = "SELECT agent_id, acked_seq, pending_count FROM mailboxes WHERE agent_id IN (?, ?)" \
+            " ORDER BY agent_id"
+    assert await engine.submit(m.ExpireDeliveries(2, later)) == 2
+    first = rows(conn, "SELECT agent_id, seq FROM deliveries WHERE state = 'dead_lettered'"
+                 " ORDER BY agent_id, seq")
+    assert len({agent for agent, _ in first}) == 1  # one mailbox, its two lowest seqs
+    assert [seq for _, seq in first] == [1, 2]
+    assert await engine.submit(m.ExpireDeliveries(2, later)) == 2
+    assert await engine.submit(m.ExpireDeliveries(2, later)) == 2
+    assert await engine.submit(m.ExpireDeliveries(2, later)) == 2
+    assert await engine.submit(m.ExpireDeliveries(2, later)) == 1  # 9 rows in all
+    assert rows(conn, marks, bob, carol) == [(min(bob, carol), 3, 0), (max(bob, carol), 3, 0)]
+    # the notices to alice expire a TTL later, not now
+    assert await engine.submit(m.ExpireDeliveries(2, later)) == 0
+
+
+async def test_expiry_waits_behind_a_later_expiring_row(engine: Engine, world: World) -> None:
+    """Expiry times that do not rise with seq (a lowered TTL): the later row waits for the first."""
+    clock = engine.writer.clock = WallClock()
+    for i in range(2):
+        await send(engine, world, f"old {i}")
+    clock.advance(10)  # the notices expire 10 s after the deliveries they report
+    conn = engine.writer.connection
+    bob = world.agents["bob"]
+    (first, second), = rows(conn, "SELECT min(expires_at), max(expires_at) FROM deliveries"
+                            " WHERE agent_id = ?", bob)
+    await engine.submit(SetExpiry(bob, 1, second + 1000))
+    await engine.submit(SetExpiry(bob, 2, first))
+    assert await engine.submit(m.ExpireDeliveries(100, second + 1)) == 4  # carol's and dave's
+    assert rows(conn, "SELECT seq, state FROM deliveries WHERE agent_id = ? ORDER BY seq",
+                bob) == [(1, "queued"), (2, "queued")]
+    assert await engine.submit(m.ExpireDeliveries(100, second + 1001)) == 2
+    assert rows(conn, "SELECT acked_seq, pending_count FROM mailboxes WHERE agent_id = ?",
+                bob) == [(2, 0)]
+
+
+class SetExpiry(msgspec.Struct, frozen=True):
+    """Test command: give one delivery another expiry time."""
+
+    agent_id: int
+    seq: int
+    expires_at: int
+
+    def apply(self, tx: Tx) -> None:
+        tx.conn.execute("UPDATE deliveries SET expires_at = ? WHERE agent_id = ? AND seq = ?",
+                        (self.expires_at, self.agent_id, self.seq))
 
 
 async def test_checkpoint_and_optimize_run_outside_a_transaction(

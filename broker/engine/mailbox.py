@@ -44,8 +44,8 @@ the old mark and its target, and `list_pending` starts scanning after the
 mark. An ack moves the mark to its target, or to just below the lowest row
 it held, whichever is lower; it never moves back. So a held row stays above
 the mark and comes again in every replay once due, and the mark moves on
-past it when it settles (`AckDelivery` of the row right above the mark, or
-any later cumulative ack once it is final). An ack above the highest seq
+past it when it settles (`AckDelivery` of the row right above the mark,
+its expiry, or any later cumulative ack once it is final). An ack above the highest seq
 ever allocated (`last_seq`) is clamped to it: the mark can never cover a
 seq that does not exist yet, or a later delivery would be born acknowledged.
 
@@ -360,7 +360,7 @@ def _ack_up_to(tx: Tx, agent_id: int, marks: SeqMarks, up_to: int, folded: int =
             (now, now, agent_id, marks.acked_seq, target),
         )
         acked = conn.changes() + folded
-        mark = _final_up_to(tx, agent_id, marks.acked_seq, target)
+        mark = final_up_to(tx, agent_id, marks.acked_seq, target)
     if acked == 0 and mark == marks.acked_seq:
         return AckResult(acked=0, acked_seq=mark, changed=False)
     conn.execute(
@@ -370,7 +370,7 @@ def _ack_up_to(tx: Tx, agent_id: int, marks: SeqMarks, up_to: int, folded: int =
     return AckResult(acked=acked, acked_seq=mark, changed=True)
 
 
-def _final_up_to(tx: Tx, agent_id: int, mark: int, ceiling: int) -> int:
+def final_up_to(tx: Tx, agent_id: int, mark: int, ceiling: int) -> int:
     """The highest seq <= ceiling below which every row above `mark` is final."""
     row = tx.conn.execute(
         "SELECT min(seq) FROM deliveries"
@@ -427,7 +427,7 @@ def _finish(tx: Tx, agent_id: int, row: _Row, state: State, error: str | None,
     )
     mark = row.marks.acked_seq
     if row.seq == mark + 1:
-        mark = _final_up_to(tx, agent_id, mark, row.marks.last_seq)
+        mark = final_up_to(tx, agent_id, mark, row.marks.last_seq)
     tx.conn.execute(
         "UPDATE mailboxes SET pending_count = pending_count - 1, acked_seq = ? WHERE agent_id = ?",
         (mark, agent_id),

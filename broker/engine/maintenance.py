@@ -6,6 +6,18 @@ for a bounded time; the sweeper repeats a step while it reports a full batch.
 Expiry: a delivery still unsettled at its `expires_at` becomes dead_lettered,
 and the agent that sent the message gets a durable `delivery.failed` notice
 (only for events that carry a message, so notices never cascade).
+
+Expiry needs no index of its own. A delivery's `expires_at` is its creation
+time plus the TTL, and seqs are allocated in creation order, so within one
+mailbox the expiry times rise with seq: the earliest to expire is the
+lowest pending seq, just above the ack mark. The sweep probes that row in
+each mailbox with unsettled deliveries and walks on from it only while the
+rows have expired. (An index on `expires_at` cost every delivery an entry
+when it was written, a rewrite when it was pushed and a removal when it
+settled: BENCHMARKS.md, Tuning, session 12.) Should the times not rise with
+seq, because the TTL was lowered between two runs or the clock stepped
+back, a delivery behind a later-expiring one expires with that one, late
+by at most the difference.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ import apsw
 import msgspec
 
 from broker.engine.events import record_event
+from broker.engine.mailbox import PENDING_STATES, final_up_to
 from broker.engine.writer import Maintenance, Tx
 from protocol.objects import MESSAGE_EVENTS
 
@@ -33,8 +46,35 @@ class DeliveryFailed(msgspec.Struct, frozen=True):
     reason: str
 
 
+# The mailboxes whose lowest pending delivery has expired, with their marks
+# and the agent's name: each probe is a search of the mailbox's rows from
+# its ack mark up to its first pending one (every row at or below the mark
+# is final, and expiry moves the mark past what it settles).
+_EXPIRED_MAILBOXES_SQL = (
+    "SELECT m.agent_id, m.acked_seq, m.last_seq, a.name FROM mailboxes m"
+    " JOIN agents a ON a.id = m.agent_id"
+    " WHERE m.pending_count > 0 AND (SELECT d.expires_at FROM deliveries d"
+    " WHERE d.agent_id = m.agent_id AND d.seq > m.acked_seq"
+    " AND d.state IN ('queued', 'delivered', 'failed') ORDER BY d.seq LIMIT 1) <= ?1"
+    " LIMIT ?2"
+)
+
+# One mailbox's rows above its ack mark, in seq order, with their events.
+_ABOVE_MARK_SQL = (
+    "SELECT d.seq, d.state, d.expires_at, d.message_id, l.type, l.agent_id, l.workspace_id"
+    " FROM deliveries d JOIN message_log l ON l.id = d.log_id"
+    " WHERE d.agent_id = ? AND d.seq > ? ORDER BY d.seq"
+)
+
 class ExpireDeliveries(msgspec.Struct, frozen=True):
-    """Dead-letter up to `limit` deliveries past their TTL as of now_ms; returns how many."""
+    """Dead-letter up to `limit` deliveries past their TTL as of now_ms; returns how many.
+
+    Mailbox by mailbox, each in seq order (see the module docstring): each
+    mailbox with unsettled deliveries costs one search at its lowest pending
+    row; in those where it has expired, the rows read are the expired ones,
+    the settled rows between them and one more, however many unexpired
+    deliveries wait behind them.
+    """
 
     limit: int
     now_ms: int | None = None  # default: the batch's time
@@ -42,14 +82,24 @@ class ExpireDeliveries(msgspec.Struct, frozen=True):
     def apply(self, tx: Tx) -> int:
         conn = tx.conn
         now = tx.now_ms if self.now_ms is None else self.now_ms
-        rows = cast(list[tuple[int, int, int | None, str, int | None, int, str]], conn.execute(
-            "SELECT d.agent_id, d.seq, d.message_id, l.type, l.agent_id, l.workspace_id, a.name"
-            " FROM deliveries d JOIN message_log l ON l.id = d.log_id"
-            " JOIN agents a ON a.id = d.agent_id"
-            " WHERE d.expires_at <= ? AND d.state IN ('queued', 'delivered', 'failed')"
-            " ORDER BY d.expires_at LIMIT ?",
-            (now, self.limit),
-        ).fetchall())
+        mailboxes = cast(list[tuple[int, int, int, str]],
+                         conn.execute(_EXPIRED_MAILBOXES_SQL, (now, self.limit)).fetchall())
+        rows: list[tuple[int, int, int | None, str, int | None, int, str]] = []
+        for agent_id, mark, _last, name in mailboxes:
+            cursor = conn.execute(_ABOVE_MARK_SQL, (agent_id, mark))
+            try:
+                for seq, state, expires_at, message_id, event_type, sender, workspace_id in cursor:
+                    if expires_at > now:
+                        break
+                    if state in PENDING_STATES:
+                        rows.append((agent_id, seq, message_id, event_type, sender,
+                                     workspace_id, name))
+                        if len(rows) == self.limit:
+                            break
+            finally:
+                cursor.close()
+            if len(rows) == self.limit:
+                break
         if not rows:
             return 0
         conn.executemany(
@@ -60,9 +110,14 @@ class ExpireDeliveries(msgspec.Struct, frozen=True):
         per_agent: dict[int, int] = {}
         for agent_id, *_ in rows:
             per_agent[agent_id] = per_agent.get(agent_id, 0) + 1
+        # The mark moves on past what is final now, as after any settling at
+        # the mark (broker.engine.mailbox), so the next probe starts at the
+        # next pending row instead of walking the dead letters again.
         conn.executemany(
-            "UPDATE mailboxes SET pending_count = max(pending_count - ?, 0) WHERE agent_id = ?",
-            [(n, agent_id) for agent_id, n in per_agent.items()],
+            "UPDATE mailboxes SET pending_count = max(pending_count - ?, 0), acked_seq = ?"
+            " WHERE agent_id = ?",
+            [(per_agent[agent_id], final_up_to(tx, agent_id, mark, last), agent_id)
+             for agent_id, mark, last, _ in mailboxes if agent_id in per_agent],
         )
         for agent_id, seq, message_id, event_type, sender, workspace_id, name in rows:
             if event_type not in MESSAGE_EVENTS or sender is None or sender == agent_id:

@@ -12,6 +12,8 @@ Hot paths and their keys:
 - the mailbox of an agent is a range scan of `deliveries` by (agent_id, seq),
   its marks (last seq, ack mark, unsettled count) one narrow `mailboxes` row;
 - mark read finds a delivery by (message_id, agent_id);
+- expiry probes each mailbox with unsettled rows at its lowest pending seq
+  (expiry times rise with seq), so no index on `expires_at`;
 - a channel send reads `channel_members` by channel, a join reads it by agent;
 - a history page is a range scan of messages by (channel_id | conversation_id
   | thread_id, id).
@@ -407,8 +409,17 @@ CREATE TRIGGER agents_mailbox AFTER INSERT ON agents BEGIN
 END;
 """
 
+# The expiry sweep finds what expired by each mailbox's lowest pending row
+# (broker.engine.maintenance): its index on `expires_at` goes, and with it
+# an entry every delivery gained when written, rewrote when pushed (the
+# index's condition reads `state`) and lost when settled (BENCHMARKS.md,
+# Tuning, session 12).
+_V4 = """
+DROP INDEX deliveries_expiry;
+"""
+
 # Each entry migrates from version i to i + 1.
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

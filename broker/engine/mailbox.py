@@ -45,9 +45,10 @@ mark. An ack moves the mark to its target, or to just below the lowest row
 it held, whichever is lower; it never moves back. So a held row stays above
 the mark and comes again in every replay once due, and the mark moves on
 past it when it settles (`AckDelivery` of the row right above the mark,
-its expiry, or any later cumulative ack once it is final). An ack above the highest seq
-ever allocated (`last_seq`) is clamped to it: the mark can never cover a
-seq that does not exist yet, or a later delivery would be born acknowledged.
+its expiry, or any later cumulative ack once it is final). An ack above
+the highest seq ever allocated (`last_seq`) is clamped to it: the mark can
+never cover a seq that does not exist yet, or a later delivery would be
+born acknowledged.
 
 A delivery is named on the wire `"<agent_id>:<seq>"`; a caller may only
 name its own deliveries (any other is `delivery_not_found`). Every

@@ -66,6 +66,7 @@ _ABOVE_MARK_SQL = (
     " WHERE d.agent_id = ? AND d.seq > ? ORDER BY d.seq"
 )
 
+
 class ExpireDeliveries(msgspec.Struct, frozen=True):
     """Dead-letter up to `limit` deliveries past their TTL as of now_ms; returns how many.
 

@@ -190,7 +190,7 @@ class Sweeper:
         r, day = self.retention, m.DAY_MS
         batch = r.sweep_batch
         ttl_idem = self.engine.limits.idempotency_ttl_seconds * 1000
-        expired, backlog = await self._repeat("expire", lambda: m.ExpireDeliveries(batch, now))
+        expired, backlog = await self._expire(now)
         self._count(expired=expired)
         self._count(pruned_deliveries=(await self._repeat(
             "prune_deliveries",
@@ -208,6 +208,25 @@ class Sweeper:
         self._count(sweeps=1)
         return self.stats
 
+    async def _expire(self, now: int) -> tuple[int, bool]:
+        """Expiry steps, each probing on from where the last one stopped.
+
+        Returns (deliveries expired, whether some were left). A backlog
+        costs one probe of every mailbox per sweep, not one per step.
+        """
+        total, start = 0, 0
+        backlog = True
+        for _ in range(MAX_ROUNDS_PER_STEP):
+            step = await self.engine.submit(
+                m.ExpireDeliveries(self.retention.sweep_batch, now, from_agent=start))
+            total += step.expired
+            if step.resume_from is None:
+                backlog = False
+                break
+            start = step.resume_from
+        _log_step("expire", total, backlog)
+        return total, backlog
+
     async def _repeat(self, name: str, make: Callable[[], Command[int]]) -> tuple[int, bool]:
         """Run a step until it comes back short; (rows changed, whether rows were left)."""
         total = 0
@@ -218,7 +237,11 @@ class Sweeper:
             if changed < self.retention.sweep_batch:
                 backlog = False
                 break
-        if total:
-            log.info("sweeper: %s changed %d rows%s", name, total,
-                     " (more left for the next sweep)" if backlog else "")
+        _log_step(name, total, backlog)
         return total, backlog
+
+
+def _log_step(name: str, total: int, backlog: bool) -> None:
+    if total:
+        log.info("sweeper: %s changed %d rows%s", name, total,
+                 " (more left for the next sweep)" if backlog else "")

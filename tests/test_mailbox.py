@@ -254,7 +254,7 @@ async def test_cumulative_ack_after_held_row_expires(
     assert (first.acked, first.acked_seq) == (1, 0)
     (row,) = await engine.read(list_pending, wid, bob, 0, 1)
     expired = await engine.submit(ExpireDeliveries(10, row.expires_at + 60_000))
-    assert expired == 2  # seq 1 (held) and seq 3 (never acked)
+    assert expired.expired == 2  # seq 1 (held) and seq 3 (never acked)
     assert await marks(engine, bob) == (3, 3, 0)
     done = await engine.submit(AckUpTo(workspace_id=wid, agent_id=bob, up_to_seq=2))
     assert (done.acked, done.acked_seq, done.changed) == (0, 3, False)
@@ -272,7 +272,7 @@ async def test_expiry_stops_the_mark_at_a_held_row_it_leaves(
     await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob,
                                      delivery_id=delivery_id(bob, 2)))
     await engine.submit(SetExpiryLater(bob, 2))
-    assert await engine.submit(ExpireDeliveries(10, first.expires_at + 1)) == 1
+    assert (await engine.submit(ExpireDeliveries(10, first.expires_at + 1))).expired == 1
     assert await marks(engine, bob) == (2, 1, 1)
     assert [p.seq for p in await engine.read(list_pending, wid, bob)] == [2]
 

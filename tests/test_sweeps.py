@@ -123,7 +123,7 @@ async def test_prune_uses_the_settled_index(engine: Engine) -> None:
 
 async def test_expiry_probes_each_mailbox_by_its_key(engine: Engine) -> None:
     """The expiry probe and walk search deliveries by (agent_id, seq), never scan them."""
-    for sql, args in ((m._EXPIRED_MAILBOXES_SQL, (0, 1)), (m._ABOVE_MARK_SQL, (1, 0))):
+    for sql, args in ((m._EXPIRED_MAILBOXES_SQL, (0, 1, 0)), (m._ABOVE_MARK_SQL, (1, 0))):
         plan = [str(step[-1]) for step in await engine.read(
             lambda c, sql=sql, args=args: c.execute("EXPLAIN QUERY PLAN " + sql, args).fetchall())]
         assert not [line for line in plan if line.startswith("SCAN d")], plan
@@ -158,7 +158,7 @@ def _expiry_steps(path: Path, backlog: int) -> int:
         tx = Tx(conn, IdAllocator(), Limits())
         tx.now_ms = 1000
         with conn:
-            assert m.ExpireDeliveries(100, 1000).apply(tx) == 3
+            assert m.ExpireDeliveries(100, 1000).apply(tx) == m.ExpiryStep(3, None)
         conn.trace_v2(0, None)
         assert conn.execute("SELECT acked_seq, pending_count FROM mailboxes WHERE agent_id = 2"
                             ).fetchone() == (3, backlog)
@@ -182,10 +182,11 @@ def test_expiry_reads_no_unexpired_row_behind_the_first(tmp_path: Path) -> None:
 async def test_expiry_moves_the_mark_and_resumes_inside_a_mailbox(
     engine: Engine, world: World
 ) -> None:
-    """A step that stops inside a mailbox (limit 2) leaves the rest for the next, in seq order.
+    """Steps of 2 go through the mailboxes in agent order and each in seq order.
 
-    Each step moves the ack mark past the rows it dead-lettered, so the
-    next probe starts at the next pending row.
+    A step that stops inside a mailbox names it for the next step to start
+    from; each step moves the ack mark past the rows it dead-lettered, so
+    the next probe starts at the next pending row.
     """
     clock = engine.writer.clock = WallClock()
     for i in range(3):
@@ -193,21 +194,78 @@ async def test_expiry_moves_the_mark_and_resumes_inside_a_mailbox(
     clock.advance(10)  # the notices expire 10 s after the deliveries they report
     conn = engine.writer.connection
     later = rows(conn, "SELECT max(expires_at) FROM deliveries")[0][0] + 1
-    bob, carol = world.agents["bob"], world.agents["carol"]
-    marks = "SELECT agent_id, acked_seq, pending_count FROM mailboxes WHERE agent_id IN (?, ?)" \
-            " ORDER BY agent_id"
-    assert await engine.submit(m.ExpireDeliveries(2, later)) == 2
-    first = rows(conn, "SELECT agent_id, seq FROM deliveries WHERE state = 'dead_lettered'"
-                 " ORDER BY agent_id, seq")
-    assert len({agent for agent, _ in first}) == 1  # one mailbox, its two lowest seqs
-    assert [seq for _, seq in first] == [1, 2]
-    assert await engine.submit(m.ExpireDeliveries(2, later)) == 2
-    assert await engine.submit(m.ExpireDeliveries(2, later)) == 2
-    assert await engine.submit(m.ExpireDeliveries(2, later)) == 2
-    assert await engine.submit(m.ExpireDeliveries(2, later)) == 1  # 9 rows in all
-    assert rows(conn, marks, bob, carol) == [(min(bob, carol), 3, 0), (max(bob, carol), 3, 0)]
-    # the notices to alice expire a TTL later, not now
-    assert await engine.submit(m.ExpireDeliveries(2, later)) == 0
+    bob, carol, dave = (world.agents[n] for n in ("bob", "carol", "dave"))
+    assert bob < carol < dave
+    dead = ("SELECT agent_id, seq FROM deliveries WHERE state = 'dead_lettered'"
+            " ORDER BY agent_id, seq")
+    assert await engine.submit(m.ExpireDeliveries(2, later)) == m.ExpiryStep(2, bob)
+    assert rows(conn, dead) == [(bob, 1), (bob, 2)]
+    assert await engine.submit(m.ExpireDeliveries(2, later, from_agent=bob)) == \
+        m.ExpiryStep(2, carol)
+    assert await engine.submit(m.ExpireDeliveries(2, later, from_agent=carol)) == \
+        m.ExpiryStep(2, carol)
+    assert await engine.submit(m.ExpireDeliveries(2, later, from_agent=carol)) == \
+        m.ExpiryStep(2, dave)
+    assert await engine.submit(m.ExpireDeliveries(2, later, from_agent=dave)) == \
+        m.ExpiryStep(1, None)
+    assert len(rows(conn, dead)) == 9
+    assert rows(conn, "SELECT agent_id, acked_seq, pending_count FROM mailboxes"
+                " WHERE agent_id IN (?, ?, ?) ORDER BY agent_id", bob, carol, dave) == [
+        (bob, 3, 0), (carol, 3, 0), (dave, 3, 0)]
+    # the notices to alice expire 10 s later, not now
+    assert await engine.submit(m.ExpireDeliveries(2, later)) == m.ExpiryStep(0, None)
+
+
+class Backlog(msgspec.Struct, frozen=True):
+    """Test command: 200 mailboxes with 2 unexpired deliveries each, then agent 1000 with 20
+    expired ones (expires_at 100)."""
+
+    def apply(self, tx: Tx) -> None:
+        conn = tx.conn
+        conn.execute("INSERT INTO workspaces(id, name, key_hash, created_at)"
+                     " VALUES (1, 'w', x'00', 0)")
+        agents = [*range(100, 300), 1000]
+        conn.executemany("INSERT INTO agents(id, workspace_id, name, token_hash, created_at)"
+                         " VALUES (?, 1, ?, ?, 0)",
+                         [(a, f"a{a}", a.to_bytes(2, "big")) for a in agents])
+        conn.execute("INSERT INTO message_log(id, workspace_id, type, payload, created_at)"
+                     " VALUES (1, 1, 'message.created', x'7b7d', 0)")
+        conn.executemany(
+            "INSERT INTO deliveries(agent_id, seq, log_id, expires_at, created_at)"
+            " VALUES (?, ?, 1, ?, 0)",
+            [(a, seq, 10**12) for a in agents[:-1] for seq in (1, 2)]
+            + [(1000, seq, 100) for seq in range(1, 21)])
+        conn.execute("UPDATE mailboxes SET last_seq = 2, pending_count = 2")
+        conn.execute("UPDATE mailboxes SET last_seq = 20, pending_count = 20 WHERE agent_id = 1000")
+
+
+async def test_a_sweeps_expiry_steps_probe_each_mailbox_once(engine: Engine) -> None:
+    """Ten steps working off one mailbox's backlog probe the 200 others once, not ten times.
+
+    The sweeper starts each step's probe at the mailbox the previous step
+    stopped in (steps of 2 here).
+    """
+    await engine.submit(Backlog())
+    conn = engine.writer.connection
+    probes: list[int] = []
+
+    def profile(event: dict[str, Any]) -> None:
+        if "FROM mailboxes m" in event["sql"]:
+            probes.append(event["stmt_status"]["SQLITE_STMTSTATUS_VM_STEP"])
+
+    conn.trace_v2(apsw.SQLITE_TRACE_PROFILE, profile)
+    try:
+        sweeper = Sweeper(engine)
+        await sweeper.sweep_once(now_ms=1000)
+    finally:
+        conn.trace_v2(0, None)
+    assert sweeper.stats.expired == 20
+    assert rows(conn, "SELECT acked_seq, pending_count FROM mailboxes WHERE agent_id = 1000"
+                ) == [(20, 0)]
+    assert rows(conn, "SELECT count(*) FROM deliveries WHERE state = 'dead_lettered'") == [(20,)]
+    # the first probe walks past the 200 waiting mailboxes; the next ten start at 1000
+    assert len(probes) == 11
+    assert sum(probes[1:]) < probes[0] / 4, probes
 
 
 async def test_expiry_waits_behind_a_later_expiring_row(engine: Engine, world: World) -> None:
@@ -222,10 +280,11 @@ async def test_expiry_waits_behind_a_later_expiring_row(engine: Engine, world: W
                             " WHERE agent_id = ?", bob)
     await engine.submit(SetExpiry(bob, 1, second + 1000))
     await engine.submit(SetExpiry(bob, 2, first))
-    assert await engine.submit(m.ExpireDeliveries(100, second + 1)) == 4  # carol's and dave's
+    # carol's and dave's
+    assert await engine.submit(m.ExpireDeliveries(100, second + 1)) == m.ExpiryStep(4, None)
     assert rows(conn, "SELECT seq, state FROM deliveries WHERE agent_id = ? ORDER BY seq",
                 bob) == [(1, "queued"), (2, "queued")]
-    assert await engine.submit(m.ExpireDeliveries(100, second + 1001)) == 2
+    assert await engine.submit(m.ExpireDeliveries(100, second + 1001)) == m.ExpiryStep(2, None)
     assert rows(conn, "SELECT acked_seq, pending_count FROM mailboxes WHERE agent_id = ?",
                 bob) == [(2, 0)]
 

@@ -53,10 +53,10 @@ class DeliveryFailed(msgspec.Struct, frozen=True):
 _EXPIRED_MAILBOXES_SQL = (
     "SELECT m.agent_id, m.acked_seq, m.last_seq, a.name FROM mailboxes m"
     " JOIN agents a ON a.id = m.agent_id"
-    " WHERE m.pending_count > 0 AND (SELECT d.expires_at FROM deliveries d"
+    " WHERE m.agent_id >= ?3 AND m.pending_count > 0 AND (SELECT d.expires_at FROM deliveries d"
     " WHERE d.agent_id = m.agent_id AND d.seq > m.acked_seq"
     " AND d.state IN ('queued', 'delivered', 'failed') ORDER BY d.seq LIMIT 1) <= ?1"
-    " LIMIT ?2"
+    " ORDER BY m.agent_id LIMIT ?2"
 )
 
 # One mailbox's rows above its ack mark, in seq order, with their events.
@@ -67,25 +67,43 @@ _ABOVE_MARK_SQL = (
 )
 
 
-class ExpireDeliveries(msgspec.Struct, frozen=True):
-    """Dead-letter up to `limit` deliveries past their TTL as of now_ms; returns how many.
+class ExpiryStep(msgspec.Struct, frozen=True):
+    """What one `ExpireDeliveries` step did.
 
-    Mailbox by mailbox, each in seq order (see the module docstring): each
-    mailbox with unsettled deliveries costs one search at its lowest pending
-    row; in those where it has expired, the rows read are the expired ones,
-    the settled rows between them and one more, however many unexpired
-    deliveries wait behind them.
+    expired: deliveries dead-lettered. resume_from: the agent id the next
+    step of the same sweep probes from (this step stopped at its limit), or
+    None when no mailbox from `from_agent` on has anything else expired.
+    """
+
+    expired: int
+    resume_from: int | None
+
+
+class ExpireDeliveries(msgspec.Struct, frozen=True):
+    """Dead-letter up to `limit` deliveries past their TTL as of now_ms.
+
+    Mailbox by mailbox in agent id order, from `from_agent` on, each in seq
+    order (see the module docstring): each mailbox with unsettled
+    deliveries costs one search at its lowest pending row; in those where
+    it has expired, the rows read are the expired ones, the settled rows
+    between them and one more, however many unexpired deliveries wait
+    behind them. A sweep passes each step's `resume_from` to the next, so
+    its steps together probe every mailbox once.
     """
 
     limit: int
     now_ms: int | None = None  # default: the batch's time
+    from_agent: int = 0
 
-    def apply(self, tx: Tx) -> int:
+    def apply(self, tx: Tx) -> ExpiryStep:
         conn = tx.conn
         now = tx.now_ms if self.now_ms is None else self.now_ms
-        mailboxes = cast(list[tuple[int, int, int, str]],
-                         conn.execute(_EXPIRED_MAILBOXES_SQL, (now, self.limit)).fetchall())
+        mailboxes = cast(list[tuple[int, int, int, str]], conn.execute(
+            _EXPIRED_MAILBOXES_SQL, (now, self.limit, self.from_agent)).fetchall())
         rows: list[tuple[int, int, int | None, str, int | None, int, str]] = []
+        # where the next step starts: past the last mailbox probed if the
+        # probe stopped at its limit, at the mailbox the rows' limit cut
+        resume: int | None = mailboxes[-1][0] + 1 if len(mailboxes) == self.limit else None
         for agent_id, mark, _last, name in mailboxes:
             cursor = conn.execute(_ABOVE_MARK_SQL, (agent_id, mark))
             try:
@@ -100,9 +118,10 @@ class ExpireDeliveries(msgspec.Struct, frozen=True):
             finally:
                 cursor.close()
             if len(rows) == self.limit:
+                resume = agent_id
                 break
         if not rows:
-            return 0
+            return ExpiryStep(0, resume)
         conn.executemany(
             "UPDATE deliveries SET state = 'dead_lettered', error = 'expired', updated_at = ?"
             " WHERE agent_id = ? AND seq = ?",
@@ -133,7 +152,7 @@ class ExpireDeliveries(msgspec.Struct, frozen=True):
                 ),
                 recipients=[sender], agent_id=agent_id,
             )
-        return len(rows)
+        return ExpiryStep(len(rows), resume)
 
 
 class PruneSettledDeliveries(msgspec.Struct, frozen=True):

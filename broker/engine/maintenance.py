@@ -53,10 +53,10 @@ class DeliveryFailed(msgspec.Struct, frozen=True):
 _EXPIRED_MAILBOXES_SQL = (
     "SELECT m.agent_id, m.acked_seq, m.last_seq, a.name FROM mailboxes m"
     " JOIN agents a ON a.id = m.agent_id"
-    " WHERE m.agent_id >= ?3 AND m.pending_count > 0 AND (SELECT d.expires_at FROM deliveries d"
+    " WHERE m.agent_id >= ?2 AND m.pending_count > 0 AND (SELECT d.expires_at FROM deliveries d"
     " WHERE d.agent_id = m.agent_id AND d.seq > m.acked_seq"
     " AND d.state IN ('queued', 'delivered', 'failed') ORDER BY d.seq LIMIT 1) <= ?1"
-    " ORDER BY m.agent_id LIMIT ?2"
+    " ORDER BY m.agent_id"
 )
 
 # One mailbox's rows above its ack mark, in seq order, with their events.
@@ -71,8 +71,9 @@ class ExpiryStep(msgspec.Struct, frozen=True):
     """What one `ExpireDeliveries` step did.
 
     expired: deliveries dead-lettered. resume_from: the agent id the next
-    step of the same sweep probes from (this step stopped at its limit), or
-    None when no mailbox from `from_agent` on has anything else expired.
+    step of the same sweep starts its probe at, the mailbox in which this
+    step reached its limit (it may hold more); None when this step's probe
+    went through every mailbox from `from_agent` on.
     """
 
     expired: int
@@ -87,8 +88,9 @@ class ExpireDeliveries(msgspec.Struct, frozen=True):
     deliveries costs one search at its lowest pending row; in those where
     it has expired, the rows read are the expired ones, the settled rows
     between them and one more, however many unexpired deliveries wait
-    behind them. A sweep passes each step's `resume_from` to the next, so
-    its steps together probe every mailbox once.
+    behind them. The probe goes only as far as the step's limit takes it,
+    and a sweep passes each step's `resume_from` to the next, so its steps
+    together probe every mailbox once.
     """
 
     limit: int
@@ -98,28 +100,31 @@ class ExpireDeliveries(msgspec.Struct, frozen=True):
     def apply(self, tx: Tx) -> ExpiryStep:
         conn = tx.conn
         now = tx.now_ms if self.now_ms is None else self.now_ms
-        mailboxes = cast(list[tuple[int, int, int, str]], conn.execute(
-            _EXPIRED_MAILBOXES_SQL, (now, self.limit, self.from_agent)).fetchall())
         rows: list[tuple[int, int, int | None, str, int | None, int, str]] = []
-        # where the next step starts: past the last mailbox probed if the
-        # probe stopped at its limit, at the mailbox the rows' limit cut
-        resume: int | None = mailboxes[-1][0] + 1 if len(mailboxes) == self.limit else None
-        for agent_id, mark, _last, name in mailboxes:
-            cursor = conn.execute(_ABOVE_MARK_SQL, (agent_id, mark))
-            try:
-                for seq, state, expires_at, message_id, event_type, sender, workspace_id in cursor:
-                    if expires_at > now:
-                        break
-                    if state in PENDING_STATES:
-                        rows.append((agent_id, seq, message_id, event_type, sender,
-                                     workspace_id, name))
-                        if len(rows) == self.limit:
+        walked: list[tuple[int, int, int]] = []  # agent id, ack mark, last seq
+        resume: int | None = None
+        probe = conn.execute(_EXPIRED_MAILBOXES_SQL, (now, self.from_agent))
+        try:
+            for agent_id, mark, last, name in probe:
+                walked.append((agent_id, mark, last))
+                cursor = conn.execute(_ABOVE_MARK_SQL, (agent_id, mark))
+                try:
+                    for (seq, state, expires_at, message_id, event_type, sender,
+                         workspace_id) in cursor:
+                        if expires_at > now:
                             break
-            finally:
-                cursor.close()
-            if len(rows) == self.limit:
-                resume = agent_id
-                break
+                        if state in PENDING_STATES:
+                            rows.append((agent_id, seq, message_id, event_type, sender,
+                                         workspace_id, name))
+                            if len(rows) == self.limit:
+                                break
+                finally:
+                    cursor.close()
+                if len(rows) == self.limit:
+                    resume = agent_id
+                    break
+        finally:
+            probe.close()
         if not rows:
             return ExpiryStep(0, resume)
         conn.executemany(
@@ -137,7 +142,7 @@ class ExpireDeliveries(msgspec.Struct, frozen=True):
             "UPDATE mailboxes SET pending_count = max(pending_count - ?, 0), acked_seq = ?"
             " WHERE agent_id = ?",
             [(per_agent[agent_id], final_up_to(tx, agent_id, mark, last), agent_id)
-             for agent_id, mark, last, _ in mailboxes if agent_id in per_agent],
+             for agent_id, mark, last in walked if agent_id in per_agent],
         )
         for agent_id, seq, message_id, event_type, sender, workspace_id, name in rows:
             if event_type not in MESSAGE_EVENTS or sender is None or sender == agent_id:

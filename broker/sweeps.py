@@ -85,6 +85,10 @@ class Sweeper:
         self.retention = engine.config.retention
         self.stats = SweepStatistics()
         self._purge_wanted = trio.Event()
+        # The agent id the next sweep's expiry starts at: after the mailbox
+        # where the last sweep ran out of rounds, so that one busy mailbox
+        # cannot keep the later ones from their turn (see `_expire`).
+        self._expiry_from = 0
 
     def statistics(self) -> SweepStatistics:
         """The counts so far (see `SweepStatistics`); frozen, so safe to keep."""
@@ -209,21 +213,31 @@ class Sweeper:
         return self.stats
 
     async def _expire(self, now: int) -> tuple[int, bool]:
-        """Expiry steps, each probing on from where the last one stopped.
+        """Expiry steps round the mailboxes in agent id order, each probing on from the last.
 
-        Returns (deliveries expired, whether some were left). A backlog
-        costs one probe of every mailbox per sweep, not one per step.
+        Returns (deliveries expired, whether some were left). A sweep starts
+        after the mailbox where the previous one ran out of rounds, goes to
+        the last agent id, then wraps round from the first up to where it
+        started; so each mailbox is probed once per sweep (the one a step
+        stops in again by the next), and a mailbox that gains expired rows
+        faster than a sweep's rounds can take them delays the others by at
+        most a sweep, never for good.
         """
-        total, start = 0, 0
+        total, start = 0, self._expiry_from
+        until: int | None = None
         backlog = True
         for _ in range(MAX_ROUNDS_PER_STEP):
-            step = await self.engine.submit(
-                m.ExpireDeliveries(self.retention.sweep_batch, now, from_agent=start))
+            step = await self.engine.submit(m.ExpireDeliveries(
+                self.retention.sweep_batch, now, from_agent=start, until_agent=until))
             total += step.expired
-            if step.resume_from is None:
+            if step.resume_from is not None:
+                start = step.resume_from
+            elif until is None and self._expiry_from > 0:
+                start, until = 0, self._expiry_from  # the wrap: the mailboxes before the start
+            else:
                 backlog = False
                 break
-            start = step.resume_from
+        self._expiry_from = start + 1 if backlog else 0
         _log_step("expire", total, backlog)
         return total, backlog
 

@@ -74,6 +74,8 @@ async def test_expiry_dead_letters_and_tells_the_sender_once(engine: Engine, wor
                    " JOIN message_log l ON l.id = d.log_id WHERE d.agent_id = ? ORDER BY d.seq",
                    world.agents["alice"])
     assert [n[0] for n in notices] == ["delivery.failed"] * 3
+    assert rows(conn, "SELECT last_seq, acked_seq, pending_count FROM mailboxes"
+                " WHERE agent_id = ?", world.agents["alice"]) == [(3, 0, 3)]
     assert [n[2] for n in notices] == [1, 2, 3]
     data = msgspec.json.decode(notices[0][1])["data"]
     assert data["message_id"] == str(message_id) and data["reason"] == "expired"
@@ -123,12 +125,16 @@ async def test_prune_uses_the_settled_index(engine: Engine) -> None:
 
 async def test_expiry_probes_each_mailbox_by_its_key(engine: Engine) -> None:
     """The expiry probe and walk search deliveries by (agent_id, seq), never scan them."""
-    for sql, args in ((m._EXPIRED_MAILBOXES_SQL, (0, 0)), (m._ABOVE_MARK_SQL, (1, 0))):
+    for sql, args in ((m._EXPIRED_MAILBOXES_SQL, (0, 0, 5)), (m._ABOVE_MARK_SQL, (1, 0))):
         plan = [str(step[-1]) for step in await engine.read(
             lambda c, sql=sql, args=args: c.execute("EXPLAIN QUERY PLAN " + sql, args).fetchall())]
         assert not [line for line in plan if line.startswith("SCAN d")], plan
         assert any(line.startswith("SEARCH d USING PRIMARY KEY (agent_id=? AND seq>?)")
                    for line in plan), plan
+    # and the probe reads only the mailboxes of its range of agent ids
+    plan = [str(step[-1]) for step in await engine.read(lambda c: c.execute(
+        "EXPLAIN QUERY PLAN " + m._EXPIRED_MAILBOXES_SQL, (0, 0, 5)).fetchall())]
+    assert "SEARCH m USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)" in plan, plan
 
 
 def _expiry_steps(path: Path, backlog: int) -> int:
@@ -198,6 +204,11 @@ async def test_expiry_moves_the_mark_and_resumes_inside_a_mailbox(
     assert bob < carol < dave
     dead = ("SELECT agent_id, seq FROM deliveries WHERE state = 'dead_lettered'"
             " ORDER BY agent_id, seq")
+    assert await engine.submit(m.ExpireDeliveries(0, later)) == m.ExpiryStep(0, None)
+    # the mailboxes below bob's: alice's, with nothing in it
+    assert await engine.submit(m.ExpireDeliveries(2, later, until_agent=bob)) == \
+        m.ExpiryStep(0, None)
+    assert rows(conn, dead) == []
     assert await engine.submit(m.ExpireDeliveries(2, later)) == m.ExpiryStep(2, bob)
     assert rows(conn, dead) == [(bob, 1), (bob, 2)]
     assert await engine.submit(m.ExpireDeliveries(2, later, from_agent=bob)) == \
@@ -266,6 +277,67 @@ async def test_a_sweeps_expiry_steps_probe_each_mailbox_once(engine: Engine) -> 
     # the first probe walks past the 200 waiting mailboxes; the next ten start at 1000
     assert len(probes) == 11
     assert sum(probes[1:]) < probes[0] / 4, probes
+
+
+class TwoMailboxes(msgspec.Struct, frozen=True):
+    """Test command: workspace 1 with agents 10 and 20 and one message-log row."""
+
+    def apply(self, tx: Tx) -> None:
+        tx.conn.execute("INSERT INTO workspaces(id, name, key_hash, created_at)"
+                        " VALUES (1, 'w', x'00', 0)")
+        tx.conn.executemany("INSERT INTO agents(id, workspace_id, name, token_hash, created_at)"
+                            " VALUES (?, 1, ?, ?, 0)",
+                            [(10, "busy", b"\x0a"), (20, "quiet", b"\x14")])
+        tx.conn.execute("INSERT INTO message_log(id, workspace_id, type, payload, created_at)"
+                        " VALUES (1, 1, 'message.created', x'7b7d', 0)")
+
+
+class AddExpired(msgspec.Struct, frozen=True):
+    """Test command: `count` more deliveries in the agent's mailbox, expired at time 100."""
+
+    agent_id: int
+    count: int
+
+    def apply(self, tx: Tx) -> None:
+        (last,) = tx.conn.execute("SELECT last_seq FROM mailboxes WHERE agent_id = ?",
+                                  (self.agent_id,)).fetchone()
+        tx.conn.executemany(
+            "INSERT INTO deliveries(agent_id, seq, log_id, expires_at, created_at)"
+            " VALUES (?, ?, 1, 100, 0)",
+            [(self.agent_id, seq) for seq in range(last + 1, last + 1 + self.count)])
+        tx.conn.execute("UPDATE mailboxes SET last_seq = last_seq + ?1,"
+                        " pending_count = pending_count + ?1 WHERE agent_id = ?2",
+                        (self.count, self.agent_id))
+
+
+async def test_a_busy_mailbox_cannot_keep_a_later_one_from_expiring(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mailbox that gains more expired rows than a sweep takes (3 steps of 2 here)
+    delays the mailboxes after it by at most a sweep: the next sweep starts after it,
+    and wraps round to it."""
+    import broker.sweeps
+
+    monkeypatch.setattr(broker.sweeps, "MAX_ROUNDS_PER_STEP", 3)
+    await engine.submit(TwoMailboxes())
+    await engine.submit(AddExpired(10, 8))
+    await engine.submit(AddExpired(20, 1))
+    conn = engine.writer.connection
+    state = "SELECT agent_id, count(*) FROM deliveries WHERE state = 'dead_lettered' GROUP BY 1"
+    sweeper = Sweeper(engine)
+    await sweeper.sweep_once(now_ms=1000)
+    assert rows(conn, state) == [(10, 6)]
+    await engine.submit(AddExpired(10, 8))  # busier than the sweeps
+    await sweeper.sweep_once(now_ms=1000)
+    assert rows(conn, state) == [(10, 10), (20, 1)]
+    # with no new rows the busy mailbox is worked off too, and the round starts over
+    await sweeper.sweep_once(now_ms=1000)
+    await sweeper.sweep_once(now_ms=1000)
+    assert rows(conn, state) == [(10, 16), (20, 1)]
+    assert rows(conn, "SELECT agent_id, last_seq, acked_seq, pending_count FROM mailboxes"
+                " ORDER BY agent_id") == [(10, 16, 16, 0), (20, 1, 1, 0)]
+    assert sweeper.stats.log_prunes_deferred == 3  # the fourth sweep had nothing left
+    assert sweeper.stats.expired == 17
 
 
 async def test_expiry_waits_behind_a_later_expiring_row(engine: Engine, world: World) -> None:

@@ -10,14 +10,15 @@ and the agent that sent the message gets a durable `delivery.failed` notice
 Expiry needs no index of its own. A delivery's `expires_at` is its creation
 time plus the TTL, and seqs are allocated in creation order, so within one
 mailbox the expiry times rise with seq: the earliest to expire is the
-lowest pending seq, just above the ack mark. The sweep probes that row in
-each mailbox with unsettled deliveries and walks on from it only while the
-rows have expired. (An index on `expires_at` cost every delivery an entry
-when it was written, a rewrite when it was pushed and a removal when it
-settled: BENCHMARKS.md, Tuning, session 12.) Should the times not rise with
-seq, because the TTL was lowered between two runs or the clock stepped
-back, a delivery behind a later-expiring one expires with that one, late
-by at most the difference.
+lowest pending seq (the first row above the ack mark, or a few rows
+further when rows settled one by one sit in between). The sweep probes
+that row in each mailbox with unsettled deliveries, in agent id order,
+and walks on from it only while the rows have expired. (An index on
+`expires_at` cost every delivery an entry when it was written, a rewrite
+when it was pushed and a removal when it settled: BENCHMARKS.md, Tuning,
+session 12.) Should the times not rise with seq, because the TTL was
+lowered between two runs or the clock stepped back, a delivery behind a
+later-expiring one expires with that one, late by at most the difference.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import msgspec
 
 from broker.engine.events import record_event
 from broker.engine.mailbox import PENDING_STATES, final_up_to
+from broker.engine.validation import MAX_ID
 from broker.engine.writer import Maintenance, Tx
 from protocol.objects import MESSAGE_EVENTS
 
@@ -53,7 +55,8 @@ class DeliveryFailed(msgspec.Struct, frozen=True):
 _EXPIRED_MAILBOXES_SQL = (
     "SELECT m.agent_id, m.acked_seq, m.last_seq, a.name FROM mailboxes m"
     " JOIN agents a ON a.id = m.agent_id"
-    " WHERE m.agent_id >= ?2 AND m.pending_count > 0 AND (SELECT d.expires_at FROM deliveries d"
+    " WHERE m.agent_id >= ?2 AND m.agent_id <= ?3"
+    " AND m.pending_count > 0 AND (SELECT d.expires_at FROM deliveries d"
     " WHERE d.agent_id = m.agent_id AND d.seq > m.acked_seq"
     " AND d.state IN ('queued', 'delivered', 'failed') ORDER BY d.seq LIMIT 1) <= ?1"
     " ORDER BY m.agent_id"
@@ -73,7 +76,7 @@ class ExpiryStep(msgspec.Struct, frozen=True):
     expired: deliveries dead-lettered. resume_from: the agent id the next
     step of the same sweep starts its probe at, the mailbox in which this
     step reached its limit (it may hold more); None when this step's probe
-    went through every mailbox from `from_agent` on.
+    went through every mailbox of its range.
     """
 
     expired: int
@@ -83,27 +86,32 @@ class ExpiryStep(msgspec.Struct, frozen=True):
 class ExpireDeliveries(msgspec.Struct, frozen=True):
     """Dead-letter up to `limit` deliveries past their TTL as of now_ms.
 
-    Mailbox by mailbox in agent id order, from `from_agent` on, each in seq
+    Mailbox by mailbox in agent id order, those of agents with ids from
+    `from_agent` up to `until_agent` (excluded; None: no end), each in seq
     order (see the module docstring): each mailbox with unsettled
     deliveries costs one search at its lowest pending row; in those where
     it has expired, the rows read are the expired ones, the settled rows
     between them and one more, however many unexpired deliveries wait
     behind them. The probe goes only as far as the step's limit takes it,
-    and a sweep passes each step's `resume_from` to the next, so its steps
-    together probe every mailbox once.
+    and the sweeper passes each step's `resume_from` to the next, so its
+    steps together probe each mailbox once (broker.sweeps).
     """
 
     limit: int
     now_ms: int | None = None  # default: the batch's time
     from_agent: int = 0
+    until_agent: int | None = None
 
     def apply(self, tx: Tx) -> ExpiryStep:
+        if self.limit < 1:
+            return ExpiryStep(0, None)
         conn = tx.conn
         now = tx.now_ms if self.now_ms is None else self.now_ms
         rows: list[tuple[int, int, int | None, str, int | None, int, str]] = []
         walked: list[tuple[int, int, int]] = []  # agent id, ack mark, last seq
         resume: int | None = None
-        probe = conn.execute(_EXPIRED_MAILBOXES_SQL, (now, self.from_agent))
+        last_agent = MAX_ID if self.until_agent is None else self.until_agent - 1
+        probe = conn.execute(_EXPIRED_MAILBOXES_SQL, (now, self.from_agent, last_agent))
         try:
             for agent_id, mark, last, name in probe:
                 walked.append((agent_id, mark, last))

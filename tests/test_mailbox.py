@@ -29,10 +29,10 @@ from broker.engine.mailbox import (
 )
 from broker.engine.maintenance import ExpireDeliveries
 from broker.engine.messages import SendChannelMessage
-from broker.engine.writer import Tx
 from tests.helpers.daemon import serve
 from tests.helpers.engine import (
     TEST_DEADLINE_S,
+    Sql,
     World,
     delivery_rows,
     make_world,
@@ -271,21 +271,11 @@ async def test_expiry_stops_the_mark_at_a_held_row_it_leaves(
     (first,) = await engine.read(list_pending, wid, bob, 0, 1)
     await engine.submit(FailDelivery(workspace_id=wid, agent_id=bob,
                                      delivery_id=delivery_id(bob, 2)))
-    await engine.submit(SetExpiryLater(bob, 2))
+    await engine.submit(Sql("UPDATE deliveries SET expires_at = expires_at + 86400000"
+                            " WHERE agent_id = ? AND seq = 2", (bob,)))  # a day later
     assert (await engine.submit(ExpireDeliveries(10, first.expires_at + 1))).expired == 1
     assert await marks(engine, bob) == (2, 1, 1)
     assert [p.seq for p in await engine.read(list_pending, wid, bob)] == [2]
-
-
-class SetExpiryLater(msgspec.Struct, frozen=True):
-    """Test command: one delivery expires a day later than it would."""
-
-    agent_id: int
-    seq: int
-
-    def apply(self, tx: Tx) -> None:
-        tx.conn.execute("UPDATE deliveries SET expires_at = expires_at + 86400000"
-                        " WHERE agent_id = ? AND seq = ?", (self.agent_id, self.seq))
 
 
 async def test_fail_and_defer_tell_the_agents_sessions(

@@ -17,7 +17,7 @@ from broker.engine.ids import IdAllocator
 from broker.engine.messages import SendChannelMessage
 from broker.engine.writer import Tx
 from broker.sweeps import Sweeper
-from tests.helpers.engine import WallClock, World
+from tests.helpers.engine import Sql, WallClock, World
 
 DAY = m.DAY_MS
 
@@ -137,23 +137,51 @@ async def test_expiry_probes_each_mailbox_by_its_key(engine: Engine) -> None:
     assert "SEARCH m USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)" in plan, plan
 
 
+EXPIRED, LATER = 100, 10**12  # expiry times before and after the sweeps' now (1000)
+
+
+def _seed(conn: apsw.Connection, agents: list[int], sender: int | None = None) -> None:
+    """Workspace 1 with agents of these ids, and message-log row 1: message 7 by `sender`."""
+    conn.execute("INSERT INTO workspaces(id, name, key_hash, created_at) VALUES (1, 'w', x'00', 0)")
+    conn.executemany("INSERT INTO agents(id, workspace_id, name, token_hash, created_at)"
+                     " VALUES (?, 1, ?, ?, 0)",
+                     [(a, f"a{a}", a.to_bytes(4, "big")) for a in agents])
+    conn.execute("INSERT INTO message_log(id, workspace_id, type, message_id, agent_id, payload,"
+                 " created_at) VALUES (1, 1, 'message.created', 7, ?, x'7b7d', 0)", (sender,))
+
+
+def _add_deliveries(conn: apsw.Connection, agent_id: int, expires: list[int]) -> None:
+    """Deliveries of log row 1 with these expiry times, appended to the agent's mailbox."""
+    (last,) = conn.execute("SELECT last_seq FROM mailboxes WHERE agent_id = ?",
+                           (agent_id,)).fetchone()
+    conn.executemany(
+        "INSERT INTO deliveries(agent_id, seq, log_id, message_id, expires_at, created_at)"
+        " VALUES (?, ?, 1, 7, ?, 0)",
+        [(agent_id, last + i, at) for i, at in enumerate(expires, start=1)])
+    conn.execute("UPDATE mailboxes SET last_seq = last_seq + ?1, pending_count = pending_count + ?1"
+                 " WHERE agent_id = ?2", (len(expires), agent_id))
+
+
+class Seed(msgspec.Struct, frozen=True):
+    """Test command: `_seed`, then `_add_deliveries` for each agent in `deliveries`."""
+
+    agents: list[int]
+    deliveries: dict[int, list[int]]
+
+    def apply(self, tx: Tx) -> None:
+        if self.agents:
+            _seed(tx.conn, self.agents)
+        for agent_id, expires in self.deliveries.items():
+            _add_deliveries(tx.conn, agent_id, expires)
+
+
 def _expiry_steps(path: Path, backlog: int) -> int:
     """VM steps of one expiry step over a mailbox: 3 expired rows, `backlog` unexpired behind."""
     conn, lock = open_writer(path, EngineConfig(synchronous="OFF"))
     try:
         with conn:
-            conn.execute("INSERT INTO workspaces(id, name, key_hash, created_at)"
-                         " VALUES (1, 'w', x'00', 0)")
-            conn.executemany("INSERT INTO agents(id, workspace_id, name, token_hash, created_at)"
-                             " VALUES (?, 1, ?, ?, 0)", [(1, "a", b"\x01"), (2, "b", b"\x02")])
-            conn.execute("INSERT INTO message_log(id, workspace_id, type, message_id, agent_id,"
-                         " payload, created_at) VALUES (1, 1, 'message.created', 7, 1, x'7b7d', 0)")
-            conn.executemany(
-                "INSERT INTO deliveries(agent_id, seq, log_id, message_id, expires_at, created_at)"
-                " VALUES (2, ?, 1, 7, ?, 0)",
-                [(seq, 100 if seq <= 3 else 10**12) for seq in range(1, backlog + 4)])
-            conn.execute("UPDATE mailboxes SET last_seq = ?1, pending_count = ?1"
-                         " WHERE agent_id = 2", (backlog + 3,))
+            _seed(conn, [1, 2], sender=1)
+            _add_deliveries(conn, 2, [EXPIRED] * 3 + [LATER] * backlog)
         steps: list[int] = []
 
         def profile(event: dict[str, Any]) -> None:
@@ -227,36 +255,16 @@ async def test_expiry_moves_the_mark_and_resumes_inside_a_mailbox(
     assert await engine.submit(m.ExpireDeliveries(2, later)) == m.ExpiryStep(0, None)
 
 
-class Backlog(msgspec.Struct, frozen=True):
-    """Test command: 200 mailboxes with 2 unexpired deliveries each, then agent 1000 with 20
-    expired ones (expires_at 100)."""
-
-    def apply(self, tx: Tx) -> None:
-        conn = tx.conn
-        conn.execute("INSERT INTO workspaces(id, name, key_hash, created_at)"
-                     " VALUES (1, 'w', x'00', 0)")
-        agents = [*range(100, 300), 1000]
-        conn.executemany("INSERT INTO agents(id, workspace_id, name, token_hash, created_at)"
-                         " VALUES (?, 1, ?, ?, 0)",
-                         [(a, f"a{a}", a.to_bytes(2, "big")) for a in agents])
-        conn.execute("INSERT INTO message_log(id, workspace_id, type, payload, created_at)"
-                     " VALUES (1, 1, 'message.created', x'7b7d', 0)")
-        conn.executemany(
-            "INSERT INTO deliveries(agent_id, seq, log_id, expires_at, created_at)"
-            " VALUES (?, ?, 1, ?, 0)",
-            [(a, seq, 10**12) for a in agents[:-1] for seq in (1, 2)]
-            + [(1000, seq, 100) for seq in range(1, 21)])
-        conn.execute("UPDATE mailboxes SET last_seq = 2, pending_count = 2")
-        conn.execute("UPDATE mailboxes SET last_seq = 20, pending_count = 20 WHERE agent_id = 1000")
-
-
 async def test_a_sweeps_expiry_steps_probe_each_mailbox_once(engine: Engine) -> None:
     """Ten steps working off one mailbox's backlog probe the 200 others once, not ten times.
 
     The sweeper starts each step's probe at the mailbox the previous step
     stopped in (steps of 2 here).
     """
-    await engine.submit(Backlog())
+    # 200 mailboxes waiting (2 unexpired rows each), then agent 1000 with 20 expired
+    waiting = list(range(100, 300))
+    await engine.submit(Seed([*waiting, 1000], {
+        **{a: [LATER] * 2 for a in waiting}, 1000: [EXPIRED] * 20}))
     conn = engine.writer.connection
     probes: list[int] = []
 
@@ -279,37 +287,6 @@ async def test_a_sweeps_expiry_steps_probe_each_mailbox_once(engine: Engine) -> 
     assert sum(probes[1:]) < probes[0] / 4, probes
 
 
-class TwoMailboxes(msgspec.Struct, frozen=True):
-    """Test command: workspace 1 with agents 10 and 20 and one message-log row."""
-
-    def apply(self, tx: Tx) -> None:
-        tx.conn.execute("INSERT INTO workspaces(id, name, key_hash, created_at)"
-                        " VALUES (1, 'w', x'00', 0)")
-        tx.conn.executemany("INSERT INTO agents(id, workspace_id, name, token_hash, created_at)"
-                            " VALUES (?, 1, ?, ?, 0)",
-                            [(10, "busy", b"\x0a"), (20, "quiet", b"\x14")])
-        tx.conn.execute("INSERT INTO message_log(id, workspace_id, type, payload, created_at)"
-                        " VALUES (1, 1, 'message.created', x'7b7d', 0)")
-
-
-class AddExpired(msgspec.Struct, frozen=True):
-    """Test command: `count` more deliveries in the agent's mailbox, expired at time 100."""
-
-    agent_id: int
-    count: int
-
-    def apply(self, tx: Tx) -> None:
-        (last,) = tx.conn.execute("SELECT last_seq FROM mailboxes WHERE agent_id = ?",
-                                  (self.agent_id,)).fetchone()
-        tx.conn.executemany(
-            "INSERT INTO deliveries(agent_id, seq, log_id, expires_at, created_at)"
-            " VALUES (?, ?, 1, 100, 0)",
-            [(self.agent_id, seq) for seq in range(last + 1, last + 1 + self.count)])
-        tx.conn.execute("UPDATE mailboxes SET last_seq = last_seq + ?1,"
-                        " pending_count = pending_count + ?1 WHERE agent_id = ?2",
-                        (self.count, self.agent_id))
-
-
 async def test_a_busy_mailbox_cannot_keep_a_later_one_from_expiring(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -319,15 +296,13 @@ async def test_a_busy_mailbox_cannot_keep_a_later_one_from_expiring(
     import broker.sweeps
 
     monkeypatch.setattr(broker.sweeps, "MAX_ROUNDS_PER_STEP", 3)
-    await engine.submit(TwoMailboxes())
-    await engine.submit(AddExpired(10, 8))
-    await engine.submit(AddExpired(20, 1))
+    await engine.submit(Seed([10, 20], {10: [EXPIRED] * 8, 20: [EXPIRED]}))
     conn = engine.writer.connection
     state = "SELECT agent_id, count(*) FROM deliveries WHERE state = 'dead_lettered' GROUP BY 1"
     sweeper = Sweeper(engine)
     await sweeper.sweep_once(now_ms=1000)
     assert rows(conn, state) == [(10, 6)]
-    await engine.submit(AddExpired(10, 8))  # busier than the sweeps
+    await engine.submit(Seed([], {10: [EXPIRED] * 8}))  # busier than the sweeps
     await sweeper.sweep_once(now_ms=1000)
     assert rows(conn, state) == [(10, 10), (20, 1)]
     # with no new rows the busy mailbox is worked off too, and the round starts over
@@ -350,8 +325,9 @@ async def test_expiry_waits_behind_a_later_expiring_row(engine: Engine, world: W
     bob = world.agents["bob"]
     (first, second), = rows(conn, "SELECT min(expires_at), max(expires_at) FROM deliveries"
                             " WHERE agent_id = ?", bob)
-    await engine.submit(SetExpiry(bob, 1, second + 1000))
-    await engine.submit(SetExpiry(bob, 2, first))
+    expiry = "UPDATE deliveries SET expires_at = ? WHERE agent_id = ? AND seq = ?"
+    await engine.submit(Sql(expiry, (second + 1000, bob, 1)))
+    await engine.submit(Sql(expiry, (first, bob, 2)))
     # carol's and dave's
     assert await engine.submit(m.ExpireDeliveries(100, second + 1)) == m.ExpiryStep(4, None)
     assert rows(conn, "SELECT seq, state FROM deliveries WHERE agent_id = ? ORDER BY seq",
@@ -359,18 +335,6 @@ async def test_expiry_waits_behind_a_later_expiring_row(engine: Engine, world: W
     assert await engine.submit(m.ExpireDeliveries(100, second + 1001)) == m.ExpiryStep(2, None)
     assert rows(conn, "SELECT acked_seq, pending_count FROM mailboxes WHERE agent_id = ?",
                 bob) == [(2, 0)]
-
-
-class SetExpiry(msgspec.Struct, frozen=True):
-    """Test command: give one delivery another expiry time."""
-
-    agent_id: int
-    seq: int
-    expires_at: int
-
-    def apply(self, tx: Tx) -> None:
-        tx.conn.execute("UPDATE deliveries SET expires_at = ? WHERE agent_id = ? AND seq = ?",
-                        (self.expires_at, self.agent_id, self.seq))
 
 
 async def test_checkpoint_and_optimize_run_outside_a_transaction(

@@ -23,6 +23,7 @@ later-expiring one expires with that one, late by at most the difference.
 
 from __future__ import annotations
 
+import contextlib
 from typing import cast
 
 import apsw
@@ -70,6 +71,26 @@ _ABOVE_MARK_SQL = (
 )
 
 
+def _expired_rows(
+    conn: apsw.Connection, agent_id: int, mark: int, now: int, room: int
+) -> list[tuple[int, int | None, str, int | None, int]]:
+    """Up to `room` pending rows of one mailbox expired by `now`, in seq order from its mark.
+
+    Each as (seq, message id, event type, event author, workspace id); the
+    walk stops at the first row of any state not yet expired.
+    """
+    found: list[tuple[int, int | None, str, int | None, int]] = []
+    with contextlib.closing(conn.execute(_ABOVE_MARK_SQL, (agent_id, mark))) as cursor:
+        for seq, state, expires_at, message_id, event_type, sender, workspace_id in cursor:
+            if expires_at > now:
+                break
+            if state in PENDING_STATES:
+                found.append((seq, message_id, event_type, sender, workspace_id))
+                if len(found) == room:
+                    break
+    return found
+
+
 class ExpiryStep(msgspec.Struct, frozen=True):
     """What one `ExpireDeliveries` step did.
 
@@ -111,28 +132,15 @@ class ExpireDeliveries(msgspec.Struct, frozen=True):
         walked: list[tuple[int, int, int]] = []  # agent id, ack mark, last seq
         resume: int | None = None
         last_agent = MAX_ID if self.until_agent is None else self.until_agent - 1
-        probe = conn.execute(_EXPIRED_MAILBOXES_SQL, (now, self.from_agent, last_agent))
-        try:
+        with contextlib.closing(conn.execute(
+                _EXPIRED_MAILBOXES_SQL, (now, self.from_agent, last_agent))) as probe:
             for agent_id, mark, last, name in probe:
                 walked.append((agent_id, mark, last))
-                cursor = conn.execute(_ABOVE_MARK_SQL, (agent_id, mark))
-                try:
-                    for (seq, state, expires_at, message_id, event_type, sender,
-                         workspace_id) in cursor:
-                        if expires_at > now:
-                            break
-                        if state in PENDING_STATES:
-                            rows.append((agent_id, seq, message_id, event_type, sender,
-                                         workspace_id, name))
-                            if len(rows) == self.limit:
-                                break
-                finally:
-                    cursor.close()
+                rows += [(agent_id, seq, *event, name) for seq, *event
+                         in _expired_rows(conn, agent_id, mark, now, self.limit - len(rows))]
                 if len(rows) == self.limit:
                     resume = agent_id
                     break
-        finally:
-            probe.close()
         if not rows:
             return ExpiryStep(0, resume)
         conn.executemany(

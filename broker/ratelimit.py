@@ -10,28 +10,39 @@ addresses grows its table forever. The generic cell rate algorithm needs
 one integer per key (the "theoretical arrival time", TAT), is exact with
 integer nanoseconds, takes its clock as an argument, and a key whose TAT
 has passed is the same as no key at all, which is what makes eviction safe.
+That one integer is also what lets every process of the daemon share the
+buckets in a fixed table of shared memory (`SharedLimits`).
 
 A limit of L per minute is a bucket of L requests that refills one request
 every 60/L seconds: a client may burst L at once, then L per minute.
 
-`RateLimiter` is a plain object owned by the server (one per gateway
-process, enforcing the limits on what that process serves: docs/operations.md,
-"Processes"; the REST app and the WebSocket gateway share it). Nothing here
-blocks or awaits: every check is a few dict operations on the event loop.
+`RateLimiter` is a plain object owned by the server (the REST app and the
+WebSocket gateway share it) that also counts sockets against the caps. In
+one process it keeps its buckets and counts in dicts; with gateway
+processes (`--workers N`) each gateway's limiter works on the tables the
+writer process made (`broker.shared_tables`), so every limit and cap is
+the daemon's, however the kernel spreads connections over the gateways.
+Nothing here awaits: a check is a few dict operations on the event loop, or
+a lookup of a few microseconds in the shared tables under their lock.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Annotated
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Annotated, Any, Generic, TypeVar
 
 import msgspec
 
 from broker.engine.errors import BrokerError
+from broker.shared_tables import WINDOW, SharedCounter, SharedRegion, SlotTable, slot_key
+
+log = logging.getLogger(__name__)
 
 NS_PER_MINUTE = 60_000_000_000
 # Keys one bucket table keeps at most. Idle keys are dropped first; past
@@ -55,6 +66,8 @@ NEVER_LIMITED = frozenset({
 REASONS = ("workspace", "agent", "anonymous", "auth_failures", "sessions_per_agent", "sessions")
 
 PerMinute = Annotated[int, msgspec.Meta(ge=0)]
+# Where a bucket keeps one key's TAT (see _Gcra.look).
+Place = TypeVar("Place")
 
 
 class RateLimitSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -121,40 +134,44 @@ class RefusalStatistics(msgspec.Struct, frozen=True, kw_only=True):
     auth_failures: int
     sessions_per_agent: int
     sessions: int
-    tracked_keys: int
+    # None: another process reports them (RateLimiter.statistics).
+    tracked_keys: int | None
 
 
-class Bucket:
-    """One limit (L per minute) over many keys, by GCRA. Times are integer nanoseconds."""
+class _Gcra(Generic[Place]):
+    """One limit (L per minute) by GCRA: the verdicts; subclasses keep the TATs.
 
-    def __init__(self, per_minute: int, max_keys: int = DEFAULT_MAX_KEYS) -> None:
+    `look` finds a key's TAT and where it is kept, `count` records one
+    request there: a caller that checks several buckets before it counts in
+    any (RateLimiter.take_request) finds each key once. Times are integer
+    nanoseconds.
+    """
+
+    def __init__(self, per_minute: int) -> None:
         if per_minute <= 0:
             raise ValueError("a bucket needs a limit above 0")
         self.limit = per_minute
         # Rounded up, so a burst of exactly `limit` fits in `window`.
         self.interval = -(-NS_PER_MINUTE // per_minute)
         self.window = self.interval * per_minute
-        self.max_keys = max_keys
-        self._tat: dict[object, int] = {}
-        self._sweep_at = MIN_SWEEP_SIZE
 
-    def __len__(self) -> int:
-        return len(self._tat)
+    def look(self, key: object, now: int) -> tuple[Verdict, Place]:
+        """The verdict on one more request for `key` at `now`, and where its TAT is kept."""
+        raise NotImplementedError
+
+    def count(self, place: Place, now: int) -> None:
+        """Count one request at `now` at `place` (from `look`, whose verdict allowed it)."""
+        raise NotImplementedError
 
     def peek(self, key: object, now: int) -> Verdict:
         """What `take` would answer, without counting the request."""
-        return self._verdict(self._tat.get(key, now), now)
+        return self.look(key, now)[0]
 
     def take(self, key: object, now: int) -> Verdict:
         """Count one request for `key` at `now` if it passes; the verdict either way."""
-        tat = self._tat.get(key, now)
-        verdict = self._verdict(tat, now)
+        verdict, place = self.look(key, now)
         if verdict.allowed:
-            # Re-inserted at the end: the table's order is least recently used first.
-            self._tat.pop(key, None)
-            if len(self._tat) >= min(self._sweep_at, self.max_keys):
-                self._sweep(now)  # before the insert, so the table never exceeds max_keys
-            self._tat[key] = max(tat, now) + self.interval
+            self.count(place, now)
         return verdict
 
     def _verdict(self, tat: int, now: int) -> Verdict:
@@ -169,6 +186,31 @@ class Bucket:
                        remaining=(now + self.window - after) // self.interval,
                        reset_seconds=(after - now) / 1e9)
 
+
+class Bucket(_Gcra[tuple[object, int]]):
+    """One limit over many keys, in this process's memory (one process serves the port)."""
+
+    def __init__(self, per_minute: int, max_keys: int = DEFAULT_MAX_KEYS) -> None:
+        super().__init__(per_minute)
+        self.max_keys = max_keys
+        self._tat: dict[object, int] = {}
+        self._sweep_at = MIN_SWEEP_SIZE
+
+    def __len__(self) -> int:
+        return len(self._tat)
+
+    def look(self, key: object, now: int) -> tuple[Verdict, tuple[object, int]]:
+        tat = self._tat.get(key, now)
+        return self._verdict(tat, now), (key, tat)
+
+    def count(self, place: tuple[object, int], now: int) -> None:
+        key, tat = place
+        # Re-inserted at the end: the table's order is least recently used first.
+        self._tat.pop(key, None)
+        if len(self._tat) >= min(self._sweep_at, self.max_keys):
+            self._sweep(now)  # before the insert, so the table never exceeds max_keys
+        self._tat[key] = max(tat, now) + self.interval
+
     def _sweep(self, now: int) -> None:
         """Drop idle keys (TAT passed: the same as a full bucket), then the oldest over the cap.
 
@@ -182,6 +224,34 @@ class Bucket:
             for key in list(self._tat)[:excess]:
                 del self._tat[key]
         self._sweep_at = max(MIN_SWEEP_SIZE, 2 * len(self._tat))
+
+
+class SharedBucket(_Gcra[tuple[int, int, int]]):
+    """One limit over many keys, in a table every process of the daemon shares.
+
+    Call it under the region's lock (`SharedLimits.region.locked()`), with
+    `look` and `count` of one request under one hold. A key whose window of
+    slots is full of busy keys takes the slot of the one nearest to a full
+    bucket, which then starts again full: that only errs towards letting a
+    request through.
+    """
+
+    def __init__(self, per_minute: int, table: SlotTable) -> None:
+        super().__init__(per_minute)
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.used.value
+
+    def look(self, key: object, now: int) -> tuple[Verdict, tuple[int, int, int]]:
+        hashed = slot_key(key)
+        slot, tat = self.table.find(hashed, idle=lambda tat: tat <= now, evict=lambda tat: tat)
+        tat = now if tat is None else tat
+        return self._verdict(tat, now), (slot, hashed, tat)
+
+    def count(self, place: tuple[int, int, int], now: int) -> None:
+        slot, hashed, tat = place
+        self.table.write(slot, hashed, max(tat, now) + self.interval)
 
 
 def client_address(scope: object) -> str:
@@ -207,27 +277,145 @@ def client_address(scope: object) -> str:
     return str(address)
 
 
-class RateLimiter:
-    """Every rate limit of the daemon, and the count of refusals by reason.
+def _slots_for(keys: int) -> int:
+    """Slots for a table of up to `keys` keys: a power of two, at most about half full."""
+    return max(WINDOW, 1 << (2 * max(keys, 1) - 1).bit_length())
 
-    settings: the limits; clock: seconds (monotonic; tests pass a fake one);
-    max_keys: the bound of each key table.
+
+class SharedLimits:
+    """The rate limits' tables and the socket counts, in one region every process maps.
+
+    With gateway processes (`--workers N`) the writer process creates it
+    (`create`) before it starts them and hands each `region.fd`; a gateway
+    attaches (`attach`) with the same settings, from which the layout
+    follows: the socket count, then a table per limit (workspaces, agents,
+    anonymous, auth_failures; slots for twice max_keys), then the sockets
+    by agent (slots for twice `gateway.max_sessions`, or max_keys when
+    that is 0). Pages are allocated as keys first touch them.
+    """
+
+    LIMITS = ("workspaces", "agents", "anonymous", "auth_failures")
+
+    def __init__(self, region: SharedRegion, max_sessions: int, max_keys: int,
+                 *, owner: bool) -> None:
+        """owner: this process made the region, and reports what the tables hold."""
+        self.region, self.owner = region, owner
+        key_slots, socket_slots, _ = self.layout(max_sessions, max_keys)
+        view = region.view
+        self.sockets = SharedCounter(view, 0)
+        offset = SharedCounter.SIZE
+        self.tables: dict[str, SlotTable] = {}
+        for name in self.LIMITS:
+            self.tables[name] = SlotTable(view, offset, key_slots)
+            offset += SlotTable.size(key_slots)
+        self.sockets_by_agent = SlotTable(view, offset, socket_slots)
+
+    @staticmethod
+    def layout(max_sessions: int, max_keys: int) -> tuple[int, int, int]:
+        """Slots of each limit's table, slots of the socket table, and the region's bytes."""
+        key_slots, socket_slots = _slots_for(max_keys), _slots_for(max_sessions or max_keys)
+        size = (SharedCounter.SIZE + len(SharedLimits.LIMITS) * SlotTable.size(key_slots)
+                + SlotTable.size(socket_slots))
+        return key_slots, socket_slots, size
+
+    @classmethod
+    def create(cls, max_sessions: int, max_keys: int = DEFAULT_MAX_KEYS) -> SharedLimits:
+        region = SharedRegion.create(cls.layout(max_sessions, max_keys)[2])
+        return cls(region, max_sessions, max_keys, owner=True)
+
+    @classmethod
+    def attach(cls, fd: int, max_sessions: int, max_keys: int = DEFAULT_MAX_KEYS) -> SharedLimits:
+        region = SharedRegion.attach(fd, cls.layout(max_sessions, max_keys)[2])
+        return cls(region, max_sessions, max_keys, owner=False)
+
+    def close(self) -> None:
+        self.region.close()
+
+
+class _LocalSockets:
+    """Sockets admitted and not yet ended, in this process: all, and by agent."""
+
+    def __init__(self) -> None:
+        self._total = 0
+        self._by_agent: Counter[int] = Counter()
+
+    def total(self) -> int:
+        return self._total
+
+    def of(self, agent_id: int) -> int:
+        return self._by_agent[agent_id]
+
+    def add(self, agent_id: int | None, delta: int) -> None:
+        self._total += delta
+        if agent_id is not None:
+            self._by_agent[agent_id] += delta
+            if self._by_agent[agent_id] <= 0:
+                del self._by_agent[agent_id]
+
+
+class _SharedSockets:
+    """Sockets admitted and not yet ended, over every process. Call under the region's lock.
+
+    An agent whose window of slots is full of agents with sockets is not
+    counted (logged): its sockets then meet only the total cap.
+    """
+
+    def __init__(self, shared: SharedLimits) -> None:
+        self._total, self._table = shared.sockets, shared.sockets_by_agent
+
+    def total(self) -> int:
+        return self._total.value
+
+    def of(self, agent_id: int) -> int:
+        return self._find(slot_key(agent_id))[1] or 0
+
+    def add(self, agent_id: int | None, delta: int) -> None:
+        self._total.add(delta)
+        if agent_id is None:
+            return
+        hashed = slot_key(agent_id)
+        slot, count = self._find(hashed)
+        if slot < 0:
+            log.warning("agent %d: no room to count its sockets", agent_id)
+        elif count is not None or delta > 0:
+            self._table.write(slot, hashed, (count or 0) + delta)
+
+    def _find(self, hashed: int) -> tuple[int, int | None]:
+        return self._table.find(hashed, idle=lambda count: count <= 0)
+
+
+class RateLimiter:
+    """Every rate limit and socket cap of the daemon, and the count of refusals by reason.
+
+    settings: the limits; clock: seconds (monotonic, the same in every
+    process; tests pass a fake one); max_keys: the bound of each key table;
+    shared: the tables every process of the daemon shares (None: this
+    process serves the port alone, and keeps them in dicts).
     """
 
     def __init__(
         self, settings: RateLimitSettings | None = None,
         clock: Callable[[], float] = time.monotonic, max_keys: int = DEFAULT_MAX_KEYS,
+        shared: SharedLimits | None = None,
     ) -> None:
         self.settings = settings = settings or RateLimitSettings()
         self.clock = clock
+        self.shared = shared
 
-        def bucket(per_minute: int) -> Bucket | None:
-            return Bucket(per_minute, max_keys) if per_minute > 0 else None
+        def bucket(table: str, per_minute: int) -> Bucket | SharedBucket | None:
+            if per_minute <= 0:
+                return None
+            if shared is not None:
+                return SharedBucket(per_minute, shared.tables[table])
+            return Bucket(per_minute, max_keys)
 
-        self.workspaces = bucket(settings.workspace_per_minute)
-        self.agents = bucket(settings.agent_per_minute)
-        self.anonymous = bucket(settings.anonymous_per_minute)
-        self.auth_failures = bucket(settings.auth_failures_per_minute)
+        self.workspaces = bucket("workspaces", settings.workspace_per_minute)
+        self.agents = bucket("agents", settings.agent_per_minute)
+        self.anonymous = bucket("anonymous", settings.anonymous_per_minute)
+        self.auth_failures = bucket("auth_failures", settings.auth_failures_per_minute)
+        self._sockets = _LocalSockets() if shared is None else _SharedSockets(shared)
+        self._locked: Callable[[], AbstractContextManager[None]] = (
+            nullcontext if shared is None else shared.region.locked)
         self._refusals = dict.fromkeys(REASONS, 0)
 
     def _now(self) -> int:
@@ -249,7 +437,7 @@ class RateLimiter:
         """
         if operation in NEVER_LIMITED:
             return None
-        checks: list[tuple[str, Bucket, object]] = []
+        checks: list[tuple[str, _Gcra[Any], object]] = []
         if workspace_id is None:
             if self.anonymous is not None:
                 checks.append(("anonymous", self.anonymous, address))
@@ -261,15 +449,18 @@ class RateLimiter:
         if not checks:
             return None
         now = self._now()
-        refusals = [(verdict, reason) for reason, bucket, key in checks
-                    if not (verdict := bucket.peek(key, now)).allowed]
-        if refusals:
-            verdict, reason = max(refusals, key=lambda r: r[0].retry_after_seconds)
-            self.refused(reason)
-            raise RateLimited(verdict, f"rate limit exceeded: {verdict.limit} requests per"
-                              f" minute per {reason}; retry in {verdict.retry_after_ms} ms")
-        verdicts = [bucket.take(key, now) for _, bucket, key in checks]
-        return min(verdicts, key=lambda v: v.remaining)
+        with self._locked():
+            looks = [(reason, bucket, bucket.look(key, now)) for reason, bucket, key in checks]
+            refusals = [(verdict, reason) for reason, _, (verdict, _) in looks
+                        if not verdict.allowed]
+            if not refusals:
+                for _, bucket, (_, place) in looks:
+                    bucket.count(place, now)
+                return min((verdict for _, _, (verdict, _) in looks), key=lambda v: v.remaining)
+        verdict, reason = max(refusals, key=lambda r: r[0].retry_after_seconds)
+        self.refused(reason)
+        raise RateLimited(verdict, f"rate limit exceeded: {verdict.limit} requests per"
+                          f" minute per {reason}; retry in {verdict.retry_after_ms} ms")
 
     def check_auth(self, address: str) -> None:
         """Refuse a request that carries a token from an address with too many refused tokens.
@@ -278,7 +469,8 @@ class RateLimiter:
         """
         if self.auth_failures is None:
             return
-        verdict = self.auth_failures.peek(address, self._now())
+        with self._locked():
+            verdict = self.auth_failures.peek(address, self._now())
         if not verdict.allowed:
             self.refused("auth_failures")
             raise RateLimited(verdict, "too many refused tokens from this address; retry in"
@@ -287,7 +479,8 @@ class RateLimiter:
     def auth_failed(self, address: str) -> None:
         """Count a refused token from `address`."""
         if self.auth_failures is not None:
-            self.auth_failures.take(address, self._now())
+            with self._locked():
+                self.auth_failures.take(address, self._now())
 
     @contextmanager
     def guarding_tokens(self, address: str, presented: bool = True,
@@ -307,9 +500,42 @@ class RateLimiter:
                 self.auth_failed(address)
             raise
 
+    def admit_socket(self, agent_id: int | None, max_sockets: int,
+                     max_per_agent: int) -> str | None:
+        """Take a place for one socket (of `agent_id`, if an agent's) under the caps (0: none).
+
+        None, or why there is no place, counted as a refusal: "sessions"
+        (the daemon holds `max_sockets`) or "sessions_per_agent". The
+        caller gives the place back with `release_socket` when the socket ends.
+        """
+        sockets = self._sockets
+        with self._locked():
+            if max_sockets and sockets.total() >= max_sockets:
+                reason = "sessions"
+            elif agent_id is not None and max_per_agent \
+                    and sockets.of(agent_id) >= max_per_agent:
+                reason = "sessions_per_agent"
+            else:
+                sockets.add(agent_id, 1)
+                return None
+        self.refused(reason)
+        return reason
+
+    def release_socket(self, agent_id: int | None) -> None:
+        """Give back the place `admit_socket` took."""
+        with self._locked():
+            self._sockets.add(agent_id, -1)
+
+    def sockets(self) -> int:
+        """Sockets admitted and not yet released (over every process, when shared)."""
+        with self._locked():
+            return self._sockets.total()
+
     def statistics(self) -> RefusalStatistics:
+        """This process's refusals, and the keys the tables hold: None in a process
+        that shares tables it did not make (the one that made them reports them)."""
         tables = (self.workspaces, self.agents, self.anonymous, self.auth_failures)
-        return RefusalStatistics(
-            **self._refusals,
-            tracked_keys=sum(len(table) for table in tables if table is not None),
-        )
+        tracked: int | None = sum(len(table) for table in tables if table is not None)
+        if self.shared is not None and not self.shared.owner:
+            tracked = None
+        return RefusalStatistics(**self._refusals, tracked_keys=tracked)

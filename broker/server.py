@@ -51,7 +51,7 @@ from broker.http.listener import LISTEN_BACKLOG, claim_and_bind
 from broker.http.metrics import BrokerMetrics
 from broker.http.tls import check_tls, configure_tls
 from broker.mcp import McpSurface
-from broker.ratelimit import RateLimiter
+from broker.ratelimit import RateLimiter, SharedLimits
 from broker.sweeps import Sweeper
 from broker.webhooks.dispatcher import WebhookDispatcher, attach
 from broker.webhooks.inbound import inbound_routes
@@ -233,18 +233,26 @@ class BrokerServer:
         Ends after the gateways have drained and exited."""
         settings = self.settings
         count = settings.server.gateway_processes()
-        async with trio.open_nursery() as services:
-            async with self._open_engine(WriterMetrics) as (engine, metrics):
-                host = metrics.host = WriterHost(engine, metrics.render_process)
-                await services.start(host.distribute)
-                for service in self.writer_services(engine, metrics):
-                    await services.start(service)
-                self.pool = pool = GatewayPool(settings, host, count, holder)
-                async with trio.open_nursery() as gateways:
-                    self.url = await gateways.start(pool.run, self._stop)
-                    self.port = int(self.url.rsplit(":", 1)[1])
-                    task_status.started()
-                log.info("broker %s: gateways stopped; closing the engine", self.url)
+        # The rate limits' and caps' tables, which every gateway maps: this
+        # process reports the keys they hold, each gateway its own refusals.
+        shared = SharedLimits.create(settings.gateway.max_sessions)
+        self.limiter = RateLimiter(settings.rate_limits, shared=shared)
+        try:
+            async with trio.open_nursery() as services:
+                async with self._open_engine(WriterMetrics) as (engine, metrics):
+                    metrics.count_refusals(self.limiter)
+                    host = metrics.host = WriterHost(engine, metrics.render_process)
+                    await services.start(host.distribute)
+                    for service in self.writer_services(engine, metrics):
+                        await services.start(service)
+                    self.pool = pool = GatewayPool(settings, host, count, holder, shared)
+                    async with trio.open_nursery() as gateways:
+                        self.url = await gateways.start(pool.run, self._stop)
+                        self.port = int(self.url.rsplit(":", 1)[1])
+                        task_status.started()
+                    log.info("broker %s: gateways stopped; closing the engine", self.url)
+        finally:
+            shared.close()
         log.info("broker %s: stopped", self.url)
 
     @asynccontextmanager

@@ -344,4 +344,4 @@ async def test_handshake_refuses_batch_other_than_0_or_1(
         "code": "invalid_request",
         "message": f"batch must be 0 or 1, not {value.replace('&batch=', ',')!r}"}}
     assert not gateway_of(live.server).sessions
-    assert gateway_of(live.server).admitted == 0
+    assert gateway_of(live.server).limiter.sockets() == 0

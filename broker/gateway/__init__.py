@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -132,12 +131,9 @@ class Gateway:
         self.engine = engine
         self.public_url = public_url
         self.settings = settings or GatewaySettings()
+        # It counts the sockets against the caps too (the daemon's, over every
+        # gateway process).
         self.limiter = limiter or RateLimiter(UNLIMITED)
-        # Sockets admitted and not yet ended: all of them, and by agent. Taken
-        # before the handshake is accepted, so two racing sockets cannot both
-        # take the last place.
-        self.admitted = 0
-        self.admitted_by_agent: Counter[int] = Counter()
         self._on_sessions = on_sessions
         self.on_request = on_request
         self.presence_feed = PresenceFeed(self.settings.presence_interval_seconds)
@@ -262,29 +258,22 @@ class Gateway:
     def _admit(self, agent_id: int | None) -> tuple[int, str] | None:
         """Take a place for one socket (of `agent_id`, if an agent's): None, or the close to send.
 
-        The caller gives the place back with `_release` when the socket ends.
+        Taken before the handshake is accepted, so two racing sockets cannot
+        both take the last place. The caller gives the place back with
+        `_release` when the socket ends.
         """
         s = self.settings
-        if s.max_sessions and self.admitted >= s.max_sessions:
-            self.limiter.refused("sessions")
+        refused = self.limiter.admit_socket(agent_id, s.max_sessions, s.max_sessions_per_agent)
+        if refused == "sessions":
             return (CloseCode.TRY_AGAIN_LATER,
                     f"the broker holds its limit of {s.max_sessions} sockets; try again later")
-        if agent_id is not None and s.max_sessions_per_agent \
-                and self.admitted_by_agent[agent_id] >= s.max_sessions_per_agent:
-            self.limiter.refused("sessions_per_agent")
+        if refused is not None:
             return (CloseCode.RATE_LIMITED,
                     f"this agent has its limit of {s.max_sessions_per_agent} sockets open")
-        self.admitted += 1
-        if agent_id is not None:
-            self.admitted_by_agent[agent_id] += 1
         return None
 
     def _release(self, agent_id: int | None) -> None:
-        self.admitted -= 1
-        if agent_id is not None:
-            self.admitted_by_agent[agent_id] -= 1
-            if self.admitted_by_agent[agent_id] <= 0:
-                del self.admitted_by_agent[agent_id]
+        self.limiter.release_socket(agent_id)
 
     async def _refuse(self, ws: AsgiWebSocket, code: int, reason: str) -> None:
         """Accept the handshake only to close it with `code`: browsers see no HTTP status."""

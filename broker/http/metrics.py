@@ -141,10 +141,13 @@ class RefusalCollector:
         for reason in REASONS:
             refusals.add_metric([reason], getattr(stats, reason))
         yield refusals
-        yield GaugeMetricFamily(
-            "broker_rate_limit_keys", "Workspaces, agents and addresses the rate limiter tracks",
-            value=stats.tracked_keys,
-        )
+        if stats.tracked_keys is not None:  # else the process that made the tables reports them
+            yield GaugeMetricFamily(
+                "broker_rate_limit_keys",
+                "Workspaces, agents and addresses the rate limiter tracks (with gateway"
+                " processes: the slots of the shared tables that hold a key, idle or not)",
+                value=stats.tracked_keys,
+            )
 
 
 class WebhookCollector:

@@ -41,8 +41,10 @@ writer thread share one GIL). With `server.workers` = N > 1
   SIGKILL: the kernel closes its end) exits at once with status 3.
 - /metrics, /healthz and /readyz answer on any gateway for the whole
   daemon (`broker.workers.metrics`; /readyz commits a probe through the
-  writer). Rate limits and socket caps are each gateway's own
-  (docs/operations.md, "Processes").
+  writer). Rate limits and socket caps are the daemon's: the writer
+  process makes one shared-memory file for their buckets and counts, and
+  every gateway maps it (`broker.ratelimit.SharedLimits`, passed as a file
+  descriptor like the link).
 
 The seam for a per-daemon service (the MCP endpoint): gateway 0 also serves
 the app on a private Unix socket (in a 0700 directory of its own, removed at

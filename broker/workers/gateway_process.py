@@ -2,11 +2,13 @@
 
 Started by the writer process (`broker.workers.writer_side.GatewayPool`) as
 
-    python -m broker.workers.gateway_process INDEX COUNT LINK_FD
+    python -m broker.workers.gateway_process INDEX COUNT LINK_FD SHARED_FD
 
 The first message on the link is the daemon's settings (with the port the
 writer process holds and has claimed: every gateway listens on it with a
-socket of its own and SO_REUSEPORT; `broker.http.listener`). The process then
+socket of its own and SO_REUSEPORT; `broker.http.listener`). SHARED_FD is
+the shared memory that holds the daemon's rate limits and socket counts
+(`broker.ratelimit.SharedLimits`). The process then
 opens its own reader pool, builds the same app as one process does (REST,
 the WebSocket gateway, files, inbound hooks, health and metrics) on a
 `GatewayEngine`, listens, says so on the link, and serves until the
@@ -46,7 +48,7 @@ from broker.http.metrics import BrokerMetrics
 from broker.mcp import MCP_PATH
 from broker.mcp.endpoint import TokenCheck
 from broker.mcp.forward import McpForwarder
-from broker.ratelimit import RateLimiter
+from broker.ratelimit import RateLimiter, SharedLimits
 from broker.server import gateway_front, hypercorn_config
 from broker.webhooks.dispatcher import WebhookDispatcher, attach
 from broker.workers.channel import (
@@ -164,10 +166,12 @@ class GatewayMetrics(BrokerMetrics):
 class GatewayProcess:
     """One gateway process's lifetime; `run` until the writer says stop."""
 
-    def __init__(self, index: int, count: int, link: Link) -> None:
+    def __init__(self, index: int, count: int, link: Link, shared_fd: int) -> None:
+        """shared_fd: the rate limits' tables the writer process made (SharedLimits)."""
         self.index = index
         self.count = count
         self.link = link
+        self.shared_fd = shared_fd
         self.stop = trio.Event()
         self.commit = 0
         self.gaps = 0
@@ -205,7 +209,8 @@ class GatewayProcess:
     async def _serve(self, engine: GatewayEngine, settings: Settings,
                      gateway0_socket: str) -> None:
         metrics = self.metrics = GatewayMetrics(engine)
-        limiter = RateLimiter(settings.rate_limits)
+        shared = SharedLimits.attach(self.shared_fd, settings.gateway.max_sessions)
+        limiter = RateLimiter(settings.rate_limits, shared=shared)
         # The subscription operations consult the allow list through a
         # dispatcher; this one never runs (the writer process's delivers).
         attach(engine, WebhookDispatcher(engine, settings.webhooks))
@@ -310,7 +315,7 @@ def configure_logging(level: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    index, count, link_fd = (int(a) for a in argv[:3])
+    index, count, link_fd, shared_fd = (int(a) for a in argv[:4])
     # A terminal's Ctrl-C, `timeout` or systemd's KillMode=control-group
     # signal the whole group: the writer process alone decides when the
     # gateways stop (over the link), so that they drain before it does.
@@ -320,7 +325,7 @@ def main(argv: list[str]) -> int:
 
     async def run() -> None:
         link = Link(trio.SocketStream(trio.socket.from_stdlib_socket(link_sock)))
-        await GatewayProcess(index, count, link).run()
+        await GatewayProcess(index, count, link, shared_fd).run()
 
     trio.run(run)
     return 0

@@ -49,6 +49,7 @@ from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
 from broker.http.listener import address
 from broker.http.metrics import BrokerMetrics
+from broker.ratelimit import SharedLimits
 from broker.workers.channel import (
     Link,
     LinkClosed,
@@ -263,13 +264,15 @@ class GatewayPool:
     """The gateway processes: start with `url = await nursery.start(pool.run, stopping)`."""
 
     def __init__(self, settings: Settings, host: WriterHost, count: int,
-                 holder: socket.socket) -> None:
+                 holder: socket.socket, shared: SharedLimits) -> None:
         """holder: a socket bound to the port, not listening (`broker.http.listener.
-        hold_port`), which keeps it until every gateway listens; `run` closes it."""
+        hold_port`), which keeps it until every gateway listens; `run` closes it.
+        shared: the rate limits' tables, handed to every gateway."""
         self.settings = settings
         self.host = host
         self.count = count
         self.holder = holder
+        self.shared = shared
         self.processes: list[trio.Process] = []
         self.run_dir: Path | None = None
         self._listening: dict[int, str] = {}
@@ -310,11 +313,12 @@ class GatewayPool:
             async with trio.open_nursery() as nursery:
                 for index in range(self.count):
                     ours, theirs = socket.socketpair()
+                    shared_fd = self.shared.region.fd
                     try:
                         process = await trio.lowlevel.open_process(
                             [sys.executable, "-m", "broker.workers.gateway_process",
-                             str(index), str(self.count), str(theirs.fileno())],
-                            pass_fds=(theirs.fileno(),), env=environ,
+                             str(index), str(self.count), str(theirs.fileno()), str(shared_fd)],
+                            pass_fds=(theirs.fileno(), shared_fd), env=environ,
                             stdin=subprocess.DEVNULL)
                     finally:
                         theirs.close()

@@ -1,0 +1,263 @@
+"""Rate limits and socket caps shared by every process of the daemon (`SharedLimits`).
+
+First the shared tables alone: the same verdicts as the in-process buckets,
+a full window, and two processes taking from one bucket at once. Then a
+daemon with two gateway processes, each request and socket on a connection
+of its own so that the kernel spreads them over both: every limit and cap
+holds once for the daemon, not once per gateway.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+import trio
+
+from broker.config import HttpSettings, ServerSettings, Settings
+from broker.gateway.settings import GatewaySettings
+from broker.ratelimit import Bucket, RateLimiter, RateLimitSettings, SharedBucket, SharedLimits
+from broker.server import BrokerServer
+from broker.shared_tables import WINDOW, SharedRegion, SlotTable
+from tests.helpers.daemon import FAST_ENGINE, run_server
+from tests.helpers.engine import TEST_DEADLINE_S, World, make_world
+from tests.helpers.realtime import next_frame, raw_socket, send_json
+from tests.test_ratelimit import SECOND, close_of
+
+# -- the tables alone ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def shared() -> Iterator[SharedLimits]:
+    limits = SharedLimits.create(max_sessions=100, max_keys=1000)
+    yield limits
+    limits.close()
+
+
+def test_a_shared_bucket_answers_as_the_in_process_one(shared: SharedLimits) -> None:
+    """20,000 random takes and peeks over 50 keys and a moving clock: the same verdicts."""
+    rng = random.Random(7)
+    local, table = Bucket(30), SharedBucket(30, shared.tables["agents"])
+    now = 10 * SECOND
+    for _ in range(20_000):
+        now += rng.randrange(0, SECOND // 4)
+        key = rng.choice([rng.randrange(50), f"10.0.0.{rng.randrange(50)}"])
+        if rng.random() < 0.2:
+            assert table.peek(key, now) == local.peek(key, now)
+        else:
+            assert table.take(key, now) == local.take(key, now)
+    assert len(table) == 100  # every key held a slot once: ids and addresses apart
+
+
+def test_a_full_window_drops_the_key_nearest_to_a_full_bucket() -> None:
+    """One home slot for every key (a table of 1 slot): the 17th key takes the slot of
+    the one whose bucket refills first, which then starts again full."""
+    region = SharedRegion.create(SlotTable.size(1))
+    try:
+        bucket = SharedBucket(1, SlotTable(region.view, 0, 1))
+        now = 0
+        for key in range(WINDOW):
+            now += SECOND
+            assert bucket.take(key, now).allowed
+        assert not bucket.take(0, now).allowed and not bucket.take(1, now).allowed
+        now += SECOND
+        assert bucket.take("newcomer", now).allowed
+        assert not bucket.take(1, now).allowed  # kept: it refills later than key 0 does
+        assert not bucket.take("newcomer", now).allowed
+        assert bucket.take(0, now).allowed  # dropped: a full bucket again (and key 1 goes)
+        assert len(bucket) == WINDOW
+    finally:
+        region.close()
+
+
+TAKER = """
+import sys
+from broker.ratelimit import RateLimiter, RateLimitSettings, SharedLimits
+shared = SharedLimits.attach(int(sys.argv[1]), max_sessions=100, max_keys=1000)
+limiter = RateLimiter(RateLimitSettings(agent_per_minute=0, workspace_per_minute=1000),
+                      clock=lambda: 5.0, shared=shared)
+print("ready", flush=True)
+sys.stdin.readline()
+passed = 0
+for _ in range(3000):
+    try:
+        limiter.take_request("message.send", 1, None, "")
+        passed += 1
+    except Exception:
+        pass
+print(passed, flush=True)
+"""
+
+
+def test_two_processes_taking_at_once_pass_the_limit_once(shared: SharedLimits) -> None:
+    """Two processes, 3,000 takes each from one bucket of 1,000 at a standing clock,
+    started together: 1,000 pass in all (no update lost between the two)."""
+    takers = [subprocess.Popen(
+        [sys.executable, "-c", TAKER, str(shared.region.fd)], pass_fds=(shared.region.fd,),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        for taker in takers:
+            assert taker.stdout is not None and taker.stdout.readline() == "ready\n"
+        for taker in takers:
+            assert taker.stdin is not None
+            taker.stdin.write("go\n")
+            taker.stdin.flush()
+        passed = [int(taker.communicate(timeout=60)[0]) for taker in takers]
+    finally:
+        for taker in takers:
+            taker.kill()
+    assert sum(passed) == 1000, passed
+    refused = RateLimiter(RateLimitSettings(workspace_per_minute=1000), clock=lambda: 5.0,
+                          shared=shared)
+    with pytest.raises(Exception, match="rate limit exceeded"):
+        refused.take_request("message.send", 1, None, "")
+
+
+def test_socket_counts_are_shared_and_given_back(shared: SharedLimits) -> None:
+    """Two limiters on one region (as two gateways): caps over both; released places return."""
+    mapped = SharedLimits.attach(os.dup(shared.region.fd), max_sessions=100, max_keys=1000)
+    try:
+        one, two = (RateLimiter(RateLimitSettings(), shared=s) for s in (shared, mapped))
+        assert one.admit_socket(7, 3, 2) is None
+        assert two.admit_socket(7, 3, 2) is None
+        assert one.admit_socket(7, 3, 2) == "sessions_per_agent"
+        assert two.admit_socket(None, 3, 2) is None  # an observer: the total only
+        assert one.admit_socket(8, 3, 2) == "sessions"
+        assert (one.sockets(), two.sockets()) == (3, 3)
+        two.release_socket(7)
+        assert one.admit_socket(7, 3, 2) is None
+        for limiter, agent in ((one, 7), (two, 7), (one, None)):
+            limiter.release_socket(agent)
+        assert one.sockets() == 0
+        assert one.statistics().sessions_per_agent == 1 and one.statistics().sessions == 1
+        # The process that made the tables reports their keys; the others none.
+        assert one.statistics().tracked_keys == 0 and two.statistics().tracked_keys is None
+    finally:
+        mapped.close()
+
+
+def test_a_region_of_another_layout_is_refused(shared: SharedLimits) -> None:
+    with pytest.raises(ValueError, match="disagree on its layout"):
+        SharedLimits.attach(os.dup(shared.region.fd), max_sessions=100, max_keys=5000)
+
+
+# -- a daemon with two gateway processes ------------------------------------------------------
+
+
+class TwoGateways(msgspec.Struct):
+    server: BrokerServer
+    world: World
+    port: int
+
+
+@asynccontextmanager
+async def two_gateways(tmp_path: Path, limits: RateLimitSettings,
+                       gateway: GatewaySettings | None = None) -> AsyncIterator[TwoGateways]:
+    settings = Settings(
+        data_dir=str(tmp_path / "data"), engine=FAST_ENGINE, server=ServerSettings(workers=2),
+        http=HttpSettings(host="127.0.0.1", port=0, shutdown_grace_seconds=1.0),
+        gateway=gateway or GatewaySettings(), rate_limits=limits,
+    )
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with run_server(settings) as server:
+            assert server.port is not None
+            yield TwoGateways(server, await make_world(server.engine), server.port)
+
+
+async def fresh(live: TwoGateways, method: str, path: str, token: str | None = None,
+                **kwargs: object) -> httpx.Response:
+    """One request on a connection of its own (the kernel picks its gateway)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{live.port}", timeout=10) as http:
+        return await http.request(method, path, headers=headers, **kwargs)  # type: ignore[arg-type]
+
+
+async def metric(live: TwoGateways, name: str) -> float:
+    text = (await fresh(live, "GET", "/metrics")).text
+    found = [row for row in text.splitlines() if row.startswith(f"{name} ")]
+    assert len(found) == 1, text
+    return float(found[0].split()[-1])
+
+
+async def test_an_agent_limit_holds_once_over_two_gateways(tmp_path: Path) -> None:
+    """12 sends on 12 connections against 3 a minute: 3 pass (one gateway's table alone
+    would let up to 6 through), the refused write nothing."""
+    async with two_gateways(tmp_path, RateLimitSettings(agent_per_minute=3)) as live:
+        alice = live.world.tokens["alice"]
+        statuses = [(await fresh(live, "POST", "/v1/dm", alice,
+                                 json={"to": "bob", "text": f"hi {n}"})).status_code
+                    for n in range(12)]
+        assert statuses == [201] * 3 + [429] * 9
+        row = await live.server.engine.read(
+            lambda c: c.execute("SELECT count(*) FROM messages").fetchone())
+        assert row[0] == 3
+        refusals = await metric(live, 'broker_refusals_total{reason="agent"}')
+        assert refusals == 9
+        # Alice's bucket and her workspace's, reported once (by the writer process).
+        assert await metric(live, "broker_rate_limit_keys") == 2
+
+
+async def test_refused_tokens_block_the_address_on_every_gateway(tmp_path: Path) -> None:
+    """3 refused tokens on 3 connections block the address: 8 more tries with a good token,
+    each on a connection of its own, are all refused."""
+    async with two_gateways(tmp_path, RateLimitSettings(auth_failures_per_minute=3)) as live:
+        for _ in range(3):
+            assert (await fresh(live, "GET", "/v1/agent", "at_live_guess")).status_code == 401
+        alice = live.world.tokens["alice"]
+        statuses = [(await fresh(live, "GET", "/v1/agent", alice)).status_code
+                    for _ in range(8)]
+        assert statuses == [429] * 8
+
+
+async def test_the_per_agent_socket_cap_holds_once_over_two_gateways(tmp_path: Path) -> None:
+    """Two of alice's sockets open; six more, each its own connection, all close with 4429
+    (one gateway's count alone would admit those the other gateway took); bob is admitted."""
+    gateway = GatewaySettings(max_sessions_per_agent=2)
+    async with two_gateways(tmp_path, RateLimitSettings(), gateway) as live:
+        alice = live.world.tokens["alice"]
+        async with AsyncExitStack() as held:
+            for n in range(2):
+                ws = await held.enter_async_context(raw_socket(live.server, alice))
+                await send_json(ws, {"v": 1, "id": f"p{n}", "type": "ping"})
+                assert (await next_frame(ws, "pong"))["re"] == f"p{n}"
+            for _ in range(6):
+                async with raw_socket(live.server, alice) as extra:
+                    code, reason = await close_of(extra)
+                assert code == 4429 and "limit of 2 sockets" in reason
+            async with raw_socket(live.server, live.world.tokens["bob"]) as bob:
+                await send_json(bob, {"v": 1, "id": "p", "type": "ping"})
+                assert (await next_frame(bob, "pong"))["re"] == "p"
+        assert await metric(live, 'broker_refusals_total{reason="sessions_per_agent"}') == 6
+        # Closed sockets give their places back, wherever they were served.
+        async with AsyncExitStack() as held:
+            for n in range(2):
+                ws = await held.enter_async_context(raw_socket(live.server, alice))
+                await send_json(ws, {"v": 1, "id": f"q{n}", "type": "ping"})
+                assert (await next_frame(ws, "pong"))["re"] == f"q{n}"
+
+
+async def test_the_total_socket_cap_holds_once_over_two_gateways(tmp_path: Path) -> None:
+    gateway = GatewaySettings(max_sessions=3)
+    async with two_gateways(tmp_path, RateLimitSettings(), gateway) as live:
+        tokens = [live.world.tokens[name] for name in ("alice", "bob", "carol")]
+        async with AsyncExitStack() as held:
+            for n, token in enumerate(tokens):
+                ws = await held.enter_async_context(raw_socket(live.server, token))
+                await send_json(ws, {"v": 1, "id": f"p{n}", "type": "ping"})
+                assert (await next_frame(ws, "pong"))["re"] == f"p{n}"
+            for _ in range(4):
+                async with raw_socket(live.server, live.world.key) as observer:
+                    code, _ = await close_of(observer)
+                assert code == 1013
+        assert await metric(live, 'broker_refusals_total{reason="sessions"}') == 4
+        async with raw_socket(live.server, live.world.key) as observer:
+            await send_json(observer, {"type": "ping"})
+            await next_frame(observer, "pong")

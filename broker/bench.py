@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m broker.bench writer`.
+"""Benchmarks: `python -m broker.bench writer` and `python -m broker.bench limits`.
 
 writer: committed channel sends per second through the writer actor, and, in
 the same run, raw apsw executing the very same SQL statements in a plain
@@ -8,6 +8,12 @@ trace of the actor's commands (a sender's first two sends in one
 transaction: the second reuses the first's reads, Tx.read_once), so the
 comparison cannot silently drift. The
 process uses the daemon's garbage-collector settings (`broker.gc_tuning`).
+
+limits: what one rate-limit check costs (a request by an agent: its
+workspace's and its own bucket) and one socket's admission and release,
+with the tables in this process's dicts (one process serves the port) and
+in the shared memory that gateway processes use (`SharedLimits`), over
+1,000 agents, limits high enough that nothing is refused.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,7 @@ from broker.engine.outbox import ENQUEUE_SQL
 from broker.engine.workspaces import CreateWorkspace, RegisterAgent
 from broker.engine.writer import Command, Tx
 from broker.gc_tuning import settle_heap
+from broker.ratelimit import RateLimiter, RateLimitSettings, SharedLimits
 from protocol.objects import Message, iso
 
 _encoder = msgspec.json.Encoder()
@@ -289,6 +297,40 @@ def writer_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _per_call_us(call: Callable[[int], object], calls: int) -> float:
+    started = time.perf_counter()
+    for i in range(calls):
+        call(i)
+    return (time.perf_counter() - started) / calls * 1e6
+
+
+def limits_benchmark(args: argparse.Namespace) -> int:
+    settings = RateLimitSettings(workspace_per_minute=10**9, agent_per_minute=10**9)
+    shared = SharedLimits.create(max_sessions=20_000)
+    agents = 1000
+    print(f"rate-limit benchmark: {args.calls} calls each, {agents} agents of one workspace, "
+          f"{args.rounds} rounds (median, microseconds per call)")
+    try:
+        for name, limiter in (("in-process", RateLimiter(settings)),
+                              ("shared", RateLimiter(settings, shared=shared))):
+
+            def request(i: int, limiter: RateLimiter = limiter) -> None:
+                limiter.take_request("message.send", 1, i % agents, "")
+
+            def socket(i: int, limiter: RateLimiter = limiter) -> None:
+                limiter.admit_socket(i % agents, 20_000, 8)
+                limiter.release_socket(i % agents)
+
+            checks = [_per_call_us(request, args.calls) for _ in range(args.rounds)]
+            sockets = [_per_call_us(socket, args.calls) for _ in range(args.rounds)]
+            print(f"{name:>10}: request {statistics.median(checks):.2f} us "
+                  f"({min(checks):.2f}-{max(checks):.2f}); socket admitted and released "
+                  f"{statistics.median(sockets):.2f} us ({min(sockets):.2f}-{max(sockets):.2f})")
+    finally:
+        shared.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m broker.bench")
     sub = parser.add_subparsers(dest="benchmark", required=True)
@@ -301,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     writer.add_argument("--rounds", type=int, default=3)
     writer.add_argument("--synchronous", default="FULL", choices=["OFF", "NORMAL", "FULL", "EXTRA"])
     writer.set_defaults(run=writer_benchmark)
+    limits = sub.add_parser("limits", help="one rate-limit check and one socket admission, "
+                                           "in-process and shared tables")
+    limits.add_argument("--calls", type=int, default=100_000)
+    limits.add_argument("--rounds", type=int, default=5)
+    limits.set_defaults(run=limits_benchmark)
     args = parser.parse_args(argv)
     code: int = args.run(args)
     return code

@@ -31,6 +31,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import os
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -40,7 +42,7 @@ from typing import Annotated, Any, Generic, TypeVar
 import msgspec
 
 from broker.engine.errors import BrokerError
-from broker.shared_tables import WINDOW, SharedCounter, SharedRegion, SlotTable, slot_key
+from broker.shared_tables import WINDOW, SharedCounter, SharedRegion, SlotTable
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +246,7 @@ class SharedBucket(_Gcra[tuple[int, int, int]]):
         return self.table.used.value
 
     def look(self, key: object, now: int) -> tuple[Verdict, tuple[int, int, int]]:
-        hashed = slot_key(key)
+        hashed = self.table.key_of(key)
         slot, tat = self.table.find(hashed, idle=lambda tat: tat <= now, evict=lambda tat: tat)
         tat = now if tat is None else tat
         return self._verdict(tat, now), (slot, hashed, tat)
@@ -288,47 +290,61 @@ class SharedLimits:
     With gateway processes (`--workers N`) the writer process creates it
     (`create`) before it starts them and hands each `region.fd`; a gateway
     attaches (`attach`) with the same settings, from which the layout
-    follows: the socket count, then a table per limit (workspaces, agents,
-    anonymous, auth_failures; slots for twice max_keys), then the sockets
-    by agent (slots for twice `gateway.max_sessions`, or max_keys when
-    that is 0). Pages are allocated as keys first touch them.
+    follows: a header (the slot counts, which `attach` checks, and a random
+    salt for the keys), the socket count, a table per limit (workspaces,
+    agents, anonymous, auth_failures; slots for twice max_keys), then the
+    sockets by agent (slots for twice `gateway.max_sessions`, or max_keys
+    when that is 0). Pages are allocated as keys first touch them.
     """
 
     LIMITS = ("workspaces", "agents", "anonymous", "auth_failures")
+    _HEADER = struct.Struct("<qq16s")
 
-    def __init__(self, region: SharedRegion, max_sessions: int, max_keys: int,
+    def __init__(self, region: SharedRegion, key_slots: int, socket_slots: int,
                  *, owner: bool) -> None:
         """owner: this process made the region, and reports what the tables hold."""
         self.region, self.owner = region, owner
-        key_slots, socket_slots, _ = self.layout(max_sessions, max_keys)
         view = region.view
-        self.sockets = SharedCounter(view, 0)
-        offset = SharedCounter.SIZE
+        salt: bytes = self._HEADER.unpack_from(view, 0)[2]
+        self.sockets = SharedCounter(view, self._HEADER.size)
+        offset = self._HEADER.size + SharedCounter.SIZE
         self.tables: dict[str, SlotTable] = {}
         for name in self.LIMITS:
-            self.tables[name] = SlotTable(view, offset, key_slots)
+            self.tables[name] = SlotTable(view, offset, key_slots, salt)
             offset += SlotTable.size(key_slots)
-        self.sockets_by_agent = SlotTable(view, offset, socket_slots)
+        self.sockets_by_agent = SlotTable(view, offset, socket_slots, salt)
 
-    @staticmethod
-    def layout(max_sessions: int, max_keys: int) -> tuple[int, int, int]:
+    @classmethod
+    def layout(cls, max_sessions: int, max_keys: int) -> tuple[int, int, int]:
         """Slots of each limit's table, slots of the socket table, and the region's bytes."""
         key_slots, socket_slots = _slots_for(max_keys), _slots_for(max_sessions or max_keys)
-        size = (SharedCounter.SIZE + len(SharedLimits.LIMITS) * SlotTable.size(key_slots)
-                + SlotTable.size(socket_slots))
+        size = (cls._HEADER.size + SharedCounter.SIZE
+                + len(cls.LIMITS) * SlotTable.size(key_slots) + SlotTable.size(socket_slots))
         return key_slots, socket_slots, size
 
     @classmethod
     def create(cls, max_sessions: int, max_keys: int = DEFAULT_MAX_KEYS) -> SharedLimits:
-        region = SharedRegion.create(cls.layout(max_sessions, max_keys)[2])
-        return cls(region, max_sessions, max_keys, owner=True)
+        """A new region for these settings (`gateway.max_sessions`, keys per limit)."""
+        key_slots, socket_slots, size = cls.layout(max_sessions, max_keys)
+        region = SharedRegion.create(size)
+        cls._HEADER.pack_into(region.view, 0, key_slots, socket_slots, os.urandom(16))
+        return cls(region, key_slots, socket_slots, owner=True)
 
     @classmethod
     def attach(cls, fd: int, max_sessions: int, max_keys: int = DEFAULT_MAX_KEYS) -> SharedLimits:
-        region = SharedRegion.attach(fd, cls.layout(max_sessions, max_keys)[2])
-        return cls(region, max_sessions, max_keys, owner=False)
+        """The region behind `fd` (which it then owns), made by `create` with the same
+        settings. Raises ValueError (and closes `fd`) when its layout is another."""
+        key_slots, socket_slots, size = cls.layout(max_sessions, max_keys)
+        region = SharedRegion.attach(fd, size)
+        made = cls._HEADER.unpack_from(region.view, 0)[:2]
+        if made != (key_slots, socket_slots):
+            region.close()
+            raise ValueError(f"the shared region has {made} slots, not {(key_slots, socket_slots)}:"
+                             " the processes of one daemon disagree on its layout")
+        return cls(region, key_slots, socket_slots, owner=False)
 
     def close(self) -> None:
+        """Unmap the region (see SharedRegion.close)."""
         self.region.close()
 
 
@@ -356,29 +372,40 @@ class _LocalSockets:
 class _SharedSockets:
     """Sockets admitted and not yet ended, over every process. Call under the region's lock.
 
-    An agent whose window of slots is full of agents with sockets is not
-    counted (logged): its sockets then meet only the total cap.
+    An agent whose window of slots is full of agents with sockets is counted
+    in this process alone (logged): a socket is admitted and released by
+    the same process, so its release takes back what its admission counted
+    and no count drifts; that agent's sockets on other gateways are then
+    not seen here.
     """
 
     def __init__(self, shared: SharedLimits) -> None:
         self._total, self._table = shared.sockets, shared.sockets_by_agent
+        self._here_only: Counter[int] = Counter()
 
     def total(self) -> int:
         return self._total.value
 
     def of(self, agent_id: int) -> int:
-        return self._find(slot_key(agent_id))[1] or 0
+        return (self._find(self._table.key_of(agent_id))[1] or 0) + self._here_only[agent_id]
 
     def add(self, agent_id: int | None, delta: int) -> None:
         self._total.add(delta)
         if agent_id is None:
             return
-        hashed = slot_key(agent_id)
+        if delta < 0 and self._here_only[agent_id] > 0:
+            self._here_only[agent_id] += delta
+            if self._here_only[agent_id] <= 0:
+                del self._here_only[agent_id]
+            return
+        hashed = self._table.key_of(agent_id)
         slot, count = self._find(hashed)
-        if slot < 0:
-            log.warning("agent %d: no room to count its sockets", agent_id)
-        elif count is not None or delta > 0:
-            self._table.write(slot, hashed, (count or 0) + delta)
+        if count is not None or (slot >= 0 and delta > 0):
+            self._table.write(slot, hashed, max(0, (count or 0) + delta))
+        elif delta > 0:
+            log.warning("agent %d: no room in the shared table to count its sockets; "
+                        "counted in this process alone", agent_id)
+            self._here_only[agent_id] += delta
 
     def _find(self, hashed: int) -> tuple[int, int | None]:
         return self._table.find(hashed, idle=lambda count: count <= 0)
@@ -388,9 +415,10 @@ class RateLimiter:
     """Every rate limit and socket cap of the daemon, and the count of refusals by reason.
 
     settings: the limits; clock: seconds (monotonic, the same in every
-    process; tests pass a fake one); max_keys: the bound of each key table;
-    shared: the tables every process of the daemon shares (None: this
-    process serves the port alone, and keeps them in dicts).
+    process; tests pass a fake one); max_keys: the bound of each key table
+    in dicts; shared: the tables every process of the daemon shares (None:
+    this process serves the port alone, and keeps them in dicts; given, their
+    size is the one SharedLimits was made with, and max_keys is not used).
     """
 
     def __init__(

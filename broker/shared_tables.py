@@ -11,20 +11,23 @@ the gateways; each gateway is handed its descriptor and maps it
 
 A `SlotTable` is an open-addressed hash table of fixed size: each slot two
 signed 64-bit integers, a key and its value. A key is 8 bytes of a BLAKE2b
-digest of the caller's key (`slot_key`, never 0, which marks a slot never
-used). A key lives in one of the `WINDOW` slots from `key mod slots`, so a
-lookup is one unpack of 256 bytes; a new key takes the first slot of its
-window that is vacant: never used, or holding a value its table calls idle
-(a bucket that has refilled, a count of 0). An idle key is the same as no
-key, which is what lets a slot be reused without tombstones.
+digest of the caller's key, keyed with the region's random salt (`slot_key`;
+never 0, which marks a slot never used). A key lives in one of the `WINDOW`
+slots from `key mod slots`, so a lookup is one unpack of 256 bytes; a new
+key takes the first slot of its window that is vacant: never used, or
+holding a value its table calls idle (a bucket that has refilled, a count
+of 0). An idle key is the same as no key, which is what lets a slot be
+reused without tombstones.
 
 Every check-and-update runs under `SharedRegion.locked()`, a POSIX record
 lock on the file (`fcntl.lockf`): held for microseconds, always on the
 event loop's thread and never across an await, so it cannot deadlock, and
 the kernel releases it if its holder dies (a gateway that dies takes the
 daemon down, so the region never outlives a torn update: docs/operations.md,
-"Processes"). A POSIX lock does not exclude threads of one process: nothing
-here may be called from a worker thread.
+"Processes"). A holder that is stopped (SIGSTOP, a debugger) while it holds
+the lock stops every other process's checks with it. A POSIX lock does not
+exclude threads of one process: nothing here may be called from a worker
+thread.
 """
 
 from __future__ import annotations
@@ -43,9 +46,11 @@ _WINDOW = struct.Struct(f"<{2 * WINDOW}q")
 _COUNTER = struct.Struct("<q")
 
 
-def slot_key(key: object) -> int:
-    """The table key of `key` (an id or an address): the same in every process, never 0."""
-    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+def slot_key(key: object, salt: bytes) -> int:
+    """The table key of `key` (an id or an address): the same in every process of one daemon
+    (`salt` is the region's), never 0. The salt keeps a client from choosing addresses that
+    crowd one window."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8, key=salt).digest()
     return int.from_bytes(digest, "little", signed=True) or 1
 
 
@@ -65,7 +70,7 @@ class SharedRegion:
 
     @classmethod
     def create(cls, size: int) -> SharedRegion:
-        """A new zeroed region of `size` bytes (pages are allocated as they are first written)."""
+        """A new zeroed region of `size` bytes (pages are allocated as they are first touched)."""
         fd = os.memfd_create("broker-shared", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
@@ -91,6 +96,9 @@ class SharedRegion:
         return self._lock
 
     def close(self) -> None:
+        """Unmap the region and close its descriptor (once: later calls do nothing)."""
+        if self._map.closed:
+            return
         self.view.release()
         self._map.close()
         os.close(self.fd)
@@ -130,10 +138,12 @@ class SharedCounter:
 class SlotTable:
     """A fixed-size table of (key, value) slots at `offset` of a region (see the module)."""
 
-    def __init__(self, view: memoryview, offset: int, slots: int) -> None:
+    def __init__(self, view: memoryview, offset: int, slots: int, salt: bytes) -> None:
+        """salt: the region's, for `key_of`."""
         if slots < 1:
             raise ValueError("a table needs at least one slot")
         self.slots = slots
+        self.salt = salt
         self._view = view
         self._offset = offset
         # Slots holding a key, idle or not (a slot is never emptied, only reused).
@@ -143,6 +153,10 @@ class SlotTable:
     def size(slots: int) -> int:
         """Bytes a table of `slots` slots takes: its counter, and a window past the last slot."""
         return SharedCounter.SIZE + (slots + WINDOW - 1) * _SLOT.size
+
+    def key_of(self, key: object) -> int:
+        """The table key of `key` (slot_key with the region's salt)."""
+        return slot_key(key, self.salt)
 
     def find(self, key: int, idle: Callable[[int], bool],
              evict: Callable[[int], int] | None = None) -> tuple[int, int | None]:

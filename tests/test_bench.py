@@ -20,3 +20,10 @@ def test_bench_writer_compares_same_statements(
     assert code == 0, out.err
     assert "ratio: " in out.out
     assert "statements of a sender's first two sends in a transaction: 14 " in out.out
+
+
+def test_bench_limits_measures_both_kinds_of_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["limits", "--calls", "200", "--rounds", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["in-process", "shared"]
+    assert all("socket admitted and released" in line for line in lines[1:])

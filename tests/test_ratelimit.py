@@ -29,7 +29,7 @@ from broker.ratelimit import (
 from broker.server import BrokerServer
 from tests.helpers.daemon import FAST_ENGINE, run_server
 from tests.helpers.engine import TEST_DEADLINE_S, make_world
-from tests.helpers.realtime import Live, next_frame, raw_socket, send_json
+from tests.helpers.realtime import Live, close_of, next_frame, raw_socket, send_json
 from tests.helpers.rest import call, uploaded
 
 SECOND = 1_000_000_000
@@ -392,17 +392,6 @@ async def test_total_session_cap_closes_the_next_with_1013(tmp_path: Path) -> No
                 code, reason = await close_of(bob)
             assert code == 1013 and "try again later" in reason
         assert await metric(live, "sessions") == 1
-
-
-async def close_of(ws: trio_websocket.WebSocketConnection) -> tuple[int | None, str]:
-    """Read until the server closes: its close code and reason."""
-    try:
-        while True:
-            await ws.get_message()
-    except trio_websocket.ConnectionClosed as closed:
-        if closed.reason is None:
-            return None, ""
-        return closed.reason.code, closed.reason.reason or ""
 
 
 # -- the routes bound outside the operation table -------------------------------------------

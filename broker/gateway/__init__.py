@@ -131,8 +131,8 @@ class Gateway:
         self.engine = engine
         self.public_url = public_url
         self.settings = settings or GatewaySettings()
-        # It counts the sockets against the caps too (the daemon's, over every
-        # gateway process).
+        # The limiter also counts this gateway's sockets against the caps
+        # (`_admit`), which are the daemon's: over every gateway process.
         self.limiter = limiter or RateLimiter(UNLIMITED)
         self._on_sessions = on_sessions
         self.on_request = on_request

@@ -310,10 +310,10 @@ class GatewayPool:
             hello = msgspec.json.encode(settings)
             environ = {k: v for k, v in os.environ.items()
                        if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+            shared_fd = self.shared.region.fd
             async with trio.open_nursery() as nursery:
                 for index in range(self.count):
                     ours, theirs = socket.socketpair()
-                    shared_fd = self.shared.region.fd
                     try:
                         process = await trio.lowlevel.open_process(
                             [sys.executable, "-m", "broker.workers.gateway_process",

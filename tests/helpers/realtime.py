@@ -258,3 +258,14 @@ class FakeWebSocket:
         self.aborted = True
         self._unblocked.set()
         return True
+
+
+async def close_of(ws: trio_websocket.WebSocketConnection) -> tuple[int | None, str]:
+    """Read until the server closes: its close code and reason."""
+    try:
+        while True:
+            await ws.get_message()
+    except trio_websocket.ConnectionClosed as closed:
+        if closed.reason is None:
+            return None, ""
+        return closed.reason.code, closed.reason.reason or ""

@@ -64,6 +64,9 @@ MIN_SWEEP_SIZE = 1024
 NEVER_LIMITED = frozenset({
     "delivery.ack_one", "delivery.ack_up_to", "delivery.list", "agent.heartbeat",
 })
+# The most sockets the shared socket table is sized for, whatever `gateway.max_sessions`
+# says (a daemon holds at most its open-files limit of sockets): 2**21 slots, 32 MiB.
+MAX_COUNTED_SOCKETS = 1 << 20
 # Reasons a request or a socket was refused, as /metrics labels them.
 REASONS = ("workspace", "agent", "anonymous", "auth_failures", "sessions_per_agent", "sessions")
 
@@ -294,7 +297,8 @@ class SharedLimits:
     salt for the keys), the socket count, a table per limit (workspaces,
     agents, anonymous, auth_failures; slots for twice max_keys), then the
     sockets by agent (slots for twice `gateway.max_sessions`, or max_keys
-    when that is 0). Pages are allocated as keys first touch them.
+    when that is 0, at most MAX_COUNTED_SOCKETS). Pages are allocated as
+    keys first touch them.
     """
 
     LIMITS = ("workspaces", "agents", "anonymous", "auth_failures")
@@ -317,7 +321,8 @@ class SharedLimits:
     @classmethod
     def layout(cls, max_sessions: int, max_keys: int) -> tuple[int, int, int]:
         """Slots of each limit's table, slots of the socket table, and the region's bytes."""
-        key_slots, socket_slots = _slots_for(max_keys), _slots_for(max_sessions or max_keys)
+        sockets = min(max_sessions or max_keys, MAX_COUNTED_SOCKETS)
+        key_slots, socket_slots = _slots_for(max_keys), _slots_for(sockets)
         size = (cls._HEADER.size + SharedCounter.SIZE
                 + len(cls.LIMITS) * SlotTable.size(key_slots) + SlotTable.size(socket_slots))
         return key_slots, socket_slots, size

@@ -25,6 +25,7 @@ import trio
 from broker.config import HttpSettings, ServerSettings, Settings
 from broker.gateway.settings import GatewaySettings
 from broker.ratelimit import (
+    MAX_COUNTED_SOCKETS,
     Bucket,
     RateLimited,
     RateLimiter,
@@ -176,6 +177,14 @@ def test_shared_socket_counts_hold_when_windows_are_full(caplog: pytest.LogCaptu
         assert "counted in this process alone" in caplog.text
     finally:
         shared.close()
+
+
+def test_shared_limits_layout_is_bounded_whatever_max_sessions_says() -> None:
+    """A cap of a billion sockets does not size a table of a billion slots."""
+    key_slots, socket_slots, size = SharedLimits.layout(10**9, 100_000)
+    assert (key_slots, socket_slots) == (262_144, 2 * MAX_COUNTED_SOCKETS)
+    assert size < 64 * 2**20
+    assert SharedLimits.layout(20_000, 100_000)[1] == 65_536
 
 
 def test_shared_limits_attach_refuses_another_layout(shared: SharedLimits) -> None:

@@ -51,6 +51,7 @@ from broker.loadtest.report import build_report, format_curve, format_table
 from broker.loadtest.runner import BROKER, ECHO, ShardResult, run_local, run_processes
 from broker.loadtest.scenarios import history_latency, idle_memory, parse_counts
 from broker.loadtest.storm import connect_storm
+from broker.loadtest.tls import client_context, make_certificate
 from broker.loadtest.topology import LoadSpec, Topology, build_topology
 
 
@@ -87,6 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                       "default: start one on a temporary data directory")
     target.add_argument("--config", type=Path,
                         help="TOML configuration for the daemon the run starts")
+    target.add_argument("--tls", action="store_true",
+                        help="the daemon the run starts (and the echo server) serve TLS with "
+                             "a throwaway certificate for 127.0.0.1; every client trusts its "
+                             "CA (pip install '.[bench]'; not with --url, --peer or --history)")
+    target.add_argument("--ca-file", type=Path, metavar="PEM",
+                        help="with --url https://...: the CA its certificate chains to "
+                             "(default: the system's)")
     target.add_argument("--no-echo", action="store_true", help="skip the echo ceiling")
     target.add_argument("--peer", action="append", choices=PEERS, default=[],
                         help="then run the same topology against this peer, started for the "
@@ -162,32 +170,40 @@ async def run_phase(topology: Topology, url: str, mode: str, procs: int) -> list
 
 async def run_traffic(spec: LoadSpec, *, procs: int, url: str | None = None,
                       config: Path | None = None, echo: bool = True,
-                      profile: Path | None = None) -> dict[str, Any]:
+                      profile: Path | None = None, tls: bool = False,
+                      cafile: str | None = None) -> dict[str, Any]:
     """The traffic run: topology, echo phase, broker phase; the report (see broker.loadtest.report).
 
+    tls: the daemon the run starts and the echo server serve TLS (broker.loadtest.tls);
+    cafile: what the clients trust when `url` is an https:// broker.
     Raises RuntimeError when a server or a shard fails.
     """
     raise_fd_limit()
     extra: dict[str, Any] = {"procs": procs}
     with tempfile.TemporaryDirectory(prefix="broker-loadtest-") as tmp:
         daemon: ServerProcess | None = None
+        certificate = make_certificate(Path(tmp) / "tls") if tls else None
+        if certificate is not None:
+            cafile = certificate.cafile
         if url is None:
             options = ("--config", str(config)) if config is not None else ()
-            daemon = start_daemon(Path(tmp) / "data", *options)
+            daemon = start_daemon(Path(tmp) / "data", *options, tls=certificate)
             url = daemon.address
+        extra.update(url=url, tls=url.startswith("https://"))
         try:
             print(f"loadtest: building {spec.agents} agents in channels of {spec.channel_size} "
                   f"on {url}", file=sys.stderr)
-            topology = await build_topology(url, spec)
+            topology = await build_topology(url, spec, cafile=cafile)
             echo_results: list[ShardResult] = []
             if echo:
-                server = start_echo()
+                server = start_echo(certificate)
                 try:
-                    echo_url = f"ws://127.0.0.1:{server.address}/v1/ws"
+                    scheme = "wss" if certificate is not None else "ws"
+                    echo_url = f"{scheme}://127.0.0.1:{server.address}/v1/ws"
                     echo_results = await run_phase(topology, echo_url, ECHO, procs)
                 finally:
                     server.stop()
-            metrics_before = await scrape_metrics(url)
+            metrics_before = await scrape_metrics(url, cafile)
             cpu_before = daemon.cpu_seconds() if daemon is not None else 0.0
             sampler = start_profiler(daemon.pid, profile) if profile and daemon else None
             started = time.monotonic()
@@ -196,7 +212,7 @@ async def run_traffic(spec: LoadSpec, *, procs: int, url: str | None = None,
             finally:
                 if sampler is not None:
                     stop_profiler(sampler)
-            extra.update(daemon_figures(metrics_before, await scrape_metrics(url)))
+            extra.update(daemon_figures(metrics_before, await scrape_metrics(url, cafile)))
             if daemon is not None:
                 wall = time.monotonic() - started
                 daemon_cpu = daemon.cpu_seconds() - cpu_before
@@ -229,7 +245,8 @@ def parse_fractions(text: str) -> list[float]:
 
 async def latency_curve(spec: LoadSpec, fractions: list[float], *, procs: int,
                         url: str | None = None, config: Path | None = None,
-                        echo: bool = True) -> dict[str, Any]:
+                        echo: bool = True, tls: bool = False,
+                        cafile: str | None = None) -> dict[str, Any]:
     """The maximum (closed loop), then the latency at each fraction of it (open loop).
 
     Both in one invocation, so that "half the maximum" is half of what this
@@ -241,14 +258,15 @@ async def latency_curve(spec: LoadSpec, fractions: list[float], *, procs: int,
     one per fraction, its `fraction` and `rate` and either its whole report
     or, if that run failed, `failed` (why; the other points still run).
     `lost_all_phases`, `errors_all_phases` and `failed_points` add up every
-    phase.
+    phase. tls, cafile: as run_traffic's, for every phase.
 
     Raises ValueError if `spec.rate` is set (the curve finds its rates),
     RuntimeError if the closed-loop run fails or acknowledges no send.
     """
     if spec.rate is not None:
         raise ValueError("a latency curve finds its rates itself; spec.rate must be None")
-    peak = await run_traffic(spec, procs=procs, url=url, config=config, echo=echo)
+    peak = await run_traffic(spec, procs=procs, url=url, config=config, echo=echo, tls=tls,
+                             cafile=cafile)
     if peak["sends_per_s"] <= 0:
         raise RuntimeError("the closed-loop run acknowledged no send; no maximum to take "
                            "fractions of")
@@ -259,7 +277,8 @@ async def latency_curve(spec: LoadSpec, fractions: list[float], *, procs: int,
               file=sys.stderr)
         try:
             point = await run_traffic(msgspec.structs.replace(spec, rate=rate), procs=procs,
-                                      url=url, config=config, echo=False)
+                                      url=url, config=config, echo=False, tls=tls,
+                                      cafile=cafile)
         except RuntimeError as exc:
             print(f"loadtest: the run at {fraction:g} of the maximum failed: {exc}",
                   file=sys.stderr)
@@ -285,10 +304,11 @@ _GC = re.compile(r'^broker_gc_pause_seconds(_bucket|_sum|_count)'
                  r'\{generation="\d"(?:,le="([^"]+)")?\} (\S+)$')
 
 
-async def scrape_metrics(url: str) -> dict[str, float]:
+async def scrape_metrics(url: str, cafile: str | None = None) -> dict[str, float]:
     """The daemon's figures from its /metrics (see `parse_metrics`; empty if unreachable)."""
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        async with httpx.AsyncClient(base_url=url, timeout=10,
+                                     verify=client_context(cafile) or True) as http:
             text = (await http.get("/metrics")).text
     except httpx.HTTPError:
         return {}
@@ -399,12 +419,13 @@ def run(args: argparse.Namespace) -> int:
                     raise ValueError(f"--latency-at runs a curve of its own; give it without "
                                      f"{option}")
             fractions = parse_fractions(args.latency_at)
+        cafile = check_tls(args)
         skipped = check_peers(args)
         if args.connect:
             report = trio.run(connect_storm, parse_counts(args.connect), args.profile,
-                              args.presence)
+                              args.presence, args.tls)
         elif args.idle:
-            report = trio.run(idle_memory, parse_counts(args.idle))
+            report = trio.run(idle_memory, parse_counts(args.idle), None, args.tls)
         elif args.history:
             report = trio.run(history_latency, parse_counts(args.history), 300,
                               args.history_dir)
@@ -412,13 +433,13 @@ def run(args: argparse.Namespace) -> int:
             spec = spec_from(args)
             report = trio.run(lambda: latency_curve(
                 spec, fractions, procs=args.procs, url=args.url, config=args.config,
-                echo=not args.no_echo))
+                echo=not args.no_echo, tls=args.tls, cafile=cafile))
             print(format_curve(report))
         else:
             spec = spec_from(args)
             report = trio.run(lambda: run_traffic(
                 spec, procs=args.procs, url=args.url, config=args.config,
-                echo=not args.no_echo, profile=args.profile))
+                echo=not args.no_echo, profile=args.profile, tls=args.tls, cafile=cafile))
             print(format_table(report))
             if args.peer:
                 report["peers"] = run_peers(args.peer, spec, args.procs, skipped)
@@ -426,11 +447,48 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as exc:
         print(f"broker loadtest: {exc}", file=sys.stderr)
         return 2
+    except httpx.HTTPError as exc:  # the broker at --url is not there, or not trusted
+        print(f"broker loadtest: the broker did not answer: {_reason(exc)}", file=sys.stderr)
+        return 2
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if report.get("failed_points") or any("failed" in p for p in report.get("peers", ())):
         return 2
     return 1 if report.get("lost_all_phases", report.get("lost")) else 0
+
+
+def _reason(exc: BaseException) -> str:
+    """The first cause in `exc`'s chain that says something (httpx wraps an SSL error
+    in an exception without a message)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if str(cause):
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__
+    return type(exc).__name__
+
+
+def check_tls(args: argparse.Namespace) -> str | None:
+    """Refuse `--tls` and `--ca-file` where they do not apply; the CA file the clients trust.
+
+    Raises ValueError.
+    """
+    if args.tls:
+        for option, given in (("--url", args.url), ("--peer", args.peer),
+                              ("--history", args.history)):
+            if given:
+                raise ValueError(f"--tls starts a daemon of its own with a throwaway "
+                                 f"certificate; give it without {option}" + (
+                                     " (for a TLS broker at --url, give --ca-file)"
+                                     if option == "--url" else ""))
+    if args.ca_file is None:
+        return None
+    if not args.url:
+        raise ValueError("--ca-file is for a broker at --url https://...; a daemon the run "
+                         "starts uses --tls")
+    if not args.ca_file.is_file():
+        raise ValueError(f"--ca-file {args.ca_file}: no such file")
+    return str(args.ca_file)
 
 
 def check_peers(args: argparse.Namespace) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """The transport ceiling: a bare trio-websocket server that answers every request at once.
 
-`python -m broker.loadtest.echo [--port 0]` prints `echo listening on PORT`
-and serves until killed. It accepts the same handshake as the broker
+`python -m broker.loadtest.echo [--port 0] [--certfile PEM --keyfile PEM]`
+prints `echo listening on PORT` and serves until killed (over TLS with a
+certificate). It accepts the same handshake as the broker
 (subprotocol negotiation, the Authorization header is ignored), decodes each
 request frame and answers it with a reply frame that echoes the request as
 its `data`, so the load generator's clients run their exact code path
@@ -18,6 +19,7 @@ the daemon's garbage-collector settings (`broker.gc_tuning`).
 from __future__ import annotations
 
 import argparse
+import ssl
 import sys
 from typing import Any
 
@@ -26,6 +28,7 @@ import trio
 import trio_websocket
 
 from broker.gc_tuning import settle_heap
+from broker.loadtest.tls import server_context
 from protocol.codec import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL
 
 RECEIVE_BUFFER = 64 * 1024
@@ -67,20 +70,21 @@ async def _serve_one(request: trio_websocket.WebSocketRequest) -> None:
             return
 
 
-async def serve_echo(host: str, port: int, *,
+async def serve_echo(host: str, port: int, ssl_context: ssl.SSLContext | None = None, *,
                      task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until cancelled; `task_status.started(port)` once it listens."""
+    """Serve until cancelled (over TLS with `ssl_context`); `task_status.started(port)` once it
+    listens."""
     async with trio.open_nursery() as nursery:
         server = await nursery.start(lambda task_status: trio_websocket.serve_websocket(
-            _serve_one, host, port, None, message_queue_size=MESSAGE_QUEUE,
+            _serve_one, host, port, ssl_context, message_queue_size=MESSAGE_QUEUE,
             max_message_size=MAX_MESSAGE_SIZE, receive_buffer_size=RECEIVE_BUFFER,
             task_status=task_status))
         task_status.started(int(server.port))
 
 
-async def _main(host: str, port: int) -> None:
+async def _main(host: str, port: int, ssl_context: ssl.SSLContext | None) -> None:
     async with trio.open_nursery() as nursery:
-        bound = await nursery.start(serve_echo, host, port)
+        bound = await nursery.start(serve_echo, host, port, ssl_context)
         settle_heap()  # as the daemon does: the ceiling gets the same collector settings
         print(f"echo listening on {bound}", flush=True)
 
@@ -89,9 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m broker.loadtest.echo")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--certfile", help="serve TLS with this PEM chain (and --keyfile)")
+    parser.add_argument("--keyfile", help="the PEM key of --certfile")
     args = parser.parse_args(argv)
+    if bool(args.certfile) != bool(args.keyfile):
+        parser.error("--certfile and --keyfile go together")
+    context = server_context(args.certfile, args.keyfile) if args.certfile else None
     try:
-        trio.run(_main, args.host, args.port)
+        trio.run(_main, args.host, args.port, context)
     except KeyboardInterrupt:
         pass
     return 0

@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from broker.loadtest.tls import RunCertificate
+
 # How long a server may take to print its listening line.
 START_TIMEOUT_S = 30.0
 # How long a server may take to exit after SIGTERM before it is killed.
@@ -34,7 +36,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 # One process: "... on http://host:port (data in ...)"; several: "... on http://host:port: N
 # gateway processes ...".
-DAEMON_LISTENING = re.compile(r"broker listening on (http://[^\s]+?):?(?:\s|$)")
+DAEMON_LISTENING = re.compile(r"broker listening on (https?://[^\s]+?):?(?:\s|$)")
 ECHO_LISTENING = re.compile(r"echo listening on (\d+)")
 
 _N = TypeVar("_N", int, float)
@@ -119,16 +121,20 @@ UNLIMITED_ENV = {
 }
 
 
-def start_daemon(data_dir: Path, *extra: str) -> ServerProcess:
-    """`broker serve` on 127.0.0.1, port 0, with its database in `data_dir`, without rate limits."""
+def start_daemon(data_dir: Path, *extra: str, tls: RunCertificate | None = None) -> ServerProcess:
+    """`broker serve` on 127.0.0.1, port 0, with its database in `data_dir`, without rate
+    limits; serving TLS with `tls` if given."""
     return ServerProcess.start(
         [sys.executable, "-m", "broker", "serve", "--host", "127.0.0.1", "--port", "0",
          "--data-dir", str(data_dir), *extra],
-        DAEMON_LISTENING, env=UNLIMITED_ENV)
+        DAEMON_LISTENING, env={**UNLIMITED_ENV, **(tls.daemon_environ() if tls else {})})
 
 
-def start_echo() -> ServerProcess:
-    return ServerProcess.start([sys.executable, "-m", "broker.loadtest.echo"], ECHO_LISTENING)
+def start_echo(tls: RunCertificate | None = None) -> ServerProcess:
+    """The echo server (`broker.loadtest.echo`), serving TLS with `tls` if given."""
+    return ServerProcess.start(
+        [sys.executable, "-m", "broker.loadtest.echo", *(tls.echo_arguments() if tls else [])],
+        ECHO_LISTENING)
 
 
 def rss_bytes(pid: int) -> int:

@@ -192,7 +192,8 @@ def format_table(report: dict[str, Any]) -> str:
         ("scenario", f"{spec['agents']} agents, channels of {spec['channel_size']}, "
                      f"{spec['senders']} senders x {spec['window']} in flight, "
                      f"dm share {spec['dm_share']:g}"
-                     + (f", open loop {spec['rate']:g}/s" if spec.get("rate") else "")),
+                     + (f", open loop {spec['rate']:g}/s" if spec.get("rate") else "")
+                     + (", over TLS" if report.get("tls") else "")),
         ("sends acked", f"{report['sends_acked']} of {report['sends']} "
                         f"in {report['send_seconds']:.2f} s"),
         ("sends/s", f"{report['sends_per_s']:,.0f}"),

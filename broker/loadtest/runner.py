@@ -226,7 +226,8 @@ class Shard:
                 self.url, self.topology.agents[index].token, msgpack=spec.msgpack,
                 batch=spec.batch,
                 request_timeout=spec.request_timeout, reconnect=True,
-                connect_timeout=CONNECT_TIMEOUT_S, delivery_buffer=DELIVERY_BUFFER)
+                connect_timeout=CONNECT_TIMEOUT_S, delivery_buffer=DELIVERY_BUFFER,
+                ssl_context=self.topology.ssl_context)
             async with limiter:
                 await nursery.start(self._run_client, client)
             self.clients[index] = client

@@ -34,6 +34,7 @@ from broker.engine.messages import SendChannelMessage
 from broker.engine.workspaces import CreateWorkspace, RegisterAgent
 from broker.loadtest.processes import raise_fd_limit, start_daemon
 from broker.loadtest.stats import Histogram
+from broker.loadtest.tls import client_context, make_certificate
 from broker.loadtest.topology import LoadSpec, build_topology
 
 # How long the daemon is left alone before its RSS is read.
@@ -51,14 +52,18 @@ HISTORY_TEXT = "a stored message of ordinary length, for paging through history"
 # -- memory per idle connection -----------------------------------------------------------
 
 
-async def idle_memory(counts: list[int], data_dir: Path | None = None) -> dict[str, Any]:
-    """RSS growth of a fresh daemon per idle native connection, at each cumulative count."""
+async def idle_memory(counts: list[int], data_dir: Path | None = None,
+                      tls: bool = False) -> dict[str, Any]:
+    """RSS growth of a fresh daemon per idle native connection, at each cumulative count
+    (over TLS with `tls`: broker.loadtest.tls)."""
     limit = raise_fd_limit()
     total = max(counts)
     if total * 2 + 100 > limit:
         raise ValueError(f"{total} connections need more than the open-files limit {limit}")
     with tempfile.TemporaryDirectory(prefix="broker-idle-") as tmp:
-        daemon = start_daemon(data_dir or Path(tmp) / "data")
+        certificate = make_certificate(Path(tmp) / "tls") if tls else None
+        cafile = certificate.cafile if certificate else None
+        daemon = start_daemon(data_dir or Path(tmp) / "data", tls=certificate)
         try:
             # Agents in workspaces of IDLE_WORKSPACE_AGENTS, as in every earlier
             # run of this scenario, so the figures stay comparable.
@@ -67,7 +72,8 @@ async def idle_memory(counts: list[int], data_dir: Path | None = None) -> dict[s
             for first in range(0, total, IDLE_WORKSPACE_AGENTS):
                 size = min(IDLE_WORKSPACE_AGENTS, total - first)
                 spec = LoadSpec(agents=size, channel_size=size, senders=1, duration=1.0)
-                topology = await build_topology(daemon.address, spec, channels=False)
+                topology = await build_topology(daemon.address, spec, channels=False,
+                                                cafile=cafile)
                 tokens.extend(agent.token for agent in topology.agents)
                 ws_url = topology.ws_url
             await trio.sleep(SETTLE_S)
@@ -80,7 +86,8 @@ async def idle_memory(counts: list[int], data_dir: Path | None = None) -> dict[s
 
                 async def connect(index: int) -> None:
                     client = BrokerClient(ws_url, tokens[index], reconnect=False,
-                                          connect_timeout=IDLE_CONNECT_TIMEOUT_S)
+                                          connect_timeout=IDLE_CONNECT_TIMEOUT_S,
+                                          ssl_context=client_context(cafile))
                     async with limiter:
                         await nursery.start(client.run)
                     clients.append(client)
@@ -103,7 +110,8 @@ async def idle_memory(counts: list[int], data_dir: Path | None = None) -> dict[s
                 nursery.cancel_scope.cancel()
         finally:
             daemon.stop()
-    return {"scenario": "idle", "base_rss_mib": round(base / 2**20, 1), "steps": steps}
+    return {"scenario": "idle", "tls": tls, "base_rss_mib": round(base / 2**20, 1),
+            "steps": steps}
 
 
 # -- history pages ---------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import trio
 
 from broker.client import BrokerClient
 from broker.loadtest.processes import raise_fd_limit, start_daemon, start_profiler, stop_profiler
+from broker.loadtest.tls import make_certificate
 from broker.loadtest.topology import LoadSpec, build_topology
 
 STORM_CONCURRENCY = 64
@@ -39,24 +40,27 @@ QUIET_S = 2.5
 
 
 async def connect_storm(counts: list[int], profile: Path | None = None,
-                        presence: bool = True) -> dict[str, Any]:
-    """For each count, a fresh daemon and that many agents of one workspace connecting at once."""
+                        presence: bool = True, tls: bool = False) -> dict[str, Any]:
+    """For each count, a fresh daemon and that many agents of one workspace connecting at once
+    (over TLS with `tls`: broker.loadtest.tls)."""
     limit = raise_fd_limit()
     if max(counts) * 2 + 100 > limit:
         raise ValueError(f"{max(counts)} connections need more than the open-files limit {limit}")
     steps = []
     for count in counts:
         sampled = profile if profile is not None and count == max(counts) else None
-        steps.append(await _storm(count, sampled, presence))
-    return {"scenario": "connect", "presence": presence, "steps": steps}
+        steps.append(await _storm(count, sampled, presence, tls))
+    return {"scenario": "connect", "presence": presence, "tls": tls, "steps": steps}
 
 
-async def _storm(count: int, profile: Path | None, presence: bool) -> dict[str, Any]:
+async def _storm(count: int, profile: Path | None, presence: bool, tls: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="broker-storm-") as tmp:
-        daemon = start_daemon(Path(tmp) / "data")
+        certificate = make_certificate(Path(tmp) / "tls") if tls else None
+        daemon = start_daemon(Path(tmp) / "data", tls=certificate)
         try:
             spec = LoadSpec(agents=count, channel_size=count, senders=1, duration=1.0)
-            topology = await build_topology(daemon.address, spec, channels=False)
+            topology = await build_topology(daemon.address, spec, channels=False,
+                                            cafile=certificate.cafile if certificate else None)
             frames = 0
             last_frame = 0.0
             limiter = trio.CapacityLimiter(STORM_CONCURRENCY)
@@ -73,7 +77,8 @@ async def _storm(count: int, profile: Path | None, presence: bool) -> dict[str, 
                     nonlocal frames, last_frame, connected, connect_s
                     client = BrokerClient(topology.ws_url, token, reconnect=False,
                                           presence=presence, auto_ack=False,
-                                          connect_timeout=STORM_CONNECT_TIMEOUT_S)
+                                          connect_timeout=STORM_CONNECT_TIMEOUT_S,
+                                          ssl_context=topology.ssl_context)
                     async with limiter:
                         await nursery.start(client.run)
                     connected += 1

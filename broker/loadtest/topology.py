@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import math
 import secrets
+import ssl
 from collections.abc import Iterator
 
 import httpx
 import msgspec
 import trio
+
+from broker.loadtest.tls import client_context, websocket_url
 
 # REST requests in flight while the topology is built.
 SETUP_CONCURRENCY = 32
@@ -73,10 +76,17 @@ class Topology(msgspec.Struct, frozen=True, kw_only=True):
     http_url: str
     workspace: str
     agents: list[Agent]
+    # The CA every client of the run trusts (`--tls`, `--ca-file`; None: the defaults).
+    cafile: str | None = None
 
     @property
     def ws_url(self) -> str:
-        return self.http_url.replace("http://", "ws://", 1).rstrip("/") + "/v1/ws"
+        return websocket_url(self.http_url)
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of this run's clients (see `cafile`)."""
+        return client_context(self.cafile)
 
     def channel_of(self, agent: int) -> int:
         return agent // self.spec.channel_size
@@ -135,10 +145,12 @@ def dm_mask(count: int, share: float) -> int:
     return mask
 
 
-async def build_topology(http_url: str, spec: LoadSpec, *, channels: bool = True) -> Topology:
+async def build_topology(http_url: str, spec: LoadSpec, *, channels: bool = True,
+                         cafile: str | None = None) -> Topology:
     """Create a fresh workspace, the agents, channels and memberships through the REST API.
 
-    With channels=False only the agents are created.
+    With channels=False only the agents are created. cafile: the CA that
+    an https:// broker's certificate chains to (None: the system's).
 
     Raises httpx.HTTPError, or RuntimeError with the broker's error body when a call is refused.
     """
@@ -147,7 +159,8 @@ async def build_topology(http_url: str, spec: LoadSpec, *, channels: bool = True
     limits = httpx.Limits(max_connections=SETUP_CONCURRENCY)
     with trio.fail_after(SETUP_TIMEOUT_S + spec.agents * 0.05):
         async with httpx.AsyncClient(base_url=http_url, timeout=SETUP_TIMEOUT_S,
-                                     limits=limits) as http:
+                                     limits=limits,
+                                     verify=client_context(cafile) or True) as http:
 
             async def call(method: str, path: str, token: str | None, body: object,
                            idempotent: bool = False) -> object:
@@ -183,7 +196,8 @@ async def build_topology(http_url: str, spec: LoadSpec, *, channels: bool = True
                 for i in range(spec.agents):
                     nursery.start_soon(register, i)
             topology = Topology(spec=spec, http_url=http_url, workspace=workspace,
-                                agents=[Agent(f"a{i}", t) for i, t in enumerate(tokens)])
+                                agents=[Agent(f"a{i}", t) for i, t in enumerate(tokens)],
+                                cafile=cafile)
 
             async def make_channel(channel: int) -> None:
                 name = topology.channel_name(channel)

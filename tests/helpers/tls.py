@@ -10,6 +10,7 @@ import msgspec
 import trustme
 
 from broker.config import TlsSettings
+from broker.loadtest.tls import make_certificate
 
 
 class Certificates(msgspec.Struct, frozen=True):
@@ -32,13 +33,8 @@ class Certificates(msgspec.Struct, frozen=True):
 
 
 def make_certificates(directory: Path) -> Certificates:
-    """A new CA and a certificate for 127.0.0.1 and localhost, written under `directory`."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """A new CA and a certificate for 127.0.0.1 and localhost, written under `directory`
+    (as `broker loadtest --tls` makes them)."""
     ca = trustme.CA()
-    server = ca.issue_cert("127.0.0.1", "localhost")
-    cafile, certfile, keyfile = (directory / name for name in ("ca.pem", "cert.pem", "key.pem"))
-    ca.cert_pem.write_to_path(str(cafile))
-    server.private_key_pem.write_to_path(str(keyfile))
-    for blob in server.cert_chain_pems:
-        blob.write_to_path(str(certfile), append=True)
-    return Certificates(ca, cafile, certfile, keyfile)
+    made = make_certificate(directory, ca)
+    return Certificates(ca, Path(made.cafile), Path(made.certfile), Path(made.keyfile))

@@ -15,6 +15,8 @@ import trio
 from broker.config import Settings
 from broker.loadtest import command
 from broker.loadtest.command import run_traffic
+from broker.loadtest.scenarios import idle_memory
+from broker.loadtest.storm import connect_storm
 from broker.loadtest.topology import LoadSpec
 from broker.server import BrokerServer
 from tests.helpers.tls import Certificates, make_certificates
@@ -97,3 +99,14 @@ def test_loadtest_tls_options_refused_before_anything_starts(
     monkeypatch.setattr(command, "run_traffic", no_run)
     assert command.main(options) == 2
     assert message in capsys.readouterr().err
+
+
+async def test_loadtest_tls_connect_storm_and_idle_connections() -> None:
+    """`--connect` and `--idle` with `--tls`: every agent's socket opens over TLS."""
+    with trio.fail_after(SUBPROCESS_DEADLINE_S):
+        storm = await connect_storm([6], tls=True)
+        idle = await idle_memory([6], tls=True)
+    (step,) = storm["steps"]
+    assert storm["tls"] is True and step["agents"] == 6 and step["frames"] >= 6
+    (opened,) = idle["steps"]
+    assert idle["tls"] is True and opened["connections"] == 6 and opened["rss_mib"] > 0

@@ -196,6 +196,9 @@ async def run_traffic(spec: LoadSpec, *, procs: int, url: str | None = None,
             topology = await build_topology(url, spec, cafile=cafile)
             echo_results: list[ShardResult] = []
             if echo:
+                if certificate is None and extra["tls"]:
+                    print("loadtest: the echo ceiling runs without TLS (only --tls makes a "
+                          "certificate for it)", file=sys.stderr)
                 server = start_echo(certificate)
                 try:
                     scheme = "wss" if certificate is not None else "ws"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,13 +30,7 @@ from broker.loadtest.stats import Bits, Histogram
 from broker.loadtest.storm import connect_storm
 from broker.loadtest.topology import Agent, LoadSpec, Topology, dm_mask, is_dm
 from broker.server import BrokerServer
-
-REQUIRED_KEYS = {
-    "sends_per_s", "deliveries_per_s", "echo_per_s", "ratio", "send_reply_p99_ms",
-    "send_deliver_p99_ms", "lost", "errors",
-}
-# Spawning the daemon, the echo server and two shard processes on a busy machine.
-SUBPROCESS_DEADLINE_S = 120
+from tests.helpers.loadtest import REQUIRED_KEYS, SUBPROCESS_DEADLINE_S, run_loadtest
 
 
 def _topology(spec: LoadSpec) -> Topology:
@@ -71,16 +64,9 @@ async def test_run_traffic_delivers_every_acknowledged(server: BrokerServer) -> 
 
 
 async def test_cli_run_in_processes_against_its_own_daemon(tmp_path: Path) -> None:
-    out = tmp_path / "result.json"
-    with trio.fail_after(SUBPROCESS_DEADLINE_S):
-        done = await trio.run_process(
-            [sys.executable, "-m", "broker", "loadtest", "--agents", "8", "--channel-size", "4",
-             "--senders", "4", "--window", "4", "--messages", "200", "--procs", "2",
-             "--json", str(out)],
-            capture_stdout=True, stderr=subprocess.STDOUT, check=False)
-    output = done.stdout.decode()
-    assert done.returncode == 0, output
-    report = json.loads(out.read_text())
+    output, report = await run_loadtest(
+        tmp_path / "result.json", "--agents", "8", "--channel-size", "4", "--senders", "4",
+        "--window", "4", "--messages", "200", "--procs", "2")
     assert REQUIRED_KEYS <= report.keys()
     assert report["sends_acked"] == 200
     assert report["deliveries"] == report["expected_deliveries"] == 200 * 3
@@ -202,16 +188,9 @@ async def test_latency_curve_runs_at_fractions_of_the_maximum_it_measured(
 
 
 async def test_cli_latency_curve_against_its_own_daemons(tmp_path: Path) -> None:
-    out = tmp_path / "curve.json"
-    with trio.fail_after(SUBPROCESS_DEADLINE_S):
-        done = await trio.run_process(
-            [sys.executable, "-m", "broker", "loadtest", "--agents", "6", "--channel-size", "3",
-             "--senders", "3", "--window", "4", "--messages", "90", "--procs", "0", "--no-echo",
-             "--latency-at", "0.5", "--json", str(out)],
-            capture_stdout=True, stderr=subprocess.STDOUT, check=False)
-    output = done.stdout.decode()
-    assert done.returncode == 0, output
-    report = json.loads(out.read_text())
+    output, report = await run_loadtest(
+        tmp_path / "curve.json", "--agents", "6", "--channel-size", "3", "--senders", "3",
+        "--window", "4", "--messages", "90", "--procs", "0", "--no-echo", "--latency-at", "0.5")
     assert report["sends_acked"] == 90 and report["spec"]["rate"] is None
     [point] = report["points"]
     assert point["fraction"] == 0.5 and point["spec"]["rate"] == point["rate"] > 0

@@ -3,12 +3,8 @@ throwaway CA) and `--ca-file` (a TLS broker at `--url`), and the options it refu
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-import msgspec
 import pytest
 import trio
 
@@ -19,23 +15,16 @@ from broker.loadtest.scenarios import idle_memory
 from broker.loadtest.storm import connect_storm
 from broker.loadtest.topology import LoadSpec
 from broker.server import BrokerServer
-from tests.helpers.tls import Certificates, make_certificates
-from tests.test_loadtest import REQUIRED_KEYS, SUBPROCESS_DEADLINE_S
+from tests.helpers.loadtest import REQUIRED_KEYS, SUBPROCESS_DEADLINE_S, run_loadtest
+from tests.helpers.tls import Certificates, make_certificates, serving_tls
 
 
 async def test_loadtest_tls_runs_its_own_daemon_and_echo_over_tls(tmp_path: Path) -> None:
     """`--tls`: the daemon listens on https://, the echo phase and the broker phase run over
     wss:// with clients that trust the run's CA alone, and nothing is lost."""
-    out = tmp_path / "result.json"
-    with trio.fail_after(SUBPROCESS_DEADLINE_S):
-        done = await trio.run_process(
-            [sys.executable, "-m", "broker", "loadtest", "--agents", "6", "--channel-size", "3",
-             "--senders", "2", "--window", "4", "--messages", "60", "--procs", "2", "--tls",
-             "--json", str(out)],
-            capture_stdout=True, stderr=subprocess.STDOUT, check=False)
-    output = done.stdout.decode()
-    assert done.returncode == 0, output
-    report = json.loads(out.read_text())
+    output, report = await run_loadtest(
+        tmp_path / "result.json", "--agents", "6", "--channel-size", "3", "--senders", "2",
+        "--window", "4", "--messages", "60", "--procs", "2", "--tls")
     assert REQUIRED_KEYS <= report.keys()
     assert report["url"].startswith("https://127.0.0.1:") and report["tls"] is True
     assert report["sends_acked"] == 60 and report["echo_messages"] == 60
@@ -51,8 +40,7 @@ def certs(tmp_path: Path) -> Certificates:
 
 @pytest.fixture
 def settings(settings: Settings, certs: Certificates) -> Settings:
-    return msgspec.structs.replace(
-        settings, http=msgspec.structs.replace(settings.http, tls=certs.settings()))
+    return serving_tls(settings, certs)
 
 
 async def test_loadtest_ca_file_trusts_a_tls_broker_at_url(

@@ -27,7 +27,7 @@ from tests.helpers.engine import TEST_DEADLINE_S, make_world
 from tests.helpers.interop import INTEROP, NODE, ensure_sdk_installed
 from tests.helpers.realtime import eventually, post
 from tests.helpers.rest import call, make_rest_world, uploaded
-from tests.helpers.tls import Certificates, make_certificates
+from tests.helpers.tls import Certificates, make_certificates, serving_tls
 
 
 @pytest.fixture
@@ -37,8 +37,7 @@ def certs(tmp_path: Path) -> Certificates:
 
 @pytest.fixture
 def settings(settings: Settings, certs: Certificates) -> Settings:
-    return msgspec.structs.replace(
-        settings, http=msgspec.structs.replace(settings.http, tls=certs.settings()))
+    return serving_tls(settings, certs)
 
 
 @pytest.fixture

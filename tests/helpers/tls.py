@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 import trustme
 
-from broker.config import TlsSettings
+from broker.config import Settings, TlsSettings
 from broker.loadtest.tls import make_certificate
 
 
@@ -30,6 +30,12 @@ class Certificates(msgspec.Struct, frozen=True):
         context = ssl.create_default_context()
         self.ca.configure_trust(context)
         return context
+
+
+def serving_tls(settings: Settings, certs: Certificates) -> Settings:
+    """`settings` with the daemon serving TLS with `certs`."""
+    return msgspec.structs.replace(
+        settings, http=msgspec.structs.replace(settings.http, tls=certs.settings()))
 
 
 def make_certificates(directory: Path) -> Certificates:

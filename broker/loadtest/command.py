@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import re
+import ssl
 import sys
 import tempfile
 import time
@@ -51,7 +52,7 @@ from broker.loadtest.report import build_report, format_curve, format_table
 from broker.loadtest.runner import BROKER, ECHO, ShardResult, run_local, run_processes
 from broker.loadtest.scenarios import history_latency, idle_memory, parse_counts
 from broker.loadtest.storm import connect_storm
-from broker.loadtest.tls import client_context, make_certificate
+from broker.loadtest.tls import certificate_for, client_context
 from broker.loadtest.topology import LoadSpec, Topology, build_topology
 
 
@@ -178,11 +179,14 @@ async def run_traffic(spec: LoadSpec, *, procs: int, url: str | None = None,
     cafile: what the clients trust when `url` is an https:// broker.
     Raises RuntimeError when a server or a shard fails.
     """
+    if tls and (url is not None or cafile is not None):
+        raise ValueError("tls makes a certificate for a daemon of the run's own: not with a url "
+                         "or a cafile")
     raise_fd_limit()
     extra: dict[str, Any] = {"procs": procs}
     with tempfile.TemporaryDirectory(prefix="broker-loadtest-") as tmp:
         daemon: ServerProcess | None = None
-        certificate = make_certificate(Path(tmp) / "tls") if tls else None
+        certificate = certificate_for(Path(tmp), tls)
         if certificate is not None:
             cafile = certificate.cafile
         if url is None:
@@ -203,6 +207,7 @@ async def run_traffic(spec: LoadSpec, *, procs: int, url: str | None = None,
                 try:
                     scheme = "wss" if certificate is not None else "ws"
                     echo_url = f"{scheme}://127.0.0.1:{server.address}/v1/ws"
+                    extra["echo_url"] = echo_url
                     echo_results = await run_phase(topology, echo_url, ECHO, procs)
                 finally:
                     server.stop()
@@ -311,7 +316,7 @@ async def scrape_metrics(url: str, cafile: str | None = None) -> dict[str, float
     """The daemon's figures from its /metrics (see `parse_metrics`; empty if unreachable)."""
     try:
         async with httpx.AsyncClient(base_url=url, timeout=10,
-                                     verify=client_context(cafile) or True) as http:
+                                     verify=client_context(cafile)) as http:
             text = (await http.get("/metrics")).text
     except httpx.HTTPError:
         return {}
@@ -425,10 +430,12 @@ def run(args: argparse.Namespace) -> int:
         cafile = check_tls(args)
         skipped = check_peers(args)
         if args.connect:
-            report = trio.run(connect_storm, parse_counts(args.connect), args.profile,
-                              args.presence, args.tls)
+            counts = parse_counts(args.connect)
+            report = trio.run(lambda: connect_storm(counts, args.profile, args.presence,
+                                                    tls=args.tls))
         elif args.idle:
-            report = trio.run(idle_memory, parse_counts(args.idle), None, args.tls)
+            counts = parse_counts(args.idle)
+            report = trio.run(lambda: idle_memory(counts, tls=args.tls))
         elif args.history:
             report = trio.run(history_latency, parse_counts(args.history), 300,
                               args.history_dir)
@@ -450,8 +457,13 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as exc:
         print(f"broker loadtest: {exc}", file=sys.stderr)
         return 2
-    except httpx.HTTPError as exc:  # the broker at --url is not there, or not trusted
-        print(f"broker loadtest: the broker did not answer: {_reason(exc)}", file=sys.stderr)
+    except (httpx.HTTPError, BaseExceptionGroup) as exc:
+        # The broker at --url is not there, or not trusted (raised alone, or by
+        # the set-up's concurrent requests in a group).
+        failed = _http_error(exc)
+        if failed is None:
+            raise
+        print(f"broker loadtest: the broker did not answer: {_reason(failed)}", file=sys.stderr)
         return 2
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -460,13 +472,28 @@ def run(args: argparse.Namespace) -> int:
     return 1 if report.get("lost_all_phases", report.get("lost")) else 0
 
 
+def _http_error(exc: BaseException) -> httpx.HTTPError | None:
+    """`exc` if it is an HTTP error, or the first of a group whose errors all are; else None."""
+    if isinstance(exc, httpx.HTTPError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [_http_error(inner) for inner in exc.exceptions]
+        if leaves and all(leaf is not None for leaf in leaves):
+            return leaves[0]
+    return None
+
+
 def _reason(exc: BaseException) -> str:
-    """The first cause in `exc`'s chain that says something (httpx wraps an SSL error
-    in an exception without a message)."""
+    """What went wrong, in one line: the first exception in `exc`'s chain that says
+    something. A failed TLS handshake reaches us as httpx's ConnectError without a
+    message, raised from httpcore's, which hides the SSL error as its suppressed
+    context: the walk follows the context even then."""
+    seen: set[int] = set()
     cause: BaseException | None = exc
-    while cause is not None:
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
         if str(cause):
-            return str(cause)
+            return f"{type(cause).__name__}: {cause}"
         cause = cause.__cause__ or cause.__context__
     return type(exc).__name__
 
@@ -486,11 +513,18 @@ def check_tls(args: argparse.Namespace) -> str | None:
                                      if option == "--url" else ""))
     if args.ca_file is None:
         return None
-    if not args.url:
+    if not (args.url or "").startswith("https://"):
         raise ValueError("--ca-file is for a broker at --url https://...; a daemon the run "
                          "starts uses --tls")
-    if not args.ca_file.is_file():
-        raise ValueError(f"--ca-file {args.ca_file}: no such file")
+    for option, given in (("--idle", args.idle), ("--connect", args.connect),
+                          ("--history", args.history)):
+        if given:
+            raise ValueError(f"--ca-file is for a traffic run against --url; {option} starts "
+                             "a daemon of its own")
+    try:
+        client_context(str(args.ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"--ca-file {args.ca_file}: not a readable PEM CA file ({exc})") from None
     return str(args.ca_file)
 
 

@@ -34,8 +34,8 @@ STOP_TIMEOUT_S = 15.0
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
-# One process: "... on http://host:port (data in ...)"; several: "... on http://host:port: N
-# gateway processes ...".
+# One process: "... on http://host:port (data in ...)"; several: "... on http://host:port (N
+# gateway processes ..."; https:// when the daemon serves TLS.
 DAEMON_LISTENING = re.compile(r"broker listening on (https?://[^\s]+?):?(?:\s|$)")
 ECHO_LISTENING = re.compile(r"echo listening on (\d+)")
 

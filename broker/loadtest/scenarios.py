@@ -34,8 +34,8 @@ from broker.engine.messages import SendChannelMessage
 from broker.engine.workspaces import CreateWorkspace, RegisterAgent
 from broker.loadtest.processes import raise_fd_limit, start_daemon
 from broker.loadtest.stats import Histogram
-from broker.loadtest.tls import client_context, make_certificate
-from broker.loadtest.topology import LoadSpec, build_topology
+from broker.loadtest.tls import certificate_for
+from broker.loadtest.topology import LoadSpec, Topology, build_topology
 
 # How long the daemon is left alone before its RSS is read.
 SETTLE_S = 3.0
@@ -52,7 +52,7 @@ HISTORY_TEXT = "a stored message of ordinary length, for paging through history"
 # -- memory per idle connection -----------------------------------------------------------
 
 
-async def idle_memory(counts: list[int], data_dir: Path | None = None,
+async def idle_memory(counts: list[int], data_dir: Path | None = None, *,
                       tls: bool = False) -> dict[str, Any]:
     """RSS growth of a fresh daemon per idle native connection, at each cumulative count
     (over TLS with `tls`: broker.loadtest.tls)."""
@@ -61,21 +61,21 @@ async def idle_memory(counts: list[int], data_dir: Path | None = None,
     if total * 2 + 100 > limit:
         raise ValueError(f"{total} connections need more than the open-files limit {limit}")
     with tempfile.TemporaryDirectory(prefix="broker-idle-") as tmp:
-        certificate = make_certificate(Path(tmp) / "tls") if tls else None
+        certificate = certificate_for(Path(tmp), tls)
         cafile = certificate.cafile if certificate else None
         daemon = start_daemon(data_dir or Path(tmp) / "data", tls=certificate)
         try:
             # Agents in workspaces of IDLE_WORKSPACE_AGENTS, as in every earlier
             # run of this scenario, so the figures stay comparable.
             tokens: list[str] = []
-            ws_url = ""
+            topology: Topology | None = None
             for first in range(0, total, IDLE_WORKSPACE_AGENTS):
                 size = min(IDLE_WORKSPACE_AGENTS, total - first)
                 spec = LoadSpec(agents=size, channel_size=size, senders=1, duration=1.0)
                 topology = await build_topology(daemon.address, spec, channels=False,
                                                 cafile=cafile)
                 tokens.extend(agent.token for agent in topology.agents)
-                ws_url = topology.ws_url
+            assert topology is not None
             await trio.sleep(SETTLE_S)
             base = daemon.rss_bytes()
             print(f"idle: daemon RSS {base / 2**20:.1f} MiB with no connection", file=sys.stderr)
@@ -85,9 +85,10 @@ async def idle_memory(counts: list[int], data_dir: Path | None = None,
             async with trio.open_nursery() as nursery:
 
                 async def connect(index: int) -> None:
-                    client = BrokerClient(ws_url, tokens[index], reconnect=False,
+                    assert topology is not None
+                    client = BrokerClient(topology.ws_url, tokens[index], reconnect=False,
                                           connect_timeout=IDLE_CONNECT_TIMEOUT_S,
-                                          ssl_context=client_context(cafile))
+                                          ssl_context=topology.ssl_context)
                     async with limiter:
                         await nursery.start(client.run)
                     clients.append(client)
@@ -110,8 +111,8 @@ async def idle_memory(counts: list[int], data_dir: Path | None = None,
                 nursery.cancel_scope.cancel()
         finally:
             daemon.stop()
-    return {"scenario": "idle", "tls": tls, "base_rss_mib": round(base / 2**20, 1),
-            "steps": steps}
+    return {"scenario": "idle", "url": topology.http_url, "tls": topology.tls,
+            "base_rss_mib": round(base / 2**20, 1), "steps": steps}
 
 
 # -- history pages ---------------------------------------------------------------------------

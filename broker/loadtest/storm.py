@@ -30,7 +30,7 @@ import trio
 
 from broker.client import BrokerClient
 from broker.loadtest.processes import raise_fd_limit, start_daemon, start_profiler, stop_profiler
-from broker.loadtest.tls import make_certificate
+from broker.loadtest.tls import certificate_for
 from broker.loadtest.topology import LoadSpec, build_topology
 
 STORM_CONCURRENCY = 64
@@ -40,7 +40,7 @@ QUIET_S = 2.5
 
 
 async def connect_storm(counts: list[int], profile: Path | None = None,
-                        presence: bool = True, tls: bool = False) -> dict[str, Any]:
+                        presence: bool = True, *, tls: bool = False) -> dict[str, Any]:
     """For each count, a fresh daemon and that many agents of one workspace connecting at once
     (over TLS with `tls`: broker.loadtest.tls)."""
     limit = raise_fd_limit()
@@ -50,12 +50,13 @@ async def connect_storm(counts: list[int], profile: Path | None = None,
     for count in counts:
         sampled = profile if profile is not None and count == max(counts) else None
         steps.append(await _storm(count, sampled, presence, tls))
-    return {"scenario": "connect", "presence": presence, "tls": tls, "steps": steps}
+    return {"scenario": "connect", "presence": presence, "tls": all(s["tls"] for s in steps),
+            "steps": steps}
 
 
 async def _storm(count: int, profile: Path | None, presence: bool, tls: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="broker-storm-") as tmp:
-        certificate = make_certificate(Path(tmp) / "tls") if tls else None
+        certificate = certificate_for(Path(tmp), tls)
         daemon = start_daemon(Path(tmp) / "data", tls=certificate)
         try:
             spec = LoadSpec(agents=count, channel_size=count, senders=1, duration=1.0)
@@ -105,7 +106,8 @@ async def _storm(count: int, profile: Path | None, presence: bool, tls: bool) ->
         finally:
             daemon.stop()
     quiet_s = max(last_frame, started + connect_s) - started
-    step = {"agents": count, "connect_seconds": round(connect_s, 2),
+    step = {"agents": count, "url": topology.http_url, "tls": topology.tls,
+            "connect_seconds": round(connect_s, 2),
             "until_quiet_seconds": round(quiet_s, 2), "frames": frames,
             "frames_per_agent": round(frames / count, 2),
             "daemon_cpu_seconds": round(cpu, 2), "generator_cpu_seconds": round(own, 2)}

@@ -30,9 +30,11 @@ class RunCertificate(msgspec.Struct, frozen=True):
     keyfile: str
 
     def daemon_environ(self) -> dict[str, str]:
-        """What makes `broker serve` serve TLS with this certificate."""
+        """What makes `broker serve` serve TLS with this certificate, and ask no client for
+        one, whatever a `--config` file says (the environment overrides it)."""
         return {"BROKER_HTTP_TLS_CERTFILE": self.certfile,
-                "BROKER_HTTP_TLS_KEYFILE": self.keyfile}
+                "BROKER_HTTP_TLS_KEYFILE": self.keyfile,
+                "BROKER_HTTP_TLS_CLIENT_CAFILE": ""}
 
     def echo_arguments(self) -> list[str]:
         """What makes the echo server (`broker.loadtest.echo`) serve TLS with it."""
@@ -61,26 +63,28 @@ def make_certificate(directory: Path, ca: trustme.CA | None = None) -> RunCertif
 
 
 @functools.cache
-def client_context(cafile: str | None) -> ssl.SSLContext | None:
-    """A client context that trusts `cafile` alone (None: none given, the defaults apply).
+def client_context(cafile: str | None) -> ssl.SSLContext:
+    """The context of a run's clients: trusting `cafile` alone, or (None) the system's CAs,
+    as `broker.client` does by default, for the REST set-up and /metrics too.
 
-    One per process and CA file: every client of a shard shares it.
+    One per process and CA file: every client of a shard shares it. Raises
+    OSError or ssl.SSLError for a file that is not there or holds no PEM CA.
     """
     if cafile is None:
-        return None
+        return ssl.create_default_context()
     return ssl.create_default_context(cafile=cafile)
 
 
 def server_context(certfile: str, keyfile: str) -> ssl.SSLContext:
-    """A server context with this chain and key (the echo server's)."""
+    """A server context with this chain and key (the echo server's).
+
+    Raises OSError or ssl.SSLError for files that do not hold them.
+    """
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(certfile, keyfile)
     return context
 
 
-def websocket_url(http_url: str) -> str:
-    """The native WebSocket endpoint of a broker at `http_url` (http -> ws, https -> wss)."""
-    for plain, socket in (("https://", "wss://"), ("http://", "ws://")):
-        if http_url.startswith(plain):
-            return socket + http_url[len(plain):].rstrip("/") + "/v1/ws"
-    raise ValueError(f"{http_url!r}: expected an http:// or https:// URL")
+def certificate_for(directory: Path, tls: bool) -> RunCertificate | None:
+    """With `tls`, a new certificate under `directory` (make_certificate); else None."""
+    return make_certificate(directory / "tls") if tls else None

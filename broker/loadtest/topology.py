@@ -21,7 +21,7 @@ import httpx
 import msgspec
 import trio
 
-from broker.loadtest.tls import client_context, websocket_url
+from broker.loadtest.tls import client_context
 
 # REST requests in flight while the topology is built.
 SETUP_CONCURRENCY = 32
@@ -84,9 +84,14 @@ class Topology(msgspec.Struct, frozen=True, kw_only=True):
         return websocket_url(self.http_url)
 
     @property
-    def ssl_context(self) -> ssl.SSLContext | None:
+    def ssl_context(self) -> ssl.SSLContext:
         """The TLS context of this run's clients (see `cafile`)."""
         return client_context(self.cafile)
+
+    @property
+    def tls(self) -> bool:
+        """The broker serves TLS (an https:// URL)."""
+        return self.http_url.startswith("https://")
 
     def channel_of(self, agent: int) -> int:
         return agent // self.spec.channel_size
@@ -127,6 +132,14 @@ class Topology(msgspec.Struct, frozen=True, kw_only=True):
                     yield member
 
 
+def websocket_url(http_url: str) -> str:
+    """The native WebSocket endpoint of a broker at `http_url` (http -> ws, https -> wss)."""
+    for scheme, ws_scheme in (("https://", "wss://"), ("http://", "ws://")):
+        if http_url.startswith(scheme):
+            return ws_scheme + http_url[len(scheme):].rstrip("/") + "/v1/ws"
+    raise ValueError(f"{http_url!r}: expected an http:// or https:// URL")
+
+
 def is_dm(n: int, share: float) -> bool:
     """Whether message n of a sender is a DM: exactly `share` of them, spread evenly."""
     return math.floor((n + 1) * share) > math.floor(n * share)
@@ -160,7 +173,7 @@ async def build_topology(http_url: str, spec: LoadSpec, *, channels: bool = True
     with trio.fail_after(SETUP_TIMEOUT_S + spec.agents * 0.05):
         async with httpx.AsyncClient(base_url=http_url, timeout=SETUP_TIMEOUT_S,
                                      limits=limits,
-                                     verify=client_context(cafile) or True) as http:
+                                     verify=client_context(cafile)) as http:
 
             async def call(method: str, path: str, token: str | None, body: object,
                            idempotent: bool = False) -> object:

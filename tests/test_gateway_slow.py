@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 import trio_websocket
 
@@ -41,6 +42,7 @@ from tests.helpers.realtime import (
     send_json,
     ws_url,
 )
+from tests.helpers.tls import make_certificates
 
 SLOW_DEADLINE_S = 120
 OUTBOX = 64
@@ -225,22 +227,22 @@ async def _firehose_some(engine: Engine, world: World, count: int) -> None:
             text=f"{n}:{BIG_TEXT}"))
 
 
-async def test_slow_consumer_never_reading_is_reset(
-    tmp_path: Path,
-) -> None:
-    """A client that never reads again is reset and its session ends."""
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+async def test_slow_consumer_never_reading_is_reset(tmp_path: Path, tls: bool) -> None:
+    """A client that never reads again is reset and its session ends, over TLS too."""
     # hypercorn writes inside a shielded scope: without the reset, the stuck
     # write would hold the session (and a graceful stop) forever.
     settings = GatewaySettings(outbox_frames=16, slow_client_timeout_seconds=0.5,
                                close_grace_seconds=0.5)
+    certs = make_certificates(tmp_path / "tls") if tls else None
     with trio.fail_after(SLOW_DEADLINE_S):
-        async with serve(tmp_path, settings) as server:
+        async with serve(tmp_path, settings, tls=certs.settings() if certs else None) as server:
             engine = server.engine
             world = await make_world(engine, agents=("slow", "hose"))
             await channel_of(engine, world, "hose", ["hose", "slow"])
             gateway = gateway_of(server)
-            async with raw_socket(server, world.tokens["slow"], queue=1,
-                                  receive_buffer=4096):
+            async with raw_socket(server, world.tokens["slow"], queue=1, receive_buffer=4096,
+                                  ssl_context=certs.client_context() if certs else None):
                 await eventually(lambda: _has_session(server, world.agents["slow"]))
                 (session,) = gateway.sessions
                 while gateway.slow_closes == 0:

@@ -5,8 +5,9 @@ Sessions write data frames through the transport the server puts in the
 WebSocket scope's `extensions` (one write per flush, straight to the socket
 when it takes them). These tests check that it reaches a session on the
 hypercorn installed, that frames go through it, and that without it (a
-server that does not hand one over, TLS, or `gateway.direct_writes = false`)
-the same frames arrive through plain ASGI sends.
+server that does not hand one over, or `gateway.direct_writes = false`) the
+same frames arrive through plain ASGI sends; over TLS the transport hands
+the framed bytes to hypercorn's own TLS write.
 """
 
 from __future__ import annotations
@@ -114,10 +115,11 @@ async def test_transport_direct_writes_off_frames_arrive_through_asgi(
     assert sent_through_transport == []
 
 
-async def test_transport_none_over_tls_frames_arrive_through_asgi(
+async def test_transport_over_tls_carries_frames_through_hypercorns_write(
     tmp_path: Path, sent_through_transport: list[int]
 ) -> None:
-    """A wss:// session gets no transport (its bytes are not the frames); frames arrive."""
+    """A wss:// session gets a transport that never writes to the socket itself (its bytes
+    are not the frames): its frames go out through hypercorn's TLS stream, and arrive."""
     certs = make_certificates(tmp_path / "tls")
     settings = Settings(
         data_dir=str(tmp_path / "data"), engine=FAST_ENGINE, server=ServerSettings(workers=1),
@@ -134,5 +136,6 @@ async def test_transport_none_over_tls_frames_arrive_through_asgi(
                     assert delivery.data["text"] == "hi"
                     break
                 (session,) = gateway_of(server).sessions
-                assert session.ws.transport is None  # type: ignore[attr-defined]
-    assert sent_through_transport == []
+                given = session.ws.transport  # type: ignore[attr-defined]
+                assert isinstance(given, Transport) and given.tls
+    assert len(sent_through_transport) >= 1

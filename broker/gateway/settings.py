@@ -44,7 +44,8 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     presence_interval_seconds: Seconds = 1.0
     # Data frames go out through the connection's transport, as one write
     # per flush straight to the socket when it takes them, where the server
-    # hands one over (broker.gateway.transport: plain-TCP HTTP/1.1); false:
+    # hands one over (broker.gateway.transport: HTTP/1.1, over TLS through
+    # hypercorn's TLS stream, never straight to the socket); false:
     # one ASGI `websocket.send` per frame everywhere.
     direct_writes: bool = True
     # How long a close frame may take before the connection is reset.

@@ -9,6 +9,9 @@ session needs two things messages cannot do:
   write each frame with a socket call of its own after a trip through four
   layers (starlette's wrapper, the ASGI message, its app_send and event
   handling); the figure is in BENCHMARKS.md, "Figures behind the code".
+  Over TLS the bytes on the socket are not the frames, so the framed bytes
+  go through hypercorn's own write (its send lock, then the `SSLStream`):
+  one TLS write for all of them, past the four layers.
 - `abort`: reset the connection under a write that never ends. hypercorn's
   trio worker writes inside a shielded cancel scope, so a `websocket.send`
   to a client that reads nothing blocks, uncancellably, once the kernel
@@ -22,12 +25,11 @@ connection (hypercorn builds the connection by the name `TCPServer` in
 changes). `TransportServer` hands a `Transport` to the application in the
 WebSocket scope's `extensions` under `TRANSPORT_EXTENSION`, the place ASGI
 gives servers for what the specification does not cover. The gateway only
-reads that key: with no transport there (another server, TLS, HTTP/2, a
+reads that key: with no transport there (another server, HTTP/2, a
 hypercorn this was not checked against) it sends through plain ASGI
 `websocket.send` messages and `abort` is not available.
 
 No transport is given:
-- over TLS: the stream is an `SSLStream`, whose bytes are not the frames;
 - over HTTP/2 (RFC 8441): the frames must travel inside HTTP/2 DATA frames;
 - on a hypercorn version not in `CHECKED_VERSIONS`: `install()` leaves
   hypercorn alone and logs why; tests/test_gateway_transport.py then fails
@@ -37,7 +39,7 @@ What `Transport` relies on in hypercorn (checked by that test): the
 `TCPServer` constructor's parameters, its `stream` and `send_lock` (held by
 hypercorn across each whole write), the HTTP/1.1 protocol's `stream`, and
 the WebSocket stream's `scope`, `state`, `closed`, `connection` (wsproto),
-`send` and `stream_id`.
+`send` and `stream_id`, and over TLS trio's `SSLStream.transport_stream`.
 """
 
 from __future__ import annotations
@@ -72,12 +74,18 @@ _CONSTRUCTOR = ("self", "app", "config", "context", "state", "stream")
 
 
 class Transport:
-    """One HTTP/1.1 WebSocket connection's socket and WebSocket protocol, from hypercorn."""
+    """One HTTP/1.1 WebSocket connection's socket and WebSocket protocol, from hypercorn.
 
-    def __init__(self, server: TCPServer, stream: WSStream, sock: trio.SocketStream) -> None:
+    tls: the connection's bytes are encrypted (an `SSLStream` over `sock`):
+    frames are never written to the socket directly.
+    """
+
+    def __init__(self, server: TCPServer, stream: WSStream, sock: trio.SocketStream,
+                 *, tls: bool = False) -> None:
         self._server = server
         self._ws = stream
         self._socket = sock
+        self.tls = tls
 
     @property
     def open(self) -> bool:
@@ -112,8 +120,9 @@ class Transport:
                 await self._ws.send(Data(stream_id=self._ws.stream_id, data=wire[written:]))
 
     def _write_now(self, wire: bytes) -> int:
-        """Write what the socket takes at once, if nothing else is writing; bytes written."""
-        if self._server.send_lock.locked():
+        """Write what the socket takes at once, if nothing else is writing and the bytes on
+        the socket are the frames (not TLS); bytes written."""
+        if self.tls or self._server.send_lock.locked():
             return 0
         try:
             return os.write(self._socket.socket.fileno(), wire)
@@ -138,7 +147,9 @@ class TransportServer(TCPServer):
 
     def transport_for(self, scope: dict[str, Any]) -> Transport | None:
         """The transport of the WebSocket whose scope this is; None where there is none."""
-        if not isinstance(self.stream, trio.SocketStream):  # TLS
+        tls = isinstance(self.stream, trio.SSLStream)
+        sock = self.stream.transport_stream if tls else self.stream
+        if not isinstance(sock, trio.SocketStream):
             return None
         protocol = getattr(getattr(self, "protocol", None), "protocol", None)
         if not isinstance(protocol, H11Protocol):  # HTTP/2
@@ -146,7 +157,7 @@ class TransportServer(TCPServer):
         stream = protocol.stream
         if not isinstance(stream, WSStream) or stream.scope is not scope:
             return None
-        return Transport(self, stream, self.stream)
+        return Transport(self, stream, sock, tls=tls)
 
 
 class _GivingTransport:

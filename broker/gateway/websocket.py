@@ -5,10 +5,10 @@ messages, so they can be driven in tests by an in-memory fake.
 
 Data frames and `abort` use the connection's transport when the server
 hands one over in the scope's extensions (`broker.gateway.transport`: our
-hypercorn worker does, for plain-TCP HTTP/1.1 WebSockets): the frames a
-session has queued then go out as one write, and a connection stuck in a
-write to a client that reads nothing can be reset. Without one (TLS,
-HTTP/2, another server) every frame is an ASGI `websocket.send` and
+hypercorn worker does, for HTTP/1.1 WebSockets over plain TCP or TLS): the
+frames a session has queued then go out as one write, and a connection
+stuck in a write to a client that reads nothing can be reset. Without one
+(HTTP/2, another server) every frame is an ASGI `websocket.send` and
 `abort` does nothing: the connection stays until TCP gives up on it, the
 session having already let go of it. The handshake and the close frame
 always go through ASGI.

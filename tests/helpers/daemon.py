@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from broker.config import HttpSettings, ServerSettings, Settings
+from broker.config import HttpSettings, ServerSettings, Settings, TlsSettings
 from broker.engine.config import EngineConfig
 from broker.gateway.settings import GatewaySettings
 from broker.server import BrokerServer
@@ -50,14 +50,16 @@ async def run_server(settings: Settings, **kwargs: Any) -> AsyncIterator[BrokerS
 @asynccontextmanager
 async def serve(
     data_dir: Path, gateway: GatewaySettings | None = None, engine: EngineConfig = FAST_ENGINE,
-    port: int = 0, workers: int = 1,
+    port: int = 0, workers: int = 1, tls: TlsSettings | None = None,
 ) -> AsyncIterator[BrokerServer]:
     """A BrokerServer on 127.0.0.1 (port 0 unless given) until the block ends (graceful stop).
 
-    workers: gateway processes (1: everything in this process, as `server.gateway`)."""
+    workers: gateway processes (1: everything in this process, as `server.gateway`);
+    tls: serve TLS with these files."""
     settings = Settings(
         data_dir=str(data_dir), engine=engine, server=ServerSettings(workers=workers),
-        http=HttpSettings(host="127.0.0.1", port=port, shutdown_grace_seconds=2.0),
+        http=HttpSettings(host="127.0.0.1", port=port, shutdown_grace_seconds=2.0,
+                          tls=tls or TlsSettings()),
         gateway=gateway or GatewaySettings(),
     )
     async with run_server(settings) as server:

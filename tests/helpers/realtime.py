@@ -3,6 +3,7 @@ raw sockets, frames, sends, and an in-memory socket for sessions driven without 
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -107,12 +108,13 @@ async def raw_socket(
     server: BrokerServer, token: str | None, *, path: str = "/v1/ws",
     subprotocols: list[str] | None = None, queue: int = 10_000,
     receive_buffer: int | None = None, headers: list[tuple[bytes, bytes]] | None = None,
-    batch: str | None = None,
+    batch: str | None = None, ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
     """A plain trio-websocket connection (token in the query), for frame-level tests.
 
     queue: messages trio-websocket reads ahead; receive_buffer: SO_RCVBUF;
-    batch: the `batch` query parameter ("1": deliver.batch frames), if any.
+    batch: the `batch` query parameter ("1": deliver.batch frames), if any;
+    ssl_context: over TLS (wss://), trusting what it trusts.
     """
     assert server.port is not None
     query = [] if token is None else [f"token={token}"]
@@ -121,7 +123,7 @@ async def raw_socket(
     resource = f"{path}?{'&'.join(query)}" if query else path
     try:
         async with _raw(server.port, resource, subprotocols, queue, receive_buffer,
-                        headers) as ws:
+                        headers, ssl_context) as ws:
             yield ws
     except BaseExceptionGroup as group:
         leaves = _leaves(group)
@@ -140,8 +142,12 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 async def _raw(
     port: int, resource: str, subprotocols: list[str] | None, queue: int,
     receive_buffer: int | None, headers: list[tuple[bytes, bytes]] | None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
-    stream = await open_stream("127.0.0.1", port, receive_buffer)
+    stream: trio.abc.Stream = await open_stream("127.0.0.1", port, receive_buffer)
+    if ssl_context is not None:
+        stream = trio.SSLStream(stream, ssl_context, server_hostname="127.0.0.1",
+                                https_compatible=True)
     try:
         async with trio.open_nursery() as nursery:
             ws = await trio_websocket.wrap_client_stream(

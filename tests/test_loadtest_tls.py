@@ -10,16 +10,15 @@ import httpx
 import pytest
 import trio
 
-from broker.config import Settings
 from broker.loadtest import command
 from broker.loadtest.command import run_traffic
 from broker.loadtest.scenarios import idle_memory
 from broker.loadtest.storm import connect_storm
 from broker.loadtest.tls import client_context
 from broker.loadtest.topology import LoadSpec
-from broker.server import BrokerServer
+from tests.helpers.daemon import serve
 from tests.helpers.loadtest import REQUIRED_KEYS, run_loadtest
-from tests.helpers.tls import Certificates, make_certificates, serving_tls
+from tests.helpers.tls import Certificates, make_certificates
 
 # Two daemons, each with a handful of agents connecting over TLS, on a busy machine.
 SCENARIOS_DEADLINE_S = 120
@@ -45,32 +44,30 @@ def certs(tmp_path: Path) -> Certificates:
     return make_certificates(tmp_path / "tls")
 
 
-@pytest.fixture
-def settings(settings: Settings, certs: Certificates) -> Settings:
-    return serving_tls(settings, certs)
-
-
 async def test_loadtest_ca_file_trusts_a_tls_broker_at_url(
-    server: BrokerServer, certs: Certificates,
+    tmp_path: Path, certs: Certificates,
 ) -> None:
     """`--url https://... --ca-file`: set-up, sockets and /metrics all trust that CA."""
-    assert server.url is not None and server.url.startswith("https://")
     spec = LoadSpec(agents=4, channel_size=2, senders=2, window=2, duration=None, messages=40)
     with trio.fail_after(90):
-        report = await run_traffic(spec, procs=0, url=server.url, echo=False,
-                                   cafile=str(certs.cafile))
+        async with serve(tmp_path / "data", tls=certs.settings()) as server:
+            assert server.url is not None and server.url.startswith("https://")
+            report = await run_traffic(spec, procs=0, url=server.url, echo=False,
+                                       cafile=str(certs.cafile))
     assert report["tls"] is True
     assert report["sends_acked"] == 40 and report["lost"] == 0 and report["errors"] == 0
     assert report["commits"] > 0  # scraped from /metrics over TLS
 
 
 async def test_loadtest_without_the_ca_refuses_the_broker_in_one_line(
-    server: BrokerServer, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, certs: Certificates, capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A certificate the clients cannot verify ends the run with status 2 and one line."""
-    assert server.url is not None
-    status = await trio.to_thread.run_sync(
-        command.main, ["--url", server.url, "--messages", "1", "--no-echo"])
+    with trio.fail_after(90):
+        async with serve(tmp_path / "data", tls=certs.settings()) as server:
+            assert server.url is not None
+            status = await trio.to_thread.run_sync(
+                command.main, ["--url", server.url, "--messages", "1", "--no-echo"])
     assert status == 2
     err = capsys.readouterr().err
     assert "broker loadtest: the broker did not answer:" in err

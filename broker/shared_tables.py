@@ -82,8 +82,13 @@ class SharedRegion:
     @classmethod
     def attach(cls, fd: int, size: int) -> SharedRegion:
         """The region behind an inherited descriptor, which it then owns (`close` closes
-        it, as does a refused size); its size must be `size` bytes."""
-        region = cls(fd)
+        it, as does a failure here); its size must be `size` bytes. Raises ValueError
+        for another size, OSError when it cannot be mapped."""
+        try:
+            region = cls(fd)
+        except BaseException:
+            os.close(fd)
+            raise
         if region.size != size:
             region.close()
             raise ValueError(f"the shared region has {region.size} bytes, not {size}: the"

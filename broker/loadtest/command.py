@@ -177,7 +177,8 @@ async def run_traffic(spec: LoadSpec, *, procs: int, url: str | None = None,
 
     tls: the daemon the run starts and the echo server serve TLS (broker.loadtest.tls);
     cafile: what the clients trust when `url` is an https:// broker.
-    Raises RuntimeError when a server or a shard fails.
+    Raises ValueError for `tls` with a `url` or a `cafile`, RuntimeError when a
+    server or a shard fails.
     """
     if tls and (url is not None or cafile is not None):
         raise ValueError("tls makes a certificate for a daemon of the run's own: not with a url "

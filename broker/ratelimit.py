@@ -297,8 +297,8 @@ class SharedLimits:
     salt for the keys), the socket count, a table per limit (workspaces,
     agents, anonymous, auth_failures; slots for twice max_keys), then the
     sockets by agent (slots for twice `gateway.max_sessions`, or max_keys
-    when that is 0, at most MAX_COUNTED_SOCKETS). Pages are allocated as
-    keys first touch them.
+    when that is 0, counting at most MAX_COUNTED_SOCKETS sockets). Pages are
+    allocated as keys first touch them.
     """
 
     LIMITS = ("workspaces", "agents", "anonymous", "auth_failures")

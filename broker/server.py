@@ -365,7 +365,8 @@ def hypercorn_config(
     # by a buffer that survives the refusal (broker.gateway.frame_buffer).
     config.websocket_max_message_size = settings.gateway.max_frame_bytes
     frame_buffer.install()
-    # Each plain-TCP WebSocket gets its transport in the scope (direct writes, abort).
+    # Each HTTP/1.1 WebSocket, over TCP or TLS, gets its transport in the scope (one
+    # write per flush, straight to the socket over TCP; abort).
     transport.install()
     # hypercorn logs through this logger only (not its own stderr handler);
     # the entry point configures handlers.

@@ -83,7 +83,7 @@ class SharedRegion:
     def attach(cls, fd: int, size: int) -> SharedRegion:
         """The region behind an inherited descriptor, which it then owns (`close` closes
         it, as does a failure here); its size must be `size` bytes. Raises ValueError
-        for another size, OSError when it cannot be mapped."""
+        for another size or an empty file, OSError when it cannot be mapped."""
         try:
             region = cls(fd)
         except BaseException:

@@ -21,12 +21,11 @@ import trio
 from hypercorn.trio.tcp_server import TCPServer
 
 from broker.client import connect
-from broker.config import HttpSettings, ServerSettings, Settings
 from broker.gateway import transport
 from broker.gateway.settings import GatewaySettings
 from broker.gateway.transport import Transport, TransportServer
 from broker.server import BrokerServer
-from tests.helpers.daemon import FAST_ENGINE, run_server, serve
+from tests.helpers.daemon import serve
 from tests.helpers.engine import TEST_DEADLINE_S, make_world
 from tests.helpers.realtime import (
     gateway_of,
@@ -121,12 +120,8 @@ async def test_transport_over_tls_carries_frames_through_hypercorns_write(
     """A wss:// session gets a transport that never writes to the socket itself (its bytes
     are not the frames): its frames go out through hypercorn's TLS stream, and arrive."""
     certs = make_certificates(tmp_path / "tls")
-    settings = Settings(
-        data_dir=str(tmp_path / "data"), engine=FAST_ENGINE, server=ServerSettings(workers=1),
-        http=HttpSettings(host="127.0.0.1", port=0, shutdown_grace_seconds=1.0,
-                          tls=certs.settings()))
     with trio.fail_after(TEST_DEADLINE_S):
-        async with run_server(settings) as server:
+        async with serve(tmp_path / "data", tls=certs.settings()) as server:
             world = await make_world(server.engine)
             url = f"wss://127.0.0.1:{server.port}/v1/ws"
             async with connect(url, world.tokens["bob"], ssl_context=certs.client_context()) as bob:

@@ -67,7 +67,8 @@ async def test_loadtest_without_the_ca_refuses_the_broker_in_one_line(
         async with serve(tmp_path / "data", tls=certs.settings()) as server:
             assert server.url is not None
             status = await trio.to_thread.run_sync(
-                command.main, ["--url", server.url, "--messages", "1", "--no-echo"])
+                command.main, ["--url", server.url, "--messages", "1", "--no-echo"],
+                abandon_on_cancel=True)
     assert status == 2
     err = capsys.readouterr().err
     assert "broker loadtest: the broker did not answer:" in err

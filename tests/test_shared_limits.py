@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -40,6 +41,8 @@ from tests.helpers.engine import TEST_DEADLINE_S, World, make_world
 from tests.helpers.realtime import close_of, next_frame, raw_socket, send_json
 
 SECOND = 1_000_000_000
+# How long a refused socket may take to be closed (an admitted one is never closed).
+REFUSED_WITHIN_S = 10
 
 # -- the tables alone ------------------------------------------------------------------------
 
@@ -188,9 +191,21 @@ def test_shared_limits_layout_is_bounded_whatever_max_sessions_says() -> None:
 
 
 def test_shared_limits_attach_refuses_another_layout(shared: SharedLimits) -> None:
-    """A gateway with other settings than the writer process maps nothing (its fd closed)."""
+    """A gateway with other settings than the writer process maps nothing, and closes
+    the descriptor it was handed: a region of another size, or of the same size whose
+    header names other slot counts."""
+    fd = os.dup(shared.region.fd)
     with pytest.raises(ValueError, match="disagree on its layout"):
-        SharedLimits.attach(os.dup(shared.region.fd), max_sessions=100, max_keys=5000)
+        SharedLimits.attach(fd, max_sessions=100, max_keys=5000)
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    key_slots, socket_slots, _ = SharedLimits.layout(100, 1000)
+    struct.pack_into("<qq", shared.region.view, 0, key_slots, socket_slots * 2)
+    fd = os.dup(shared.region.fd)
+    with pytest.raises(ValueError, match="slots, not"):
+        SharedLimits.attach(fd, max_sessions=100, max_keys=1000)
+    with pytest.raises(OSError):
+        os.fstat(fd)
 
 
 # -- a daemon with two gateway processes ------------------------------------------------------
@@ -226,11 +241,12 @@ async def fresh(live: TwoGateways, method: str, path: str, token: str | None = N
 
 async def refusals_of(live: TwoGateways, token: str, sockets: int) -> list[int | None]:
     """Open `sockets` sockets one after another, each on its own connection: the close
-    codes the daemon sent (each within a second: a socket it admitted would wait)."""
+    codes the daemon sent (each within REFUSED_WITHIN_S: a socket it admitted would wait
+    until the test's deadline)."""
     codes = []
     for _ in range(sockets):
         async with raw_socket(live.server, token) as ws:
-            with trio.fail_after(1):
+            with trio.fail_after(REFUSED_WITHIN_S):
                 codes.append((await close_of(ws))[0])
     return codes
 

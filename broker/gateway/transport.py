@@ -100,7 +100,8 @@ class Transport:
         `send_all`), and nothing runs between that check and the non-blocking
         `write(2)`, so the bytes keep their order; what the socket does not
         take at once (a full buffer, an error) goes hypercorn's way, which
-        waits for room or handles the closed connection.
+        waits for room or handles the closed connection. Over TLS all of it
+        goes hypercorn's way, as one write.
         """
         events: list[Message[Any]] = [
             TextMessage(data=data) if isinstance(data, str) else BytesMessage(data=data)

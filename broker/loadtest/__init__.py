@@ -10,5 +10,6 @@
 - `scenarios`: memory per idle connection, history-page latency (with a
   bulk load through the writer);
 - `processes`: the daemon and echo subprocesses and what /proc says of them;
+- `tls`: `--tls` (a throwaway CA and certificate for the run) and `--ca-file`;
 - `command`: the command-line entry point.
 """

@@ -2,8 +2,9 @@
 
 Each process renders its own registry (the writer process: the writer
 actor, pending deliveries, the webhook outbox and dispatcher, its garbage
-collector; each gateway process: its HTTP and socket requests, open
-sessions, rate-limit refusals, its garbage collector). The writer process
+collector, the keys of the rate limits' shared tables; each gateway
+process: its HTTP and socket requests, open sessions, its own rate-limit
+refusals, its garbage collector). The writer process
 merges them: samples of the same name and labels are summed (counters,
 gauges and histogram buckets all add up across processes: open sessions
 of the daemon are the sum of each gateway's), except `_created`

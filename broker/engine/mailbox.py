@@ -81,7 +81,8 @@ State = Literal["queued", "delivered", "acked", "failed", "dead_lettered"]
 PENDING_STATES: tuple[State, ...] = ("queued", "delivered", "failed")
 # Final states; such rows stay listable (`list_settled`) until the retention sweep.
 SETTLED_STATES: tuple[State, ...] = ("acked", "dead_lettered")
-_PENDING_SQL = "('queued', 'delivered', 'failed')"
+# PENDING_STATES as an SQL list, for `state IN ...`.
+PENDING_SQL = "('queued', 'delivered', 'failed')"
 # What a cumulative ack settles: everything pending except the held rows
 # (failed, or deferred and not pushed since; see the module docstring).
 _CUMULATIVE_SQL = "(state = 'delivered' OR (state = 'queued' AND available_at IS NULL))"
@@ -191,7 +192,7 @@ def list_pending(
         "SELECT d.seq, d.state, d.attempts, l.type, d.message_id, d.log_id, l.payload,"
         " d.available_at, d.expires_at, d.created_at, d.updated_at"
         " FROM deliveries d JOIN message_log l ON l.id = d.log_id"
-        f" WHERE d.agent_id = ? AND d.seq > ? AND d.state IN {_PENDING_SQL}"
+        f" WHERE d.agent_id = ? AND d.seq > ? AND d.state IN {PENDING_SQL}"
         " AND (? IS NULL OR d.available_at IS NULL OR d.available_at <= ?)"
         " ORDER BY d.seq LIMIT ?",
         (agent_id, max(after, marks.acked_seq), now_ms, now_ms, size),
@@ -280,7 +281,7 @@ _SUMMARY_SQL = (
     "  WHERE x.agent_id = a.id AND x.state = 'dead_lettered')"
     " FROM agents a JOIN mailboxes m ON m.agent_id = a.id"
     " LEFT JOIN deliveries d ON d.agent_id = a.id AND d.seq > m.acked_seq"
-    f" AND d.state IN {_PENDING_SQL}"
+    f" AND d.state IN {PENDING_SQL}"
     " WHERE a.workspace_id = ?1 AND a.deactivated_at IS NULL AND (?2 IS NULL OR a.name = ?2)"
     " GROUP BY a.id ORDER BY a.name"
 )
@@ -375,7 +376,7 @@ def final_up_to(tx: Tx, agent_id: int, mark: int, ceiling: int) -> int:
     """The highest seq <= ceiling below which every row above `mark` is final."""
     row = tx.conn.execute(
         "SELECT min(seq) FROM deliveries"
-        f" WHERE agent_id = ? AND seq > ? AND seq <= ? AND state IN {_PENDING_SQL}",
+        f" WHERE agent_id = ? AND seq > ? AND seq <= ? AND state IN {PENDING_SQL}",
         (agent_id, mark, ceiling),
     ).fetchone()
     return ceiling if row is None or row[0] is None else int(row[0]) - 1
@@ -661,7 +662,7 @@ _HELD_SQL = "(state = 'failed' OR (state = 'queued' AND available_at IS NOT NULL
 # A held row pushed again at ?4: any pending row that is due, except a held
 # one given back at or after the push (a late mark; as MarkDelivered).
 _MARK_AGAIN_SQL = (
-    _MARK_SQL + f"state IN {_PENDING_SQL} AND (available_at IS NULL OR available_at <= ?1)"
+    _MARK_SQL + f"state IN {PENDING_SQL} AND (available_at IS NULL OR available_at <= ?1)"
     f" AND NOT ({_HELD_SQL} AND coalesce(updated_at, 0) >= ?4)")
 # The same for one seq (?3).
 _MARK_ONE_AGAIN_SQL = _MARK_AGAIN_SQL.replace("IN (SELECT value FROM json_each(?3))", "= ?3")

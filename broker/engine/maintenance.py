@@ -30,7 +30,7 @@ import apsw
 import msgspec
 
 from broker.engine.events import record_event
-from broker.engine.mailbox import PENDING_STATES, final_up_to
+from broker.engine.mailbox import PENDING_SQL, PENDING_STATES, final_up_to
 from broker.engine.validation import MAX_ID
 from broker.engine.writer import Maintenance, Tx
 from protocol.objects import MESSAGE_EVENTS
@@ -59,7 +59,7 @@ _EXPIRED_MAILBOXES_SQL = (
     " WHERE m.agent_id >= ?2 AND m.agent_id <= ?3"
     " AND m.pending_count > 0 AND (SELECT d.expires_at FROM deliveries d"
     " WHERE d.agent_id = m.agent_id AND d.seq > m.acked_seq"
-    " AND d.state IN ('queued', 'delivered', 'failed') ORDER BY d.seq LIMIT 1) <= ?1"
+    f" AND d.state IN {PENDING_SQL} ORDER BY d.seq LIMIT 1) <= ?1"
     " ORDER BY m.agent_id"
 )
 

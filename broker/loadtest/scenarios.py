@@ -35,7 +35,7 @@ from broker.engine.workspaces import CreateWorkspace, RegisterAgent
 from broker.loadtest.processes import raise_fd_limit, start_daemon
 from broker.loadtest.stats import Histogram
 from broker.loadtest.tls import certificate_for
-from broker.loadtest.topology import LoadSpec, Topology, build_topology
+from broker.loadtest.topology import LoadSpec, Topology, build_topology, websocket_url
 
 # How long the daemon is left alone before its RSS is read.
 SETTLE_S = 3.0
@@ -179,7 +179,7 @@ async def history_latency(sizes: list[int], pages: int = 300,
                   f"({size / loaded.seconds:,.0f}/s)", file=sys.stderr)
             daemon = start_daemon(data_dir)
             try:
-                url = daemon.address.replace("http://", "ws://", 1) + "/v1/ws"
+                url = websocket_url(daemon.address)
                 client = BrokerClient(url, loaded.token, reconnect=False)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(client.run)

@@ -14,6 +14,7 @@ gateway, so that it is tested without a socket.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Iterable, Sequence
 from typing import Any, Union
@@ -24,6 +25,7 @@ from protocol.frames import DeliverBatch
 from protocol.nesting import (
     MAX_NESTING_DEPTH,
     NestingTooDeep,
+    Unstorable,
     decode_json,
     decode_msgpack,
     json_head,
@@ -200,12 +202,15 @@ class Codec:
             if isinstance(data, str):
                 if json_openers(data) > MAX_NESTING_DEPTH:
                     # Validation may stop before the part too deep: depth is
-                    # refused first, whatever else is wrong with the frame.
-                    decode_json(_any_json, data)
+                    # refused first, whatever else is wrong with the frame
+                    # (an unstorable value, checked after depth, is `detail`).
+                    with contextlib.suppress(Unstorable):
+                        decode_json(_any_json, data)
                 envelope = _json_envelope.decode(data)
             else:
                 if msgpack_openers(data) > MAX_NESTING_DEPTH:
-                    decode_msgpack(_any_msgpack, data)
+                    with contextlib.suppress(Unstorable):
+                        decode_msgpack(_any_msgpack, data)
                 envelope = _msgpack_envelope.decode(data)
         except NestingTooDeep as exc:
             return self._too_deep(data, exc)

@@ -15,6 +15,13 @@ its decoded value walked, level by level, which costs in proportion to its
 values and not to its bytes. The whole document counts: a typed decoder
 drops the fields it does not know, so for one the document is decoded once
 more, untyped, to be walked.
+
+The same decoders refuse what no store of the broker can hold (`Unstorable`):
+an integer outside SQLite's signed 64-bit range, which would also stop the
+MessagePack link between gateway and writer, and a MessagePack extension
+value. The same kind of pre-check keeps that off the hot path: only a JSON
+document with a run of 19 digits outside a string's start, or a MessagePack
+document with a byte that can open a uint64 or an extension, is walked.
 """
 
 from __future__ import annotations
@@ -40,6 +47,24 @@ _CONTAINERS = (dict, list, tuple, set, frozenset, msgspec.Struct)
 _CONTAINER_TYPES = frozenset({dict, list, tuple, set, frozenset})
 
 
+# The integers a document may hold: SQLite's, a signed 64-bit integer.
+MIN_INTEGER, MAX_INTEGER = -(2**63), 2**63 - 1
+
+# A JSON document read as digits (`0`), characters a number cannot follow
+# when it starts (`"`: a word character, a point, a quote, any non-ASCII
+# byte) and the rest (` `): a number of 19 digits or more outside a string
+# then shows as ` ` and nineteen `0`; a string of digits such as an id
+# shows as `"` and the zeros. One pass at C speed, then one search.
+_DIGIT_MAP = bytes(
+    ord("0") if chr(b).isdigit() and b < 128
+    else ord('"') if b >= 128 or chr(b).isalpha() or chr(b) in '_".' else ord(" ")
+    for b in range(256))
+_LONG_NUMBER = b" " + b"0" * 19
+# Bytes that open a uint64 (0xcf) or an extension (ext 8/16/32, fixext 1 to 16).
+_MSGPACK_WIDE = bytes([0xC7, 0xC8, 0xC9, 0xCF, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8])
+_MSGPACK_NOT_WIDE = bytes(b for b in range(256) if b not in _MSGPACK_WIDE)
+
+
 class NestingTooDeep(msgspec.DecodeError):
     """A document nested deeper than the limit.
 
@@ -50,6 +75,52 @@ class NestingTooDeep(msgspec.DecodeError):
     def __init__(self, limit: int = MAX_NESTING_DEPTH) -> None:
         super().__init__(f"nested deeper than {limit} levels")
         self.limit = limit
+
+
+class Unstorable(msgspec.ValidationError):
+    """A document holding a value no store of the broker can hold (see `unstorable`).
+
+    A `msgspec.ValidationError`: the document is well formed, its content is refused.
+    """
+
+
+def unstorable(value: Any) -> str | None:
+    """What in a decoded document the broker cannot store, said for a person; None if nothing.
+
+    An integer outside `MIN_INTEGER`..`MAX_INTEGER`, or a MessagePack
+    extension value. Walks dicts (keys too), lists and tuples without
+    recursion.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is int:
+            if not MIN_INTEGER <= item <= MAX_INTEGER:
+                digits = str(item)
+                shown = digits if len(digits) <= 40 else f"{digits[:20]}...({len(digits)} digits)"
+                return f"an integer outside the signed 64-bit range: {shown}"
+        elif kind is dict:
+            stack += item
+            stack += item.values()
+        elif kind is list or kind is tuple:
+            stack += item
+        elif kind is msgspec.msgpack.Ext:
+            return f"a MessagePack extension value (type {item.code})"
+    return None
+
+
+def json_may_be_unstorable(data: str | bytes) -> bool:
+    """Whether a JSON document may hold an integer `unstorable` refuses (a cheap pre-check:
+    a run of 19 digits not inside a word, a fraction or right after a quote)."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    return _LONG_NUMBER in b" " + raw.translate(_DIGIT_MAP)
+
+
+def msgpack_may_be_unstorable(data: bytes) -> bool:
+    """Whether a MessagePack document may hold a uint64 or an extension (a cheap pre-check:
+    a byte that can open one)."""
+    return bool(data.translate(None, _MSGPACK_NOT_WIDE))
 
 
 def json_openers(data: str | bytes) -> int:
@@ -111,32 +182,39 @@ def check_nesting(value: Any, limit: int = MAX_NESTING_DEPTH) -> None:
 def decode_json(
     decoder: msgspec.json.Decoder[Any], data: str | bytes, *, limit: int = MAX_NESTING_DEPTH
 ) -> Any:
-    """`decoder.decode(data)`, refusing documents nested deeper than `limit`.
+    """`decoder.decode(data)`, refusing documents nested deeper than `limit`
+    and documents holding what `unstorable` finds.
 
     The whole document counts, fields a typed decoder ignores included.
     Raises NestingTooDeep for a document too deep (also when msgspec itself
-    ran out of recursion), else what the decoder raises (DecodeError,
-    ValidationError).
+    ran out of recursion), Unstorable, else what the decoder raises
+    (DecodeError, ValidationError).
     """
-    return _decode(decoder, data, json_openers, _ANY_JSON, limit)
+    return _decode(decoder, data, json_openers, json_may_be_unstorable, _ANY_JSON, limit)
 
 
 def decode_msgpack(
     decoder: msgspec.msgpack.Decoder[Any], data: bytes, *, limit: int = MAX_NESTING_DEPTH
 ) -> Any:
-    """`decoder.decode(data)`, refusing documents nested deeper than `limit` (as decode_json)."""
-    return _decode(decoder, data, msgpack_openers, _ANY_MSGPACK, limit)
+    """`decoder.decode(data)`, refusing documents nested deeper than `limit` and
+    unstorable ones (as decode_json)."""
+    return _decode(decoder, data, msgpack_openers, msgpack_may_be_unstorable, _ANY_MSGPACK,
+                   limit)
 
 
-def _decode(decoder: Any, data: Any, openers: Callable[[Any], int], whole_decoder: Any,
-            limit: int) -> Any:
+def _decode(decoder: Any, data: Any, openers: Callable[[Any], int],
+            may_be_unstorable: Callable[[Any], bool], whole_decoder: Any, limit: int) -> Any:
     try:
         value = decoder.decode(data)
-        if openers(data) > limit:
+        deep, wide = openers(data) > limit, may_be_unstorable(data)
+        if deep or wide:
             # A typed decoder drops unknown fields: walk the document, not what was kept.
             whole = value if decoder.type is Any else whole_decoder.decode(data)
-            if nesting_exceeds(whole, limit):
+            if deep and nesting_exceeds(whole, limit):
                 raise NestingTooDeep(limit)
+            problem = unstorable(whole) if wide else None
+            if problem is not None:
+                raise Unstorable(problem)
     except RecursionError:
         raise NestingTooDeep(limit) from None
     return value

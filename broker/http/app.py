@@ -46,7 +46,7 @@ from broker.http.routes import ROUTES, RestRoute
 from broker.operations import OPERATIONS
 from broker.operations.registry import Call, Existing, Operation, invoke
 from broker.ratelimit import UNLIMITED, RateLimited, RateLimiter, Verdict, client_address
-from protocol.nesting import NestingTooDeep, decode_json
+from protocol.nesting import NestingTooDeep, Unstorable, decode_json
 from protocol.responses import ServiceStatus
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,8 @@ def parse_body(body: bytes) -> dict[str, Any]:
         value = decode_json(_json_decoder, body)
     except NestingTooDeep as exc:
         raise BrokerError("invalid_json", f"the body is {exc}") from None
+    except Unstorable as exc:
+        raise BrokerError("invalid_request", f"the body holds {exc}") from None
     except msgspec.DecodeError as exc:
         raise BrokerError("invalid_json", f"the body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):

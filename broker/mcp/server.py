@@ -37,6 +37,7 @@ from broker.mcp.watch import CHANNEL_URI_PREFIX, INBOX_URI, Watches
 from broker.operations.registry import Call, Existing, invoke
 from broker.ratelimit import RateLimited, RateLimiter, client_address
 from protocol import objects as ob
+from protocol.nesting import unstorable
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,10 @@ class McpHandlers:
                          params: types.CallToolRequestParams) -> types.CallToolResult:
         caller = _caller(ctx)
         arguments = params.arguments or {}
+        # The SDK decoded them: the bound every other binding's decoder applies.
+        problem = unstorable(arguments)
+        if problem is not None:
+            return _tool_error("invalid_request", f"the arguments hold {problem}")
         try:
             if tool.operation is None:
                 result = await self._wait(caller, arguments)

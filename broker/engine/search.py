@@ -71,6 +71,9 @@ def search_messages(
     if not text or len(text) > MAX_QUERY_CHARS:
         raise BrokerError("invalid_query",
                           f"a search query is 1-{MAX_QUERY_CHARS} characters and not blank")
+    if "\x00" in text:
+        # FTS5 reads the query only up to a NUL: the rest would go unsearched
+        raise BrokerError("invalid_query", "a search query may not contain NUL")
     if agent_id is not OWNER:
         require_agent(conn, workspace_id, agent_id)
     channel_id: int | None = None
@@ -94,7 +97,10 @@ def search_messages(
     try:
         rows = run(text)
     except apsw.SQLError:
-        rows = run(as_plain_words(text))
+        try:
+            rows = run(as_plain_words(text))
+        except apsw.SQLError as exc:
+            raise BrokerError("invalid_query", f"the query cannot be searched: {exc}") from None
     ranks = {cast(int, r[0]): cast(float, r[1]) for r in rows}
     return [
         SearchResult(**msgspec.structs.asdict(m), relevance_score=-ranks[int(m.id)])

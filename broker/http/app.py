@@ -25,7 +25,7 @@ import msgspec
 import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -61,6 +61,10 @@ METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 _json_decoder = msgspec.json.Decoder()
 
 
+# The longest wait for the next bytes of a request body (see read_body).
+BODY_STALL_SECONDS = 30.0
+
+
 def error_response(code: str, message: str, headers: dict[str, str] | None = None) -> Response:
     return Response(
         encode_error(code, message), status_code=status_for(code), media_type=JSON,
@@ -76,20 +80,38 @@ def success_response(data: Any, status: int = 200) -> Response:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with `payload_too_large` as soon as it passes `limit` bytes."""
+    """The request body, refused with `payload_too_large` as soon as it passes `limit` bytes.
+
+    A body that stops arriving for `BODY_STALL_SECONDS` is refused with
+    `request_timeout` (408): hypercorn times out headers, not bodies, so a
+    client could otherwise hold the request open forever. A client that
+    closes mid-body raises `client_closed_request` (499, answered to no one).
+    """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BrokerError("payload_too_large", f"the body is over the limit of {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async with aclosing(request.stream()) as stream:
-        async for chunk in stream:
-            size += len(chunk)
-            if size > limit:
+    try:
+        async with aclosing(request.stream()) as stream:
+            while True:
+                with trio.move_on_after(BODY_STALL_SECONDS):
+                    chunk = await anext(stream, None)
+                    if chunk is None:
+                        break
+                    size += len(chunk)
+                    if size > limit:
+                        raise BrokerError(
+                            "payload_too_large", f"the body is over the limit of {limit} bytes"
+                        )
+                    chunks.append(chunk)
+                    continue
                 raise BrokerError(
-                    "payload_too_large", f"the body is over the limit of {limit} bytes"
-                )
-            chunks.append(chunk)
+                    "request_timeout",
+                    f"no byte of the body came for {BODY_STALL_SECONDS:g} seconds")
+    except ClientDisconnect:
+        raise BrokerError("client_closed_request",
+                          "the client closed the connection before its body was read") from None
     return b"".join(chunks)
 
 

@@ -27,6 +27,7 @@ EXACT_STATUS: dict[str, int] = {
     "url_token_expired": 403,
     "not_found": 404,
     "method_not_allowed": 405,
+    "request_timeout": 408,
     "idempotency_key_reused": 409,
     "channel_archived": 409,
     "file_already_uploaded": 409,
@@ -37,6 +38,8 @@ EXACT_STATUS: dict[str, int] = {
     "unsupported_media_type": 415,
     "range_not_satisfiable": 416,
     "rate_limit_exceeded": 429,
+    # nginx's status for a client that went away first; nobody reads the answer
+    "client_closed_request": 499,
     "internal_error": 500,
     "file_missing": 500,
     "commit_failed": 503,

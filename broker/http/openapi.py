@@ -73,6 +73,7 @@ ERROR_STATUSES: dict[int, str] = {
     403: "A token of the wrong kind (`forbidden`), `not_a_member`, `not_a_participant`, ...",
     404: "`*_not_found`; an id of another workspace is always not found.",
     409: "`*_already_exists`, `idempotency_key_reused`, `channel_archived`, file states.",
+    408: "`request_timeout`: the request body stopped arriving (30 s without a byte).",
     410: "`file_deleted`.",
     413: "`payload_too_large`: the body is over `http.max_body_bytes`.",
     416: "`range_not_satisfiable`: no range asked for is within the file.",

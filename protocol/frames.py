@@ -68,7 +68,8 @@ class RequestEnvelope(msgspec.Struct, kw_only=True):
 
     id: RequestId
     v: int = PROTOCOL_VERSION
-    idempotency_key: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+    # checked where it is used, as for REST's header (invalid_idempotency_key)
+    idempotency_key: str | None = None
 
 
 def request_frame(type_name: str, input_type: type[msgspec.Struct]) -> type[msgspec.Struct]:

@@ -136,6 +136,13 @@ async def test_socket_send_idempotency_key(live: Live) -> None:
             await alice.request("message.send", channel="general", text="other",
                                 idempotency_key="k1")
         assert refused.value.code == "idempotency_key_reused"
+        # as REST refuses its header: empty, blank or too long is the same code
+        # (a blank key was taken as a key, and an empty one was invalid_request)
+        for bad in ("", "   ", "k" * 256):
+            with pytest.raises(RequestError) as refused:
+                await alice.request("message.send", channel="general", text="other",
+                                    idempotency_key=bad)
+            assert refused.value.code == "invalid_idempotency_key", bad
     assert await count(live.server, "messages") == 1
 
 

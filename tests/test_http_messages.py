@@ -75,6 +75,9 @@ async def test_send_idempotency_key_replays_first_result(
     too_long = await call(client, "POST", GENERAL, alice, json={"text": "x"},
                           headers={"Idempotency-Key": "k" * 300})
     assert (too_long.status, too_long.code) == (400, "invalid_idempotency_key")
+    blank = await call(client, "POST", GENERAL, alice, json={"text": "x"},
+                       headers={"Idempotency-Key": ""})
+    assert (blank.status, blank.code) == (400, "invalid_idempotency_key")
     assert await count(server, "messages") == 1
 
 

@@ -50,8 +50,9 @@ def once(
     """
     if key is None:
         return run()
-    if not key or len(key) > 255:
-        raise BrokerError("invalid_idempotency_key", "an idempotency key is 1-255 characters")
+    if not key.strip() or len(key) > 255:
+        raise BrokerError("invalid_idempotency_key",
+                          "an idempotency key is 1-255 characters and not blank")
     digest = request_digest(operation, request)
     horizon = tx.now_ms - tx.limits.idempotency_ttl_seconds * 1000
     row = tx.conn.execute(

@@ -128,6 +128,8 @@ async def test_reaction_validation_refuses_and_writes_nothing(
         await expect_refused(engine, "invalid_emoji", react(world, "bob", message, bad))
         await expect_refused(engine, "invalid_emoji", unreact(world, "bob", message, bad))
     assert (await engine.submit(react(world, "bob", message, "x" * 64))).created
+    # REST removes a reaction by the emoji in its path: a '/' could not be removed there
+    await expect_refused(engine, "invalid_emoji", react(world, "bob", message, "a/b"))
     for missing in ("999", "nope"):
         await expect_refused(engine, "message_not_found", react(world, "bob", missing))
         await expect_refused(engine, "message_not_found", unreact(world, "bob", missing))

@@ -69,6 +69,13 @@ async def test_update_workspace_refusals_write_nothing(engine: Engine, world: Wo
     await refused(engine, UpdateWorkspace(workspace_id=wid, name="taken"),
                   "workspace_already_exists")
     await refused(engine, UpdateWorkspace(workspace_id=wid, name="  "), "invalid_workspace_name")
+    # a path segment of /v1/workspaces/by-name/, and no control or surrounding spaces
+    # (" acme" could stand beside "acme"; "team/alpha" could not be looked up)
+    for bad in ("team/alpha", " acme", "acme ", "a\x00", "a\tb", "a\u200bb"):
+        await refused(engine, UpdateWorkspace(workspace_id=wid, name=bad),
+                      "invalid_workspace_name")
+        await refused(engine, CreateWorkspace(bad), "invalid_workspace_name")
+    assert (await engine.submit(CreateWorkspace("Team Alpha 2"))).name == "Team Alpha 2"
     await refused(engine, UpdateWorkspace(workspace_id=wid, name="x" * 129),
                   "invalid_workspace_name")
     await refused(engine, UpdateWorkspace(

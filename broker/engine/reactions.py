@@ -80,6 +80,10 @@ class AddReaction(_Reaction, frozen=True, kw_only=True):
 
     def apply(self, tx: Tx) -> AddedReaction:
         conn = tx.conn
+        if "/" in self.emoji:
+            # REST removes a reaction by its emoji in the path, where a '/' cannot be
+            # (reactions made before this check can still be removed over the socket)
+            raise BrokerError("invalid_emoji", "an emoji may not contain '/'")
         emoji, agent, message = self.target(tx)
         existing = conn.execute(
             "SELECT id, created_at FROM reactions WHERE message_id = ? AND agent_id = ?"

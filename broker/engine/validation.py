@@ -53,11 +53,23 @@ def agent_name(name: str, limits: Limits) -> str:
 
 
 def workspace_name(name: str) -> str:
-    if not name.strip() or len(name) > WORKSPACE_NAME_MAX:
+    """1..WORKSPACE_NAME_MAX characters, printable, without surrounding spaces and without
+    '/' (the name is a path segment of /v1/workspaces/by-name/). Raises invalid_workspace_name."""
+    if not name.strip() or len(name) > WORKSPACE_NAME_MAX or name.strip() != name:
         raise BrokerError(
             "invalid_workspace_name",
-            f"a workspace name is 1-{WORKSPACE_NAME_MAX} characters and not blank",
+            f"a workspace name is 1-{WORKSPACE_NAME_MAX} characters, not blank and without "
+            "surrounding spaces",
         )
+    for char in name:
+        if char == "/":
+            raise BrokerError("invalid_workspace_name", "a workspace name may not contain '/'")
+        if _unprintable(char) or (char.isspace() and char != " "):
+            raise BrokerError(
+                "invalid_workspace_name",
+                f"a workspace name may not contain the control or format character "
+                f"U+{ord(char):04X}",
+            )
     return name
 
 

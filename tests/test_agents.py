@@ -6,8 +6,6 @@ import pytest
 
 from broker.engine import conversations, mailbox
 from broker.engine.agents import (
-    METADATA_MAX_BYTES,
-    PERSONA_MAX_BYTES,
     DeactivateAgent,
     RotateToken,
     SetAgentStatus,
@@ -20,7 +18,8 @@ from broker.engine.channels import CreateChannel
 from broker.engine.config import EngineConfig, Limits
 from broker.engine.engine import Engine
 from broker.engine.messages import SendChannelMessage
-from broker.engine.workspaces import agent_by_token
+from broker.engine.validation import METADATA_MAX_BYTES, PERSONA_MAX_BYTES
+from broker.engine.workspaces import RegisterAgent, agent_by_token
 from tests.helpers.engine import World, query_refused, refused
 
 
@@ -136,6 +135,22 @@ async def test_update_agent_persona_and_metadata(engine: Engine, world: World) -
     await refused(engine, UpdateAgent(workspace_id=wid, agent_id=bob,
                                       metadata=["not", "an", "object"]),  # type: ignore[arg-type]
                   "invalid_metadata")
+
+
+async def test_register_agent_has_the_bounds_of_an_update(engine: Engine, world: World) -> None:
+    """Before, a create took a persona or metadata of any size (900 KB was 201)."""
+    wid = world.workspace_id
+    await refused(engine, RegisterAgent(workspace_id=wid, name="big",
+                                        persona="x" * (PERSONA_MAX_BYTES + 1)), "invalid_persona")
+    await refused(engine, RegisterAgent(workspace_id=wid, name="big",
+                                        metadata={"k": "x" * METADATA_MAX_BYTES}),
+                  "invalid_metadata")
+    assert await engine.read(lambda conn: conn.execute(
+        "SELECT count(*) FROM agents WHERE name = 'big'").fetchone()[0]) == 0
+    await engine.submit(RegisterAgent(workspace_id=wid, name="big", persona="x" * PERSONA_MAX_BYTES,
+                                      metadata={"team": "qa"}))
+    agent = await engine.read(get_agent, wid, "big")
+    assert (len(agent.persona or ""), agent.metadata) == (PERSONA_MAX_BYTES, {"team": "qa"})
 
 
 async def test_deactivate_agent_gets_nothing_token_dies(

@@ -139,6 +139,20 @@ async def test_update_refusals(engine: Engine, world: World) -> None:
         workspace_id=ws, agent_id=alice, channel="ops", topic="late"))
 
 
+async def test_create_has_the_metadata_bound_of_an_update(engine: Engine, world: World) -> None:
+    """Before, a create took metadata of any size, sent again in every channel list."""
+    ws, alice = world.workspace_id, world.agents["alice"]
+    await expect_refused(engine, "data_too_large", CreateChannel(
+        workspace_id=ws, agent_id=alice, name="big", metadata={"k": "x" * 70_000}))
+    await expect_refused(engine, "invalid_data", CreateChannel(
+        workspace_id=ws, agent_id=alice, name="big", metadata=[1]))  # type: ignore[arg-type]
+    assert await engine.read(lambda conn: conn.execute(
+        "SELECT count(*) FROM channels WHERE name = 'big'").fetchone()[0]) == 0
+    made = await engine.submit(CreateChannel(workspace_id=ws, agent_id=alice, name="big",
+                                             metadata={"k": "v"}))
+    assert made.metadata == {"k": "v"}
+
+
 async def test_create_refusals(engine: Engine, world: World) -> None:
     ws, alice = world.workspace_id, world.agents["alice"]
     await new_channel(engine, world, "alice", "ops")

@@ -23,7 +23,7 @@ from typing import Any, Literal, cast
 import apsw
 import msgspec
 
-from broker.engine import secrets
+from broker.engine import secrets, validation
 from broker.engine.errors import BrokerError
 from broker.engine.events import emit_ephemeral, notify_sessions
 from broker.engine.lookups import require_agent
@@ -42,10 +42,6 @@ STATUSES: tuple[str, ...] = ("online", "away", "offline")
 # The realtime event of each status: @relaycast/types names presence events
 # agent.status.active / idle / offline, while REST statuses are online / away / offline.
 EVENT_STATUS: dict[str, str] = {"online": "active", "away": "idle", "offline": "offline"}
-# Longest persona accepted, in bytes of UTF-8 (it is a prompt, bounded like a message).
-PERSONA_MAX_BYTES = 32 * 1024
-# Largest metadata object, in bytes of JSON (the same bound as message data).
-METADATA_MAX_BYTES = 64 * 1024
 # The ephemeral fact of a rotation (audience: the agent); the gateway closes
 # the sockets opened with the old token when its grace ends.
 TOKEN_ROTATED = "agent.token_rotated"
@@ -358,26 +354,11 @@ class UpdateAgent(msgspec.Struct, frozen=True, kw_only=True):
         assignments: list[str] = []
         values: list[object] = []
         if not isinstance(self.persona, msgspec.UnsetType):
-            persona = self.persona
-            if persona is not None and len(persona.encode("utf-8", "surrogatepass")) > (
-                PERSONA_MAX_BYTES
-            ):
-                raise BrokerError(
-                    "invalid_persona", f"a persona is at most {PERSONA_MAX_BYTES} bytes of UTF-8"
-                )
             assignments.append("persona = ?")
-            values.append(persona)
+            values.append(validation.persona(self.persona))
         if not isinstance(self.metadata, msgspec.UnsetType):
-            if not isinstance(self.metadata, dict):
-                raise BrokerError("invalid_metadata", "metadata must be a JSON object")
-            encoded = _encoder.encode(self.metadata)
-            if len(encoded) > METADATA_MAX_BYTES:
-                raise BrokerError(
-                    "invalid_metadata",
-                    f"metadata is {len(encoded)} bytes as JSON; the limit is {METADATA_MAX_BYTES}",
-                )
             assignments.append("metadata = ?")
-            values.append(encoded.decode())
+            values.append(validation.agent_metadata(self.metadata))
         agent = require_agent(conn, self.workspace_id, self.agent_id)
         if assignments:
             conn.execute(

@@ -89,6 +89,8 @@ class CreateChannel(msgspec.Struct, frozen=True, kw_only=True):
         conn, now = tx.conn, tx.now_ms
         name = validation.channel_name(self.name)
         channel_topic(self.topic)
+        # the bound an update has (before, a create took any size)
+        metadata = validation.data(self.metadata, tx.limits) or "{}"
         require_workspace(conn, self.workspace_id)
         if self.agent_id is not None:
             require_agent(conn, self.workspace_id, self.agent_id)
@@ -97,7 +99,6 @@ class CreateChannel(msgspec.Struct, frozen=True, kw_only=True):
         ).fetchone():
             raise BrokerError("channel_already_exists", f"channel {name!r} already exists")
         channel_id = tx.new_id()
-        metadata = msgspec.json.encode(self.metadata).decode()
         conn.execute(
             "INSERT INTO channels(id, workspace_id, name, topic, metadata, created_by, created_at)"
             " VALUES (?,?,?,?,?,?,?)",

@@ -14,6 +14,10 @@ from broker.engine.errors import BrokerError
 CHANNEL_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,79}")
 AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 WORKSPACE_NAME_MAX = 128
+# Longest persona accepted, in bytes of UTF-8 (it is a prompt, bounded like a message).
+PERSONA_MAX_BYTES = 32 * 1024
+# Largest agent metadata object, in bytes of JSON (the same bound as message data).
+METADATA_MAX_BYTES = 64 * 1024
 # `@name` not preceded by a word character or another @ (so e-mail addresses
 # do not count as mentions).
 MENTION = re.compile(r"(?<![\w@])@([A-Za-z0-9][A-Za-z0-9_.-]*)")
@@ -50,6 +54,28 @@ def agent_name(name: str, limits: Limits) -> str:
             "'_', '.' and '-', starting with a letter or digit",
         )
     return name
+
+
+def persona(value: str | None) -> str | None:
+    """An agent's persona: at most PERSONA_MAX_BYTES of UTF-8. Raises invalid_persona."""
+    if value is not None and len(value.encode("utf-8", "surrogatepass")) > PERSONA_MAX_BYTES:
+        raise BrokerError(
+            "invalid_persona", f"a persona is at most {PERSONA_MAX_BYTES} bytes of UTF-8")
+    return value
+
+
+def agent_metadata(value: Any) -> str:
+    """An agent's metadata: a JSON object of at most METADATA_MAX_BYTES, returned encoded.
+    Raises invalid_metadata."""
+    if not isinstance(value, dict):
+        raise BrokerError("invalid_metadata", "metadata must be a JSON object")
+    encoded = _json_encoder.encode(value)
+    if len(encoded) > METADATA_MAX_BYTES:
+        raise BrokerError(
+            "invalid_metadata",
+            f"metadata is {len(encoded)} bytes as JSON; the limit is {METADATA_MAX_BYTES}",
+        )
+    return encoded.decode()
 
 
 def workspace_name(name: str) -> str:

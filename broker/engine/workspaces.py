@@ -18,7 +18,6 @@ after registration are in `broker.engine.agents`.
 
 from __future__ import annotations
 
-import json
 from typing import Any, cast
 
 import apsw
@@ -85,6 +84,9 @@ class RegisterAgent(msgspec.Struct, frozen=True, kw_only=True):
         name = validation.agent_name(self.name, tx.limits)
         if self.type not in ("agent", "human", "system"):
             raise BrokerError("invalid_agent_type", "type must be 'agent', 'human' or 'system'")
+        # the bounds an update has (before, a create took any size)
+        persona = validation.persona(self.persona)
+        metadata = validation.agent_metadata(self.metadata)
         require_workspace(conn, self.workspace_id)
         if conn.execute(
             "SELECT 1 FROM agents WHERE workspace_id = ? AND name = ?", (self.workspace_id, name)
@@ -95,8 +97,8 @@ class RegisterAgent(msgspec.Struct, frozen=True, kw_only=True):
         conn.execute(
             "INSERT INTO agents(id, workspace_id, name, type, persona, metadata, token_hash,"
             " created_at) VALUES (?,?,?,?,?,?,?,?)",
-            (agent_id, self.workspace_id, name, self.type, self.persona,
-             json.dumps(self.metadata), secrets.digest(token), now),
+            (agent_id, self.workspace_id, name, self.type, persona, metadata,
+             secrets.digest(token), now),
         )
         conn.execute(
             "INSERT INTO channel_members(channel_id, agent_id, joined_at)"

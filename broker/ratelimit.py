@@ -68,6 +68,8 @@ NEVER_LIMITED = frozenset({
 # says (a daemon holds at most its open-files limit of sockets): 2**21 slots, 32 MiB.
 MAX_COUNTED_SOCKETS = 1 << 20
 # Reasons a request or a socket was refused, as /metrics labels them.
+# What a refusal's limit is counted by, in its message (by reason).
+_PER = {"anonymous": "client address (requests without a token)"}
 REASONS = ("workspace", "agent", "anonymous", "auth_failures", "sessions_per_agent", "sessions")
 
 PerMinute = Annotated[int, msgspec.Meta(ge=0)]
@@ -493,7 +495,8 @@ class RateLimiter:
         verdict, reason = max(refusals, key=lambda r: r[0].retry_after_seconds)
         self.refused(reason)
         raise RateLimited(verdict, f"rate limit exceeded: {verdict.limit} requests per"
-                          f" minute per {reason}; retry in {verdict.retry_after_ms} ms")
+                          f" minute per {_PER.get(reason, reason)};"
+                          f" retry in {verdict.retry_after_ms} ms")
 
     def check_auth(self, address: str) -> None:
         """Refuse a request that carries a token from an address with too many refused tokens.

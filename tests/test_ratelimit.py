@@ -257,6 +257,9 @@ async def test_rest_anonymous_routes_are_limited_by_address(tmp_path: Path) -> N
         refused = await call(live.http, "POST", "/v1/workspaces", json={"name": "w9"},
                              headers={"X-Forwarded-For": "203.0.113.9"})
         assert refused.status == 429 and refused.code == "rate_limit_exceeded"
+        assert refused.body["error"]["message"].startswith(
+            "rate limit exceeded: 2 requests per minute per client address"
+            " (requests without a token); retry in ")
         assert await count(live.server, "workspaces") == before
         lookup = await call(live.http, "GET", "/v1/workspaces/by-name/w0")
         assert lookup.status == 429

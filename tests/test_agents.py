@@ -137,6 +137,20 @@ async def test_update_agent_persona_and_metadata(engine: Engine, world: World) -
                   "invalid_metadata")
 
 
+async def test_update_agent_sets_the_status(engine: Engine, world: World) -> None:
+    """PATCH /v1/agents/{name} with a status: it was checked, then silently ignored."""
+    wid, bob = world.workspace_id, world.agents["bob"]
+    away = await engine.submit(UpdateAgent(workspace_id=wid, agent_id=bob, status="away",
+                                           persona="p"))
+    assert (away.status, away.persona) == ("away", "p")
+    assert (await engine.read(get_agent, wid, "bob")).status == "away"
+    # a refused status refuses the whole update
+    await refused(engine, UpdateAgent(workspace_id=wid, agent_id=bob, status="busy",
+                                      persona="other"), "invalid_status")
+    agent = await engine.read(get_agent, wid, "bob")
+    assert (agent.status, agent.persona) == ("away", "p")
+
+
 async def test_register_agent_has_the_bounds_of_an_update(engine: Engine, world: World) -> None:
     """Before, a create took a persona or metadata of any size (900 KB was 201)."""
     wid = world.workspace_id

@@ -26,7 +26,7 @@ import msgspec
 from broker.engine import secrets, validation
 from broker.engine.errors import BrokerError
 from broker.engine.events import emit_ephemeral, notify_sessions
-from broker.engine.lookups import require_agent
+from broker.engine.lookups import AgentRow, require_agent
 from broker.engine.writer import Tx
 from protocol.objects import (
     Agent,
@@ -185,24 +185,33 @@ class SetAgentStatus(msgspec.Struct, frozen=True, kw_only=True):
     status: str
 
     def apply(self, tx: Tx) -> AgentStatusChanged:
-        conn, now = tx.conn, tx.now_ms
-        if self.status not in STATUSES:
-            raise BrokerError("invalid_status", "status must be 'online', 'away' or 'offline'")
-        agent = require_agent(conn, self.workspace_id, self.agent_id)
-        row = conn.execute("SELECT status FROM agents WHERE id = ?", (agent.id,)).fetchone()
-        changed = row is not None and row[0] != self.status
-        conn.execute(
-            "UPDATE agents SET status = ?, last_seen = ? WHERE id = ?",
-            (self.status, now, agent.id),
-        )
-        if changed:
-            shown = EVENT_STATUS[self.status]
-            emit_ephemeral(
-                tx, workspace_id=self.workspace_id, event_type=f"agent.status.{shown}",
-                data={"agent": {"name": agent.name}, "status": shown},
-            )
+        _check_status(self.status)
+        agent = require_agent(tx.conn, self.workspace_id, self.agent_id)
+        changed = _set_status(tx, self.workspace_id, agent, self.status)
         return AgentStatusChanged(agent_id=str(agent.id), name=agent.name, status=self.status,
-                                  last_seen=iso(now), changed=changed)
+                                  last_seen=iso(tx.now_ms), changed=changed)
+
+
+def _check_status(status: str) -> None:
+    if status not in STATUSES:
+        raise BrokerError("invalid_status", "status must be 'online', 'away' or 'offline'")
+
+
+def _set_status(tx: Tx, workspace_id: int, agent: AgentRow, status: str) -> bool:
+    """Set a checked status and last_seen; emit the `agent.status.*` event if the status
+    changed. Returns whether it changed."""
+    conn = tx.conn
+    row = conn.execute("SELECT status FROM agents WHERE id = ?", (agent.id,)).fetchone()
+    changed = row is not None and row[0] != status
+    conn.execute("UPDATE agents SET status = ?, last_seen = ? WHERE id = ?",
+                 (status, tx.now_ms, agent.id))
+    if changed:
+        shown = EVENT_STATUS[status]
+        emit_ephemeral(
+            tx, workspace_id=workspace_id, event_type=f"agent.status.{shown}",
+            data={"agent": {"name": agent.name}, "status": shown},
+        )
+    return changed
 
 
 class SetPresence(msgspec.Struct, frozen=True, kw_only=True):
@@ -338,21 +347,26 @@ class ExpirePresence(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class UpdateAgent(msgspec.Struct, frozen=True, kw_only=True):
-    """Set the agent's persona (None clears it) and/or replace its metadata; unset fields stay.
+    """Set the agent's persona (None clears it), replace its metadata and/or set its
+    status (as `SetAgentStatus`); unset fields stay.
 
     Raises agent_not_found, invalid_persona (over PERSONA_MAX_BYTES),
-    invalid_metadata (not an object, or over METADATA_MAX_BYTES as JSON).
+    invalid_metadata (not an object, or over METADATA_MAX_BYTES as JSON),
+    invalid_status.
     """
 
     workspace_id: int
     agent_id: int
     persona: str | None | msgspec.UnsetType = msgspec.UNSET
     metadata: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+    status: str | msgspec.UnsetType = msgspec.UNSET
 
     def apply(self, tx: Tx) -> Agent:
         conn = tx.conn
         assignments: list[str] = []
         values: list[object] = []
+        if not isinstance(self.status, msgspec.UnsetType):
+            _check_status(self.status)
         if not isinstance(self.persona, msgspec.UnsetType):
             assignments.append("persona = ?")
             values.append(validation.persona(self.persona))
@@ -364,6 +378,8 @@ class UpdateAgent(msgspec.Struct, frozen=True, kw_only=True):
             conn.execute(
                 f"UPDATE agents SET {', '.join(assignments)} WHERE id = ?", (*values, agent.id)
             )
+        if not isinstance(self.status, msgspec.UnsetType):
+            _set_status(tx, self.workspace_id, agent, self.status)
         updated = get_self(conn, self.workspace_id, agent.id)
         if assignments:
             emit_ephemeral(tx, workspace_id=self.workspace_id, event_type="agent.updated",

@@ -51,7 +51,7 @@ async def update_agent(engine: Engine, call: Call, req: rq.UpdateAgent) -> Any:
     workspace_id = workspace_of(call)
     return await engine.submit(agents.UpdateAgent(
         workspace_id=workspace_id, agent_id=await agent_id_of(engine, workspace_id, req.name),
-        persona=req.persona, metadata=req.metadata))
+        persona=req.persona, metadata=req.metadata, status=req.status))
 
 
 @operation("agent.rotate_token", rq.AgentByName, auth="workspace", output=ob.TokenRotated)

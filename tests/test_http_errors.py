@@ -99,6 +99,19 @@ async def test_envelopes_success_and_error(client: httpx.AsyncClient) -> None:
     }
 
 
+@pytest.mark.parametrize("path", ["/v1/ws", "/v1/node/ws"])
+async def test_plain_http_to_a_websocket_path_is_426(client: httpx.AsyncClient, path: str) -> None:
+    """It was 404 "no route", which sends a client looking for a wrong URL."""
+    for method in ("GET", "POST"):
+        response = await client.request(method, path)
+        assert response.status_code == 426, response.text
+        assert response.headers["upgrade"] == "websocket"
+        assert response.json()["error"] == {
+            "code": "upgrade_required",
+            "message": f"{path} takes WebSocket connections (Upgrade: websocket)"}
+    assert (await client.get("/v1/wss")).json()["error"]["code"] == "not_found"
+
+
 # One past the largest SQLite integer: a 19-digit id that used to overflow the query binding.
 PAST_MAX_ID = str(2**63)
 

@@ -27,7 +27,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Match, Route
+from starlette.routing import BaseRoute, Match, Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.auth import authorize, bearer_token, resolve_token
@@ -274,6 +274,12 @@ def allowed_methods(routes: Sequence[BaseRoute], scope: Scope) -> list[str]:
 async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
+        if any(isinstance(route, WebSocketRoute) and route.path == request.url.path
+               for route in request.app.router.routes):
+            return error_response(
+                "upgrade_required",
+                f"{request.url.path} takes WebSocket connections (Upgrade: websocket)",
+                headers={"Upgrade": "websocket", "Connection": "Upgrade"})
         return error_response("not_found", f"no route for {request.method} {request.url.path}")
     if exc.status_code == 405:
         # starlette's Allow names the methods of the one route that refused, and each

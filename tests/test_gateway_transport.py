@@ -134,3 +134,69 @@ async def test_transport_over_tls_carries_frames_through_hypercorns_write(
                 given = session.ws.transport  # type: ignore[attr-defined]
                 assert isinstance(given, Transport) and given.tls
     assert len(sent_through_transport) >= 1
+
+
+class _BrokenStream:
+    async def send_all(self, data: bytes) -> None:
+        raise trio.BrokenResourceError("the client reset the connection")
+
+
+class _StuckProtocol:
+    """hypercorn's protocol told `Closed()` while the application's queue is full: the
+    handling waits for a reader that a cancelled session no longer is."""
+
+    def __init__(self) -> None:
+        self.outcome = "running"
+
+    async def handle(self, event: object) -> None:
+        try:
+            with trio.move_on_after(5):  # bounds the hang this test is about
+                await trio.sleep_forever()
+            self.outcome = "outlived its cancellation"
+        except trio.Cancelled:
+            self.outcome = "cancelled"
+            raise
+
+
+class _Server:
+    def __init__(self) -> None:
+        self.send_lock = trio.Lock()
+        self.stream = _BrokenStream()
+        self.protocol = _StuckProtocol()
+
+
+class _WebSocket:
+    """hypercorn's WebSocket stream: `send` writes as hypercorn's TCPServer does."""
+
+    closed = False
+    stream_id = 1
+
+    def __init__(self, server: _Server) -> None:
+        self.server = server
+
+    async def send(self, event: object) -> None:
+        async with self.server.send_lock:
+            try:
+                with trio.CancelScope(shield=True):
+                    await self.server.stream.send_all(b"")
+            except trio.BrokenResourceError:
+                await self.server.protocol.handle(event)
+
+    class connection:  # noqa: N801 - wsproto's attribute name
+        @staticmethod
+        def send(event: object) -> bytes:
+            return b"\x81\x05hello"
+
+
+async def test_rest_of_a_cut_frame_on_a_broken_connection_stays_cancellable() -> None:
+    """A frame partly written, then the connection breaks while the session is being
+    cancelled: before, the whole hand-over of the rest was shielded, hypercorn's
+    handling of the broken connection included, and it waited forever for room in
+    the application's queue (the session, and a graceful stop, never ended)."""
+    server = _Server()
+    sender = Transport(server, _WebSocket(server), None)  # type: ignore[arg-type]
+    sender._write_now = lambda wire: 3  # type: ignore[method-assign]  # a cut frame
+    with trio.move_on_after(0.2):
+        await sender.send_frames(["hello"])
+    assert server.protocol.outcome == "cancelled"
+    assert not server.send_lock.locked()

@@ -36,8 +36,10 @@ No transport is given:
   until this module has been read against the new version.
 
 What `Transport` relies on in hypercorn (checked by that test): the
-`TCPServer` constructor's parameters, its `stream` and `send_lock` (held by
-hypercorn across each whole write), the HTTP/1.1 protocol's `stream`, and
+`TCPServer` constructor's parameters, its `stream`, `send_lock` (held by
+hypercorn across each whole write) and `protocol` (told `Closed()` when a
+write finds the connection broken, as hypercorn's own write does), the
+HTTP/1.1 protocol's `stream`, and
 the WebSocket stream's `scope`, `state`, `closed`, `connection` (wsproto),
 `send` and `stream_id`, and over TLS trio's `SSLStream.transport_stream`.
 """
@@ -55,6 +57,7 @@ from typing import Any
 
 import hypercorn.trio.run as hypercorn_run
 import trio
+from hypercorn.events import Closed
 from hypercorn.protocol.events import Data
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
@@ -112,13 +115,33 @@ class Transport:
         except LocalProtocolError:
             return  # the connection is closing; hypercorn drops such sends too
         written = self._write_now(wire)
-        if written < len(wire):
-            # Once part of a frame is out, the rest must follow even if the
-            # session is being cancelled: anything written after a cut frame
-            # (a last error, the close frame) would be read as its payload.
-            # abort() still frees a write the client never reads.
-            with trio.CancelScope(shield=written > 0):
-                await self._ws.send(Data(stream_id=self._ws.stream_id, data=wire[written:]))
+        if written == 0:
+            await self._ws.send(Data(stream_id=self._ws.stream_id, data=wire))
+        elif written < len(wire):
+            await self._send_rest(wire[written:])
+
+    async def _send_rest(self, rest: bytes) -> None:
+        """The rest of a frame already partly on the socket, as hypercorn writes, but shielded.
+
+        Once part of a frame is out, the rest must follow even if the session
+        is being cancelled: anything written after a cut frame (a last error,
+        the close frame) would be read as its payload. abort() still frees a
+        write the client never reads. Only the lock and the write are
+        shielded: a broken connection is then handed to hypercorn as its own
+        write does, and that may wait (for room in the application's queue,
+        which a cancelled session no longer reads), so it must stay
+        cancellable.
+        """
+        server = self._server
+        broken = False
+        with trio.CancelScope(shield=True):
+            async with server.send_lock:
+                try:
+                    await server.stream.send_all(rest)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    broken = True
+        if broken:
+            await server.protocol.handle(Closed())
 
     def _write_now(self, wire: bytes) -> int:
         """Write what the socket takes at once, if nothing else is writing and the bytes on

@@ -137,6 +137,97 @@ def test_shared_bucket_two_processes_at_once_pass_the_limit_once(shared: SharedL
         refused.take_request("message.send", 1, None, "")
 
 
+def race(script: str, shared: SharedLimits) -> list[str]:
+    """Run `script` in two processes on `shared`, started together; what each printed last."""
+    racers = [subprocess.Popen(
+        [sys.executable, "-c", script, str(shared.region.fd)], pass_fds=(shared.region.fd,),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        for racer in racers:
+            assert racer.stdout is not None and racer.stdout.readline() == "ready\n"
+        for racer in racers:
+            assert racer.stdin is not None
+            racer.stdin.write("go\n")
+            racer.stdin.flush()
+        return [racer.communicate(timeout=60)[0].strip() for racer in racers]
+    finally:
+        for racer in racers:
+            racer.kill()
+
+
+ADMITTER = """
+import sys
+from broker.ratelimit import RateLimiter, RateLimitSettings, SharedLimits
+shared = SharedLimits.attach(int(sys.argv[1]), max_sessions=100, max_keys=1000)
+limiter = RateLimiter(RateLimitSettings(), shared=shared)
+print("ready", flush=True)
+sys.stdin.readline()
+for i in range(30_000):
+    agent = i % 3
+    if limiter.admit_socket(agent, 0, 0) is None:
+        limiter.release_socket(agent)
+print("done", flush=True)
+"""
+
+
+def test_shared_socket_counts_two_processes_at_once_end_where_they_began(
+    shared: SharedLimits,
+) -> None:
+    """Two processes admitting and releasing sockets of three agents at once, 30,000 times
+    each: no count drifts (without the lock the total ended at -1 and the agents' counts
+    at 3, 9 and 5), so every agent still gets exactly its cap."""
+    assert race(ADMITTER, shared) == ["done", "done"]
+    limiter = RateLimiter(RateLimitSettings(), shared=shared)
+    assert limiter.sockets() == 0
+    for agent in range(3):
+        assert [limiter.admit_socket(agent, 0, 2) for _ in range(3)] == [
+            None, None, "sessions_per_agent"]
+
+
+FAILER = """
+import sys
+from broker.ratelimit import RateLimiter, RateLimitSettings, SharedLimits
+shared = SharedLimits.attach(int(sys.argv[1]), max_sessions=100, max_keys=1000)
+limiter = RateLimiter(RateLimitSettings(auth_failures_per_minute=40_000), clock=lambda: 5.0,
+                      shared=shared)
+print("ready", flush=True)
+sys.stdin.readline()
+for _ in range(20_000):
+    limiter.auth_failed("198.51.100.7")
+print("done", flush=True)
+"""
+
+
+def test_shared_auth_failures_two_processes_at_once_are_all_counted(
+    shared: SharedLimits,
+) -> None:
+    """40,000 refused tokens from one address, counted by two processes at once against a
+    limit of 40,000 at a standing clock: every one counts, so the address is now blocked
+    (one lost update would leave it one more guess)."""
+    assert race(FAILER, shared) == ["done", "done"]
+    limiter = RateLimiter(RateLimitSettings(auth_failures_per_minute=40_000),
+                          clock=lambda: 5.0, shared=shared)
+    with pytest.raises(RateLimited):
+        limiter.check_auth("198.51.100.7")
+    limiter.check_auth("198.51.100.8")  # another address is not
+
+
+def test_shared_keys_are_salted_per_daemon() -> None:
+    """Each region draws its own salt, so where a key lands differs from daemon to daemon
+    (a client cannot pick addresses that crowd one window of every daemon)."""
+    one = SharedLimits.create(max_sessions=100, max_keys=1000)
+    two = SharedLimits.create(max_sessions=100, max_keys=1000)
+    try:
+        for name in SharedLimits.LIMITS:
+            keys = [(one.tables[name].key_of(k), two.tables[name].key_of(k))
+                    for k in (5, "203.0.113.9")]
+            assert all(a != b for a, b in keys)
+        assert one.tables["agents"].salt != two.tables["agents"].salt
+    finally:
+        one.close()
+        two.close()
+
+
 def test_shared_socket_counts_cap_two_limiters_and_are_given_back(shared: SharedLimits) -> None:
     """Two limiters on one region (as two gateways): caps over both; released places return."""
     mapped = SharedLimits.attach(os.dup(shared.region.fd), max_sessions=100, max_keys=1000)

@@ -75,6 +75,11 @@ DEFAULT_EVENT_BUFFER = 256
 # only means more deliveries come again after a reconnect (dropped by seq).
 ACK_INTERVAL = 0.2
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+# Bytes read from the socket at a time: trio-websocket reads 4 KiB by default,
+# so a deliver.batch or presence frame of tens of KiB took a read, a parse
+# and a trip through the scheduler per 4 KiB (BENCHMARKS.md, session 14:
+# about 8% of the load generator's CPU per send).
+READ_SIZE = 64 * 1024
 
 # Closes after which reconnecting cannot help.
 _FINAL_CLOSE_CODES = frozenset({CloseCode.UNAUTHORIZED})
@@ -265,6 +270,7 @@ class BrokerClient:
             subprotocols=[MSGPACK_SUBPROTOCOL if self.msgpack else JSON_SUBPROTOCOL],
             extra_headers=[(b"authorization", f"Bearer {self.token}".encode())],
             max_message_size=MAX_MESSAGE_SIZE,
+            receive_buffer_size=READ_SIZE,
         )
 
     async def _read(self, ws: trio_websocket.WebSocketConnection) -> None:

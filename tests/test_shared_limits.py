@@ -94,6 +94,24 @@ def test_shared_bucket_full_window_drops_the_key_nearest_to_full() -> None:
         region.close()
 
 
+def race(script: str, shared: SharedLimits) -> list[str]:
+    """Run `script` in two processes on `shared`, started together; what each printed last."""
+    racers = [subprocess.Popen(
+        [sys.executable, "-c", script, str(shared.region.fd)], pass_fds=(shared.region.fd,),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        for racer in racers:
+            assert racer.stdout is not None and racer.stdout.readline() == "ready\n"
+        for racer in racers:
+            assert racer.stdin is not None
+            racer.stdin.write("go\n")
+            racer.stdin.flush()
+        return [racer.communicate(timeout=60)[0].strip() for racer in racers]
+    finally:
+        for racer in racers:
+            racer.kill()
+
+
 TAKER = """
 import sys
 from broker.ratelimit import RateLimited, RateLimiter, RateLimitSettings, SharedLimits
@@ -116,43 +134,12 @@ print(passed, flush=True)
 def test_shared_bucket_two_processes_at_once_pass_the_limit_once(shared: SharedLimits) -> None:
     """Two processes, 40,000 takes each from one bucket of 50,000 at a standing clock,
     started together: 50,000 pass in all (no update lost while both take)."""
-    takers = [subprocess.Popen(
-        [sys.executable, "-c", TAKER, str(shared.region.fd)], pass_fds=(shared.region.fd,),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    try:
-        for taker in takers:
-            assert taker.stdout is not None and taker.stdout.readline() == "ready\n"
-        for taker in takers:
-            assert taker.stdin is not None
-            taker.stdin.write("go\n")
-            taker.stdin.flush()
-        passed = [int(taker.communicate(timeout=60)[0]) for taker in takers]
-    finally:
-        for taker in takers:
-            taker.kill()
+    passed = [int(printed) for printed in race(TAKER, shared)]
     assert sum(passed) == 50_000, passed
     refused = RateLimiter(RateLimitSettings(workspace_per_minute=50_000), clock=lambda: 5.0,
                           shared=shared)
     with pytest.raises(RateLimited, match="rate limit exceeded"):
         refused.take_request("message.send", 1, None, "")
-
-
-def race(script: str, shared: SharedLimits) -> list[str]:
-    """Run `script` in two processes on `shared`, started together; what each printed last."""
-    racers = [subprocess.Popen(
-        [sys.executable, "-c", script, str(shared.region.fd)], pass_fds=(shared.region.fd,),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    try:
-        for racer in racers:
-            assert racer.stdout is not None and racer.stdout.readline() == "ready\n"
-        for racer in racers:
-            assert racer.stdin is not None
-            racer.stdin.write("go\n")
-            racer.stdin.flush()
-        return [racer.communicate(timeout=60)[0].strip() for racer in racers]
-    finally:
-        for racer in racers:
-            racer.kill()
 
 
 ADMITTER = """

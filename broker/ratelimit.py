@@ -67,9 +67,9 @@ NEVER_LIMITED = frozenset({
 # The most sockets the shared socket table is sized for, whatever `gateway.max_sessions`
 # says (a daemon holds at most its open-files limit of sockets): 2**21 slots, 32 MiB.
 MAX_COUNTED_SOCKETS = 1 << 20
-# Reasons a request or a socket was refused, as /metrics labels them.
 # What a refusal's limit is counted by, in its message (by reason).
 _PER = {"anonymous": "client address (requests without a token)"}
+# Reasons a request or a socket was refused, as /metrics labels them.
 REASONS = ("workspace", "agent", "anonymous", "auth_failures", "sessions_per_agent", "sessions")
 
 PerMinute = Annotated[int, msgspec.Meta(ge=0)]

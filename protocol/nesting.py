@@ -50,11 +50,11 @@ _CONTAINER_TYPES = frozenset({dict, list, tuple, set, frozenset})
 # The integers a document may hold: SQLite's, a signed 64-bit integer.
 MIN_INTEGER, MAX_INTEGER = -(2**63), 2**63 - 1
 
-# A JSON document read as digits (`0`), characters a number cannot follow
-# when it starts (`"`: a word character, a point, a quote, any non-ASCII
-# byte) and the rest (` `): a number of 19 digits or more outside a string
-# then shows as ` ` and nineteen `0`; a string of digits such as an id
-# shows as `"` and the zeros. One pass at C speed, then one search.
+# A JSON document read as digits (`0`), characters after which no number
+# starts (`"`: a word character, a point, a quote, any non-ASCII byte) and
+# the rest (` `): a number of 19 digits or more outside a string then shows
+# as ` ` and nineteen `0`, while a string of digits such as an id shows as
+# `"` and the zeros. One pass at C speed, then one search.
 _DIGIT_MAP = bytes(
     ord("0") if chr(b).isdigit() and b < 128
     else ord('"') if b >= 128 or chr(b).isalpha() or chr(b) in '_".' else ord(" ")

@@ -36,8 +36,8 @@ EXACT_STATUS: dict[str, int] = {
     "file_deleted": 410,
     "payload_too_large": 413,
     "unsupported_media_type": 415,
-    "upgrade_required": 426,
     "range_not_satisfiable": 416,
+    "upgrade_required": 426,
     "rate_limit_exceeded": 429,
     # nginx's status for a client that went away first; nobody reads the answer
     "client_closed_request": 499,

@@ -206,12 +206,17 @@ def _set_status(tx: Tx, workspace_id: int, agent: AgentRow, status: str) -> bool
     conn.execute("UPDATE agents SET status = ?, last_seen = ? WHERE id = ?",
                  (status, tx.now_ms, agent.id))
     if changed:
-        shown = EVENT_STATUS[status]
-        emit_ephemeral(
-            tx, workspace_id=workspace_id, event_type=f"agent.status.{shown}",
-            data={"agent": {"name": agent.name}, "status": shown},
-        )
+        _status_event(tx, workspace_id, agent.name, status)
     return changed
+
+
+def _status_event(tx: Tx, workspace_id: int, name: str, status: str) -> None:
+    """The ephemeral `agent.status.<event status>` event of a changed status."""
+    shown = EVENT_STATUS[status]
+    emit_ephemeral(
+        tx, workspace_id=workspace_id, event_type=f"agent.status.{shown}",
+        data={"agent": {"name": name}, "status": shown},
+    )
 
 
 class SetPresence(msgspec.Struct, frozen=True, kw_only=True):
@@ -232,8 +237,7 @@ class SetPresence(msgspec.Struct, frozen=True, kw_only=True):
         conn, now = tx.conn, tx.now_ms
         by_status: dict[str, list[int]] = {}
         for agent_id, status in self.changes:
-            if status not in STATUSES:
-                raise BrokerError("invalid_status", "status must be 'online', 'away' or 'offline'")
+            _check_status(status)
             by_status.setdefault(status, []).append(agent_id)
         changed: dict[int, tuple[int, str, str]] = {}
         # Two set-based statements per status, not two per agent: each
@@ -256,12 +260,7 @@ class SetPresence(msgspec.Struct, frozen=True, kw_only=True):
             )
         order = [agent_id for agent_id, _ in self.changes if agent_id in changed]
         for agent_id in order:
-            workspace_id, name, status = changed[agent_id]
-            shown = EVENT_STATUS[status]
-            emit_ephemeral(
-                tx, workspace_id=workspace_id, event_type=f"agent.status.{shown}",
-                data={"agent": {"name": name}, "status": shown},
-            )
+            _status_event(tx, *changed[agent_id])
         return order
 
 
@@ -327,7 +326,6 @@ class ExpirePresence(msgspec.Struct, frozen=True, kw_only=True):
 
     def apply(self, tx: Tx) -> list[int]:
         conn, cutoff = tx.conn, tx.now_ms - self.timeout_ms
-        shown = EVENT_STATUS["offline"]
         expired: list[int] = []
         for workspace_id, agent_id in self.agents:
             row = conn.execute(
@@ -338,10 +336,7 @@ class ExpirePresence(msgspec.Struct, frozen=True, kw_only=True):
             ).fetchone()
             if row is None:
                 continue
-            emit_ephemeral(
-                tx, workspace_id=workspace_id, event_type=f"agent.status.{shown}",
-                data={"agent": {"name": row[0]}, "status": shown},
-            )
+            _status_event(tx, workspace_id, cast(str, row[0]), "offline")
             expired.append(agent_id)
         return expired
 

@@ -67,14 +67,19 @@ def persona(value: str | None) -> str | None:
 def agent_metadata(value: Any) -> str:
     """An agent's metadata: a JSON object of at most METADATA_MAX_BYTES, returned encoded.
     Raises invalid_metadata."""
+    return _json_object("metadata", value, METADATA_MAX_BYTES,
+                        "invalid_metadata", "invalid_metadata")
+
+
+def _json_object(what: str, value: Any, limit: int, not_object: str, too_large: str) -> str:
+    """`value`, a JSON object of at most `limit` bytes as JSON, encoded; else the error
+    `not_object` or `too_large`, naming it `what`."""
     if not isinstance(value, dict):
-        raise BrokerError("invalid_metadata", "metadata must be a JSON object")
+        raise BrokerError(not_object, f"{what} must be a JSON object")
     encoded = _json_encoder.encode(value)
-    if len(encoded) > METADATA_MAX_BYTES:
+    if len(encoded) > limit:
         raise BrokerError(
-            "invalid_metadata",
-            f"metadata is {len(encoded)} bytes as JSON; the limit is {METADATA_MAX_BYTES}",
-        )
+            too_large, f"{what} is {len(encoded)} bytes as JSON; the limit is {limit}")
     return encoded.decode()
 
 
@@ -115,15 +120,7 @@ def data(value: Any, limits: Limits) -> str | None:
     """Structured message data: a JSON object of at most max_data_bytes, returned encoded."""
     if value is None:
         return None
-    if not isinstance(value, dict):
-        raise BrokerError("invalid_data", "data must be a JSON object")
-    encoded = _json_encoder.encode(value)
-    if len(encoded) > limits.max_data_bytes:
-        raise BrokerError(
-            "data_too_large",
-            f"data is {len(encoded)} bytes as JSON; the limit is {limits.max_data_bytes}",
-        )
-    return encoded.decode()
+    return _json_object("data", value, limits.max_data_bytes, "invalid_data", "data_too_large")
 
 
 def mode(value: str) -> str:

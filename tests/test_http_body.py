@@ -15,7 +15,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.http import app as http_app
+from broker.http import keepalive
 from broker.server import BrokerServer
 from tests.helpers.realtime import eventually
 from tests.helpers.rest import make_rest_world
@@ -28,6 +28,19 @@ SEND = "/v1/channels/general/messages"
 def head(token: str, length: int) -> bytes:
     return (f"POST {SEND} HTTP/1.1\r\nHost: broker\r\nAuthorization: Bearer {token}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n").encode()
+
+
+async def stalled(server: BrokerServer, request_head: bytes) -> bytes:
+    """Send `request_head` and one byte of its body, then nothing; all the server answers."""
+    assert server.port is not None
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    received = b""
+    async with stream:
+        await stream.send_all(request_head + b"{")
+        with trio.fail_after(10):
+            while data := await stream.receive_some(65536):
+                received += data
+    return received
 
 
 async def messages(server: BrokerServer) -> int:
@@ -47,16 +60,9 @@ async def statuses(client: httpx.AsyncClient, route: str) -> dict[str, float]:
 async def test_a_stalled_body_is_answered_408_and_writes_nothing(
     server: BrokerServer, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(http_app, "BODY_STALL_SECONDS", 0.5)
+    monkeypatch.setattr(keepalive, "BODY_STALL_SECONDS", 0.5)
     world = await make_rest_world(client, agents=("alice",))
-    assert server.port is not None
-    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-    async with stream:
-        await stream.send_all(head(world.tokens["alice"], 50) + b"{")
-        received = b""
-        with trio.fail_after(10):
-            while data := await stream.receive_some(65536):
-                received += data
+    received = await stalled(server, head(world.tokens["alice"], 50))
     status_line, _, rest = received.partition(b"\r\n")
     assert status_line == b"HTTP/1.1 408 ", received
     assert b'"code":"request_timeout"' in rest
@@ -66,6 +72,21 @@ async def test_a_stalled_body_is_answered_408_and_writes_nothing(
     sent = await client.post(SEND, json={"text": "after"},
                              headers={"Authorization": f"Bearer {world.tokens['alice']}"})
     assert sent.status_code == 201
+
+
+async def test_a_stalled_mcp_body_is_answered_408(
+    server: BrokerServer, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The MCP endpoint reads its bodies itself: the same bound."""
+    monkeypatch.setattr(keepalive, "BODY_STALL_SECONDS", 0.5)
+    world = await make_rest_world(client, agents=("alice",))
+    received = await stalled(server, (
+        f"POST /mcp HTTP/1.1\r\nHost: broker\r\nAuthorization: Bearer {world.tokens['alice']}"
+        "\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream"
+        "\r\nContent-Length: 50\r\n\r\n").encode())
+    status_line, _, rest = received.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 408 ", received
+    assert b"no byte of the body came for 0.5 seconds" in rest
 
 
 async def test_a_client_closing_mid_body_is_not_a_server_error(

@@ -37,6 +37,7 @@ from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
 from broker.engine.health import Probe
 from broker.engine.workspaces import Principal
+from broker.http import keepalive
 from broker.http.errors import encode_error, encode_success, status_for
 from broker.http.keepalive import CloseWhenBodyUnread
 from broker.http.metrics import CONTENT_TYPE, BrokerMetrics
@@ -61,10 +62,6 @@ METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 _json_decoder = msgspec.json.Decoder()
 
 
-# The longest wait for the next bytes of a request body (see read_body).
-BODY_STALL_SECONDS = 30.0
-
-
 def error_response(code: str, message: str, headers: dict[str, str] | None = None) -> Response:
     return Response(
         encode_error(code, message), status_code=status_for(code), media_type=JSON,
@@ -82,9 +79,8 @@ def success_response(data: Any, status: int = 200) -> Response:
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with `payload_too_large` as soon as it passes `limit` bytes.
 
-    A body that stops arriving for `BODY_STALL_SECONDS` is refused with
-    `request_timeout` (408): hypercorn times out headers, not bodies, so a
-    client could otherwise hold the request open forever. A client that
+    A body that stops arriving for `keepalive.BODY_STALL_SECONDS` is refused
+    with `request_timeout` (408). A client that
     closes mid-body raises `client_closed_request` (499, answered to no one).
     """
     declared = request.headers.get("content-length")
@@ -95,20 +91,18 @@ async def read_body(request: Request, limit: int) -> bytes:
     try:
         async with aclosing(request.stream()) as stream:
             while True:
-                with trio.move_on_after(BODY_STALL_SECONDS):
+                with trio.move_on_after(keepalive.BODY_STALL_SECONDS) as waited:
                     chunk = await anext(stream, None)
-                    if chunk is None:
-                        break
-                    size += len(chunk)
-                    if size > limit:
-                        raise BrokerError(
-                            "payload_too_large", f"the body is over the limit of {limit} bytes"
-                        )
-                    chunks.append(chunk)
-                    continue
-                raise BrokerError(
-                    "request_timeout",
-                    f"no byte of the body came for {BODY_STALL_SECONDS:g} seconds")
+                if waited.cancelled_caught:
+                    raise keepalive.body_stalled()
+                if chunk is None:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    raise BrokerError(
+                        "payload_too_large", f"the body is over the limit of {limit} bytes"
+                    )
+                chunks.append(chunk)
     except ClientDisconnect:
         raise BrokerError("client_closed_request",
                           "the client closed the connection before its body was read") from None

@@ -40,6 +40,20 @@ from __future__ import annotations
 import trio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from broker.engine.errors import BrokerError
+
+# The longest wait for the next bytes of a request body: hypercorn times out
+# headers, not bodies, so a client that announces a body and stops would hold
+# its request open for good. Such a request gets an early answer, 408
+# `request_timeout` (broker.http.app.read_body, broker.mcp.endpoint.read_body).
+BODY_STALL_SECONDS = 30.0
+
+
+def body_stalled() -> BrokerError:
+    """The error of a body that stopped arriving for BODY_STALL_SECONDS."""
+    return BrokerError("request_timeout",
+                       f"no byte of the body came for {BODY_STALL_SECONDS:g} seconds")
+
 
 class CloseWhenBodyUnread:
     """ASGI middleware: an answer sent before its request body was read says Connection: close,

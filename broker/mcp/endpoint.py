@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable
 
 import mcp_types as types
 import msgspec
+import trio
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
@@ -47,6 +48,8 @@ from broker.auth import bearer_token, resolve_token
 from broker.engine import secrets
 from broker.engine.engine import Engine
 from broker.engine.errors import BrokerError
+from broker.http import keepalive
+from broker.http.errors import status_for
 from broker.http.keepalive import disconnect_after_last_send
 from broker.mcp.server import CALLER_KEY
 from broker.mcp.sessions import SESSION_HEADER, Caller, McpSessions
@@ -60,7 +63,7 @@ UNAUTHORIZED = -32001
 RATE_LIMITED = -32029
 # The JSON-RPC code of a body refused before the SDK reads it, by its broker code.
 BODY_ERRORS = {"payload_too_large": types.INVALID_REQUEST, "invalid_json": types.PARSE_ERROR,
-               "invalid_request": types.INVALID_REQUEST}
+               "invalid_request": types.INVALID_REQUEST, "request_timeout": types.INVALID_REQUEST}
 
 # A body's top level, its values left undecoded: enough to tell a JSON-RPC message.
 _envelope = msgspec.json.Decoder(dict[str, msgspec.Raw])
@@ -122,12 +125,16 @@ class TokenCheck:
 async def read_body(receive: Receive, limit: int) -> bytes | None:
     """The request body; None when the client went away before sending it all.
 
-    Raises BrokerError `payload_too_large` as soon as the body passes `limit` bytes.
+    Raises BrokerError `payload_too_large` as soon as the body passes `limit` bytes, and
+    `request_timeout` when it stops arriving (keepalive.BODY_STALL_SECONDS).
     """
     chunks: list[bytes] = []
     size = 0
     while True:
-        message = await receive()
+        with trio.move_on_after(keepalive.BODY_STALL_SECONDS) as waited:
+            message = await receive()
+        if waited.cancelled_caught:
+            raise keepalive.body_stalled()
         if message["type"] == "http.disconnect":
             return None
         chunk = message.get("body", b"")
@@ -206,7 +213,7 @@ class McpService:
                 check_envelope(body)
                 receive = replaying(body, receive)
         except BrokerError as exc:
-            await jsonrpc_error(413 if exc.code == "payload_too_large" else 400, exc.code,
+            await jsonrpc_error(status_for(exc.code), exc.code,
                                 exc.message, BODY_ERRORS[exc.code])(scope, receive, send)
             return
         session_id = headers.get(SESSION_HEADER)
